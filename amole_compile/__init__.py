@@ -1,0 +1,22 @@
+"""amole_compile: AdaMoLE adapters (an adaptive mixture of LoRA experts) on the attention projections a graph
+pass finds in any PyTorch model, trained under torch.compile and served with onnxruntime.
+
+    model = amole_compile.transform(model, amole_compile.AdaMoLEConfig(num_experts=8, rank=4))
+    loss = model(input_ids=ids, labels=ids).loss + 1e-3 * amole_compile.aux_loss(model)
+
+Importing this package does not import triton, onnx or onnxruntime and does not touch CUDA.
+"""
+
+from __future__ import annotations
+
+from .adapters_io import load_adapters, save_adapters
+from .config import AdaMoLEConfig
+from .core import NoAttentionFound, aux_loss, plan, targets, transform, untransform
+from .passes.plan import Target
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdaMoLEConfig", "NoAttentionFound", "Target", "aux_loss", "load_adapters", "plan", "save_adapters",
+    "targets", "transform", "untransform",
+]

@@ -1,0 +1,165 @@
+"""Import of the reference repo's checkpoints (DESIGN.md § Reference checkpoint format).
+
+`adapter_config.json` with `peft_type` ADAMOLE / MOLE / LORA, `r` (per expert), `lora_alpha`, `lora_dropout`,
+`num_experts`, `max_threshold` or `top_k`, `target_modules`; tensors in `adapter_model.safetensors` or
+`adapter_model.bin` (a torch.save dict, loaded with weights_only=True):
+
+    base_model.model.<fqn>.lora_A.<e>.weight       [r, d_in]     (LoRA: lora_A.weight)
+    base_model.model.<fqn>.lora_B.<e>.weight       [d_out, r]    (LoRA: lora_B.weight)
+    base_model.model.<fqn>.lora_gating.weight      [E, d_in]     (AdaMoLE, MoLE)
+    base_model.model.<fqn>.lora_threshold.weight   [1, d_in]     (AdaMoLE)
+    base_model.model.<fqn>.lora_threshold.bias     [1]           (AdaMoLE)
+
+Duplicate `...moe_layer...` keys are ignored. Each reference module becomes a single-role target; the experts are
+stacked into our `lora_A [E*r, d_in]` / `lora_B [d_out, E*r]`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+
+import torch
+
+from .config import AdaMoLEConfig
+from .passes.plan import Target, expand
+
+PREFIX = "base_model.model."
+_METHODS = {"ADAMOLE": "adamole", "MOLE": "mole", "LORA": "lora"}
+_KEY = re.compile(r"^base_model\.model\.(?P<mod>.+?)\.(?:(?P<ab>lora_[AB])(?:\.(?P<e>\d+))?\.weight|"
+                  r"lora_gating\.weight|lora_threshold\.(?P<tp>weight|bias))$")
+
+
+def is_reference(data: dict) -> bool:
+    return "peft_type" in data
+
+
+def _config(data: dict, file: Path) -> AdaMoLEConfig:
+    peft_type = str(data.get("peft_type", "")).upper()
+    if peft_type not in _METHODS:
+        raise ValueError(f"{file}: peft_type {data.get('peft_type')!r} is not one of {sorted(_METHODS)}")
+    method = _METHODS[peft_type]
+    try:
+        return AdaMoLEConfig(
+            method=method, num_experts=int(data.get("num_experts", 1)) if method != "lora" else None,
+            rank=int(data["r"]), alpha=float(data.get("lora_alpha", data["r"])),
+            dropout=float(data.get("lora_dropout", 0.0)),
+            max_threshold=data.get("max_threshold") if method == "adamole" else None,
+            top_k=data.get("top_k") if method == "mole" else None)
+    except KeyError as exc:
+        raise ValueError(f"{file}: missing key {exc.args[0]!r}") from exc
+
+
+def _load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], Path]:
+    st, bin_ = path / "adapter_model.safetensors", path / "adapter_model.bin"
+    if st.is_file():
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(st)), st
+        except (SafetensorError, OSError) as exc:
+            raise ValueError(f"{st} is not a readable safetensors file: {exc}") from exc
+    if bin_.is_file():
+        try:
+            obj = torch.load(bin_, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise ValueError(f"{bin_} could not be loaded with torch.load(weights_only=True): {exc}") from exc
+        if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+            raise ValueError(f"{bin_} does not hold a dict of tensors")
+        return obj, bin_
+    raise FileNotFoundError(f"neither {st.name} nor {bin_.name} found in {path}")
+
+
+def _group(raw: dict[str, torch.Tensor], file: Path) -> dict[str, dict[str, dict]]:
+    """Parse keys: module -> {'lora_A': {e: t}, 'lora_B': {e: t}, 'gate': t, 'threshold_weight': t, ...}."""
+    mods: dict[str, dict] = {}
+    for key, value in raw.items():
+        if ".moe_layer." in key:
+            continue  # duplicates of the expert weights
+        m = _KEY.match(key)
+        if m is None:
+            raise ValueError(f"{file}: unexpected key {key!r}")
+        entry = mods.setdefault(m["mod"], {"lora_A": {}, "lora_B": {}})
+        if m["ab"]:
+            entry[m["ab"]][None if m["e"] is None else int(m["e"])] = value
+        elif m["tp"]:
+            entry[f"threshold_{m['tp']}"] = value
+        else:
+            entry["gate"] = value
+    return mods
+
+
+def _stack(parts: dict, name: str, mod: str, config: AdaMoLEConfig, file: Path) -> list[torch.Tensor]:
+    ids = [None] if config.method == "lora" else list(range(config.num_experts))
+    for e in ids:
+        if e not in parts:
+            suffix = f"{name}.weight" if e is None else f"{name}.{e}.weight"
+            raise ValueError(f"{file}: missing key {PREFIX}{mod}.{suffix!r}")
+    extra = sorted(set(parts) - set(ids), key=str)
+    if extra:
+        raise ValueError(f"{file}: {PREFIX}{mod}.{name} has unexpected expert index {extra[0]}")
+    return [parts[e] for e in ids]
+
+
+def _convert(mod: str, entry: dict, config: AdaMoLEConfig, file: Path) -> tuple[Target, dict[str, torch.Tensor]]:
+    a = _stack(entry["lora_A"], "lora_A", mod, config, file)
+    b = _stack(entry["lora_B"], "lora_B", mod, config, file)
+    shapes = {t.shape for t in a}
+    if len(shapes) != 1 or len({t.shape for t in b}) != 1:
+        raise ValueError(f"{file}: the experts of {mod} have different shapes: {sorted(map(tuple, shapes))}")
+    d_in, d_out = a[0].shape[1], b[0].shape[0]
+    out = {"lora_A": torch.cat(a, 0), "lora_B": torch.cat(b, 1)}
+    wanted = {"adamole": ("gate", "threshold_weight", "threshold_bias"), "mole": ("gate",), "lora": ()}[config.method]
+    for name in ("gate", "threshold_weight", "threshold_bias"):
+        if name in wanted and name not in entry:
+            raw = {"gate": "lora_gating.weight", "threshold_weight": "lora_threshold.weight",
+                   "threshold_bias": "lora_threshold.bias"}[name]
+            raise ValueError(f"{file}: missing key {PREFIX}{mod}.{raw!r}")
+        if name in entry and name not in wanted:
+            raise ValueError(f"{file}: {mod} has a {name} tensor, which {config.method} checkpoints do not have")
+        if name in entry:
+            out[name] = entry[name]
+    return Target(mod, ("?",), (slice(0, d_out),), d_in, d_out), out
+
+
+def read_reference(path: Path, data: dict) -> tuple[AdaMoLEConfig, list[Target], dict[str, torch.Tensor]]:
+    """-> (config, targets with role '?' to be matched against discovery, tensors under our canonical keys)."""
+    config = _config(data, path / "adapter_config.json")
+    raw, file = _load_tensors(path)
+    mods = _group(raw, file)
+    if not mods:
+        raise ValueError(f"{file} holds no adapter tensors")
+    targets, tensors = [], {}
+    for mod, entry in mods.items():
+        target, parts = _convert(mod, entry, config, file)
+        targets.append(target)
+        tensors.update({f"{mod}.adapters.?.{k}": v for k, v in parts.items()})
+    return config, targets, tensors
+
+
+def resolve_reference(have: list[Target], config: AdaMoLEConfig, want: list[Target],
+                      tensors: dict[str, torch.Tensor]):
+    """Give each reference module the role discovery found for it -> (config, targets, tensors) in our terms.
+
+    Every reference module must be a discovered, unfused projection (the reference adapts a fused QKV
+    projection as one layer, which has no per-role equivalent here).
+    """
+    found = {t.module: t for t in have}
+    targets, out = [], {}
+    for w in want:
+        h = found.get(w.module)
+        if h is None:
+            raise ValueError(f"the reference checkpoint adapts {w.module}, which is not an attention projection "
+                             "discovered in this model")
+        if len(h.roles) != 1 or expand(h.slices[0]) != tuple(range(h.out_features)):
+            raise ValueError(f"{w.module} is a fused projection here (roles {h.roles}); the reference checkpoint "
+                             "adapts it as a single layer, which cannot be split into per-role experts")
+        targets.append(h)
+        prefix = f"{w.module}.adapters.?."
+        out.update({f"{w.module}.adapters.{h.roles[0]}.{k[len(prefix):]}": v
+                    for k, v in tensors.items() if k.startswith(prefix)})
+    roles = tuple(sorted({t.roles[0] for t in targets}, key="qkvo".index))
+    include = "^(?:" + "|".join(re.escape(t.module) for t in targets) + ")$"
+    return dataclasses.replace(config, roles=roles, include=include), targets, out

@@ -1,0 +1,85 @@
+"""Per-token routing epilogues (plain torch), forward and hand-written backward.
+
+This is the reference for the routing math; the dense op (`ops.py`) and the Triton kernels reuse it.
+Legend: T tokens, E experts, Er router rows (E + 1 for adamole, E for mole, 0 for lora).
+
+adamole  p = softmax(l), tau = cap * sigmoid(u + b), a = p - tau, m = a >= 0,
+         w = a m / S with S = sum(a m) and S == 0 -> 1.          scores = a (shifted)
+mole     p = softmax(l), m = top-k(l), w = p m / sum(p m).       scores = p
+lora     w = 1, m = 1.                                            scores = 1
+All routing math runs in float32.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def _normalise(num: Tensor) -> tuple[Tensor, Tensor]:
+    """num [T, E] >= 0 -> (w [T, E], S [T, 1]) with S == 0 replaced by 1, as the reference does."""
+    s = num.sum(-1, keepdim=True)
+    s = torch.where(s == 0, torch.ones_like(s), s)
+    return num / s, s
+
+
+def _adamole_parts(zr: Tensor, thr_b: Tensor, num_experts: int, cap: float):
+    logits, u = zr[:, :num_experts], zr[:, num_experts] + thr_b.to(zr.dtype)  # [T, E], [T]
+    p = torch.softmax(logits, dim=-1)
+    sig = torch.sigmoid(u)[:, None]  # [T, 1]
+    a = p - cap * sig  # [T, E]
+    m = a >= 0
+    return p, sig, a, m
+
+
+def _mole_parts(zr: Tensor, top_k: int):
+    p = torch.softmax(zr, dim=-1)  # [T, E]
+    idx = torch.topk(zr, top_k, dim=-1).indices  # [T, k]
+    m = torch.zeros_like(p, dtype=torch.bool).scatter(-1, idx, True)
+    return p, m
+
+
+def route(zr: Tensor, thr_b: Tensor | None, method: str, num_experts: int, top_k: int, cap: float):
+    """zr [T, Er] float32 router logits -> (w [T, E], scores [T, E], mask [T, E] bool)."""
+    t = zr.shape[0]
+    if method == "lora":
+        ones = zr.new_ones(t, 1)
+        return ones, ones, ones.bool()
+    if method == "adamole":
+        _, _, a, m = _adamole_parts(zr, thr_b, num_experts, cap)
+        w, _ = _normalise(a * m)
+        return w, a, m
+    p, m = _mole_parts(zr, top_k)
+    w, _ = _normalise(p * m)
+    return w, p, m
+
+
+def route_backward(
+    zr: Tensor,
+    thr_b: Tensor | None,
+    grad_w: Tensor,
+    grad_scores: Tensor | None,
+    method: str,
+    num_experts: int,
+    top_k: int,
+    cap: float,
+) -> tuple[Tensor, Tensor]:
+    """Gradients of (w, scores) w.r.t. zr [T, Er] and the threshold bias [1] (empty for non-adamole)."""
+    if method == "lora":
+        return zr.new_zeros(zr.shape), zr.new_zeros(0)
+    if method == "adamole":
+        p, sig, a, m = _adamole_parts(zr, thr_b, num_experts, cap)
+        num = a * m
+    else:
+        p, m = _mole_parts(zr, top_k)
+        num = p * m
+    w, s = _normalise(num)
+    g_num = (grad_w - (grad_w * w).sum(-1, keepdim=True)) / s  # [T, E]
+    g_p = g_num * m
+    if grad_scores is not None:
+        g_p = g_p + grad_scores
+    g_logits = p * (g_p - (g_p * p).sum(-1, keepdim=True))  # softmax backward, [T, E]
+    if method == "mole":
+        return g_logits, zr.new_zeros(0)
+    g_u = -g_p.sum(-1, keepdim=True) * cap * sig * (1 - sig)  # through tau = cap * sigmoid(u), [T, 1]
+    return torch.cat([g_logits, g_u], dim=-1), g_u.sum().reshape(1)

@@ -1,0 +1,194 @@
+"""Adapters on disk: `save_adapters` / `load_adapters`.
+
+Our format is a directory with `adapter_config.json` ({"format": "amole_compile", "config": ..., "targets": ...})
+and `adapters.safetensors` (keys `<module>.adapters.<role>.<param>`), each written atomically (temp file, then
+rename). `load_adapters` also reads the reference repo's format (`peft_type` ADAMOLE / MOLE / LORA with
+`adapter_model.bin` or `.safetensors`; see `_reference.py`). Keys and shapes are checked strictly, and nothing
+is changed unless everything checks out.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import AdaMoLEConfig
+from .core import _is_adapted, adapter_groups, apply_plan, plan, targets, untransform
+from .passes.plan import Target, compress, expand
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapters.safetensors"
+FORMAT = "amole_compile"
+FORMAT_VERSION = 1
+
+
+def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Canonical adapter parameters: `<module>.adapters.<role>.<param>` -> tensor (same names on both paths)."""
+    state = {}
+    for name, group in adapter_groups(model):
+        for pname, p in group.adapters.named_parameters():
+            state[f"{name}.adapters.{pname}"] = p
+    return state
+
+
+def _slices_to_json(t: Target) -> list:
+    return [{"start": s.start, "stop": s.stop} if isinstance(s, slice) else list(s) for s in t.slices]
+
+
+def _target_to_json(t: Target) -> dict:
+    return {"module": t.module, "roles": list(t.roles), "slices": _slices_to_json(t),
+            "in_features": t.in_features, "out_features": t.out_features}
+
+
+def _target_from_json(d: dict) -> Target:
+    try:
+        slices = tuple(slice(s["start"], s["stop"]) if isinstance(s, dict) else compress(s) for s in d["slices"])
+        return Target(d["module"], tuple(d["roles"]), slices, int(d["in_features"]), int(d["out_features"]))
+    except (KeyError, TypeError) as exc:
+        raise ValueError(f"{CONFIG_FILE}: malformed target entry {d!r}: {exc}") from exc
+
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_adapters(model: nn.Module, path: str | os.PathLike) -> Path:
+    """Write `adapter_config.json` and `adapters.safetensors` into directory `path` (created if needed)."""
+    from safetensors.torch import save_file
+
+    groups = adapter_groups(model)
+    if not groups:
+        raise ValueError(f"{type(model).__name__} has no AdaMoLE adapters; call amole_compile.transform first")
+    state = {k: v.detach() for k, v in adapter_state(model).items()}
+    if any(v.is_meta for v in state.values()):
+        raise ValueError("the adapters are on the meta device and hold no values; materialise the model first")
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"save_adapters: {out} exists and is not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    config = groups[0][1].config
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": config.to_dict(),
+            "targets": [_target_to_json(t) for t in targets(model)]}
+    tensors = {k: v.contiguous().cpu() for k, v in state.items()}
+    _atomic_write(out / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    _atomic_write(out / CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2)))
+    return out
+
+
+def _read_json(path: Path) -> dict:
+    file = path / CONFIG_FILE
+    if not path.is_dir():
+        raise FileNotFoundError(f"adapter directory not found: {path}")
+    if not file.is_file():
+        raise FileNotFoundError(f"{file} not found: not an adapter directory")
+    try:
+        data = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{file} is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ValueError(f"{file} must hold a JSON object")
+    return data
+
+
+def _read_ours(path: Path, data: dict) -> tuple[AdaMoLEConfig, list[Target], dict[str, torch.Tensor]]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if data.get("format") != FORMAT or "config" not in data or "targets" not in data:
+        raise ValueError(f"{path / CONFIG_FILE} is neither an amole_compile nor a reference (peft_type) config")
+    config = AdaMoLEConfig.from_dict(data["config"])
+    file = path / WEIGHTS_FILE
+    if not file.is_file():
+        raise FileNotFoundError(f"{file} not found")
+    try:
+        tensors = load_file(str(file))
+    except (SafetensorError, OSError) as exc:
+        raise ValueError(f"{file} is not a readable safetensors file: {exc}") from exc
+    return config, [_target_from_json(t) for t in data["targets"]], tensors
+
+
+def _same_targets(have: list[Target], want: list[Target]) -> None:
+    norm = {t.module: (t.roles, [expand(s) for s in t.slices], t.in_features, t.out_features) for t in have}
+    for t in want:
+        got = norm.pop(t.module, None)
+        if got is None:
+            raise ValueError(f"the adapters adapt {t.module}, which this model does not have as an attention "
+                             "projection (or it was filtered out)")
+        if got != (t.roles, [expand(s) for s in t.slices], t.in_features, t.out_features):
+            raise ValueError(f"{t.module}: the adapters expect roles {t.roles} with {t.in_features}->"
+                             f"{t.out_features}; the model has roles {got[0]} with {got[2]}->{got[3]}")
+    if norm:
+        raise ValueError(f"the model adapts {sorted(norm)[0]} (and {len(norm) - 1} more) but the adapters do not")
+
+
+def _check_state(expected: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], source: str) -> None:
+    missing = sorted(set(expected) - set(tensors))
+    if missing:
+        raise ValueError(f"{source}: missing key {missing[0]!r} ({len(missing)} missing in all)")
+    unexpected = sorted(set(tensors) - set(expected))
+    if unexpected:
+        raise ValueError(f"{source}: unexpected key {unexpected[0]!r} ({len(unexpected)} unexpected in all)")
+    for key, p in expected.items():
+        if tuple(tensors[key].shape) != tuple(p.shape):
+            raise ValueError(f"{source}: {key!r} has shape {tuple(tensors[key].shape)}, "
+                             f"the model expects {tuple(p.shape)}")
+
+
+def _same_math(have: AdaMoLEConfig, want: AdaMoLEConfig) -> None:
+    def key(c: AdaMoLEConfig) -> dict:
+        return {"method": c.method, "num_experts": c.num_experts, "rank": c.rank, "scale": c.scale,
+                "max_threshold": c.threshold_cap, "top_k": c.k}
+
+    diff = {k: (v, key(want)[k]) for k, v in key(have).items() if key(want)[k] != v}
+    if diff:
+        raise ValueError("the model's adapters and the file's differ in " +
+                         ", ".join(f"{k} (model {a!r}, file {b!r})" for k, (a, b) in diff.items()))
+
+
+def load_adapters(model: nn.Module, path: str | os.PathLike, *, example_inputs=None) -> nn.Module:
+    """Load adapters saved by `save_adapters` (or a reference-repo checkpoint) into `model`.
+
+    A base model is transformed first with the saved config (its discovered projections must be the saved
+    ones). Returns the model. On any error the model is exactly as before.
+    """
+    from ._reference import is_reference, read_reference, resolve_reference
+
+    path = Path(path)
+    data = _read_json(path)
+    reference = is_reference(data)
+    config, want, tensors = read_reference(path, data) if reference else _read_ours(path, data)
+    fresh = not _is_adapted(model)
+    have = plan(model, config, example_inputs=example_inputs)[0] if fresh else targets(model)
+    if reference:
+        config, want, tensors = resolve_reference(have, config, want, tensors)
+        if fresh:
+            have = want
+    if fresh:
+        _same_targets(have, want)
+        apply_plan(model, have, config)
+    try:
+        _same_targets(targets(model), want)
+        _same_math(adapter_groups(model)[0][1].config, config)
+        expected = adapter_state(model)
+        _check_state(expected, tensors, str(path))
+        with torch.no_grad():
+            for key, p in expected.items():
+                p.copy_(tensors[key].to(device=p.device, dtype=p.dtype))
+    except BaseException:
+        if fresh:
+            untransform(model)
+        raise
+    return model

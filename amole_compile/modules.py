@@ -1,0 +1,179 @@
+"""Adapter modules: `ExpertSet` (one site: a role's experts and router) and `AdaMoLELinear` (the wrapper that
+replaces a projection, keeping the frozen original as `.base_layer`).
+
+Legend: T tokens, D in_features, O out_features (of the role), E experts, R rank, K = E * R.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from .config import AdaMoLEConfig
+from .ops import adapter
+
+
+def linear_features(layer: nn.Module) -> tuple[int, int] | None:
+    """(in_features, out_features) for the layer types we can adapt, else None."""
+    if isinstance(layer, nn.Linear):
+        return layer.in_features, layer.out_features
+    w = getattr(layer, "weight", None)
+    if type(layer).__name__ == "Conv1D" and isinstance(w, Tensor) and w.ndim == 2 and hasattr(layer, "nf"):
+        return w.shape[0], w.shape[1]  # GPT-2 Conv1D: y = x W + b with W [D, O]
+    return None
+
+
+class ExpertSet(nn.Module):
+    """One AdaMoLE site: E LoRA experts stacked (A [K, D], B [O, K]), a softmax gate [E, D] and a threshold net
+    ([1, D] weight, [1] bias). MoLE has no threshold net and LoRA has neither router part.
+
+    Dropout draws one mask per site, shared by all its experts (the reference draws one per expert); the gate
+    and threshold see the undropped input. In training mode each forward records this site's auxiliary
+    load-balancing loss `E * sum_i f_i P_i` (f: fraction of tokens routed to i, P: mean routing score).
+    """
+
+    def __init__(self, in_features: int, out_features: int, config: AdaMoLEConfig,
+                 dtype: torch.dtype, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        e, r = config.num_experts, config.rank
+        kw = dict(dtype=dtype, device=device)
+        self.in_features, self.out_features = in_features, out_features
+        self.method, self.num_experts, self.rank = config.method, e, r
+        self.scale, self.max_threshold, self.top_k = config.scale, config.threshold_cap, config.k
+        self.dropout, self.kernels = float(config.dropout), config.kernels
+        self.lora_A = nn.Parameter(torch.empty(e * r, in_features, **kw))  # rows e*R:(e+1)*R are A_e
+        self.lora_B = nn.Parameter(torch.empty(out_features, e * r, **kw))  # columns e*R:(e+1)*R are B_e
+        self.gate = nn.Parameter(torch.empty(e, in_features, **kw)) if self.method != "lora" else None
+        has_thr = self.method == "adamole"
+        self.threshold_weight = nn.Parameter(torch.empty(1, in_features, **kw)) if has_thr else None
+        self.threshold_bias = nn.Parameter(torch.empty(1, **kw)) if has_thr else None
+        self._aux: Tensor | None = None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """A: kaiming-uniform(a=sqrt(5)); B: zero (a fresh site adds exactly 0); router: nn.Linear's init."""
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B)
+        for w in (self.gate, self.threshold_weight):
+            if w is not None:
+                nn.init.kaiming_uniform_(w, a=math.sqrt(5))
+        if self.threshold_bias is not None:
+            bound = 1 / math.sqrt(self.in_features)
+            nn.init.uniform_(self.threshold_bias, -bound, bound)
+
+    def extra_repr(self) -> str:
+        return (f"method={self.method}, in={self.in_features}, out={self.out_features}, "
+                f"experts={self.num_experts}, rank={self.rank}, scale={self.scale:g}")
+
+    def drop_mask(self, x: Tensor) -> Tensor | None:
+        """x [T, D] -> the site's shared dropout keep-mask [T, D] (None when not dropping)."""
+        if not self.training or self.dropout == 0:
+            return None
+        return torch.empty_like(x, dtype=torch.bool).bernoulli_(1 - self.dropout)
+
+    def forward(self, x: Tensor, base: Tensor | None = None) -> Tensor:
+        """x [T, D] (adapter dtype) -> base + delta [T, O] (or delta when base is None)."""
+        out, scores, mask, _, _ = adapter(
+            x, self.drop_mask(x), self.lora_A, self.lora_B, self.gate, self.threshold_weight,
+            self.threshold_bias, base, self.method, self.num_experts, self.top_k, self.scale,
+            self.max_threshold, 1.0 / (1.0 - self.dropout), self.kernels)
+        self.record(scores, mask)
+        return out
+
+    def record(self, scores: Tensor, mask: Tensor) -> None:
+        """Keep this forward's aux loss (training mode, a router, at least one token); else drop a stale one."""
+        if self.training and self.method != "lora" and scores.shape[0] > 0:
+            f = mask.to(scores.dtype).mean(0)  # [E] fraction of tokens that selected each expert
+            p = scores.mean(0)  # [E] mean shifted score (adamole) or probability (mole)
+            self._aux = self.num_experts * (f * p).sum()
+        elif self._aux is not None:
+            self._aux = None
+
+    @property
+    def aux(self) -> Tensor | None:
+        return self._aux
+
+
+class AdapterGroup(nn.Module):
+    """The adapters of one projection: one `ExpertSet` per role, each writing its role's output columns (all of
+    them for an unfused projection; a slice or a strided set for fused QKV). `add_to(x, y)` adds them to the
+    projection's output. `AdaMoLELinear` is this plus the frozen projection; the graph rewrite uses it alone.
+    """
+
+    def __init__(self, in_features: int, out_features: int, roles: tuple[str, ...],
+                 columns: tuple[tuple[int, ...], ...], config: AdaMoLEConfig, dtype: torch.dtype,
+                 device: torch.device | str | None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.roles = tuple(roles)
+        self.columns = tuple(tuple(c) for c in columns)
+        self.config = config
+        self.adapters = nn.ModuleDict()
+        for role, cols in zip(self.roles, self.columns):  # insertion order is role order
+            self.adapters[role] = ExpertSet(in_features, len(cols), config, dtype, device)
+        order = [c for cols in self.columns for c in cols]
+        self._whole = order == list(range(out_features))
+        self._n_rest = out_features - len(order)
+        gather = None
+        if not self._whole:  # full[:, j] = cat(deltas, zeros)[:, gather[j]]
+            rest = sorted(set(range(out_features)) - set(order))
+            pos = {c: i for i, c in enumerate(order + rest)}
+            gather = torch.tensor([pos[j] for j in range(out_features)], device=device)
+        self.register_buffer("_gather", gather, persistent=False)
+
+    @property
+    def adapter_dtype(self) -> torch.dtype:
+        return next(iter(self.adapters.values())).lora_A.dtype
+
+    def fused_base(self) -> bool:
+        """Does a single site own every column, so the op adds it to the projection's output itself?"""
+        return self._whole and len(self.roles) == 1
+
+    def add_to(self, x: Tensor, y: Tensor) -> Tensor:
+        """x [..., D], y [..., O] (the projection's output) -> y + adapters(x)."""
+        xa = x.reshape(-1, self.in_features).to(self.adapter_dtype)  # [T, D]
+        if self.fused_base():
+            site = self.adapters[self.roles[0]]
+            return site(xa, base=y.reshape(-1, self.out_features)).view_as(y)
+        deltas = [site(xa) for site in self.adapters.values()]  # each [T, O_role]
+        return y + combine_deltas(deltas, self._gather, self._n_rest).view_as(y).to(y.dtype)
+
+
+class AdaMoLELinear(AdapterGroup):
+    """A projection with AdaMoLE adapters; the frozen original is kept as `.base_layer`."""
+
+    def __init__(self, base_layer: nn.Module, roles: tuple[str, ...], columns: tuple[tuple[int, ...], ...],
+                 config: AdaMoLEConfig) -> None:
+        feats = linear_features(base_layer)
+        if feats is None:
+            raise TypeError(f"cannot adapt a {type(base_layer).__name__}: only nn.Linear and Conv1D are supported")
+        weight = base_layer.weight
+        dtype = getattr(torch, config.adapter_dtype) if config.adapter_dtype else weight.dtype
+        if not dtype.is_floating_point:
+            dtype = torch.float32
+        super().__init__(*feats, roles, columns, config, dtype, weight.device)
+        self.base_layer = base_layer
+
+    @property
+    def weight(self) -> Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> Tensor | None:
+        return self.base_layer.bias
+
+    def extra_repr(self) -> str:
+        return f"roles={self.roles}"
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.add_to(x, self.base_layer(x))
+
+
+def combine_deltas(deltas: list[Tensor], gather: Tensor | None, n_rest: int) -> Tensor:
+    """Role deltas [T, O_role] -> one [T, O] delta in the layer's column order (zeros for unadapted columns)."""
+    if n_rest:
+        deltas = deltas + [deltas[0].new_zeros(deltas[0].shape[0], n_rest)]
+    full = torch.cat(deltas, dim=-1) if len(deltas) > 1 else deltas[0]
+    return full if gather is None else full.index_select(-1, gather)

@@ -1,0 +1,129 @@
+"""Rewrite pass for graphs: insert AdaMoLE op nodes after each planned projection of a GraphModule.
+
+Pattern:        a linear-like node (`linear`, Conv1D `addmm`, or a call to an nn.Linear / Conv1D module) whose
+                weight belongs to a planned `Target`; every call of that module is rewritten.
+Replacement:    y = proj(x)  ->  per role: mask = site.drop_mask(x2); r = torch.ops.amole.adapter(x2, mask, ...);
+                site.record(r[1], r[2]); then y' = y + the role deltas placed in their columns (or, for a single
+                role owning every column, the op adds itself to y). Users of y read y'. Every inserted node has
+                `meta["amole"] = {"module": ..., "role": ...}`. Parameters live in `gm._amole.<module>`, an
+                `AdapterGroup`, so adapter names match the nn.Module path.
+Preconditions:  the graph module was captured before decompositions; targets come from `find_attention` on it.
+Invariants:     all or nothing (the original graph and submodules are restored on error); numerically equal to
+                the nn.Module path for the same adapter weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+
+import torch
+from torch import fx
+
+from ..config import AdaMoLEConfig
+from .. import ops  # noqa: F401  (registers torch.ops.amole)
+from ..modules import AdapterGroup, ExpertSet, combine_deltas
+from ._fx import ParamNames, as_linear
+from .plan import PassReport, Target
+
+PREFIX = "_amole"
+
+
+def site_drop_mask(site: ExpertSet, x: torch.Tensor) -> torch.Tensor | None:
+    return site.drop_mask(x)
+
+
+def site_record(site: ExpertSet, scores: torch.Tensor, mask: torch.Tensor) -> None:
+    site.record(scores, mask)
+
+
+class _Emitter:
+    """Emits the nodes of one rewritten call, tagging each with the module and role."""
+
+    def __init__(self, graph: fx.Graph, module: str) -> None:
+        self.graph, self.module = graph, module
+
+    def __call__(self, op: str, target, args, role: str | None = None) -> fx.Node:
+        node = self.graph.create_node(op, target, args)
+        node.meta["amole"] = {"module": self.module, "role": role}
+        return node
+
+    def site(self, path: str, site: ExpertSet, role: str, x2: fx.Node, base: fx.Node | None) -> fx.Node:
+        def attr(name: str) -> fx.Node | None:
+            return self("get_attr", f"{path}.{name}", (), role) if getattr(site, name) is not None else None
+
+        site_node = self("get_attr", path, (), role)
+        mask = self("call_function", site_drop_mask, (site_node, x2), role)
+        res = self("call_function", torch.ops.amole.adapter.default, (
+            x2, mask, attr("lora_A"), attr("lora_B"), attr("gate"), attr("threshold_weight"),
+            attr("threshold_bias"), base, site.method, site.num_experts, site.top_k, site.scale,
+            site.max_threshold, 1.0 / (1.0 - site.dropout), site.kernels), role)
+        out, scores, m = (self("call_function", operator.getitem, (res, i), role) for i in range(3))
+        self("call_function", site_record, (site_node, scores, m), role)
+        return out
+
+
+def _rewrite_call(gm: fx.GraphModule, node: fx.Node, x: fx.Node, group: AdapterGroup, path: str, module: str):
+    graph = gm.graph
+    emit = _Emitter(graph, module)
+    users = list(node.users)
+    with graph.inserting_before(node.next):  # keeps the emitted nodes in order
+        x2 = emit("call_method", "reshape", (x, (-1, group.in_features)))
+        x2 = emit("call_method", "to", (x2, group.adapter_dtype))
+        sites = [(role, group.adapters[role]) for role in group.roles]
+        if group.fused_base():
+            base = emit("call_method", "reshape", (node, (-1, group.out_features)))
+            out = emit.site(f"{path}.adapters.{sites[0][0]}", sites[0][1], sites[0][0], x2, base)
+            new = emit("call_method", "view_as", (out, node))
+        else:
+            deltas = [emit.site(f"{path}.adapters.{r}", s, r, x2, None) for r, s in sites]
+            gather = emit("get_attr", f"{path}._gather", ()) if group._gather is not None else None
+            full = emit("call_function", combine_deltas, (deltas, gather, group._n_rest))
+            full = emit("call_method", "type_as", (emit("call_method", "view_as", (full, node)), node))
+            new = emit("call_function", operator.add, (node, full))
+    for user in users:
+        user.replace_input_with(node, new)
+
+
+def insert_ops(gm: fx.GraphModule, targets: list[Target], config: AdaMoLEConfig) -> PassReport:
+    """Run the pass on gm in place (all or nothing); returns how many calls it rewrote."""
+    report = PassReport("insert_ops", targets=list(targets))
+    params = ParamNames(gm)
+    calls = [(n, as_linear(n, params)) for n in gm.graph.nodes]
+    by_module = {t.module: t for t in targets}
+    saved = copy.deepcopy(gm.graph)
+    try:
+        for t in targets:
+            weight = gm.get_parameter(f"{t.module}.weight")
+            dtype = getattr(torch, config.adapter_dtype) if config.adapter_dtype else weight.dtype
+            group = AdapterGroup(t.in_features, t.out_features, t.roles, tuple(t.columns(r) for r in t.roles),
+                                 config, dtype if dtype.is_floating_point else torch.float32, weight.device)
+            gm.add_submodule(f"{PREFIX}.{t.module}", group)
+        for node, call in calls:
+            if call is not None and call.module in by_module:
+                path = f"{PREFIX}.{call.module}"
+                _rewrite_call(gm, node, call.input, gm.get_submodule(path), path, call.module)
+                report.rewritten += 1
+        gm.graph.lint()
+        gm.recompile()
+    except Exception:
+        _restore(gm, saved)
+        raise
+    gm.__dict__["_amole_original_graph"] = saved
+    return report
+
+
+def _restore(gm: fx.GraphModule, graph: fx.Graph) -> None:
+    gm.graph = graph
+    if hasattr(gm, PREFIX):
+        delattr(gm, PREFIX)
+    gm.recompile()
+
+
+def remove_ops(gm: fx.GraphModule) -> bool:
+    """Undo `insert_ops`: restore the graph as it was and drop the adapters. False if there was nothing to undo."""
+    saved = gm.__dict__.pop("_amole_original_graph", None)
+    if saved is None:
+        return False
+    _restore(gm, saved)
+    return True
