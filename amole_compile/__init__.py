@@ -16,7 +16,27 @@ from .passes.plan import Target
 
 __version__ = "0.1.0"
 
+# Heavy optional parts (onnx, onnxruntime, matplotlib) load on first use.
+_LAZY = {
+    "export_onnx": "amole_compile.export.onnx",
+    "OnnxLM": "amole_compile.export.runtime",
+}
+
 __all__ = [
-    "AdaMoLEConfig", "NoAttentionFound", "Target", "aux_loss", "load_adapters", "plan", "save_adapters",
-    "targets", "transform", "untransform",
+    "AdaMoLEConfig", "NoAttentionFound", "OnnxLM", "Target", "aux_loss", "export_onnx", "load_adapters", "plan",
+    "save_adapters", "targets", "transform", "untransform",
 ]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'amole_compile' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))

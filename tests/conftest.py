@@ -1,0 +1,34 @@
+"""Shared test setup: Triton's interpreter on machines without CUDA, quiet logs, deterministic seeds, and
+tiny Hugging Face models built from config (no downloads)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# Before anything imports triton: without a GPU the kernels run in Triton's interpreter.
+if os.environ.get("CUDA_VISIBLE_DEVICES", None) != "" and not os.path.exists("/dev/nvidia0"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(__file__))  # tests/reference_impl.py, tests/models.py
+
+from models import ARCHS, build  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture(params=sorted(ARCHS))
+def arch(request):
+    return request.param
+
+
+@pytest.fixture
+def tiny(arch):
+    return build(arch)
