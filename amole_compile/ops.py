@@ -1,7 +1,10 @@
 """The AdaMoLE op: `torch.ops.amole.adapter`, the narrow waist every path calls.
 
-One registered custom op (fake kernel, autograd through a second op `amole::adapter_backward`) holding the
-dense formulation of DESIGN.md for all three methods. Static shapes, no data-dependent indexing.
+One registered op (autograd through a second op `amole::adapter_backward`) holding the dense formulation of
+DESIGN.md for all three methods. Static shapes, no data-dependent indexing. Both ops are `torch.library.triton_op`s:
+their bodies call only torch ops (the plain-torch path) or `wrap_triton` kernels (the Triton path, chosen by
+`resolve_backend`), so the body doubles as the fake kernel and `torch.compile` traces through it, while
+`torch.export` keeps `amole.adapter` as one node (which the ONNX exporter translates).
 
 Legend: T tokens, D input dims, O output dims, E experts, R rank per expert, K = E * R,
 Er router rows (E + 1 for adamole: gate rows then the threshold row; E for mole; 0 for lora).
@@ -44,6 +47,16 @@ def resolve_backend(requested: str, x: Tensor) -> str:
     if choice == "triton" and not ok:
         raise RuntimeError(f"amole kernels='triton' was asked for but cannot run: {why}")
     return "triton" if ok else "torch"
+
+
+def _use_triton(backend: str, x: Tensor) -> bool:
+    """Triton for this call? Under TRITON_INTERPRET=1 kernels run eagerly and cannot be traced, so a traced
+    call (fake tensors: torch.compile, opcheck's fake checks) takes the torch path, which computes the same."""
+    if resolve_backend(backend, x) != "triton":
+        return False
+    from torch._subclasses.fake_tensor import is_fake
+
+    return not (os.environ.get("TRITON_INTERPRET") == "1" and is_fake(x))
 
 
 def route_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -122,11 +135,7 @@ def adapter_backward_torch(grad_out, grad_scores, x, drop_mask, lora_a, lora_b, 
 
 # ---- registration ---------------------------------------------------------------------------------
 
-def _router_rows(method: str, num_experts: int) -> int:
-    return {"adamole": num_experts + 1, "mole": num_experts, "lora": 0}[method]
-
-
-@torch.library.custom_op(f"{_LIB}::adapter", mutates_args=())
+@torch.library.triton_op(f"{_LIB}::adapter", mutates_args=())
 def adapter(
     x: Tensor, drop_mask: Optional[Tensor], lora_a: Tensor, lora_b: Tensor, gate_w: Optional[Tensor],
     thr_w: Optional[Tensor], thr_b: Optional[Tensor], base: Optional[Tensor], method: str, num_experts: int,
@@ -135,24 +144,14 @@ def adapter(
     """AdaMoLE / MoLE / LoRA adapter on x [T, D] -> (out [T, O], scores, mask, za, zr); see module doc."""
     args = (x, drop_mask, lora_a, lora_b, gate_w, thr_w, thr_b, base, method, num_experts, top_k, scale,
             max_threshold, drop_scale)
-    if resolve_backend(backend, x) == "triton":
+    if _use_triton(backend, x):
         from .kernels.adapter import adapter_triton
 
         return adapter_triton(*args)
     return adapter_torch(*args)
 
 
-@adapter.register_fake
-def _(x, drop_mask, lora_a, lora_b, gate_w, thr_w, thr_b, base, method, num_experts, top_k, scale,
-      max_threshold, drop_scale, backend):
-    t, e = x.shape[0], num_experts
-    er = _router_rows(method, e)
-    out_dtype, r_dtype = x.dtype if base is None else base.dtype, route_dtype(x.dtype)
-    return (x.new_empty(t, lora_b.shape[0], dtype=out_dtype), x.new_empty(t, e, dtype=r_dtype),
-            x.new_empty(t, e, dtype=torch.bool), x.new_empty(t, lora_a.shape[0]), x.new_empty(t, er, dtype=r_dtype))
-
-
-@torch.library.custom_op(f"{_LIB}::adapter_backward", mutates_args=())
+@torch.library.triton_op(f"{_LIB}::adapter_backward", mutates_args=())
 def adapter_backward(
     grad_out: Tensor, grad_scores: Optional[Tensor], x: Tensor, drop_mask: Optional[Tensor], lora_a: Tensor,
     lora_b: Tensor, gate_w: Optional[Tensor], thr_w: Optional[Tensor], thr_b: Optional[Tensor], za: Tensor,
@@ -162,22 +161,11 @@ def adapter_backward(
     """Grads (x, A, B, gate, threshold weight, threshold bias); empty tensors for absent parameters."""
     args = (grad_out, grad_scores, x, drop_mask, lora_a, lora_b, gate_w, thr_w, thr_b, za, zr, method,
             num_experts, top_k, scale, max_threshold, drop_scale, need_grad_x)
-    if resolve_backend(backend, x) == "triton":
+    if _use_triton(backend, x):
         from .kernels.adapter import adapter_backward_triton
 
         return adapter_backward_triton(*args)
     return adapter_backward_torch(*args)
-
-
-@adapter_backward.register_fake
-def _(grad_out, grad_scores, x, drop_mask, lora_a, lora_b, gate_w, thr_w, thr_b, za, zr, method, num_experts,
-      top_k, scale, max_threshold, drop_scale, need_grad_x, backend):
-    n_gate = 0 if gate_w is None else gate_w.shape[0]
-    n_thr = 0 if thr_w is None else thr_w.shape[0]
-    d = x.shape[1]
-    return (x.new_empty(x.shape if need_grad_x else (0,)), lora_a.new_empty(lora_a.shape),
-            lora_b.new_empty(lora_b.shape), x.new_empty(n_gate, d), x.new_empty(n_thr, d),
-            x.new_empty(0 if thr_b is None else thr_b.shape[0]))
 
 
 _TENSOR_ARGS = ("x", "drop_mask", "lora_a", "lora_b", "gate_w", "thr_w", "thr_b", "base")

@@ -1,0 +1,288 @@
+"""Triton kernels for the AdaMoLE op, their launchers, and the plain-torch reference they must match.
+
+Legend: T tokens, D in dims, O out dims, E experts, R rank, K = E * R, Er router rows (E + 1 adamole, E mole,
+0 lora). Padded: E_P = pow2(E), R_P = pow2(R) (so K_P = E_P * R_P >= 16), G_P = max(16, pow2(Er)).
+Expert e's rank-r row sits at padded row e * R_P + r, so a [BT, K_P] tile reshapes to [BT, E_P, R_P].
+
+forward   _fwd_kernel         x·[A; Wg; wt]ᵀ in one pass over x (dropout applied to the A part only), then the
+                              routing epilogue -> za, h = scale·w·za, zr, scores, mask.   out = base + h Bᵀ (addmm)
+backward  _bwd_route_kernel   grad_h = grad_out·B, recomputed routing, -> grad_za, grad_zr, grad of the threshold bias
+          _bwd_weight_kernel  grad_A = grad_zaᵀ·xd and grad_[Wg; wt] = grad_zrᵀ·x in one pass over x (split over T)
+          _bwd_input_kernel   grad_x = (grad_za·A)·mask + grad_zr·[Wg; wt]
+          grad_B = grad_outᵀ·h (GEMM)
+No per-expert copies of activations are saved: the op saves x, the dropout mask, za [T, K] and zr [T, Er].
+The launchers only call torch ops and `wrap_triton` kernels, so `torch.compile` can see through them.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import wrap_triton
+
+from ..ops import adapter_backward_torch as reference_backward  # noqa: F401  (the reference the tests compare)
+from ..ops import adapter_torch as reference_forward  # noqa: F401
+from ._route_tl import gate_and_threshold, route, route_backward
+
+METHODS = {"adamole": 0, "mole": 1, "lora": 2}
+BLOCK_T, BLOCK_D, BLOCK_O, SPLIT_T = 32, 64, 64, 8
+
+
+@triton.jit
+def _pad_cols(E, R, E_P: tl.constexpr, R_P: tl.constexpr):
+    """Padded column index -> (real column in [0, K), valid)."""
+    kp = tl.arange(0, E_P * R_P)
+    e, r = kp // R_P, kp % R_P
+    return e * R + r, (e < E) & (r < R)
+
+
+@triton.jit
+def _fwd_kernel(x_ptr, keep_ptr, a_ptr, rw_ptr, thr_b_ptr, za_ptr, h_ptr, zr_ptr, scores_ptr, sel_ptr,
+                T, D, E, R, ER, scale, cap, drop_scale,
+                METHOD: tl.constexpr, TOP_K: tl.constexpr, HAS_KEEP: tl.constexpr, PRECISION: tl.constexpr,
+                BT: tl.constexpr, BD: tl.constexpr, E_P: tl.constexpr, R_P: tl.constexpr, G_P: tl.constexpr):
+    rt = tl.program_id(0) * BT + tl.arange(0, BT)
+    kp = tl.arange(0, E_P * R_P)
+    gp = tl.arange(0, G_P)
+    acc_a = tl.zeros((BT, E_P * R_P), dtype=tl.float32)  # [BT, K_P]
+    acc_r = tl.zeros((BT, G_P), dtype=tl.float32)  # [BT, G_P]
+    for d0 in range(0, D, BD):
+        rd = d0 + tl.arange(0, BD)
+        io = (rt[:, None] < T) & (rd[None, :] < D)
+        x = tl.load(x_ptr + rt[:, None] * D + rd[None, :], mask=io, other=0.0)  # [BT, BD]
+        a = tl.load(a_ptr + kp[:, None] * D + rd[None, :], mask=rd[None, :] < D, other=0.0)  # [K_P, BD]
+        g = tl.load(rw_ptr + gp[:, None] * D + rd[None, :], mask=rd[None, :] < D, other=0.0)  # [G_P, BD]
+        acc_r += tl.dot(x, tl.trans(g), input_precision=PRECISION)
+        if HAS_KEEP:
+            keep = tl.load(keep_ptr + rt[:, None] * D + rd[None, :], mask=io, other=0)
+            x = tl.where(keep != 0, x * drop_scale, 0.0).to(x.dtype)
+        acc_a += tl.dot(x, tl.trans(a), input_precision=PRECISION)
+    thr_b = tl.load(thr_b_ptr).to(tl.float32)
+    logits, u = gate_and_threshold(acc_r, thr_b, E, BT, E_P, G_P)
+    w, scores, m, _, _, _ = route(logits, u, cap, E, METHOD, TOP_K, E_P)
+    h = tl.reshape(tl.reshape(acc_a, (BT, E_P, R_P)) * (scale * w)[:, :, None], (BT, E_P * R_P))
+    col, ok = _pad_cols(E, R, E_P, R_P)
+    out = (rt[:, None] < T) & ok[None, :]
+    tl.store(za_ptr + rt[:, None] * (E * R) + col[None, :], acc_a.to(za_ptr.dtype.element_ty), mask=out)
+    tl.store(h_ptr + rt[:, None] * (E * R) + col[None, :], h.to(h_ptr.dtype.element_ty), mask=out)
+    tl.store(zr_ptr + rt[:, None] * ER + gp[None, :], acc_r, mask=(rt[:, None] < T) & (gp[None, :] < ER))
+    ecol = tl.arange(0, E_P)
+    eo = (rt[:, None] < T) & (ecol[None, :] < E)
+    tl.store(scores_ptr + rt[:, None] * E + ecol[None, :], scores, mask=eo)
+    tl.store(sel_ptr + rt[:, None] * E + ecol[None, :], m.to(tl.int8), mask=eo)
+
+
+@triton.jit
+def _bwd_route_kernel(go_ptr, b_ptr, za_ptr, zr_ptr, thr_b_ptr, gs_ptr, gza_ptr, gzr_ptr, h_ptr, gtb_ptr,
+                      T, O, E, R, ER, scale, cap,
+                      METHOD: tl.constexpr, TOP_K: tl.constexpr, HAS_GS: tl.constexpr, PRECISION: tl.constexpr,
+                      BT: tl.constexpr, BO: tl.constexpr, E_P: tl.constexpr, R_P: tl.constexpr,
+                      G_P: tl.constexpr):
+    pid = tl.program_id(0)
+    rt = pid * BT + tl.arange(0, BT)
+    kp = tl.arange(0, E_P * R_P)
+    acc = tl.zeros((BT, E_P * R_P), dtype=tl.float32)  # grad_h [BT, K_P]
+    for o0 in range(0, O, BO):
+        ro = o0 + tl.arange(0, BO)
+        go = tl.load(go_ptr + rt[:, None] * O + ro[None, :], mask=(rt[:, None] < T) & (ro[None, :] < O), other=0.0)
+        b = tl.load(b_ptr + ro[:, None] * (E_P * R_P) + kp[None, :], mask=ro[:, None] < O, other=0.0)  # [BO, K_P]
+        acc += tl.dot(go, b, input_precision=PRECISION)
+    col, ok = _pad_cols(E, R, E_P, R_P)
+    tk = (rt[:, None] < T) & ok[None, :]
+    za = tl.load(za_ptr + rt[:, None] * (E * R) + col[None, :], mask=tk, other=0.0).to(tl.float32)
+    gp = tl.arange(0, G_P)
+    acc_r = tl.load(zr_ptr + rt[:, None] * ER + gp[None, :], mask=(rt[:, None] < T) & (gp[None, :] < ER), other=0.0)
+    thr_b = tl.load(thr_b_ptr).to(tl.float32)
+    logits, u = gate_and_threshold(acc_r, thr_b, E, BT, E_P, G_P)
+    w, _, m, p, sig, s = route(logits, u, cap, E, METHOD, TOP_K, E_P)
+    gh3 = tl.reshape(acc, (BT, E_P, R_P))
+    za3 = tl.reshape(za, (BT, E_P, R_P))
+    gza = tl.reshape(gh3 * (scale * w)[:, :, None], (BT, E_P * R_P))
+    h = tl.reshape(za3 * (scale * w)[:, :, None], (BT, E_P * R_P))
+    tl.store(gza_ptr + rt[:, None] * (E * R) + col[None, :], gza.to(gza_ptr.dtype.element_ty), mask=tk)
+    tl.store(h_ptr + rt[:, None] * (E * R) + col[None, :], h.to(h_ptr.dtype.element_ty), mask=tk)
+    if METHOD != 2:
+        ecol = tl.arange(0, E_P)
+        eo = (rt[:, None] < T) & (ecol[None, :] < E)
+        grad_w = scale * tl.sum(gh3 * za3, axis=2)  # [BT, E_P]
+        gs = tl.zeros((BT, E_P), dtype=tl.float32)
+        if HAS_GS:
+            gs = tl.load(gs_ptr + rt[:, None] * E + ecol[None, :], mask=eo, other=0.0).to(tl.float32)
+        g_logits, g_u = route_backward(grad_w, gs, w, m, p, sig, s, cap, E, METHOD, E_P)
+        g_u = tl.where(rt < T, g_u, 0.0)
+        tl.store(gzr_ptr + rt[:, None] * ER + ecol[None, :], g_logits.to(gzr_ptr.dtype.element_ty), mask=eo)
+        if METHOD == 0:
+            tl.store(gzr_ptr + rt * ER + E, g_u.to(gzr_ptr.dtype.element_ty), mask=rt < T)
+            tl.store(gtb_ptr + pid, tl.sum(g_u, axis=0))
+
+
+@triton.jit
+def _bwd_weight_kernel(gza_ptr, gzr_ptr, x_ptr, keep_ptr, ga_ptr, gr_ptr, T, D, E, R, ER, drop_scale, rows_per_split,
+                       HAS_KEEP: tl.constexpr, PRECISION: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
+                       E_P: tl.constexpr, R_P: tl.constexpr, G_P: tl.constexpr):
+    pid_d, split = tl.program_id(0), tl.program_id(1)
+    rd = pid_d * BD + tl.arange(0, BD)
+    col, ok = _pad_cols(E, R, E_P, R_P)
+    gp = tl.arange(0, G_P)
+    acc_a = tl.zeros((E_P * R_P, BD), dtype=tl.float32)
+    acc_r = tl.zeros((G_P, BD), dtype=tl.float32)
+    t_start = split * rows_per_split
+    for t0 in range(t_start, t_start + rows_per_split, BT):
+        rt = t0 + tl.arange(0, BT)
+        tin = (rt < T) & (rt < t_start + rows_per_split)
+        io = tin[:, None] & (rd[None, :] < D)
+        x = tl.load(x_ptr + rt[:, None] * D + rd[None, :], mask=io, other=0.0)  # [BT, BD]
+        gza = tl.load(gza_ptr + rt[:, None] * (E * R) + col[None, :], mask=tin[:, None] & ok[None, :], other=0.0)
+        gzr = tl.load(gzr_ptr + rt[:, None] * ER + gp[None, :], mask=tin[:, None] & (gp[None, :] < ER), other=0.0)
+        acc_r += tl.dot(tl.trans(gzr), x, input_precision=PRECISION)
+        if HAS_KEEP:
+            keep = tl.load(keep_ptr + rt[:, None] * D + rd[None, :], mask=io, other=0)
+            x = tl.where(keep != 0, x * drop_scale, 0.0).to(x.dtype)
+        acc_a += tl.dot(tl.trans(gza), x, input_precision=PRECISION)
+    base = split * D
+    tl.store(ga_ptr + (base * (E * R)) + col[:, None] * D + rd[None, :], acc_a, mask=ok[:, None] & (rd[None, :] < D))
+    tl.store(gr_ptr + (base * ER) + gp[:, None] * D + rd[None, :], acc_r, mask=(gp[:, None] < ER) & (rd[None, :] < D))
+
+
+@triton.jit
+def _bwd_input_kernel(gza_ptr, gzr_ptr, a_ptr, rw_ptr, keep_ptr, gx_ptr, T, D, E, R, ER, drop_scale,
+                      HAS_KEEP: tl.constexpr, PRECISION: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
+                      E_P: tl.constexpr, R_P: tl.constexpr, G_P: tl.constexpr):
+    rt = tl.program_id(0) * BT + tl.arange(0, BT)
+    rd = tl.program_id(1) * BD + tl.arange(0, BD)
+    kp = tl.arange(0, E_P * R_P)
+    gp = tl.arange(0, G_P)
+    col, ok = _pad_cols(E, R, E_P, R_P)
+    gza = tl.load(gza_ptr + rt[:, None] * (E * R) + col[None, :], mask=(rt[:, None] < T) & ok[None, :], other=0.0)
+    gzr = tl.load(gzr_ptr + rt[:, None] * ER + gp[None, :], mask=(rt[:, None] < T) & (gp[None, :] < ER), other=0.0)
+    a = tl.load(a_ptr + kp[:, None] * D + rd[None, :], mask=rd[None, :] < D, other=0.0)  # [K_P, BD]
+    g = tl.load(rw_ptr + gp[:, None] * D + rd[None, :], mask=rd[None, :] < D, other=0.0)  # [G_P, BD]
+    io = (rt[:, None] < T) & (rd[None, :] < D)
+    gx = tl.dot(gza, a, input_precision=PRECISION)
+    if HAS_KEEP:
+        keep = tl.load(keep_ptr + rt[:, None] * D + rd[None, :], mask=io, other=0)
+        gx = tl.where(keep != 0, gx * drop_scale, 0.0)
+    gx += tl.dot(gzr, g, input_precision=PRECISION)
+    tl.store(gx_ptr + rt[:, None] * D + rd[None, :], gx.to(gx_ptr.dtype.element_ty), mask=io)
+
+
+# ---- launchers ------------------------------------------------------------------------------------------------
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _geometry(e: int, r: int, er: int) -> dict[str, int]:
+    e_p = _pow2(e)
+    r_p = max(_pow2(r), -(-16 // e_p))
+    return {"E_P": e_p, "R_P": r_p, "G_P": max(16, _pow2(max(er, 1)))}
+
+
+def _pad_rows(a: torch.Tensor, e: int, r: int, geo: dict) -> torch.Tensor:
+    """[E*R, D] -> [E_P*R_P, D] with expert e's rows at e*R_P."""
+    d = a.shape[-1]
+    return torch.nn.functional.pad(a.reshape(e, r, d), (0, 0, 0, geo["R_P"] - r, 0, geo["E_P"] - e)).reshape(-1, d)
+
+
+def _pad_cols_t(b: torch.Tensor, e: int, r: int, geo: dict) -> torch.Tensor:
+    """[O, E*R] -> [O, E_P*R_P] contiguous."""
+    o = b.shape[0]
+    return torch.nn.functional.pad(b.reshape(o, e, r), (0, geo["R_P"] - r, 0, geo["E_P"] - e)).reshape(o, -1)
+
+
+def _router(gate_w, thr_w, x: torch.Tensor, g_p: int) -> torch.Tensor:
+    parts = [t for t in (gate_w, thr_w) if t is not None]
+    rw = torch.cat(parts, 0) if parts else x.new_zeros(0, x.shape[1])
+    return torch.nn.functional.pad(rw.to(x.dtype), (0, 0, 0, g_p - rw.shape[0])).contiguous()
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _er(method: str, e: int) -> int:
+    return {"adamole": e + 1, "mole": e, "lora": 0}[method]
+
+
+def _keep(drop_mask, x):
+    return (drop_mask.contiguous().view(torch.uint8), True) if drop_mask is not None else (x, False)
+
+
+def adapter_triton(x, drop_mask, lora_a, lora_b, gate_w, thr_w, thr_b, base, method, num_experts, top_k, scale,
+                   max_threshold, drop_scale):
+    """Triton forward with the same contract as `reference_forward` (ops.adapter_torch)."""
+    t, d = x.shape
+    if t == 0:
+        return reference_forward(x, drop_mask, lora_a, lora_b, gate_w, thr_w, thr_b, base, method, num_experts,
+                                 top_k, scale, max_threshold, drop_scale)
+    e, k = num_experts, lora_a.shape[0]
+    r, er = k // e, _er(method, e)
+    geo = _geometry(e, r, er)
+    x = x.contiguous()
+    a_pad = _pad_rows(lora_a.to(x.dtype), e, r, geo).contiguous()
+    rw = _router(gate_w, thr_w, x, geo["G_P"])
+    thr = thr_b if thr_b is not None else x.new_zeros(1)
+    za, h = x.new_empty(t, k), x.new_empty(t, k)
+    zr = x.new_empty(t, max(er, 1), dtype=torch.float32)
+    scores = x.new_empty(t, e, dtype=torch.float32)
+    sel = x.new_empty(t, e, dtype=torch.int8)
+    keep, has_keep = _keep(drop_mask, x)
+    wrap_triton(_fwd_kernel)[(triton.cdiv(t, BLOCK_T),)](
+        x, keep, a_pad, rw, thr, za, h, zr, scores, sel, t, d, e, r, er, scale, max_threshold, drop_scale,
+        METHODS[method], max(top_k, 1), has_keep, _precision(x.dtype), BLOCK_T, BLOCK_D, **geo)
+    out = h @ lora_b.t() if base is None else (
+        torch.addmm(base, h, lora_b.t()) if base.dtype == h.dtype else base + (h @ lora_b.t()).to(base.dtype))
+    return out, scores, sel.bool(), za, zr[:, :er].contiguous()
+
+
+def adapter_backward_triton(grad_out, grad_scores, x, drop_mask, lora_a, lora_b, gate_w, thr_w, thr_b, za, zr,
+                            method, num_experts, top_k, scale, max_threshold, drop_scale, need_grad_x):
+    """Triton backward with the same contract as `reference_backward` (ops.adapter_backward_torch)."""
+    t, d = x.shape
+    if t == 0:
+        return reference_backward(grad_out, grad_scores, x, drop_mask, lora_a, lora_b, gate_w, thr_w, thr_b, za,
+                                  zr, method, num_experts, top_k, scale, max_threshold, drop_scale, need_grad_x)
+    e, k = num_experts, lora_a.shape[0]
+    r, er, o = k // e, _er(method, e), lora_b.shape[0]
+    geo = _geometry(e, r, er)
+    x, grad_out = x.contiguous(), grad_out.contiguous()
+    zr_buf = zr.contiguous() if er else x.new_zeros(t, 1, dtype=torch.float32)
+    thr = thr_b if thr_b is not None else x.new_zeros(1)
+    gs = grad_scores.contiguous() if grad_scores is not None else zr_buf
+    n_t = triton.cdiv(t, BLOCK_T)
+    gza, h = x.new_empty(t, k), x.new_empty(t, k)
+    gzr = x.new_zeros(t, max(er, 1))
+    gtb = x.new_zeros(n_t, dtype=torch.float32)
+    wrap_triton(_bwd_route_kernel)[(n_t,)](
+        grad_out, _pad_cols_t(lora_b.to(x.dtype), e, r, geo).contiguous(), za.contiguous(), zr_buf, thr, gs, gza,
+        gzr, h, gtb, t, o, e, r, er, scale, max_threshold, METHODS[method], max(top_k, 1),
+        grad_scores is not None, _precision(x.dtype), BLOCK_T, BLOCK_O, **geo)
+    grad_b = grad_out.t() @ h  # [O, K]
+    grad_a, grad_rw = _weight_grads(gza, gzr, x, drop_mask, e, r, er, drop_scale, geo)
+    grad_x = x.new_empty(0)
+    if need_grad_x:
+        grad_x = x.new_empty(t, d)
+        keep, has_keep = _keep(drop_mask, x)
+        wrap_triton(_bwd_input_kernel)[(n_t, triton.cdiv(d, BLOCK_D))](
+            gza, gzr, _pad_rows(lora_a.to(x.dtype), e, r, geo).contiguous(), _router(gate_w, thr_w, x, geo["G_P"]),
+            keep, grad_x, t, d, e, r, er, drop_scale, has_keep, _precision(x.dtype), BLOCK_T, BLOCK_D, **geo)
+    n_gate = 0 if gate_w is None else gate_w.shape[0]
+    grad_tb = gtb.sum().reshape(1).to(x.dtype) if thr_b is not None else x.new_empty(0)
+    return (grad_x, grad_a.to(lora_a.dtype), grad_b.to(lora_b.dtype), grad_rw[:n_gate].clone(),
+            grad_rw[n_gate:].clone(), grad_tb)
+
+
+def _weight_grads(gza, gzr, x, drop_mask, e, r, er, drop_scale, geo):
+    """grad_A [K, D] and grad_[Wg; wt] [Er, D], split over T into partial sums."""
+    t, d = x.shape
+    split = min(SPLIT_T, triton.cdiv(t, BLOCK_T))
+    rows = triton.cdiv(triton.cdiv(t, split), BLOCK_T) * BLOCK_T
+    split = triton.cdiv(t, rows)
+    ga = x.new_empty(split, e * r, d, dtype=torch.float32)
+    gr = x.new_empty(split, max(er, 1), d, dtype=torch.float32)
+    keep, has_keep = _keep(drop_mask, x)
+    wrap_triton(_bwd_weight_kernel)[(triton.cdiv(d, BLOCK_D), split)](
+        gza, gzr, x, keep, ga, gr, t, d, e, r, er, drop_scale, rows, has_keep, _precision(x.dtype), BLOCK_T,
+        BLOCK_D, **geo)
+    return ga.sum(0), gr[:, :er].sum(0).to(x.dtype)

@@ -1,0 +1,187 @@
+"""One training step (forward, loss + aux, backward, AdamW) of a Llama-shaped model, side by side:
+
+    amole eager       AdaMoLE E=8 r=4 on q, k, v, o (transform)
+    amole compiled    the same under torch.compile(fullgraph=True)
+    peft lora         PEFT LoRA with the same total rank (r = E * rank) on q, k, v, o (eager and compiled)
+    loop adamole      the reference's loop over experts (tests/reference_impl.py)
+
+Prints step-time ratios against PEFT LoRA and the memory each needs, and appends a CSV row.
+Memory: on CUDA the peak allocated; on CPU, parameters + gradients + AdamW state + the bytes saved for backward
+(unique storages, counted with saved-tensor hooks; compiled graphs are not hookable, so '-').
+
+    python benchmarks/train_step.py [--device cuda] [--hidden 512 --layers 4 --seq 128 --batch 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
+import _common as bc  # noqa: E402
+from reference_impl import LoopAdaMoLE  # noqa: E402
+
+import amole_compile as ac  # noqa: E402
+
+ROLES = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def llama(hidden: int, layers: int, device: str) -> nn.Module:
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    cfg = LlamaConfig(vocab_size=32000, hidden_size=hidden, intermediate_size=hidden * 8 // 3, num_hidden_layers=layers,
+                      num_attention_heads=max(hidden // 64, 1), num_key_value_heads=max(hidden // 64, 1))
+    return AutoModelForCausalLM.from_config(cfg).to(device)
+
+
+class _LoopLinear(nn.Module):
+    def __init__(self, base: nn.Linear, experts: int, rank: int, alpha: float, dropout: float) -> None:
+        super().__init__()
+        self.base_layer = base
+        self.drop = nn.Dropout(dropout)
+        self.moe = LoopAdaMoLE(base.in_features, base.out_features, experts, rank, alpha).to(base.weight.device)
+
+    def forward(self, x):
+        flat = x.reshape(-1, x.shape[-1])
+        return self.base_layer(x) + self.moe(self.drop(flat)).view(*x.shape[:-1], -1)
+
+
+def loop_model(base: nn.Module, experts: int, rank: int, dropout: float) -> nn.Module:
+    model = copy.deepcopy(base)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name, mod in list(model.named_modules()):
+        if name.rsplit(".", 1)[-1] in ROLES:
+            parent, child = name.rsplit(".", 1)
+            setattr(model.get_submodule(parent), child, _LoopLinear(mod, experts, rank, 16.0, dropout))
+    return model
+
+
+def peft_model(base: nn.Module, rank: int, dropout: float) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(copy.deepcopy(base), LoraConfig(r=rank, lora_alpha=16, lora_dropout=dropout,
+                                                          target_modules=list(ROLES)))
+
+
+def aux_of(model: nn.Module):
+    if any(isinstance(m, LoopAdaMoLE) for m in model.modules()):
+        return sum(m.layer_loss for m in model.modules() if isinstance(m, LoopAdaMoLE))
+    return ac.aux_loss(model)
+
+
+def make_step(model: nn.Module, ids: torch.Tensor, compiled: bool, uses_aux: bool):
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+    def loss_fn(x):
+        loss = model(input_ids=x, labels=x).loss
+        return loss + 1e-3 * aux_of(model) if uses_aux else loss
+
+    fwd = torch.compile(loss_fn, fullgraph=True) if compiled else loss_fn
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        fwd(ids).backward()
+        opt.step()
+
+    return step, loss_fn, opt
+
+
+def state_bytes(model: nn.Module, opt: torch.optim.Optimizer) -> int:
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    grads = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    states = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values()
+                 if isinstance(t, torch.Tensor))
+    return params + grads + states
+
+
+def saved_bytes(loss_fn, ids) -> int:
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = loss_fn(ids)
+    del loss
+    return sum(seen.values())
+
+
+def memory(name: str, model, loss_fn, opt, ids, device: str, step) -> float | None:
+    """MiB needed by one training step of this contender."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() / 2**20
+    if "compiled" in name:
+        return None
+    return (state_bytes(model, opt) + saved_bytes(loss_fn, ids)) / 2**20
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--experts", type=int, default=8)
+    ap.add_argument("--rank", type=int, default=4)
+    ap.add_argument("--dropout", type=float, default=0.05)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--skip", default="", help="comma-separated contenders to leave out (e.g. 'loop adamole')")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    base = llama(args.hidden, args.layers, args.device)
+    ids = torch.randint(0, 32000, (args.batch, args.seq), device=args.device)
+    cfg = ac.AdaMoLEConfig(num_experts=args.experts, rank=args.rank, dropout=args.dropout)
+    models = {
+        "amole eager": (ac.transform(copy.deepcopy(base), cfg), False, True),
+        "amole compiled": (ac.transform(copy.deepcopy(base), cfg), True, True),
+        "peft lora": (peft_model(base, args.experts * args.rank, args.dropout), False, False),
+        "peft lora compiled": (peft_model(base, args.experts * args.rank, args.dropout), True, False),
+        "loop adamole": (loop_model(base, args.experts, args.rank, args.dropout), False, True),
+    }
+    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    models = {k: v for k, v in models.items() if k not in skip}
+    steps, mem = {}, {}
+    for name, (model, compiled, uses_aux) in models.items():
+        step, loss_fn, opt = make_step(model, ids, compiled, uses_aux)
+        steps[name] = step
+        step()  # compile / allocate optimizer state before measuring
+        mem[name] = memory(name, model, loss_fn, opt, ids, args.device, step)
+    times = bc.interleaved(steps, args.steps, args.warmup, args.device)
+    ref_m = mem.get("peft lora")
+    rows = []
+    for name, t in times.items():
+        ref_t = times.get("peft lora compiled" if "compiled" in name else "peft lora")
+        ratio = f"{t / ref_t:.3f}" if ref_t else "-"
+        m = mem[name]
+        mratio = f"{m / ref_m:.3f}" if m and ref_m else "-"
+        rows.append([name, f"{t * 1e3:.1f}", ratio, f"{m:.1f}" if m else "-", mratio])
+    dev = bc.device_name(args.device)
+    print(f"train step, Llama-shaped hidden={args.hidden} layers={args.layers} seq={args.seq} batch={args.batch}, "
+          f"E={args.experts} r={args.rank} dropout={args.dropout}, {dev}")
+    print(bc.table(rows, ["contender", "ms/step", "x peft lora (same mode)", "memory MiB", "mem x lora"]))
+    row = {"device": dev, "hidden": args.hidden, "layers": args.layers, "seq": args.seq, "batch": args.batch,
+           "experts": args.experts, "rank": args.rank}
+    for name, t in times.items():
+        row[f"{name} ms"] = round(t * 1e3, 2)
+        row[f"{name} MiB"] = round(mem[name], 1) if mem[name] else ""
+    print(f"appended to {bc.append_row('train_step', row)}")
+
+
+if __name__ == "__main__":
+    main()
