@@ -16,6 +16,8 @@ The launchers only call torch ops and `wrap_triton` kernels, so `torch.compile` 
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -30,6 +32,16 @@ BLOCK_T, BLOCK_D, BLOCK_O, SPLIT_T = 32, 64, 64, 8
 
 
 @triton.jit
+def _ld(ptr, mask, UPCAST: tl.constexpr):
+    """Load (zeros where masked); UPCAST turns bfloat16 into float32 at once (Triton's interpreter has no bf16
+    arithmetic, so CI runs the bf16 path this way; on a GPU UPCAST is off and bf16 feeds the tensor cores)."""
+    v = tl.load(ptr, mask=mask, other=0.0)
+    if UPCAST:
+        v = v.to(tl.float32)
+    return v
+
+
+@triton.jit
 def _pad_cols(E, R, E_P: tl.constexpr, R_P: tl.constexpr):
     """Padded column index -> (real column in [0, K), valid)."""
     kp = tl.arange(0, E_P * R_P)
@@ -41,7 +53,8 @@ def _pad_cols(E, R, E_P: tl.constexpr, R_P: tl.constexpr):
 def _fwd_kernel(x_ptr, keep_ptr, a_ptr, rw_ptr, thr_b_ptr, za_ptr, h_ptr, zr_ptr, scores_ptr, sel_ptr,
                 T, D, E, R, ER, scale, cap, drop_scale,
                 METHOD: tl.constexpr, TOP_K: tl.constexpr, HAS_KEEP: tl.constexpr, PRECISION: tl.constexpr,
-                BT: tl.constexpr, BD: tl.constexpr, E_P: tl.constexpr, R_P: tl.constexpr, G_P: tl.constexpr):
+                UPCAST: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, E_P: tl.constexpr, R_P: tl.constexpr,
+                G_P: tl.constexpr):
     rt = tl.program_id(0) * BT + tl.arange(0, BT)
     kp = tl.arange(0, E_P * R_P)
     gp = tl.arange(0, G_P)
@@ -50,9 +63,9 @@ def _fwd_kernel(x_ptr, keep_ptr, a_ptr, rw_ptr, thr_b_ptr, za_ptr, h_ptr, zr_ptr
     for d0 in range(0, D, BD):
         rd = d0 + tl.arange(0, BD)
         io = (rt[:, None] < T) & (rd[None, :] < D)
-        x = tl.load(x_ptr + rt[:, None] * D + rd[None, :], mask=io, other=0.0)  # [BT, BD]
-        a = tl.load(a_ptr + kp[:, None] * D + rd[None, :], mask=rd[None, :] < D, other=0.0)  # [K_P, BD]
-        g = tl.load(rw_ptr + gp[:, None] * D + rd[None, :], mask=rd[None, :] < D, other=0.0)  # [G_P, BD]
+        x = _ld(x_ptr + rt[:, None] * D + rd[None, :], io, UPCAST)  # [BT, BD]
+        a = _ld(a_ptr + kp[:, None] * D + rd[None, :], rd[None, :] < D, UPCAST)  # [K_P, BD]
+        g = _ld(rw_ptr + gp[:, None] * D + rd[None, :], rd[None, :] < D, UPCAST)  # [G_P, BD]
         acc_r += tl.dot(x, tl.trans(g), input_precision=PRECISION)
         if HAS_KEEP:
             keep = tl.load(keep_ptr + rt[:, None] * D + rd[None, :], mask=io, other=0)
@@ -77,20 +90,20 @@ def _fwd_kernel(x_ptr, keep_ptr, a_ptr, rw_ptr, thr_b_ptr, za_ptr, h_ptr, zr_ptr
 def _bwd_route_kernel(go_ptr, b_ptr, za_ptr, zr_ptr, thr_b_ptr, gs_ptr, gza_ptr, gzr_ptr, h_ptr, gtb_ptr,
                       T, O, E, R, ER, scale, cap,
                       METHOD: tl.constexpr, TOP_K: tl.constexpr, HAS_GS: tl.constexpr, PRECISION: tl.constexpr,
-                      BT: tl.constexpr, BO: tl.constexpr, E_P: tl.constexpr, R_P: tl.constexpr,
-                      G_P: tl.constexpr):
+                      UPCAST: tl.constexpr, BT: tl.constexpr, BO: tl.constexpr, E_P: tl.constexpr,
+                      R_P: tl.constexpr, G_P: tl.constexpr):
     pid = tl.program_id(0)
     rt = pid * BT + tl.arange(0, BT)
     kp = tl.arange(0, E_P * R_P)
     acc = tl.zeros((BT, E_P * R_P), dtype=tl.float32)  # grad_h [BT, K_P]
     for o0 in range(0, O, BO):
         ro = o0 + tl.arange(0, BO)
-        go = tl.load(go_ptr + rt[:, None] * O + ro[None, :], mask=(rt[:, None] < T) & (ro[None, :] < O), other=0.0)
-        b = tl.load(b_ptr + ro[:, None] * (E_P * R_P) + kp[None, :], mask=ro[:, None] < O, other=0.0)  # [BO, K_P]
+        go = _ld(go_ptr + rt[:, None] * O + ro[None, :], (rt[:, None] < T) & (ro[None, :] < O), UPCAST)
+        b = _ld(b_ptr + ro[:, None] * (E_P * R_P) + kp[None, :], ro[:, None] < O, UPCAST)  # [BO, K_P]
         acc += tl.dot(go, b, input_precision=PRECISION)
     col, ok = _pad_cols(E, R, E_P, R_P)
     tk = (rt[:, None] < T) & ok[None, :]
-    za = tl.load(za_ptr + rt[:, None] * (E * R) + col[None, :], mask=tk, other=0.0).to(tl.float32)
+    za = _ld(za_ptr + rt[:, None] * (E * R) + col[None, :], tk, True)
     gp = tl.arange(0, G_P)
     acc_r = tl.load(zr_ptr + rt[:, None] * ER + gp[None, :], mask=(rt[:, None] < T) & (gp[None, :] < ER), other=0.0)
     thr_b = tl.load(thr_b_ptr).to(tl.float32)
@@ -119,8 +132,8 @@ def _bwd_route_kernel(go_ptr, b_ptr, za_ptr, zr_ptr, thr_b_ptr, gs_ptr, gza_ptr,
 
 @triton.jit
 def _bwd_weight_kernel(gza_ptr, gzr_ptr, x_ptr, keep_ptr, ga_ptr, gr_ptr, T, D, E, R, ER, drop_scale, rows_per_split,
-                       HAS_KEEP: tl.constexpr, PRECISION: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
-                       E_P: tl.constexpr, R_P: tl.constexpr, G_P: tl.constexpr):
+                       HAS_KEEP: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, BT: tl.constexpr,
+                       BD: tl.constexpr, E_P: tl.constexpr, R_P: tl.constexpr, G_P: tl.constexpr):
     pid_d, split = tl.program_id(0), tl.program_id(1)
     rd = pid_d * BD + tl.arange(0, BD)
     col, ok = _pad_cols(E, R, E_P, R_P)
@@ -132,9 +145,9 @@ def _bwd_weight_kernel(gza_ptr, gzr_ptr, x_ptr, keep_ptr, ga_ptr, gr_ptr, T, D, 
         rt = t0 + tl.arange(0, BT)
         tin = (rt < T) & (rt < t_start + rows_per_split)
         io = tin[:, None] & (rd[None, :] < D)
-        x = tl.load(x_ptr + rt[:, None] * D + rd[None, :], mask=io, other=0.0)  # [BT, BD]
-        gza = tl.load(gza_ptr + rt[:, None] * (E * R) + col[None, :], mask=tin[:, None] & ok[None, :], other=0.0)
-        gzr = tl.load(gzr_ptr + rt[:, None] * ER + gp[None, :], mask=tin[:, None] & (gp[None, :] < ER), other=0.0)
+        x = _ld(x_ptr + rt[:, None] * D + rd[None, :], io, UPCAST)  # [BT, BD]
+        gza = _ld(gza_ptr + rt[:, None] * (E * R) + col[None, :], tin[:, None] & ok[None, :], UPCAST)
+        gzr = _ld(gzr_ptr + rt[:, None] * ER + gp[None, :], tin[:, None] & (gp[None, :] < ER), UPCAST)
         acc_r += tl.dot(tl.trans(gzr), x, input_precision=PRECISION)
         if HAS_KEEP:
             keep = tl.load(keep_ptr + rt[:, None] * D + rd[None, :], mask=io, other=0)
@@ -147,17 +160,17 @@ def _bwd_weight_kernel(gza_ptr, gzr_ptr, x_ptr, keep_ptr, ga_ptr, gr_ptr, T, D, 
 
 @triton.jit
 def _bwd_input_kernel(gza_ptr, gzr_ptr, a_ptr, rw_ptr, keep_ptr, gx_ptr, T, D, E, R, ER, drop_scale,
-                      HAS_KEEP: tl.constexpr, PRECISION: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
-                      E_P: tl.constexpr, R_P: tl.constexpr, G_P: tl.constexpr):
+                      HAS_KEEP: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, BT: tl.constexpr,
+                      BD: tl.constexpr, E_P: tl.constexpr, R_P: tl.constexpr, G_P: tl.constexpr):
     rt = tl.program_id(0) * BT + tl.arange(0, BT)
     rd = tl.program_id(1) * BD + tl.arange(0, BD)
     kp = tl.arange(0, E_P * R_P)
     gp = tl.arange(0, G_P)
     col, ok = _pad_cols(E, R, E_P, R_P)
-    gza = tl.load(gza_ptr + rt[:, None] * (E * R) + col[None, :], mask=(rt[:, None] < T) & ok[None, :], other=0.0)
-    gzr = tl.load(gzr_ptr + rt[:, None] * ER + gp[None, :], mask=(rt[:, None] < T) & (gp[None, :] < ER), other=0.0)
-    a = tl.load(a_ptr + kp[:, None] * D + rd[None, :], mask=rd[None, :] < D, other=0.0)  # [K_P, BD]
-    g = tl.load(rw_ptr + gp[:, None] * D + rd[None, :], mask=rd[None, :] < D, other=0.0)  # [G_P, BD]
+    gza = _ld(gza_ptr + rt[:, None] * (E * R) + col[None, :], (rt[:, None] < T) & ok[None, :], UPCAST)
+    gzr = _ld(gzr_ptr + rt[:, None] * ER + gp[None, :], (rt[:, None] < T) & (gp[None, :] < ER), UPCAST)
+    a = _ld(a_ptr + kp[:, None] * D + rd[None, :], rd[None, :] < D, UPCAST)  # [K_P, BD]
+    g = _ld(rw_ptr + gp[:, None] * D + rd[None, :], rd[None, :] < D, UPCAST)  # [G_P, BD]
     io = (rt[:, None] < T) & (rd[None, :] < D)
     gx = tl.dot(gza, a, input_precision=PRECISION)
     if HAS_KEEP:
@@ -197,8 +210,10 @@ def _router(gate_w, thr_w, x: torch.Tensor, g_p: int) -> torch.Tensor:
     return torch.nn.functional.pad(rw.to(x.dtype), (0, 0, 0, g_p - rw.shape[0])).contiguous()
 
 
-def _precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"
+def _modes(dtype: torch.dtype) -> tuple[str, bool]:
+    """(tl.dot input precision, UPCAST): exact fp32 dots; bf16 upcast to fp32 under Triton's interpreter."""
+    upcast = dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
+    return ("ieee" if dtype == torch.float32 or upcast else "tf32"), upcast
 
 
 def _er(method: str, e: int) -> int:
@@ -230,7 +245,7 @@ def adapter_triton(x, drop_mask, lora_a, lora_b, gate_w, thr_w, thr_b, base, met
     keep, has_keep = _keep(drop_mask, x)
     wrap_triton(_fwd_kernel)[(triton.cdiv(t, BLOCK_T),)](
         x, keep, a_pad, rw, thr, za, h, zr, scores, sel, t, d, e, r, er, scale, max_threshold, drop_scale,
-        METHODS[method], max(top_k, 1), has_keep, _precision(x.dtype), BLOCK_T, BLOCK_D, **geo)
+        METHODS[method], max(top_k, 1), has_keep, *_modes(x.dtype), BLOCK_T, BLOCK_D, **geo)
     out = h @ lora_b.t() if base is None else (
         torch.addmm(base, h, lora_b.t()) if base.dtype == h.dtype else base + (h @ lora_b.t()).to(base.dtype))
     return out, scores, sel.bool(), za, zr[:, :er].contiguous()
@@ -257,7 +272,7 @@ def adapter_backward_triton(grad_out, grad_scores, x, drop_mask, lora_a, lora_b,
     wrap_triton(_bwd_route_kernel)[(n_t,)](
         grad_out, _pad_cols_t(lora_b.to(x.dtype), e, r, geo).contiguous(), za.contiguous(), zr_buf, thr, gs, gza,
         gzr, h, gtb, t, o, e, r, er, scale, max_threshold, METHODS[method], max(top_k, 1),
-        grad_scores is not None, _precision(x.dtype), BLOCK_T, BLOCK_O, **geo)
+        grad_scores is not None, *_modes(x.dtype), BLOCK_T, BLOCK_O, **geo)
     grad_b = grad_out.t() @ h  # [O, K]
     grad_a, grad_rw = _weight_grads(gza, gzr, x, drop_mask, e, r, er, drop_scale, geo)
     grad_x = x.new_empty(0)
@@ -266,7 +281,7 @@ def adapter_backward_triton(grad_out, grad_scores, x, drop_mask, lora_a, lora_b,
         keep, has_keep = _keep(drop_mask, x)
         wrap_triton(_bwd_input_kernel)[(n_t, triton.cdiv(d, BLOCK_D))](
             gza, gzr, _pad_rows(lora_a.to(x.dtype), e, r, geo).contiguous(), _router(gate_w, thr_w, x, geo["G_P"]),
-            keep, grad_x, t, d, e, r, er, drop_scale, has_keep, _precision(x.dtype), BLOCK_T, BLOCK_D, **geo)
+            keep, grad_x, t, d, e, r, er, drop_scale, has_keep, *_modes(x.dtype), BLOCK_T, BLOCK_D, **geo)
     n_gate = 0 if gate_w is None else gate_w.shape[0]
     grad_tb = gtb.sum().reshape(1).to(x.dtype) if thr_b is not None else x.new_empty(0)
     return (grad_x, grad_a.to(lora_a.dtype), grad_b.to(lora_b.dtype), grad_rw[:n_gate].clone(),
@@ -283,6 +298,6 @@ def _weight_grads(gza, gzr, x, drop_mask, e, r, er, drop_scale, geo):
     gr = x.new_empty(split, max(er, 1), d, dtype=torch.float32)
     keep, has_keep = _keep(drop_mask, x)
     wrap_triton(_bwd_weight_kernel)[(triton.cdiv(d, BLOCK_D), split)](
-        gza, gzr, x, keep, ga, gr, t, d, e, r, er, drop_scale, rows, has_keep, _precision(x.dtype), BLOCK_T,
+        gza, gzr, x, keep, ga, gr, t, d, e, r, er, drop_scale, rows, has_keep, *_modes(x.dtype), BLOCK_T,
         BLOCK_D, **geo)
     return ga.sum(0), gr[:, :er].sum(0).to(x.dtype)
