@@ -120,9 +120,22 @@ def apply_plan(model: nn.Module, selected: list[Target], config: AdaMoLEConfig) 
         return model
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     swap_modules(model, selected, config)
+    _allow_aux_under_checkpoint()
     _freeze_base(model)
     model._amole_requires_grad = flags  # restored by untransform
     return model
+
+
+def _allow_aux_under_checkpoint() -> None:
+    """Each site records its aux loss on itself (a Python side effect). Under torch.compile, such a side effect
+    inside an activation-checkpointed region is a graph break unless dynamo keeps the forward's side effects
+    without replaying them in the recompute, which is what eager checkpointing amounts to for the aux loss."""
+    cfg = torch._dynamo.config
+    if hasattr(cfg, "skip_fwd_side_effects_in_bwd_under_checkpoint") and \
+            not cfg.skip_fwd_side_effects_in_bwd_under_checkpoint:
+        cfg.skip_fwd_side_effects_in_bwd_under_checkpoint = True
+        log.info("set torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True (aux loss under "
+                 "compiled gradient checkpointing)")
 
 
 def _freeze_base(model: nn.Module) -> None:

@@ -155,6 +155,7 @@ class AdaMoLELinear(AdapterGroup):
             dtype = torch.float32
         super().__init__(*feats, roles, columns, config, dtype, weight.device)
         self.base_layer = base_layer
+        self.train(base_layer.training)  # the adapters follow the mode of the layer they join
 
     @property
     def weight(self) -> Tensor:

@@ -114,7 +114,7 @@ def adapter_backward_torch(grad_out, grad_scores, x, drop_mask, lora_a, lora_b, 
     grad_b = grad_out.t() @ h  # [O, K]
     grad_h = grad_out @ lora_b  # [T, K]
     grad_za = _scaled_h(grad_h, w, scale)
-    grad_w = scale * (grad_h.to(w.dtype) * za.to(w.dtype)).view(t, w.shape[1], -1).sum(-1)  # [T, E]
+    grad_w = scale * (grad_h.to(w.dtype) * za.to(w.dtype)).view(t, w.shape[1], k // w.shape[1]).sum(-1)  # [T, E]
     grad_zr, grad_thr_b = route_backward(zr, thr_b, grad_w, grad_scores, method, num_experts, top_k,
                                          max_threshold)
     grad_zr = grad_zr.to(x.dtype)

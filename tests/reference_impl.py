@@ -98,3 +98,17 @@ def ref_grads(ref: LoopAdaMoLE) -> dict[str, torch.Tensor]:
         out["threshold_weight"] = g(ref.threshold_fn.weight)
         out["threshold_bias"] = g(ref.threshold_fn.bias)
     return out
+
+
+def forward_dropped(ref: LoopAdaMoLE, x: torch.Tensor, xd: torch.Tensor) -> torch.Tensor:
+    """The reference layer with the router on the undropped input x and every expert on the dropped input xd
+    (one mask shared by all experts, as amole_compile draws it). x, xd [T, D] -> delta [T, O]."""
+    if ref.method == "lora":
+        return ref.experts[0](xd)
+    weights, selected, _ = ref._route(x)
+    out = torch.zeros(x.shape[0], ref.experts[0].lora_B.out_features, dtype=x.dtype)
+    for i, expert in enumerate(ref.experts):
+        idx = torch.where(selected[:, i] > 0)[0]
+        if len(idx) > 0:
+            out = out.index_add(0, idx, weights[idx, i, None] * expert(xd[idx]))
+    return out

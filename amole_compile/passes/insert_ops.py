@@ -98,7 +98,7 @@ def insert_ops(gm: fx.GraphModule, targets: list[Target], config: AdaMoLEConfig)
             dtype = getattr(torch, config.adapter_dtype) if config.adapter_dtype else weight.dtype
             group = AdapterGroup(t.in_features, t.out_features, t.roles, tuple(t.columns(r) for r in t.roles),
                                  config, dtype if dtype.is_floating_point else torch.float32, weight.device)
-            gm.add_submodule(f"{PREFIX}.{t.module}", group)
+            gm.add_submodule(f"{PREFIX}.{t.module}", group.train(gm.training))
         for node, call in calls:
             if call is not None and call.module in by_module:
                 path = f"{PREFIX}.{call.module}"

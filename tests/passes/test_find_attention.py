@@ -1,0 +1,260 @@
+"""Discovery pass: every attention layer of every tiny architecture gets exactly q, k, v, o; the report's counts;
+fused QKV column sets proven by perturbing exactly those weights; a hand-written attention module; filtering;
+and a model without attention.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import amole_compile as ac
+from models import ARCHS, build, ids
+
+LAYERS = 2
+# arch -> [(module name template, roles)] for one layer; {i} is the layer index
+EXPECTED = {
+    **{a: [(f"model.layers.{{i}}.self_attn.{r}_proj", (r,)) for r in "qkvo"] for a in ("llama", "qwen2", "mistral")},
+    "gpt2": [("transformer.h.{i}.attn.c_attn", ("q", "k", "v")), ("transformer.h.{i}.attn.c_proj", ("o",))],
+    "gpt_neox": [("gpt_neox.layers.{i}.attention.query_key_value", ("q", "k", "v")),
+                 ("gpt_neox.layers.{i}.attention.dense", ("o",))],
+    "phi3": [("model.layers.{i}.self_attn.qkv_proj", ("q", "k", "v")), ("model.layers.{i}.self_attn.o_proj", ("o",))],
+    "opt": [(f"model.decoder.layers.{{i}}.self_attn.{n}", (r,))
+            for n, r in (("q_proj", "q"), ("k_proj", "k"), ("v_proj", "v"), ("out_proj", "o"))],
+    "bert": [(f"bert.encoder.layer.{{i}}.attention.{n}", (r,)) for n, r in
+             (("self.query", "q"), ("self.key", "k"), ("self.value", "v"), ("output.dense", "o"))],
+}
+HD = 16  # head dim of the tiny models (64 / 4)
+# The role columns of fused projections (d = 64, 4 heads; phi3 has 2 kv heads)
+FUSED_COLUMNS = {
+    "gpt2": {"q": tuple(range(0, 64)), "k": tuple(range(64, 128)), "v": tuple(range(128, 192))},
+    "phi3": {"q": tuple(range(0, 64)), "k": tuple(range(64, 96)), "v": tuple(range(96, 128))},
+    # GPT-NeoX: view(b, s, heads, 3 * hd).chunk(3, -1): head h owns [48h, 48h + 48), q | k | v inside it
+    "gpt_neox": {r: tuple(c for c in range(192) if (c % (3 * HD)) // HD == i) for i, r in enumerate("qkv")},
+}
+
+
+def _layer_of(module: str) -> int:
+    return int(re.search(r"\.(\d+)\.", module).group(1))
+
+
+def check_plan(model, arch, found, report):
+    want = [(tpl.format(i=i), roles) for i in range(LAYERS) for tpl, roles in EXPECTED[arch]]
+    assert [(t.module, t.roles) for t in found] == want
+    assert report.anchors == LAYERS
+    assert report.matched == 4 * LAYERS
+    assert len(report.targets) == len(want)
+    assert report.skipped == []
+    for i in range(LAYERS):  # every attention layer: exactly q, k, v, o once each
+        roles = sorted(r for t in found if _layer_of(t.module) == i for r in t.roles)
+        assert roles == ["k", "o", "q", "v"]
+    for t in found:
+        layer = model.get_submodule(t.module)
+        w = layer.weight
+        d_in, d_out = (w.shape[0], w.shape[1]) if type(layer).__name__ == "Conv1D" else (w.shape[1], w.shape[0])
+        assert (t.in_features, t.out_features) == (d_in, d_out)
+        cols = [c for r in t.roles for c in t.columns(r)]
+        assert sorted(cols) == list(range(d_out)) and len(set(cols)) == len(cols)  # disjoint, cover all
+        if len(t.roles) == 1:
+            assert t.slices == (slice(0, d_out),)
+        else:
+            assert {r: t.columns(r) for r in t.roles} == FUSED_COLUMNS[arch]
+    if arch == "gpt_neox":
+        assert all(isinstance(s, tuple) for s in found[0].slices)  # strided, not slices
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_attention_layer_gets_qkvo(arch):
+    model = build(arch)
+    found, report = ac.plan(model, ac.AdaMoLEConfig())
+    check_plan(model, arch, found, report)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_eager_attention(arch):
+    model = build(arch, attn_implementation="eager")
+    assert model.config._attn_implementation == "eager"
+    found, report = ac.plan(model, ac.AdaMoLEConfig())
+    check_plan(model, arch, found, report)
+
+
+def test_plan_does_not_change_the_model():
+    model = build("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ac.plan(model, ac.AdaMoLEConfig())
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert not model.training and all(type(m) is not ac.modules.AdaMoLELinear for m in model.modules())
+
+
+# ---- fused slices: perturb exactly one role's weights and watch q, k, v --------------------------------
+
+@contextlib.contextmanager
+def recording_sdpa():
+    """Record (q, k, v) of every call to F.scaled_dot_product_attention (transformers calls it by attribute)."""
+    calls, real = [], F.scaled_dot_product_attention
+
+    def rec(q, k, v, *args, **kwargs):
+        calls.append((q.detach().clone(), k.detach().clone(), v.detach().clone()))
+        return real(q, k, v, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.nn.functional, "scaled_dot_product_attention", rec)
+        yield calls
+
+
+def first_qkv(model, *args, **kwargs):
+    with recording_sdpa() as calls, torch.no_grad():
+        model(*args, **kwargs)
+    assert len(calls) == LAYERS
+    return calls[0]  # layer 0
+
+
+def perturb(layer: nn.Module, cols: tuple[int, ...]) -> None:
+    """Add noise to the weight (and bias) entries producing output columns `cols` of a Linear or Conv1D."""
+    idx = torch.tensor(cols)
+    with torch.no_grad():
+        w = layer.weight
+        if type(layer).__name__ == "Conv1D":  # y = x W + b, W [D, O]
+            w[:, idx] += torch.randn(w.shape[0], len(cols))
+        else:  # nn.Linear: W [O, D]
+            w[idx, :] += torch.randn(len(cols), w.shape[1])
+        if layer.bias is not None:
+            layer.bias[idx] += torch.randn(len(cols))
+
+
+def check_role_columns(model, target, call):
+    """For each role of `target`: perturbing its columns changes every element of that role's attention input
+    and leaves the other two bit-identical."""
+    base = call(model)
+    for i, role in enumerate("qkv"):
+        m2 = copy.deepcopy(model)
+        perturb(m2.get_submodule(target.module), target.columns(role))
+        got = call(m2)
+        for j, name in enumerate("qkv"):
+            if j == i:
+                assert bool((got[j] != base[j]).all()), f"perturbing {role} left some of {name} unchanged"
+            else:
+                assert torch.equal(got[j], base[j]), f"perturbing {role}'s columns changed {name}"
+
+
+@pytest.mark.parametrize("arch", sorted(FUSED_COLUMNS))
+def test_fused_slices_feed_exactly_their_role(arch):
+    model = build(arch)
+    found, _ = ac.plan(model, ac.AdaMoLEConfig())
+    fused = found[0]
+    assert fused.roles == ("q", "k", "v")
+    x = ids(2, 8, seed=3)
+    check_role_columns(model, fused, lambda m: first_qkv(m, input_ids=x))
+
+
+class HandAttention(nn.Module):
+    """Self-attention written by hand: one fused qkv Linear, split, SDPA, output Linear."""
+
+    def __init__(self, d: int = 24, heads: int = 3) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+
+    def forward(self, x):  # x [B, S, D]
+        b, s, d = x.shape
+        q, k, v = self.qkv(x).split(d, dim=-1)
+        q, k, v = (t.view(b, s, self.heads, d // self.heads).transpose(1, 2) for t in (q, k, v))  # [B, H, S, hd]
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.proj(o.transpose(1, 2).reshape(b, s, d))
+
+
+class TwoBlocks(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = HandAttention()
+        self.mlp = nn.Linear(24, 24)
+        self.b = HandAttention()
+
+    def forward(self, x):
+        return self.b(torch.relu(self.mlp(self.a(x))))
+
+
+def test_hand_written_attention_module():
+    model = TwoBlocks().eval()
+    x = torch.randn(2, 5, 24)
+    ref = model(x)
+    found, report = ac.plan(model, ac.AdaMoLEConfig(), example_inputs=(x,))
+    assert report.anchors == 2 and report.matched == 8
+    assert [(t.module, t.roles, t.slices) for t in found] == [
+        ("a.qkv", ("q", "k", "v"), (slice(0, 24), slice(24, 48), slice(48, 72))), ("a.proj", ("o",), (slice(0, 24),)),
+        ("b.qkv", ("q", "k", "v"), (slice(0, 24), slice(24, 48), slice(48, 72))), ("b.proj", ("o",), (slice(0, 24),))]
+    check_role_columns(model, found[0], lambda m: first_qkv(m, x))
+    assert ac.transform(model, ac.AdaMoLEConfig(), example_inputs=(x,)) is model
+    assert ac.targets(model) == found
+    assert type(model.mlp) is nn.Linear  # the MLP between blocks is not an attention projection
+    assert torch.equal(model(x), ref)
+    with torch.no_grad():
+        model.a.qkv.adapters["k"].lora_B.normal_()
+    assert not torch.allclose(model(x), ref)
+
+
+# ---- filtering ------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def llama():
+    return build("llama")
+
+
+@pytest.mark.parametrize("kwargs,want", [
+    ({"roles": ("q", "v")}, [f"model.layers.{i}.self_attn.{r}_proj" for i in (0, 1) for r in "qv"]),
+    ({"include": r"layers\.1\."}, [f"model.layers.1.self_attn.{r}_proj" for r in "qkvo"]),
+    ({"exclude": "o_proj|k_proj"}, [f"model.layers.{i}.self_attn.{r}_proj" for i in (0, 1) for r in "qv"]),
+    ({"include": r"\.0\.", "exclude": "q_proj", "roles": ("q", "k", "o")},
+     [f"model.layers.0.self_attn.{r}_proj" for r in "ko"]),
+])
+def test_filtering(llama, kwargs, want):
+    found, report = ac.plan(llama, ac.AdaMoLEConfig(**kwargs))
+    assert [t.module for t in found] == want
+    assert report.anchors == 2 and report.matched == 8  # the report counts what was found before filtering
+    n_regex_skipped = 8 - len(want) if "roles" not in kwargs else None
+    if n_regex_skipped is not None:
+        assert len(report.skipped) == n_regex_skipped
+        assert all(("include" in s) or ("exclude" in s) for s in report.skipped)
+
+
+def test_filtering_roles_of_a_fused_projection():
+    model = build("gpt2")
+    found, _ = ac.plan(model, ac.AdaMoLEConfig(roles=("q", "v")))
+    assert [(t.module, t.roles, t.slices) for t in found] == [
+        (f"transformer.h.{i}.attn.c_attn", ("q", "v"), (slice(0, 64), slice(128, 192))) for i in (0, 1)]
+    ac.transform(model, ac.AdaMoLEConfig(roles=("k",), include=r"h\.1\."))
+    assert [(t.module, t.roles, t.slices) for t in ac.targets(model)] == [
+        ("transformer.h.1.attn.c_attn", ("k",), (slice(64, 128),))]
+
+
+def test_everything_filtered_out(llama):
+    with pytest.raises(ac.NoAttentionFound, match="LlamaForCausalLM.*filtered out"):
+        ac.plan(llama, ac.AdaMoLEConfig(include="no_such_module"))
+
+
+class JustMLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 8)
+
+    def forward(self, x):
+        return self.fc2(torch.softmax(self.fc1(x), -1))
+
+
+def test_no_attention_found():
+    model = JustMLP()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ac.NoAttentionFound) as info:
+        ac.transform(model, ac.AdaMoLEConfig(), example_inputs=(torch.randn(2, 8),))
+    msg = str(info.value)
+    assert "JustMLP" in msg and "scaled_dot_product_attention" in msg and "softmax" in msg
+    assert isinstance(info.value, ValueError)
+    assert type(model.fc1) is nn.Linear and all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
