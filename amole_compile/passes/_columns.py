@@ -49,7 +49,7 @@ def role_columns(linear: fx.Node, out_features: int, cone: set[fx.Node]) -> set[
         raise ColumnsUnknown(f"no example shape for {linear.name}")
     idx = torch.arange(out_features).expand(tuple(int(s) for s in val.shape))
     env: dict[fx.Node, object] = {linear: idx}
-    cols: set[int] = set()
+    seen = torch.zeros(out_features, dtype=torch.bool)
     stack = [linear]
     while stack:
         n = stack.pop()
@@ -63,5 +63,5 @@ def role_columns(linear: fx.Node, out_features: int, cone: set[fx.Node]) -> set[
                     raise ColumnsUnknown(f"cannot replay {user.name} ({op_name(user)}): {exc}") from exc
                 stack.append(user)
             else:
-                cols.update(torch.as_tensor(env[n]).reshape(-1).unique().tolist())
-    return cols
+                seen[torch.as_tensor(env[n]).reshape(-1)] = True
+    return set(seen.nonzero().flatten().tolist())

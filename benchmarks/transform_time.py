@@ -1,0 +1,77 @@
+"""How long `transform` takes: capture (torch.export), discovery and rewrite, for Llama-shaped models of 2, 8 and 32
+layers (hidden 512, real weights) and a Llama-2-7B-shaped model on the meta device (no weights allocated).
+
+    python benchmarks/transform_time.py [--layers 2,8,32] [--no-7b]
+
+Target: the 7B-shaped meta model transforms in <= 15 s. Appends one CSV row per model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import _common as bc  # noqa: E402
+
+import amole_compile as ac  # noqa: E402
+from amole_compile.core import apply_plan  # noqa: E402
+from amole_compile.passes.capture import capture  # noqa: E402
+from amole_compile.passes.find_attention import find_attention  # noqa: E402
+
+
+def llama(layers: int, hidden: int, meta: bool):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    kw = dict(hidden_size=hidden, intermediate_size=hidden * 8 // 3, num_attention_heads=hidden // 64,
+              num_key_value_heads=hidden // 64) if hidden != 4096 else dict(
+        hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32)
+    cfg = LlamaConfig(vocab_size=32000, num_hidden_layers=layers, **kw)
+    if meta:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(cfg)
+    return AutoModelForCausalLM.from_config(cfg)
+
+
+def timed(model) -> dict[str, float]:
+    """Seconds per phase of one transform, each phase run exactly as transform runs it."""
+    cfg = ac.AdaMoLEConfig()
+    t0 = time.perf_counter()
+    ep = capture(model)
+    t1 = time.perf_counter()
+    params = ac.core.ParamNames(None, dict(ep.graph_signature.inputs_to_parameters))
+    found, report = find_attention(ep.graph, params, ac.core._features_from(model))
+    selected = ac.core.select(found, cfg, report)
+    t2 = time.perf_counter()
+    apply_plan(model, selected, cfg)
+    t3 = time.perf_counter()
+    return {"capture": t1 - t0, "discover": t2 - t1, "rewrite": t3 - t2, "total": t3 - t0,
+            "sites": report.matched}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--layers", default="2,8,32")
+    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--no-7b", action="store_true")
+    args = ap.parse_args()
+    models = [(f"llama h{args.hidden} x{n}", int(n), args.hidden, False) for n in args.layers.split(",")]
+    if not args.no_7b:
+        models.append(("llama-2-7b shape (meta)", 32, 4096, True))
+    rows, dev = [], bc.device_name("cpu")
+    for name, layers, hidden, meta in models:
+        torch.manual_seed(0)
+        t = timed(llama(layers, hidden, meta))
+        rows.append([name, t["sites"], f"{t['capture']:.2f}", f"{t['discover']:.2f}", f"{t['rewrite']:.2f}",
+                     f"{t['total']:.2f}"])
+        bc.append_row("transform_time", {"device": dev, "model": name, **{k: round(v, 3) for k, v in t.items()}})
+    print(f"transform time (capture + discover + rewrite), {dev}")
+    print(bc.table(rows, ["model", "role sites", "capture s", "discover s", "rewrite s", "total s"]))
+
+
+if __name__ == "__main__":
+    main()
