@@ -20,11 +20,19 @@ __version__ = "0.1.0"
 _LAZY = {
     "export_onnx": "amole_compile.export.onnx",
     "OnnxLM": "amole_compile.export.runtime",
+    "expert_stats": "amole_compile.stats",
+    "reset_expert_stats": "amole_compile.stats",
+    "plot_expert_stats": "amole_compile.stats",
+    "base_state_dict": "amole_compile.hf",
+    "compute_loss": "amole_compile.hf",
+    "AdaMoLETrainer": "amole_compile.hf",
 }
 
 __all__ = [
-    "AdaMoLEConfig", "NoAttentionFound", "OnnxLM", "Target", "aux_loss", "export_onnx", "load_adapters", "plan",
-    "save_adapters", "targets", "transform", "untransform",
+    "AdaMoLEConfig", "AdaMoLETrainer", "NoAttentionFound", "OnnxLM", "Target", "aux_loss", "base_state_dict",
+    "compute_loss", "expert_stats", "export_onnx",
+    "load_adapters", "plan", "plot_expert_stats", "reset_expert_stats", "save_adapters", "targets", "transform",
+    "untransform",
 ]
 
 

@@ -25,6 +25,12 @@ def linear_features(layer: nn.Module) -> tuple[int, int] | None:
     return None
 
 
+def _recomputing() -> bool:
+    """Inside autograd's backward, i.e. activation checkpointing re-running the forward (eager only; compiled
+    checkpointing does not replay side effects)."""
+    return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
+
+
 class ExpertSet(nn.Module):
     """One AdaMoLE site: E LoRA experts stacked (A [K, D], B [O, K]), a softmax gate [E, D] and a threshold net
     ([1, D] weight, [1] bias). MoLE has no threshold net and LoRA has neither router part.
@@ -50,6 +56,13 @@ class ExpertSet(nn.Module):
         self.threshold_weight = nn.Parameter(torch.empty(1, in_features, **kw)) if has_thr else None
         self.threshold_bias = nn.Parameter(torch.empty(1, **kw)) if has_thr else None
         self._aux: Tensor | None = None
+        self.track_stats = True
+        # expert statistics, accumulated over forwards until reset_stats(): tokens seen, tokens that selected
+        # each expert [E], and how many tokens had 0..E experts active [E + 1]
+        long = dict(dtype=torch.long, device=device)
+        self.register_buffer("stat_tokens", torch.zeros((), **long), persistent=False)
+        self.register_buffer("stat_selected", torch.zeros(e, **long), persistent=False)
+        self.register_buffer("stat_active", torch.zeros(e + 1, **long), persistent=False)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -83,13 +96,25 @@ class ExpertSet(nn.Module):
         return out
 
     def record(self, scores: Tensor, mask: Tensor) -> None:
-        """Keep this forward's aux loss (training mode, a router, at least one token); else drop a stale one."""
+        """Keep this forward's aux loss (training mode, a router, at least one token), else drop a stale one;
+        add the routing to the expert statistics (not while exporting, nor when checkpointing recomputes)."""
         if self.training and self.method != "lora" and scores.shape[0] > 0:
             f = mask.to(scores.dtype).mean(0)  # [E] fraction of tokens that selected each expert
             p = scores.mean(0)  # [E] mean shifted score (adamole) or probability (mole)
             self._aux = self.num_experts * (f * p).sum()
         elif self._aux is not None:
             self._aux = None
+        if self.track_stats and not torch.compiler.is_exporting() and not _recomputing():
+            with torch.no_grad():
+                active = mask.sum(-1)  # [T] experts active per token
+                levels = torch.arange(self.num_experts + 1, device=mask.device)
+                self.stat_tokens.add_(mask.shape[0])  # in place: `+=` would re-assign the module attribute
+                self.stat_selected.add_(mask.sum(0))
+                self.stat_active.add_((active[:, None] == levels).sum(0))
+
+    def reset_stats(self) -> None:
+        for buf in (self.stat_tokens, self.stat_selected, self.stat_active):
+            buf.zero_()
 
     @property
     def aux(self) -> Tensor | None:

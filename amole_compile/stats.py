@@ -1,0 +1,123 @@
+"""Expert statistics (the paper's Figures 2 and 3): how many experts each token activates, per site.
+
+Every `ExpertSet` counts, over all forwards since the last `reset_expert_stats`, the tokens it saw, how many
+of them selected each expert, and the histogram of active experts per token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+
+from torch import nn
+
+from .core import adapter_groups
+
+
+@dataclasses.dataclass(frozen=True)
+class SiteStats:
+    """One (module, role) site. `active_histogram[k]` is the fraction of tokens with exactly k experts active."""
+
+    module: str
+    role: str
+    layer: int | None
+    tokens: int
+    mean_active: float
+    active_histogram: tuple[float, ...]
+    selection_fraction: tuple[float, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertStats:
+    sites: tuple[SiteStats, ...]
+
+    @property
+    def mean_active(self) -> float:
+        """Token-weighted mean of active experts over all sites."""
+        total = sum(s.tokens for s in self.sites)
+        return sum(s.mean_active * s.tokens for s in self.sites) / total if total else 0.0
+
+    def to_dict(self) -> dict:
+        return {"mean_active": self.mean_active, "sites": [dataclasses.asdict(s) for s in self.sites]}
+
+    def save(self, path: str | Path) -> Path:
+        from .adapters_io import _atomic_write
+
+        path = Path(path)
+        _atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(self.to_dict(), indent=2)))
+        return path
+
+    def table(self) -> str:
+        lines = [f"{'module':<48} {'role':<4} {'tokens':>8} {'mean active':>11}  selection fraction per expert"]
+        for s in self.sites:
+            frac = " ".join(f"{f:.2f}" for f in s.selection_fraction)
+            lines.append(f"{s.module:<48} {s.role:<4} {s.tokens:>8} {s.mean_active:>11.2f}  {frac}")
+        lines.append(f"overall mean active experts per token: {self.mean_active:.2f}")
+        return "\n".join(lines)
+
+
+def _layer_of(module: str) -> int | None:
+    m = re.search(r"\.(\d+)\.", f".{module}.")
+    return int(m.group(1)) if m else None
+
+
+def expert_stats(model: nn.Module) -> ExpertStats:
+    """Per site: tokens seen, mean active experts per token, its histogram, each expert's selection fraction."""
+    sites = []
+    for name, group in adapter_groups(model):
+        for role, site in group.adapters.items():
+            n = int(site.stat_tokens.item())
+            hist = site.stat_active.double()
+            sel = site.stat_selected.double()
+            levels = sum(k * float(c) for k, c in enumerate(hist.tolist()))
+            sites.append(SiteStats(name, role, _layer_of(name), n, levels / n if n else 0.0,
+                                   tuple((hist / n).tolist()) if n else tuple(0.0 for _ in hist),
+                                   tuple((sel / n).tolist()) if n else tuple(0.0 for _ in sel)))
+    return ExpertStats(tuple(sites))
+
+
+def reset_expert_stats(model: nn.Module) -> None:
+    for _, group in adapter_groups(model):
+        for site in group.adapters.values():
+            site.reset_stats()
+
+
+def plot_expert_stats(stats: ExpertStats, path: str | Path, title: str | None = None) -> Path:
+    """Heat map of mean active experts (layer x role) beside the per-layer mean (paper Figs. 2-3), as a PNG."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise ImportError("plot_expert_stats needs matplotlib: pip install 'amole-compile[plot]'") from exc
+    layers = sorted({s.layer for s in stats.sites if s.layer is not None}) or [0]
+    roles = [r for r in ("q", "k", "v", "o") if any(s.role == r for s in stats.sites)]
+    grid = [[float("nan")] * len(roles) for _ in layers]
+    for s in stats.sites:
+        grid[layers.index(s.layer if s.layer is not None else 0)][roles.index(s.role)] = s.mean_active
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 0.35 * len(layers) + 2.5))
+    im = ax1.imshow(grid, aspect="auto", cmap="viridis")
+    ax1.set_xticks(range(len(roles)), roles)
+    ax1.set_yticks(range(len(layers)), [str(lay) for lay in layers])
+    ax1.set_xlabel("projection")
+    ax1.set_ylabel("layer")
+    ax1.set_title("mean active experts per token")
+    fig.colorbar(im, ax=ax1)
+    per_layer = [sum(v for v in row if v == v) / max(1, sum(1 for v in row if v == v)) for row in grid]
+    ax2.plot(layers, per_layer, marker="o")
+    ax2.set_xlabel("layer")
+    ax2.set_ylabel("mean active experts")
+    ax2.set_title("per-layer mean")
+    ax2.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    from .adapters_io import _atomic_write
+
+    _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
+    return path
