@@ -108,6 +108,7 @@ def plot_expert_stats(stats: ExpertStats, path: str | Path, title: str | None = 
     fig.colorbar(im, ax=ax1)
     per_layer = [sum(v for v in row if v == v) / max(1, sum(1 for v in row if v == v)) for row in grid]
     ax2.plot(layers, per_layer, marker="o")
+    ax2.set_xticks(layers)
     ax2.set_xlabel("layer")
     ax2.set_ylabel("mean active experts")
     ax2.set_title("per-layer mean")

@@ -1,0 +1,167 @@
+"""`amole-compile demo`: the whole job on an embedded default, no downloads.
+
+A small Llama built from config learns a synthetic task in which routing matters: each sequence starts with one
+of four task tokens, and the task decides the rule for every following token (step +1, step -1, step +3, or
+repeat the token before last). Only the adapters train (under torch.compile); then the demo saves the expert
+statistics and their plot, the adapters, an ONNX scoring graph (checked against PyTorch with onnxruntime) and a
+KV-cache decoding graph that `OnnxLM` generates from (checked against PyTorch greedy decoding).
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+TASKS = 4
+FIRST_BODY = 8  # token ids below this are reserved for task markers
+VOCAB = 32
+
+
+class DemoCheckFailed(RuntimeError):
+    pass
+
+
+def synthetic_batch(batch: int, seq: int, vocab: int, gen: torch.Generator) -> torch.Tensor:
+    """[batch, seq] token ids: a task marker, then tokens following the task's rule (wrapping in the body range)."""
+    span = vocab - FIRST_BODY
+    task = torch.randint(0, TASKS, (batch,), generator=gen)
+    body = torch.empty(batch, seq - 1, dtype=torch.long)
+    body[:, :2] = torch.randint(0, span, (batch, 2), generator=gen)
+    step = torch.tensor([1, -1, 3, 0])[task]
+    for t in range(2, seq - 1):
+        nxt = (body[:, t - 1] + step) % span
+        body[:, t] = torch.where(task == 3, body[:, t - 2], nxt)
+    return torch.cat([task[:, None], body + FIRST_BODY], dim=1)
+
+
+def _model(args):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    heads = max(args.hidden // 16, 1)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=args.hidden, intermediate_size=args.hidden * 2,
+                      num_hidden_layers=args.layers, num_attention_heads=heads, num_key_value_heads=heads,
+                      max_position_embeddings=128, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    torch.manual_seed(args.seed)
+    model = AutoModelForCausalLM.from_config(cfg)
+    model.loss_type = "ForCausalLM"
+    return model
+
+
+def _check_args(args) -> Path:
+    for name in ("steps", "hidden", "layers", "experts", "rank"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.hidden % 16:
+        raise ValueError(f"--hidden must be a multiple of 16 (heads of 16 dims), got {args.hidden}")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {out} exists and is not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=out):  # fails now, not after training, if out is read-only
+        pass
+    return out
+
+
+def _train(model, args, ac):
+    from tqdm import tqdm
+
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=3e-3)
+    model.train()
+
+    def step(ids):
+        loss = model(input_ids=ids, labels=ids).loss
+        return loss, loss + 1e-3 * ac.aux_loss(model)
+
+    run = step if args.no_compile else torch.compile(step, fullgraph=True)
+    losses, bar = [], tqdm(range(args.steps), desc="train", unit="step", dynamic_ncols=True)
+    for i in bar:
+        loss, total = run(synthetic_batch(16, 24, VOCAB, gen))
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        opt.step()
+        losses.append(loss.item())
+        if i % 10 == 0 or i == args.steps - 1:
+            bar.set_postfix(loss=f"{loss.item():.3f}", active=f"{ac.expert_stats(model).mean_active:.2f}")
+    model.eval()
+    return losses
+
+
+def _check(ok: bool, what: str, failures: list[str]) -> None:
+    print(f"  [{'ok' if ok else 'FAIL'}] {what}")
+    if not ok:
+        failures.append(what)
+
+
+def _serve(model, out: Path, failures: list[str]) -> dict[str, Path]:
+    import amole_compile as ac
+
+    gen = torch.Generator().manual_seed(1234)
+    ids = synthetic_batch(3, 20, VOCAB, gen)
+    onnx_path = ac.export_onnx(model, out / "model.onnx")
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+    got = torch.from_numpy(ac.OnnxLM(onnx_path).logits(ids.numpy()))
+    err = (got - ref).abs().max().item()
+    _check(err < 1e-3, f"onnxruntime logits match PyTorch (max abs diff {err:.2e})", failures)
+    dec_path = ac.export_onnx(model, out / "decoder.onnx", kv_cache=True)
+    prompt = ids[:1, :10]
+    with torch.no_grad():
+        want = model.generate(prompt, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    sample = torch.as_tensor(ac.OnnxLM(dec_path).generate(prompt.numpy(), max_new_tokens=12))
+    _check(torch.equal(sample, want), "OnnxLM greedy generation equals PyTorch generate()", failures)
+    print(f"  prompt    {prompt[0].tolist()}")
+    print(f"  generated {sample[0, prompt.shape[1]:].tolist()}")
+    return {"scoring graph": onnx_path, "decoding graph": dec_path}
+
+
+def _quiet() -> None:
+    """The demo prints its own progress; silence library chatter (torch.onnx's registry, deprecations)."""
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    for name in ("torch.onnx", "torch._dynamo", "torch._inductor", "transformers"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def run_demo(args) -> int:
+    import amole_compile as ac
+
+    out = _check_args(args)
+    _quiet()
+    t0 = time.perf_counter()
+    failures: list[str] = []
+    model = _model(args)
+    ac.transform(model, ac.AdaMoLEConfig(num_experts=args.experts, rank=args.rank, dropout=0.0))
+    print("adapted projections:")
+    for t in ac.targets(model):
+        print(f"  {t.describe()}")
+    sites = sum(len(t.roles) for t in ac.targets(model))
+    _check(sites == 4 * args.layers, f"{sites} role sites found (q, k, v, o in each of {args.layers} layers)",
+           failures)
+    ac.reset_expert_stats(model)
+    losses = _train(model, args, ac)
+    head, tail = sum(losses[:10]) / min(10, len(losses)), sum(losses[-10:]) / min(10, len(losses))
+    _check(tail < head, f"training lowered the loss ({head:.3f} -> {tail:.3f})", failures)
+    files = {"expert statistics": ac.expert_stats(model).save(out / "expert_stats.json")}
+    print(ac.expert_stats(model).table())
+    try:
+        files["expert plot"] = ac.plot_expert_stats(ac.expert_stats(model), out / "experts.png",
+                                                    title="AdaMoLE demo: active experts per token")
+    except ImportError as exc:
+        print(f"  (no plot: {exc})")
+    files["adapters"] = ac.save_adapters(model, out / "adapters")
+    files.update(_serve(model, out, failures))
+    print("files:")
+    for what, path in files.items():
+        print(f"  {what:<20} {path}")
+    print(f"demo finished in {time.perf_counter() - t0:.0f} s: "
+          f"{'all checks passed' if not failures else f'{len(failures)} check(s) failed'}")
+    if failures:
+        raise DemoCheckFailed(f"demo checks failed: {'; '.join(failures)}")
+    return 0

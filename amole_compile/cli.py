@@ -1,0 +1,212 @@
+"""`amole-compile`: demo, inspect, stats, export, bench.
+
+Errors print one line (`amole-compile: error: ...`) and exit non-zero; `--debug` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+BENCHMARKS = ("train_step", "layer", "transform_time", "onnx_latency")
+
+
+class CLIError(Exception):
+    """A user-facing error: printed as one line."""
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--method", default="adamole", choices=("adamole", "mole", "lora"))
+    p.add_argument("--experts", type=int, default=None, help="experts per site (default 8; 1 for lora)")
+    p.add_argument("--rank", type=int, default=4, help="rank of each expert")
+    p.add_argument("--roles", default="q,k,v,o", help="comma-separated subset of q,k,v,o")
+    p.add_argument("--include", default=None, help="regex: only adapt modules whose name matches")
+    p.add_argument("--exclude", default=None, help="regex: skip modules whose name matches")
+
+
+def _config(args):
+    from .config import AdaMoLEConfig
+
+    return AdaMoLEConfig(method=args.method, num_experts=args.experts, rank=args.rank,
+                         roles=tuple(r.strip() for r in args.roles.split(",") if r.strip()),
+                         include=args.include, exclude=args.exclude)
+
+
+def _model_dir(path: str) -> Path:
+    p = Path(path)
+    if not p.is_dir():
+        raise CLIError(f"{path} is not a directory")
+    if not (p / "config.json").is_file():
+        raise CLIError(f"{path} is not a Hugging Face model directory (no config.json)")
+    return p
+
+
+def cmd_inspect(args) -> int:
+    """Discover the targets of a saved HF model without loading its weights (the model is built on meta)."""
+    import torch
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    from .core import plan
+
+    path = _model_dir(args.model_dir)
+    try:
+        hf_config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise CLIError(f"{path}: cannot read config.json: {str(exc).splitlines()[0]}") from exc
+    config = _config(args)
+    with torch.device("meta"):
+        try:
+            model = AutoModelForCausalLM.from_config(hf_config)
+        except ValueError:
+            model = AutoModel.from_config(hf_config)
+    found, report = plan(model, config)
+    print(f"{type(model).__name__} ({hf_config.model_type}): {report.anchors} attention site(s), "
+          f"{len(found)} projection(s), {report.matched} role site(s)")
+    total = 0
+    e, r = config.num_experts, config.rank
+    for t in found:
+        n = sum(e * r * (t.in_features + len(t.columns(role))) + _router_params(config, t.in_features)
+                for role in t.roles)
+        total += n
+        print(f"  {t.describe():<80} {n:>10,} params")
+    base = sum(p.numel() for p in model.parameters())
+    print(f"adapter parameters: {total:,} ({100 * total / base:.3f}% of {base:,} base parameters)")
+    for line in report.skipped:
+        print(f"  skipped: {line}")
+    return 0
+
+
+def _router_params(config, d_in: int) -> int:
+    return {"adamole": config.num_experts * d_in + d_in + 1, "mole": config.num_experts * d_in, "lora": 0}[
+        config.method]
+
+
+def cmd_stats(args) -> int:
+    """Run a saved model with adapters on tokens and print the expert statistics."""
+    import torch
+
+    from .adapters_io import load_adapters
+    from .export.onnx import load_pretrained
+    from .stats import expert_stats, plot_expert_stats
+
+    model = load_pretrained(_model_dir(args.model_dir))
+    load_adapters(model, args.adapter_dir)
+    model.eval()
+    ids = _stats_inputs(args, model)
+    with torch.no_grad():
+        model(input_ids=ids)
+    stats = expert_stats(model)
+    print(stats.table())
+    if args.json:
+        print(f"statistics: {stats.save(args.json)}")
+    if args.plot:
+        print(f"plot: {plot_expert_stats(stats, args.plot)}")
+    return 0
+
+
+def _stats_inputs(args, model):
+    import torch
+
+    if args.text:
+        from transformers import AutoTokenizer
+
+        try:
+            tok = AutoTokenizer.from_pretrained(args.model_dir)
+        except (OSError, ValueError) as exc:
+            raise CLIError(f"--text needs a tokenizer in {args.model_dir}: {str(exc).splitlines()[0]}") from exc
+        return tok(args.text, return_tensors="pt")["input_ids"]
+    g = torch.Generator().manual_seed(args.seed)
+    return torch.randint(0, model.config.vocab_size, (args.batch, args.seq), generator=g)
+
+
+def cmd_export(args) -> int:
+    from .export.onnx import export_from_dirs
+
+    out = export_from_dirs(_model_dir(args.model_dir), args.adapter_dir, args.out, kv_cache=args.kv_cache,
+                           opset=args.opset)
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    root = Path(__file__).resolve().parent.parent / "benchmarks"
+    script = root / f"{args.name}.py"
+    if not script.is_file():
+        raise CLIError(f"benchmark scripts are not installed here ({script} missing): run from a source checkout")
+    return subprocess.call([sys.executable, str(script), *args.rest])
+
+
+def cmd_demo(args) -> int:
+    from ._demo import run_demo
+
+    return run_demo(args)
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="amole-compile", description="AdaMoLE adapters as a compiler pass: "
+                                 "transform, train under torch.compile, export to ONNX.")
+    ap.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    d = sub.add_parser("demo", help="train a small Llama on a synthetic routing task, export and serve it")
+    d.add_argument("--out", default="amole_demo", help="output directory (default ./amole_demo)")
+    d.add_argument("--steps", type=int, default=400)
+    d.add_argument("--hidden", type=int, default=128)
+    d.add_argument("--layers", type=int, default=2)
+    d.add_argument("--experts", type=int, default=8)
+    d.add_argument("--rank", type=int, default=4)
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--no-compile", action="store_true", help="train eagerly instead of with torch.compile")
+    d.set_defaults(func=cmd_demo)
+    i = sub.add_parser("inspect", help="list the projections a saved HF model would get adapters on")
+    i.add_argument("model_dir")
+    _config_args(i)
+    i.set_defaults(func=cmd_inspect)
+    s = sub.add_parser("stats", help="expert statistics of a model with adapters on some tokens")
+    s.add_argument("model_dir")
+    s.add_argument("adapter_dir")
+    s.add_argument("--text", default=None, help="text to run (needs the model directory's tokenizer)")
+    s.add_argument("--batch", type=int, default=4)
+    s.add_argument("--seq", type=int, default=64)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--json", default=None, help="also write the statistics as JSON here")
+    s.add_argument("--plot", default=None, help="also draw the heat map to this PNG")
+    s.set_defaults(func=cmd_stats)
+    e = sub.add_parser("export", help="export a saved HF model with adapters to ONNX")
+    e.add_argument("model_dir")
+    e.add_argument("adapter_dir")
+    e.add_argument("out", help="output .onnx path")
+    e.add_argument("--kv-cache", action="store_true", help="decoder graph with past/present KV")
+    e.add_argument("--opset", type=int, default=None)
+    e.set_defaults(func=cmd_export)
+    b = sub.add_parser("bench", help="run a benchmark script (prints a table, appends a CSV row)")
+    b.add_argument("name", choices=BENCHMARKS)
+    b.add_argument("rest", nargs=argparse.REMAINDER, help="arguments passed to the script")
+    b.set_defaults(func=cmd_bench)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if args.debug:
+        return args.func(args)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    try:
+        if args.command != "bench":
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()  # "Loading weights" bars would clutter the one-line errors
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("amole-compile: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # one line, not a traceback (--debug shows it)
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"amole-compile: error: {msg}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
