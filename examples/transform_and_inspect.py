@@ -33,8 +33,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         ac.save_adapters(model, d)
         fresh = AutoModelForCausalLM.from_config(cfg)
-        fresh.load_state_dict({k.replace(".base_layer", ""): v for k, v in model.state_dict().items()
-                               if ".adapters." not in k}, strict=True)
+        fresh.load_state_dict(ac.base_state_dict(model), strict=True)  # the base weights under their own names
         reloaded = ac.load_adapters(fresh, d)
         model.eval()
         reloaded.eval()
