@@ -51,7 +51,7 @@ def select(targets: list[Target], config: AdaMoLEConfig, report: PassReport) -> 
         if config.exclude is not None and re.search(config.exclude, t.module):
             report.skipped.append(f"{t.module}: matches exclude={config.exclude!r}")
             continue
-        pairs = [(r, s) for r, s in zip(t.roles, t.slices) if r in config.roles]
+        pairs = [(r, s) for r, s in zip(t.roles, t.slices, strict=True) if r in config.roles]
         if pairs:
             kept.append(Target(t.module, tuple(r for r, _ in pairs), tuple(s for _, s in pairs), t.in_features,
                                t.out_features))

@@ -136,7 +136,7 @@ class AdapterGroup(nn.Module):
         self.columns = tuple(tuple(c) for c in columns)
         self.config = config
         self.adapters = nn.ModuleDict()
-        for role, cols in zip(self.roles, self.columns):  # insertion order is role order
+        for role, cols in zip(self.roles, self.columns, strict=True):  # insertion order is role order
             self.adapters[role] = ExpertSet(in_features, len(cols), config, dtype, device)
         order = [c for cols in self.columns for c in cols]
         self._whole = order == list(range(out_features))

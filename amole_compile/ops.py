@@ -17,8 +17,8 @@ Er router rows (E + 1 for adamole: gate rows then the threshold row; E for mole;
     out = base + h B^T            [T, O]
 
 Outputs: (out, scores [T, E], mask [T, E] bool, za [T, K], zr [T, Er]); routing (zr, scores) is float32
-(float64 for float64 inputs). `za` and `zr` are saved for
-the backward, which recomputes the cheap routing instead of storing it.
+(float64 for float64 inputs). `za` and `zr` are saved for the backward, which recomputes the cheap routing
+instead of storing it.
 """
 
 from __future__ import annotations
@@ -173,9 +173,8 @@ _SCALAR_ARGS = ("method", "num_experts", "top_k", "scale", "max_threshold", "dro
 
 
 def _setup_context(ctx, inputs, output):
-    named = dict(zip(_TENSOR_ARGS + _SCALAR_ARGS, inputs))
+    named = dict(zip(_TENSOR_ARGS + _SCALAR_ARGS, inputs, strict=True))
     x, drop_mask, lora_a, lora_b, gate_w, thr_w, thr_b = (named[n] for n in _TENSOR_ARGS[:7])
-    ctx.has = [t is not None for t in (drop_mask, gate_w, thr_w, thr_b)]
     ctx.save_for_backward(x, drop_mask, lora_a, lora_b, gate_w, thr_w, thr_b, output[3], output[4])
     ctx.scalars = tuple(named[n] for n in _SCALAR_ARGS)
     ctx.has_base = named["base"] is not None
@@ -188,8 +187,8 @@ def _backward(ctx, grad_out, grad_scores, _grad_mask, _grad_za, _grad_zr):
         grad_out = x.new_zeros(x.shape[0], lora_b.shape[0])
     need_x = ctx.needs_input_grad[0]
     gx, ga, gb, gg, gtw, gtb = adapter_backward(
-        grad_out.to(x.dtype).contiguous(), grad_scores, x, drop_mask, lora_a, lora_b, gate_w, thr_w, thr_b, za, zr, method,
-        e, k, scale, cap, drop_scale, need_x, backend)
+        grad_out.to(x.dtype).contiguous(), grad_scores, x, drop_mask, lora_a, lora_b, gate_w, thr_w, thr_b, za, zr,
+        method, e, k, scale, cap, drop_scale, need_x, backend)
     return (gx if need_x else None, None, ga, gb, gg if gate_w is not None else None,
             gtw if thr_w is not None else None, gtb if thr_b is not None else None,
             grad_out if ctx.has_base else None) + (None,) * len(_SCALAR_ARGS)

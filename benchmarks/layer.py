@@ -17,10 +17,10 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-import _common as bc  # noqa: E402
+from amole_compile import AdaMoLEConfig
+from amole_compile.modules import AdaMoLELinear
 
-from amole_compile import AdaMoLEConfig  # noqa: E402
-from amole_compile.modules import AdaMoLELinear  # noqa: E402
+import _common as bc
 
 
 class LoraLinear(nn.Module):
@@ -61,7 +61,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: bf16 on CUDA, fp32 on CPU)")
-    ap.add_argument("--sizes", default=None, help="DxT list; default 1024x2048,4096x8192 on CUDA, 512x1024,1024x2048 on CPU")
+    ap.add_argument("--sizes", default=None,
+                    help="DxT list; default 1024x2048,2048x4096,4096x8192 on CUDA, 512x1024,1024x2048 on CPU")
     ap.add_argument("--experts", type=int, default=8)
     ap.add_argument("--rank", type=int, default=4)
     ap.add_argument("--dropout", type=float, default=0.05)

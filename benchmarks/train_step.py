@@ -24,10 +24,10 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
-import _common as bc  # noqa: E402
-from reference_impl import LoopAdaMoLE  # noqa: E402
+import amole_compile as ac
 
-import amole_compile as ac  # noqa: E402
+import _common as bc
+from reference_impl import LoopAdaMoLE
 
 ROLES = ("q_proj", "k_proj", "v_proj", "o_proj")
 

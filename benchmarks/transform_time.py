@@ -16,12 +16,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-import _common as bc  # noqa: E402
+import amole_compile as ac
+from amole_compile.core import apply_plan
+from amole_compile.passes.capture import capture
+from amole_compile.passes.find_attention import find_attention
 
-import amole_compile as ac  # noqa: E402
-from amole_compile.core import apply_plan  # noqa: E402
-from amole_compile.passes.capture import capture  # noqa: E402
-from amole_compile.passes.find_attention import find_attention  # noqa: E402
+import _common as bc
 
 
 def llama(layers: int, hidden: int, meta: bool):

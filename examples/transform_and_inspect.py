@@ -19,7 +19,8 @@ def main() -> None:
     for t in ac.targets(model):
         print(t.describe())
     trainable = [p for p in model.parameters() if p.requires_grad]
-    print(f"trainable parameters: {sum(p.numel() for p in trainable):,} of {sum(p.numel() for p in model.parameters()):,}")
+    total = sum(p.numel() for p in model.parameters())
+    print(f"trainable parameters: {sum(p.numel() for p in trainable):,} of {total:,}")
     opt = torch.optim.AdamW(trainable, lr=1e-3)
     ids = torch.randint(0, 256, (4, 32))
     model.train()

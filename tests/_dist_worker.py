@@ -20,8 +20,9 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import amole_compile as ac  # noqa: E402
-from models import build, ids  # noqa: E402
+import amole_compile as ac
+
+from models import build, ids
 
 STEPS = 3
 LR = 1e-2

@@ -10,12 +10,12 @@ import sys
 if os.environ.get("CUDA_VISIBLE_DEVICES", None) != "" and not os.path.exists("/dev/nvidia0"):
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 sys.path.insert(0, os.path.dirname(__file__))  # tests/reference_impl.py, tests/models.py
 
-from models import ARCHS, build  # noqa: E402
+from models import ARCHS, build
 
 
 @pytest.fixture(autouse=True)

@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 import amole_compile as ac
 from amole_compile.adapters_io import adapter_state
 from amole_compile.modules import AdaMoLELinear
+
 from models import build, ids, logits
 from reference_impl import LoopAdaMoLE
 

@@ -11,6 +11,7 @@ import pytest
 
 import amole_compile as ac
 from amole_compile.cli import main
+
 from models import build
 
 CLI = [sys.executable, "-m", "amole_compile.cli"]

@@ -10,6 +10,7 @@ import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import amole_compile as ac
+
 from models import ARCHS, CONFIGS, build, ids
 
 pytestmark = pytest.mark.slow

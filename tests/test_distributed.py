@@ -17,11 +17,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import _dist_worker as worker
 import pytest
 import torch
 
-import _dist_worker as worker
 import amole_compile as ac
+
 from models import build
 
 pytestmark = pytest.mark.slow

@@ -16,6 +16,7 @@ from torch import nn
 import amole_compile as ac
 from amole_compile.adapters_io import adapter_state
 from amole_compile.modules import AdapterGroup
+
 from models import build
 
 CFG = ac.AdaMoLEConfig(num_experts=4, rank=2)

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-
 from test_distributed import torchrun
 
 pytestmark = pytest.mark.slow

@@ -11,6 +11,7 @@ import torch
 import transformers as tf
 
 import amole_compile as ac
+
 from models import build, ids
 
 AUX = 1e-3

@@ -14,6 +14,7 @@ import torch
 
 from amole_compile import AdaMoLEConfig, ops
 from amole_compile.modules import ExpertSet
+
 from reference_impl import LoopAdaMoLE, copy_into, forward_dropped, grads_of, ref_grads
 
 F64 = torch.float64
@@ -344,6 +345,7 @@ def _model_sites(model):
 
 def test_model_aux_loss_is_the_sum_over_sites():
     from amole_compile import aux_loss, transform
+
     from models import build, ids
 
     model = transform(build("llama"), AdaMoLEConfig(num_experts=4, rank=2))

@@ -1,4 +1,5 @@
 import amole_compile as ac
+
 from models import build, ids, logits
 
 

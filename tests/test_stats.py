@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import amole_compile as ac
+
 from models import build, ids
 
 

@@ -23,8 +23,8 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from ..ops import adapter_backward_torch as reference_backward  # noqa: F401  (the reference the tests compare)
-from ..ops import adapter_torch as reference_forward  # noqa: F401
+from ..ops import adapter_backward_torch as reference_backward
+from ..ops import adapter_torch as reference_forward
 from ._route_tl import gate_and_threshold, route, route_backward
 
 METHODS = {"adamole": 0, "mole": 1, "lora": 2}
@@ -88,7 +88,7 @@ def _fwd_kernel(x_ptr, keep_ptr, a_ptr, rw_ptr, thr_b_ptr, za_ptr, h_ptr, zr_ptr
 
 @triton.jit
 def _bwd_route_kernel(go_ptr, b_ptr, za_ptr, zr_ptr, thr_b_ptr, gs_ptr, gza_ptr, gzr_ptr, h_ptr, gtb_ptr,
-                      T, O, E, R, ER, scale, cap,
+                      T, N_OUT, E, R, ER, scale, cap,
                       METHOD: tl.constexpr, TOP_K: tl.constexpr, HAS_GS: tl.constexpr, PRECISION: tl.constexpr,
                       UPCAST: tl.constexpr, BT: tl.constexpr, BO: tl.constexpr, E_P: tl.constexpr,
                       R_P: tl.constexpr, G_P: tl.constexpr):
@@ -96,10 +96,10 @@ def _bwd_route_kernel(go_ptr, b_ptr, za_ptr, zr_ptr, thr_b_ptr, gs_ptr, gza_ptr,
     rt = pid * BT + tl.arange(0, BT)
     kp = tl.arange(0, E_P * R_P)
     acc = tl.zeros((BT, E_P * R_P), dtype=tl.float32)  # grad_h [BT, K_P]
-    for o0 in range(0, O, BO):
+    for o0 in range(0, N_OUT, BO):
         ro = o0 + tl.arange(0, BO)
-        go = _ld(go_ptr + rt[:, None] * O + ro[None, :], (rt[:, None] < T) & (ro[None, :] < O), UPCAST)
-        b = _ld(b_ptr + ro[:, None] * (E_P * R_P) + kp[None, :], ro[:, None] < O, UPCAST)  # [BO, K_P]
+        go = _ld(go_ptr + rt[:, None] * N_OUT + ro[None, :], (rt[:, None] < T) & (ro[None, :] < N_OUT), UPCAST)
+        b = _ld(b_ptr + ro[:, None] * (E_P * R_P) + kp[None, :], ro[:, None] < N_OUT, UPCAST)  # [BO, K_P]
         acc += tl.dot(go, b, input_precision=PRECISION)
     col, ok = _pad_cols(E, R, E_P, R_P)
     tk = (rt[:, None] < T) & ok[None, :]

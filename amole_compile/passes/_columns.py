@@ -14,6 +14,7 @@ from torch import fx
 
 from ._fx import CAST_OPS, SHAPE_OPS, meta_value, op_name
 
+
 class ColumnsUnknown(Exception):
     """The projection's output shape or a shape op's arguments are not known (no example values)."""
 

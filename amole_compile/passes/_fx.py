@@ -4,7 +4,7 @@ and parameter names for placeholders (ExportedProgram) and get_attr nodes (Graph
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import fx, nn

@@ -18,13 +18,29 @@ Invariants:     the graph is not modified; every target's weight is a parameter;
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 from torch import fx
 
 from ._columns import ColumnsUnknown, role_columns
-from ._fx import (ARITH_OPS, CAST_OPS, MATMUL_OPS, NORM_OPS, OUT_OPS, PROB_OPS, SCORE_OPS, SDPA_OPS, SHAPE_OPS,
-                  SOFTMAX_OPS, LinearCall, ParamNames, as_linear, op_name, tensor_args, walk)
+from ._fx import (
+    ARITH_OPS,
+    CAST_OPS,
+    MATMUL_OPS,
+    NORM_OPS,
+    OUT_OPS,
+    PROB_OPS,
+    SCORE_OPS,
+    SDPA_OPS,
+    SHAPE_OPS,
+    SOFTMAX_OPS,
+    LinearCall,
+    ParamNames,
+    as_linear,
+    op_name,
+    tensor_args,
+    walk,
+)
 from .plan import PassReport, Target, compress
 
 ROLE_ORDER = ("q", "k", "v", "o")

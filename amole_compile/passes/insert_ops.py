@@ -20,8 +20,8 @@ import operator
 import torch
 from torch import fx
 
-from ..config import AdaMoLEConfig
 from .. import ops  # noqa: F401  (registers torch.ops.amole)
+from ..config import AdaMoLEConfig
 from ..modules import AdapterGroup, ExpertSet, combine_deltas
 from ._fx import ParamNames, as_linear
 from .plan import PassReport, Target

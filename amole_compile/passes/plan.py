@@ -39,7 +39,7 @@ class Target:
 
     def describe(self) -> str:
         parts = []
-        for role, cols in zip(self.roles, self.slices):
+        for role, cols in zip(self.roles, self.slices, strict=True):
             if isinstance(cols, slice):
                 parts.append(f"{role}[{cols.start}:{cols.stop}]")
             else:

@@ -10,8 +10,7 @@ import torch
 
 from amole_compile import ops
 from amole_compile.kernels import triton_usable
-from amole_compile.kernels.adapter import (adapter_backward_triton, adapter_triton, reference_backward,
-                                           reference_forward)
+from amole_compile.kernels.adapter import adapter_backward_triton, adapter_triton, reference_backward, reference_forward
 
 pytestmark = pytest.mark.skipif(not triton_usable(torch.zeros(1), explicit=True)[0],
                                 reason="needs triton (CUDA, or TRITON_INTERPRET=1 set by conftest)")
@@ -61,7 +60,10 @@ def make(method="adamole", e=4, r=4, t=37, d=45, o=29, dtype=torch.float32, mask
     k = min(2, e) if method == "mole" else 0
     if method != "lora" and masking == "partial":
         x = _tie_free(x, gate, thr_w, thr_b, method, e, k, cap)
-    cast = (lambda v: None if v is None else v.to(dtype))
+
+    def cast(v):
+        return None if v is None else v.to(dtype)
+
     args = dict(x=x.to(dtype), drop_mask=(torch.rand(t, d, generator=g) > 0.1) if dropout else None,
                 lora_a=rnd(e * r, d, s=0.3), lora_b=rnd(o, e * r, s=0.3), gate_w=cast(gate), thr_w=cast(thr_w),
                 thr_b=cast(thr_b), base=rnd(t, o) if base else None, method=method, num_experts=e, top_k=k,
@@ -87,11 +89,11 @@ def run_both(args, dtype, need_grad_x=True, seed=1):
 def check(args, dtype=torch.float32):
     ref, tri, ref_b, tri_b = run_both(args, dtype)
     assert torch.equal(tri[2], ref[2]), "expert masks differ"
-    for name, a, b in zip(("out", "scores", "mask", "za", "zr"), tri, ref):
+    for name, a, b in zip(("out", "scores", "mask", "za", "zr"), tri, ref, strict=True):
         assert a.shape == b.shape and a.dtype == b.dtype, f"{name}: {a.shape}/{a.dtype} vs {b.shape}/{b.dtype}"
         if name != "mask" and b.numel():
             _close(a, b, dtype, name)
-    for name, a, b in zip(GRADS, tri_b, ref_b):
+    for name, a, b in zip(GRADS, tri_b, ref_b, strict=True):
         assert a.shape == b.shape, f"grad {name}: {a.shape} vs {b.shape}"
         if b.numel():
             _close(a, b, dtype, f"grad {name}")

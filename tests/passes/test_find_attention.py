@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import amole_compile as ac
+
 from models import ARCHS, build, ids
 
 LAYERS = 2

@@ -14,6 +14,7 @@ from torch import fx
 import amole_compile as ac
 from amole_compile.adapters_io import adapter_state
 from amole_compile.passes import insert_ops as insert_ops_mod
+
 from models import build, ids
 
 ADAPTER = torch.ops.amole.adapter.default

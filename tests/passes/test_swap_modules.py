@@ -5,13 +5,13 @@ the new modules; a Llama-2-7B-shaped model on the meta device.
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 import transformers as tf
 
 import amole_compile as ac
 from amole_compile.modules import AdaMoLELinear, ExpertSet
+
 from models import ENCODERS, build, ids, logits
 
 CFG = ac.AdaMoLEConfig(num_experts=4, rank=2)
