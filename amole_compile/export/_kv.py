@@ -1,0 +1,158 @@
+"""The graphs' interfaces: thin wrapper modules that give an HF model flat tensors in and out, named as Optimum
+names them, plus their example inputs and dynamic shapes.
+
+scoring / prefill   input_ids, attention_mask [B, S] int64 (+ position_ids [B, S] for causal LMs)
+                    -> logits [B, S, V] (last_hidden_state for a bare encoder)
+decoder (kv_cache)  input_ids, attention_mask [B, P + S], position_ids, past_key_values.<i>.key|value
+                    [B, H, P, Dh] -> logits, present.<i>.key|value [B, H, P + S, Dh]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+
+import torch
+from torch import nn
+
+BATCH, SEQ, PAST, TOTAL = "batch_size", "sequence_length", "past_sequence_length", "total_sequence_length"
+_EXAMPLE = {"batch": 2, "seq": 8, "kv_seq": 3, "past": 5}  # no 0/1 sizes: torch.export would specialise them
+
+
+def is_causal_lm(model: nn.Module) -> bool:
+    """A generating decoder (HF `can_generate()`), as opposed to an encoder."""
+    can = getattr(model, "can_generate", None)
+    return bool(can()) if callable(can) else False
+
+
+def accepts(model: nn.Module, name: str) -> bool:
+    return name in inspect.signature(model.forward).parameters
+
+
+def primary_output(out) -> tuple[str, torch.Tensor]:
+    """An HF model output -> ('logits', tensor) or ('last_hidden_state', tensor)."""
+    for name in ("logits", "last_hidden_state"):
+        value = getattr(out, name, None) if not isinstance(out, dict) else out.get(name)
+        if isinstance(value, torch.Tensor):
+            return name, value
+    raise TypeError(f"the model's output {type(out).__name__} has neither logits nor last_hidden_state")
+
+
+class ScoringGraph(nn.Module):
+    """(input_ids, attention_mask[, position_ids]) -> logits, with the HF cache switched off."""
+
+    def __init__(self, model: nn.Module, positions: bool, causal: bool) -> None:
+        super().__init__()
+        self.model, self.positions, self.causal = model, positions, causal
+
+    def forward(self, input_ids, attention_mask, position_ids=None):
+        kw = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if self.positions:
+            kw["position_ids"] = position_ids
+        if self.causal:
+            kw["use_cache"] = False
+        return primary_output(self.model(**kw))[1]
+
+
+class DecoderGraph(nn.Module):
+    """(input_ids, attention_mask, position_ids, past) -> (logits, *flat present), a DynamicCache inside.
+
+    `past` is a flat tuple key_0, value_0, key_1, value_1, ...; a past of length 0 makes this the prefill graph.
+    """
+
+    def __init__(self, model: nn.Module, num_layers: int) -> None:
+        super().__init__()
+        self.model, self.num_layers = model, num_layers
+
+    def forward(self, input_ids, attention_mask, position_ids, past):
+        from transformers.cache_utils import DynamicCache
+
+        cache = DynamicCache([(past[2 * i], past[2 * i + 1]) for i in range(self.num_layers)])
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         past_key_values=cache, use_cache=True)
+        present = []
+        for layer in out.past_key_values.layers:
+            present += [layer.keys, layer.values]
+        return (out.logits, *present)
+
+
+@dataclasses.dataclass
+class GraphSpec:
+    """What torch.export / torch.onnx.export need for one graph."""
+
+    module: nn.Module
+    args: tuple
+    dynamic_shapes: tuple | None
+    input_names: list[str]
+    output_names: list[str]
+
+
+def left_padded_mask(batch: int, length: int) -> torch.Tensor:
+    """[batch, length] int64 ones, the first row left-padded by 2 (an example that is not all ones)."""
+    mask = torch.ones(batch, length, dtype=torch.long)
+    if batch > 1:
+        mask[0, :2] = 0
+    return mask
+
+
+def positions_from_mask(mask: torch.Tensor, length: int) -> torch.Tensor:
+    """HF generate's position ids: cumsum(mask) - 1, padding at 1; the last `length` columns."""
+    pos = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
+    return pos[:, -length:]
+
+
+def _example_ids(model: nn.Module, batch: int, seq: int) -> torch.Tensor:
+    vocab = int(getattr(model.config, "vocab_size", 2) or 2)
+    return torch.arange(batch * seq, dtype=torch.long).reshape(batch, seq) % max(vocab - 1, 1) + 1
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
+def scoring_spec(model: nn.Module, dynamic: bool) -> GraphSpec:
+    """The prefill / scoring graph of a causal LM or an encoder."""
+    causal = is_causal_lm(model)
+    positions = causal and accepts(model, "position_ids")
+    b, s = (_EXAMPLE["batch"], _EXAMPLE["seq"]) if dynamic else (1, _EXAMPLE["seq"])
+    dev = _device(model)
+    ids, mask = _example_ids(model, b, s).to(dev), left_padded_mask(b, s).to(dev)
+    args = (ids, mask) + ((positions_from_mask(mask, s),) if positions else ())
+    wrapper = ScoringGraph(model, positions, causal)
+    with torch.no_grad():
+        out_name = primary_output(model(input_ids=ids, attention_mask=mask))[0]
+    names = ["input_ids", "attention_mask"] + (["position_ids"] if positions else [])
+    dims = tuple({0: BATCH, 1: SEQ} for _ in names) if dynamic else None
+    return GraphSpec(wrapper, args, dims, names, [out_name])
+
+
+def cache_layout(model: nn.Module) -> list[tuple[int, int, torch.dtype]]:
+    """(heads, head_dim, dtype) of each layer's KV cache, read off a 2-token forward."""
+    dev = _device(model)
+    with torch.no_grad():
+        out = model(input_ids=_example_ids(model, 1, 2).to(dev), use_cache=True)
+    layers = getattr(out.past_key_values, "layers", None)
+    if not layers:
+        raise TypeError(f"{type(model).__name__} returned no DynamicCache layers; kv_cache export needs an HF "
+                        "causal LM with a key/value cache")
+    return [(k.keys.shape[1], k.keys.shape[3], k.keys.dtype) for k in layers]
+
+
+def decoder_spec(model: nn.Module, dynamic: bool) -> GraphSpec:
+    """The decoding graph with flat past / present key-value tensors."""
+    if not is_causal_lm(model):
+        raise TypeError(f"kv_cache=True needs a causal LM that generates; {type(model).__name__} does not")
+    layout = cache_layout(model)
+    b, s, p = (_EXAMPLE["batch"], _EXAMPLE["kv_seq"], _EXAMPLE["past"]) if dynamic else (1, 1, _EXAMPLE["seq"])
+    dev = _device(model)
+    mask = left_padded_mask(b, p + s).to(dev)
+    past = tuple(torch.randn(b, h, p, dh, dtype=dt, device=dev) for h, dh, dt in layout for _ in range(2))
+    args = (_example_ids(model, b, s).to(dev), mask, positions_from_mask(mask, s).to(dev), past)
+    kv = [f"{i}.{t}" for i in range(len(layout)) for t in ("key", "value")]
+    names = ["input_ids", "attention_mask", "position_ids"] + [f"past_key_values.{n}" for n in kv]
+    outs = ["logits"] + [f"present.{n}" for n in kv]
+    dims = None
+    if dynamic:
+        flat = tuple({0: BATCH, 2: PAST} for _ in past)
+        dims = ({0: BATCH, 1: SEQ}, {0: BATCH, 1: TOTAL}, {0: BATCH, 1: SEQ}, flat)
+    return GraphSpec(DecoderGraph(model, len(layout)), args, dims, names, outs)

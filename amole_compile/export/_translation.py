@@ -1,0 +1,263 @@
+"""ONNX translations of `torch.ops.amole.adapter.default` for `torch.onnx.export(dynamo=True)`.
+
+Traced onnxscript functions handed to the exporter through `custom_translation_table`. They compute the
+routing per token at run time, in the graph: nothing about which experts fire is baked in.
+
+Legend: T tokens, D input dims, O output dims, E experts, R rank per expert, K = E * R,
+Er router rows (E + 1 for adamole, E for mole, 0 for lora).
+
+dense (default)   z = x [A; Wg; wt]^T + [0..0, bt]   one Gemm reads x once                 [T, K + Er]
+                  w = route(z[:, K:])                softmax / threshold / >= / renorm     [T, E]
+                  sw = w P                           P [E, K + Er]: s on expert e's columns [T, K + Er]
+                  out = base + (z * sw) [B | 0]^T    one Gemm (the op's addmm)             [T, O]
+skip              routing as above from x [Wg; wt]^T, then per expert an ONNX `If` on "some token of the
+                  batch selected e": then-branch adds s * w_e * (x A_e^T) B_e^T to the running sum, the
+                  else-branch passes it through, so experts nobody selected cost nothing.
+
+Routing (float32, float64 for float64 inputs), as `_routing.route`:
+adamole  p = softmax(l), tau = cap * sigmoid(u + b), a = p - tau, m = a >= 0, w = a m / S (S == 0 -> 1)
+mole     p = softmax(l), m = top-k(l), w = p m / sum(p m)
+lora     w = 1
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import TypeVar, Union
+
+import numpy as np
+import onnx_ir as ir
+from onnxscript import opset18 as op
+from onnxscript.onnx_types import BFLOAT16, BOOL, DOUBLE, FLOAT, FLOAT16
+
+_Float = Union[FLOAT, FLOAT16, BFLOAT16, DOUBLE]  # noqa: UP007 (onnxscript reads the annotation)
+TX = TypeVar("TX", bound=_Float)  # x and the adapter's parameters
+TBase = TypeVar("TBase", bound=_Float)  # the frozen projection's output (may differ: adapter_dtype)
+TMask = TypeVar("TMask", bound=BOOL)
+MASKING = ("dense", "skip")
+_names = itertools.count()
+
+
+# ---- small helpers --------------------------------------------------------------------------------
+
+def _ints(*values: int):
+    return op.Constant(value_ints=list(values))
+
+
+def _scalar(value: float, dtype: ir.DataType):
+    return op.Constant(value=ir.tensor([value], dtype=dtype))
+
+
+def _cols(t, start: int, stop: int):
+    """t[:, start:stop]"""
+    return op.Slice(t, _ints(start), _ints(stop), _ints(1))
+
+
+def _rows(t, start: int, stop: int):
+    """t[start:stop, :]"""
+    return op.Slice(t, _ints(start), _ints(stop), _ints(0))
+
+
+def _route_dtype(dtype: ir.DataType) -> ir.DataType:
+    return ir.DataType.DOUBLE if dtype == ir.DataType.DOUBLE else ir.DataType.FLOAT
+
+
+def _cast(t, src: ir.DataType, dst: ir.DataType):
+    """t (of dtype src; traced values do not always carry their dtype) -> dtype dst."""
+    return t if src == dst else op.Cast(t, to=dst)
+
+
+# ---- routing ----------------------------------------------------------------------------------------
+
+def _normalise(num, dtype):
+    """num [T, E] >= 0 -> num / S with S = sum(num) and S == 0 -> 1."""
+    s = op.ReduceSum(num, _ints(-1), keepdims=1)  # [T, 1]
+    s = op.Where(op.Equal(s, _scalar(0.0, dtype)), _scalar(1.0, dtype), s)
+    return op.Div(num, s)
+
+
+def _route_adamole(logits, u, dt: ir.DataType, num_experts: int, cap: float):
+    """logits [T, E], u [T, 1] (threshold logit, bias included) -> (w, a, m)."""
+    p = op.Softmax(logits, axis=-1)
+    a = op.Sub(p, op.Mul(_scalar(cap, dt), op.Sigmoid(u)))  # a = p - tau, tau = cap * sigmoid(u)
+    m = op.GreaterOrEqual(a, _scalar(0.0, dt))  # >= : an expert exactly at the threshold is selected
+    return _normalise(op.Relu(a), dt), a, m  # Relu(a) == a * 1[a >= 0], bit for bit
+
+
+def _route_mole(logits, dt: ir.DataType, top_k: int):
+    """logits [T, E] -> (w, p, m) with m the top-k of the logits."""
+    p = op.Softmax(logits, axis=-1)
+    _, idx = op.TopK(logits, _ints(top_k), axis=-1, largest=1, sorted=1)  # [T, k]
+    ones, zeros = op.Expand(_scalar(1.0, dt), op.Shape(idx)), op.Expand(_scalar(0.0, dt), op.Shape(p))
+    m = op.Cast(op.ScatterElements(zeros, idx, ones, axis=-1), to=ir.DataType.BOOL)
+    return _normalise(op.Mul(p, op.Cast(m, to=dt)), dt), p, m
+
+
+def route(z, x_dtype: ir.DataType, start: int, thr_b, bias_in_z: bool, method: str, num_experts: int,
+          top_k: int, cap: float):
+    """Router logits at columns start.. of z [T, *] -> (w [T, E], scores [T, E], mask [T, E] bool), in the
+    routing dtype. `bias_in_z`: the threshold bias was already added to z's threshold column."""
+    rt, e = _route_dtype(x_dtype), num_experts
+    logits = _cast(_cols(z, start, start + e), x_dtype, rt)
+    if method == "mole":
+        return _route_mole(logits, rt, top_k)
+    u = _cast(_cols(z, start + e, start + e + 1), x_dtype, rt)
+    if not bias_in_z:
+        u = op.Add(u, _cast(thr_b, x_dtype, rt))
+    return _route_adamole(logits, u, rt, e, cap)
+
+
+# ---- the dense translation ----------------------------------------------------------------------
+
+def _router(gate_w, thr_w):
+    """-> ([Wg; wt] [Er, D], Er) or (None, 0)."""
+    parts = [t for t in (gate_w, thr_w) if t is not None]
+    if not parts:
+        return None, 0
+    rows = sum(t.shape[0] for t in parts)
+    return (parts[0] if len(parts) == 1 else op.Concat(*parts, axis=0)), rows
+
+
+def _t(w):
+    return op.Transpose(w, perm=[1, 0])
+
+
+def _dropped(x, drop_mask, drop_scale: float):
+    return op.Mul(op.Mul(x, op.Cast(drop_mask, to=x.dtype)), _scalar(drop_scale, x.dtype))
+
+
+def thr_b_column(thr_b, zeros: int, dtype: ir.DataType):
+    """[zeros + 1] bias for a Gemm whose last output column is the threshold logit: 0 elsewhere, then b."""
+    return op.Concat(op.Expand(_scalar(0.0, dtype), _ints(zeros)), thr_b, axis=0)
+
+
+def _expand_weights(num_experts: int, rank: int, width: int, scale: float, dtype: ir.DataType):
+    """[E, width] constant: scale in expert e's R columns, 0 elsewhere; w @ it == scale * w per column, exactly
+    (one product per entry, the rest adds zeros)."""
+    sp = np.zeros((num_experts, width), dtype=ir.DataType(dtype).numpy())
+    for e in range(num_experts):
+        sp[e, e * rank:(e + 1) * rank] = scale
+    return op.Constant(value=ir.tensor(sp))
+
+
+def _up(h, lora_b, base, dtype: ir.DataType, alpha: float = 1.0):
+    """h [T, W] (of dtype, the adapter's) -> base + alpha h B^T (Gemm = the op's addmm when dtypes agree)."""
+    if base is None:
+        return op.Gemm(h, lora_b, transB=1, alpha=alpha)
+    if base.dtype == dtype:
+        return op.Gemm(h, lora_b, base, transB=1, alpha=alpha)
+    return op.Add(base, op.Cast(op.Gemm(h, lora_b, transB=1, alpha=alpha), to=base.dtype))
+
+
+def _lora(x, xd, lora_a, lora_b, base, scale: float):
+    """Plain LoRA: out = base + s (x A^T) B^T; scores / mask are ones [T, 1], zr is [T, 0]."""
+    za = op.MatMul(xd, _t(lora_a))
+    out = _up(za, lora_b, base, x.dtype, alpha=scale)
+    rt, rows = _route_dtype(x.dtype), op.Shape(x, start=0, end=1)
+    ones = op.Expand(_scalar(1.0, rt), op.Concat(rows, _ints(1), axis=0))
+    zr = op.Expand(_scalar(0.0, rt), op.Concat(rows, _ints(0), axis=0))
+    return out, ones, op.Cast(ones, to=ir.DataType.BOOL), za, zr
+
+
+def adapter_dense(
+    x: TX, drop_mask: TMask | None, lora_a: TX, lora_b: TX, gate_w: TX | None, thr_w: TX | None,
+    thr_b: TX | None, base: TBase | None, method: str, num_experts: int, top_k: int, scale: float,
+    max_threshold: float, drop_scale: float, backend: str,
+):
+    """amole::adapter, dense: every expert computed, unselected ones weighted 0 (see module doc).
+
+    Without dropout one Gemm gives z = [x A^T | gate logits | threshold logit (+ bias)]; the router columns of
+    z are zeroed by the weights and meet zero columns of [B | 0], so z feeds the up-projection directly.
+    """
+    xd = x if drop_mask is None else _dropped(x, drop_mask, drop_scale)
+    if method == "lora":
+        return _lora(x, xd, lora_a, lora_b, base, scale)
+    router, er = _router(gate_w, thr_w)
+    rt, k, e = _route_dtype(x.dtype), lora_a.shape[0], num_experts
+    o = lora_b.shape[0]
+    fold = method == "adamole" and rt == x.dtype and drop_mask is None  # threshold bias into the Gemm
+    if drop_mask is None:
+        g = op.Concat(lora_a, router, axis=0)  # [K + Er, D]
+        bias = thr_b_column(thr_b, k + e, x.dtype) if fold else None
+        z = op.Gemm(x, g, bias, transB=1) if fold else op.MatMul(x, _t(g))  # [T, K + Er]
+        zs, start, up_b = z, k, op.Concat(lora_b, op.Expand(_scalar(0.0, x.dtype), _ints(o, er)), axis=1)
+        za = _cols(z, 0, k)
+    else:
+        zs, start, up_b = op.MatMul(x, _t(router)), 0, lora_b
+        z = za = op.MatMul(xd, _t(lora_a))  # [T, K]
+    w, scores, m = route(zs, x.dtype, start, thr_b, fold, method, e, top_k, max_threshold)
+    width = k + er if drop_mask is None else k
+    sw = _cast(op.MatMul(w, _expand_weights(e, k // e, width, scale, rt)), rt, x.dtype)  # [T, width]
+    out = _up(op.Mul(z, sw), up_b, base, x.dtype)  # [T, O]
+    zr = _cast(op.MatMul(x, _t(router)), x.dtype, rt)  # the op's zr output (pruned when unused)
+    return out, scores, m, za, zr
+
+
+# ---- the skip translation --------------------------------------------------------------------------
+
+def _node(nodes: list, op_type: str, inputs: list, tag: str, **attrs) -> ir.Value:
+    """Append a named node of a subgraph (values from the outer graph may be used directly)."""
+    n = ir.Node("", op_type, inputs, attributes=ir.convenience.convert_attributes(attrs), num_outputs=1,
+                name=f"{tag}_{op_type}")
+    n.outputs[0].name = f"{tag}_{op_type}_out"
+    nodes.append(n)
+    return n.outputs[0]
+
+
+def _expert_branches(acc, xd, a_t, b_e, sw_e, tag: str) -> tuple[ir.Graph, ir.Graph]:
+    """then: acc + ((x A_e^T) * sw_e) B_e^T; else: acc."""
+    nodes: list = []
+    za = _node(nodes, "MatMul", [xd, a_t], tag)
+    h = _node(nodes, "Mul", [za, sw_e], tag)
+    y = _node(nodes, "Gemm", [h, b_e, acc], tag, transB=1)
+    then = ir.Graph((), [y], nodes=nodes, name=f"{tag}_then")
+    keep: list = []
+    other = ir.Graph((), [_node(keep, "Identity", [acc], f"{tag}_skip")], nodes=keep, name=f"{tag}_else")
+    return then, other
+
+
+def adapter_skip(
+    x: TX, drop_mask: TMask | None, lora_a: TX, lora_b: TX, gate_w: TX | None, thr_w: TX | None,
+    thr_b: TX | None, base: TBase | None, method: str, num_experts: int, top_k: int, scale: float,
+    max_threshold: float, drop_scale: float, backend: str,
+):
+    """amole::adapter with each expert behind an `If` that skips it when no token of the batch selected it.
+
+    LoRA has a single always-on expert and falls back to the dense translation.
+    """
+    if method == "lora":
+        return adapter_dense(x, drop_mask, lora_a, lora_b, gate_w, thr_w, thr_b, base, method, num_experts,
+                             top_k, scale, max_threshold, drop_scale, backend)
+    rt, e, k = _route_dtype(x.dtype), num_experts, lora_a.shape[0]
+    r, router = k // e, _router(gate_w, thr_w)[0]
+    fold = method == "adamole" and rt == x.dtype
+    zr = op.Gemm(x, router, thr_b_column(thr_b, e, x.dtype), transB=1) if fold else op.MatMul(x, _t(router))
+    w, scores, m = route(zr, x.dtype, 0, thr_b, fold, method, e, top_k, max_threshold)
+    xd = x if drop_mask is None else _dropped(x, drop_mask, drop_scale)
+    sw = _cast(op.Mul(_scalar(scale, rt), w), rt, x.dtype)  # [T, E]
+    used = op.Greater(op.ReduceMax(op.Cast(m, to=ir.DataType.FLOAT), _ints(0), keepdims=0),
+                      _scalar(0.0, ir.DataType.FLOAT))  # [E] bool: some token of the batch selected expert e
+    same = base is not None and base.dtype == x.dtype
+    acc = base if same else op.Expand(_scalar(0.0, x.dtype),
+                                      op.Concat(op.Shape(x, start=0, end=1), _ints(lora_b.shape[0]), axis=0))
+    run = next(_names)
+    for i in range(e):
+        then, other = _expert_branches(acc, xd, _t(_rows(lora_a, i * r, (i + 1) * r)),
+                                       _cols(lora_b, i * r, (i + 1) * r), _cols(sw, i, i + 1), f"amole_skip{run}_e{i}")
+        acc = op.If(op.Gather(used, op.Constant(value_int=i), axis=0), then_branch=then, else_branch=other)
+    out = acc if same or base is None else op.Add(base, _cast(acc, x.dtype, base.dtype))
+    za = op.MatMul(xd, _t(lora_a))  # the op's za / zr outputs (pruned when unused)
+    zr_out = _cast(op.MatMul(x, _t(router)), x.dtype, rt)
+    return out, scores, m, za, zr_out
+
+
+def translation_table(masking: str = "dense") -> dict:
+    """The `custom_translation_table` for torch.onnx.export: {amole::adapter: translation}."""
+    import torch
+
+    from .. import ops  # noqa: F401  (registers torch.ops.amole.adapter)
+
+    if masking not in MASKING:
+        raise ValueError(f"masking must be one of {MASKING}, got {masking!r}")
+    fn = adapter_dense if masking == "dense" else adapter_skip
+    return {torch.ops.amole.adapter.default: fn}

@@ -1,0 +1,240 @@
+"""`export_onnx`: a (transformed or plain) HF causal LM or encoder -> an ONNX file onnxruntime runs.
+
+    capture    torch.export.export(wrapper, strict=False)         wrapper: `_kv.ScoringGraph` / `_kv.DecoderGraph`
+    translate  torch.onnx.export(ep, dynamo=True, custom_translation_table={amole::adapter: onnxscript})
+    check      onnx.checker on the file
+    write      temp directory inside the destination directory, then os.replace (data file first)
+
+The AdaMoLE op becomes an ONNX subgraph that routes every token at run time (`_translation.py`). The default
+opset is 20: opset 23 makes the exporter emit native Attention / RotaryEmbedding nodes, which onnxruntime fails
+on for batch > 1 unless position_ids are fed batched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+import traceback
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ._kv import GraphSpec, decoder_spec, scoring_spec
+from ._translation import MASKING, translation_table
+
+DEFAULT_OPSET = 20
+MIN_OPSET = 18
+EXTERNAL_DATA_BYTES = 1 << 30  # weights above 1 GiB go to `<file>.data` (protobuf stops at 2 GiB)
+
+
+class OnnxExportError(RuntimeError):
+    """The model could not be exported; the message names the failing module and op where known."""
+
+
+def export_onnx(model: nn.Module, path: str | os.PathLike, *, kv_cache: bool = False, opset: int | None = None,
+                dynamic: bool = True, masking: str = "dense", external_data: bool | None = None) -> Path:
+    """Export `model` to the ONNX file `path` and return its Path.
+
+    kv_cache       False: scoring graph (input_ids, attention_mask[, position_ids]) -> logits.
+                   True: decoding graph that also takes `past_key_values.<i>.key|value` and returns
+                   `present.<i>.key|value` (a past of length 0 does the prefill).
+    opset          ONNX opset (>= 18); None means 20 (see the module doc for why not 23).
+    dynamic        batch and sequence lengths dynamic (True) or fixed to the example (batch 1, 8 tokens;
+                   decoding: 1 new token after 8).
+    masking        "dense" (every expert computed, unselected ones weighted 0) or "skip" (each expert in an
+                   ONNX If that skips experts no token of the batch selected).
+    external_data  weights in a separate `<name>.data` file; None: only above 1 GiB.
+
+    The model runs in eval mode for the export and gets its modes back afterwards. The file is written to a
+    temporary name in the destination directory and renamed into place, so a failure leaves nothing behind.
+    """
+    dest = _destination(path)
+    opset = _opset(opset)
+    if masking not in MASKING:
+        raise ValueError(f"masking must be one of {MASKING}, got {masking!r}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"export_onnx takes an nn.Module (an HF model), got {type(model).__name__}")
+    with _eval_mode(model):
+        spec = decoder_spec(model, dynamic) if kv_cache else scoring_spec(model, dynamic)
+        program = _convert(model, spec, opset, masking)
+    _write(program, dest, external_data)
+    return dest
+
+
+def export_from_dirs(model_dir: str | os.PathLike, adapter_dir: str | os.PathLike | None,
+                     out_path: str | os.PathLike, *, kv_cache: bool = False, opset: int | None = None,
+                     masking: str = "dense") -> Path:
+    """Load an HF `save_pretrained` directory, apply `load_adapters(adapter_dir)` (ours or a reference-repo
+    checkpoint; None exports the base model) and export to `out_path`. Returns the written path."""
+    _destination(out_path)  # fail before the (slow) load
+    model = load_pretrained(model_dir)
+    if adapter_dir is not None:
+        from ..adapters_io import load_adapters
+
+        load_adapters(model, adapter_dir)
+    return export_onnx(model, out_path, kv_cache=kv_cache, opset=opset, masking=masking)
+
+
+def load_pretrained(model_dir: str | os.PathLike) -> nn.Module:
+    """AutoModelForCausalLM for generating architectures, else the saved head class (or AutoModel)."""
+    import transformers
+
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{model_dir} is not a Hugging Face model directory (no config.json)")
+    config = transformers.AutoConfig.from_pretrained(model_dir)
+    archs = list(getattr(config, "architectures", None) or [])
+    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+        cls = transformers.AutoModelForCausalLM
+    else:
+        cls = next((getattr(transformers, a) for a in archs if hasattr(transformers, a)), transformers.AutoModel)
+    return cls.from_pretrained(model_dir).eval()
+
+
+# ---- steps ----------------------------------------------------------------------------------------
+
+def _destination(path: str | os.PathLike) -> Path:
+    """Check that the file can be created: its directory exists and is writable, the path is no directory."""
+    dest = Path(path).expanduser()
+    parent = dest.parent if str(dest.parent) else Path(".")
+    if dest.is_dir():
+        raise IsADirectoryError(f"ONNX output path {dest} is a directory; give a file name such as model.onnx")
+    if not parent.exists():
+        raise FileNotFoundError(f"ONNX output directory {parent} does not exist")
+    if not parent.is_dir():
+        raise NotADirectoryError(f"ONNX output directory {parent} is not a directory")
+    try:  # a real probe: permission bits say nothing for root, nor for read-only file systems
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=".amole_probe_"):
+            pass
+    except OSError as exc:
+        raise PermissionError(f"ONNX output directory {parent} is not writable ({exc.strerror})") from exc
+    return dest.absolute()
+
+
+def _opset(opset: int | None) -> int:
+    if opset is None:
+        return DEFAULT_OPSET
+    if isinstance(opset, bool) or not isinstance(opset, int) or opset < MIN_OPSET:
+        raise ValueError(f"opset must be an integer >= {MIN_OPSET} (the dynamo exporter's minimum), got {opset!r}")
+    return opset
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module):
+    """Eval mode (no dropout, no aux-loss bookkeeping) for the export; every module's mode restored after."""
+    from ..modules import ExpertSet
+
+    modes = {m: m.training for m in model.modules()}
+    for m in model.modules():
+        if isinstance(m, ExpertSet):
+            m._aux = None  # the eval forward would clear it; clearing it here keeps the capture side-effect free
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes.items():
+            m.training = training
+
+
+def _convert(model: nn.Module, spec: GraphSpec, opset: int, masking: str):
+    """torch.export (non-strict) the wrapper, then translate to ONNX; failures name the module / op."""
+    try:
+        ep = _capture(spec)
+    except Exception as exc:
+        where = _failing_module(exc, model)
+        raise OnnxExportError(f"torch.export failed{where}: {_first_line(exc)}") from exc
+    try:
+        return torch.onnx.export(ep, (), input_names=spec.input_names, output_names=spec.output_names,
+                                 opset_version=opset, dynamo=True, dynamic_shapes=spec.dynamic_shapes,
+                                 custom_translation_table=translation_table(masking), verbose=False,
+                                 optimize=True)
+    except Exception as exc:
+        raise OnnxExportError(f"ONNX translation failed{_failing_node(exc, ep)}: {_first_line(exc)}") from exc
+
+
+def _capture(spec: GraphSpec):
+    """torch.export, non-strict, with the options torch.onnx's own non-strict capture uses (sizes 0 and 1 stay
+    symbolic, so a decoder exported with a past of 5 also runs with a past of 0)."""
+    from torch.fx.experimental import _config as fx_config
+
+    with torch.no_grad(), fx_config.patch(backed_size_oblivious=True):
+        return torch.export.export(spec.module, spec.args, dynamic_shapes=_as_dims(spec.dynamic_shapes),
+                                   strict=False, prefer_deferred_runtime_asserts_over_guards=True)
+
+
+def _as_dims(shapes):
+    """Axis names -> Dim.DYNAMIC for torch.export (the names go to torch.onnx.export, which renames axes)."""
+    if shapes is None:
+        return None
+    if isinstance(shapes, dict):
+        return {axis: torch.export.Dim.DYNAMIC for axis in shapes}
+    return type(shapes)(_as_dims(s) for s in shapes)
+
+
+def _write(program, dest: Path, external_data: bool | None) -> None:
+    """Save into a temp directory next to `dest`, check it, then rename the files into place."""
+    import onnx
+    import onnx_ir as ir
+
+    size = sum(v.const_value.nbytes for v in program.model.graph.initializers.values()
+               if v.const_value is not None)
+    external = size > EXTERNAL_DATA_BYTES if external_data is None else bool(external_data)
+    data_name = f"{dest.name}.data"
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    try:
+        ir.save(program.model, tmp / dest.name, external_data=data_name if external else None)
+        onnx.checker.check_model(str(tmp / dest.name), full_check=False)
+        if external:
+            os.replace(tmp / data_name, dest.parent / data_name)
+        os.replace(tmp / dest.name, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ---- error messages -------------------------------------------------------------------------------
+
+def _first_line(exc: BaseException) -> str:
+    """The root cause's first line (the exporter wraps errors in long reports)."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}"
+
+
+def _failing_module(exc: BaseException, model: nn.Module) -> str:
+    """' in <module fqn> (<Class>)' for the innermost module whose forward is on the failing stack."""
+    names = {id(m): n for n, m in model.named_modules()}
+    found = None
+    e: BaseException | None = exc
+    while e is not None:
+        for frame, _ in traceback.walk_tb(e.__traceback__):
+            obj = frame.f_locals.get("self")
+            if isinstance(obj, nn.Module) and id(obj) in names:
+                found = obj
+        e = e.__cause__ or e.__context__
+    if found is None:
+        return ""
+    return f" in module {names[id(found)] or '<root>'} ({type(found).__name__})"
+
+
+def _failing_node(exc: BaseException, ep) -> str:
+    """' at op <target> in module <fqn>' for the FX node the exporter reported, when it can be found."""
+    text = "".join(str(e) for e in _chain(exc))
+    for node in ep.graph.nodes:
+        if node.op == "call_function" and f"%{node.name} :" in text:
+            stack = list((node.meta.get("nn_module_stack") or {}).values())
+            if not stack:
+                return f" at op {node.target}"
+            fqn, cls = stack[-1]
+            fqn = fqn.split(".", 1)[1] if "." in fqn else "<root>"  # drop the wrapper's `model.`
+            return f" at op {node.target} in module {fqn} ({getattr(cls, '__name__', str(cls).rsplit('.', 1)[-1])})"
+    return ""
+
+
+def _chain(exc: BaseException):
+    while exc is not None:
+        yield exc
+        exc = exc.__cause__ or exc.__context__
