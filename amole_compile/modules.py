@@ -63,7 +63,19 @@ class ExpertSet(nn.Module):
         self.register_buffer("stat_tokens", torch.zeros((), **long), persistent=False)
         self.register_buffer("stat_selected", torch.zeros(e, **long), persistent=False)
         self.register_buffer("stat_active", torch.zeros(e + 1, **long), persistent=False)
+        self._static_stats()
         self.reset_parameters()
+
+    def _static_stats(self) -> None:
+        """Keep the counters' lengths static under torch.compile(dynamic=True): a dynamic length could share a
+        symbol with an equal sequence length (duck sizing) and tie the graph to that length."""
+        for buf in (self.stat_selected, self.stat_active):
+            torch._dynamo.mark_static(buf)
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        self._static_stats()  # .to() / .cuda() replace the buffers
+        return out
 
     def reset_parameters(self) -> None:
         """A: kaiming-uniform(a=sqrt(5)); B: zero (a fresh site adds exactly 0); router: nn.Linear's init."""
@@ -105,12 +117,15 @@ class ExpertSet(nn.Module):
         elif self._aux is not None:
             self._aux = None
         if self.track_stats and not torch.compiler.is_exporting() and not _recomputing():
+            # In place (`+=` would re-assign the module attribute), and by index_add_ so that no size of a
+            # buffer is compared with the batch's: under dynamic=True a buffer's length can share a symbol
+            # with an equal sequence length, and a size check would then specialise that length.
             with torch.no_grad():
                 active = mask.sum(-1)  # [T] experts active per token
-                levels = torch.arange(self.num_experts + 1, device=mask.device)
-                self.stat_tokens.add_(mask.shape[0])  # in place: `+=` would re-assign the module attribute
-                self.stat_selected.add_(mask.sum(0))
-                self.stat_active.add_((active[:, None] == levels).sum(0))
+                experts = torch.arange(mask.shape[1], device=mask.device)
+                self.stat_tokens.add_(mask.shape[0])
+                self.stat_selected.index_add_(0, experts, mask.sum(0))
+                self.stat_active.index_add_(0, active, torch.ones_like(active))
 
     def reset_stats(self) -> None:
         for buf in (self.stat_tokens, self.stat_selected, self.stat_active):

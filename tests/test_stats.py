@@ -99,3 +99,14 @@ def test_plot_without_matplotlib_is_a_clear_error(monkeypatch, tmp_path):
     with pytest.raises(ImportError, match=r"amole-compile\[plot\]"):
         ac.plot_expert_stats(ac.expert_stats(model), tmp_path / "x.png")
     assert not list(tmp_path.iterdir())
+
+
+def test_counter_lengths_stay_static_for_dynamo():
+    """Under torch.compile(dynamic=True) a dynamic counter length could share a symbol with an equal sequence
+    length and specialise the graph to it; the counters are marked static, also after .to()."""
+    model = adapted().to(torch.float64)
+    sites = [m for m in model.modules() if hasattr(m, "stat_selected")]
+    assert sites
+    for site in sites:
+        for buf in (site.stat_selected, site.stat_active):
+            assert getattr(buf, "_dynamo_static_indices", set()) == {0}
