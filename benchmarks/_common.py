@@ -48,12 +48,19 @@ def append_row(name: str, row: dict) -> Path:
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"{name}.csv"
     full = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "commit": commit(), **versions(), **row}
-    new = not path.exists()
-    with path.open("a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(full))
-        if new:
-            w.writeheader()
-        w.writerow(full)
+    rows, fields = [], list(full)
+    if path.exists():
+        with path.open(newline="") as f:
+            reader = csv.DictReader(f)
+            rows = list(reader)
+            old = list(reader.fieldnames or [])
+        fields = old + [k for k in full if k not in old]  # a new column widens the header of the old rows
+    tmp = path.with_suffix(".csv.tmp")
+    with tmp.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields, restval="")
+        w.writeheader()
+        w.writerows(rows + [full])
+    tmp.replace(path)
     return path
 
 

@@ -1,5 +1,6 @@
-"""One projection's forward + backward, side by side: the frozen linear alone, linear + LoRA(r = E * rank) and
-linear + AdaMoLE (E experts of rank r; Triton kernels on CUDA, the torch path elsewhere), per size.
+"""One projection's forward + backward, side by side: the frozen linear alone, linear + LoRA(r = E * rank),
+linear + AdaMoLE (E experts of rank r; Triton kernels on CUDA, the torch path elsewhere) and linear + the
+reference's loop over experts (gather / scatter per expert, tests/reference_impl.py), per size.
 
     python benchmarks/layer.py [--device cuda] [--dtype bfloat16] [--sizes 1024x2048,4096x8192]
 
@@ -17,10 +18,12 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
 from amole_compile import AdaMoLEConfig
 from amole_compile.modules import AdaMoLELinear
 
 import _common as bc
+from reference_impl import LoopAdaMoLE
 
 
 class LoraLinear(nn.Module):
@@ -39,12 +42,28 @@ class LoraLinear(nn.Module):
         return self.base_layer(x) + self.lora_B(self.lora_A(self.drop(x))) * self.scale
 
 
+class LoopLinear(nn.Module):
+    """The reference layer: base(x) + the loop over experts on dropout(x)."""
+
+    def __init__(self, base: nn.Linear, experts: int, rank: int, dropout: float) -> None:
+        super().__init__()
+        self.base_layer, self.drop = base, nn.Dropout(dropout)
+        w = base.weight
+        self.moe = LoopAdaMoLE(base.in_features, base.out_features, experts, rank, 16.0).to(w.device, w.dtype)
+        for expert in self.moe.experts:
+            nn.init.normal_(expert.lora_B.weight, std=0.01)
+
+    def forward(self, x):
+        return self.base_layer(x) + self.moe(self.drop(x))
+
+
 def contenders(d: int, experts: int, rank: int, dropout: float, device: str, dtype: torch.dtype) -> dict:
     base = nn.Linear(d, d, bias=False, device=device, dtype=dtype).requires_grad_(False)
     amole = AdaMoLELinear(base, ("q",), (tuple(range(d)),), AdaMoLEConfig(num_experts=experts, rank=rank,
                                                                        dropout=dropout))
     nn.init.normal_(amole.adapters["q"].lora_B, std=0.01)
-    return {"frozen linear": base, "linear + lora": LoraLinear(base, experts * rank, dropout), "linear + amole": amole}
+    return {"frozen linear": base, "linear + lora": LoraLinear(base, experts * rank, dropout), "linear + amole": amole,
+            "linear + loop": LoopLinear(base, experts, rank, dropout)}
 
 
 def fwd_bwd(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor):
@@ -85,13 +104,16 @@ def main() -> None:
         times = bc.interleaved({k: fwd_bwd(v, x, grad) for k, v in layers.items()}, args.steps, args.warmup,
                                args.device)
         base, lora, amole = times["frozen linear"], times["linear + lora"], times["linear + amole"]
-        rows.append([size, f"{base * 1e3:.2f}", f"{lora * 1e3:.2f}", f"{amole * 1e3:.2f}", f"{amole / base:.3f}",
-                     f"{amole / lora:.3f}"])
+        loop = times["linear + loop"]
+        rows.append([size, f"{base * 1e3:.2f}", f"{lora * 1e3:.2f}", f"{amole * 1e3:.2f}", f"{loop * 1e3:.2f}",
+                     f"{amole / base:.3f}", f"{amole / lora:.3f}", f"{loop / amole:.2f}"])
         bc.append_row("layer", {"device": dev, "dtype": str(dtype).split(".")[-1], "D": d, "T": t,
                                 "experts": args.experts, "rank": args.rank, "frozen ms": round(base * 1e3, 3),
-                                "lora ms": round(lora * 1e3, 3), "amole ms": round(amole * 1e3, 3)})
+                                "lora ms": round(lora * 1e3, 3), "amole ms": round(amole * 1e3, 3),
+                                "loop ms": round(loop * 1e3, 3)})
     print(f"one projection fwd+bwd, E={args.experts} r={args.rank} dropout={args.dropout}, {dtype}, {dev}")
-    print(bc.table(rows, ["DxT", "frozen ms", "+lora ms", "+amole ms", "amole/frozen", "amole/lora"]))
+    print(bc.table(rows, ["DxT", "frozen ms", "+lora ms", "+amole ms", "+loop ms", "amole/frozen", "amole/lora",
+                          "loop/amole"]))
 
 
 if __name__ == "__main__":

@@ -4,8 +4,11 @@
     amole compiled    the same under torch.compile(fullgraph=True)
     peft lora         PEFT LoRA with the same total rank (r = E * rank) on q, k, v, o (eager and compiled)
     loop adamole      the reference's loop over experts (tests/reference_impl.py)
+    frozen base       no adapters; only layer 0's input norm trains, so the backward still runs through every
+                      layer (the floor any adapter method pays)
 
-Prints step-time ratios against PEFT LoRA and the memory each needs, and appends a CSV row.
+Prints step-time ratios against PEFT LoRA, each adapter method's overhead over the frozen base (ms/step above
+it, and the loop's overhead over ours), and the memory each needs; appends a CSV row.
 Memory: on CUDA the peak allocated; on CPU, parameters + gradients + AdamW state + the bytes saved for backward
 (unique storages, counted with saved-tensor hooks; compiled graphs are not hookable, so '-').
 
@@ -68,6 +71,14 @@ def peft_model(base: nn.Module, rank: int, dropout: float) -> nn.Module:
 
     return get_peft_model(copy.deepcopy(base), LoraConfig(r=rank, lora_alpha=16, lora_dropout=dropout,
                                                           target_modules=list(ROLES)))
+
+
+def frozen_base(base: nn.Module) -> nn.Module:
+    model = copy.deepcopy(base)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.model.layers[0].input_layernorm.weight.requires_grad_(True)
+    return model
 
 
 def aux_of(model: nn.Module):
@@ -153,6 +164,8 @@ def main() -> None:
         "peft lora": (peft_model(base, args.experts * args.rank, args.dropout), False, False),
         "peft lora compiled": (peft_model(base, args.experts * args.rank, args.dropout), True, False),
         "loop adamole": (loop_model(base, args.experts, args.rank, args.dropout), False, True),
+        "frozen base": (frozen_base(base), False, False),
+        "frozen base compiled": (frozen_base(base), True, False),
     }
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     models = {k: v for k, v in models.items() if k not in skip}
@@ -163,24 +176,39 @@ def main() -> None:
         step()  # compile / allocate optimizer state before measuring
         mem[name] = memory(name, model, loss_fn, opt, ids, args.device, step)
     times = bc.interleaved(steps, args.steps, args.warmup, args.device)
-    ref_m = mem.get("peft lora")
-    rows = []
-    for name, t in times.items():
-        ref_t = times.get("peft lora compiled" if "compiled" in name else "peft lora")
-        ratio = f"{t / ref_t:.3f}" if ref_t else "-"
-        m = mem[name]
-        mratio = f"{m / ref_m:.3f}" if m and ref_m else "-"
-        rows.append([name, f"{t * 1e3:.1f}", ratio, f"{m:.1f}" if m else "-", mratio])
-    dev = bc.device_name(args.device)
-    print(f"train step, Llama-shaped hidden={args.hidden} layers={args.layers} seq={args.seq} batch={args.batch}, "
-          f"E={args.experts} r={args.rank} dropout={args.dropout}, {dev}")
-    print(bc.table(rows, ["contender", "ms/step", "x peft lora (same mode)", "memory MiB", "mem x lora"]))
-    row = {"device": dev, "hidden": args.hidden, "layers": args.layers, "seq": args.seq, "batch": args.batch,
-           "experts": args.experts, "rank": args.rank}
+    print_table(args, times, mem)
+    row = {"device": bc.device_name(args.device), "hidden": args.hidden, "layers": args.layers, "seq": args.seq,
+           "batch": args.batch, "experts": args.experts, "rank": args.rank}
     for name, t in times.items():
         row[f"{name} ms"] = round(t * 1e3, 2)
         row[f"{name} MiB"] = round(mem[name], 1) if mem[name] else ""
     print(f"appended to {bc.append_row('train_step', row)}")
+
+
+def _fmt(v: float | None, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def print_table(args, times: dict[str, float], mem: dict[str, float | None]) -> None:
+    def same_mode(name: str, ref: str) -> float | None:
+        return times.get(f"{ref} compiled" if "compiled" in name else ref)
+
+    ref_m = mem.get("peft lora")
+    rows = []
+    for name, t in times.items():
+        lora, base = same_mode(name, "peft lora"), same_mode(name, "frozen base")
+        over = (t - base) * 1e3 if base is not None else None
+        m = mem[name]
+        rows.append([name, f"{t * 1e3:.1f}", _fmt(lora and t / lora, ".3f"), _fmt(over, ".1f"),
+                     _fmt(m, ".1f"), _fmt(m / ref_m if m and ref_m else None, ".3f")])
+    print(f"train step, Llama-shaped hidden={args.hidden} layers={args.layers} seq={args.seq} batch={args.batch}, "
+          f"E={args.experts} r={args.rank} dropout={args.dropout}, {bc.device_name(args.device)}")
+    print(bc.table(rows, ["contender", "ms/step", "x peft lora (same mode)", "ms over frozen base", "memory MiB",
+                          "mem x lora"]))
+    base, ours, loop = (times.get(k) for k in ("frozen base", "amole eager", "loop adamole"))
+    if None not in (base, ours, loop) and ours > base:
+        print(f"adapter overhead, loop / ours (eager): {(loop - base) / (ours - base):.2f}x; "
+              f"whole step, loop / ours: {loop / ours:.2f}x")
 
 
 if __name__ == "__main__":

@@ -57,11 +57,7 @@ class LoopAdaMoLE(nn.Module):
         if self.method == "lora":
             return self.experts[0](x)
         weights, selected, scores = self._route(x)
-        out = torch.zeros(x.shape[0], self.experts[0].lora_B.out_features, dtype=x.dtype)
-        for i, expert in enumerate(self.experts):
-            idx = torch.where(selected[:, i] > 0)[0]
-            if len(idx) > 0:
-                out = out.index_add(0, idx, weights[idx, i, None] * expert(x[idx]))
+        out = _mix(self, weights, selected, x)
         if self.training:
             n = x.shape[0]
             fractions = selected.sum(0) / n
@@ -106,9 +102,14 @@ def forward_dropped(ref: LoopAdaMoLE, x: torch.Tensor, xd: torch.Tensor) -> torc
     if ref.method == "lora":
         return ref.experts[0](xd)
     weights, selected, _ = ref._route(x)
-    out = torch.zeros(x.shape[0], ref.experts[0].lora_B.out_features, dtype=x.dtype)
+    return _mix(ref, weights, selected, xd)
+
+
+def _mix(ref: LoopAdaMoLE, weights, selected, x) -> torch.Tensor:
+    """The reference's loop: each expert on the tokens that selected it (gather), weighted, added back (scatter)."""
+    out = torch.zeros(x.shape[0], ref.experts[0].lora_B.out_features, dtype=x.dtype, device=x.device)
     for i, expert in enumerate(ref.experts):
         idx = torch.where(selected[:, i] > 0)[0]
         if len(idx) > 0:
-            out = out.index_add(0, idx, weights[idx, i, None] * expert(xd[idx]))
+            out = out.index_add(0, idx, weights[idx, i, None] * expert(x[idx]))
     return out
