@@ -70,6 +70,8 @@ def ort_session(path: Path, provider: str, threads: int):
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
+    # The sessions run round-robin: a session whose threads kept spinning after its call would slow the next one.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), sess_options=opts, providers=[provider])
 
 
