@@ -75,6 +75,16 @@ def train(model: torch.nn.Module, loader: DataLoader, steps: int, device: torch.
         epoch += 1
 
 
+def run(args, device: torch.device) -> None:
+    model = DistributedDataParallel(build(device), device_ids=[device.index] if device.type == "cuda" else None)
+    if dist.get_rank() == 0:
+        print(f"{dist.get_world_size()} processes ({dist.get_backend()}), {len(ac.targets(model.module))} "
+              f"adapted projections", flush=True)
+    train(model, data(args.global_batch), args.steps, device)
+    if args.out and dist.get_rank() == 0:
+        print(f"adapters saved to {ac.save_adapters(model.module, args.out)}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=6)
@@ -83,13 +93,11 @@ def main() -> None:
     args = parser.parse_args()
     device = setup()
     try:
-        model = DistributedDataParallel(build(device), device_ids=[device.index] if device.type == "cuda" else None)
-        if dist.get_rank() == 0:
-            print(f"{dist.get_world_size()} processes ({dist.get_backend()}), {len(ac.targets(model.module))} "
-                  f"adapted projections", flush=True)
-        train(model, data(args.global_batch), args.steps, device)
-        if args.out and dist.get_rank() == 0:
-            print(f"adapters saved to {ac.save_adapters(model.module, args.out)}", flush=True)
+        # The DDP model lives and dies inside run(): freed while the process group still exists. Freed after
+        # destroy_process_group (at exit), its reducer would drop the group's last reference and join gloo's
+        # worker thread while holding the GIL, which deadlocks when that thread needs the GIL to free a work.
+        run(args, device)
+        dist.barrier()  # rank 0 may still be saving
     finally:
         dist.destroy_process_group()
 
