@@ -71,6 +71,7 @@ def _train(model, args, ac):
     gen = torch.Generator().manual_seed(args.seed + 1)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=3e-3)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=args.steps)  # without it the loss climbs late
     model.train()
 
     def step(ids):
@@ -84,6 +85,7 @@ def _train(model, args, ac):
         opt.zero_grad(set_to_none=True)
         total.backward()
         opt.step()
+        sched.step()
         losses.append(loss.item())
         if i % 10 == 0 or i == args.steps - 1:
             bar.set_postfix(loss=f"{loss.item():.3f}", active=f"{ac.expert_stats(model).mean_active:.2f}")
