@@ -111,5 +111,5 @@ def _mix(ref: LoopAdaMoLE, weights, selected, x) -> torch.Tensor:
     for i, expert in enumerate(ref.experts):
         idx = torch.where(selected[:, i] > 0)[0]
         if len(idx) > 0:
-            out = out.index_add(0, idx, weights[idx, i, None] * expert(x[idx]))
+            out = out.index_add(0, idx, (weights[idx, i, None] * expert(x[idx])).to(out.dtype))
     return out
