@@ -23,7 +23,7 @@ from amole_compile import AdaMoLEConfig
 from amole_compile.modules import AdaMoLELinear
 
 import _common as bc
-from reference_impl import LoopAdaMoLE
+from reference_impl import LoopLinear
 
 
 class LoraLinear(nn.Module):
@@ -42,28 +42,16 @@ class LoraLinear(nn.Module):
         return self.base_layer(x) + self.lora_B(self.lora_A(self.drop(x))) * self.scale
 
 
-class LoopLinear(nn.Module):
-    """The reference layer: base(x) + the loop over experts on dropout(x)."""
-
-    def __init__(self, base: nn.Linear, experts: int, rank: int, dropout: float) -> None:
-        super().__init__()
-        self.base_layer, self.drop = base, nn.Dropout(dropout)
-        w = base.weight
-        self.moe = LoopAdaMoLE(base.in_features, base.out_features, experts, rank, 16.0).to(w.device, w.dtype)
-        for expert in self.moe.experts:
-            nn.init.normal_(expert.lora_B.weight, std=0.01)
-
-    def forward(self, x):
-        return self.base_layer(x) + self.moe(self.drop(x))
-
-
 def contenders(d: int, experts: int, rank: int, dropout: float, device: str, dtype: torch.dtype) -> dict:
     base = nn.Linear(d, d, bias=False, device=device, dtype=dtype).requires_grad_(False)
     amole = AdaMoLELinear(base, ("q",), (tuple(range(d)),), AdaMoLEConfig(num_experts=experts, rank=rank,
                                                                        dropout=dropout))
     nn.init.normal_(amole.adapters["q"].lora_B, std=0.01)
+    loop = LoopLinear(base, experts, rank, 16.0, dropout)
+    for expert in loop.moe.experts:
+        nn.init.normal_(expert.lora_B.weight, std=0.01)
     return {"frozen linear": base, "linear + lora": LoraLinear(base, experts * rank, dropout), "linear + amole": amole,
-            "linear + loop": LoopLinear(base, experts, rank, dropout)}
+            "linear + loop": loop}
 
 
 def fwd_bwd(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor):

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
 import amole_compile as ac
 
 import _common as bc
-from reference_impl import LoopAdaMoLE
+from reference_impl import LoopAdaMoLE, LoopLinear
 
 ROLES = ("q_proj", "k_proj", "v_proj", "o_proj")
 
@@ -43,18 +43,6 @@ def llama(hidden: int, layers: int, device: str) -> nn.Module:
     return AutoModelForCausalLM.from_config(cfg).to(device)
 
 
-class _LoopLinear(nn.Module):
-    def __init__(self, base: nn.Linear, experts: int, rank: int, alpha: float, dropout: float) -> None:
-        super().__init__()
-        self.base_layer = base
-        self.drop = nn.Dropout(dropout)
-        self.moe = LoopAdaMoLE(base.in_features, base.out_features, experts, rank, alpha).to(base.weight.device)
-
-    def forward(self, x):
-        flat = x.reshape(-1, x.shape[-1])
-        return self.base_layer(x) + self.moe(self.drop(flat)).view(*x.shape[:-1], -1)
-
-
 def loop_model(base: nn.Module, experts: int, rank: int, dropout: float) -> nn.Module:
     model = copy.deepcopy(base)
     for p in model.parameters():
@@ -62,7 +50,7 @@ def loop_model(base: nn.Module, experts: int, rank: int, dropout: float) -> nn.M
     for name, mod in list(model.named_modules()):
         if name.rsplit(".", 1)[-1] in ROLES:
             parent, child = name.rsplit(".", 1)
-            setattr(model.get_submodule(parent), child, _LoopLinear(mod, experts, rank, 16.0, dropout))
+            setattr(model.get_submodule(parent), child, LoopLinear(mod, experts, rank, 16.0, dropout))
     return model
 
 

@@ -66,6 +66,20 @@ class LoopAdaMoLE(nn.Module):
         return out
 
 
+
+class LoopLinear(nn.Module):
+    """A frozen linear plus the reference layer on dropout(x), as the reference wraps a projection (benchmarks)."""
+
+    def __init__(self, base: nn.Linear, experts: int, rank: int, alpha: float, dropout: float) -> None:
+        super().__init__()
+        self.base_layer, self.drop = base, nn.Dropout(dropout)
+        w = base.weight
+        self.moe = LoopAdaMoLE(base.in_features, base.out_features, experts, rank, alpha).to(w.device, w.dtype)
+
+    def forward(self, x):
+        flat = x.reshape(-1, x.shape[-1])  # [T, D]
+        return self.base_layer(x) + self.moe(self.drop(flat)).view(*x.shape[:-1], -1)
+
 def copy_into(site, ref: LoopAdaMoLE) -> None:
     """Copy the loop implementation's weights into an ExpertSet (stacking the experts)."""
     with torch.no_grad():
