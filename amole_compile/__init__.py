@@ -4,7 +4,8 @@ pass finds in any PyTorch model, trained under torch.compile and served with onn
     model = amole_compile.transform(model, amole_compile.AdaMoLEConfig(num_experts=8, rank=4))
     loss = model(input_ids=ids, labels=ids).loss + 1e-3 * amole_compile.aux_loss(model)
 
-Importing this package does not import triton, onnx or onnxruntime and does not touch CUDA.
+Importing this package imports no triton, torch._inductor, onnx, onnxscript, onnxruntime or matplotlib, and
+does not touch CUDA: the op registers on first use, and the export, statistics and HF helpers load lazily.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 from .adapters_io import load_adapters, save_adapters
 from .config import AdaMoLEConfig
 from .core import NoAttentionFound, aux_loss, plan, targets, transform, untransform
-from .passes.plan import Target
+from .passes.targets import Target
 
 __version__ = "0.1.0"
 
@@ -26,13 +27,14 @@ _LAZY = {
     "base_state_dict": "amole_compile.hf",
     "compute_loss": "amole_compile.hf",
     "AdaMoLETrainer": "amole_compile.hf",
+    "OnnxExportError": "amole_compile.export.onnx",
 }
 
 __all__ = [
-    "AdaMoLEConfig", "AdaMoLETrainer", "NoAttentionFound", "OnnxLM", "Target", "aux_loss", "base_state_dict",
-    "compute_loss", "expert_stats", "export_onnx",
-    "load_adapters", "plan", "plot_expert_stats", "reset_expert_stats", "save_adapters", "targets", "transform",
-    "untransform",
+    "AdaMoLEConfig", "AdaMoLETrainer", "CaptureError", "NoAttentionFound", "OnnxExportError", "OnnxLM", "Plan",
+    "Target", "UnsupportedLayerError", "atomic_write", "aux_loss", "base_state_dict", "compute_loss",
+    "expert_stats", "export_onnx", "is_transformed", "load_adapters", "plan", "plot_expert_stats",
+    "reset_expert_stats", "save_adapters", "targets", "transform", "untransform",
 ]
 
 

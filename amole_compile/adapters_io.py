@@ -2,24 +2,24 @@
 
 Our format is a directory with `adapter_config.json` ({"format": "amole_compile", "config": ..., "targets": ...})
 and `adapters.safetensors` (keys `<module>.adapters.<role>.<param>`), each written atomically (temp file, then
-rename). `load_adapters` also reads the reference repo's format (`peft_type` ADAMOLE / MOLE / LORA with
-`adapter_model.bin` or `.safetensors`; see `_reference.py`). Keys and shapes are checked strictly, and nothing
-is changed unless everything checks out.
+rename). `load_adapters` also reads the upstream repository's format (`peft_type` ADAMOLE / MOLE / LORA with
+`adapter_model.bin` or `.safetensors`; see `_upstream_format.py` and docs/upstream_format.md). Keys and shapes
+are checked strictly, and nothing is changed unless everything checks out.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from .config import AdaMoLEConfig
-from .core import _is_adapted, adapter_groups, apply_plan, plan, targets, untransform
-from .passes.plan import Target, compress, expand
+from .core import adapter_groups, is_transformed, plan, rewrite, targets, untransform
+from .files import atomic_write
+from .passes.targets import Target, compress, expand
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapters.safetensors"
@@ -53,18 +53,6 @@ def _target_from_json(d: dict) -> Target:
         raise ValueError(f"{CONFIG_FILE}: malformed target entry {d!r}: {exc}") from exc
 
 
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_adapters(model: nn.Module, path: str | os.PathLike) -> Path:
     """Write `adapter_config.json` and `adapters.safetensors` into directory `path` (created if needed)."""
     from safetensors.torch import save_file
@@ -83,8 +71,8 @@ def save_adapters(model: nn.Module, path: str | os.PathLike) -> Path:
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": config.to_dict(),
             "targets": [_target_to_json(t) for t in targets(model)]}
     tensors = {k: v.contiguous().cpu() for k, v in state.items()}
-    _atomic_write(out / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    _atomic_write(out / CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2)))
+    atomic_write(out / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    atomic_write(out / CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2)))
     return out
 
 
@@ -108,7 +96,7 @@ def _read_ours(path: Path, data: dict) -> tuple[AdaMoLEConfig, list[Target], dic
     from safetensors.torch import load_file
 
     if data.get("format") != FORMAT or "config" not in data or "targets" not in data:
-        raise ValueError(f"{path / CONFIG_FILE} is neither an amole_compile nor a reference (peft_type) config")
+        raise ValueError(f"{path / CONFIG_FILE} is neither an amole_compile nor an upstream (peft_type) config")
     config = AdaMoLEConfig.from_dict(data["config"])
     file = path / WEIGHTS_FILE
     if not file.is_file():
@@ -159,26 +147,26 @@ def _same_math(have: AdaMoLEConfig, want: AdaMoLEConfig) -> None:
 
 
 def load_adapters(model: nn.Module, path: str | os.PathLike, *, example_inputs=None) -> nn.Module:
-    """Load adapters saved by `save_adapters` (or a reference-repo checkpoint) into `model`.
+    """Load adapters saved by `save_adapters` (or an upstream-repository checkpoint) into `model`.
 
     A base model is transformed first with the saved config (its discovered projections must be the saved
     ones). Returns the model. On any error the model is exactly as before.
     """
-    from ._reference import is_reference, read_reference, resolve_reference
+    from ._upstream_format import is_upstream, read_upstream, resolve_upstream
 
     path = Path(path)
     data = _read_json(path)
-    reference = is_reference(data)
-    config, want, tensors = read_reference(path, data) if reference else _read_ours(path, data)
-    fresh = not _is_adapted(model)
-    have = plan(model, config, example_inputs=example_inputs)[0] if fresh else targets(model)
-    if reference:
-        config, want, tensors = resolve_reference(have, config, want, tensors)
+    upstream = is_upstream(data)
+    config, want, tensors = read_upstream(path, data) if upstream else _read_ours(path, data)
+    fresh = not is_transformed(model)
+    have = list(plan(model, config, example_inputs=example_inputs).targets) if fresh else targets(model)
+    if upstream:
+        config, want, tensors = resolve_upstream(have, config, want, tensors)
         if fresh:
             have = want
     if fresh:
         _same_targets(have, want)
-        apply_plan(model, have, config)
+        rewrite(model, have, config)
     try:
         _same_targets(targets(model), want)
         _same_math(adapter_groups(model)[0][1].config, config)

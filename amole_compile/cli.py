@@ -19,7 +19,9 @@ class CLIError(Exception):
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--method", default="adamole", choices=("adamole", "mole", "lora"))
+    from .kernels.methods import METHODS
+
+    p.add_argument("--method", default="adamole", choices=tuple(METHODS))
     p.add_argument("--experts", type=int, default=None, help="experts per site (default 8; 1 for lora)")
     p.add_argument("--rank", type=int, default=4, help="rank of each expert")
     p.add_argument("--roles", default="q,k,v,o", help="comma-separated subset of q,k,v,o")
@@ -62,7 +64,8 @@ def cmd_inspect(args) -> int:
             model = AutoModelForCausalLM.from_config(hf_config)
         except ValueError:
             model = AutoModel.from_config(hf_config)
-    found, report = plan(model, config)
+    p = plan(model, config)
+    found, report = p.targets, p.report
     print(f"{type(model).__name__} ({hf_config.model_type}): {report.anchors} attention site(s), "
           f"{len(found)} projection(s), {report.matched} role site(s)")
     total = 0
@@ -80,8 +83,7 @@ def cmd_inspect(args) -> int:
 
 
 def _router_params(config, d_in: int) -> int:
-    return {"adamole": config.num_experts * d_in + d_in + 1, "mole": config.num_experts * d_in, "lora": 0}[
-        config.method]
+    return config.spec.router_params(config.num_experts, d_in)
 
 
 def cmd_stats(args) -> int:
@@ -134,8 +136,9 @@ def cmd_export(args) -> int:
 def cmd_bench(args) -> int:
     root = Path(__file__).resolve().parent.parent / "benchmarks"
     script = root / f"{args.name}.py"
-    if not script.is_file():
-        raise CLIError(f"benchmark scripts are not installed here ({script} missing): run from a source checkout")
+    if not script.is_file() or not (root.parent / "tests" / "upstream_loop.py").is_file():
+        raise CLIError(f"'bench' runs the scripts of a source checkout (benchmarks/ and tests/ beside the "
+                       f"package), and this installation has none ({root} missing): clone the repository")
     return subprocess.call([sys.executable, str(script), *args.rest])
 
 

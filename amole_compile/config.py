@@ -8,15 +8,23 @@ import math
 import re
 from typing import Any
 
-METHODS = ("adamole", "mole", "lora")
+from .kernels.backend import KERNELS
+from .kernels.methods import METHODS as _METHOD_TABLE
+from .kernels.methods import MethodSpec
+
+METHODS = tuple(_METHOD_TABLE)
 ROLES = ("q", "k", "v", "o")
 ADAPTER_DTYPES = ("float32", "bfloat16", "float16")
-KERNELS = ("auto", "torch", "triton")
 DEFAULT_TOP_K = 2
+DEFAULT_EXPERTS = 8
 
 
 def _fail(field: str, allowed: str, got: Any) -> None:
     raise ValueError(f"AdaMoLEConfig.{field} must be {allowed}, got {got!r}")
+
+
+def _methods_with(flag: str) -> tuple[str, ...]:
+    return tuple(m.name for m in _METHOD_TABLE.values() if getattr(m, flag))
 
 
 def _is_int(v: Any) -> bool:
@@ -80,24 +88,24 @@ class AdaMoLEConfig:
             _fail("kernels", f"one of {KERNELS}", self.kernels)
 
     def _resolve_num_experts(self) -> None:
-        e = self.num_experts
+        e, fixed = self.num_experts, self.spec.fixed_experts
         if e is None:
-            object.__setattr__(self, "num_experts", 1 if self.method == "lora" else 8)
+            object.__setattr__(self, "num_experts", fixed if fixed is not None else DEFAULT_EXPERTS)
         elif not _is_int(e) or e < 1:
             _fail("num_experts", "an integer >= 1", e)
-        elif self.method == "lora" and e != 1:
-            _fail("num_experts", "1 (or None) when method is 'lora'", e)
+        elif fixed is not None and e != fixed:
+            _fail("num_experts", f"{fixed} (or None) when method is {self.method!r}", e)
 
     def _check_router_fields(self) -> None:
         mt, k = self.max_threshold, self.top_k
         if mt is not None:
-            if self.method != "adamole":
-                _fail("max_threshold", "None unless method is 'adamole'", mt)
+            if not self.spec.has_threshold:
+                _fail("max_threshold", f"None unless method is one of {_methods_with('has_threshold')}", mt)
             if not _is_real(mt) or not 0 < mt <= 1:
                 _fail("max_threshold", "None or a number in (0, 1]", mt)
         if k is not None:
-            if self.method != "mole":
-                _fail("top_k", "None unless method is 'mole'", k)
+            if not self.spec.uses_top_k:
+                _fail("top_k", f"None unless method is one of {_methods_with('uses_top_k')}", k)
             if not _is_int(k) or not 1 <= k <= self.num_experts:
                 _fail("top_k", f"None or an integer in 1..{self.num_experts} (num_experts)", k)
 
@@ -123,6 +131,11 @@ class AdaMoLEConfig:
 
     # ---- derived values -------------------------------------------------------------------------
     @property
+    def spec(self) -> MethodSpec:
+        """The method's row of the method table (`kernels/methods.py`)."""
+        return _METHOD_TABLE[self.method]
+
+    @property
     def scale(self) -> float:
         """Per-expert LoRA scaling s = alpha / rank."""
         return float(self.alpha) / self.rank
@@ -130,14 +143,14 @@ class AdaMoLEConfig:
     @property
     def threshold_cap(self) -> float:
         """AdaMoLE's max_threshold with its default (1 / num_experts) filled in; 0 for other methods."""
-        if self.method != "adamole":
+        if not self.spec.has_threshold:
             return 0.0
         return float(self.max_threshold) if self.max_threshold is not None else 1.0 / self.num_experts
 
     @property
     def k(self) -> int:
         """MoLE's top_k with its default filled in; 0 for other methods."""
-        if self.method != "mole":
+        if not self.spec.uses_top_k:
             return 0
         return self.top_k if self.top_k is not None else min(DEFAULT_TOP_K, self.num_experts)
 

@@ -1,101 +1,69 @@
-"""The verbs: `transform`, `targets`, `aux_loss`."""
+"""The verbs: `plan`, `transform`, `untransform`, `targets`, `aux_loss`, `is_transformed`.
+
+The pipeline flows one way, each step handing the next a value:
+
+    capture (passes/capture.py)  ->  analyse (passes/find_attention.py)  ->  select (passes/select_targets.py)
+        -> Plan  ->  rewrite (passes/swap_modules.py for nn.Module, passes/insert_ops.py for GraphModule)
+"""
 
 from __future__ import annotations
 
 import logging
-import re
 
 import torch
 from torch import fx, nn
 
 from .config import AdaMoLEConfig
-from .modules import AdapterGroup, ExpertSet, linear_features
-from .passes._fx import LinearCall, ParamNames, meta_value
+from .modules import AdapterGroup, ExpertSet
+from .passes._fx import ParamNames
 from .passes.capture import capture
 from .passes.find_attention import find_attention
-from .passes.insert_ops import PREFIX, insert_ops
-from .passes.plan import PassReport, Target, compress
-from .passes.swap_modules import swap_modules
+from .passes.insert_ops import PREFIX, insert_ops, remove_ops
+from .passes.select_targets import NoAttentionFound, check_found, select_targets
+from .passes.swap_modules import swap_modules, unswap_modules
+from .passes.targets import PassReport, Plan, Target, compress
+
+__all__ = ["NoAttentionFound", "adapter_groups", "aux_loss", "is_transformed", "plan", "rewrite", "targets",
+           "transform", "untransform"]
 
 log = logging.getLogger("amole_compile")
 
-SEARCHED = ("aten.scaled_dot_product_attention, and eager attention (softmax between a matmul of q and kᵀ and a "
-            "matmul with v), each fed by linear / addmm projections")
+
+def plan(model: nn.Module, config: AdaMoLEConfig | None = None, *, example_inputs=None) -> Plan:
+    """Capture and analyse `model` without changing it: -> the `Plan` `transform` would carry out.
+
+    The plan lists the targets (projection, roles, columns) selected by `config` (roles, include, exclude) and
+    a report of every attention site and projection found and what was skipped, with the reason.
+    """
+    return _plan(model, config or AdaMoLEConfig(), example_inputs)
 
 
-class NoAttentionFound(ValueError):
-    """Discovery found no attention (or no adaptable projection) in the model."""
-
-
-def _features_from(model: nn.Module | None) -> callable:
-    def features(call: LinearCall) -> tuple[int, int]:
-        layer = model.get_submodule(call.module) if model is not None else None
-        feats = linear_features(layer) if layer is not None else None
-        if feats is not None:
-            return feats
-        x, y = meta_value(call.input), meta_value(call.node)
-        if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor):
-            return int(x.shape[-1]), int(y.shape[-1])
-        raise NoAttentionFound(f"cannot tell the shape of projection {call.module}")
-
-    return features
-
-
-def select(targets: list[Target], config: AdaMoLEConfig, report: PassReport) -> list[Target]:
-    """Keep the configured roles and the modules that pass include / exclude."""
-    kept = []
-    for t in targets:
-        if config.include is not None and not re.search(config.include, t.module):
-            report.skipped.append(f"{t.module}: does not match include={config.include!r}")
-            continue
-        if config.exclude is not None and re.search(config.exclude, t.module):
-            report.skipped.append(f"{t.module}: matches exclude={config.exclude!r}")
-            continue
-        pairs = [(r, s) for r, s in zip(t.roles, t.slices, strict=True) if r in config.roles]
-        if pairs:
-            kept.append(Target(t.module, tuple(r for r, _ in pairs), tuple(s for _, s in pairs), t.in_features,
-                               t.out_features))
-    return kept
-
-
-def _check_found(model: object, report: PassReport, selected: list[Target], config: AdaMoLEConfig) -> None:
-    name = type(model).__name__
-    if report.anchors == 0:
-        raise NoAttentionFound(f"no attention found in {name}: searched the captured graph for {SEARCHED}")
-    if not report.targets:
-        raise NoAttentionFound(f"{name}: found {report.anchors} attention site(s) but no projection feeding them "
-                               f"({'; '.join(report.skipped[:3])})")
-    if not selected:
-        raise NoAttentionFound(f"{name}: every projection was filtered out by roles={config.roles}, "
-                               f"include={config.include!r}, exclude={config.exclude!r}")
-
-
-def plan(model: nn.Module, config: AdaMoLEConfig | None = None, *, example_inputs=None) -> tuple[list[Target],
-                                                                                                   PassReport]:
-    """Capture and analyse `model` without changing it: -> (targets to adapt, discovery report)."""
-    config = config or AdaMoLEConfig()
+def _plan(model: nn.Module, config: AdaMoLEConfig, example_inputs) -> Plan:
     if isinstance(model, fx.GraphModule):
-        found, report = find_attention(model.graph, ParamNames(model), _features_from(model))
+        graph, params = model.graph, ParamNames(model)
     else:
         ep = capture(model, example_inputs)
-        params = ParamNames(None, dict(ep.graph_signature.inputs_to_parameters))
-        found, report = find_attention(ep.graph, params, _features_from(model))
-    selected = select(found, config, report)
-    _check_found(model, report, selected, config)
-    return selected, report
+        graph, params = ep.graph, ParamNames(None, dict(ep.graph_signature.inputs_to_parameters))
+    found, report = find_attention(graph, params)
+    selected = select_targets(found, config, report)
+    check_found(type(model).__name__, report, selected, config)
+    return Plan(type(model).__name__, list(selected), report)
 
 
-def _is_adapted(model: nn.Module) -> bool:
+def is_transformed(model: nn.Module) -> bool:
+    """Does `model` hold AdaMoLE adapters (from `transform` or `load_adapters`)?"""
     return any(isinstance(m, AdapterGroup) for m in model.modules())
 
 
-def transform(model, config: AdaMoLEConfig | None = None, *, example_inputs=None):
+def transform(model: nn.Module | torch.export.ExportedProgram, config: AdaMoLEConfig | None = None, *,
+              plan: Plan | None = None, example_inputs=None) -> nn.Module:
     """Put AdaMoLE adapters on the attention projections found in `model`'s graph.
 
     nn.Module in: the projections are swapped in place (the frozen originals stay as `.base_layer`), every
     other parameter is frozen, and the same object is returned. `torch.fx.GraphModule` in: AdaMoLE op nodes are
     inserted into its graph in place. `torch.export.ExportedProgram` in: returns its `.module()` rewritten the
     same way. HF text models need no example inputs; other modules take `example_inputs=` (tuple or dict).
+    `plan=`: a `Plan` from `amole_compile.plan` (possibly filtered): adapt exactly its targets, no capture.
     On any error the model is left exactly as it was.
     """
     config = config or AdaMoLEConfig()
@@ -105,37 +73,67 @@ def transform(model, config: AdaMoLEConfig | None = None, *, example_inputs=None
         model = model.module()
     if not isinstance(model, nn.Module):
         raise TypeError(f"transform takes an nn.Module, GraphModule or ExportedProgram, got {type(model).__name__}")
-    if _is_adapted(model):
+    if is_transformed(model):
         raise ValueError(f"{type(model).__name__} is already transformed by amole_compile; transform the base "
                          "model once (load other adapters with load_adapters)")
-    selected, report = plan(model, config, example_inputs=example_inputs)
-    log.info(report.summary())
-    return apply_plan(model, selected, config)
-
-
-def apply_plan(model: nn.Module, selected: list[Target], config: AdaMoLEConfig) -> nn.Module:
-    """Run the rewrite for a plan from `plan()`: insert op nodes (GraphModule) or swap modules (nn.Module)."""
-    if isinstance(model, fx.GraphModule):
-        insert_ops(model, selected, config)
-        return model
-    flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    swap_modules(model, selected, config)
-    _allow_aux_under_checkpoint()
-    _freeze_base(model)
-    model._amole_requires_grad = flags  # restored by untransform
+    if plan is None:
+        plan = _plan(model, config, example_inputs)
+        log.info(plan.report.summary())
+    elif not isinstance(plan, Plan):
+        raise TypeError(f"plan must be a Plan from amole_compile.plan, got {type(plan).__name__}")
+    elif not plan.targets:
+        raise ValueError("plan has no targets: nothing to adapt")
+    log.info(rewrite(model, list(plan.targets), config).summary())
     return model
 
 
-def _allow_aux_under_checkpoint() -> None:
-    """Each site records its aux loss on itself (a Python side effect). Under torch.compile, such a side effect
+def rewrite(model: nn.Module, selected: list[Target], config: AdaMoLEConfig) -> PassReport:
+    """Carry out a plan's targets: insert op nodes (GraphModule) or swap modules (nn.Module) -> the report."""
+    if isinstance(model, fx.GraphModule):
+        return insert_ops(model, selected, config)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    report = swap_modules(model, selected, config)
+    _DynamoFlag.acquire(model)
+    _freeze_base(model)
+    model.__dict__["_amole_requires_grad"] = flags  # restored by untransform
+    return report
+
+
+class _DynamoFlag:
+    """`torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint`, held while any model is transformed.
+
+    Each site records its aux loss on itself (a Python side effect). Under torch.compile, such a side effect
     inside an activation-checkpointed region is a graph break unless dynamo keeps the forward's side effects
-    without replaying them in the recompute, which is what eager checkpointing amounts to for the aux loss."""
-    cfg = torch._dynamo.config
-    if hasattr(cfg, "skip_fwd_side_effects_in_bwd_under_checkpoint") and \
-            not cfg.skip_fwd_side_effects_in_bwd_under_checkpoint:
-        cfg.skip_fwd_side_effects_in_bwd_under_checkpoint = True
-        log.info("set torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True (aux loss under "
-                 "compiled gradient checkpointing)")
+    without replaying them in the recompute, which is what eager checkpointing amounts to for the aux loss.
+    The flag is process-wide: it is set when the first model is transformed and restored to its earlier value
+    when the last one is untransformed.
+    """
+
+    NAME = "skip_fwd_side_effects_in_bwd_under_checkpoint"
+    holders = 0
+    saved: bool | None = None
+
+    @classmethod
+    def acquire(cls, model: nn.Module) -> None:
+        cfg = torch._dynamo.config
+        if not hasattr(cfg, cls.NAME) or model.__dict__.get("_amole_flag"):
+            return
+        if cls.holders == 0:
+            cls.saved = getattr(cfg, cls.NAME)
+            if not cls.saved:
+                setattr(cfg, cls.NAME, True)
+                log.info("set torch._dynamo.config.%s = True (aux loss under compiled gradient checkpointing); "
+                         "untransform restores it", cls.NAME)
+        cls.holders += 1
+        model.__dict__["_amole_flag"] = True
+
+    @classmethod
+    def release(cls, model: nn.Module) -> None:
+        if not model.__dict__.pop("_amole_flag", False):
+            return
+        cls.holders -= 1
+        if cls.holders == 0 and cls.saved is not None:
+            setattr(torch._dynamo.config, cls.NAME, cls.saved)
 
 
 def _freeze_base(model: nn.Module) -> None:
@@ -145,16 +143,15 @@ def _freeze_base(model: nn.Module) -> None:
 
 
 def untransform(model: nn.Module) -> nn.Module:
-    """Remove the adapters: put base layers back and restore the base parameters' requires_grad flags."""
-    from .passes.insert_ops import remove_ops
-    from .passes.swap_modules import unswap_modules
-
+    """Remove the adapters: put base layers back, restore the base parameters' requires_grad flags and any
+    process-wide setting `transform` changed."""
     if isinstance(model, fx.GraphModule) and remove_ops(model):
         return model
     unswap_modules(model)
     flags = model.__dict__.pop("_amole_requires_grad", {})
     for n, p in model.named_parameters():
         p.requires_grad_(flags.get(n, p.requires_grad))
+    _DynamoFlag.release(model)
     return model
 
 
@@ -177,7 +174,7 @@ def aux_loss(model: nn.Module) -> torch.Tensor:
     """Sum over sites of the auxiliary load-balancing loss recorded by the last training-mode forward.
 
     A 0-dim tensor on the model's device; 0 when nothing was recorded (eval mode, LoRA, no forward yet).
-    Training adds `1e-3 * aux_loss(model)` to the task loss, as the reference does.
+    Training adds `1e-3 * aux_loss(model)` to the task loss, as the upstream implementation does.
     """
     losses = [m.aux for m in model.modules() if isinstance(m, ExpertSet) and m.aux is not None]
     if losses:

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import AdaMoLEConfig
-from .ops import adapter
+from .kernels import adapter
 
 
 def linear_features(layer: nn.Module) -> tuple[int, int] | None:
@@ -51,8 +51,9 @@ class ExpertSet(nn.Module):
         self.dropout, self.kernels = float(config.dropout), config.kernels
         self.lora_A = nn.Parameter(torch.empty(e * r, in_features, **kw))  # rows e*R:(e+1)*R are A_e
         self.lora_B = nn.Parameter(torch.empty(out_features, e * r, **kw))  # columns e*R:(e+1)*R are B_e
-        self.gate = nn.Parameter(torch.empty(e, in_features, **kw)) if self.method != "lora" else None
-        has_thr = self.method == "adamole"
+        spec = config.spec
+        self.gate = nn.Parameter(torch.empty(e, in_features, **kw)) if spec.has_gate else None
+        has_thr = spec.has_threshold
         self.threshold_weight = nn.Parameter(torch.empty(1, in_features, **kw)) if has_thr else None
         self.threshold_bias = nn.Parameter(torch.empty(1, **kw)) if has_thr else None
         self._aux: Tensor | None = None
@@ -110,7 +111,7 @@ class ExpertSet(nn.Module):
     def record(self, scores: Tensor, mask: Tensor) -> None:
         """Keep this forward's aux loss (training mode, a router, at least one token), else drop a stale one;
         add the routing to the expert statistics (not while exporting, nor when checkpointing recomputes)."""
-        if self.training and self.method != "lora" and scores.shape[0] > 0:
+        if self.training and self.gate is not None and scores.shape[0] > 0:
             f = mask.to(scores.dtype).mean(0)  # [E] fraction of tokens that selected each expert
             p = scores.mean(0)  # [E] mean shifted score (adamole) or probability (mole)
             self._aux = self.num_experts * (f * p).sum()
@@ -127,12 +128,18 @@ class ExpertSet(nn.Module):
                 self.stat_selected.index_add_(0, experts, mask.sum(0))
                 self.stat_active.index_add_(0, active, torch.ones_like(active))
 
+    def clear_aux(self) -> None:
+        """Forget the recorded aux loss (e.g. before a capture, so that it has no side effect)."""
+        self._aux = None
+
     def reset_stats(self) -> None:
+        """Zero the expert statistics counters."""
         for buf in (self.stat_tokens, self.stat_selected, self.stat_active):
             buf.zero_()
 
     @property
     def aux(self) -> Tensor | None:
+        """The aux loss recorded by the last training-mode forward (None if none)."""
         return self._aux
 
 
@@ -155,16 +162,17 @@ class AdapterGroup(nn.Module):
             self.adapters[role] = ExpertSet(in_features, len(cols), config, dtype, device)
         order = [c for cols in self.columns for c in cols]
         self._whole = order == list(range(out_features))
-        self._n_rest = out_features - len(order)
+        self.n_unadapted = out_features - len(order)  # output columns no role writes
         gather = None
         if not self._whole:  # full[:, j] = cat(deltas, zeros)[:, gather[j]]
             rest = sorted(set(range(out_features)) - set(order))
             pos = {c: i for i, c in enumerate(order + rest)}
             gather = torch.tensor([pos[j] for j in range(out_features)], device=device)
-        self.register_buffer("_gather", gather, persistent=False)
+        self.register_buffer("column_gather", gather, persistent=False)  # see combine_deltas
 
     @property
     def adapter_dtype(self) -> torch.dtype:
+        """The dtype the adapters compute in."""
         return next(iter(self.adapters.values())).lora_A.dtype
 
     def fused_base(self) -> bool:
@@ -178,7 +186,7 @@ class AdapterGroup(nn.Module):
             site = self.adapters[self.roles[0]]
             return site(xa, base=y.reshape(-1, self.out_features)).view_as(y)
         deltas = [site(xa) for site in self.adapters.values()]  # each [T, O_role]
-        return y + combine_deltas(deltas, self._gather, self._n_rest).view_as(y).to(y.dtype)
+        return y + combine_deltas(deltas, self.column_gather, self.n_unadapted).view_as(y).to(y.dtype)
 
 
 class AdaMoLELinear(AdapterGroup):

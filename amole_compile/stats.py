@@ -14,6 +14,7 @@ from pathlib import Path
 from torch import nn
 
 from .core import adapter_groups
+from .files import atomic_write
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,10 +44,8 @@ class ExpertStats:
         return {"mean_active": self.mean_active, "sites": [dataclasses.asdict(s) for s in self.sites]}
 
     def save(self, path: str | Path) -> Path:
-        from .adapters_io import _atomic_write
-
         path = Path(path)
-        _atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(self.to_dict(), indent=2)))
+        atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(self.to_dict(), indent=2)))
         return path
 
     def table(self) -> str:

@@ -1,6 +1,6 @@
 """One projection's forward + backward, side by side: the frozen linear alone, linear + LoRA(r = E * rank),
 linear + AdaMoLE (E experts of rank r; Triton kernels on CUDA, the torch path elsewhere) and linear + the
-reference's loop over experts (gather / scatter per expert, tests/reference_impl.py), per size.
+reference's loop over experts (gather / scatter per expert, tests/upstream_loop.py), per size.
 
     python benchmarks/layer.py [--device cuda] [--dtype bfloat16] [--sizes 1024x2048,4096x8192]
 
@@ -23,7 +23,7 @@ from amole_compile import AdaMoLEConfig
 from amole_compile.modules import AdaMoLELinear
 
 import _common as bc
-from reference_impl import LoopLinear
+from upstream_loop import LoopLinear
 
 
 class LoraLinear(nn.Module):

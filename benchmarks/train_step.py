@@ -3,7 +3,7 @@
     amole eager       AdaMoLE E=8 r=4 on q, k, v, o (transform)
     amole compiled    the same under torch.compile(fullgraph=True)
     peft lora         PEFT LoRA with the same total rank (r = E * rank) on q, k, v, o (eager and compiled)
-    loop adamole      the reference's loop over experts (tests/reference_impl.py)
+    loop adamole      the reference's loop over experts (tests/upstream_loop.py)
     frozen base       no adapters; only layer 0's input norm trains, so the backward still runs through every
                       layer (the floor any adapter method pays)
 
@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
 import amole_compile as ac
 
 import _common as bc
-from reference_impl import LoopAdaMoLE, LoopLinear
+from upstream_loop import LoopAdaMoLE, LoopLinear
 
 ROLES = ("q_proj", "k_proj", "v_proj", "o_proj")
 

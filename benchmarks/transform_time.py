@@ -17,9 +17,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import amole_compile as ac
-from amole_compile.core import apply_plan
+from amole_compile.core import rewrite
+from amole_compile.passes._fx import ParamNames
 from amole_compile.passes.capture import capture
 from amole_compile.passes.find_attention import find_attention
+from amole_compile.passes.select_targets import select_targets
 
 import _common as bc
 
@@ -43,11 +45,11 @@ def timed(model) -> dict[str, float]:
     t0 = time.perf_counter()
     ep = capture(model)
     t1 = time.perf_counter()
-    params = ac.core.ParamNames(None, dict(ep.graph_signature.inputs_to_parameters))
-    found, report = find_attention(ep.graph, params, ac.core._features_from(model))
-    selected = ac.core.select(found, cfg, report)
+    params = ParamNames(None, dict(ep.graph_signature.inputs_to_parameters))
+    found, report = find_attention(ep.graph, params)
+    selected = select_targets(found, cfg, report)
     t2 = time.perf_counter()
-    apply_plan(model, selected, cfg)
+    rewrite(model, selected, cfg)
     t3 = time.perf_counter()
     return {"capture": t1 - t0, "discover": t2 - t1, "rewrite": t3 - t2, "total": t3 - t0,
             "sites": report.matched}

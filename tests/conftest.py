@@ -13,7 +13,7 @@ if os.environ.get("CUDA_VISIBLE_DEVICES", None) != "" and not os.path.exists("/d
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))  # tests/reference_impl.py, tests/models.py
+sys.path.insert(0, os.path.dirname(__file__))  # tests/upstream_loop.py, tests/models.py
 
 from models import ARCHS, build
 

@@ -18,7 +18,7 @@ from amole_compile.adapters_io import adapter_state
 from amole_compile.modules import AdaMoLELinear
 
 from models import build, ids, logits
-from reference_impl import LoopAdaMoLE
+from upstream_loop import LoopAdaMoLE
 
 FILES = ["adapter_config.json", "adapters.safetensors"]
 METHOD_CFGS = {

@@ -12,7 +12,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from amole_compile._routing import route, route_backward
+from amole_compile.kernels.routing_torch import route, route_backward
 
 SETTINGS = settings(max_examples=80, deadline=None)
 _elems = st.floats(-10, 10, allow_nan=False, allow_subnormal=False)

@@ -4,7 +4,7 @@ Traced onnxscript functions handed to the exporter through `custom_translation_t
 routing per token at run time, in the graph: nothing about which experts fire is baked in.
 
 Legend: T tokens, D input dims, O output dims, E experts, R rank per expert, K = E * R,
-Er router rows (E + 1 for adamole, E for mole, 0 for lora).
+Er router rows (`MethodSpec.router_rows`: E + 1 for adamole, E for mole, 0 for lora).
 
 dense (default)   z = x [A; Wg; wt]^T + [0..0, bt]   one Gemm reads x once                 [T, K + Er]
                   w = route(z[:, K:])                softmax / threshold / >= / renorm     [T, E]
@@ -14,7 +14,7 @@ skip              routing as above from x [Wg; wt]^T, then per expert an ONNX `I
                   batch selected e": then-branch adds s * w_e * (x A_e^T) B_e^T to the running sum, the
                   else-branch passes it through, so experts nobody selected cost nothing.
 
-Routing (float32, float64 for float64 inputs), as `_routing.route`:
+Routing (float32, float64 for float64 inputs), as `kernels/routing_torch.route`, keyed by `MethodSpec.code`:
 adamole  p = softmax(l), tau = cap * sigmoid(u + b), a = p - tau, m = a >= 0, w = a m / S (S == 0 -> 1)
 mole     p = softmax(l), m = top-k(l), w = p m / sum(p m)
 lora     w = 1
@@ -29,6 +29,8 @@ import numpy as np
 import onnx_ir as ir
 from onnxscript import opset18 as op
 from onnxscript.onnx_types import BFLOAT16, BOOL, DOUBLE, FLOAT, FLOAT16
+
+from ..kernels.methods import ADAMOLE, MOLE, method_spec
 
 _Float = Union[FLOAT, FLOAT16, BFLOAT16, DOUBLE]  # noqa: UP007 (onnxscript reads the annotation)
 TX = TypeVar("TX", bound=_Float)  # x and the adapter's parameters
@@ -97,10 +99,12 @@ def route(z, x_dtype: ir.DataType, start: int, thr_b, bias_in_z: bool, method: s
           top_k: int, cap: float):
     """Router logits at columns start.. of z [T, *] -> (w [T, E], scores [T, E], mask [T, E] bool), in the
     routing dtype. `bias_in_z`: the threshold bias was already added to z's threshold column."""
-    rt, e = _route_dtype(x_dtype), num_experts
+    rt, e, code = _route_dtype(x_dtype), num_experts, method_spec(method).code
     logits = _cast(_cols(z, start, start + e), x_dtype, rt)
-    if method == "mole":
+    if code == MOLE.code:
         return _route_mole(logits, rt, top_k)
+    if code != ADAMOLE.code:
+        raise NotImplementedError(f"no ONNX routing for method {method!r}")
     u = _cast(_cols(z, start + e, start + e + 1), x_dtype, rt)
     if not bias_in_z:
         u = op.Add(u, _cast(thr_b, x_dtype, rt))
@@ -162,7 +166,7 @@ def _lora(x, xd, lora_a, lora_b, base, scale: float):
 def adapter_dense(
     x: TX, drop_mask: TMask | None, lora_a: TX, lora_b: TX, gate_w: TX | None, thr_w: TX | None,
     thr_b: TX | None, base: TBase | None, method: str, num_experts: int, top_k: int, scale: float,
-    max_threshold: float, drop_scale: float, backend: str,
+    max_threshold: float, drop_scale: float, kernels: str,
 ):
     """amole::adapter, dense: every expert computed, unselected ones weighted 0 (see module doc).
 
@@ -170,12 +174,13 @@ def adapter_dense(
     z are zeroed by the weights and meet zero columns of [B | 0], so z feeds the up-projection directly.
     """
     xd = x if drop_mask is None else _dropped(x, drop_mask, drop_scale)
-    if method == "lora":
+    spec = method_spec(method)
+    if not spec.has_gate:
         return _lora(x, xd, lora_a, lora_b, base, scale)
     router, er = _router(gate_w, thr_w)
     rt, k, e = _route_dtype(x.dtype), lora_a.shape[0], num_experts
     o = lora_b.shape[0]
-    fold = method == "adamole" and rt == x.dtype and drop_mask is None  # threshold bias into the Gemm
+    fold = spec.has_threshold and rt == x.dtype and drop_mask is None  # threshold bias into the Gemm
     if drop_mask is None:
         g = op.Concat(lora_a, router, axis=0)  # [K + Er, D]
         bias = thr_b_column(thr_b, k + e, x.dtype) if fold else None
@@ -219,18 +224,19 @@ def _expert_branches(acc, xd, a_t, b_e, sw_e, tag: str) -> tuple[ir.Graph, ir.Gr
 def adapter_skip(
     x: TX, drop_mask: TMask | None, lora_a: TX, lora_b: TX, gate_w: TX | None, thr_w: TX | None,
     thr_b: TX | None, base: TBase | None, method: str, num_experts: int, top_k: int, scale: float,
-    max_threshold: float, drop_scale: float, backend: str,
+    max_threshold: float, drop_scale: float, kernels: str,
 ):
     """amole::adapter with each expert behind an `If` that skips it when no token of the batch selected it.
 
     LoRA has a single always-on expert and falls back to the dense translation.
     """
-    if method == "lora":
+    spec = method_spec(method)
+    if not spec.has_gate:
         return adapter_dense(x, drop_mask, lora_a, lora_b, gate_w, thr_w, thr_b, base, method, num_experts,
-                             top_k, scale, max_threshold, drop_scale, backend)
+                             top_k, scale, max_threshold, drop_scale, kernels)
     rt, e, k = _route_dtype(x.dtype), num_experts, lora_a.shape[0]
     r, router = k // e, _router(gate_w, thr_w)[0]
-    fold = method == "adamole" and rt == x.dtype
+    fold = spec.has_threshold and rt == x.dtype
     zr = op.Gemm(x, router, thr_b_column(thr_b, e, x.dtype), transB=1) if fold else op.MatMul(x, _t(router))
     w, scores, m = route(zr, x.dtype, 0, thr_b, fold, method, e, top_k, max_threshold)
     xd = x if drop_mask is None else _dropped(x, drop_mask, drop_scale)
@@ -255,7 +261,9 @@ def translation_table(masking: str = "dense") -> dict:
     """The `custom_translation_table` for torch.onnx.export: {amole::adapter: translation}."""
     import torch
 
-    from .. import ops  # noqa: F401  (registers torch.ops.amole.adapter)
+    from ..kernels import register
+
+    register()  # torch.ops.amole.adapter
 
     if masking not in MASKING:
         raise ValueError(f"masking must be one of {MASKING}, got {masking!r}")

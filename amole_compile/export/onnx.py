@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ._kv import GraphSpec, decoder_spec, scoring_spec
+from ._graphs import GraphSpec, decoder_spec, scoring_spec
 from ._translation import MASKING, translation_table
 
 DEFAULT_OPSET = 20
@@ -130,7 +130,7 @@ def _eval_mode(model: nn.Module):
     modes = {m: m.training for m in model.modules()}
     for m in model.modules():
         if isinstance(m, ExpertSet):
-            m._aux = None  # the eval forward would clear it; clearing it here keeps the capture side-effect free
+            m.clear_aux()  # the eval forward would clear it; clearing it here keeps the capture side-effect free
     model.eval()
     try:
         yield

@@ -1,28 +1,21 @@
-"""Triton kernels for the AdaMoLE op. Importing this package does not import triton; the kernel modules do."""
+"""The op's leaf: everything that computes the AdaMoLE adapter, and nothing from the rest of the package.
+
+    methods.py         the method table (`MethodSpec`): router rows, gate/threshold, kernel code
+    routing_torch.py   the routing math in plain torch (forward and backward)
+    adapter_torch.py   the op's torch path: dense formulation, forward and backward (the kernels' ground truth)
+    routing_triton.py  the routing math as Triton device functions
+    adapter_triton.py  the Triton kernels and their launchers
+    backend.py         the `kernels` setting -> torch or triton for a call
+    op.py              `torch.ops.amole.adapter` (+ backward): registration on first use, autograd
+
+Tensors and scalars in, tensors out. Importing this package imports no triton and no torch._inductor.
+"""
 
 from __future__ import annotations
 
-import importlib.util
-import os
+from .backend import KERNELS, SUPPORTED_DTYPES, resolve_kernels, triton_usable
+from .methods import METHODS, MethodSpec, method_spec
+from .op import adapter, register
 
-import torch
-
-SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-def triton_usable(x: torch.Tensor, explicit: bool = False) -> tuple[bool, str]:
-    """Can the Triton kernels run on x? -> (ok, reason when not).
-
-    'auto' (explicit=False) picks Triton only for CUDA tensors. An explicit request also accepts CPU tensors
-    when TRITON_INTERPRET=1 (Triton's interpreter: how CI runs the kernels).
-    """
-    if importlib.util.find_spec("triton") is None:
-        return False, "the 'triton' package is not installed (pip install 'amole-compile[triton]')"
-    if x.dtype not in SUPPORTED_DTYPES:
-        return False, f"dtype {x.dtype} is not supported by the Triton kernels (float32, bfloat16, float16)"
-    if x.device.type == "cuda":
-        return True, ""
-    if explicit and x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
-        return True, ""
-    return False, (f"no Triton backend for device '{x.device.type}': the kernels need a CUDA device, "
-                   "or TRITON_INTERPRET=1 for CPU tensors")
+__all__ = ["KERNELS", "METHODS", "SUPPORTED_DTYPES", "MethodSpec", "adapter", "method_spec", "register",
+           "resolve_kernels", "triton_usable"]

@@ -54,12 +54,14 @@ def tensor_args(node: fx.Node) -> list[fx.Node]:
 
 @dataclasses.dataclass(frozen=True)
 class LinearCall:
-    """A linear-like node: its input node, its weight's parameter name and the owning module name."""
+    """A linear-like node: its input node, its weight's parameter name, the owning module name and
+    (in_features, out_features) when the weight's shape is known."""
 
     node: fx.Node
     input: fx.Node
     param: str
     module: str
+    features: tuple[int, int] | None = None
 
 
 class ParamNames:
@@ -78,6 +80,18 @@ class ParamNames:
             return str(node.target)
         return None
 
+    def shape(self, node: fx.Node) -> tuple[int, ...] | None:
+        """The shape of a parameter node: its example value (ExportedProgram) or the GraphModule's tensor."""
+        val = meta_value(node)
+        if isinstance(val, torch.Tensor):
+            return tuple(int(s) for s in val.shape)
+        if node.op == "get_attr" and self.gm is not None:
+            try:
+                return tuple(self.gm.get_parameter(str(node.target)).shape)
+            except AttributeError:
+                return None
+        return None
+
     def module_of(self, node: fx.Node) -> nn.Module | None:
         if self.gm is None or node.op != "call_module":
             return None
@@ -89,19 +103,25 @@ def as_linear(node: fx.Node, params: ParamNames) -> LinearCall | None:
     name = op_name(node)
     if node.op == "call_module":
         mod = params.module_of(node)
-        if mod is not None and (isinstance(mod, nn.Linear) or type(mod).__name__ == "Conv1D"):
-            return LinearCall(node, node.args[0], f"{node.target}.weight", str(node.target))
-        return None
+        if isinstance(mod, nn.Linear):
+            feats = (mod.in_features, mod.out_features)
+        elif mod is not None and type(mod).__name__ == "Conv1D":
+            feats = tuple(int(s) for s in mod.weight.shape)  # Conv1D: W [D, O]
+        else:
+            return None
+        return LinearCall(node, node.args[0], f"{node.target}.weight", str(node.target), feats)
     if name == "linear" and len(node.args) >= 2:
-        x, w = node.args[0], node.args[1]
+        x, w, transposed = node.args[0], node.args[1], False  # W [O, D]
     elif name == "addmm" and len(node.args) >= 3:
-        x, w = node.args[1], node.args[2]
+        x, w, transposed = node.args[1], node.args[2], True  # Conv1D: W [D, O]
     else:
         return None
     pname = params(w)
     if pname is None or not isinstance(x, fx.Node) or not pname.endswith(".weight"):
         return None
-    return LinearCall(node, x, pname, pname[: -len(".weight")])
+    shape = params.shape(w)
+    feats = None if shape is None or len(shape) != 2 else (shape if transposed else shape[::-1])
+    return LinearCall(node, x, pname, pname[: -len(".weight")], feats)
 
 
 def walk(start: fx.Node, step: Callable[[fx.Node], list[fx.Node]], stop: Callable[[fx.Node], bool]):

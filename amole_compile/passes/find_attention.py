@@ -18,7 +18,6 @@ Invariants:     the graph is not modified; every target's weight is a parameter;
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 
 from torch import fx
 
@@ -41,7 +40,7 @@ from ._fx import (
     tensor_args,
     walk,
 )
-from .plan import PassReport, Target, compress
+from .targets import PassReport, Target, compress
 
 ROLE_ORDER = ("q", "k", "v", "o")
 _BACK_OPS = SHAPE_OPS | CAST_OPS | ARITH_OPS
@@ -162,16 +161,18 @@ def _columns(found: _Found, report: PassReport) -> tuple[tuple[str, ...], tuple]
     return tuple(kept), tuple(slices)
 
 
-def find_attention(graph: fx.Graph, params: ParamNames,
-                   features: Callable[[LinearCall], tuple[int, int]]) -> tuple[list[Target], PassReport]:
-    """Run the pass: -> (targets in graph order, report). `features(call)` gives (in, out) of a projection."""
+def find_attention(graph: fx.Graph, params: ParamNames) -> tuple[list[Target], PassReport]:
+    """Run the pass: -> (targets in graph order, report)."""
     report = PassReport("find_attention")
     anchors = find_anchors(graph)
     report.anchors = len(anchors)
     found: dict[str, _Found] = {}
 
     def add(call: LinearCall, role: str, cone: set[fx.Node]) -> None:
-        entry = found.setdefault(call.module, _Found(call, features(call)))
+        if call.features is None:
+            report.skipped.append(f"{call.module}: the shape of its weight {call.param} is unknown")
+            return
+        entry = found.setdefault(call.module, _Found(call, call.features))
         entry.cones.setdefault(role, []).append(cone)
 
     for anchor in anchors:

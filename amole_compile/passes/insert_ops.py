@@ -20,11 +20,11 @@ import operator
 import torch
 from torch import fx
 
-from .. import ops  # noqa: F401  (registers torch.ops.amole)
 from ..config import AdaMoLEConfig
+from ..kernels import register
 from ..modules import AdapterGroup, ExpertSet, combine_deltas
 from ._fx import ParamNames, as_linear
-from .plan import PassReport, Target
+from .targets import PassReport, Target
 
 PREFIX = "_amole"
 
@@ -77,8 +77,8 @@ def _rewrite_call(gm: fx.GraphModule, node: fx.Node, x: fx.Node, group: AdapterG
             new = emit("call_method", "view_as", (out, node))
         else:
             deltas = [emit.site(f"{path}.adapters.{r}", s, r, x2, None) for r, s in sites]
-            gather = emit("get_attr", f"{path}._gather", ()) if group._gather is not None else None
-            full = emit("call_function", combine_deltas, (deltas, gather, group._n_rest))
+            gather = emit("get_attr", f"{path}.column_gather", ()) if group.column_gather is not None else None
+            full = emit("call_function", combine_deltas, (deltas, gather, group.n_unadapted))
             full = emit("call_method", "type_as", (emit("call_method", "view_as", (full, node)), node))
             new = emit("call_function", operator.add, (node, full))
     for user in users:
@@ -87,6 +87,7 @@ def _rewrite_call(gm: fx.GraphModule, node: fx.Node, x: fx.Node, group: AdapterG
 
 def insert_ops(gm: fx.GraphModule, targets: list[Target], config: AdaMoLEConfig) -> PassReport:
     """Run the pass on gm in place (all or nothing); returns how many calls it rewrote."""
+    register()  # the nodes call torch.ops.amole.adapter
     report = PassReport("insert_ops", targets=list(targets))
     params = ParamNames(gm)
     calls = [(n, as_linear(n, params)) for n in gm.graph.nodes]

@@ -15,7 +15,7 @@ from torch import nn
 
 from ..config import AdaMoLEConfig
 from ..modules import AdaMoLELinear, AdapterGroup, linear_features
-from .plan import PassReport, Target
+from .targets import PassReport, Target
 
 
 class UnsupportedLayerError(TypeError):
@@ -31,14 +31,21 @@ def build_replacements(model: nn.Module, targets: list[Target], config: AdaMoLEC
     """Build (without installing) the adapter module for each target; raises before touching the model."""
     built = {}
     for t in targets:
-        layer = model.get_submodule(t.module)
+        try:
+            layer = model.get_submodule(t.module)
+        except AttributeError:
+            raise ValueError(f"the plan targets {t.module}, which {type(model).__name__} does not have") from None
         if isinstance(layer, AdapterGroup):
             raise ValueError(f"{t.module} is adapted already; transform a fresh model (or use load_adapters)")
-        if linear_features(layer) is None:
+        feats = linear_features(layer)
+        if feats is None:
             raise UnsupportedLayerError(
                 f"cannot adapt {t.module}: it is a {type(layer).__module__}.{type(layer).__name__}, and only "
                 "nn.Linear (and subclasses) and transformers Conv1D are supported; exclude it with "
                 "AdaMoLEConfig(exclude=...)")
+        if feats != (t.in_features, t.out_features):
+            raise ValueError(f"{t.module}: the plan says {t.in_features} -> {t.out_features} features, the model's "
+                             f"layer has {feats[0]} -> {feats[1]}; was the plan made for another model?")
         built[t.module] = AdaMoLELinear(layer, t.roles, tuple(t.columns(r) for r in t.roles), config)
     return built
 
@@ -49,7 +56,7 @@ def swap_modules(model: nn.Module, targets: list[Target], config: AdaMoLEConfig)
     for fqn, new in built.items():
         parent, child = _parent(model, fqn)
         setattr(parent, child, new)
-    return PassReport("swap_modules", targets=list(targets))
+    return PassReport("swap_modules", targets=list(targets), rewritten=len(built))
 
 
 def unswap_modules(model: nn.Module) -> int:

@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 
 import amole_compile as ac
+from amole_compile.kernels import adapter
 from amole_compile.modules import ExpertSet
-from amole_compile.ops import adapter
 
 from models import build
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from amole_compile.export._translation import translation_table
-from amole_compile.ops import adapter
+from amole_compile.kernels import adapter
 
 T, D, OUT, E, R = 16, 12, 10, 4, 2  # tokens, in dims, out dims, experts, rank
 

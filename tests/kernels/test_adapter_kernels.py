@@ -1,5 +1,6 @@
-"""Triton kernels (run under TRITON_INTERPRET=1 on CPU) against the plain-torch reference: the output and every
-gradient, over odd shapes, E x rank, methods, masking states and a dtype -> tolerance table."""
+"""Triton kernels (run under TRITON_INTERPRET=1 on CPU) against the torch path (`adapter_torch.py`), their ground
+truth: the output and every gradient, over odd shapes, E x rank, methods, threshold states and a dtype ->
+tolerance table."""
 
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ import os
 import pytest
 import torch
 
-from amole_compile import ops
-from amole_compile.kernels import triton_usable
-from amole_compile.kernels.adapter import adapter_backward_triton, adapter_triton, reference_backward, reference_forward
+from amole_compile.kernels import register, resolve_kernels, triton_usable
+from amole_compile.kernels.adapter_torch import adapter_backward_torch, adapter_torch
+from amole_compile.kernels.adapter_triton import adapter_backward_triton, adapter_triton
+
+ops = register()  # the registered torch.library ops
 
 pytestmark = pytest.mark.skipif(not triton_usable(torch.zeros(1), explicit=True)[0],
                                 reason="needs triton (CUDA, or TRITON_INTERPRET=1 set by conftest)")
@@ -42,7 +45,7 @@ def _tie_free(x, gate, thr_w, thr_b, method, e, top_k, cap, margin=0.02):
     raise AssertionError("could not draw tie-free inputs")
 
 
-def make(method="adamole", e=4, r=4, t=37, d=45, o=29, dtype=torch.float32, masking="partial", dropout=True,
+def make(method="adamole", e=4, r=4, t=37, d=45, o=29, dtype=torch.float32, thr_state="partial", dropout=True,
          base=True, seed=0):
     g = torch.Generator().manual_seed(seed)
     e = 1 if method == "lora" else e
@@ -53,12 +56,12 @@ def make(method="adamole", e=4, r=4, t=37, d=45, o=29, dtype=torch.float32, mask
     x = torch.randn(t, d, generator=g)
     gate = torch.randn(e, d, generator=g) * 0.4 if method != "lora" else None
     thr_w = torch.randn(1, d, generator=g) * 0.2 if method == "adamole" else None
-    # threshold bias sets the masking state: -30 -> tau ~ 0 (all active), +30 with cap 1 -> tau = 1 (all masked)
-    bias = {"active": -30.0, "partial": 0.0, "masked": 30.0}[masking]
+    # threshold bias sets the threshold state: -30 -> tau ~ 0 (all active), +30 with cap 1 -> tau = 1 (all masked)
+    bias = {"active": -30.0, "partial": 0.0, "masked": 30.0}[thr_state]
     thr_b = torch.full((1,), bias) if method == "adamole" else None
-    cap = 1.0 if masking == "masked" else 1.0 / e
+    cap = 1.0 if thr_state == "masked" else 1.0 / e
     k = min(2, e) if method == "mole" else 0
-    if method != "lora" and masking == "partial":
+    if method != "lora" and thr_state == "partial":
         x = _tie_free(x, gate, thr_w, thr_b, method, e, k, cap)
 
     def cast(v):
@@ -73,7 +76,7 @@ def make(method="adamole", e=4, r=4, t=37, d=45, o=29, dtype=torch.float32, mask
 
 def run_both(args, dtype, need_grad_x=True, seed=1):
     fwd_args = tuple(args.values())
-    ref, tri = reference_forward(*fwd_args), adapter_triton(*fwd_args)
+    ref, tri = adapter_torch(*fwd_args), adapter_triton(*fwd_args)
     g = torch.Generator().manual_seed(seed)
     grad_out = torch.randn(ref[0].shape, generator=g).to(dtype)
     grad_scores = torch.randn(ref[1].shape, generator=g) if args["method"] != "lora" else None
@@ -81,7 +84,7 @@ def run_both(args, dtype, need_grad_x=True, seed=1):
               args["thr_b"])
     tail = (args["method"], args["num_experts"], args["top_k"], args["scale"], args["max_threshold"],
             args["drop_scale"], need_grad_x)
-    ref_b = reference_backward(grad_out, grad_scores, *common, ref[3], ref[4], *tail)
+    ref_b = adapter_backward_torch(grad_out, grad_scores, *common, ref[3], ref[4], *tail)
     tri_b = adapter_backward_triton(grad_out, grad_scores, *common, ref[3], ref[4], *tail)
     return ref, tri, ref_b, tri_b
 
@@ -111,13 +114,13 @@ def test_lora_epilogue(r):
     check(make("lora", r=r))
 
 
-@pytest.mark.parametrize("masking", ["active", "partial", "masked"])
-def test_masking_states(masking):
-    args = make("adamole", e=8, r=4, masking=masking)
+@pytest.mark.parametrize("thr_state", ["active", "partial", "masked"])
+def test_threshold_states(thr_state):
+    args = make("adamole", e=8, r=4, thr_state=thr_state)
     mask = check(args)[2]
     frac = mask.float().mean().item()
-    assert {"active": frac == 1.0, "partial": 0.0 < frac < 1.0, "masked": frac == 0.0}[masking], frac
-    if masking == "masked":  # nothing selected: the adapter adds exactly nothing
+    assert {"active": frac == 1.0, "partial": 0.0 < frac < 1.0, "masked": frac == 0.0}[thr_state], frac
+    if thr_state == "masked":  # nothing selected: the adapter adds exactly nothing
         assert torch.equal(adapter_triton(*args.values())[0], args["base"])
 
 
@@ -176,23 +179,23 @@ def test_explicit_triton_without_backend_is_a_clear_error(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     x = torch.zeros(2, 4)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
-        ops.resolve_backend("triton", x)
+        resolve_kernels("triton", x)
     monkeypatch.setenv("AMOLE_KERNELS", "triton")
     with pytest.raises(RuntimeError, match="kernels='triton'"):
-        ops.resolve_backend("auto", x)
+        resolve_kernels("auto", x)
 
 
 def test_float64_falls_back_or_errors(monkeypatch):
-    assert ops.resolve_backend("auto", torch.zeros(2, 4, dtype=torch.float64)) == "torch"
+    assert resolve_kernels("auto", torch.zeros(2, 4, dtype=torch.float64)) == "torch"
     with pytest.raises(RuntimeError, match="float64"):
-        ops.resolve_backend("triton", torch.zeros(2, 4, dtype=torch.float64))
+        resolve_kernels("triton", torch.zeros(2, 4, dtype=torch.float64))
     monkeypatch.setenv("AMOLE_KERNELS", "bogus")
     with pytest.raises(ValueError, match="AMOLE_KERNELS"):
-        ops.resolve_backend("auto", torch.zeros(2, 4))
+        resolve_kernels("auto", torch.zeros(2, 4))
 
 
 def test_interpreter_is_what_ci_runs():
     if not torch.cuda.is_available():
         assert os.environ.get("TRITON_INTERPRET") == "1"
-        assert ops.resolve_backend("triton", torch.zeros(2, 4)) == "triton"
-        assert ops.resolve_backend("auto", torch.zeros(2, 4)) == "torch"  # auto never picks the interpreter
+        assert resolve_kernels("triton", torch.zeros(2, 4)) == "triton"
+        assert resolve_kernels("auto", torch.zeros(2, 4)) == "torch"  # auto never picks the interpreter

@@ -73,7 +73,8 @@ def check_plan(model, arch, found, report):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_every_attention_layer_gets_qkvo(arch):
     model = build(arch)
-    found, report = ac.plan(model, ac.AdaMoLEConfig())
+    plan = ac.plan(model, ac.AdaMoLEConfig())
+    found, report = plan.targets, plan.report
     check_plan(model, arch, found, report)
 
 
@@ -81,7 +82,8 @@ def test_every_attention_layer_gets_qkvo(arch):
 def test_eager_attention(arch):
     model = build(arch, attn_implementation="eager")
     assert model.config._attn_implementation == "eager"
-    found, report = ac.plan(model, ac.AdaMoLEConfig())
+    plan = ac.plan(model, ac.AdaMoLEConfig())
+    found, report = plan.targets, plan.report
     check_plan(model, arch, found, report)
 
 
@@ -148,7 +150,7 @@ def check_role_columns(model, target, call):
 @pytest.mark.parametrize("arch", sorted(FUSED_COLUMNS))
 def test_fused_slices_feed_exactly_their_role(arch):
     model = build(arch)
-    found, _ = ac.plan(model, ac.AdaMoLEConfig())
+    found = ac.plan(model, ac.AdaMoLEConfig()).targets
     fused = found[0]
     assert fused.roles == ("q", "k", "v")
     x = ids(2, 8, seed=3)
@@ -187,7 +189,8 @@ def test_hand_written_attention_module():
     model = TwoBlocks().eval()
     x = torch.randn(2, 5, 24)
     ref = model(x)
-    found, report = ac.plan(model, ac.AdaMoLEConfig(), example_inputs=(x,))
+    plan = ac.plan(model, ac.AdaMoLEConfig(), example_inputs=(x,))
+    found, report = plan.targets, plan.report
     assert report.anchors == 2 and report.matched == 8
     assert [(t.module, t.roles, t.slices) for t in found] == [
         ("a.qkv", ("q", "k", "v"), (slice(0, 24), slice(24, 48), slice(48, 72))), ("a.proj", ("o",), (slice(0, 24),)),
@@ -217,7 +220,8 @@ def llama():
      [f"model.layers.0.self_attn.{r}_proj" for r in "ko"]),
 ])
 def test_filtering(llama, kwargs, want):
-    found, report = ac.plan(llama, ac.AdaMoLEConfig(**kwargs))
+    plan = ac.plan(llama, ac.AdaMoLEConfig(**kwargs))
+    found, report = plan.targets, plan.report
     assert [t.module for t in found] == want
     assert report.anchors == 2 and report.matched == 8  # the report counts what was found before filtering
     n_regex_skipped = 8 - len(want) if "roles" not in kwargs else None
@@ -228,7 +232,7 @@ def test_filtering(llama, kwargs, want):
 
 def test_filtering_roles_of_a_fused_projection():
     model = build("gpt2")
-    found, _ = ac.plan(model, ac.AdaMoLEConfig(roles=("q", "v")))
+    found = ac.plan(model, ac.AdaMoLEConfig(roles=("q", "v"))).targets
     assert [(t.module, t.roles, t.slices) for t in found] == [
         (f"transformer.h.{i}.attn.c_attn", ("q", "v"), (slice(0, 64), slice(128, 192))) for i in (0, 1)]
     ac.transform(model, ac.AdaMoLEConfig(roles=("k",), include=r"h\.1\."))

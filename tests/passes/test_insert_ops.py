@@ -13,11 +13,12 @@ from torch import fx
 
 import amole_compile as ac
 from amole_compile.adapters_io import adapter_state
+from amole_compile.kernels import register
 from amole_compile.passes import insert_ops as insert_ops_mod
 
 from models import build, ids
 
-ADAPTER = torch.ops.amole.adapter.default
+ADAPTER = register().adapter._opoverload  # torch.ops.amole.adapter.default
 CFG = ac.AdaMoLEConfig(num_experts=4, rank=2, dropout=0.0)  # exported modules cannot be put in eval mode
 
 

@@ -78,7 +78,7 @@ def test_swap_train_and_reload(arch):
     trained = logits(model, x)
     assert not torch.allclose(trained, ref)
     # state_dict loads back (strict) into a fresh base model given the same plan
-    fresh = ac.core.apply_plan(build(arch), found, CFG).eval()
+    fresh = ac.transform(build(arch), CFG, plan=ac.plan(build(arch), CFG)).eval()
     fresh.load_state_dict(sd)
     assert torch.equal(logits(fresh, x), trained)
     if arch not in ENCODERS:  # generate() with the trained adapters (KV cache, one token per step)

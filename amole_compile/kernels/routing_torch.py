@@ -1,6 +1,7 @@
 """Per-token routing epilogues (plain torch), forward and hand-written backward.
 
-This is the reference for the routing math; the dense op (`ops.py`) and the Triton kernels reuse it.
+The torch path of the routing math (docs/math.md): the op's torch path (`adapter_torch.py`) calls it, and the
+Triton twin (`routing_triton.py`) and the ONNX translation must match it. Methods come from `methods.py`.
 Legend: T tokens, E experts, Er router rows (E + 1 for adamole, E for mole, 0 for lora).
 
 adamole  p = softmax(l), tau = cap * sigmoid(u + b), a = p - tau, m = a >= 0,
@@ -15,9 +16,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .methods import method_spec
+
 
 def _normalise(num: Tensor) -> tuple[Tensor, Tensor]:
-    """num [T, E] >= 0 -> (w [T, E], S [T, 1]) with S == 0 replaced by 1, as the reference does."""
+    """num [T, E] >= 0 -> (w [T, E], S [T, 1]) with S == 0 replaced by 1, as the upstream implementation does."""
     s = num.sum(-1, keepdim=True)
     s = torch.where(s == 0, torch.ones_like(s), s)
     return num / s, s
@@ -41,11 +44,11 @@ def _mole_parts(zr: Tensor, top_k: int):
 
 def route(zr: Tensor, thr_b: Tensor | None, method: str, num_experts: int, top_k: int, cap: float):
     """zr [T, Er] float32 router logits -> (w [T, E], scores [T, E], mask [T, E] bool)."""
-    t = zr.shape[0]
-    if method == "lora":
+    t, spec = zr.shape[0], method_spec(method)
+    if not spec.has_gate:
         ones = zr.new_ones(t, 1)
         return ones, ones, ones.bool()
-    if method == "adamole":
+    if spec.has_threshold:
         _, _, a, m = _adamole_parts(zr, thr_b, num_experts, cap)
         w, _ = _normalise(a * m)
         return w, a, m
@@ -65,9 +68,10 @@ def route_backward(
     cap: float,
 ) -> tuple[Tensor, Tensor]:
     """Gradients of (w, scores) w.r.t. zr [T, Er] and the threshold bias [1] (empty for non-adamole)."""
-    if method == "lora":
+    spec = method_spec(method)
+    if not spec.has_gate:
         return zr.new_zeros(zr.shape), zr.new_zeros(0)
-    if method == "adamole":
+    if spec.has_threshold:
         p, sig, a, m = _adamole_parts(zr, thr_b, num_experts, cap)
         num = a * m
     else:
@@ -79,7 +83,7 @@ def route_backward(
     if grad_scores is not None:
         g_p = g_p + grad_scores
     g_logits = p * (g_p - (g_p * p).sum(-1, keepdim=True))  # softmax backward, [T, E]
-    if method == "mole":
+    if not spec.has_threshold:
         return g_logits, zr.new_zeros(0)
     g_u = -g_p.sum(-1, keepdim=True) * cap * sig * (1 - sig)  # through tau = cap * sigmoid(u), [T, 1]
     return torch.cat([g_logits, g_u], dim=-1), g_u.sum().reshape(1)

@@ -1,4 +1,4 @@
-"""Import of the reference repo's checkpoints (DESIGN.md § Reference checkpoint format).
+"""Import of the upstream AdaMoLE repository's checkpoints (the upstream format, docs/upstream_format.md).
 
 `adapter_config.json` with `peft_type` ADAMOLE / MOLE / LORA, `r` (per expert), `lora_alpha`, `lora_dropout`,
 `num_experts`, `max_threshold` or `top_k`, `target_modules`; tensors in `adapter_model.safetensors` or
@@ -10,7 +10,7 @@
     base_model.model.<fqn>.lora_threshold.weight   [1, d_in]     (AdaMoLE)
     base_model.model.<fqn>.lora_threshold.bias     [1]           (AdaMoLE)
 
-Duplicate `...moe_layer...` keys are ignored. Each reference module becomes a single-role target; the experts are
+Duplicate `...moe_layer...` keys are ignored. Each upstream module becomes a single-role target; the experts are
 stacked into our `lora_A [E*r, d_in]` / `lora_B [d_out, E*r]`.
 """
 
@@ -23,15 +23,16 @@ from pathlib import Path
 import torch
 
 from .config import AdaMoLEConfig
-from .passes.plan import Target, expand
+from .kernels.methods import METHODS
+from .passes.targets import Target, expand
 
 PREFIX = "base_model.model."
-_METHODS = {"ADAMOLE": "adamole", "MOLE": "mole", "LORA": "lora"}
+_METHODS = {m.upstream_type: m.name for m in METHODS.values()}
 _KEY = re.compile(r"^base_model\.model\.(?P<mod>.+?)\.(?:(?P<ab>lora_[AB])(?:\.(?P<e>\d+))?\.weight|"
                   r"lora_gating\.weight|lora_threshold\.(?P<tp>weight|bias))$")
 
 
-def is_reference(data: dict) -> bool:
+def is_upstream(data: dict) -> bool:
     return "peft_type" in data
 
 
@@ -40,13 +41,14 @@ def _config(data: dict, file: Path) -> AdaMoLEConfig:
     if peft_type not in _METHODS:
         raise ValueError(f"{file}: peft_type {data.get('peft_type')!r} is not one of {sorted(_METHODS)}")
     method = _METHODS[peft_type]
+    spec = METHODS[method]
     try:
         return AdaMoLEConfig(
-            method=method, num_experts=int(data.get("num_experts", 1)) if method != "lora" else None,
+            method=method, num_experts=int(data.get("num_experts", 1)) if spec.fixed_experts is None else None,
             rank=int(data["r"]), alpha=float(data.get("lora_alpha", data["r"])),
             dropout=float(data.get("lora_dropout", 0.0)),
-            max_threshold=data.get("max_threshold") if method == "adamole" else None,
-            top_k=data.get("top_k") if method == "mole" else None)
+            max_threshold=data.get("max_threshold") if spec.has_threshold else None,
+            top_k=data.get("top_k") if spec.uses_top_k else None)
     except KeyError as exc:
         raise ValueError(f"{file}: missing key {exc.args[0]!r}") from exc
 
@@ -92,7 +94,7 @@ def _group(raw: dict[str, torch.Tensor], file: Path) -> dict[str, dict[str, dict
 
 
 def _stack(parts: dict, name: str, mod: str, config: AdaMoLEConfig, file: Path) -> list[torch.Tensor]:
-    ids = [None] if config.method == "lora" else list(range(config.num_experts))
+    ids = [None] if config.spec.fixed_experts == 1 else list(range(config.num_experts))
     for e in ids:
         if e not in parts:
             suffix = f"{name}.weight" if e is None else f"{name}.{e}.weight"
@@ -111,7 +113,8 @@ def _convert(mod: str, entry: dict, config: AdaMoLEConfig, file: Path) -> tuple[
         raise ValueError(f"{file}: the experts of {mod} have different shapes: {sorted(map(tuple, shapes))}")
     d_in, d_out = a[0].shape[1], b[0].shape[0]
     out = {"lora_A": torch.cat(a, 0), "lora_B": torch.cat(b, 1)}
-    wanted = {"adamole": ("gate", "threshold_weight", "threshold_bias"), "mole": ("gate",), "lora": ()}[config.method]
+    wanted = (("gate",) if config.spec.has_gate else ()) + \
+        (("threshold_weight", "threshold_bias") if config.spec.has_threshold else ())
     for name in ("gate", "threshold_weight", "threshold_bias"):
         if name in wanted and name not in entry:
             raw = {"gate": "lora_gating.weight", "threshold_weight": "lora_threshold.weight",
@@ -124,7 +127,7 @@ def _convert(mod: str, entry: dict, config: AdaMoLEConfig, file: Path) -> tuple[
     return Target(mod, ("?",), (slice(0, d_out),), d_in, d_out), out
 
 
-def read_reference(path: Path, data: dict) -> tuple[AdaMoLEConfig, list[Target], dict[str, torch.Tensor]]:
+def read_upstream(path: Path, data: dict) -> tuple[AdaMoLEConfig, list[Target], dict[str, torch.Tensor]]:
     """-> (config, targets with role '?' to be matched against discovery, tensors under our canonical keys)."""
     config = _config(data, path / "adapter_config.json")
     raw, file = _load_tensors(path)
@@ -139,11 +142,11 @@ def read_reference(path: Path, data: dict) -> tuple[AdaMoLEConfig, list[Target],
     return config, targets, tensors
 
 
-def resolve_reference(have: list[Target], config: AdaMoLEConfig, want: list[Target],
+def resolve_upstream(have: list[Target], config: AdaMoLEConfig, want: list[Target],
                       tensors: dict[str, torch.Tensor]):
-    """Give each reference module the role discovery found for it -> (config, targets, tensors) in our terms.
+    """Give each upstream module the role discovery found for it -> (config, targets, tensors) in our terms.
 
-    Every reference module must be a discovered, unfused projection (the reference adapts a fused QKV
+    Every upstream module must be a discovered, unfused projection (the upstream format adapts a fused QKV
     projection as one layer, which has no per-role equivalent here).
     """
     found = {t.module: t for t in have}
@@ -151,10 +154,10 @@ def resolve_reference(have: list[Target], config: AdaMoLEConfig, want: list[Targ
     for w in want:
         h = found.get(w.module)
         if h is None:
-            raise ValueError(f"the reference checkpoint adapts {w.module}, which is not an attention projection "
+            raise ValueError(f"the upstream checkpoint adapts {w.module}, which is not an attention projection "
                              "discovered in this model")
         if len(h.roles) != 1 or expand(h.slices[0]) != tuple(range(h.out_features)):
-            raise ValueError(f"{w.module} is a fused projection here (roles {h.roles}); the reference checkpoint "
+            raise ValueError(f"{w.module} is a fused projection here (roles {h.roles}); the upstream checkpoint "
                              "adapts it as a single layer, which cannot be split into per-role experts")
         targets.append(h)
         prefix = f"{w.module}.adapters.?."

@@ -1,4 +1,5 @@
-"""The plan the discovery pass hands to the rewrites: `Target`s and a `PassReport`."""
+"""The values the passes hand each other: `Target` (one projection to adapt), `PassReport` (what a pass
+matched) and `Plan` (what `amole_compile.plan` returns and `transform(..., plan=)` takes)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ def compress(cols: list[int] | tuple[int, ...]) -> slice | tuple[int, ...]:
 
 
 def expand(cols: slice | tuple[int, ...]) -> tuple[int, ...]:
+    """A slice or tuple of columns -> the tuple of column indices."""
     return tuple(range(cols.start, cols.stop)) if isinstance(cols, slice) else tuple(cols)
 
 
@@ -35,9 +37,11 @@ class Target:
     out_features: int
 
     def columns(self, role: str) -> tuple[int, ...]:
+        """The output columns `role` owns."""
         return expand(self.slices[self.roles.index(role)])
 
     def describe(self) -> str:
+        """One line: module, roles with their columns, and the projection's widths."""
         parts = []
         for role, cols in zip(self.roles, self.slices, strict=True):
             if isinstance(cols, slice):
@@ -63,5 +67,42 @@ class PassReport:
         return sum(len(t.roles) for t in self.targets)
 
     def summary(self) -> str:
+        """One line: what the pass matched, rewrote and skipped."""
         return (f"{self.name}: {self.anchors} attention site(s), {len(self.targets)} projection(s), "
                 f"{self.matched} role site(s), {self.rewritten} call(s) rewritten, {len(self.skipped)} skipped")
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What `amole_compile.plan(model, config)` found, ready for `transform(model, config, plan=...)`.
+
+    model      the model's class name
+    targets    the projections that will be adapted (after the config's roles / include / exclude)
+    report     the discovery report: attention sites, every projection found, and what was skipped and why
+
+    Read it (`print(plan.describe())`), narrow it (`plan.filter(...)` or `dataclasses.replace(plan,
+    targets=...)`), and hand it to `transform`, which then adapts exactly these targets without capturing again.
+    """
+
+    model: str
+    targets: list[Target]
+    report: PassReport
+
+    def filter(self, roles: tuple[str, ...] | None = None, modules=None) -> Plan:
+        """A plan keeping only `roles` (all if None) and the targets for which `modules(name)` is true."""
+        kept = []
+        for t in self.targets:
+            if modules is not None and not modules(t.module):
+                continue
+            pairs = [(r, s) for r, s in zip(t.roles, t.slices, strict=True) if roles is None or r in roles]
+            if pairs:
+                kept.append(Target(t.module, tuple(r for r, _ in pairs), tuple(s for _, s in pairs),
+                                   t.in_features, t.out_features))
+        return dataclasses.replace(self, targets=kept)
+
+    def describe(self) -> str:
+        """A readable listing: one line per target, then the skipped items."""
+        lines = [f"{self.model}: {self.report.anchors} attention site(s), {len(self.targets)} target(s)"]
+        lines += [f"  {t.describe()}" for t in self.targets]
+        lines += [f"  skipped: {s}" for s in self.report.skipped]
+        return "\n".join(lines)

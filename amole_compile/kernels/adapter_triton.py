@@ -1,4 +1,4 @@
-"""Triton kernels for the AdaMoLE op, their launchers, and the plain-torch reference they must match.
+"""Triton kernels for the AdaMoLE op and their launchers; `adapter_torch.py` is the ground truth they match.
 
 Legend: T tokens, D in dims, O out dims, E experts, R rank, K = E * R, Er router rows (E + 1 adamole, E mole,
 0 lora). Padded: E_P = pow2(E), R_P = pow2(R) (so K_P = E_P * R_P >= 16), G_P = max(16, pow2(Er)).
@@ -23,11 +23,10 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from ..ops import adapter_backward_torch as reference_backward
-from ..ops import adapter_torch as reference_forward
-from ._route_tl import gate_and_threshold, route, route_backward
+from .adapter_torch import adapter_backward_torch, adapter_torch, up_project
+from .methods import method_spec
+from .routing_triton import ADAMOLE_CODE, LORA_CODE, gate_and_threshold, route, route_backward
 
-METHODS = {"adamole": 0, "mole": 1, "lora": 2}
 BLOCK_T, BLOCK_D, BLOCK_O, SPLIT_T = 32, 64, 64, 8
 
 
@@ -115,7 +114,7 @@ def _bwd_route_kernel(go_ptr, b_ptr, za_ptr, zr_ptr, thr_b_ptr, gs_ptr, gza_ptr,
     h = tl.reshape(za3 * (scale * w)[:, :, None], (BT, E_P * R_P))
     tl.store(gza_ptr + rt[:, None] * (E * R) + col[None, :], gza.to(gza_ptr.dtype.element_ty), mask=tk)
     tl.store(h_ptr + rt[:, None] * (E * R) + col[None, :], h.to(h_ptr.dtype.element_ty), mask=tk)
-    if METHOD != 2:
+    if METHOD != LORA_CODE:
         ecol = tl.arange(0, E_P)
         eo = (rt[:, None] < T) & (ecol[None, :] < E)
         grad_w = scale * tl.sum(gh3 * za3, axis=2)  # [BT, E_P]
@@ -125,7 +124,7 @@ def _bwd_route_kernel(go_ptr, b_ptr, za_ptr, zr_ptr, thr_b_ptr, gs_ptr, gza_ptr,
         g_logits, g_u = route_backward(grad_w, gs, w, m, p, sig, s, cap, E, METHOD, E_P)
         g_u = tl.where(rt < T, g_u, 0.0)
         tl.store(gzr_ptr + rt[:, None] * ER + ecol[None, :], g_logits.to(gzr_ptr.dtype.element_ty), mask=eo)
-        if METHOD == 0:
+        if METHOD == ADAMOLE_CODE:
             tl.store(gzr_ptr + rt * ER + E, g_u.to(gzr_ptr.dtype.element_ty), mask=rt < T)
             tl.store(gtb_ptr + pid, tl.sum(g_u, axis=0))
 
@@ -217,7 +216,7 @@ def _modes(dtype: torch.dtype) -> tuple[str, bool]:
 
 
 def _er(method: str, e: int) -> int:
-    return {"adamole": e + 1, "mole": e, "lora": 0}[method]
+    return method_spec(method).router_rows(e)
 
 
 def _keep(drop_mask, x):
@@ -226,10 +225,10 @@ def _keep(drop_mask, x):
 
 def adapter_triton(x, drop_mask, lora_a, lora_b, gate_w, thr_w, thr_b, base, method, num_experts, top_k, scale,
                    max_threshold, drop_scale):
-    """Triton forward with the same contract as `reference_forward` (ops.adapter_torch)."""
+    """Triton forward with the same contract as `adapter_torch.adapter_torch`."""
     t, d = x.shape
     if t == 0:
-        return reference_forward(x, drop_mask, lora_a, lora_b, gate_w, thr_w, thr_b, base, method, num_experts,
+        return adapter_torch(x, drop_mask, lora_a, lora_b, gate_w, thr_w, thr_b, base, method, num_experts,
                                  top_k, scale, max_threshold, drop_scale)
     e, k = num_experts, lora_a.shape[0]
     r, er = k // e, _er(method, e)
@@ -245,18 +244,16 @@ def adapter_triton(x, drop_mask, lora_a, lora_b, gate_w, thr_w, thr_b, base, met
     keep, has_keep = _keep(drop_mask, x)
     wrap_triton(_fwd_kernel)[(triton.cdiv(t, BLOCK_T),)](
         x, keep, a_pad, rw, thr, za, h, zr, scores, sel, t, d, e, r, er, scale, max_threshold, drop_scale,
-        METHODS[method], max(top_k, 1), has_keep, *_modes(x.dtype), BLOCK_T, BLOCK_D, **geo)
-    out = h @ lora_b.t() if base is None else (
-        torch.addmm(base, h, lora_b.t()) if base.dtype == h.dtype else base + (h @ lora_b.t()).to(base.dtype))
-    return out, scores, sel.bool(), za, zr[:, :er].contiguous()
+        method_spec(method).code, max(top_k, 1), has_keep, *_modes(x.dtype), BLOCK_T, BLOCK_D, **geo)
+    return up_project(h, lora_b, base), scores, sel.bool(), za, zr[:, :er].contiguous()
 
 
 def adapter_backward_triton(grad_out, grad_scores, x, drop_mask, lora_a, lora_b, gate_w, thr_w, thr_b, za, zr,
                             method, num_experts, top_k, scale, max_threshold, drop_scale, need_grad_x):
-    """Triton backward with the same contract as `reference_backward` (ops.adapter_backward_torch)."""
+    """Triton backward with the same contract as `adapter_torch.adapter_backward_torch`."""
     t, d = x.shape
     if t == 0:
-        return reference_backward(grad_out, grad_scores, x, drop_mask, lora_a, lora_b, gate_w, thr_w, thr_b, za,
+        return adapter_backward_torch(grad_out, grad_scores, x, drop_mask, lora_a, lora_b, gate_w, thr_w, thr_b, za,
                                   zr, method, num_experts, top_k, scale, max_threshold, drop_scale, need_grad_x)
     e, k = num_experts, lora_a.shape[0]
     r, er, o = k // e, _er(method, e), lora_b.shape[0]
@@ -271,7 +268,7 @@ def adapter_backward_triton(grad_out, grad_scores, x, drop_mask, lora_a, lora_b,
     gtb = x.new_zeros(n_t, dtype=torch.float32)
     wrap_triton(_bwd_route_kernel)[(n_t,)](
         grad_out, _pad_cols_t(lora_b.to(x.dtype), e, r, geo).contiguous(), za.contiguous(), zr_buf, thr, gs, gza,
-        gzr, h, gtb, t, o, e, r, er, scale, max_threshold, METHODS[method], max(top_k, 1),
+        gzr, h, gtb, t, o, e, r, er, scale, max_threshold, method_spec(method).code, max(top_k, 1),
         grad_scores is not None, *_modes(x.dtype), BLOCK_T, BLOCK_O, **geo)
     grad_b = grad_out.t() @ h  # [O, K]
     grad_a, grad_rw = _weight_grads(gza, gzr, x, drop_mask, e, r, er, drop_scale, geo)

@@ -1,13 +1,17 @@
-"""Triton routing epilogue, shared by the forward and backward kernels (mirrors `amole_compile/_routing.py`).
+"""Triton routing epilogue, shared by the forward and backward kernels (the twin of `routing_torch.py`).
 
 Legend: BT tokens in the block, E_P experts padded to a power of two, G_P router rows padded (>= 16).
-METHOD: 0 adamole, 1 mole, 2 lora. All routing math in float32.
+METHOD is `MethodSpec.code` (methods.py): 0 adamole, 1 mole, 2 lora. All routing math in float32.
 """
 
 import triton
 import triton.language as tl
 
-ADAMOLE, MOLE, LORA = 0, 1, 2
+from .methods import ADAMOLE, LORA
+
+# The method codes the kernels branch on (METHOD constexpr); Triton reads globals only as constexprs.
+ADAMOLE_CODE = tl.constexpr(ADAMOLE.code)
+LORA_CODE = tl.constexpr(LORA.code)
 
 
 @triton.jit
@@ -49,12 +53,12 @@ def route(logits, u, cap, E, METHOD: tl.constexpr, TOP_K: tl.constexpr, E_P: tl.
     """-> (w, scores, mask [BT, E_P], p [BT, E_P], sigmoid(u) [BT], S [BT])."""
     ecol = tl.arange(0, E_P)[None, :]
     valid = ecol < E
-    if METHOD == 2:
+    if METHOD == LORA_CODE:
         ones = tl.where(valid, 1.0, 0.0) + 0.0 * logits
         return ones, ones, valid & (ones > 0), ones, u * 0.0, u * 0.0 + 1.0
     p = softmax_rows(logits)
     sig = tl.sigmoid(u)
-    if METHOD == 0:
+    if METHOD == ADAMOLE_CODE:
         scores = p - cap * sig[:, None]
         m = (scores >= 0) & valid
         num = tl.where(m, scores, 0.0)
@@ -76,6 +80,6 @@ def route_backward(grad_w, grad_scores, w, m, p, sig, s, cap, E, METHOD: tl.cons
     g_p = tl.where(ecol < E, g_p, 0.0)
     g_logits = p * (g_p - tl.sum(g_p * p, axis=1)[:, None])
     g_u = -tl.sum(g_p, axis=1) * cap * sig * (1.0 - sig)
-    if METHOD != 0:
+    if METHOD != ADAMOLE_CODE:
         g_u = g_u * 0.0
     return g_logits, g_u

@@ -1,0 +1,97 @@
+"""The torch path of the AdaMoLE op: the dense formulation in plain torch, forward and hand-written backward.
+
+This is the ground truth the Triton kernels (`adapter_triton.py`) are tested against, and what runs on CPU.
+The math is in docs/math.md; the methods come from `methods.py`.
+
+Legend: T tokens, D input dims, O output dims, E experts, R rank per expert, K = E * R,
+Er router rows (`MethodSpec.router_rows`: E + 1 for adamole, gate rows then the threshold row; E for mole; 0 for lora).
+
+    xd = x * drop_mask * drop_scale            (x when there is no dropout)
+    za = xd A^T                   [T, K]       all experts' down-projections
+    zr = x [Wg; wt]^T             [T, Er]      gate logits and threshold logit (one GEMM with za when no dropout)
+    w  = route(zr)                [T, E]       `routing_torch.route`
+    h  = scale * w_e * za_e       [T, K]       expert e's block scaled by its weight
+    out = base + h B^T            [T, O]
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .routing_torch import route, route_backward
+
+
+def route_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Routing runs in float32 (float64 for float64 inputs)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def router_weight(gate_w: Tensor | None, thr_w: Tensor | None, x: Tensor) -> Tensor:
+    parts = [t for t in (gate_w, thr_w) if t is not None]
+    return torch.cat(parts, 0) if parts else x.new_zeros(0, x.shape[1])  # [Er, D]
+
+
+def _down(x: Tensor, drop_mask: Tensor | None, drop_scale: float, lora_a: Tensor, rw: Tensor):
+    """x [T, D] -> (za [T, K], zr [T, Er] float32)."""
+    if drop_mask is None:
+        z = x @ torch.cat([lora_a, rw], 0).t()  # one skinny GEMM reads x once, [T, K + Er]
+        za, zr = z.split([lora_a.shape[0], rw.shape[0]], dim=1)
+        return za.contiguous(), zr.to(route_dtype(x.dtype), copy=True)
+    za = (x * drop_mask * drop_scale) @ lora_a.t()
+    return za, (x @ rw.t()).to(route_dtype(x.dtype))
+
+
+def _scaled_h(za: Tensor, w: Tensor, scale: float) -> Tensor:
+    """za [T, K], w [T, E] -> h [T, K] with expert e's R columns times scale * w[:, e]."""
+    t, k = za.shape
+    e = w.shape[1]
+    return (za.view(t, e, k // e) * (scale * w).to(za.dtype)[:, :, None]).view(t, k)
+
+
+def up_project(h: Tensor, lora_b: Tensor, base: Tensor | None) -> Tensor:
+    """h [T, K] -> base + h B^T [T, O] (in base's dtype when given)."""
+    if base is None:
+        return h @ lora_b.t()
+    if base.dtype == h.dtype:
+        return torch.addmm(base, h, lora_b.t())
+    return base + (h @ lora_b.t()).to(base.dtype)
+
+
+def adapter_torch(x: Tensor, drop_mask: Tensor | None, lora_a: Tensor, lora_b: Tensor, gate_w: Tensor | None,
+                  thr_w: Tensor | None, thr_b: Tensor | None, base: Tensor | None, method: str, num_experts: int,
+                  top_k: int, scale: float, max_threshold: float, drop_scale: float):
+    """Plain-torch forward of the dense formulation (the ground truth of the Triton kernels)."""
+    za, zr = _down(x, drop_mask, drop_scale, lora_a, router_weight(gate_w, thr_w, x))
+    w, scores, mask = route(zr, thr_b, method, num_experts, top_k, max_threshold)
+    h = _scaled_h(za, w, scale)
+    out = up_project(h, lora_b, base)
+    return out, scores.to(zr.dtype), mask, za, zr
+
+
+def adapter_backward_torch(grad_out, grad_scores, x, drop_mask, lora_a, lora_b, gate_w, thr_w, thr_b, za, zr,
+                           method, num_experts, top_k, scale, max_threshold, drop_scale, need_grad_x):
+    """Plain-torch backward: grads for x, A, B, gate, threshold weight and bias."""
+    t, k = za.shape
+    w, _, _ = route(zr, thr_b, method, num_experts, top_k, max_threshold)
+    h = _scaled_h(za, w, scale)
+    grad_b = grad_out.t() @ h  # [O, K]
+    grad_h = grad_out @ lora_b  # [T, K]
+    grad_za = _scaled_h(grad_h, w, scale)
+    grad_w = scale * (grad_h.to(w.dtype) * za.to(w.dtype)).view(t, w.shape[1], k // w.shape[1]).sum(-1)  # [T, E]
+    grad_zr, grad_thr_b = route_backward(zr, thr_b, grad_w, grad_scores, method, num_experts, top_k,
+                                         max_threshold)
+    grad_zr = grad_zr.to(x.dtype)
+    xd = x if drop_mask is None else x * drop_mask * drop_scale
+    grad_a = grad_za.t() @ xd  # [K, D]
+    rw = router_weight(gate_w, thr_w, x)
+    grad_rw = grad_zr.t() @ x  # [Er, D]
+    if not need_grad_x:
+        grad_x = x.new_empty(0)
+    elif drop_mask is None:
+        grad_x = torch.cat([grad_za, grad_zr], 1) @ torch.cat([lora_a, rw], 0)  # [T, D]
+    else:
+        grad_x = (grad_za @ lora_a) * drop_mask * drop_scale + grad_zr @ rw
+    n_gate = 0 if gate_w is None else gate_w.shape[0]
+    grad_gate, grad_thr_w = grad_rw[:n_gate], grad_rw[n_gate:]
+    return grad_x, grad_a, grad_b, grad_gate.clone(), grad_thr_w.clone(), grad_thr_b.to(x.dtype)

@@ -1,0 +1,121 @@
+"""The AdaMoLE op: `torch.ops.amole.adapter`, the narrow waist every path calls, and its autograd.
+
+One registered op (autograd through a second op `amole::adapter_backward`) holding the dense formulation of
+docs/math.md for every method of `methods.py`. Static shapes, no data-dependent indexing. Both ops are
+`torch.library.triton_op`s: their bodies call only torch ops (`adapter_torch.py`) or `wrap_triton` kernels
+(`adapter_triton.py`, chosen by `resolve_kernels`), so the body doubles as the fake kernel and `torch.compile`
+traces through it, while `torch.export` keeps `amole.adapter` as one node (which the ONNX exporter translates).
+
+The ops register on first use (`register()`, called by `adapter()` and by whoever emits op nodes): the
+`triton_op` decorator imports triton and torch._inductor, which `import amole_compile` must not.
+
+Outputs: (out [T, O], scores [T, E], mask [T, E] bool, za [T, K], zr [T, Er]); routing (zr, scores) is float32
+(float64 for float64 inputs). `za` and `zr` are saved for the backward, which recomputes the cheap routing
+instead of storing it. Legend as in `adapter_torch.py`.
+"""
+
+from __future__ import annotations
+
+import os
+from types import SimpleNamespace
+
+import torch
+from torch import Tensor
+
+from .adapter_torch import adapter_backward_torch, adapter_torch
+from .backend import resolve_kernels
+
+_LIB = "amole"
+_registered: SimpleNamespace | None = None
+
+
+def _use_triton(kernels: str, x: Tensor) -> bool:
+    """Triton for this call? Under TRITON_INTERPRET=1 kernels run eagerly and cannot be traced, so a traced
+    call (fake tensors: torch.compile, opcheck's fake checks) takes the torch path, which computes the same."""
+    if resolve_kernels(kernels, x) != "triton":
+        return False
+    from torch._subclasses.fake_tensor import is_fake
+
+    return not (os.environ.get("TRITON_INTERPRET") == "1" and is_fake(x))
+
+
+def _adapter_impl(
+    x: Tensor, drop_mask: Tensor | None, lora_a: Tensor, lora_b: Tensor, gate_w: Tensor | None,
+    thr_w: Tensor | None, thr_b: Tensor | None, base: Tensor | None, method: str, num_experts: int,
+    top_k: int, scale: float, max_threshold: float, drop_scale: float, kernels: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """AdaMoLE / MoLE / LoRA adapter on x [T, D] -> (out [T, O], scores, mask, za, zr); see module doc."""
+    args = (x, drop_mask, lora_a, lora_b, gate_w, thr_w, thr_b, base, method, num_experts, top_k, scale,
+            max_threshold, drop_scale)
+    if _use_triton(kernels, x):
+        from .adapter_triton import adapter_triton
+
+        return adapter_triton(*args)
+    return adapter_torch(*args)
+
+
+def _adapter_backward_impl(
+    grad_out: Tensor, grad_scores: Tensor | None, x: Tensor, drop_mask: Tensor | None, lora_a: Tensor,
+    lora_b: Tensor, gate_w: Tensor | None, thr_w: Tensor | None, thr_b: Tensor | None, za: Tensor,
+    zr: Tensor, method: str, num_experts: int, top_k: int, scale: float, max_threshold: float,
+    drop_scale: float, need_grad_x: bool, kernels: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Grads (x, A, B, gate, threshold weight, threshold bias); empty tensors for absent parameters."""
+    args = (grad_out, grad_scores, x, drop_mask, lora_a, lora_b, gate_w, thr_w, thr_b, za, zr, method,
+            num_experts, top_k, scale, max_threshold, drop_scale, need_grad_x)
+    if _use_triton(kernels, x):
+        from .adapter_triton import adapter_backward_triton
+
+        return adapter_backward_triton(*args)
+    return adapter_backward_torch(*args)
+
+
+_TENSOR_ARGS = ("x", "drop_mask", "lora_a", "lora_b", "gate_w", "thr_w", "thr_b", "base")
+_SCALAR_ARGS = ("method", "num_experts", "top_k", "scale", "max_threshold", "drop_scale", "kernels")
+
+
+def _setup_context(ctx, inputs, output):
+    named = dict(zip(_TENSOR_ARGS + _SCALAR_ARGS, inputs, strict=True))
+    x, drop_mask, lora_a, lora_b, gate_w, thr_w, thr_b = (named[n] for n in _TENSOR_ARGS[:7])
+    ctx.save_for_backward(x, drop_mask, lora_a, lora_b, gate_w, thr_w, thr_b, output[3], output[4])
+    ctx.scalars = tuple(named[n] for n in _SCALAR_ARGS)
+    ctx.has_base = named["base"] is not None
+
+
+def _backward(ctx, grad_out, grad_scores, _grad_mask, _grad_za, _grad_zr):
+    x, drop_mask, lora_a, lora_b, gate_w, thr_w, thr_b, za, zr = ctx.saved_tensors
+    method, e, k, scale, cap, drop_scale, kernels = ctx.scalars
+    if grad_out is None:
+        grad_out = x.new_zeros(x.shape[0], lora_b.shape[0])
+    need_x = ctx.needs_input_grad[0]
+    gx, ga, gb, gg, gtw, gtb = torch.ops.amole.adapter_backward(
+        grad_out.to(x.dtype).contiguous(), grad_scores, x, drop_mask, lora_a, lora_b, gate_w, thr_w, thr_b, za, zr,
+        method, e, k, scale, cap, drop_scale, need_x, kernels)
+    return (gx if need_x else None, None, ga, gb, gg if gate_w is not None else None,
+            gtw if thr_w is not None else None, gtb if thr_b is not None else None,
+            grad_out if ctx.has_base else None) + (None,) * len(_SCALAR_ARGS)
+
+
+def register() -> SimpleNamespace:
+    """Register `torch.ops.amole.adapter` and `amole.adapter_backward` once (this imports triton's glue).
+
+    Returns the registered ops (`.adapter`, `.adapter_backward`: `torch.library` CustomOpDefs, callable and
+    accepted by `torch.library.opcheck`).
+    """
+    global _registered
+    if _registered is None:
+        fwd = torch.library.triton_op(f"{_LIB}::adapter", mutates_args=())(_adapter_impl)
+        bwd = torch.library.triton_op(f"{_LIB}::adapter_backward", mutates_args=())(_adapter_backward_impl)
+        fwd.register_autograd(_backward, setup_context=_setup_context)
+        _registered = SimpleNamespace(adapter=fwd, adapter_backward=bwd)
+    return _registered
+
+
+def adapter(x: Tensor, drop_mask: Tensor | None, lora_a: Tensor, lora_b: Tensor, gate_w: Tensor | None,
+            thr_w: Tensor | None, thr_b: Tensor | None, base: Tensor | None, method: str, num_experts: int,
+            top_k: int, scale: float, max_threshold: float, drop_scale: float, kernels: str):
+    """Call `torch.ops.amole.adapter` (registering it on first use); arguments as `_adapter_impl`."""
+    if _registered is None:
+        register()
+    return torch.ops.amole.adapter(x, drop_mask, lora_a, lora_b, gate_w, thr_w, thr_b, base, method, num_experts,
+                                   top_k, scale, max_threshold, drop_scale, kernels)

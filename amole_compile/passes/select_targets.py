@@ -1,0 +1,52 @@
+"""Selection pass: keep the discovered targets a config asks for, and refuse an empty result loudly.
+
+Pattern:        the `Target`s `find_attention` found (one per projection, with its roles and columns).
+Replacement:    the targets whose roles are in `config.roles` (other roles dropped from a fused target) and
+                whose module name passes `config.include` / `config.exclude` (re.search).
+Preconditions:  `report` is the discovery report of the same graph.
+Invariants:     targets keep their graph order; each dropped module is named in `report.skipped` with the
+                reason; nothing at all selected raises `NoAttentionFound` naming what was searched and why.
+"""
+
+from __future__ import annotations
+
+import re
+
+from ..config import AdaMoLEConfig
+from .targets import PassReport, Target
+
+SEARCHED = ("aten.scaled_dot_product_attention, and eager attention (softmax between a matmul of q and kᵀ and a "
+            "matmul with v), each fed by linear / addmm projections")
+
+
+class NoAttentionFound(ValueError):
+    """Discovery found no attention (or no adaptable projection) in the model."""
+
+
+def select_targets(found: list[Target], config: AdaMoLEConfig, report: PassReport) -> list[Target]:
+    """Keep the configured roles and the modules that pass include / exclude (skips go to `report.skipped`)."""
+    kept = []
+    for t in found:
+        if config.include is not None and not re.search(config.include, t.module):
+            report.skipped.append(f"{t.module}: does not match include={config.include!r}")
+            continue
+        if config.exclude is not None and re.search(config.exclude, t.module):
+            report.skipped.append(f"{t.module}: matches exclude={config.exclude!r}")
+            continue
+        pairs = [(r, s) for r, s in zip(t.roles, t.slices, strict=True) if r in config.roles]
+        if pairs:
+            kept.append(Target(t.module, tuple(r for r, _ in pairs), tuple(s for _, s in pairs), t.in_features,
+                               t.out_features))
+    return kept
+
+
+def check_found(model_name: str, report: PassReport, selected: list[Target], config: AdaMoLEConfig) -> None:
+    """Raise `NoAttentionFound` when discovery or selection left nothing to adapt."""
+    if report.anchors == 0:
+        raise NoAttentionFound(f"no attention found in {model_name}: searched the captured graph for {SEARCHED}")
+    if not report.targets:
+        raise NoAttentionFound(f"{model_name}: found {report.anchors} attention site(s) but no projection feeding "
+                               f"them ({'; '.join(report.skipped[:3])})")
+    if not selected:
+        raise NoAttentionFound(f"{model_name}: every projection was filtered out by roles={config.roles}, "
+                               f"include={config.include!r}, exclude={config.exclude!r}")
