@@ -146,7 +146,8 @@ def _same_math(have: AdaMoLEConfig, want: AdaMoLEConfig) -> None:
                          ", ".join(f"{k} (model {a!r}, file {b!r})" for k, (a, b) in diff.items()))
 
 
-def load_adapters(model: nn.Module, path: str | os.PathLike, *, example_inputs=None) -> nn.Module:
+def load_adapters(model: nn.Module, path: str | os.PathLike, *,
+                  example_inputs: tuple | dict | torch.Tensor | None = None) -> nn.Module:
     """Load adapters saved by `save_adapters` (or an upstream-repository checkpoint) into `model`.
 
     A base model is transformed first with the saved config (its discovered projections must be the saved

@@ -125,6 +125,7 @@ def _stats_inputs(args, model):
 
 
 def cmd_export(args) -> int:
+    """`amole-compile export`: a saved HF model with adapters -> ONNX."""
     from .export.onnx import export_from_dirs
 
     out = export_from_dirs(_model_dir(args.model_dir), args.adapter_dir, args.out, kv_cache=args.kv_cache,
@@ -134,6 +135,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    """`amole-compile bench NAME`: run a benchmark script of a source checkout."""
     root = Path(__file__).resolve().parent.parent / "benchmarks"
     script = root / f"{args.name}.py"
     if not script.is_file() or not (root.parent / "tests" / "upstream_loop.py").is_file():
@@ -143,12 +145,14 @@ def cmd_bench(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    """`amole-compile demo`: train, export and serve a small model built from config."""
     from ._demo import run_demo
 
     return run_demo(args)
 
 
 def parser() -> argparse.ArgumentParser:
+    """The argument parser of `amole-compile`."""
     ap = argparse.ArgumentParser(prog="amole-compile", description="AdaMoLE adapters as a compiler pass: "
                                  "transform, train under torch.compile, export to ONNX.")
     ap.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
@@ -192,6 +196,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Entry point: run one command; errors print one line (`--debug` shows the traceback)."""
     args = parser().parse_args(argv)
     if args.debug:
         return args.func(args)

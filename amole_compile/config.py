@@ -156,12 +156,14 @@ class AdaMoLEConfig:
 
     # ---- JSON ------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
+        """The config as a JSON-ready dict (roles as a list)."""
         d = dataclasses.asdict(self)
         d["roles"] = list(self.roles)
         return d
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> AdaMoLEConfig:
+        """A config from `to_dict`'s dict; ValueError naming unknown fields or bad values."""
         if not isinstance(data, dict):
             raise ValueError(f"AdaMoLEConfig.from_dict needs a dict, got {type(data).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
@@ -174,10 +176,12 @@ class AdaMoLEConfig:
         return cls(**data)
 
     def to_json(self) -> str:
+        """The config as JSON text (sorted keys)."""
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> AdaMoLEConfig:
+        """A config from `to_json`'s text; ValueError on invalid JSON or values."""
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:

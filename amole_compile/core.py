@@ -29,7 +29,8 @@ __all__ = ["NoAttentionFound", "adapter_groups", "aux_loss", "is_transformed", "
 log = logging.getLogger("amole_compile")
 
 
-def plan(model: nn.Module, config: AdaMoLEConfig | None = None, *, example_inputs=None) -> Plan:
+def plan(model: nn.Module, config: AdaMoLEConfig | None = None, *,
+         example_inputs: tuple | dict | torch.Tensor | None = None) -> Plan:
     """Capture and analyse `model` without changing it: -> the `Plan` `transform` would carry out.
 
     The plan lists the targets (projection, roles, columns) selected by `config` (roles, include, exclude) and
@@ -56,7 +57,8 @@ def is_transformed(model: nn.Module) -> bool:
 
 
 def transform(model: nn.Module | torch.export.ExportedProgram, config: AdaMoLEConfig | None = None, *,
-              plan: Plan | None = None, example_inputs=None) -> nn.Module:
+              plan: Plan | None = None,
+              example_inputs: tuple | dict | torch.Tensor | None = None) -> nn.Module:
     """Put AdaMoLE adapters on the attention projections found in `model`'s graph.
 
     nn.Module in: the projections are swapped in place (the frozen originals stay as `.base_layer`), every

@@ -85,7 +85,8 @@ def base_state_dict(model: nn.Module) -> dict[str, Tensor]:
     return out
 
 
-def compute_loss(model: nn.Module, inputs: dict, aux_coef: float = DEFAULT_AUX_COEF, return_outputs: bool = False):
+def compute_loss(model: nn.Module, inputs: dict, aux_coef: float = DEFAULT_AUX_COEF,
+                 return_outputs: bool = False) -> Tensor | tuple[Tensor, object]:
     """`model(**inputs).loss + aux_coef * aux_loss(model)` (and the outputs when `return_outputs`).
 
     Call the wrapper the loop trains (DDP, torch.compile): the forward runs through it, the aux loss is read from
@@ -123,6 +124,7 @@ def _trainer_class():
                         or self.compute_loss_func is not None)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            """The Trainer's loss plus `aux_coef * aux_loss(model)`, scaled for gradient accumulation alike."""
             loss, outputs = super().compute_loss(model, inputs, return_outputs=True,
                                                  num_items_in_batch=num_items_in_batch)
             aux = aux_loss(unwrap(model))

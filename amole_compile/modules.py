@@ -90,6 +90,7 @@ class ExpertSet(nn.Module):
             nn.init.uniform_(self.threshold_bias, -bound, bound)
 
     def extra_repr(self) -> str:
+        """Method, widths, experts, rank and scale, for `repr`."""
         return (f"method={self.method}, in={self.in_features}, out={self.out_features}, "
                 f"experts={self.num_experts}, rank={self.rank}, scale={self.scale:g}")
 
@@ -207,16 +208,20 @@ class AdaMoLELinear(AdapterGroup):
 
     @property
     def weight(self) -> Tensor:
+        """The frozen projection's weight."""
         return self.base_layer.weight
 
     @property
     def bias(self) -> Tensor | None:
+        """The frozen projection's bias (None if it has none)."""
         return self.base_layer.bias
 
     def extra_repr(self) -> str:
+        """The adapted roles, for `repr`."""
         return f"roles={self.roles}"
 
     def forward(self, x: Tensor) -> Tensor:
+        """x [..., D] -> base_layer(x) + the adapters' deltas [..., O]."""
         return self.add_to(x, self.base_layer(x))
 
 

@@ -32,6 +32,7 @@ class SiteStats:
 
 @dataclasses.dataclass(frozen=True)
 class ExpertStats:
+    """Expert statistics of every site of a model, from `expert_stats(model)`."""
     sites: tuple[SiteStats, ...]
 
     @property
@@ -41,14 +42,17 @@ class ExpertStats:
         return sum(s.mean_active * s.tokens for s in self.sites) / total if total else 0.0
 
     def to_dict(self) -> dict:
+        """A JSON-ready dict: the overall mean and every site."""
         return {"mean_active": self.mean_active, "sites": [dataclasses.asdict(s) for s in self.sites]}
 
     def save(self, path: str | Path) -> Path:
+        """Write the statistics as JSON, atomically; returns the path."""
         path = Path(path)
         atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(self.to_dict(), indent=2)))
         return path
 
     def table(self) -> str:
+        """A text table: one line per site, then the overall mean."""
         lines = [f"{'module':<48} {'role':<4} {'tokens':>8} {'mean active':>11}  selection fraction per expert"]
         for s in self.sites:
             frac = " ".join(f"{f:.2f}" for f in s.selection_fraction)
@@ -78,6 +82,7 @@ def expert_stats(model: nn.Module) -> ExpertStats:
 
 
 def reset_expert_stats(model: nn.Module) -> None:
+    """Zero the expert statistics counters of every site of `model`."""
     for _, group in adapter_groups(model):
         for site in group.adapters.values():
             site.reset_stats()

@@ -5,7 +5,7 @@ reference's loop over experts (gather / scatter per expert, tests/upstream_loop.
     python benchmarks/layer.py [--device cuda] [--dtype bfloat16] [--sizes 1024x2048,4096x8192]
 
 Sizes are DxT (d_in = d_out = D, T tokens). Prints ms and ratios, appends one CSV row per size.
-Target (DESIGN.md roofline): AdaMoLE <= 1.05x linear + LoRA at D = 4096 in bf16 on a GPU.
+Target (roofline in benchmarks/README.md): AdaMoLE <= 1.05x linear + LoRA at D = 4096 in bf16 on a GPU.
 """
 
 from __future__ import annotations

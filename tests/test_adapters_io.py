@@ -104,7 +104,8 @@ PROJ = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj"}
 
 
 def reference_checkpoint(model, peft_type, e, r, roles=("q", "k", "v", "o"), seed=0):
-    """Tensor dict in the reference layout (DESIGN.md), with the duplicate moe_layer keys (garbage shapes) too."""
+    """Tensor dict in the upstream layout (docs/upstream_format.md), with the duplicate moe_layer keys (garbage
+    shapes) too."""
     g = torch.Generator().manual_seed(seed)
     tensors = {}
     for i in range(2):

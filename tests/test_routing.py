@@ -124,7 +124,7 @@ def test_lora_route_is_one(t):
 # ---- backward against autograd on the same formula (float64) --------------------------------------
 
 def _formula(zr, b, method, e, k, cap):
-    """Differentiable (w, scores) written from DESIGN.md; the masks carry no gradient."""
+    """Differentiable (w, scores) written from docs/math.md; the masks carry no gradient."""
     if method == "adamole":
         a = torch.softmax(zr[:, :e], -1) - cap * torch.sigmoid(zr[:, e:] + b)
         m = (a >= 0).detach().to(a.dtype)

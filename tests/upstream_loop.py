@@ -1,6 +1,5 @@
-"""An independent loop-over-experts implementation of the reference repo's layers, for tests only.
-
-Written from DESIGN.md's description of the reference (`AdaMoeLayer`, `MoeLayer`, `LoraExpert`): per-expert
+"""The upstream loop: an independent loop-over-experts implementation of the upstream repository's layers
+(`AdaMoeLayer`, `MoeLayer`, `LoraExpert`), for tests and benchmarks only, written from docs/math.md: per-expert
 nn.Linear modules, a Python loop over experts, gather/scatter by the selected tokens, and its aux loss.
 """
 

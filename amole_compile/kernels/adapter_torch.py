@@ -28,6 +28,7 @@ def route_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def router_weight(gate_w: Tensor | None, thr_w: Tensor | None, x: Tensor) -> Tensor:
+    """The stacked router weight [Wg; wt] [Er, D] (an empty [0, D] for LoRA)."""
     parts = [t for t in (gate_w, thr_w) if t is not None]
     return torch.cat(parts, 0) if parts else x.new_zeros(0, x.shape[1])  # [Er, D]
 

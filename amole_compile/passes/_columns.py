@@ -1,7 +1,7 @@
 """Which output columns of a (possibly fused) projection feed one attention role.
 
 Replays the shape-only ops between the projection and the role's first arithmetic op on an index tensor
-`arange(d_out)` broadcast to the projection's output shape (DESIGN.md). The indices that reach the role's
+`arange(d_out)` broadcast to the projection's output shape (docs/discovery.md). The indices that reach the role's
 cone are its columns: contiguous thirds for GPT-2 / Phi-3, per-head strided sets for GPT-NeoX / Bloom.
 """
 

@@ -30,10 +30,12 @@ PREFIX = "_amole"
 
 
 def site_drop_mask(site: ExpertSet, x: torch.Tensor) -> torch.Tensor | None:
+    """Graph-node helper: the site's dropout keep-mask for x (None when not dropping)."""
     return site.drop_mask(x)
 
 
 def site_record(site: ExpertSet, scores: torch.Tensor, mask: torch.Tensor) -> None:
+    """Graph-node helper: record the site's aux loss and expert statistics."""
     site.record(scores, mask)
 
 

@@ -1,0 +1,239 @@
+"""The shape of the house: no import cycle, `kernels/` a leaf, a lean `import amole_compile`, public API documented
+and typed, and `untransform` restoring what `transform` changed process-wide."""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import amole_compile as ac
+
+PKG = Path(ac.__file__).resolve().parent
+HEAVY = ("triton", "onnx", "onnxscript", "onnxruntime", "matplotlib", "trl", "bitsandbytes", "torchao")
+
+
+def _module_name(path: Path) -> str:
+    rel = path.relative_to(PKG.parent).with_suffix("")
+    parts = rel.parts[:-1] if rel.name == "__init__" else rel.parts
+    return ".".join(parts)
+
+
+MODULES = {_module_name(p): p for p in PKG.rglob("*.py")}
+
+
+def _resolve(mod: str, is_pkg: bool, node: ast.ImportFrom) -> str:
+    if node.level == 0:
+        return node.module or ""
+    base = mod.split(".") if is_pkg else mod.split(".")[:-1]
+    base = base[: len(base) - (node.level - 1)]
+    return ".".join(base + ([node.module] if node.module else []))
+
+
+def import_graph() -> dict[str, set[str]]:
+    """module -> the package modules it imports, at any depth (function-level imports included)."""
+    graph: dict[str, set[str]] = {}
+    for mod, path in MODULES.items():
+        is_pkg = path.name == "__init__.py"
+        edges: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = _resolve(mod, is_pkg, node)
+                names = [f"{base}.{a.name}" if f"{base}.{a.name}" in MODULES else base for a in node.names]
+            else:
+                continue
+            edges |= {n for n in names if n in MODULES and n != mod}
+        graph[mod] = edges
+    return graph
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(m: str) -> list[str] | None:
+        state[m] = 1
+        stack.append(m)
+        for n in sorted(graph[m]):
+            if state.get(n) == 1:
+                return stack[stack.index(n):] + [n]
+            if n not in state and (found := visit(n)):
+                return found
+        stack.pop()
+        state[m] = 2
+        return None
+
+    for m in sorted(graph):
+        if m not in state and (found := visit(m)):
+            return found
+    return None
+
+
+def test_no_import_cycle():
+    graph = import_graph()
+    assert len(graph) > 20
+    cycle = _cycle(graph)
+    assert cycle is None, " -> ".join(cycle)
+
+
+def test_cycle_detector_finds_a_cycle():
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert _cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_kernels_is_a_leaf():
+    graph = import_graph()
+    for mod, edges in graph.items():
+        if mod.startswith("amole_compile.kernels"):
+            outside = sorted(e for e in edges if not e.startswith("amole_compile.kernels"))
+            assert not outside, f"{mod} imports {outside}"
+
+
+def test_passes_and_export_never_import_each_other():
+    for mod, edges in import_graph().items():
+        for a, b in (("passes", "export"), ("export", "passes")):
+            if mod.startswith(f"amole_compile.{a}"):
+                assert not any(e.startswith(f"amole_compile.{b}") for e in edges), (mod, edges)
+
+
+def test_lean_import():
+    code = ("import sys, json, torch; before = set(sys.modules); import amole_compile; "
+            "new = set(sys.modules) - before; "
+            "print(json.dumps({'new': sorted(new), 'cuda': torch.cuda.is_initialized()}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    data = json.loads(out.stdout.strip().splitlines()[-1])
+    heavy = sorted(m for m in data["new"] if m.split(".")[0] in HEAVY or m.startswith("torch._inductor"))
+    assert heavy == [], heavy
+    assert data["cuda"] is False
+
+
+def test_op_registers_on_first_use():
+    code = ("import torch, amole_compile as ac; assert not hasattr(torch.ops.amole, 'adapter'); "
+            "m = ac.transform(torch.nn.Sequential(), None) if False else None; "
+            "from amole_compile.kernels import register; register(); "
+            "assert torch.ops.amole.adapter.default is not None; print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_errors_importable_from_the_package():
+    for name in ("CaptureError", "NoAttentionFound", "UnsupportedLayerError", "OnnxExportError"):
+        exc = getattr(ac, name)
+        assert issubclass(exc, Exception), name
+
+
+def _public_api():
+    for name in ac.__all__:
+        yield name, getattr(ac, name)
+
+
+@pytest.mark.parametrize("name,obj", list(_public_api()), ids=[n for n, _ in _public_api()])
+def test_public_api_documented_and_typed(name, obj):
+    assert inspect.getdoc(obj), f"{name} has no docstring"
+    if inspect.isfunction(obj):
+        sig = inspect.signature(obj)
+        missing = [p.name for p in sig.parameters.values()
+                   if p.annotation is inspect.Parameter.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+        assert not missing, f"{name}: parameters without type hints: {missing}"
+        assert sig.return_annotation is not inspect.Signature.empty, f"{name}: no return type hint"
+    if inspect.isclass(obj):
+        for attr, member in vars(obj).items():
+            if not attr.startswith("_") and inspect.isfunction(member):
+                assert inspect.getdoc(member), f"{name}.{attr} has no docstring"
+
+
+def _public_defs(tree: ast.Module):
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and not node.name.startswith("_"):
+            yield node
+
+
+def test_every_public_definition_has_a_docstring():
+    """Public functions and classes of every module (and public methods of public classes) have docstrings;
+    Triton device functions are documented by their file's legend."""
+    missing = []
+    for mod, path in MODULES.items():
+        if mod.split(".")[-1].startswith("_") and not path.name == "__init__.py":
+            continue  # a private module
+        for node in _public_defs(ast.parse(path.read_text())):
+            jit = any("jit" in ast.unparse(d) for d in getattr(node, "decorator_list", []))
+            if not jit and ast.get_docstring(node) is None:
+                missing.append(f"{mod}.{node.name}")
+            if isinstance(node, ast.ClassDef):
+                for sub in node.body:
+                    if isinstance(sub, ast.FunctionDef) and not sub.name.startswith("_") \
+                            and ast.get_docstring(sub) is None:
+                        missing.append(f"{mod}.{node.name}.{sub.name}")
+    assert not missing, missing
+
+
+def test_untransform_restores_the_dynamo_flag():
+    from models import build
+
+    cfg = torch._dynamo.config
+    name = "skip_fwd_side_effects_in_bwd_under_checkpoint"
+    before = getattr(cfg, name)
+    setattr(cfg, name, False)
+    try:
+        a, b = build("llama"), build("llama")
+        ac.transform(a, ac.AdaMoLEConfig())
+        ac.transform(b, ac.AdaMoLEConfig())
+        assert getattr(cfg, name) is True
+        ac.untransform(a)
+        assert getattr(cfg, name) is True  # b still needs it
+        ac.untransform(b)
+        assert getattr(cfg, name) is False
+    finally:
+        setattr(cfg, name, before)
+
+
+def test_plan_is_readable_filterable_and_drives_transform():
+    from models import build, ids, logits
+
+    model = build("llama")
+    plan = ac.plan(model, ac.AdaMoLEConfig())
+    assert "q_proj" in plan.describe() and plan.model == type(model).__name__
+    only_v = plan.filter(roles=("v",), modules=lambda m: ".0." in m)
+    assert [(t.module, t.roles) for t in only_v.targets] == [("model.layers.0.self_attn.v_proj", ("v",))]
+    x = ids()
+    ref = logits(model, x)
+    ac.transform(model, ac.AdaMoLEConfig(), plan=only_v)
+    assert [t.module for t in ac.targets(model)] == ["model.layers.0.self_attn.v_proj"]
+    assert torch.equal(logits(model, x), ref)
+
+
+def test_rewrite_reports_what_it_rewrote(caplog):
+    from models import build
+
+    model = build("llama")
+    report = ac.core.rewrite(model, ac.plan(model, ac.AdaMoLEConfig()).targets, ac.AdaMoLEConfig())
+    assert report.rewritten == 8 and report.matched == 8
+
+
+def test_plan_for_another_model_is_refused():
+    from models import build
+
+    plan = ac.plan(build("llama"), ac.AdaMoLEConfig())
+    other = build("gpt2")
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(ValueError, match="does not have"):
+        ac.transform(other, ac.AdaMoLEConfig(), plan=plan)
+    assert not ac.is_transformed(other)
+    assert all(torch.equal(before[k], v) for k, v in other.state_dict().items())
+
+
+def test_bench_without_a_checkout_says_so_in_one_line(monkeypatch, tmp_path, capsys):
+    from amole_compile import cli
+
+    monkeypatch.setattr(cli, "__file__", str(tmp_path / "site-packages" / "amole_compile" / "cli.py"))
+    assert cli.main(["bench", "layer"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "source checkout" in err[0], err
