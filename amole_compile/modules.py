@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import AdaMoLEConfig
-from .kernels import adapter
+from .kernels import adapter, register
 
 
 def linear_features(layer: nn.Module) -> tuple[int, int] | None:
@@ -43,6 +43,7 @@ class ExpertSet(nn.Module):
     def __init__(self, in_features: int, out_features: int, config: AdaMoLEConfig,
                  dtype: torch.dtype, device: torch.device | str | None = None) -> None:
         super().__init__()
+        register()  # torch.ops.amole.adapter exists before any forward (torch.compile must not trace this)
         e, r = config.num_experts, config.rank
         kw = dict(dtype=dtype, device=device)
         self.in_features, self.out_features = in_features, out_features

@@ -11,7 +11,9 @@ backward  _bwd_route_kernel   grad_h = grad_out·B, recomputed routing, -> grad_
           _bwd_input_kernel   grad_x = (grad_za·A)·mask + grad_zr·[Wg; wt]
           grad_B = grad_outᵀ·h (GEMM)
 No per-expert copies of activations are saved: the op saves x, the dropout mask, za [T, K] and zr [T, Er].
-The launchers only call torch ops and `wrap_triton` kernels, so `torch.compile` can see through them.
+The launchers only call torch ops and Triton kernels, so `torch.compile` can see through them: under tracing
+(fake tensors, torch.compile, make_fx) kernels go through `wrap_triton`; in eager mode they launch directly, since
+`wrap_triton`'s higher-order-op dispatch costs more host time per launch than the kernels take on a GPU.
 """
 
 from __future__ import annotations
@@ -220,7 +222,18 @@ def _er(method: str, e: int) -> int:
 
 
 def _keep(drop_mask, x):
-    return (drop_mask.contiguous().view(torch.uint8), True) if drop_mask is not None else (x, False)
+    """The dropout keep-mask as the kernels read it (bool, loaded as int1), or a placeholder pointer."""
+    return (drop_mask.contiguous(), True) if drop_mask is not None else (x, False)
+
+
+def _launcher(kernel, x: torch.Tensor):
+    """`kernel` itself in eager mode; `wrap_triton(kernel)` when the call is being traced."""
+    from torch._subclasses.fake_tensor import is_fake
+    from torch.fx.experimental.proxy_tensor import get_proxy_mode
+
+    if torch.compiler.is_compiling() or is_fake(x) or get_proxy_mode() is not None:
+        return wrap_triton(kernel)
+    return kernel
 
 
 def adapter_triton(x, drop_mask, lora_a, lora_b, gate_w, thr_w, thr_b, base, method, num_experts, top_k, scale,
@@ -242,7 +255,7 @@ def adapter_triton(x, drop_mask, lora_a, lora_b, gate_w, thr_w, thr_b, base, met
     scores = x.new_empty(t, e, dtype=torch.float32)
     sel = x.new_empty(t, e, dtype=torch.int8)
     keep, has_keep = _keep(drop_mask, x)
-    wrap_triton(_fwd_kernel)[(triton.cdiv(t, BLOCK_T),)](
+    _launcher(_fwd_kernel, x)[(triton.cdiv(t, BLOCK_T),)](
         x, keep, a_pad, rw, thr, za, h, zr, scores, sel, t, d, e, r, er, scale, max_threshold, drop_scale,
         method_spec(method).code, max(top_k, 1), has_keep, *_modes(x.dtype), BLOCK_T, BLOCK_D, **geo)
     return up_project(h, lora_b, base), scores, sel.bool(), za, zr[:, :er].contiguous()
@@ -266,7 +279,7 @@ def adapter_backward_triton(grad_out, grad_scores, x, drop_mask, lora_a, lora_b,
     gza, h = x.new_empty(t, k), x.new_empty(t, k)
     gzr = x.new_zeros(t, max(er, 1))
     gtb = x.new_zeros(n_t, dtype=torch.float32)
-    wrap_triton(_bwd_route_kernel)[(n_t,)](
+    _launcher(_bwd_route_kernel, x)[(n_t,)](
         grad_out, _pad_cols_t(lora_b.to(x.dtype), e, r, geo).contiguous(), za.contiguous(), zr_buf, thr, gs, gza,
         gzr, h, gtb, t, o, e, r, er, scale, max_threshold, method_spec(method).code, max(top_k, 1),
         grad_scores is not None, *_modes(x.dtype), BLOCK_T, BLOCK_O, **geo)
@@ -276,7 +289,7 @@ def adapter_backward_triton(grad_out, grad_scores, x, drop_mask, lora_a, lora_b,
     if need_grad_x:
         grad_x = x.new_empty(t, d)
         keep, has_keep = _keep(drop_mask, x)
-        wrap_triton(_bwd_input_kernel)[(n_t, triton.cdiv(d, BLOCK_D))](
+        _launcher(_bwd_input_kernel, x)[(n_t, triton.cdiv(d, BLOCK_D))](
             gza, gzr, _pad_rows(lora_a.to(x.dtype), e, r, geo).contiguous(), _router(gate_w, thr_w, x, geo["G_P"]),
             keep, grad_x, t, d, e, r, er, drop_scale, has_keep, *_modes(x.dtype), BLOCK_T, BLOCK_D, **geo)
     n_gate = 0 if gate_w is None else gate_w.shape[0]
@@ -294,7 +307,7 @@ def _weight_grads(gza, gzr, x, drop_mask, e, r, er, drop_scale, geo):
     ga = x.new_empty(split, e * r, d, dtype=torch.float32)
     gr = x.new_empty(split, max(er, 1), d, dtype=torch.float32)
     keep, has_keep = _keep(drop_mask, x)
-    wrap_triton(_bwd_weight_kernel)[(triton.cdiv(d, BLOCK_D), split)](
+    _launcher(_bwd_weight_kernel, x)[(triton.cdiv(d, BLOCK_D), split)](
         gza, gzr, x, keep, ga, gr, t, d, e, r, er, drop_scale, rows, has_keep, *_modes(x.dtype), BLOCK_T,
         BLOCK_D, **geo)
     return ga.sum(0), gr[:, :er].sum(0).to(x.dtype)
