@@ -44,7 +44,7 @@ class AdaMoLEConfig:
     rank           rank of each expert, >= 1; the site's total rank is num_experts * rank.
     alpha          LoRA alpha, > 0; each expert is scaled by alpha / rank.
     dropout        input dropout in [0, 1). One mask is drawn per site and shared by its experts
-                   (the reference draws one per expert); the gate and threshold see the undropped input.
+                   (the upstream code draws one per expert); the gate and threshold see the undropped input.
     max_threshold  AdaMoLE's threshold cap in (0, 1]; None means 1 / num_experts.
     top_k          MoLE's experts per token in 1..num_experts; None means min(2, num_experts).
     roles          which of q, k, v, o to adapt.

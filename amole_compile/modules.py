@@ -35,7 +35,7 @@ class ExpertSet(nn.Module):
     """One AdaMoLE site: E LoRA experts stacked (A [K, D], B [O, K]), a softmax gate [E, D] and a threshold net
     ([1, D] weight, [1] bias). MoLE has no threshold net and LoRA has neither router part.
 
-    Dropout draws one mask per site, shared by all its experts (the reference draws one per expert); the gate
+    Dropout draws one mask per site, shared by all its experts (the upstream code draws one per expert); the gate
     and threshold see the undropped input. In training mode each forward records this site's auxiliary
     load-balancing loss `E * sum_i f_i P_i` (f: fraction of tokens routed to i, P: mean routing score).
     """

@@ -121,8 +121,6 @@ def plot_expert_stats(stats: ExpertStats, path: str | Path, title: str | None = 
         fig.suptitle(title)
     fig.tight_layout()
     path = Path(path)
-    from .adapters_io import _atomic_write
-
-    _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     plt.close(fig)
     return path

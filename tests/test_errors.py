@@ -189,7 +189,7 @@ def test_load_errors_leave_model_unchanged(case, transformed, adir):
         _fails_cleanly(model, adir, ValueError, "JSON object")
     elif case == "not_ours":
         cfg_file.write_text(json.dumps({"format": "something_else"}))
-        _fails_cleanly(model, adir, ValueError, "neither an amole_compile nor a reference")
+        _fails_cleanly(model, adir, ValueError, "neither an amole_compile nor an upstream")
     elif case == "bad_safetensors":
         w_file.write_bytes(b"\x00\x01 this is not a safetensors file")
         _fails_cleanly(model, adir, ValueError, re.escape(str(w_file)) + ".*safetensors")

@@ -67,7 +67,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, kv_cache: bool = F
 def export_from_dirs(model_dir: str | os.PathLike, adapter_dir: str | os.PathLike | None,
                      out_path: str | os.PathLike, *, kv_cache: bool = False, opset: int | None = None,
                      masking: str = "dense") -> Path:
-    """Load an HF `save_pretrained` directory, apply `load_adapters(adapter_dir)` (ours or a reference-repo
+    """Load an HF `save_pretrained` directory, apply `load_adapters(adapter_dir)` (ours or an upstream-repo
     checkpoint; None exports the base model) and export to `out_path`. Returns the written path."""
     _destination(out_path)  # fail before the (slow) load
     model = load_pretrained(model_dir)
