@@ -24,10 +24,9 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from .adapter_torch import adapter_backward_torch, adapter_torch, up_project
+from .blocks import choose
 from .methods import method_spec
 from .routing_triton import ADAMOLE_CODE, LORA_CODE, gate_and_threshold, route, route_backward
-
-BLOCK_T, BLOCK_D, BLOCK_O, SPLIT_T = 32, 64, 64, 8
 
 
 @triton.jit
@@ -181,6 +180,19 @@ def _bwd_input_kernel(gza_ptr, gzr_ptr, a_ptr, rw_ptr, keep_ptr, gx_ptr, T, D, E
 
 # ---- launchers ------------------------------------------------------------------------------------------------
 
+# When a list (`aot.record_launches()`), launches are appended to it instead of run, with the GPU's modes
+# (no bf16 upcast): how the AOT compile matrix gets the exact specialisations the launchers produce.
+_recorder: list | None = None
+
+
+def _launch(kernel, grid: tuple, args: tuple, consts: dict, blocks) -> None:
+    """Run `kernel` over `grid` (positional runtime args, keyword constexprs) with `blocks`' warps and stages."""
+    if _recorder is not None:
+        _recorder.append((kernel, grid, args, consts, blocks))
+        return
+    wrap_triton(kernel)[grid](*args, **consts, num_warps=blocks.num_warps, num_stages=blocks.num_stages)
+
+
 def _pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
@@ -209,10 +221,10 @@ def _router(gate_w, thr_w, x: torch.Tensor, g_p: int) -> torch.Tensor:
     return torch.nn.functional.pad(rw.to(x.dtype), (0, 0, 0, g_p - rw.shape[0])).contiguous()
 
 
-def _modes(dtype: torch.dtype) -> tuple[str, bool]:
-    """(tl.dot input precision, UPCAST): exact fp32 dots; bf16 upcast to fp32 under Triton's interpreter."""
-    upcast = dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
-    return ("ieee" if dtype == torch.float32 or upcast else "tf32"), upcast
+def _modes(dtype: torch.dtype) -> dict:
+    """tl.dot input precision and UPCAST: exact fp32 dots; bf16 upcast to fp32 under Triton's interpreter."""
+    upcast = dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1" and _recorder is None
+    return {"PRECISION": "ieee" if dtype == torch.float32 or upcast else "tf32", "UPCAST": upcast}
 
 
 def _er(method: str, e: int) -> int:
@@ -229,7 +241,7 @@ def adapter_triton(x, drop_mask, lora_a, lora_b, gate_w, thr_w, thr_b, base, met
     t, d = x.shape
     if t == 0:
         return adapter_torch(x, drop_mask, lora_a, lora_b, gate_w, thr_w, thr_b, base, method, num_experts,
-                                 top_k, scale, max_threshold, drop_scale)
+                             top_k, scale, max_threshold, drop_scale)
     e, k = num_experts, lora_a.shape[0]
     r, er = k // e, _er(method, e)
     geo = _geometry(e, r, er)
@@ -242,9 +254,11 @@ def adapter_triton(x, drop_mask, lora_a, lora_b, gate_w, thr_w, thr_b, base, met
     scores = x.new_empty(t, e, dtype=torch.float32)
     sel = x.new_empty(t, e, dtype=torch.int8)
     keep, has_keep = _keep(drop_mask, x)
-    wrap_triton(_fwd_kernel)[(triton.cdiv(t, BLOCK_T),)](
-        x, keep, a_pad, rw, thr, za, h, zr, scores, sel, t, d, e, r, er, scale, max_threshold, drop_scale,
-        method_spec(method).code, max(top_k, 1), has_keep, *_modes(x.dtype), BLOCK_T, BLOCK_D, **geo)
+    blk = choose("fwd", geo["E_P"] * geo["R_P"], x.dtype)
+    _launch(_fwd_kernel, (triton.cdiv(t, blk.bt),),
+            (x, keep, a_pad, rw, thr, za, h, zr, scores, sel, t, d, e, r, er, scale, max_threshold, drop_scale),
+            dict(METHOD=method_spec(method).code, TOP_K=max(top_k, 1), HAS_KEEP=has_keep, **_modes(x.dtype),
+                 BT=blk.bt, BD=blk.bd, **geo), blk)
     return up_project(h, lora_b, base), scores, sel.bool(), za, zr[:, :er].contiguous()
 
 
@@ -254,31 +268,36 @@ def adapter_backward_triton(grad_out, grad_scores, x, drop_mask, lora_a, lora_b,
     t, d = x.shape
     if t == 0:
         return adapter_backward_torch(grad_out, grad_scores, x, drop_mask, lora_a, lora_b, gate_w, thr_w, thr_b, za,
-                                  zr, method, num_experts, top_k, scale, max_threshold, drop_scale, need_grad_x)
+                                      zr, method, num_experts, top_k, scale, max_threshold, drop_scale, need_grad_x)
     e, k = num_experts, lora_a.shape[0]
     r, er, o = k // e, _er(method, e), lora_b.shape[0]
     geo = _geometry(e, r, er)
+    k_p = geo["E_P"] * geo["R_P"]
     x, grad_out = x.contiguous(), grad_out.contiguous()
     zr_buf = zr.contiguous() if er else x.new_zeros(t, 1, dtype=torch.float32)
     thr = thr_b if thr_b is not None else x.new_zeros(1)
     gs = grad_scores.contiguous() if grad_scores is not None else zr_buf
-    n_t = triton.cdiv(t, BLOCK_T)
+    blk = choose("bwd_route", k_p, x.dtype)
+    n_t = triton.cdiv(t, blk.bt)
     gza, h = x.new_empty(t, k), x.new_empty(t, k)
     gzr = x.new_zeros(t, max(er, 1))
     gtb = x.new_zeros(n_t, dtype=torch.float32)
-    wrap_triton(_bwd_route_kernel)[(n_t,)](
-        grad_out, _pad_cols_t(lora_b.to(x.dtype), e, r, geo).contiguous(), za.contiguous(), zr_buf, thr, gs, gza,
-        gzr, h, gtb, t, o, e, r, er, scale, max_threshold, method_spec(method).code, max(top_k, 1),
-        grad_scores is not None, *_modes(x.dtype), BLOCK_T, BLOCK_O, **geo)
+    _launch(_bwd_route_kernel, (n_t,),
+            (grad_out, _pad_cols_t(lora_b.to(x.dtype), e, r, geo).contiguous(), za.contiguous(), zr_buf, thr, gs,
+             gza, gzr, h, gtb, t, o, e, r, er, scale, max_threshold),
+            dict(METHOD=method_spec(method).code, TOP_K=max(top_k, 1), HAS_GS=grad_scores is not None,
+                 **_modes(x.dtype), BT=blk.bt, BO=blk.bd, **geo), blk)
     grad_b = grad_out.t() @ h  # [O, K]
     grad_a, grad_rw = _weight_grads(gza, gzr, x, drop_mask, e, r, er, drop_scale, geo)
     grad_x = x.new_empty(0)
     if need_grad_x:
         grad_x = x.new_empty(t, d)
         keep, has_keep = _keep(drop_mask, x)
-        wrap_triton(_bwd_input_kernel)[(n_t, triton.cdiv(d, BLOCK_D))](
-            gza, gzr, _pad_rows(lora_a.to(x.dtype), e, r, geo).contiguous(), _router(gate_w, thr_w, x, geo["G_P"]),
-            keep, grad_x, t, d, e, r, er, drop_scale, has_keep, *_modes(x.dtype), BLOCK_T, BLOCK_D, **geo)
+        blk = choose("bwd_input", k_p, x.dtype)
+        _launch(_bwd_input_kernel, (triton.cdiv(t, blk.bt), triton.cdiv(d, blk.bd)),
+                (gza, gzr, _pad_rows(lora_a.to(x.dtype), e, r, geo).contiguous(),
+                 _router(gate_w, thr_w, x, geo["G_P"]), keep, grad_x, t, d, e, r, er, drop_scale),
+                dict(HAS_KEEP=has_keep, **_modes(x.dtype), BT=blk.bt, BD=blk.bd, **geo), blk)
     n_gate = 0 if gate_w is None else gate_w.shape[0]
     grad_tb = gtb.sum().reshape(1).to(x.dtype) if thr_b is not None else x.new_empty(0)
     return (grad_x, grad_a.to(lora_a.dtype), grad_b.to(lora_b.dtype), grad_rw[:n_gate].clone(),
@@ -288,13 +307,14 @@ def adapter_backward_triton(grad_out, grad_scores, x, drop_mask, lora_a, lora_b,
 def _weight_grads(gza, gzr, x, drop_mask, e, r, er, drop_scale, geo):
     """grad_A [K, D] and grad_[Wg; wt] [Er, D], split over T into partial sums."""
     t, d = x.shape
-    split = min(SPLIT_T, triton.cdiv(t, BLOCK_T))
-    rows = triton.cdiv(triton.cdiv(t, split), BLOCK_T) * BLOCK_T
+    blk = choose("bwd_weight", geo["E_P"] * geo["R_P"], x.dtype)
+    split = min(blk.split_t, triton.cdiv(t, blk.bt))
+    rows = triton.cdiv(triton.cdiv(t, split), blk.bt) * blk.bt
     split = triton.cdiv(t, rows)
     ga = x.new_empty(split, e * r, d, dtype=torch.float32)
     gr = x.new_empty(split, max(er, 1), d, dtype=torch.float32)
     keep, has_keep = _keep(drop_mask, x)
-    wrap_triton(_bwd_weight_kernel)[(triton.cdiv(d, BLOCK_D), split)](
-        gza, gzr, x, keep, ga, gr, t, d, e, r, er, drop_scale, rows, has_keep, *_modes(x.dtype), BLOCK_T,
-        BLOCK_D, **geo)
+    _launch(_bwd_weight_kernel, (triton.cdiv(d, blk.bd), split),
+            (gza, gzr, x, keep, ga, gr, t, d, e, r, er, drop_scale, rows),
+            dict(HAS_KEEP=has_keep, **_modes(x.dtype), BT=blk.bt, BD=blk.bd, **geo), blk)
     return ga.sum(0), gr[:, :er].sum(0).to(x.dtype)

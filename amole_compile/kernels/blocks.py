@@ -1,0 +1,66 @@
+"""Block sizes and warps of the Triton kernels, per (kernel, K_P, dtype). Imports no triton.
+
+Legend: K_P = E_P * R_P padded adapter columns (E_P = pow2(E), R_P = pow2(R), K_P >= 16); BT tokens per program,
+BD the chunk of D (of O in the route-backward kernel), SPLIT_T partial sums over T in the weight-gradient kernel.
+`TABLE` is what `benchmarks/kernel_resources.py --search` finds: for each row the first of `CANDIDATES` that
+compiles for sm_80 and sm_90 without spilling registers and within the shared memory a block may opt into;
+`benchmarks/kernel_resources.py` checks the whole matrix against it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+KERNEL_NAMES = ("fwd", "bwd_route", "bwd_weight", "bwd_input")
+MAX_K_P = 1024  # E_P * R_P above this has no row: the op falls back to the torch path (see `unsupported`)
+
+
+@dataclass(frozen=True)
+class Blocks:
+    """One launch configuration: BT tokens x BD columns of D (or O) per program, warps and pipeline stages."""
+
+    bt: int
+    bd: int
+    num_warps: int = 4
+    num_stages: int = 2
+    split_t: int = 8  # bwd_weight only: partial sums over T
+
+
+def dtype_class(dtype: torch.dtype) -> str:
+    """'fp32' (tl.dot in exact fp32: FMA, operands held per thread) or '16bit' (bf16/fp16: tensor cores)."""
+    return "fp32" if dtype == torch.float32 else "16bit"
+
+
+# Candidates in order of preference (larger tiles first: fewer programs re-reading the weights, longer dots).
+# fp32 dots run on FMA units with each thread holding a slice of both operands along the reduction, so register
+# pressure grows with BD and the tile; more warps split the [BT, K_P] accumulator over more threads.
+# bf16/fp16 dots run on tensor cores, whose operand layouts are compact: larger tiles fit.
+_FP32 = (Blocks(32, 64, 4), Blocks(32, 32, 4), Blocks(32, 32, 8), Blocks(16, 32, 8), Blocks(16, 16, 8),
+         Blocks(16, 16, 16))
+_HALF = (Blocks(64, 64, 4), Blocks(32, 64, 4), Blocks(32, 32, 4), Blocks(16, 64, 8), Blocks(16, 32, 8),
+         Blocks(16, 16, 8))
+CANDIDATES = {(k, c): (_FP32 if c == "fp32" else _HALF) for k in KERNEL_NAMES for c in ("fp32", "16bit")}
+
+DEFAULT = Blocks(32, 64, 4)
+
+# (kernel, dtype class) -> ((largest K_P of the row, Blocks), ...) in increasing K_P; the reason for each row is
+# the AOT matrix (benchmarks/README.md, "kernel_resources.py").
+TABLE: dict[tuple[str, str], tuple[tuple[int, Blocks], ...]] = {}
+
+
+def unsupported(k_p: int) -> str:
+    """Why no configuration can take K_P padded columns ('' when one can)."""
+    if k_p > MAX_K_P:
+        return (f"E_P * R_P = {k_p} padded adapter columns exceed the kernels' limit of {MAX_K_P} (experts and rank "
+                "rounded up to powers of two): no block configuration fits the registers and shared memory of a block")
+    return ""
+
+
+def choose(kernel: str, k_p: int, dtype: torch.dtype) -> Blocks:
+    """The launch configuration of `kernel` for K_P padded adapter columns and activations of `dtype`."""
+    for limit, blk in TABLE.get((kernel, dtype_class(dtype)), ()):
+        if k_p <= limit:
+            return blk
+    return DEFAULT
