@@ -118,9 +118,7 @@ def run_search(args) -> int:
     matrix = aot.cases(args.dtypes, args.methods, args.experts, args.ranks, args.dropouts)
     by_kp = defaultdict(list)
     for case in matrix:
-        e_p = 1 << max(0, (case.e - 1).bit_length())
-        r_p = max(1 << max(0, (case.r - 1).bit_length()), -(-16 // e_p))
-        by_kp[(e_p * r_p, case.dtype)].append(case)
+        by_kp[(blocks.padded_columns(case.e, case.r), case.dtype)].append(case)
     groups = [(k, kp, dt, args.archs, cases) for k in args.kernels for (kp, dt), cases in sorted(by_kp.items())]
     with mp.Pool(args.jobs) as pool:
         for kernel, k_p, dt, cand, n in pool.imap_unordered(_search_group, groups):

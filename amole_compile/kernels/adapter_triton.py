@@ -24,7 +24,7 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from .adapter_torch import adapter_backward_torch, adapter_torch, up_project
-from .blocks import choose
+from .blocks import choose, padded_columns
 from .methods import method_spec
 from .routing_triton import ADAMOLE_CODE, LORA_CODE, gate_and_threshold, route, route_backward
 
@@ -193,14 +193,9 @@ def _launch(kernel, grid: tuple, args: tuple, consts: dict, blocks) -> None:
     wrap_triton(kernel)[grid](*args, **consts, num_warps=blocks.num_warps, num_stages=blocks.num_stages)
 
 
-def _pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
-
-
 def _geometry(e: int, r: int, er: int) -> dict[str, int]:
-    e_p = _pow2(e)
-    r_p = max(_pow2(r), -(-16 // e_p))
-    return {"E_P": e_p, "R_P": r_p, "G_P": max(16, _pow2(max(er, 1)))}
+    e_p = 1 << max(0, (e - 1).bit_length())
+    return {"E_P": e_p, "R_P": padded_columns(e, r) // e_p, "G_P": max(16, 1 << max(0, (max(er, 1) - 1).bit_length()))}
 
 
 def _pad_rows(a: torch.Tensor, e: int, r: int, geo: dict) -> torch.Tensor:

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import torch
 
 KERNEL_NAMES = ("fwd", "bwd_route", "bwd_weight", "bwd_input")
-MAX_K_P = 1024  # E_P * R_P above this has no row: the op falls back to the torch path (see `unsupported`)
+# Beyond these the op takes the torch path (`unsupported`): the AOT matrix covers E <= 16, R <= 64.
+MAX_EXPERTS, MAX_K_P = 16, 1024
 
 
 @dataclass(frozen=True)
@@ -50,11 +51,23 @@ DEFAULT = Blocks(32, 64, 4)
 TABLE: dict[tuple[str, str], tuple[tuple[int, Blocks], ...]] = {}
 
 
-def unsupported(k_p: int) -> str:
-    """Why no configuration can take K_P padded columns ('' when one can)."""
+def padded_columns(num_experts: int, rank: int) -> int:
+    """K_P = E_P * R_P: experts and rank rounded up to powers of two, at least 16 columns (tl.dot's minimum)."""
+    e_p = 1 << max(0, (num_experts - 1).bit_length())
+    r_p = max(1 << max(0, (rank - 1).bit_length()), -(-16 // e_p))
+    return e_p * r_p
+
+
+def unsupported(num_experts: int, rank: int) -> str:
+    """Why the kernels cannot take E experts of rank R ('' when they can): outside the compile matrix."""
+    if num_experts > MAX_EXPERTS:
+        return (f"{num_experts} experts exceed the Triton kernels' limit of {MAX_EXPERTS} (the routing epilogue "
+                "holds all experts of a token in registers; larger E is not compiled or tested)")
+    k_p = padded_columns(num_experts, rank)
     if k_p > MAX_K_P:
-        return (f"E_P * R_P = {k_p} padded adapter columns exceed the kernels' limit of {MAX_K_P} (experts and rank "
-                "rounded up to powers of two): no block configuration fits the registers and shared memory of a block")
+        return (f"E_P * R_P = {k_p} padded adapter columns (E = {num_experts}, rank {rank}, each rounded up to a power "
+                f"of two) exceed the Triton kernels' limit of {MAX_K_P}: no block configuration keeps the "
+                "[tokens, E_P * R_P] accumulator in a block's registers and shared memory")
     return ""
 
 
