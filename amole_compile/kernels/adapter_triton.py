@@ -7,7 +7,8 @@ Expert e's rank-r row sits at padded row e * R_P + r, so a [BT, K_P] tile reshap
 forward   _fwd_kernel         x·[A; Wg; wt]ᵀ in one pass over x (dropout applied to the A part only), then the
                               routing epilogue -> za, h = scale·w·za, zr, scores, mask.   out = base + h Bᵀ (addmm)
 backward  _bwd_route_kernel   grad_h = grad_out·B, recomputed routing, -> grad_za, grad_zr, grad of the threshold bias
-          _bwd_weight_kernel  grad_A = grad_zaᵀ·xd and grad_[Wg; wt] = grad_zrᵀ·x in one pass over x (split over T)
+          _bwd_weight_kernel  grad_A = grad_zaᵀ·xd and grad_[Wg; wt] = grad_zrᵀ·x in one pass over x (split over T,
+                              and over K in chunks of BK columns when K_P is large)
           _bwd_input_kernel   grad_x = (grad_za·A)·mask + grad_zr·[Wg; wt]
           grad_B = grad_outᵀ·h (GEMM)
 No per-expert copies of activations are saved: the op saves x, the dropout mask, za [T, K] and zr [T, Er].
@@ -40,9 +41,12 @@ def _ld(ptr, mask, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _pad_cols(E, R, E_P: tl.constexpr, R_P: tl.constexpr):
-    """Padded column index -> (real column in [0, K), valid)."""
-    kp = tl.arange(0, E_P * R_P)
+def _pad_cols(E, R, E_P: tl.constexpr, R_P: tl.constexpr, start=0, BK: tl.constexpr = 0):
+    """Padded columns [start, start + BK) (all E_P * R_P when BK is 0) -> (real column in [0, K), valid)."""
+    if BK == 0:
+        kp = tl.arange(0, E_P * R_P)
+    else:
+        kp = start + tl.arange(0, BK)
     e, r = kp // R_P, kp % R_P
     return e * R + r, (e < E) & (r < R)
 
@@ -131,12 +135,14 @@ def _bwd_route_kernel(go_ptr, b_ptr, za_ptr, zr_ptr, thr_b_ptr, gs_ptr, gza_ptr,
 @triton.jit
 def _bwd_weight_kernel(gza_ptr, gzr_ptr, x_ptr, keep_ptr, ga_ptr, gr_ptr, T, D, E, R, ER, drop_scale, rows_per_split,
                        HAS_KEEP: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, BT: tl.constexpr,
-                       BD: tl.constexpr, E_P: tl.constexpr, R_P: tl.constexpr, G_P: tl.constexpr):
-    pid_d, split = tl.program_id(0), tl.program_id(1)
+                       BD: tl.constexpr, BK: tl.constexpr, E_P: tl.constexpr, R_P: tl.constexpr, G_P: tl.constexpr):
+    """Program (D block, T split, K chunk of BK padded columns); the router rows are stored by K chunk 0."""
+    pid_d, split, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rd = pid_d * BD + tl.arange(0, BD)
-    col, ok = _pad_cols(E, R, E_P, R_P)
+    col, ok = _pad_cols(E, R, E_P, R_P, pid_k * BK, BK)
     gp = tl.arange(0, G_P)
-    acc_a = tl.zeros((E_P * R_P, BD), dtype=tl.float32)
+    n_r = tl.where(pid_k == 0, ER, 0)  # router rows this program accumulates
+    acc_a = tl.zeros((BK, BD), dtype=tl.float32)
     acc_r = tl.zeros((G_P, BD), dtype=tl.float32)
     t_start = split * rows_per_split
     for t0 in range(t_start, t_start + rows_per_split, BT):
@@ -145,7 +151,7 @@ def _bwd_weight_kernel(gza_ptr, gzr_ptr, x_ptr, keep_ptr, ga_ptr, gr_ptr, T, D, 
         io = tin[:, None] & (rd[None, :] < D)
         x = _ld(x_ptr + rt[:, None] * D + rd[None, :], io, UPCAST)  # [BT, BD]
         gza = _ld(gza_ptr + rt[:, None] * (E * R) + col[None, :], tin[:, None] & ok[None, :], UPCAST)
-        gzr = _ld(gzr_ptr + rt[:, None] * ER + gp[None, :], tin[:, None] & (gp[None, :] < ER), UPCAST)
+        gzr = _ld(gzr_ptr + rt[:, None] * ER + gp[None, :], tin[:, None] & (gp[None, :] < n_r), UPCAST)
         acc_r += tl.dot(tl.trans(gzr), x, input_precision=PRECISION)
         if HAS_KEEP:
             keep = tl.load(keep_ptr + rt[:, None] * D + rd[None, :], mask=io, other=0)
@@ -153,7 +159,8 @@ def _bwd_weight_kernel(gza_ptr, gzr_ptr, x_ptr, keep_ptr, ga_ptr, gr_ptr, T, D, 
         acc_a += tl.dot(tl.trans(gza), x, input_precision=PRECISION)
     base = split * D
     tl.store(ga_ptr + (base * (E * R)) + col[:, None] * D + rd[None, :], acc_a, mask=ok[:, None] & (rd[None, :] < D))
-    tl.store(gr_ptr + (base * ER) + gp[:, None] * D + rd[None, :], acc_r, mask=(gp[:, None] < ER) & (rd[None, :] < D))
+    tl.store(gr_ptr + (base * ER) + gp[:, None] * D + rd[None, :], acc_r,
+             mask=(gp[:, None] < n_r) & (rd[None, :] < D))
 
 
 @triton.jit
@@ -309,7 +316,9 @@ def _weight_grads(gza, gzr, x, drop_mask, e, r, er, drop_scale, geo):
     ga = x.new_empty(split, e * r, d, dtype=torch.float32)
     gr = x.new_empty(split, max(er, 1), d, dtype=torch.float32)
     keep, has_keep = _keep(drop_mask, x)
-    _launch(_bwd_weight_kernel, (triton.cdiv(d, blk.bd), split),
+    k_p = geo["E_P"] * geo["R_P"]
+    bk = min(blk.bk or k_p, k_p)
+    _launch(_bwd_weight_kernel, (triton.cdiv(d, blk.bd), split, k_p // bk),
             (gza, gzr, x, keep, ga, gr, t, d, e, r, er, drop_scale, rows),
-            dict(HAS_KEEP=has_keep, **_modes(x.dtype), BT=blk.bt, BD=blk.bd, **geo), blk)
+            dict(HAS_KEEP=has_keep, **_modes(x.dtype), BT=blk.bt, BD=blk.bd, BK=bk, **geo), blk)
     return ga.sum(0), gr[:, :er].sum(0).to(x.dtype)

@@ -27,6 +27,7 @@ class Blocks:
     num_warps: int = 4
     num_stages: int = 2
     split_t: int = 8  # bwd_weight only: partial sums over T
+    bk: int = 0  # bwd_weight only: padded columns per program (0: all K_P in one program)
 
 
 def dtype_class(dtype: torch.dtype) -> str:
@@ -42,13 +43,70 @@ _FP32 = (Blocks(32, 64, 4), Blocks(32, 32, 4), Blocks(32, 32, 8), Blocks(16, 32,
          Blocks(16, 16, 16))
 _HALF = (Blocks(64, 64, 4), Blocks(32, 64, 4), Blocks(32, 32, 4), Blocks(16, 64, 8), Blocks(16, 32, 8),
          Blocks(16, 16, 8))
-CANDIDATES = {(k, c): (_FP32 if c == "fp32" else _HALF) for k in KERNEL_NAMES for c in ("fp32", "16bit")}
+# The weight-gradient kernel can also split K_P over programs (its accumulator is [K_P, BD] and needs no routing).
+_SPLIT_K = (Blocks(16, 32, 8, bk=256), Blocks(16, 16, 8, bk=128))
+CANDIDATES = {(k, c): (_FP32 if c == "fp32" else _HALF) + (_SPLIT_K if k == "bwd_weight" else ())
+              for k in KERNEL_NAMES for c in ("fp32", "16bit")}
 
 DEFAULT = Blocks(32, 64, 4)
 
-# (kernel, dtype class) -> ((largest K_P of the row, Blocks), ...) in increasing K_P; the reason for each row is
-# the AOT matrix (benchmarks/README.md, "kernel_resources.py").
-TABLE: dict[tuple[str, str], tuple[tuple[int, Blocks], ...]] = {}
+# (kernel, dtype class) -> ((largest K_P of the row, Blocks), ...) in increasing K_P. Each row is the first of
+# CANDIDATES that `kernel_resources.py --search` found compiling without spills on sm_80 and sm_90 within their
+# shared memory (triton 3.9, 2026-11-25); the comment says what the larger configurations before it ran into.
+B = Blocks
+TABLE: dict[tuple[str, str], tuple[tuple[int, Blocks], ...]] = {
+    # x·[A; Wg; wt]ᵀ with the routing epilogue; accumulator [BT, K_P] fp32
+    ("fwd", "fp32"): (
+        (64, B(32, 32, 4)),  # BD 64 spills at K_P 16 (the FMA dot holds a [.., BD] operand slice per thread)
+        (512, B(32, 32, 8)),  # 4 warps spill from K_P 128 (8 B) to 512 (456 B): 8 warps halve the accumulator
+        (1024, B(16, 32, 8)),  # BT 32 spills 400 B even with 8 warps: half the tokens per program
+    ),
+    ("fwd", "16bit"): (
+        (128, B(64, 64, 4)),  # tensor-core layouts: 64 tokens fit up to K_P 128
+        (256, B(32, 64, 4)),  # BT 64 spills 192 B at K_P 256
+        (512, B(16, 64, 8)),  # BT 32 spills at K_P 512 (480 B with BD 64, 48 B with BD 32)
+        (1024, B(16, 32, 8)),  # BD 64 spills 168 B at K_P 1024
+    ),
+    # grad_h = grad_out·B and the routing backward; accumulator [BT, K_P] fp32, loop over O in BO = bd
+    ("bwd_route", "fp32"): (
+        (64, B(32, 64, 4)),
+        (256, B(32, 32, 4)),  # BO 64 spills from K_P 128
+        (512, B(32, 32, 8)),  # 4 warps spill at K_P 512
+        (1024, B(16, 32, 8)),  # BT 32 spills 504 B even with 8 warps
+    ),
+    ("bwd_route", "16bit"): (
+        (64, B(64, 64, 4)),
+        (256, B(32, 64, 4)),  # BT 64 spills from K_P 128
+        (1024, B(16, 64, 8)),  # BT 32 spills from K_P 512
+    ),
+    # grad_A = grad_zaᵀ·xd over a T split; accumulator [K_P, BD] (or [BK, BD] with a K split)
+    ("bwd_weight", "fp32"): (
+        (32, B(32, 64, 4)),
+        (256, B(16, 32, 8)),  # from K_P 64 the [K_P, BD] FMA accumulator spills with BT 32 or BD 64 at 4 warps
+        (512, B(16, 16, 8)),  # BD 32 spills at K_P 512
+        # every whole-K configuration spills (400 B even at 16 warps): K in chunks of 128 (128 registers; chunks
+        # of 256 fit too but at 249 registers, at the ceiling)
+        (1024, B(16, 16, 8, bk=128)),
+    ),
+    ("bwd_weight", "16bit"): (
+        (32, B(64, 64, 4)),
+        (128, B(32, 64, 4)),  # BT 64 spills from K_P 64
+        (256, B(32, 32, 4)),  # BD 64 spills at K_P 256
+        (512, B(16, 64, 8)),  # BT 32 spills at K_P 512
+        (1024, B(16, 16, 8)),  # BD 32+ spills at K_P 1024
+    ),
+    # grad_x = (grad_za·A)·mask + grad_zr·[Wg; wt]; one [K_P, BD] tile of A per program, no loop
+    ("bwd_input", "fp32"): (
+        (64, B(32, 32, 4)),  # BD 64 spills at K_P 16 and 64
+        (512, B(32, 32, 8)),  # 4 warps spill from K_P 128 (10 KB at 512)
+        (1024, B(16, 16, 8)),  # BD 32 needs 198 KB of shared memory (over the A100's 163 KB)
+    ),
+    ("bwd_input", "16bit"): (
+        (512, B(64, 64, 4)),
+        (1024, B(32, 32, 4)),  # the [K_P, 64] tile of A needs 270 KB (BT 64) / 203 KB (BT 32) of shared memory
+    ),
+}
+del B
 
 
 def padded_columns(num_experts: int, rank: int) -> int:
