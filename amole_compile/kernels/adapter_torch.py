@@ -7,7 +7,9 @@ Legend: T tokens, D input dims, O output dims, E experts, R rank per expert, K =
 Er router rows (`MethodSpec.router_rows`: E + 1 for adamole, gate rows then the threshold row; E for mole; 0 for lora).
 
     xd = x * drop_mask * drop_scale            (x when there is no dropout)
-    za = xd A^T                   [T, K]       all experts' down-projections
+    za = xd A^T                   [T, K]       all experts' down-projections, computed as drop_scale (xm A^T)
+                                               with xm = where(drop_mask, x, 0): one pass over [T, D], the
+                                               scale on the narrow [T, K] side
     zr = x [Wg; wt]^T             [T, Er]      gate logits and threshold logit (one GEMM with za when no dropout)
     w  = route(zr)                [T, E]       `routing_torch.route`
     h  = scale * w_e * za_e       [T, K]       expert e's block scaled by its weight
@@ -19,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .routing_torch import route, route_backward
+from .routing_torch import route, route_backward, routing
 
 
 def route_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -39,8 +41,13 @@ def _down(x: Tensor, drop_mask: Tensor | None, drop_scale: float, lora_a: Tensor
         z = x @ torch.cat([lora_a, rw], 0).t()  # one skinny GEMM reads x once, [T, K + Er]
         za, zr = z.split([lora_a.shape[0], rw.shape[0]], dim=1)
         return za.contiguous(), zr.to(route_dtype(x.dtype), copy=True)
-    za = (x * drop_mask * drop_scale) @ lora_a.t()
+    za = (_dropped(x, drop_mask) @ lora_a.t()).mul_(drop_scale)
     return za, (x @ rw.t()).to(route_dtype(x.dtype))
+
+
+def _dropped(x: Tensor, drop_mask: Tensor) -> Tensor:
+    """x with the dropped elements zeroed, unscaled (the caller scales the narrow side of its GEMM)."""
+    return torch.where(drop_mask, x, 0)
 
 
 def _scaled_h(za: Tensor, w: Tensor, scale: float) -> Tensor:
@@ -74,25 +81,29 @@ def adapter_backward_torch(grad_out, grad_scores, x, drop_mask, lora_a, lora_b, 
                            method, num_experts, top_k, scale, max_threshold, drop_scale, need_grad_x):
     """Plain-torch backward: grads for x, A, B, gate, threshold weight and bias."""
     t, k = za.shape
-    w, _, _ = route(zr, thr_b, method, num_experts, top_k, max_threshold)
+    fwd = routing(zr, thr_b, method, num_experts, top_k, max_threshold)  # routed once, for h and the backward
+    w = fwd.w
     h = _scaled_h(za, w, scale)
     grad_b = grad_out.t() @ h  # [O, K]
     grad_h = grad_out @ lora_b  # [T, K]
     grad_za = _scaled_h(grad_h, w, scale)
     grad_w = scale * (grad_h.to(w.dtype) * za.to(w.dtype)).view(t, w.shape[1], k // w.shape[1]).sum(-1)  # [T, E]
     grad_zr, grad_thr_b = route_backward(zr, thr_b, grad_w, grad_scores, method, num_experts, top_k,
-                                         max_threshold)
+                                         max_threshold, fwd)
     grad_zr = grad_zr.to(x.dtype)
-    xd = x if drop_mask is None else x * drop_mask * drop_scale
-    grad_a = grad_za.t() @ xd  # [K, D]
     rw = router_weight(gate_w, thr_w, x)
-    grad_rw = grad_zr.t() @ x  # [Er, D]
-    if not need_grad_x:
-        grad_x = x.new_empty(0)
-    elif drop_mask is None:
-        grad_x = torch.cat([grad_za, grad_zr], 1) @ torch.cat([lora_a, rw], 0)  # [T, D]
+    grad_x = x.new_empty(0)
+    if drop_mask is None:
+        grad_z = torch.cat([grad_za, grad_zr], 1)  # [T, K + Er]: one GEMM per gradient, as in the forward
+        grad_a, grad_rw = (grad_z.t() @ x).split([k, rw.shape[0]])  # [K, D], [Er, D]
+        if need_grad_x:
+            grad_x = grad_z @ torch.cat([lora_a, rw], 0)  # [T, D]
     else:
-        grad_x = (grad_za @ lora_a) * drop_mask * drop_scale + grad_zr @ rw
+        grad_za = grad_za * drop_scale  # [T, K]: the dropout's scale on the narrow side
+        grad_a = grad_za.t() @ _dropped(x, drop_mask)  # [K, D]
+        grad_rw = grad_zr.t() @ x  # [Er, D]
+        if need_grad_x:
+            grad_x = torch.where(drop_mask, grad_za @ lora_a, 0).addmm_(grad_zr, rw)  # [T, D]
     n_gate = 0 if gate_w is None else gate_w.shape[0]
     grad_gate, grad_thr_w = grad_rw[:n_gate], grad_rw[n_gate:]
-    return grad_x, grad_a, grad_b, grad_gate.clone(), grad_thr_w.clone(), grad_thr_b.to(x.dtype)
+    return (grad_x, grad_a.contiguous(), grad_b, grad_gate.clone(), grad_thr_w.clone(), grad_thr_b.to(x.dtype))

@@ -7,7 +7,8 @@ Expert e's rank-r row sits at padded row e * R_P + r, so a [BT, K_P] tile reshap
 forward   _fwd_kernel         x·[A; Wg; wt]ᵀ in one pass over x (dropout applied to the A part only), then the
                               routing epilogue -> za, h = scale·w·za, zr, scores, mask.   out = base + h Bᵀ (addmm)
 backward  _bwd_route_kernel   grad_h = grad_out·B, recomputed routing, -> grad_za, grad_zr, grad of the threshold bias
-          _bwd_weight_kernel  grad_A = grad_zaᵀ·xd and grad_[Wg; wt] = grad_zrᵀ·x in one pass over x (split over T)
+          _bwd_weight_kernel  grad_A = grad_zaᵀ·xd and grad_[Wg; wt] = grad_zrᵀ·x in one pass over x (split over T,
+                              and over K in chunks of BK columns when K_P is large)
           _bwd_input_kernel   grad_x = (grad_za·A)·mask + grad_zr·[Wg; wt]
           grad_B = grad_outᵀ·h (GEMM)
 No per-expert copies of activations are saved: the op saves x, the dropout mask, za [T, K] and zr [T, Er].
@@ -26,10 +27,9 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from .adapter_torch import adapter_backward_torch, adapter_torch, up_project
+from .blocks import choose, padded_columns
 from .methods import method_spec
 from .routing_triton import ADAMOLE_CODE, LORA_CODE, gate_and_threshold, route, route_backward
-
-BLOCK_T, BLOCK_D, BLOCK_O, SPLIT_T = 32, 64, 64, 8
 
 
 @triton.jit
@@ -43,9 +43,12 @@ def _ld(ptr, mask, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _pad_cols(E, R, E_P: tl.constexpr, R_P: tl.constexpr):
-    """Padded column index -> (real column in [0, K), valid)."""
-    kp = tl.arange(0, E_P * R_P)
+def _pad_cols(E, R, E_P: tl.constexpr, R_P: tl.constexpr, start=0, BK: tl.constexpr = 0):
+    """Padded columns [start, start + BK) (all E_P * R_P when BK is 0) -> (real column in [0, K), valid)."""
+    if BK == 0:
+        kp = tl.arange(0, E_P * R_P)
+    else:
+        kp = start + tl.arange(0, BK)
     e, r = kp // R_P, kp % R_P
     return e * R + r, (e < E) & (r < R)
 
@@ -134,12 +137,14 @@ def _bwd_route_kernel(go_ptr, b_ptr, za_ptr, zr_ptr, thr_b_ptr, gs_ptr, gza_ptr,
 @triton.jit
 def _bwd_weight_kernel(gza_ptr, gzr_ptr, x_ptr, keep_ptr, ga_ptr, gr_ptr, T, D, E, R, ER, drop_scale, rows_per_split,
                        HAS_KEEP: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, BT: tl.constexpr,
-                       BD: tl.constexpr, E_P: tl.constexpr, R_P: tl.constexpr, G_P: tl.constexpr):
-    pid_d, split = tl.program_id(0), tl.program_id(1)
+                       BD: tl.constexpr, BK: tl.constexpr, E_P: tl.constexpr, R_P: tl.constexpr, G_P: tl.constexpr):
+    """Program (D block, T split, K chunk of BK padded columns); the router rows are stored by K chunk 0."""
+    pid_d, split, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rd = pid_d * BD + tl.arange(0, BD)
-    col, ok = _pad_cols(E, R, E_P, R_P)
+    col, ok = _pad_cols(E, R, E_P, R_P, pid_k * BK, BK)
     gp = tl.arange(0, G_P)
-    acc_a = tl.zeros((E_P * R_P, BD), dtype=tl.float32)
+    n_r = tl.where(pid_k == 0, ER, 0)  # router rows this program accumulates
+    acc_a = tl.zeros((BK, BD), dtype=tl.float32)
     acc_r = tl.zeros((G_P, BD), dtype=tl.float32)
     t_start = split * rows_per_split
     for t0 in range(t_start, t_start + rows_per_split, BT):
@@ -148,7 +153,7 @@ def _bwd_weight_kernel(gza_ptr, gzr_ptr, x_ptr, keep_ptr, ga_ptr, gr_ptr, T, D, 
         io = tin[:, None] & (rd[None, :] < D)
         x = _ld(x_ptr + rt[:, None] * D + rd[None, :], io, UPCAST)  # [BT, BD]
         gza = _ld(gza_ptr + rt[:, None] * (E * R) + col[None, :], tin[:, None] & ok[None, :], UPCAST)
-        gzr = _ld(gzr_ptr + rt[:, None] * ER + gp[None, :], tin[:, None] & (gp[None, :] < ER), UPCAST)
+        gzr = _ld(gzr_ptr + rt[:, None] * ER + gp[None, :], tin[:, None] & (gp[None, :] < n_r), UPCAST)
         acc_r += tl.dot(tl.trans(gzr), x, input_precision=PRECISION)
         if HAS_KEEP:
             keep = tl.load(keep_ptr + rt[:, None] * D + rd[None, :], mask=io, other=0)
@@ -156,7 +161,8 @@ def _bwd_weight_kernel(gza_ptr, gzr_ptr, x_ptr, keep_ptr, ga_ptr, gr_ptr, T, D, 
         acc_a += tl.dot(tl.trans(gza), x, input_precision=PRECISION)
     base = split * D
     tl.store(ga_ptr + (base * (E * R)) + col[:, None] * D + rd[None, :], acc_a, mask=ok[:, None] & (rd[None, :] < D))
-    tl.store(gr_ptr + (base * ER) + gp[:, None] * D + rd[None, :], acc_r, mask=(gp[:, None] < ER) & (rd[None, :] < D))
+    tl.store(gr_ptr + (base * ER) + gp[:, None] * D + rd[None, :], acc_r,
+             mask=(gp[:, None] < n_r) & (rd[None, :] < D))
 
 
 @triton.jit
@@ -183,14 +189,22 @@ def _bwd_input_kernel(gza_ptr, gzr_ptr, a_ptr, rw_ptr, keep_ptr, gx_ptr, T, D, E
 
 # ---- launchers ------------------------------------------------------------------------------------------------
 
-def _pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
+# When a list (`aot.record_launches()`), launches are appended to it instead of run, with the GPU's modes
+# (no bf16 upcast): how the AOT compile matrix gets the exact specialisations the launchers produce.
+_recorder: list | None = None
+
+
+def _launch(kernel, grid: tuple, args: tuple, consts: dict, blocks) -> None:
+    """Run `kernel` over `grid` (positional runtime args, keyword constexprs) with `blocks`' warps and stages."""
+    if _recorder is not None:
+        _recorder.append((kernel, grid, args, consts, blocks))
+        return
+    _launcher(kernel, args[0])[grid](*args, **consts, num_warps=blocks.num_warps, num_stages=blocks.num_stages)
 
 
 def _geometry(e: int, r: int, er: int) -> dict[str, int]:
-    e_p = _pow2(e)
-    r_p = max(_pow2(r), -(-16 // e_p))
-    return {"E_P": e_p, "R_P": r_p, "G_P": max(16, _pow2(max(er, 1)))}
+    e_p = 1 << max(0, (e - 1).bit_length())
+    return {"E_P": e_p, "R_P": padded_columns(e, r) // e_p, "G_P": max(16, 1 << max(0, (max(er, 1) - 1).bit_length()))}
 
 
 def _pad_rows(a: torch.Tensor, e: int, r: int, geo: dict) -> torch.Tensor:
@@ -211,10 +225,10 @@ def _router(gate_w, thr_w, x: torch.Tensor, g_p: int) -> torch.Tensor:
     return torch.nn.functional.pad(rw.to(x.dtype), (0, 0, 0, g_p - rw.shape[0])).contiguous()
 
 
-def _modes(dtype: torch.dtype) -> tuple[str, bool]:
-    """(tl.dot input precision, UPCAST): exact fp32 dots; bf16 upcast to fp32 under Triton's interpreter."""
-    upcast = dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
-    return ("ieee" if dtype == torch.float32 or upcast else "tf32"), upcast
+def _modes(dtype: torch.dtype) -> dict:
+    """tl.dot input precision and UPCAST: exact fp32 dots; bf16 upcast to fp32 under Triton's interpreter."""
+    upcast = dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1" and _recorder is None
+    return {"PRECISION": "ieee" if dtype == torch.float32 or upcast else "tf32", "UPCAST": upcast}
 
 
 def _er(method: str, e: int) -> int:
@@ -242,7 +256,7 @@ def adapter_triton(x, drop_mask, lora_a, lora_b, gate_w, thr_w, thr_b, base, met
     t, d = x.shape
     if t == 0:
         return adapter_torch(x, drop_mask, lora_a, lora_b, gate_w, thr_w, thr_b, base, method, num_experts,
-                                 top_k, scale, max_threshold, drop_scale)
+                             top_k, scale, max_threshold, drop_scale)
     e, k = num_experts, lora_a.shape[0]
     r, er = k // e, _er(method, e)
     geo = _geometry(e, r, er)
@@ -255,9 +269,11 @@ def adapter_triton(x, drop_mask, lora_a, lora_b, gate_w, thr_w, thr_b, base, met
     scores = x.new_empty(t, e, dtype=torch.float32)
     sel = x.new_empty(t, e, dtype=torch.int8)
     keep, has_keep = _keep(drop_mask, x)
-    _launcher(_fwd_kernel, x)[(triton.cdiv(t, BLOCK_T),)](
-        x, keep, a_pad, rw, thr, za, h, zr, scores, sel, t, d, e, r, er, scale, max_threshold, drop_scale,
-        method_spec(method).code, max(top_k, 1), has_keep, *_modes(x.dtype), BLOCK_T, BLOCK_D, **geo)
+    blk = choose("fwd", geo["E_P"] * geo["R_P"], x.dtype)
+    _launch(_fwd_kernel, (triton.cdiv(t, blk.bt),),
+            (x, keep, a_pad, rw, thr, za, h, zr, scores, sel, t, d, e, r, er, scale, max_threshold, drop_scale),
+            dict(METHOD=method_spec(method).code, TOP_K=max(top_k, 1), HAS_KEEP=has_keep, **_modes(x.dtype),
+                 BT=blk.bt, BD=blk.bd, **geo), blk)
     return up_project(h, lora_b, base), scores, sel.bool(), za, zr[:, :er].contiguous()
 
 
@@ -267,31 +283,36 @@ def adapter_backward_triton(grad_out, grad_scores, x, drop_mask, lora_a, lora_b,
     t, d = x.shape
     if t == 0:
         return adapter_backward_torch(grad_out, grad_scores, x, drop_mask, lora_a, lora_b, gate_w, thr_w, thr_b, za,
-                                  zr, method, num_experts, top_k, scale, max_threshold, drop_scale, need_grad_x)
+                                      zr, method, num_experts, top_k, scale, max_threshold, drop_scale, need_grad_x)
     e, k = num_experts, lora_a.shape[0]
     r, er, o = k // e, _er(method, e), lora_b.shape[0]
     geo = _geometry(e, r, er)
+    k_p = geo["E_P"] * geo["R_P"]
     x, grad_out = x.contiguous(), grad_out.contiguous()
     zr_buf = zr.contiguous() if er else x.new_zeros(t, 1, dtype=torch.float32)
     thr = thr_b if thr_b is not None else x.new_zeros(1)
     gs = grad_scores.contiguous() if grad_scores is not None else zr_buf
-    n_t = triton.cdiv(t, BLOCK_T)
+    blk = choose("bwd_route", k_p, x.dtype)
+    n_t = triton.cdiv(t, blk.bt)
     gza, h = x.new_empty(t, k), x.new_empty(t, k)
     gzr = x.new_zeros(t, max(er, 1))
     gtb = x.new_zeros(n_t, dtype=torch.float32)
-    _launcher(_bwd_route_kernel, x)[(n_t,)](
-        grad_out, _pad_cols_t(lora_b.to(x.dtype), e, r, geo).contiguous(), za.contiguous(), zr_buf, thr, gs, gza,
-        gzr, h, gtb, t, o, e, r, er, scale, max_threshold, method_spec(method).code, max(top_k, 1),
-        grad_scores is not None, *_modes(x.dtype), BLOCK_T, BLOCK_O, **geo)
+    _launch(_bwd_route_kernel, (n_t,),
+            (grad_out, _pad_cols_t(lora_b.to(x.dtype), e, r, geo).contiguous(), za.contiguous(), zr_buf, thr, gs,
+             gza, gzr, h, gtb, t, o, e, r, er, scale, max_threshold),
+            dict(METHOD=method_spec(method).code, TOP_K=max(top_k, 1), HAS_GS=grad_scores is not None,
+                 **_modes(x.dtype), BT=blk.bt, BO=blk.bd, **geo), blk)
     grad_b = grad_out.t() @ h  # [O, K]
     grad_a, grad_rw = _weight_grads(gza, gzr, x, drop_mask, e, r, er, drop_scale, geo)
     grad_x = x.new_empty(0)
     if need_grad_x:
         grad_x = x.new_empty(t, d)
         keep, has_keep = _keep(drop_mask, x)
-        _launcher(_bwd_input_kernel, x)[(n_t, triton.cdiv(d, BLOCK_D))](
-            gza, gzr, _pad_rows(lora_a.to(x.dtype), e, r, geo).contiguous(), _router(gate_w, thr_w, x, geo["G_P"]),
-            keep, grad_x, t, d, e, r, er, drop_scale, has_keep, *_modes(x.dtype), BLOCK_T, BLOCK_D, **geo)
+        blk = choose("bwd_input", k_p, x.dtype)
+        _launch(_bwd_input_kernel, (triton.cdiv(t, blk.bt), triton.cdiv(d, blk.bd)),
+                (gza, gzr, _pad_rows(lora_a.to(x.dtype), e, r, geo).contiguous(),
+                 _router(gate_w, thr_w, x, geo["G_P"]), keep, grad_x, t, d, e, r, er, drop_scale),
+                dict(HAS_KEEP=has_keep, **_modes(x.dtype), BT=blk.bt, BD=blk.bd, **geo), blk)
     n_gate = 0 if gate_w is None else gate_w.shape[0]
     grad_tb = gtb.sum().reshape(1).to(x.dtype) if thr_b is not None else x.new_empty(0)
     return (grad_x, grad_a.to(lora_a.dtype), grad_b.to(lora_b.dtype), grad_rw[:n_gate].clone(),
@@ -301,13 +322,16 @@ def adapter_backward_triton(grad_out, grad_scores, x, drop_mask, lora_a, lora_b,
 def _weight_grads(gza, gzr, x, drop_mask, e, r, er, drop_scale, geo):
     """grad_A [K, D] and grad_[Wg; wt] [Er, D], split over T into partial sums."""
     t, d = x.shape
-    split = min(SPLIT_T, triton.cdiv(t, BLOCK_T))
-    rows = triton.cdiv(triton.cdiv(t, split), BLOCK_T) * BLOCK_T
+    blk = choose("bwd_weight", geo["E_P"] * geo["R_P"], x.dtype)
+    split = min(blk.split_t, triton.cdiv(t, blk.bt))
+    rows = triton.cdiv(triton.cdiv(t, split), blk.bt) * blk.bt
     split = triton.cdiv(t, rows)
     ga = x.new_empty(split, e * r, d, dtype=torch.float32)
     gr = x.new_empty(split, max(er, 1), d, dtype=torch.float32)
     keep, has_keep = _keep(drop_mask, x)
-    _launcher(_bwd_weight_kernel, x)[(triton.cdiv(d, BLOCK_D), split)](
-        gza, gzr, x, keep, ga, gr, t, d, e, r, er, drop_scale, rows, has_keep, *_modes(x.dtype), BLOCK_T,
-        BLOCK_D, **geo)
+    k_p = geo["E_P"] * geo["R_P"]
+    bk = min(blk.bk or k_p, k_p)
+    _launch(_bwd_weight_kernel, (triton.cdiv(d, blk.bd), split, k_p // bk),
+            (gza, gzr, x, keep, ga, gr, t, d, e, r, er, drop_scale, rows),
+            dict(HAS_KEEP=has_keep, **_modes(x.dtype), BT=blk.bt, BD=blk.bd, BK=bk, **geo), blk)
     return ga.sum(0), gr[:, :er].sum(0).to(x.dtype)

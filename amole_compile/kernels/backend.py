@@ -1,12 +1,21 @@
 """Which kernels run the op: the `kernels` setting (`AdaMoLEConfig.kernels`, overridden by the environment
-variable `AMOLE_KERNELS`), resolved per call to "torch" or "triton". Imports no triton."""
+variable `AMOLE_KERNELS`), resolved per call to "torch" or "triton". Imports no triton.
+
+Bad input never reaches a Triton compile: what the kernels cannot take (a dtype, more experts or padded columns
+than the compile matrix covers, see `blocks.unsupported`) takes the torch path, with a one-time warning naming
+why when the tensor is on a CUDA device (where 'auto' would have picked Triton), or raises naming the limit when
+`kernels='triton'` was asked for.
+"""
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import warnings
 
 import torch
+
+from .blocks import unsupported
 
 KERNELS = ("auto", "torch", "triton")
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -31,14 +40,31 @@ def triton_usable(x: torch.Tensor, explicit: bool = False) -> tuple[bool, str]:
                    "or TRITON_INTERPRET=1 for CPU tensors")
 
 
-def resolve_kernels(requested: str, x: torch.Tensor) -> str:
-    """The `kernels` setting ('auto' | 'torch' | 'triton'; AMOLE_KERNELS overrides) -> 'torch' or 'triton'."""
+_warned: set[str] = set()
+
+
+def _on_gpu(x: torch.Tensor) -> bool:
+    """Where 'auto' would pick the kernels (so taking the torch path is worth a warning)."""
+    return x.device.type == "cuda"
+
+
+def resolve_kernels(requested: str, x: torch.Tensor, num_experts: int = 1, rank: int = 1) -> str:
+    """The `kernels` setting ('auto' | 'torch' | 'triton'; AMOLE_KERNELS overrides) -> 'torch' or 'triton' for a
+    call on x [T, D] with E experts of rank R."""
     choice = os.environ.get(ENV_VAR, requested) or "auto"
     if choice not in KERNELS:
         raise ValueError(f"{ENV_VAR} must be one of {', '.join(KERNELS)}; got {choice!r}")
     if choice == "torch":
         return "torch"
     ok, why = triton_usable(x, explicit=choice == "triton")
-    if choice == "triton" and not ok:
+    if ok:
+        why = unsupported(num_experts, rank)
+        ok = not why
+    if ok:
+        return "triton"
+    if choice == "triton":
         raise RuntimeError(f"amole kernels='triton' was asked for but cannot run: {why}")
-    return "triton" if ok else "torch"
+    if _on_gpu(x) and why not in _warned:
+        _warned.add(why)
+        warnings.warn(f"amole: the Triton kernels cannot run this call, using the torch path: {why}", stacklevel=2)
+    return "torch"

@@ -29,10 +29,11 @@ _LIB = "amole"
 _registered: SimpleNamespace | None = None
 
 
-def _use_triton(kernels: str, x: Tensor) -> bool:
-    """Triton for this call? Under TRITON_INTERPRET=1 kernels run eagerly and cannot be traced, so a traced
-    call (fake tensors: torch.compile, opcheck's fake checks) takes the torch path, which computes the same."""
-    if resolve_kernels(kernels, x) != "triton":
+def _use_triton(kernels: str, x: Tensor, num_experts: int, lora_a: Tensor) -> bool:
+    """Triton for this call? Decided before any launch (`resolve_kernels`: dtype, device, E and rank within the
+    kernels' limits). Under TRITON_INTERPRET=1 kernels run eagerly and cannot be traced, so a traced call (fake
+    tensors: torch.compile, opcheck's fake checks) takes the torch path, which computes the same."""
+    if resolve_kernels(kernels, x, num_experts, lora_a.shape[0] // max(num_experts, 1)) != "triton":
         return False
     from torch._subclasses.fake_tensor import is_fake
 
@@ -47,7 +48,7 @@ def _adapter_impl(
     """AdaMoLE / MoLE / LoRA adapter on x [T, D] -> (out [T, O], scores, mask, za, zr); see module doc."""
     args = (x, drop_mask, lora_a, lora_b, gate_w, thr_w, thr_b, base, method, num_experts, top_k, scale,
             max_threshold, drop_scale)
-    if _use_triton(kernels, x):
+    if _use_triton(kernels, x, num_experts, lora_a):
         from .adapter_triton import adapter_triton
 
         return adapter_triton(*args)
@@ -63,7 +64,7 @@ def _adapter_backward_impl(
     """Grads (x, A, B, gate, threshold weight, threshold bias); empty tensors for absent parameters."""
     args = (grad_out, grad_scores, x, drop_mask, lora_a, lora_b, gate_w, thr_w, thr_b, za, zr, method,
             num_experts, top_k, scale, max_threshold, drop_scale, need_grad_x)
-    if _use_triton(kernels, x):
+    if _use_triton(kernels, x, num_experts, lora_a):
         from .adapter_triton import adapter_backward_triton
 
         return adapter_backward_triton(*args)

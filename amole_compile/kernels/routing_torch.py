@@ -13,6 +13,8 @@ All routing math runs in float32.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 
@@ -28,7 +30,7 @@ def _normalise(num: Tensor) -> tuple[Tensor, Tensor]:
 
 def _adamole_parts(zr: Tensor, thr_b: Tensor, num_experts: int, cap: float):
     logits, u = zr[:, :num_experts], zr[:, num_experts] + thr_b.to(zr.dtype)  # [T, E], [T]
-    p = torch.softmax(logits, dim=-1)
+    p = torch.softmax(logits.contiguous(), dim=-1)  # (softmax over a strided slice is 3x slower on CPU)
     sig = torch.sigmoid(u)[:, None]  # [T, 1]
     a = p - cap * sig  # [T, E]
     m = a >= 0
@@ -42,19 +44,36 @@ def _mole_parts(zr: Tensor, top_k: int):
     return p, m
 
 
-def route(zr: Tensor, thr_b: Tensor | None, method: str, num_experts: int, top_k: int, cap: float):
-    """zr [T, Er] float32 router logits -> (w [T, E], scores [T, E], mask [T, E] bool)."""
+class Routing(NamedTuple):
+    """One routing of T tokens, with what its backward needs (so the backward routes once)."""
+
+    w: Tensor  # [T, E] expert weights (ones [T, 1] for lora)
+    scores: Tensor  # [T, E] shifted scores (adamole), probabilities (mole), ones (lora)
+    mask: Tensor  # [T, E] bool, experts selected
+    p: Tensor | None = None  # [T, E] softmax of the gate logits
+    sig: Tensor | None = None  # [T, 1] sigmoid of the threshold logit (adamole)
+    s: Tensor | None = None  # [T, 1] normaliser
+
+
+def routing(zr: Tensor, thr_b: Tensor | None, method: str, num_experts: int, top_k: int, cap: float) -> Routing:
+    """zr [T, Er] float32 router logits -> `Routing`."""
     t, spec = zr.shape[0], method_spec(method)
     if not spec.has_gate:
         ones = zr.new_ones(t, 1)
-        return ones, ones, ones.bool()
+        return Routing(ones, ones, ones.bool())
     if spec.has_threshold:
-        _, _, a, m = _adamole_parts(zr, thr_b, num_experts, cap)
-        w, _ = _normalise(a * m)
-        return w, a, m
+        p, sig, a, m = _adamole_parts(zr, thr_b, num_experts, cap)
+        w, s = _normalise(a * m)
+        return Routing(w, a, m, p, sig, s)
     p, m = _mole_parts(zr, top_k)
-    w, _ = _normalise(p * m)
-    return w, p, m
+    w, s = _normalise(p * m)
+    return Routing(w, p, m, p, None, s)
+
+
+def route(zr: Tensor, thr_b: Tensor | None, method: str, num_experts: int, top_k: int, cap: float):
+    """zr [T, Er] float32 router logits -> (w [T, E], scores [T, E], mask [T, E] bool)."""
+    r = routing(zr, thr_b, method, num_experts, top_k, cap)
+    return r.w, r.scores, r.mask
 
 
 def route_backward(
@@ -66,18 +85,15 @@ def route_backward(
     num_experts: int,
     top_k: int,
     cap: float,
+    fwd: Routing | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Gradients of (w, scores) w.r.t. zr [T, Er] and the threshold bias [1] (empty for non-adamole)."""
+    """Gradients of (w, scores) w.r.t. zr [T, Er] and the threshold bias [1] (empty for non-adamole).
+    `fwd`: this routing, when the caller has it (else routed again)."""
     spec = method_spec(method)
     if not spec.has_gate:
         return zr.new_zeros(zr.shape), zr.new_zeros(0)
-    if spec.has_threshold:
-        p, sig, a, m = _adamole_parts(zr, thr_b, num_experts, cap)
-        num = a * m
-    else:
-        p, m = _mole_parts(zr, top_k)
-        num = p * m
-    w, s = _normalise(num)
+    r = fwd if fwd is not None else routing(zr, thr_b, method, num_experts, top_k, cap)
+    p, m, w, s = r.p, r.mask, r.w, r.s
     g_num = (grad_w - (grad_w * w).sum(-1, keepdim=True)) / s  # [T, E]
     g_p = g_num * m
     if grad_scores is not None:
@@ -85,5 +101,5 @@ def route_backward(
     g_logits = p * (g_p - (g_p * p).sum(-1, keepdim=True))  # softmax backward, [T, E]
     if not spec.has_threshold:
         return g_logits, zr.new_zeros(0)
-    g_u = -g_p.sum(-1, keepdim=True) * cap * sig * (1 - sig)  # through tau = cap * sigmoid(u), [T, 1]
+    g_u = -g_p.sum(-1, keepdim=True) * cap * r.sig * (1 - r.sig)  # through tau = cap * sigmoid(u), [T, 1]
     return torch.cat([g_logits, g_u], dim=-1), g_u.sum().reshape(1)

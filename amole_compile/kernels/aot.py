@@ -1,0 +1,195 @@
+"""Ahead-of-time compiles of the Triton kernels for real GPU targets, on a machine without a GPU.
+
+The specialisations come from the launchers themselves: `record_launches()` makes `adapter_triton._launch`
+record (kernel, grid, args, constexprs, blocks) instead of running, and `specialisations()` drives the forward
+and backward launchers on tiny CPU tensors over a matrix of dtypes, methods, E, R and dropout. `compile_launch()`
+binds a recorded launch the way Triton's JIT does (its own binder: signature, alignment/divisibility attributes,
+constexprs), compiles it with `triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))` and reads the
+cubin's registers, shared and local memory with `cuobjdump --dump-resource-usage`.
+
+Must run without TRITON_INTERPRET=1 (the kernels must be JIT functions, not interpreted ones). Imports triton.
+Used by `benchmarks/kernel_resources.py` (full matrix) and `tests/kernels/test_kernel_resources.py` (a subset).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import re
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource, make_backend
+from triton.runtime.jit import create_function_from_signature
+
+from . import adapter_triton
+from .methods import method_spec
+
+# Per-block opt-in shared memory (bytes): A100 (sm_80) 163 KB, H100 (sm_90) 227 KB (CUDA programming guide).
+SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+ARCHS = (80, 90)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+EXPERTS = (1, 2, 4, 8, 16)
+RANKS = (1, 4, 8, 16, 32, 64)
+SHAPE = {"t": 33, "d": 96, "o": 80}  # odd T, D and O multiples of 16 as in real models
+_CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+
+
+@dataclass(frozen=True)
+class Case:
+    """One op configuration the matrix drives the launchers with."""
+
+    dtype: str
+    method: str
+    e: int
+    r: int
+    dropout: bool
+
+    def label(self) -> str:
+        """A short human-readable name of the case."""
+        return f"{self.dtype} {self.method} E={self.e} R={self.r} drop={int(self.dropout)}"
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One kernel specialisation, as a recorded launch: what Triton compiles once."""
+
+    kernel: object
+    args: tuple
+    consts: dict
+    num_warps: int
+    num_stages: int
+    case: Case
+
+    @property
+    def name(self) -> str:
+        """The kernel's function name."""
+        return self.kernel.__name__
+
+    def key(self) -> tuple:
+        """What makes a distinct build: kernel, argument types, constexprs, warps and stages."""
+        types = tuple(str(a.dtype) if isinstance(a, torch.Tensor) else type(a).__name__ for a in self.args)
+        return (self.name, types, tuple(sorted(self.consts.items())), self.num_warps, self.num_stages)
+
+
+@contextlib.contextmanager
+def record_launches():
+    """Within: the launchers record their launches into the yielded list instead of running them."""
+    launches: list = []
+    old, adapter_triton._recorder = adapter_triton._recorder, launches
+    try:
+        yield launches
+    finally:
+        adapter_triton._recorder = old
+
+
+def cases(dtypes=tuple(DTYPES), methods=("adamole", "mole", "lora"), experts=EXPERTS, ranks=RANKS,
+          dropouts=(False, True)) -> list[Case]:
+    """The matrix: every combination the op accepts (LoRA has exactly one expert)."""
+    out = []
+    for dt, m, e, r, p in itertools.product(dtypes, methods, experts, ranks, dropouts):
+        fixed = method_spec(m).fixed_experts
+        if fixed is None or e == fixed:
+            out.append(Case(dt, m, e, r, p))
+    return out
+
+
+def _drive(case: Case) -> list:
+    """Run the forward and backward launchers of `case` on tiny CPU tensors, recording their launches."""
+    dtype, spec = DTYPES[case.dtype], method_spec(case.method)
+    t, d, o, e, r = SHAPE["t"], SHAPE["d"], SHAPE["o"], case.e, case.r
+    x = torch.zeros(t, d, dtype=dtype)
+    gate = torch.zeros(e, d, dtype=dtype) if spec.has_gate else None
+    thr_w = torch.zeros(1, d, dtype=dtype) if spec.has_threshold else None
+    thr_b = torch.zeros(1, dtype=dtype) if spec.has_threshold else None
+    mask = torch.ones(t, d, dtype=torch.bool) if case.dropout else None
+    a, b, base = torch.zeros(e * r, d, dtype=dtype), torch.zeros(o, e * r, dtype=dtype), torch.zeros(t, o, dtype=dtype)
+    top_k = min(2, e) if spec.uses_top_k else 0
+    scalars = (case.method, e, top_k, 2.0, 1.0 / e, 1.0 / 0.95)
+    with record_launches() as launches:
+        _, scores, _, za, zr = adapter_triton.adapter_triton(x, mask, a, b, gate, thr_w, thr_b, base, *scalars)
+        grad_scores = scores if spec.has_gate else None
+        adapter_triton.adapter_backward_triton(base, grad_scores, x, mask, a, b, gate, thr_w, thr_b, za, zr,
+                                               *scalars, True)
+    return launches
+
+
+def specialisations(matrix: list[Case]) -> list[Spec]:
+    """The distinct kernel builds the launchers produce over `matrix` (first case that produced each)."""
+    seen: dict[tuple, Spec] = {}
+    for case in matrix:
+        for kernel, _grid, args, consts, blk in _drive(case):
+            spec = Spec(kernel, args, consts, blk.num_warps, blk.num_stages, case)
+            seen.setdefault(spec.key(), spec)
+    return list(seen.values())
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Resources of one build: registers per thread, shared memory per block, local memory (spills) per thread."""
+
+    registers: int
+    shared: int
+    local: int
+    stack: int
+
+    @property
+    def spills(self) -> bool:
+        """Does the build use local memory (register spills or a stack)?"""
+        return self.local > 0 or self.stack > 0
+
+
+def compile_launch(spec: Spec, arch: int):
+    """Compile `spec` for sm_<arch> the way Triton's JIT would bind its arguments; -> the CompiledKernel."""
+    if not hasattr(spec.kernel, "params"):
+        raise RuntimeError("the kernels are interpreted (TRITON_INTERPRET=1): AOT compiles need JIT functions")
+    target = GPUTarget("cuda", arch, 32)
+    backend = make_backend(target)
+    binder = create_function_from_signature(spec.kernel.signature, spec.kernel.params, backend)
+    kwargs = {**spec.consts, "num_warps": spec.num_warps, "num_stages": spec.num_stages}
+    bound, specialization, options = binder(*spec.args, **kwargs)
+    options, signature, constexprs, attrs = spec.kernel._pack_args(backend, kwargs, bound, specialization, options)
+    src = ASTSource(spec.kernel, signature, constexprs, attrs)
+    return triton.compile(src, target=target, options=options.__dict__)
+
+
+def resource_usage(cubin: bytes) -> Usage:
+    """Registers, shared, local and stack bytes of the (single) function in `cubin`, from cuobjdump."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(cubin)
+    try:
+        out = subprocess.run([str(_CUOBJDUMP), "--dump-resource-usage", f.name], capture_output=True, text=True,
+                             check=True).stdout
+    finally:
+        os.unlink(f.name)
+    line = next(ln for ln in out.splitlines() if "REG:" in ln)
+
+    def field(name):
+        m = re.search(rf"\b{name}:(\d+)", line)
+        return int(m.group(1)) if m else 0
+
+    return Usage(field("REG"), field("SHARED"), field("LOCAL"), field("STACK"))
+
+
+def measure(spec: Spec, arch: int) -> Usage:
+    """Compile `spec` for sm_<arch> and read its resources; shared memory includes what the launch reserves."""
+    compiled = compile_launch(spec, arch)
+    usage = resource_usage(compiled.asm["cubin"])
+    # Triton allocates the kernel's shared memory dynamically: the metadata has the real per-block figure.
+    return Usage(usage.registers, max(usage.shared, compiled.metadata.shared), usage.local, usage.stack)
+
+
+def problems(usage: Usage, arch: int) -> list[str]:
+    """Why a build would not run well on sm_<arch>: spills or more shared memory than a block may opt into."""
+    out = []
+    if usage.spills:
+        out.append(f"spills (local {usage.local} B, stack {usage.stack} B)")
+    if usage.shared > SHARED_LIMIT[arch]:
+        out.append(f"shared memory {usage.shared} B > {SHARED_LIMIT[arch]} B")
+    return out

@@ -1,0 +1,137 @@
+"""Block sizes and warps of the Triton kernels, per (kernel, K_P, dtype). Imports no triton.
+
+Legend: K_P = E_P * R_P padded adapter columns (E_P = pow2(E), R_P = pow2(R), K_P >= 16); BT tokens per program,
+BD the chunk of D (of O in the route-backward kernel), SPLIT_T partial sums over T in the weight-gradient kernel.
+`TABLE` is what `benchmarks/kernel_resources.py --search` finds: for each row the first of `CANDIDATES` that
+compiles for sm_80 and sm_90 without spilling registers and within the shared memory a block may opt into;
+`benchmarks/kernel_resources.py` checks the whole matrix against it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+KERNEL_NAMES = ("fwd", "bwd_route", "bwd_weight", "bwd_input")
+# Beyond these the op takes the torch path (`unsupported`): the AOT matrix covers E <= 16, R <= 64.
+MAX_EXPERTS, MAX_K_P = 16, 1024
+
+
+@dataclass(frozen=True)
+class Blocks:
+    """One launch configuration: BT tokens x BD columns of D (or O) per program, warps and pipeline stages."""
+
+    bt: int
+    bd: int
+    num_warps: int = 4
+    num_stages: int = 2
+    split_t: int = 8  # bwd_weight only: partial sums over T
+    bk: int = 0  # bwd_weight only: padded columns per program (0: all K_P in one program)
+
+
+def dtype_class(dtype: torch.dtype) -> str:
+    """'fp32' (tl.dot in exact fp32: FMA, operands held per thread) or '16bit' (bf16/fp16: tensor cores)."""
+    return "fp32" if dtype == torch.float32 else "16bit"
+
+
+# Candidates in order of preference (larger tiles first: fewer programs re-reading the weights, longer dots).
+# fp32 dots run on FMA units with each thread holding a slice of both operands along the reduction, so register
+# pressure grows with BD and the tile; more warps split the [BT, K_P] accumulator over more threads.
+# bf16/fp16 dots run on tensor cores, whose operand layouts are compact: larger tiles fit.
+_FP32 = (Blocks(32, 64, 4), Blocks(32, 32, 4), Blocks(32, 32, 8), Blocks(16, 32, 8), Blocks(16, 16, 8),
+         Blocks(16, 16, 16))
+_HALF = (Blocks(64, 64, 4), Blocks(32, 64, 4), Blocks(32, 32, 4), Blocks(16, 64, 8), Blocks(16, 32, 8),
+         Blocks(16, 16, 8))
+# The weight-gradient kernel can also split K_P over programs (its accumulator is [K_P, BD] and needs no routing).
+_SPLIT_K = (Blocks(16, 32, 8, bk=256), Blocks(16, 16, 8, bk=128))
+CANDIDATES = {(k, c): (_FP32 if c == "fp32" else _HALF) + (_SPLIT_K if k == "bwd_weight" else ())
+              for k in KERNEL_NAMES for c in ("fp32", "16bit")}
+
+DEFAULT = Blocks(32, 64, 4)
+
+# (kernel, dtype class) -> ((largest K_P of the row, Blocks), ...) in increasing K_P. Each row is the first of
+# CANDIDATES that `kernel_resources.py --search` found compiling without spills on sm_80 and sm_90 within their
+# shared memory (triton 3.9, 2026-11-25); the comment says what the larger configurations before it ran into.
+B = Blocks
+TABLE: dict[tuple[str, str], tuple[tuple[int, Blocks], ...]] = {
+    # x·[A; Wg; wt]ᵀ with the routing epilogue; accumulator [BT, K_P] fp32
+    ("fwd", "fp32"): (
+        (64, B(32, 32, 4)),  # BD 64 spills at K_P 16 (the FMA dot holds a [.., BD] operand slice per thread)
+        (512, B(32, 32, 8)),  # 4 warps spill from K_P 128 (8 B) to 512 (456 B): 8 warps halve the accumulator
+        (1024, B(16, 32, 8)),  # BT 32 spills 400 B even with 8 warps: half the tokens per program
+    ),
+    ("fwd", "16bit"): (
+        (128, B(64, 64, 4)),  # tensor-core layouts: 64 tokens fit up to K_P 128
+        (256, B(32, 64, 4)),  # BT 64 spills 192 B at K_P 256
+        (512, B(16, 64, 8)),  # BT 32 spills at K_P 512 (480 B with BD 64, 48 B with BD 32)
+        (1024, B(16, 32, 8)),  # BD 64 spills 168 B at K_P 1024
+    ),
+    # grad_h = grad_out·B and the routing backward; accumulator [BT, K_P] fp32, loop over O in BO = bd
+    ("bwd_route", "fp32"): (
+        (64, B(32, 64, 4)),
+        (256, B(32, 32, 4)),  # BO 64 spills from K_P 128
+        (512, B(32, 32, 8)),  # 4 warps spill at K_P 512
+        (1024, B(16, 32, 8)),  # BT 32 spills 504 B even with 8 warps
+    ),
+    ("bwd_route", "16bit"): (
+        (64, B(64, 64, 4)),
+        (256, B(32, 64, 4)),  # BT 64 spills from K_P 128
+        (1024, B(16, 64, 8)),  # BT 32 spills from K_P 512
+    ),
+    # grad_A = grad_zaᵀ·xd over a T split; accumulator [K_P, BD] (or [BK, BD] with a K split)
+    ("bwd_weight", "fp32"): (
+        (32, B(32, 64, 4)),
+        (256, B(16, 32, 8)),  # from K_P 64 the [K_P, BD] FMA accumulator spills with BT 32 or BD 64 at 4 warps
+        (512, B(16, 16, 8)),  # BD 32 spills at K_P 512
+        # every whole-K configuration spills (400 B even at 16 warps): K in chunks of 128 (128 registers; chunks
+        # of 256 fit too but at 249 registers, at the ceiling)
+        (1024, B(16, 16, 8, bk=128)),
+    ),
+    ("bwd_weight", "16bit"): (
+        (32, B(64, 64, 4)),
+        (128, B(32, 64, 4)),  # BT 64 spills from K_P 64
+        (256, B(32, 32, 4)),  # BD 64 spills at K_P 256
+        (512, B(16, 64, 8)),  # BT 32 spills at K_P 512
+        (1024, B(16, 16, 8)),  # BD 32+ spills at K_P 1024
+    ),
+    # grad_x = (grad_za·A)·mask + grad_zr·[Wg; wt]; one [K_P, BD] tile of A per program, no loop
+    ("bwd_input", "fp32"): (
+        (64, B(32, 32, 4)),  # BD 64 spills at K_P 16 and 64
+        (512, B(32, 32, 8)),  # 4 warps spill from K_P 128 (10 KB at 512)
+        (1024, B(16, 16, 8)),  # BD 32 needs 198 KB of shared memory (over the A100's 163 KB)
+    ),
+    ("bwd_input", "16bit"): (
+        (512, B(64, 64, 4)),
+        (1024, B(32, 32, 4)),  # the [K_P, 64] tile of A needs 270 KB (BT 64) / 203 KB (BT 32) of shared memory
+    ),
+}
+del B
+
+
+def padded_columns(num_experts: int, rank: int) -> int:
+    """K_P = E_P * R_P: experts and rank rounded up to powers of two, at least 16 columns (tl.dot's minimum)."""
+    e_p = 1 << max(0, (num_experts - 1).bit_length())
+    r_p = max(1 << max(0, (rank - 1).bit_length()), -(-16 // e_p))
+    return e_p * r_p
+
+
+def unsupported(num_experts: int, rank: int) -> str:
+    """Why the kernels cannot take E experts of rank R ('' when they can): outside the compile matrix."""
+    if num_experts > MAX_EXPERTS:
+        return (f"{num_experts} experts exceed the Triton kernels' limit of {MAX_EXPERTS} (the routing epilogue "
+                "holds all experts of a token in registers; larger E is not compiled or tested)")
+    k_p = padded_columns(num_experts, rank)
+    if k_p > MAX_K_P:
+        return (f"E_P * R_P = {k_p} padded adapter columns (E = {num_experts}, rank {rank}, each rounded up to a power "
+                f"of two) exceed the Triton kernels' limit of {MAX_K_P}: no block configuration keeps the "
+                "[tokens, E_P * R_P] accumulator in a block's registers and shared memory")
+    return ""
+
+
+def choose(kernel: str, k_p: int, dtype: torch.dtype) -> Blocks:
+    """The launch configuration of `kernel` for K_P padded adapter columns and activations of `dtype`."""
+    for limit, blk in TABLE.get((kernel, dtype_class(dtype)), ()):
+        if k_p <= limit:
+            return blk
+    return DEFAULT

@@ -1,0 +1,112 @@
+"""The Triton kernels compile for real GPUs (sm_80, sm_90) without spilling registers and within a block's shared
+memory, for a subset of the AOT matrix (`benchmarks/kernel_resources.py` runs all of it), and every block
+configuration of `blocks.TABLE` computes the torch path's numbers (interpreter).
+
+The compiles run in a subprocess: the test session runs the kernels under TRITON_INTERPRET=1, where they are
+interpreted functions that cannot be compiled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from test_adapter_kernels import check, make
+
+from amole_compile.kernels import adapter_triton, blocks, register
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# One op configuration per K_P row (16 .. 1024), both dtype classes, each arch; 4 kernels each: 28 builds.
+SUBSET = [("float32", "adamole", 4, 4, True, 90), ("bfloat16", "mole", 8, 4, False, 80),
+          ("float16", "adamole", 8, 8, True, 90), ("float32", "lora", 1, 64, True, 80),
+          ("bfloat16", "adamole", 16, 16, True, 90), ("float32", "mole", 16, 32, False, 90),
+          ("float32", "adamole", 16, 64, True, 80)]
+
+_SCRIPT = """
+import json, sys
+from amole_compile.kernels import aot
+out = []
+for dtype, method, e, r, dropout, arch in json.loads(sys.argv[1]):
+    for spec in aot.specialisations([aot.Case(dtype, method, e, r, dropout)]):
+        usage = aot.measure(spec, arch)
+        out.append([spec.name, spec.case.label(), arch, usage.registers, usage.shared, usage.local, usage.stack,
+                    aot.problems(usage, arch)])
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+def test_kernels_compile_without_spills_for_sm80_and_sm90():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    proc = subprocess.run([sys.executable, "-c", _SCRIPT, json.dumps(SUBSET)], capture_output=True, text=True,
+                          env=env, cwd=ROOT, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    builds = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(builds) == 4 * len(SUBSET)
+    bad = [b for b in builds if b[-1]]
+    assert not bad, "\n".join(f"sm_{b[2]} {b[0]} {b[1]}: REG {b[3]} SHARED {b[4]}: {b[-1]}" for b in bad)
+
+
+def _table_configs():
+    seen = {}
+    for (kernel, cls), rows in blocks.TABLE.items():
+        for k_p, blk in rows:
+            seen.setdefault(blk, (kernel, cls, k_p))
+    return sorted(seen.items(), key=lambda kv: (kv[0].bt, kv[0].bd, kv[0].num_warps))
+
+
+@pytest.mark.parametrize("blk,where", _table_configs(), ids=lambda v: f"{v.bt}x{v.bd}w{v.num_warps}"
+                         if isinstance(v, blocks.Blocks) else f"{v[0]}-{v[1]}-{v[2]}")
+def test_each_block_configuration_matches_the_torch_path(monkeypatch, blk, where):
+    """Every configuration of the table, forced on all four kernels (the interpreter ignores warps/stages)."""
+    monkeypatch.setattr(adapter_triton, "choose", lambda kernel, k_p, dtype: blk)
+    check(make("adamole", e=4, r=4, t=70, d=80, o=72))
+
+
+@pytest.mark.parametrize("method,e,r", [("adamole", 16, 64), ("mole", 16, 8), ("lora", 1, 64)])
+def test_largest_experts_by_rank(method, e, r):
+    """K_P = 1024 (the kernels' limit) and the table's own configuration for it."""
+    check(make(method, e=e, r=r, t=20, d=40, o=24))
+
+
+def test_limits_are_named():
+    assert blocks.unsupported(16, 64) == "" and blocks.unsupported(8, 4) == ""
+    assert "limit of 1024" in blocks.unsupported(16, 65)
+    assert "limit of 16" in blocks.unsupported(32, 4)
+    assert blocks.padded_columns(3, 5) == 32 and blocks.padded_columns(1, 1) == 16
+
+
+def test_shapes_beyond_the_limits_fall_back_or_raise(monkeypatch):
+    from amole_compile.kernels import backend
+
+    x = torch.zeros(4, 8)
+    with pytest.raises(RuntimeError, match="limit of 1024"):
+        backend.resolve_kernels("triton", x, num_experts=16, rank=128)
+    # 'auto' where the kernels would run (a CUDA tensor): the torch path, with a warning naming why, once
+    monkeypatch.setattr(backend, "triton_usable", lambda x, explicit=False: (True, ""))
+    monkeypatch.setattr(backend, "_on_gpu", lambda x: True)
+    monkeypatch.setattr(backend, "_warned", set())
+    with pytest.warns(UserWarning, match="limit of 16"):
+        assert backend.resolve_kernels("auto", x, num_experts=32, rank=4) == "torch"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert backend.resolve_kernels("auto", x, num_experts=32, rank=4) == "torch"  # warned once already
+    assert backend.resolve_kernels("auto", x, num_experts=8, rank=4) == "triton"
+
+
+def test_explicit_triton_through_the_op_raises_before_any_launch(monkeypatch):
+    args = make("adamole", e=32, r=1, t=8, d=16, o=8, thr_state="active")
+    launches: list = []
+    monkeypatch.setattr(adapter_triton, "_recorder", launches)
+    with pytest.raises(RuntimeError, match="limit of 16"):
+        register().adapter(*args.values(), "triton")
+    assert launches == []
