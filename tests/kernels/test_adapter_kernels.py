@@ -15,7 +15,9 @@ from amole_compile.kernels.adapter_triton import adapter_backward_triton, adapte
 
 ops = register()  # the registered torch.library ops
 
-pytestmark = pytest.mark.skipif(not triton_usable(torch.zeros(1), explicit=True)[0],
+# On a machine with a GPU the kernels run on CUDA; elsewhere in Triton's interpreter on CPU tensors.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.skipif(not triton_usable(torch.zeros(1, device=DEVICE), explicit=True)[0],
                                 reason="needs triton (CUDA, or TRITON_INTERPRET=1 set by conftest)")
 
 # dtype -> (rtol, atol as a fraction of the reference's largest magnitude)
@@ -71,15 +73,15 @@ def make(method="adamole", e=4, r=4, t=37, d=45, o=29, dtype=torch.float32, thr_
                 lora_a=rnd(e * r, d, s=0.3), lora_b=rnd(o, e * r, s=0.3), gate_w=cast(gate), thr_w=cast(thr_w),
                 thr_b=cast(thr_b), base=rnd(t, o) if base else None, method=method, num_experts=e, top_k=k,
                 scale=2.0, max_threshold=cap, drop_scale=1 / 0.9)
-    return args
+    return {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in args.items()}
 
 
 def run_both(args, dtype, need_grad_x=True, seed=1):
     fwd_args = tuple(args.values())
     ref, tri = adapter_torch(*fwd_args), adapter_triton(*fwd_args)
     g = torch.Generator().manual_seed(seed)
-    grad_out = torch.randn(ref[0].shape, generator=g).to(dtype)
-    grad_scores = torch.randn(ref[1].shape, generator=g) if args["method"] != "lora" else None
+    grad_out = torch.randn(ref[0].shape, generator=g).to(DEVICE, dtype)
+    grad_scores = torch.randn(ref[1].shape, generator=g).to(DEVICE) if args["method"] != "lora" else None
     common = (args["x"], args["drop_mask"], args["lora_a"], args["lora_b"], args["gate_w"], args["thr_w"],
               args["thr_b"])
     tail = (args["method"], args["num_experts"], args["top_k"], args["scale"], args["max_threshold"],
