@@ -13,6 +13,7 @@ import logging
 import torch
 from torch import fx, nn
 
+from . import model_hooks
 from .config import AdaMoLEConfig
 from .modules import AdapterGroup, ExpertSet
 from .passes._fx import ParamNames
@@ -93,6 +94,7 @@ def rewrite(model: nn.Module, selected: list[Target], config: AdaMoLEConfig) -> 
         return insert_ops(model, selected, config)
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     report = swap_modules(model, selected, config)
+    model_hooks.attach(model, config.aux_loss_coef)
     _DynamoFlag.acquire(model)
     _freeze_base(model)
     model.__dict__["_amole_requires_grad"] = flags  # restored by untransform
@@ -148,6 +150,7 @@ def untransform(model: nn.Module) -> nn.Module:
     if isinstance(model, fx.GraphModule) and remove_ops(model):
         return model
     unswap_modules(model)
+    model_hooks.detach(model)
     flags = model.__dict__.pop("_amole_requires_grad", {})
     for n, p in model.named_parameters():
         p.requires_grad_(flags.get(n, p.requires_grad))
@@ -171,10 +174,13 @@ def targets(model: nn.Module) -> list[Target]:
 
 
 def aux_loss(model: nn.Module) -> torch.Tensor:
-    """Sum over sites of the auxiliary load-balancing loss recorded by the last training-mode forward.
+    """Sum over sites of the auxiliary load-balancing loss recorded by the last training-mode forward with
+    gradients on (a forward under `torch.no_grad()` does not replace it).
 
     A 0-dim tensor on the model's device; 0 when nothing was recorded (eval mode, LoRA, no forward yet).
-    Training adds `1e-3 * aux_loss(model)` to the task loss, as the upstream implementation does.
+    For custom loops only, and without double counting: a transformed model already adds
+    `AdaMoLEConfig.aux_loss_coef * aux` (default 1e-3) to the `loss` it returns in training mode. A loop that
+    adds `coef * aux_loss(model)` itself transforms with `aux_loss_coef=0`.
     """
     losses = [m.aux for m in model.modules() if isinstance(m, ExpertSet) and m.aux is not None]
     if losses:

@@ -56,7 +56,8 @@ class ExpertSet(nn.Module):
         has_thr = spec.has_threshold
         self.threshold_weight = nn.Parameter(torch.empty(1, in_features, **kw)) if has_thr else None
         self.threshold_bias = nn.Parameter(torch.empty(1, **kw)) if has_thr else None
-        self._aux: Tensor | None = None
+        self._aux: Tensor | None = None  # last forward with gradients on
+        self._fwd_aux: Tensor | None = None  # this forward (any gradient mode), read by the model's loss hook
         self.track_stats = True
         # expert statistics, accumulated over forwards until reset_stats(): tokens seen, tokens that selected
         # each expert [E], and how many tokens had 0..E experts active [E + 1]
@@ -109,15 +110,27 @@ class ExpertSet(nn.Module):
         return out
 
     def record(self, scores: Tensor, mask: Tensor) -> None:
-        """Keep this forward's aux loss (training mode, a router, at least one token), else drop a stale one;
-        add the routing to the expert statistics (not while exporting, nor when checkpointing recomputes)."""
+        """Keep this forward's aux loss (training mode, a router, at least one token) as `forward_aux`, and as
+        `aux` when gradients are on: a forward with gradients off (an evaluation or metrics pass inside a
+        training step) never replaces the aux of the forward being trained. Activation checkpointing's
+        recompute records nothing. Add the routing to the expert statistics (not while exporting, nor when
+        checkpointing recomputes)."""
+        recomputing = _recomputing()
         if self.training and self.gate is not None and scores.shape[0] > 0:
+            # computed in the recompute too: checkpointing checks that it saves the same tensors
             f = mask.to(scores.dtype).mean(0)  # [E] fraction of tokens that selected each expert
             p = scores.mean(0)  # [E] mean shifted score (adamole) or probability (mole)
-            self._aux = self.num_experts * (f * p).sum()
-        elif self._aux is not None:
-            self._aux = None
-        if self.track_stats and not torch.compiler.is_exporting() and not _recomputing():
+            value = self.num_experts * (f * p).sum()
+            if not recomputing:
+                self._fwd_aux = value
+                if torch.is_grad_enabled():
+                    self._aux = value
+        elif not recomputing:
+            if self._fwd_aux is not None:
+                self._fwd_aux = None
+            if torch.is_grad_enabled() and self._aux is not None:
+                self._aux = None
+        if self.track_stats and not torch.compiler.is_exporting() and not recomputing:
             # In place (`+=` would re-assign the module attribute), and by index_add_ so that no size of a
             # buffer is compared with the batch's: under dynamic=True a buffer's length can share a symbol
             # with an equal sequence length, and a size check would then specialise that length.
@@ -131,6 +144,7 @@ class ExpertSet(nn.Module):
     def clear_aux(self) -> None:
         """Forget the recorded aux loss (e.g. before a capture, so that it has no side effect)."""
         self._aux = None
+        self._fwd_aux = None
 
     def reset_stats(self) -> None:
         """Zero the expert statistics counters."""

@@ -20,7 +20,7 @@ from amole_compile.modules import AdaMoLELinear
 from models import build, ids, logits
 from upstream_loop import LoopAdaMoLE
 
-FILES = ["adapter_config.json", "adapters.safetensors"]
+FILES = ["adapters.safetensors", "amole_config.json"]
 METHOD_CFGS = {
     "adamole": ac.AdaMoLEConfig(num_experts=4, rank=3, alpha=6.0, max_threshold=0.2),
     "mole": ac.AdaMoLEConfig(method="mole", num_experts=4, rank=2, top_k=3),
@@ -48,7 +48,7 @@ def test_round_trip_is_bit_exact(arch, method, tmp_path):
     want = logits(model, x)
     out = ac.save_adapters(model, tmp_path / "a" / "b")
     assert out == tmp_path / "a" / "b" and sorted(os.listdir(out)) == FILES  # exactly these, no temp files
-    meta = json.loads((out / "adapter_config.json").read_text())
+    meta = json.loads((out / "amole_config.json").read_text())
     assert meta["format"] == "amole_compile" and ac.AdaMoLEConfig.from_dict(meta["config"]) == cfg
     assert len(meta["targets"]) == len(ac.targets(model))
 
