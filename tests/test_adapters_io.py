@@ -238,3 +238,37 @@ def test_load_into_eval_model_stays_in_eval_mode(tmp_path):
     assert [n for n, m in model.named_modules() if m.training] == []
     x = ids()
     assert torch.equal(logits(model, x), logits(model, x))
+
+
+@pytest.mark.parametrize("options", [{}, {"use_rslora": True}], ids=["lora", "rslora"])
+def test_peft_lora_import_is_exact(options, tmp_path):
+    """A PEFT LoRA saved by peft itself: plain and rsLoRA (scale alpha / sqrt(r)) give PEFT's logits."""
+    peft = pytest.importorskip("peft")
+    base = build("llama")
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
+        r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], **options))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    pm.eval().save_pretrained(tmp_path)
+    model = ac.load_adapters(copy.deepcopy(base), tmp_path).eval()
+    x = ids(2, 7)
+    with torch.no_grad():
+        torch.testing.assert_close(logits(model, x), logits(pm, x), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("options,match", [
+    ({"use_dora": True}, "use_dora"), ({"rank_pattern": {"q_proj": 4}}, "rank_pattern"),
+    ({"alpha_pattern": {"q_proj": 4}}, "alpha_pattern"), ({"lora_bias": True}, "lora_bias")])
+def test_peft_options_we_cannot_express_are_rejected(options, match, tmp_path):
+    """DoRA, per-module ranks / alphas and LoRA biases: a clear error naming the option, the model untouched."""
+    peft = pytest.importorskip("peft")
+    base = build("llama")
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj"],
+                                                                   **options))
+    pm.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=match):
+        ac.load_adapters(base, tmp_path)
+    assert not ac.is_transformed(base)
