@@ -12,8 +12,11 @@ from __future__ import annotations
 
 from .adapters_io import load_adapters, save_adapters
 from .config import AdaMoLEConfig
-from .core import NoAttentionFound, aux_loss, plan, targets, transform, untransform
-from .passes.targets import Target
+from .core import NoAttentionFound, aux_loss, is_transformed, plan, targets, transform, untransform
+from .files import atomic_write
+from .passes.capture import CaptureError
+from .passes.swap_modules import UnsupportedLayerError
+from .passes.targets import Plan, Target
 
 __version__ = "0.1.0"
 
