@@ -15,6 +15,7 @@ from torch import fx, nn
 
 from . import model_hooks
 from .config import AdaMoLEConfig
+from .kernels import register as register_op
 from .modules import AdapterGroup, ExpertSet
 from .passes._fx import ParamNames
 from .passes.capture import capture
@@ -94,6 +95,7 @@ def rewrite(model: nn.Module, selected: list[Target], config: AdaMoLEConfig) -> 
         return insert_ops(model, selected, config)
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     report = swap_modules(model, selected, config)
+    register_op()  # now, not on the first forward: inside a compiled forward the registration is a graph break
     model_hooks.attach(model, config.aux_loss_coef)
     _DynamoFlag.acquire(model)
     _freeze_base(model)

@@ -219,3 +219,32 @@ def test_untransform_removes_the_hooks():
     out = model(input_ids=x, labels=x)
     assert "aux_loss" not in out and "save_pretrained" not in model.__dict__
     assert not model._forward_hooks and not model._forward_pre_hooks
+
+
+def test_compiled_trainer_with_checkpointing_has_no_graph_breaks(tmp_path):
+    """Trainer(torch_compile=True, gradient_checkpointing=True): no graph break. The op is registered at
+    transform time (not inside the compiled forward), and HF's enable_input_require_grads, whose
+    `requires_grad_` hook breaks the graph, is skipped under non-reentrant checkpointing, which does not need it;
+    the adapters and the router still train."""
+    from torch._dynamo.utils import counters
+
+    model = tiny()
+    model.loss_type = "ForCausalLM"
+    before = _gates(model)
+    torch._dynamo.reset()
+    counters.clear()
+    args = tf.TrainingArguments(**_common(tmp_path, max_steps=2, save_strategy="no", torch_compile=True,
+                                          torch_compile_backend="aot_eager", gradient_checkpointing=True))
+    trainer = tf.Trainer(model=model, args=args, train_dataset=_Data())
+    trainer.train()
+    assert model.is_activation_checkpointing and not getattr(model, "_require_grads_hooks", None)
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] >= 1
+    assert all(not torch.equal(p, before[n]) for n, p in _gates(model).items())
+    torch._dynamo.reset()
+
+
+def test_reentrant_checkpointing_keeps_the_input_grad_hook():
+    model = tiny()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    assert getattr(model, "_require_grads_hooks", None)
