@@ -13,7 +13,7 @@ import logging
 import torch
 from torch import fx, nn
 
-from . import model_hooks
+from . import model_hooks, quantized
 from .config import AdaMoLEConfig
 from .kernels import register as register_op
 from .modules import AdapterGroup, ExpertSet
@@ -41,6 +41,9 @@ def plan(model: nn.Module, config: AdaMoLEConfig | None = None, *, example_input
 
 
 def _plan(model: nn.Module, config: AdaMoLEConfig, example_inputs) -> Plan:
+    if not isinstance(model, fx.GraphModule) and quantized.library(model) is not None:
+        twin = _plan(quantized.twin(model), config, example_inputs)  # quantized layers do not trace
+        return Plan(type(model).__name__, list(twin.targets), twin.report)
     if isinstance(model, fx.GraphModule):
         graph, params = model.graph, ParamNames(model)
     else:
@@ -97,6 +100,7 @@ def rewrite(model: nn.Module, selected: list[Target], config: AdaMoLEConfig) -> 
     report = swap_modules(model, selected, config)
     register_op()  # now, not on the first forward: inside a compiled forward the registration is a graph break
     model_hooks.attach(model, config.aux_loss_coef)
+    quantized.mark_trainable(model)
     _DynamoFlag.acquire(model)
     _freeze_base(model)
     model.__dict__["_amole_requires_grad"] = flags  # restored by untransform
@@ -153,6 +157,7 @@ def untransform(model: nn.Module) -> nn.Module:
         return model
     unswap_modules(model)
     model_hooks.detach(model)
+    quantized.unmark_trainable(model)
     flags = model.__dict__.pop("_amole_requires_grad", {})
     for n, p in model.named_parameters():
         p.requires_grad_(flags.get(n, p.requires_grad))

@@ -199,8 +199,30 @@ def _save_pretrained(self: nn.Module, save_directory, is_main_process: bool = Tr
 
         adapters = {k: v.detach() for k, v in adapter_state(self).items()}
     adapters = {k: _full(v) for k, v in adapters.items()}
-    out = type(self).save_pretrained(self, save_directory, is_main_process=is_main_process, state_dict=base,
-                                     **kwargs)
+    peft_flag = self.__dict__.get("_amole_peft_flag", False)  # quantized bases: see quantized.mark_trainable
+    quantizer = getattr(self, "hf_quantizer", None)
+    if peft_flag:
+        self._hf_peft_config_loaded = False
+    if quantizer is not None:  # it replaces the state dict by its own (quantization state included): rename that
+        own = quantizer.get_state_dict_and_metadata
+
+        def renamed(model, *a, **k):
+            self.__dict__["state_dict"] = lambda *_a, **_k: dict(base)  # what it reads, names and metadata alike
+            try:
+                sd, meta = own(model, *a, **k)
+            finally:
+                del self.__dict__["state_dict"]
+            return (base if sd is None else sd), meta
+
+        quantizer.get_state_dict_and_metadata = renamed
+    try:
+        out = type(self).save_pretrained(self, save_directory, is_main_process=is_main_process, state_dict=base,
+                                         **kwargs)
+    finally:
+        if peft_flag:
+            self._hf_peft_config_loaded = True
+        if quantizer is not None:
+            del quantizer.get_state_dict_and_metadata
     if is_main_process:
         write_adapters(self, save_directory, adapters)
     return out

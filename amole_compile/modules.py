@@ -213,8 +213,8 @@ class AdaMoLELinear(AdapterGroup):
             raise TypeError(f"cannot adapt a {type(base_layer).__name__}: only nn.Linear and Conv1D are supported")
         weight = base_layer.weight
         dtype = getattr(torch, config.adapter_dtype) if config.adapter_dtype else weight.dtype
-        if not dtype.is_floating_point:
-            dtype = torch.float32
+        if not dtype.is_floating_point:  # a quantized layer (bitsandbytes): its compute dtype
+            dtype = getattr(base_layer, "compute_dtype", None) or torch.float32
         super().__init__(*feats, roles, columns, config, dtype, weight.device)
         self.base_layer = base_layer
         self.train(base_layer.training)  # the adapters follow the mode of the layer they join
