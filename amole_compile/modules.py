@@ -194,11 +194,24 @@ class AdapterGroup(nn.Module):
         return self._whole and len(self.roles) == 1
 
     def add_to(self, x: Tensor, y: Tensor) -> Tensor:
-        """x [..., D], y [..., O] (the projection's output) -> y + adapters(x)."""
+        """x [..., D], y [..., O] (the projection's output) -> y + adapters(x).
+
+        Under autocast (e.g. TRL's default bf16=True) the adapters still compute in their own dtype: the op's
+        matmuls are not autocast, and its backward would otherwise meet gradients of another dtype.
+        """
+        if torch.is_autocast_enabled(x.device.type):
+            with torch.autocast(x.device.type, enabled=False):
+                return self._add_to(x.to(self.adapter_dtype), y, autocast=True)
+        return self._add_to(x, y)
+
+    def _add_to(self, x: Tensor, y: Tensor, autocast: bool = False) -> Tensor:
         xa = x.reshape(-1, self.in_features).to(self.adapter_dtype)  # [T, D]
         if self.fused_base():
             site = self.adapters[self.roles[0]]
-            return site(xa, base=y.reshape(-1, self.out_features)).view_as(y)
+            base = y.reshape(-1, self.out_features)
+            if autocast and base.dtype != xa.dtype:  # the projection ran in the autocast dtype
+                return site(xa, base=base.to(xa.dtype)).view_as(y).to(y.dtype)
+            return site(xa, base=base).view_as(y)
         deltas = [site(xa) for site in self.adapters.values()]  # each [T, O_role]
         return y + combine_deltas(deltas, self.column_gather, self.n_unadapted).view_as(y).to(y.dtype)
 

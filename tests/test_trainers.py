@@ -248,3 +248,19 @@ def test_reentrant_checkpointing_keeps_the_input_grad_hook():
     model = tiny()
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
     assert getattr(model, "_require_grads_hooks", None)
+
+
+def test_trl_default_bf16_autocast_trains(tmp_path):
+    """TRL's SFTConfig defaults to bf16=True (CPU autocast): the adapters compute in their own dtype inside it."""
+    model = tiny()
+    before = _gates(model)
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    text = [" ".join(f"w{(i * 7 + j) % 100}" for j in range(10)) for i in range(8)]
+    args = SFTConfig(**_common(tmp_path, max_steps=1, save_strategy="no"))
+    assert args.bf16
+    SFTTrainer(model=model, args=args, train_dataset=Dataset.from_dict({"text": text}),
+               processing_class=tokenizer()).train()
+    assert all(not torch.equal(p, before[n]) for n, p in _gates(model).items())
+    assert {p.dtype for n, p in model.named_parameters() if ".adapters." in n} == {torch.float32}
