@@ -20,7 +20,6 @@ from torch import Tensor, nn
 
 from . import model_hooks
 from .config import DEFAULT_AUX_LOSS_COEF as DEFAULT_AUX_COEF  # noqa: F401 (old name)
-from .modules import AdaMoLELinear, AdapterGroup
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -48,27 +47,6 @@ def _full(value: Tensor) -> Tensor:
     return value
 
 
-def _renames(model: nn.Module) -> tuple[list[str], dict[str, str]]:
-    """(key prefixes to drop: the adapters, prefix renames: `<m>.base_layer.` -> `<m>.`)."""
-    drop, rename = [], {}
-    for name, mod in model.named_modules():
-        if isinstance(mod, AdapterGroup):
-            prefix = f"{name}." if name else ""
-            drop.append(f"{prefix}adapters.")
-            if isinstance(mod, AdaMoLELinear):
-                rename[f"{prefix}base_layer."] = prefix
-    return drop, rename
-
-
-def _base_key(key: str, drop: list[str], rename: dict[str, str]) -> str | None:
-    if any(key.startswith(p) for p in drop):
-        return None
-    for old, new in rename.items():
-        if key.startswith(old):
-            return new + key[len(old):]
-    return key
-
-
 def base_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """The base model's state dict with its original key names: `<m>.base_layer.<p>` becomes `<m>.<p>` and the
     adapters' entries are dropped, so that
@@ -79,13 +57,8 @@ def base_state_dict(model: nn.Module) -> dict[str, Tensor]:
     gathered into full tensors, a collective: call it on every rank (and save on rank 0 only).
     """
     model = unwrap(model)
-    drop, rename = _renames(model)
-    out = {}
-    for key, value in model.state_dict().items():
-        new = _base_key(key, drop, rename)
-        if new is not None:
-            out[new] = _full(value)
-    return out
+    base, _ = model_hooks.split_state(model, model.state_dict())
+    return {k: _full(v) for k, v in base.items()}
 
 
 def compute_loss(model: nn.Module, inputs: dict, aux_coef: float | None = None, return_outputs: bool = False):
