@@ -108,10 +108,16 @@ def _argmax(logits, labels):
 
 def load_model(model_dir: str | Path, quantize: str | None = None):
     """The causal LM in model_dir, optionally quantized with bitsandbytes on load."""
+    import json
+
     import transformers as tf
 
     from .quantized import require
 
+    saved = json.loads((Path(model_dir) / "config.json").read_text()).get("quantization_config") or {}
+    method = saved.get("quant_method")
+    if method in ("bitsandbytes", "torchao"):
+        require(method, f"{model_dir} (a base quantized with {method})")
     kw = {}
     if quantize is not None:
         if quantize not in QUANTIZE:

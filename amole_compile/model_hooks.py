@@ -56,11 +56,25 @@ def attach(model: nn.Module, coef: float) -> None:
     model.register_forward_hook(_post_forward, with_kwargs=True)
     model.register_load_state_dict_pre_hook(_load_pre_hook)
     if callable(getattr(type(model), "save_pretrained", None)):
-        model.__dict__["save_pretrained"] = _save_pretrained.__get__(model)
+        model.__dict__["save_pretrained"] = _Bound("_save_pretrained", model)
     if callable(getattr(type(model), "enable_input_require_grads", None)):
-        model.__dict__["enable_input_require_grads"] = _enable_input_require_grads.__get__(model)
+        model.__dict__["enable_input_require_grads"] = _Bound("_enable_input_require_grads", model)
         if _non_reentrant(model) and getattr(model, "_require_grads_hooks", None):
             model.disable_input_require_grads()  # checkpointing was enabled before the transform
+
+
+class _Bound:
+    """`model.<name>(...)` -> `<module function>(model, ...)`: unlike a bound method it pickles (by the function's
+    name) and `copy.deepcopy` rebinds it to the copy."""
+
+    def __init__(self, name: str, model: nn.Module) -> None:
+        self.name, self.model = name, model
+
+    def __call__(self, *args, **kwargs):
+        return globals()[self.name](self.model, *args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"<amole_compile {self.name.lstrip('_')} of {type(self.model).__name__}>"
 
 
 def detach(model: nn.Module) -> None:

@@ -139,3 +139,23 @@ def test_non_hf_quantized_module_names_the_way_out():
     net = torch.nn.Sequential(bnb.nn.Linear8bitLt(8, 8, has_fp16_weights=False))
     with pytest.raises(ValueError, match="plan=p"):
         ac.transform(net, ac.AdaMoLEConfig(), example_inputs=(torch.randn(2, 8),))
+
+
+def test_missing_library_names_the_package(tmp_path, monkeypatch):
+    """A quantized model directory, or --quantize, without the library: an error naming the package."""
+    import importlib.util
+    import json
+
+    from amole_compile._train import load_model
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    quant, plain = tmp_path / "q", tmp_path / "p"
+    for d, extra in ((quant, {"quantization_config": {"quant_method": "bitsandbytes"}}), (plain, {})):
+        d.mkdir()
+        (d / "config.json").write_text(json.dumps({"model_type": "llama", **extra}))
+    with pytest.raises(ValueError, match="quantized with bitsandbytes.*pip install bitsandbytes"):
+        load_model(quant)
+    with pytest.raises(ValueError, match="--quantize 4bit needs the `bitsandbytes` package: pip install bitsandbytes"):
+        load_model(plain, "4bit")

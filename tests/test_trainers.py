@@ -264,3 +264,17 @@ def test_trl_default_bf16_autocast_trains(tmp_path):
                processing_class=tokenizer()).train()
     assert all(not torch.equal(p, before[n]) for n, p in _gates(model).items())
     assert {p.dtype for n, p in model.named_parameters() if ".adapters." in n} == {torch.float32}
+
+
+def test_transformed_model_pickles_and_deepcopies(tmp_path):
+    """The instance-level save_pretrained survives torch.save / torch.load and copy.deepcopy (bound to the copy)."""
+    import copy
+
+    model = tiny()
+    clone = copy.deepcopy(model)
+    assert clone.save_pretrained.model is clone
+    torch.save(model, tmp_path / "m.pt")
+    loaded = torch.load(tmp_path / "m.pt", weights_only=False)
+    assert loaded.save_pretrained.model is loaded
+    loaded.save_pretrained(tmp_path / "d")
+    assert (tmp_path / "d" / "amole_config.json").is_file()
