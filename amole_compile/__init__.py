@@ -2,7 +2,7 @@
 pass finds in any PyTorch model, trained under torch.compile and served with onnxruntime.
 
     model = amole_compile.transform(model, amole_compile.AdaMoLEConfig(num_experts=8, rank=4))
-    loss = model(input_ids=ids, labels=ids).loss + 1e-3 * amole_compile.aux_loss(model)
+    loss = model(input_ids=ids, labels=ids).loss   # task loss + aux_loss_coef (1e-3) * the aux loss
 
 Importing this package imports no triton, torch._inductor, onnx, onnxscript, onnxruntime or matplotlib, and
 does not touch CUDA: the op registers on first use, and the export, statistics and HF helpers load lazily.

@@ -75,8 +75,8 @@ def _train(model, args, ac):
     model.train()
 
     def step(ids):
-        loss = model(input_ids=ids, labels=ids).loss
-        return loss, loss + 1e-3 * ac.aux_loss(model)
+        total = model(input_ids=ids, labels=ids).loss  # the task loss + 1e-3 * aux (AdaMoLEConfig.aux_loss_coef)
+        return total - 1e-3 * ac.aux_loss(model).detach(), total
 
     run = step if args.no_compile else torch.compile(step, fullgraph=True)
     losses, bar = [], tqdm(range(args.steps), desc="train", unit="step", dynamic_ncols=True)

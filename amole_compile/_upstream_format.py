@@ -17,6 +17,7 @@ stacked into our `lora_A [E*r, d_in]` / `lora_B [d_out, E*r]`.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from pathlib import Path
 
@@ -36,16 +37,45 @@ def is_upstream(data: dict) -> bool:
     return "peft_type" in data
 
 
+# PEFT LoRA options that change the math in ways our adapters do not express: rejected, never imported wrongly
+_UNSUPPORTED = {
+    "use_dora": "DoRA (use_dora) adds a learned magnitude vector and renormalises the weight",
+    "rank_pattern": "rank_pattern gives modules different ranks; one rank per model is supported",
+    "alpha_pattern": "alpha_pattern gives modules different scales; one alpha per model is supported",
+    "lora_bias": "lora_bias adds a bias to lora_B",
+    "modules_to_save": "modules_to_save holds full copies of other modules (e.g. the LM head)",
+    "trainable_token_indices": "trainable_token_indices trains embedding rows",
+    "use_qalora": "QA-LoRA pools the input",
+}
+
+
+def _reject_unsupported(data: dict, file: Path) -> None:
+    for key, why in _UNSUPPORTED.items():
+        if data.get(key):
+            raise ValueError(f"{file}: {key}={data[key]!r} is not supported ({why}); only plain LoRA / rsLoRA "
+                             "adapters can be imported exactly")
+    init = data.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(("pissa", "olora", "corda", "eva", "loftq")):
+        raise ValueError(f"{file}: init_lora_weights={init!r} changes the base weights it was trained on; only "
+                         "adapters over an unchanged base can be imported")
+
+
 def _config(data: dict, file: Path) -> AdaMoLEConfig:
     peft_type = str(data.get("peft_type", "")).upper()
     if peft_type not in _METHODS:
         raise ValueError(f"{file}: peft_type {data.get('peft_type')!r} is not one of {sorted(_METHODS)}")
     method = _METHODS[peft_type]
     spec = METHODS[method]
+    _reject_unsupported(data, file)
     try:
+        rank = int(data["r"])
+        alpha = float(data.get("lora_alpha", data["r"]))
+        if data.get("use_rslora"):
+            # rsLoRA scales by alpha / sqrt(r); ours is alpha' / r, so alpha' = alpha * sqrt(r)
+            alpha = alpha * math.sqrt(rank)
         return AdaMoLEConfig(
             method=method, num_experts=int(data.get("num_experts", 1)) if spec.fixed_experts is None else None,
-            rank=int(data["r"]), alpha=float(data.get("lora_alpha", data["r"])),
+            rank=rank, alpha=alpha,
             dropout=float(data.get("lora_dropout", 0.0)),
             max_threshold=data.get("max_threshold") if spec.has_threshold else None,
             top_k=data.get("top_k") if spec.uses_top_k else None)

@@ -1,10 +1,13 @@
 """Adapters on disk: `save_adapters` / `load_adapters`.
 
-Our format is a directory with `adapter_config.json` ({"format": "amole_compile", "config": ..., "targets": ...})
+Our format is a directory with `amole_config.json` ({"format": "amole_compile", "config": ..., "targets": ...})
 and `adapters.safetensors` (keys `<module>.adapters.<role>.<param>`), each written atomically (temp file, then
-rename). `load_adapters` also reads the upstream repository's format (`peft_type` ADAMOLE / MOLE / LORA with
-`adapter_model.bin` or `.safetensors`; see `_upstream_format.py` and docs/upstream_format.md). Keys and shapes
-are checked strictly, and nothing is changed unless everything checks out.
+rename). The names do not collide with PEFT's (`adapter_config.json`, `adapter_model.safetensors`), so a model
+directory written by `save_pretrained` can hold both the base model and our adapters; `from_pretrained` of it
+gives the base model. Directories written before the rename (`adapter_config.json` with
+`"format": "amole_compile"`) are still read. `load_adapters` also reads the upstream repository's format
+(`peft_type` ADAMOLE / MOLE / LORA with `adapter_model.bin` or `.safetensors`; see `_upstream_format.py` and
+docs/upstream_format.md). Keys and shapes are checked strictly, and nothing is changed unless everything checks out.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ from .core import adapter_groups, is_transformed, plan, rewrite, targets, untran
 from .files import atomic_write
 from .passes.targets import Target, compress, expand
 
-CONFIG_FILE = "adapter_config.json"
+CONFIG_FILE = "amole_config.json"
+LEGACY_CONFIG_FILE = "adapter_config.json"  # ours before the rename; PEFT's (and the upstream format's) name
 WEIGHTS_FILE = "adapters.safetensors"
 FORMAT = "amole_compile"
 FORMAT_VERSION = 1
@@ -54,15 +58,24 @@ def _target_from_json(d: dict) -> Target:
 
 
 def save_adapters(model: nn.Module, path: str | os.PathLike) -> Path:
-    """Write `adapter_config.json` and `adapters.safetensors` into directory `path` (created if needed)."""
+    """Write `amole_config.json` and `adapters.safetensors` into directory `path` (created if needed).
+
+    The directory may be a model directory (`save_pretrained` of a transformed model writes both): the names
+    are not PEFT's, so `from_pretrained` of it still loads the base model.
+    """
+    if not adapter_groups(model):
+        raise ValueError(f"{type(model).__name__} has no AdaMoLE adapters; call amole_compile.transform first")
+    return write_adapters(model, path, {k: v.detach() for k, v in adapter_state(model).items()})
+
+
+def write_adapters(model: nn.Module, path: str | os.PathLike, state: dict[str, torch.Tensor]) -> Path:
+    """Write the adapter tensors `state` (canonical keys, e.g. gathered from a sharded state dict) of `model`."""
     from safetensors.torch import save_file
 
     groups = adapter_groups(model)
-    if not groups:
-        raise ValueError(f"{type(model).__name__} has no AdaMoLE adapters; call amole_compile.transform first")
-    state = {k: v.detach() for k, v in adapter_state(model).items()}
     if any(v.is_meta for v in state.values()):
         raise ValueError("the adapters are on the meta device and hold no values; materialise the model first")
+    _check_state(adapter_state(model), state, "save_adapters")
     out = Path(path)
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"save_adapters: {out} exists and is not a directory")
@@ -70,33 +83,70 @@ def save_adapters(model: nn.Module, path: str | os.PathLike) -> Path:
     config = groups[0][1].config
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": config.to_dict(),
             "targets": [_target_to_json(t) for t in targets(model)]}
-    tensors = {k: v.contiguous().cpu() for k, v in state.items()}
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     atomic_write(out / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     atomic_write(out / CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2)))
+    legacy = out / LEGACY_CONFIG_FILE
+    if legacy.is_file() and _is_ours(legacy):
+        legacy.unlink()  # an old config of ours would make from_pretrained take the directory for a PEFT adapter
     return out
 
 
-def _read_json(path: Path) -> dict:
-    file = path / CONFIG_FILE
+def _is_ours(file: Path) -> bool:
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and data.get("format") == FORMAT
+
+
+def has_adapters(path: Path) -> bool:
+    """Does directory `path` hold adapters in our format (current or legacy file name)?"""
+    return (path / CONFIG_FILE).is_file() or ((path / LEGACY_CONFIG_FILE).is_file()
+                                              and _is_ours(path / LEGACY_CONFIG_FILE))
+
+
+def read_adapter_tensors(model: nn.Module, path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The adapter tensors in `path` (our format), checked against the transformed `model` (targets, method,
+    keys, shapes): canonical key -> tensor."""
+    path = Path(path)
+    data, file = _read_json(path)
+    config, want, tensors = _read_ours(path, data, file)
+    _same_targets(targets(model), want)
+    _same_math(adapter_groups(model)[0][1].config, config)
+    _check_state(adapter_state(model), tensors, str(path))
+    return tensors
+
+
+def _read_json(path: Path) -> tuple[dict, Path]:
+    """-> (the adapter config's JSON, its file): ours (`amole_config.json`), else `adapter_config.json` (ours
+    before the rename, or the upstream / PEFT format)."""
     if not path.is_dir():
         raise FileNotFoundError(f"adapter directory not found: {path}")
+    file = path / CONFIG_FILE
     if not file.is_file():
-        raise FileNotFoundError(f"{file} not found: not an adapter directory")
+        file = path / LEGACY_CONFIG_FILE
+    if not file.is_file():
+        hint = (" (it holds a model: save_pretrained of a model without adapters, or of a base model)"
+                if (path / "config.json").is_file() else "")
+        raise FileNotFoundError(f"no {CONFIG_FILE} (nor {LEGACY_CONFIG_FILE}) in {path}: not an adapter "
+                                f"directory{hint}")
     try:
         data = json.loads(file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"{file} is not valid JSON: {exc}") from exc
     if not isinstance(data, dict):
         raise ValueError(f"{file} must hold a JSON object")
-    return data
+    return data, file
 
 
-def _read_ours(path: Path, data: dict) -> tuple[AdaMoLEConfig, list[Target], dict[str, torch.Tensor]]:
+def _read_ours(path: Path, data: dict, file: Path | None = None) -> tuple[AdaMoLEConfig, list[Target],
+                                                                        dict[str, torch.Tensor]]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     if data.get("format") != FORMAT or "config" not in data or "targets" not in data:
-        raise ValueError(f"{path / CONFIG_FILE} is neither an amole_compile nor an upstream (peft_type) config")
+        raise ValueError(f"{file or path} is neither an amole_compile nor an upstream (peft_type) config")
     config = AdaMoLEConfig.from_dict(data["config"])
     file = path / WEIGHTS_FILE
     if not file.is_file():
@@ -156,9 +206,9 @@ def load_adapters(model: nn.Module, path: str | os.PathLike, *,
     from ._upstream_format import is_upstream, read_upstream, resolve_upstream
 
     path = Path(path)
-    data = _read_json(path)
-    upstream = is_upstream(data)
-    config, want, tensors = read_upstream(path, data) if upstream else _read_ours(path, data)
+    data, file = _read_json(path)
+    upstream = file.name == LEGACY_CONFIG_FILE and is_upstream(data)
+    config, want, tensors = read_upstream(path, data) if upstream else _read_ours(path, data, file)
     fresh = not is_transformed(model)
     have = list(plan(model, config, example_inputs=example_inputs).targets) if fresh else targets(model)
     if upstream:

@@ -1,4 +1,4 @@
-"""`amole-compile`: demo, inspect, stats, export, bench.
+"""`amole-compile`: demo, inspect, train, generate, stats, export, bench.
 
 Errors print one line (`amole-compile: error: ...`) and exit non-zero; `--debug` shows the traceback instead.
 """
@@ -32,9 +32,10 @@ def _config_args(p: argparse.ArgumentParser) -> None:
 def _config(args):
     from .config import AdaMoLEConfig
 
+    extra = {"alpha": args.alpha} if getattr(args, "alpha", None) is not None else {}
     return AdaMoLEConfig(method=args.method, num_experts=args.experts, rank=args.rank,
                          roles=tuple(r.strip() for r in args.roles.split(",") if r.strip()),
-                         include=args.include, exclude=args.exclude)
+                         include=args.include, exclude=args.exclude, **extra)
 
 
 def _model_dir(path: str) -> Path:
@@ -144,6 +145,23 @@ def cmd_bench(args) -> int:
     return subprocess.call([sys.executable, str(script), *args.rest])
 
 
+def cmd_train(args) -> int:
+    from ._train import run_train
+
+    _model_dir(args.model_dir)
+    summary = run_train(args, _config(args))
+    for key, value in summary.items():
+        print(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from ._train import run_generate
+
+    print(run_generate(_model_dir(args.model_dir), args.adapters, args.prompt, args.max_new_tokens, args.quantize))
+    return 0
+
+
 def cmd_demo(args) -> int:
     """`amole-compile demo`: train, export and serve a small model built from config."""
     from ._demo import run_demo
@@ -188,6 +206,37 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--kv-cache", action="store_true", help="decoder graph with past/present KV")
     e.add_argument("--opset", type=int, default=None)
     e.set_defaults(func=cmd_export)
+    t = sub.add_parser("train", help="train adapters on your data (JSONL/CSV/Parquet or a saved HF dataset)")
+    t.add_argument("model_dir", help="a Hugging Face model directory (config.json, weights, tokenizer)")
+    t.add_argument("data", help="a .jsonl/.json/.csv/.parquet file or a datasets.save_to_disk directory with a "
+                   "'text' field or 'prompt' and 'response' fields")
+    t.add_argument("--out", default="amole_train", help="output directory: checkpoints, adapters, statistics")
+    _config_args(t)
+    t.add_argument("--alpha", type=float, default=16.0)
+    t.add_argument("--quantize", choices=("4bit", "8bit"), default=None, help="load the base with bitsandbytes")
+    t.add_argument("--compile", action="store_true", help="train under torch.compile")
+    t.add_argument("--epochs", type=float, default=1.0)
+    t.add_argument("--steps", type=int, default=0, help="stop after this many steps (overrides --epochs)")
+    t.add_argument("--batch", type=int, default=8)
+    t.add_argument("--lr", type=float, default=1e-4)
+    t.add_argument("--max-length", type=int, default=512)
+    t.add_argument("--eval-fraction", type=float, default=0.1, help="held-out share for eval loss / accuracy")
+    t.add_argument("--save-steps", type=int, default=200, help="checkpoint (and eval) every this many steps")
+    t.add_argument("--logging-steps", type=int, default=10)
+    t.add_argument("--resume", action="store_true", help="resume from the last checkpoint in --out")
+    t.add_argument("--text-field", default="text")
+    t.add_argument("--prompt-field", default="prompt")
+    t.add_argument("--response-field", default="response")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.set_defaults(func=cmd_train)
+    g = sub.add_parser("generate", help="generate text with a model directory and trained adapters")
+    g.add_argument("model_dir")
+    g.add_argument("adapters", help="directory with amole_config.json + adapters.safetensors")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=32)
+    g.add_argument("--quantize", choices=("4bit", "8bit"), default=None)
+    g.set_defaults(func=cmd_generate)
     b = sub.add_parser("bench", help="run a benchmark script (prints a table, appends a CSV row)")
     b.add_argument("name", choices=BENCHMARKS)
     b.add_argument("rest", nargs=argparse.REMAINDER, help="arguments passed to the script")
@@ -201,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.debug:
         return args.func(args)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # read at datasets' import
     try:
         if args.command != "bench":
             from transformers.utils import logging as hf_logging

@@ -17,6 +17,7 @@ ROLES = ("q", "k", "v", "o")
 ADAPTER_DTYPES = ("float32", "bfloat16", "float16")
 DEFAULT_TOP_K = 2
 DEFAULT_EXPERTS = 8
+DEFAULT_AUX_LOSS_COEF = 1e-3
 
 
 def _fail(field: str, allowed: str, got: Any) -> None:
@@ -53,6 +54,11 @@ class AdaMoLEConfig:
     adapter_dtype  "float32", "bfloat16", "float16", or None for the base layer's dtype.
     kernels        "auto" (Triton on CUDA, torch elsewhere), "torch" or "triton"; the environment
                    variable AMOLE_KERNELS overrides it.
+    aux_loss_coef  weight of the auxiliary load-balancing loss, >= 0 (default 1e-3, as the reference trains).
+                   Like Mixtral's `router_aux_loss_coef`: a training-mode forward that returns a `loss` returns
+                   `loss + aux_loss_coef * aux` and the aux value as `aux_loss`, so HF `Trainer`, TRL `SFTTrainer`
+                   and plain loops train the router with no subclass. 0 leaves the loss alone (add
+                   `coef * amole_compile.aux_loss(model)` yourself in a custom loop; never both).
     """
 
     method: str = "adamole"
@@ -67,6 +73,7 @@ class AdaMoLEConfig:
     exclude: str | None = None
     adapter_dtype: str | None = None
     kernels: str = "auto"
+    aux_loss_coef: float = DEFAULT_AUX_LOSS_COEF
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -86,6 +93,8 @@ class AdaMoLEConfig:
             _fail("adapter_dtype", f"None or one of {ADAPTER_DTYPES}", self.adapter_dtype)
         if self.kernels not in KERNELS:
             _fail("kernels", f"one of {KERNELS}", self.kernels)
+        if not _is_real(self.aux_loss_coef) or self.aux_loss_coef < 0:
+            _fail("aux_loss_coef", "a finite number >= 0", self.aux_loss_coef)
 
     def _resolve_num_experts(self) -> None:
         e, fixed = self.num_experts, self.spec.fixed_experts

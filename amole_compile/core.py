@@ -13,7 +13,9 @@ import logging
 import torch
 from torch import fx, nn
 
+from . import model_hooks, quantized
 from .config import AdaMoLEConfig
+from .kernels import register as register_op
 from .modules import AdapterGroup, ExpertSet
 from .passes._fx import ParamNames
 from .passes.capture import capture
@@ -40,6 +42,9 @@ def plan(model: nn.Module, config: AdaMoLEConfig | None = None, *,
 
 
 def _plan(model: nn.Module, config: AdaMoLEConfig, example_inputs) -> Plan:
+    if not isinstance(model, fx.GraphModule) and quantized.library(model) is not None:
+        twin = _plan(quantized.twin(model), config, example_inputs)  # quantized layers do not trace
+        return Plan(type(model).__name__, list(twin.targets), twin.report)
     if isinstance(model, fx.GraphModule):
         graph, params = model.graph, ParamNames(model)
     else:
@@ -95,6 +100,9 @@ def rewrite(model: nn.Module, selected: list[Target], config: AdaMoLEConfig) -> 
         return insert_ops(model, selected, config)
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     report = swap_modules(model, selected, config)
+    register_op()  # now, not on the first forward: inside a compiled forward the registration is a graph break
+    model_hooks.attach(model, config.aux_loss_coef)
+    quantized.mark_trainable(model)
     _DynamoFlag.acquire(model)
     _freeze_base(model)
     model.__dict__["_amole_requires_grad"] = flags  # restored by untransform
@@ -150,6 +158,8 @@ def untransform(model: nn.Module) -> nn.Module:
     if isinstance(model, fx.GraphModule) and remove_ops(model):
         return model
     unswap_modules(model)
+    model_hooks.detach(model)
+    quantized.unmark_trainable(model)
     flags = model.__dict__.pop("_amole_requires_grad", {})
     for n, p in model.named_parameters():
         p.requires_grad_(flags.get(n, p.requires_grad))
@@ -173,10 +183,13 @@ def targets(model: nn.Module) -> list[Target]:
 
 
 def aux_loss(model: nn.Module) -> torch.Tensor:
-    """Sum over sites of the auxiliary load-balancing loss recorded by the last training-mode forward.
+    """Sum over sites of the auxiliary load-balancing loss recorded by the last training-mode forward with
+    gradients on (a forward under `torch.no_grad()` does not replace it).
 
     A 0-dim tensor on the model's device; 0 when nothing was recorded (eval mode, LoRA, no forward yet).
-    Training adds `1e-3 * aux_loss(model)` to the task loss, as the upstream implementation does.
+    For custom loops only, and without double counting: a transformed model already adds
+    `AdaMoLEConfig.aux_loss_coef * aux` (default 1e-3) to the `loss` it returns in training mode. A loop that
+    adds `coef * aux_loss(model)` itself transforms with `aux_loss_coef=0`.
     """
     losses = [m.aux for m in model.modules() if isinstance(m, ExpertSet) and m.aux is not None]
     if losses:

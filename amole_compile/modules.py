@@ -57,7 +57,8 @@ class ExpertSet(nn.Module):
         has_thr = spec.has_threshold
         self.threshold_weight = nn.Parameter(torch.empty(1, in_features, **kw)) if has_thr else None
         self.threshold_bias = nn.Parameter(torch.empty(1, **kw)) if has_thr else None
-        self._aux: Tensor | None = None
+        self._aux: Tensor | None = None  # last forward with gradients on
+        self._fwd_aux: Tensor | None = None  # this forward (any gradient mode), read by the model's loss hook
         self.track_stats = True
         # expert statistics, accumulated over forwards until reset_stats(): tokens seen, tokens that selected
         # each expert [E], and how many tokens had 0..E experts active [E + 1]
@@ -111,15 +112,27 @@ class ExpertSet(nn.Module):
         return out
 
     def record(self, scores: Tensor, mask: Tensor) -> None:
-        """Keep this forward's aux loss (training mode, a router, at least one token), else drop a stale one;
-        add the routing to the expert statistics (not while exporting, nor when checkpointing recomputes)."""
+        """Keep this forward's aux loss (training mode, a router, at least one token) as `forward_aux`, and as
+        `aux` when gradients are on: a forward with gradients off (an evaluation or metrics pass inside a
+        training step) never replaces the aux of the forward being trained. Activation checkpointing's
+        recompute records nothing. Add the routing to the expert statistics (not while exporting, nor when
+        checkpointing recomputes)."""
+        recomputing = _recomputing()
         if self.training and self.gate is not None and scores.shape[0] > 0:
+            # computed in the recompute too: checkpointing checks that it saves the same tensors
             f = mask.to(scores.dtype).mean(0)  # [E] fraction of tokens that selected each expert
             p = scores.mean(0)  # [E] mean shifted score (adamole) or probability (mole)
-            self._aux = self.num_experts * (f * p).sum()
-        elif self._aux is not None:
-            self._aux = None
-        if self.track_stats and not torch.compiler.is_exporting() and not _recomputing():
+            value = self.num_experts * (f * p).sum()
+            if not recomputing:
+                self._fwd_aux = value
+                if torch.is_grad_enabled():
+                    self._aux = value
+        elif not recomputing:
+            if self._fwd_aux is not None:
+                self._fwd_aux = None
+            if torch.is_grad_enabled() and self._aux is not None:
+                self._aux = None
+        if self.track_stats and not torch.compiler.is_exporting() and not recomputing:
             # In place (`+=` would re-assign the module attribute), and by index_add_ so that no size of a
             # buffer is compared with the batch's: under dynamic=True a buffer's length can share a symbol
             # with an equal sequence length, and a size check would then specialise that length.
@@ -133,6 +146,7 @@ class ExpertSet(nn.Module):
     def clear_aux(self) -> None:
         """Forget the recorded aux loss (e.g. before a capture, so that it has no side effect)."""
         self._aux = None
+        self._fwd_aux = None
 
     def reset_stats(self) -> None:
         """Zero the expert statistics counters."""
@@ -182,11 +196,24 @@ class AdapterGroup(nn.Module):
         return self._whole and len(self.roles) == 1
 
     def add_to(self, x: Tensor, y: Tensor) -> Tensor:
-        """x [..., D], y [..., O] (the projection's output) -> y + adapters(x)."""
+        """x [..., D], y [..., O] (the projection's output) -> y + adapters(x).
+
+        Under autocast (e.g. TRL's default bf16=True) the adapters still compute in their own dtype: the op's
+        matmuls are not autocast, and its backward would otherwise meet gradients of another dtype.
+        """
+        if torch.is_autocast_enabled(x.device.type):
+            with torch.autocast(x.device.type, enabled=False):
+                return self._add_to(x.to(self.adapter_dtype), y, autocast=True)
+        return self._add_to(x, y)
+
+    def _add_to(self, x: Tensor, y: Tensor, autocast: bool = False) -> Tensor:
         xa = x.reshape(-1, self.in_features).to(self.adapter_dtype)  # [T, D]
         if self.fused_base():
             site = self.adapters[self.roles[0]]
-            return site(xa, base=y.reshape(-1, self.out_features)).view_as(y)
+            base = y.reshape(-1, self.out_features)
+            if autocast and base.dtype != xa.dtype:  # the projection ran in the autocast dtype
+                return site(xa, base=base.to(xa.dtype)).view_as(y).to(y.dtype)
+            return site(xa, base=base).view_as(y)
         deltas = [site(xa) for site in self.adapters.values()]  # each [T, O_role]
         return y + combine_deltas(deltas, self.column_gather, self.n_unadapted).view_as(y).to(y.dtype)
 
@@ -201,8 +228,8 @@ class AdaMoLELinear(AdapterGroup):
             raise TypeError(f"cannot adapt a {type(base_layer).__name__}: only nn.Linear and Conv1D are supported")
         weight = base_layer.weight
         dtype = getattr(torch, config.adapter_dtype) if config.adapter_dtype else weight.dtype
-        if not dtype.is_floating_point:
-            dtype = torch.float32
+        if not dtype.is_floating_point:  # a quantized layer (bitsandbytes): its compute dtype
+            dtype = getattr(base_layer, "compute_dtype", None) or torch.float32
         super().__init__(*feats, roles, columns, config, dtype, weight.device)
         self.base_layer = base_layer
         self.train(base_layer.training)  # the adapters follow the mode of the layer they join

@@ -13,9 +13,13 @@ Memory: on CUDA the peak allocated; on CPU, parameters + gradients + AdamW state
 (unique storages, counted with saved-tensor hooks; compiled graphs are not hookable, so '-').
 
     python benchmarks/train_step.py [--device cuda] [--hidden 512 --layers 4 --seq 128 --batch 8] [--vocab 1000]
+    python benchmarks/train_step.py --quantize nf4      # bitsandbytes 4-bit base (or int8: torchao int8
+                                                         # weight-only): amole vs PEFT LoRA on the same base
 
 --vocab 1000 is the small-vocabulary configuration: with the default 32000 words the LM head is most of the step
 and hides the adapters' cost.
+
+The model's loss holds AdaMoLE's aux term (AdaMoLEConfig.aux_loss_coef); the loop adds its own.
 """
 
 from __future__ import annotations
@@ -57,11 +61,41 @@ def loop_model(base: nn.Module, experts: int, rank: int, dropout: float) -> nn.M
     return model
 
 
-def peft_model(base: nn.Module, rank: int, dropout: float) -> nn.Module:
+def peft_model(base: nn.Module, rank: int, dropout: float, copy_base: bool = True) -> nn.Module:
     from peft import LoraConfig, get_peft_model
 
-    return get_peft_model(copy.deepcopy(base), LoraConfig(r=rank, lora_alpha=16, lora_dropout=dropout,
-                                                          target_modules=list(ROLES)))
+    model = copy.deepcopy(base) if copy_base else base
+    return get_peft_model(model, LoraConfig(r=rank, lora_alpha=16, lora_dropout=dropout, target_modules=list(ROLES)))
+
+
+def quantized_models(base: nn.Module, args, cfg) -> dict:
+    """AdaMoLE, PEFT LoRA (same total rank) and the frozen base, each on its own quantized load of `base`."""
+    import tempfile
+
+    import transformers as tf
+
+    with tempfile.TemporaryDirectory() as d:
+        base.save_pretrained(d)
+
+        def load():
+            if args.quantize == "nf4":
+                q = tf.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                          bnb_4bit_compute_dtype=torch.float32)
+            else:
+                from torchao.quantization import Int8WeightOnlyConfig
+
+                q = tf.TorchAoConfig(Int8WeightOnlyConfig())
+            return tf.AutoModelForCausalLM.from_pretrained(d, quantization_config=q, device_map=args.device)
+
+        frozen = load()
+        for p in frozen.parameters():
+            p.requires_grad_(False)
+        frozen.model.layers[0].input_layernorm.weight.requires_grad_(True)
+        return {
+            "amole eager": (ac.transform(load(), cfg), False, False),
+            "peft lora": (peft_model(load(), args.experts * args.rank, args.dropout, copy_base=False), False, False),
+            "frozen base": (frozen, False, False),
+        }
 
 
 def frozen_base(base: nn.Module) -> nn.Module:
@@ -145,21 +179,26 @@ def main() -> None:
     ap.add_argument("--dropout", type=float, default=0.05)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--quantize", choices=("nf4", "int8"), default=None,
+                    help="quantized base: bitsandbytes nf4, or torchao int8 weight-only")
     ap.add_argument("--skip", default="", help="comma-separated contenders to leave out (e.g. 'loop adamole')")
     args = ap.parse_args()
     torch.manual_seed(0)
     base = llama(args.hidden, args.layers, args.device, args.vocab)
     ids = torch.randint(0, args.vocab, (args.batch, args.seq), device=args.device)
     cfg = ac.AdaMoLEConfig(num_experts=args.experts, rank=args.rank, dropout=args.dropout)
-    models = {
-        "amole eager": (ac.transform(copy.deepcopy(base), cfg), False, True),
-        "amole compiled": (ac.transform(copy.deepcopy(base), cfg), True, True),
+    if args.quantize:
+        models = quantized_models(base, args, cfg)
+    else:
+        models = {
+        "amole eager": (ac.transform(copy.deepcopy(base), cfg), False, False),  # the model's loss holds the aux
+        "amole compiled": (ac.transform(copy.deepcopy(base), cfg), True, False),
         "peft lora": (peft_model(base, args.experts * args.rank, args.dropout), False, False),
         "peft lora compiled": (peft_model(base, args.experts * args.rank, args.dropout), True, False),
         "loop adamole": (loop_model(base, args.experts, args.rank, args.dropout), False, True),
         "frozen base": (frozen_base(base), False, False),
         "frozen base compiled": (frozen_base(base), True, False),
-    }
+        }
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     models = {k: v for k, v in models.items() if k not in skip}
     steps, mem = {}, {}
@@ -170,8 +209,9 @@ def main() -> None:
         mem[name] = memory(name, model, loss_fn, opt, ids, args.device, step)
     times = bc.interleaved(steps, args.steps, args.warmup, args.device)
     print_table(args, times, mem)
-    row = {"device": bc.device_name(args.device), "hidden": args.hidden, "layers": args.layers, "seq": args.seq,
-           "batch": args.batch, "vocab": args.vocab, "experts": args.experts, "rank": args.rank}
+    row = {"device": bc.device_name(args.device), "quantize": args.quantize or "", "hidden": args.hidden,
+           "layers": args.layers, "seq": args.seq, "batch": args.batch, "vocab": args.vocab, "experts": args.experts,
+           "rank": args.rank}
     for name, t in times.items():
         row[f"{name} ms"] = round(t * 1e3, 2)
         row[f"{name} MiB"] = round(mem[name], 1) if mem[name] else ""
@@ -194,8 +234,9 @@ def print_table(args, times: dict[str, float], mem: dict[str, float | None]) -> 
         m = mem[name]
         rows.append([name, f"{t * 1e3:.1f}", _fmt(lora and t / lora, ".3f"), _fmt(over, ".1f"),
                      _fmt(m, ".1f"), _fmt(m / ref_m if m and ref_m else None, ".3f")])
-    print(f"train step, Llama-shaped hidden={args.hidden} layers={args.layers} seq={args.seq} batch={args.batch} "
-          f"vocab={args.vocab}, "
+    quant = f", {args.quantize} base" if args.quantize else ""
+    print(f"train step{quant}, Llama-shaped hidden={args.hidden} layers={args.layers} seq={args.seq} "
+          f"batch={args.batch} vocab={args.vocab}, "
           f"E={args.experts} r={args.rank} dropout={args.dropout}, {bc.device_name(args.device)}")
     print(bc.table(rows, ["contender", "ms/step", "x peft lora (same mode)", "ms over frozen base", "memory MiB",
                           "mem x lora"]))

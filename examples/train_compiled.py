@@ -27,8 +27,8 @@ def main() -> None:
 
     @torch.compile(fullgraph=True)
     def loss_fn(ids):
-        loss = model(input_ids=ids, labels=ids).loss
-        return loss, loss + 1e-3 * ac.aux_loss(model)
+        total = model(input_ids=ids, labels=ids).loss  # the task loss + 1e-3 * aux (AdaMoLEConfig.aux_loss_coef)
+        return total - 1e-3 * ac.aux_loss(model).detach(), total
 
     gen = torch.Generator().manual_seed(1)
     t0 = time.perf_counter()

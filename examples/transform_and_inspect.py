@@ -25,8 +25,8 @@ def main() -> None:
     ids = torch.randint(0, 256, (4, 32))
     model.train()
     for step in range(5):
-        loss = model(input_ids=ids, labels=ids).loss
-        total = loss + 1e-3 * ac.aux_loss(model)
+        total = model(input_ids=ids, labels=ids).loss  # includes 1e-3 * aux (AdaMoLEConfig.aux_loss_coef)
+        loss = total - 1e-3 * ac.aux_loss(model).detach()
         opt.zero_grad()
         total.backward()
         opt.step()

@@ -35,7 +35,7 @@ AUX_COEF = 0.5
 def build_model() -> nn.Module:
     """The same transformed tiny llama in every process: fixed seed, no dropout, nonzero lora_B, train mode."""
     torch.manual_seed(0)
-    model = ac.transform(build("llama", attention_dropout=0.0), ac.AdaMoLEConfig(dropout=0.0))
+    model = ac.transform(build("llama", attention_dropout=0.0), ac.AdaMoLEConfig(dropout=0.0, aux_loss_coef=AUX_COEF))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
@@ -72,7 +72,7 @@ def train(model: nn.Module, batches: list[list[torch.Tensor]]) -> list[float]:
         opt.zero_grad(set_to_none=True)
         total = 0.0
         for x in micro:
-            loss = ac.compute_loss(model, {"input_ids": x, "labels": x}, aux_coef=AUX_COEF) / len(micro)
+            loss = ac.compute_loss(model, {"input_ids": x, "labels": x}) / len(micro)
             loss.backward()
             total += loss.item()
         opt.step()

@@ -45,3 +45,13 @@ def ids(batch: int = 2, seq: int = 8, seed: int = 0) -> torch.Tensor:
 
 def logits(model, input_ids, **kw) -> torch.Tensor:
     return model(input_ids=input_ids, **kw).logits
+
+
+def tokenizer(words: int = VOCAB - 3):
+    """A word-level tokenizer built locally (`tokenizers`, no download): <pad>=0, <eos>=1, <unk>=2, then w0, w1..."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2} | {f"w{i}": 3 + i for i in range(words)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return tf.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")

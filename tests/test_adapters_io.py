@@ -20,7 +20,7 @@ from amole_compile.modules import AdaMoLELinear
 from models import build, ids, logits
 from upstream_loop import LoopAdaMoLE
 
-FILES = ["adapter_config.json", "adapters.safetensors"]
+FILES = ["adapters.safetensors", "amole_config.json"]
 METHOD_CFGS = {
     "adamole": ac.AdaMoLEConfig(num_experts=4, rank=3, alpha=6.0, max_threshold=0.2),
     "mole": ac.AdaMoLEConfig(method="mole", num_experts=4, rank=2, top_k=3),
@@ -48,7 +48,7 @@ def test_round_trip_is_bit_exact(arch, method, tmp_path):
     want = logits(model, x)
     out = ac.save_adapters(model, tmp_path / "a" / "b")
     assert out == tmp_path / "a" / "b" and sorted(os.listdir(out)) == FILES  # exactly these, no temp files
-    meta = json.loads((out / "adapter_config.json").read_text())
+    meta = json.loads((out / "amole_config.json").read_text())
     assert meta["format"] == "amole_compile" and ac.AdaMoLEConfig.from_dict(meta["config"]) == cfg
     assert len(meta["targets"]) == len(ac.targets(model))
 
@@ -239,3 +239,37 @@ def test_load_into_eval_model_stays_in_eval_mode(tmp_path):
     assert [n for n, m in model.named_modules() if m.training] == []
     x = ids()
     assert torch.equal(logits(model, x), logits(model, x))
+
+
+@pytest.mark.parametrize("options", [{}, {"use_rslora": True}], ids=["lora", "rslora"])
+def test_peft_lora_import_is_exact(options, tmp_path):
+    """A PEFT LoRA saved by peft itself: plain and rsLoRA (scale alpha / sqrt(r)) give PEFT's logits."""
+    peft = pytest.importorskip("peft")
+    base = build("llama")
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
+        r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], **options))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    pm.eval().save_pretrained(tmp_path)
+    model = ac.load_adapters(copy.deepcopy(base), tmp_path).eval()
+    x = ids(2, 7)
+    with torch.no_grad():
+        torch.testing.assert_close(logits(model, x), logits(pm, x), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("options,match", [
+    ({"use_dora": True}, "use_dora"), ({"rank_pattern": {"q_proj": 4}}, "rank_pattern"),
+    ({"alpha_pattern": {"q_proj": 4}}, "alpha_pattern"), ({"lora_bias": True}, "lora_bias")])
+def test_peft_options_we_cannot_express_are_rejected(options, match, tmp_path):
+    """DoRA, per-module ranks / alphas and LoRA biases: a clear error naming the option, the model untouched."""
+    peft = pytest.importorskip("peft")
+    base = build("llama")
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj"],
+                                                                   **options))
+    pm.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=match):
+        ac.load_adapters(base, tmp_path)
+    assert not ac.is_transformed(base)

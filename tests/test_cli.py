@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -30,8 +31,7 @@ def saved(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
     base = build("llama")
     base.save_pretrained(root / "model")
-    model = ac.transform(build("llama"), ac.AdaMoLEConfig(dropout=0.0))
-    model.load_state_dict({k.replace(".base_layer", ""): v for k, v in base.state_dict().items()}, strict=False)
+    model = ac.transform(copy.deepcopy(base), ac.AdaMoLEConfig(dropout=0.0))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:

@@ -171,13 +171,13 @@ def test_load_errors_leave_model_unchanged(case, transformed, adir):
         ac.transform(model, CFG)
         _randomise(model)
     key = "model.layers.1.self_attn.k_proj.adapters.k.lora_B"
-    cfg_file, w_file = adir / "adapter_config.json", adir / "adapters.safetensors"
+    cfg_file, w_file = adir / "amole_config.json", adir / "adapters.safetensors"
     if case == "no_dir":
         shutil.rmtree(adir)
         _fails_cleanly(model, adir, FileNotFoundError, re.escape(str(adir)))
     elif case == "no_config":
         cfg_file.unlink()
-        _fails_cleanly(model, adir, FileNotFoundError, re.escape(str(cfg_file)))
+        _fails_cleanly(model, adir, FileNotFoundError, "no amole_config.json .*" + re.escape(str(adir)))
     elif case == "no_weights":
         w_file.unlink()
         _fails_cleanly(model, adir, FileNotFoundError, re.escape(str(w_file)))

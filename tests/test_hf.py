@@ -122,26 +122,29 @@ def test_half_precision_base(dtype, adapter_dtype):
 
 
 def test_save_pretrained_base_and_adapters_round_trip(tmp_path):
-    """The base via save_pretrained(state_dict=base_state_dict) and the adapters via save_adapters; from_pretrained
-    loads the plain base and load_adapters gives identical logits. The adapters go in their own directory: with
-    peft installed, from_pretrained reads an `adapter_config.json` beside `config.json` as a PEFT adapter."""
+    """save_pretrained of a transformed model: from_pretrained of the directory is the plain base model (no
+    missing / unexpected keys, its own weights) and load_adapters of the same directory gives identical logits.
+    The explicit form (state_dict=base_state_dict(model)) writes the same thing."""
     base, model = pair()
     model.eval()
     sd = ac.base_state_dict(model)
     assert sd.keys() == base.state_dict().keys()
     assert ac.base_state_dict(torch.compile(model)).keys() == sd.keys()  # unwrapped (no `_orig_mod.` prefix)
-    model.save_pretrained(tmp_path / "base", state_dict=sd)
-    ac.save_adapters(model, tmp_path / "adapters")
-    loaded, info = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "base", output_loading_info=True)
-    assert not any(info.values()), info  # no missing / unexpected / mismatched keys
-    assert not any(".base_layer" in k or ".adapters." in k for k in loaded.state_dict())
-    for key, value in base.state_dict().items():
-        assert torch.equal(loaded.state_dict()[key], value), key
-    x = ids(2, 9)
-    with torch.no_grad():
-        torch.testing.assert_close(loaded.eval()(input_ids=x).logits, base(input_ids=x).logits, rtol=0, atol=0)
-        ac.load_adapters(loaded, tmp_path / "adapters")
-        torch.testing.assert_close(loaded(input_ids=x).logits, model(input_ids=x).logits, rtol=0, atol=0)
+    for d, kw in [(tmp_path / "plain", {}), (tmp_path / "explicit", {"state_dict": sd})]:
+        model.save_pretrained(d, **kw)
+        assert {"amole_config.json", "adapters.safetensors", "config.json", "model.safetensors"} <= set(
+            p.name for p in d.iterdir())
+        assert not (d / "adapter_config.json").exists()  # PEFT's name: from_pretrained would take d for a PEFT adapter
+        loaded, info = tf.AutoModelForCausalLM.from_pretrained(d, output_loading_info=True)
+        assert not any(info.values()), info  # no missing / unexpected / mismatched keys
+        assert not any(".base_layer" in k or ".adapters." in k for k in loaded.state_dict())
+        for key, value in base.state_dict().items():
+            assert torch.equal(loaded.state_dict()[key], value), key
+        x = ids(2, 9)
+        with torch.no_grad():
+            torch.testing.assert_close(loaded.eval()(input_ids=x).logits, base(input_ids=x).logits, rtol=0, atol=0)
+            ac.load_adapters(loaded, d)
+            torch.testing.assert_close(loaded(input_ids=x).logits, model(input_ids=x).logits, rtol=0, atol=0)
 
 
 class _Data(torch.utils.data.Dataset):
@@ -163,37 +166,36 @@ def _eval_loss(model, batch) -> float:
         return model(**batch).loss.item()
 
 
-def test_trainer_adds_aux_loss_and_trains(tmp_path):
-    """AdaMoLETrainer: its loss is task + 1e-3 * aux; a few steps lower the loss, move adapters, keep the base."""
+def test_plain_trainer_trains_with_the_aux_loss_in_the_model_loss(tmp_path):
+    """A plain transformers.Trainer: the model's loss is task + 1e-3 * aux; a few steps lower the loss, move the
+    adapters, keep the base. AdaMoLETrainer (retired) is a Trainer whose aux_coef sets the model's coefficient."""
     _, model = pair()
     data = _Data()
     batch = {"input_ids": data.x[:4], "labels": data.x[:4]}
     args = tf.TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=6,
                                 learning_rate=1e-2, weight_decay=0.0, use_cpu=True, report_to=[], save_strategy="no",
                                 logging_steps=1, disable_tqdm=True, seed=0)
-    trainer = ac.AdaMoLETrainer(model=model, args=args, train_dataset=data)
-    assert trainer.aux_coef == AUX
     model.train()
-    task = model(**batch).loss
+    out = model(**batch)
     aux = ac.aux_loss(model)
-    assert aux > 0
-    got = trainer.compute_loss(model, batch)
-    torch.testing.assert_close(got, task + AUX * aux, rtol=0, atol=1e-7)
-    assert abs(got.item() - task.item()) > 1e-5  # the aux term is really there
+    assert aux > 0 and torch.equal(out.aux_loss, aux)
+    model.eval()
+    with torch.no_grad():
+        task = model(**batch).loss  # eval mode: no aux recorded, the task loss alone
+    model.train()
+    torch.testing.assert_close(out.loss, task + AUX * aux, rtol=0, atol=1e-6)
     helper, outputs = ac.compute_loss(model, batch, return_outputs=True)
-    torch.testing.assert_close(helper, got, rtol=0, atol=1e-7)
-    assert outputs.logits.shape == (4, 12, 128)
-    # gradient accumulation: the task loss normalised over the accumulated batch is not divided by the steps
-    # afterwards, so the aux loss of each micro-batch is divided by them here
-    assert trainer.model_accepts_loss_kwargs
-    trainer.current_gradient_accumulation_steps = 2
-    items = torch.tensor(2 * 4 * 11)  # label tokens of two micro-batches like this one
-    task = model(**batch, num_items_in_batch=items).loss
-    got = trainer.compute_loss(model, batch, num_items_in_batch=items)
-    torch.testing.assert_close(got, task + AUX * ac.aux_loss(model) / 2, rtol=0, atol=1e-7)
+    torch.testing.assert_close(helper, out.loss, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="aux_loss_coef"):
+        ac.compute_loss(model, batch, aux_coef=0.5)
+    retired = ac.AdaMoLETrainer(model=model, args=args, train_dataset=data, aux_coef=2e-3)
+    assert retired.aux_coef == 2e-3
+    torch.testing.assert_close(model(**batch).loss, task + 2e-3 * ac.aux_loss(model), rtol=0, atol=1e-6)
+    trainer = ac.AdaMoLETrainer(model=model, args=args, train_dataset=data, aux_coef=AUX)
 
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     loss0 = _eval_loss(model, batch)
+    trainer = tf.Trainer(model=model, args=args, train_dataset=data)
     trainer.train()
     assert trainer.state.global_step == 6
     assert _eval_loss(model, batch) < loss0 - 0.05
@@ -204,17 +206,17 @@ def test_trainer_adds_aux_loss_and_trains(tmp_path):
             assert not p.requires_grad and torch.equal(p, before[n]), f"base parameter {n} changed"
 
 
-def test_aux_loss_reaches_the_router_through_compute_loss(tmp_path):
-    """With lora_B = 0 the task loss does not depend on the router, so any router gradient is the aux loss's;
-    AdaMoLETrainer.compute_loss and compute_loss give one, the bare task loss none."""
-    model = ac.transform(build("llama"), ac.AdaMoLEConfig(dropout=0.0)).train()
+def test_aux_loss_reaches_the_router_through_the_model_loss():
+    """With lora_B = 0 the task loss does not depend on the router, so any router gradient is the aux loss's:
+    the model's loss gives one with aux_loss_coef > 0 and none with 0 (where a custom loop adds it itself)."""
     x = ids(2, 8)
     batch = {"input_ids": x, "labels": x}
-    gates = [p for n, p in model.named_parameters() if n.endswith(".gate")]
-    trainer = ac.AdaMoLETrainer(model=model, args=tf.TrainingArguments(output_dir=str(tmp_path), use_cpu=True,
-                                                                       report_to=[]))
-    for loss_fn, routed in [(lambda: model(**batch).loss, False), (lambda: trainer.compute_loss(model, batch), True),
-                            (lambda: ac.compute_loss(model, batch), True)]:
-        model.zero_grad(set_to_none=True)
-        loss_fn().backward()
+    for coef, routed in [(AUX, True), (0.0, False)]:
+        model = ac.transform(build("llama"), ac.AdaMoLEConfig(dropout=0.0, aux_loss_coef=coef)).train()
+        gates = [p for n, p in model.named_parameters() if n.endswith(".gate")]
+        model(**batch).loss.backward()
         assert all((g.grad is not None and g.grad.abs().sum() > 0) == routed for g in gates)
+        if not routed:  # the custom-loop way: no double counting, the same gradient as the model's own
+            model.zero_grad(set_to_none=True)
+            (model(**batch).loss + AUX * ac.aux_loss(model)).backward()
+            assert all(g.grad.abs().sum() > 0 for g in gates)

@@ -57,6 +57,14 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, kv_cache: bool = F
         raise ValueError(f"masking must be one of {MASKING}, got {masking!r}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"export_onnx takes an nn.Module (an HF model), got {type(model).__name__}")
+    from ..quantized import library
+
+    lib = library(model)
+    if lib is not None:
+        raise OnnxExportError(
+            f"{type(model).__name__} has a base quantized by {lib}, whose kernels have no ONNX form: export the "
+            "unquantized base with the same adapters (from_pretrained(dir) without quantization_config, then "
+            "load_adapters(model, adapter_dir))")
     with _eval_mode(model):
         spec = decoder_spec(model, dynamic) if kv_cache else scoring_spec(model, dynamic)
         program = _convert(model, spec, opset, masking)

@@ -1,0 +1,210 @@
+"""`amole-compile train MODEL_DIR DATA` and `amole-compile generate MODEL_DIR ADAPTERS --prompt ...`.
+
+train: a JSONL / JSON / CSV / Parquet file (or a directory saved by `datasets.save_to_disk`) with a `text` field,
+or `prompt` and `response` fields (the loss is then on the response tokens only). It is tokenised with the model
+directory's tokenizer, split into train / eval, and trained with the HF `Trainer` (progress bar, eval loss and
+token accuracy, checkpoints, `--resume`); the model's own loss holds the aux loss. Writes the adapters
+(`amole_config.json` + `adapters.safetensors`), the expert statistics (`expert_stats.json`, and
+`expert_stats.png` when matplotlib is installed) into `--out`.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+QUANTIZE = ("4bit", "8bit")
+
+
+class DataError(ValueError):
+    """The data file cannot be used (format, fields)."""
+
+
+def load_records(path: str | Path, text_field: str = "text", prompt_field: str = "prompt",
+                 response_field: str = "response"):
+    """-> (datasets.Dataset, mode 'text' or 'chat'); a one-line error naming the fields found otherwise."""
+    from .quantized import require
+
+    require("datasets", "reading training data")
+    import datasets
+
+    path = Path(path)
+    if path.is_dir():
+        ds = datasets.load_from_disk(str(path))
+        if isinstance(ds, datasets.DatasetDict):
+            ds = ds["train"] if "train" in ds else next(iter(ds.values()))
+    elif not path.is_file():
+        raise DataError(f"{path}: no such file or directory")
+    elif path.suffix.lower() not in FORMATS:
+        raise DataError(f"{path}: unknown data format {path.suffix!r}; use one of {sorted(FORMATS)} or a directory "
+                        "saved by datasets.save_to_disk")
+    else:
+        try:
+            ds = datasets.load_dataset(FORMATS[path.suffix.lower()], data_files=str(path), split="train")
+        except Exception as exc:  # pyarrow / json errors: one line
+            raise DataError(f"{path}: cannot read it as {FORMATS[path.suffix.lower()]}: "
+                            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
+    cols = list(ds.column_names)
+    if text_field in cols:
+        return ds, "text"
+    if prompt_field in cols and response_field in cols:
+        return ds, "chat"
+    raise DataError(f"{path}: needs a {text_field!r} field or {prompt_field!r} and {response_field!r} fields; "
+                    f"found {', '.join(map(repr, cols)) or 'none'}")
+
+
+def tokenize(ds, mode: str, tokenizer, max_length: int, text_field: str = "text", prompt_field: str = "prompt",
+             response_field: str = "response"):
+    """input_ids / labels per record; with a prompt, the prompt tokens are labelled -100 (no loss)."""
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+
+    def one(rec):
+        if mode == "text":
+            ids = tokenizer(str(rec[text_field]), add_special_tokens=True)["input_ids"] + eos
+            labels = list(ids)
+        else:
+            p = tokenizer(str(rec[prompt_field]), add_special_tokens=True)["input_ids"]
+            r = tokenizer(str(rec[response_field]), add_special_tokens=False)["input_ids"] + eos
+            ids, labels = p + r, [-100] * len(p) + r
+        return {"input_ids": ids[:max_length], "labels": labels[:max_length]}
+
+    out = ds.map(one, remove_columns=ds.column_names)
+    return out.filter(lambda r: any(v != -100 for v in r["labels"][1:]))
+
+
+class _Collator:
+    def __init__(self, pad_id: int) -> None:
+        self.pad_id = pad_id
+
+    def __call__(self, rows):
+        import torch
+
+        n = max(len(r["input_ids"]) for r in rows)
+        ids = torch.full((len(rows), n), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(rows), n), -100, dtype=torch.long)
+        mask = torch.zeros((len(rows), n), dtype=torch.long)
+        for i, r in enumerate(rows):
+            k = len(r["input_ids"])
+            ids[i, :k] = torch.tensor(r["input_ids"])
+            labels[i, :k] = torch.tensor(r["labels"])
+            mask[i, :k] = 1
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def _token_accuracy(eval_pred) -> dict:
+
+    preds, labels = eval_pred.predictions, eval_pred.label_ids
+    preds, labels = preds[:, :-1], labels[:, 1:]  # logits at t predict token t + 1
+    valid = labels != -100
+    return {"token_accuracy": float((preds == labels)[valid].mean()) if valid.any() else 0.0}
+
+
+def _argmax(logits, labels):
+    if isinstance(logits, tuple):
+        logits = logits[0]
+    return logits.argmax(-1)
+
+
+def load_model(model_dir: str | Path, quantize: str | None = None):
+    """The causal LM in model_dir, optionally quantized with bitsandbytes on load."""
+    import json
+
+    import transformers as tf
+
+    from .quantized import require
+
+    saved = json.loads((Path(model_dir) / "config.json").read_text()).get("quantization_config") or {}
+    method = saved.get("quant_method")
+    if method in ("bitsandbytes", "torchao"):
+        require(method, f"{model_dir} (a base quantized with {method})")
+    kw = {}
+    if quantize is not None:
+        if quantize not in QUANTIZE:
+            raise ValueError(f"--quantize must be one of {QUANTIZE}, got {quantize!r}")
+        require("bitsandbytes", f"--quantize {quantize}")
+        import torch
+
+        kw["quantization_config"] = (tf.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                           bnb_4bit_compute_dtype=torch.float32)
+                                     if quantize == "4bit" else tf.BitsAndBytesConfig(load_in_8bit=True))
+        kw["device_map"] = "cpu" if not torch.cuda.is_available() else "auto"
+    return tf.AutoModelForCausalLM.from_pretrained(model_dir, **kw)
+
+
+def load_tokenizer(model_dir: str | Path):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{model_dir} has no usable tokenizer: {str(exc).splitlines()[0]}") from exc
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
+    return tok
+
+
+def run_train(args, config) -> dict:
+    """Train adapters on the data; -> {'out': dir, 'train_loss': ..., 'eval_loss': ..., 'eval_token_accuracy': ...}."""
+    import torch
+    import transformers as tf
+
+    from .adapters_io import save_adapters
+    from .core import transform
+    from .stats import expert_stats
+
+    ds, mode = load_records(args.data, args.text_field, args.prompt_field, args.response_field)
+    tok = load_tokenizer(args.model_dir)
+    data = tokenize(ds, mode, tok, args.max_length, args.text_field, args.prompt_field, args.response_field)
+    if len(data) == 0:
+        raise DataError(f"{args.data}: no record has a token to train on")
+    n_eval = 0 if args.eval_fraction <= 0 or len(data) < 2 else max(1, int(math.ceil(len(data) * args.eval_fraction)))
+    split = data.train_test_split(test_size=n_eval, seed=args.seed) if n_eval else None
+    train, evals = (split["train"], split["test"]) if split else (data, None)
+
+    model = load_model(args.model_dir, args.quantize)
+    transform(model, config)
+    out = Path(args.out)
+    targs = tf.TrainingArguments(
+        output_dir=str(out), per_device_train_batch_size=args.batch, per_device_eval_batch_size=args.batch,
+        num_train_epochs=args.epochs, max_steps=args.steps if args.steps else -1, learning_rate=args.lr,
+        weight_decay=0.0, logging_steps=args.logging_steps, save_strategy="steps", save_steps=args.save_steps,
+        eval_strategy="steps" if evals is not None else "no", eval_steps=args.save_steps, report_to=[],
+        seed=args.seed, torch_compile=args.compile, use_cpu=not torch.cuda.is_available(),
+        disable_tqdm=args.no_progress, remove_unused_columns=False)
+    trainer = tf.Trainer(model=model, args=targs, train_dataset=train, eval_dataset=evals,
+                         data_collator=_Collator(tok.pad_token_id), processing_class=tok,
+                         compute_metrics=_token_accuracy if evals is not None else None,
+                         preprocess_logits_for_metrics=_argmax if evals is not None else None)
+    result = trainer.train(resume_from_checkpoint=True if args.resume else None)
+    summary = {"out": str(out), "train_loss": result.training_loss, "steps": trainer.state.global_step}
+    if evals is not None:
+        metrics = trainer.evaluate()
+        summary.update({k: v for k, v in metrics.items() if k in ("eval_loss", "eval_token_accuracy")})
+    save_adapters(model, out)
+    tok.save_pretrained(out)
+    stats = expert_stats(model)
+    if stats.sites and any(s.tokens for s in stats.sites):
+        summary["stats"] = str(stats.save(out / "expert_stats.json"))
+        try:
+            from .stats import plot_expert_stats
+
+            summary["plot"] = str(plot_expert_stats(stats, out / "expert_stats.png"))
+        except ImportError:
+            summary["plot"] = "skipped (pip install matplotlib)"
+    return summary
+
+
+def run_generate(model_dir, adapters, prompt: str, max_new_tokens: int = 32, quantize: str | None = None) -> str:
+    import torch
+
+    from .adapters_io import load_adapters
+
+    tok = load_tokenizer(model_dir)
+    model = load_model(model_dir, quantize)
+    load_adapters(model, adapters)
+    model.eval()
+    enc = tok(prompt, return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+    return tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)

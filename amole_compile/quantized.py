@@ -1,0 +1,89 @@
+"""Quantized bases (bitsandbytes 4-bit / 8-bit, torchao): discovery on an unquantized twin.
+
+`torch.export` cannot trace bitsandbytes' `Params4bit` / `Int8Params` under fake tensors, and a torchao weight
+(a tensor subclass) is not a parameter matrix the analysis recognises. So a quantized model is planned on its
+unquantized twin: the same class built from the same config (without `quantization_config`) on the meta device,
+which allocates nothing. The plan's module names and features are the quantized model's, and the adapters wrap
+the quantized layers themselves (they only call them), computing in the layer's compute dtype.
+
+HF `Trainer` refuses "purely quantized models" unless the model looks like a PEFT model; a transformed quantized
+model is one (it has trainable adapters), so `mark_trainable` sets the flag the Trainer reads, and
+`save_pretrained` clears it while transformers writes the base model.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+LIBRARIES = {"bitsandbytes": "bitsandbytes", "torchao": "torchao"}  # quantization library -> pip package
+
+
+class QuantizedModelError(ValueError):
+    """A quantized model that cannot be handled as asked (no twin to plan on, export, missing library)."""
+
+
+def library(model: nn.Module) -> str | None:
+    """'bitsandbytes' / 'torchao' when `model` holds layers quantized by that library, else None."""
+    for mod in model.modules():
+        if type(mod).__module__.startswith("bitsandbytes"):
+            return "bitsandbytes"
+        w = mod.__dict__.get("_parameters", {}).get("weight")
+        if w is not None and type(w).__module__.startswith("bitsandbytes"):
+            return "bitsandbytes"
+        if w is not None and type(w).__module__.startswith("torchao"):
+            return "torchao"
+        if w is not None and type(getattr(w, "data", None)).__module__.startswith("torchao"):
+            return "torchao"
+    return None
+
+
+def require(package: str, why: str) -> None:
+    """Raise a one-line error naming the package to install when it is missing."""
+    import importlib.util
+
+    if importlib.util.find_spec(package) is None:
+        raise QuantizedModelError(f"{why} needs the `{package}` package: pip install {package}")
+
+
+def twin(model: nn.Module) -> nn.Module:
+    """The unquantized twin of a quantized HF model, on the meta device (same class, same config)."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(type(model), "_from_config"):
+        lib = library(model)
+        raise QuantizedModelError(
+            f"{type(model).__name__} is quantized ({lib}) and is not a Hugging Face model, so it has no "
+            "unquantized twin to find its attention projections on: plan an unquantized copy "
+            "(`p = amole_compile.plan(unquantized)`) and pass `transform(model, config, plan=p)`")
+    config = copy.deepcopy(config)
+    for attr in ("quantization_config", "_pre_quantization_dtype"):
+        if hasattr(config, attr):
+            delattr(config, attr)
+    with torch.device("meta"):
+        out = type(model)._from_config(config)
+    return out.eval()
+
+
+def compute_dtype(layer: nn.Module) -> torch.dtype | None:
+    """The dtype a quantized layer computes in (bitsandbytes' compute_dtype, torchao's logical dtype)."""
+    dt = getattr(layer, "compute_dtype", None)
+    if isinstance(dt, torch.dtype) and dt.is_floating_point:
+        return dt
+    w = getattr(layer, "weight", None)
+    if w is not None and w.dtype.is_floating_point:
+        return w.dtype
+    return None
+
+
+def mark_trainable(model: nn.Module) -> None:
+    """Let HF `Trainer` fine-tune a transformed quantized model (it refuses 'purely quantized' ones)."""
+    if getattr(model, "hf_quantizer", None) is not None and not getattr(model, "_hf_peft_config_loaded", False):
+        model._hf_peft_config_loaded = True
+        model.__dict__["_amole_peft_flag"] = True
+
+
+def unmark_trainable(model: nn.Module) -> None:
+    if model.__dict__.pop("_amole_peft_flag", False):
+        model._hf_peft_config_loaded = False

@@ -1,0 +1,98 @@
+"""`amole-compile train MODEL_DIR DATA` and `generate`: a model directory and a tokenizer built locally (no
+downloads), JSONL with text, CSV with prompt/response, resume, bad data."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from amole_compile.cli import main
+
+from models import build, tokenizer
+
+SMALL = dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("model")
+    torch.manual_seed(0)
+    model = build("llama", **SMALL, pad_token_id=0, bos_token_id=None, eos_token_id=1)
+    model.save_pretrained(d)
+    tokenizer().save_pretrained(d)
+    return d
+
+
+def _words(i: int, n: int = 8) -> str:
+    return " ".join(f"w{(i * 7 + j) % 100}" for j in range(n))
+
+
+def _train(model_dir, data, out, *extra):
+    return main(["train", str(model_dir), str(data), "--out", str(out), "--steps", "4", "--batch", "4",
+                 "--lr", "1e-2", "--experts", "2", "--rank", "2", "--save-steps", "2", "--logging-steps", "1",
+                 "--no-progress", *extra])
+
+
+def test_train_text_jsonl_then_generate(model_dir, tmp_path, capsys):
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(json.dumps({"text": _words(i)}) for i in range(20)))
+    assert _train(model_dir, data, tmp_path / "out") == 0
+    out = capsys.readouterr().out
+    assert "eval_loss:" in out and "eval_token_accuracy:" in out and "train_loss:" in out
+    o = tmp_path / "out"
+    assert (o / "amole_config.json").is_file() and (o / "expert_stats.json").is_file()
+    assert (o / "checkpoint-4").is_dir()
+    b = [t for k, t in load_file(o / "adapters.safetensors").items() if k.endswith("lora_B")]
+    assert b and all(t.abs().sum() > 0 for t in b)  # trained away from zero
+    assert main(["generate", str(model_dir), str(o), "--prompt", "w1 w2 w3", "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out.strip()
+
+
+def test_train_prompt_response_csv_and_resume(model_dir, tmp_path, capsys):
+    data = tmp_path / "d.csv"
+    with data.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["prompt", "response"])
+        for i in range(12):
+            w.writerow([_words(i, 5), _words(i + 50, 3)])
+    out = tmp_path / "out"
+    assert _train(model_dir, data, out, "--roles", "q,v", "--method", "mole") == 0
+    cfg = json.loads((out / "amole_config.json").read_text())
+    assert cfg["config"]["method"] == "mole" and {t["roles"][0] for t in cfg["targets"]} == {"q", "v"}
+    assert main(["train", str(model_dir), str(data), "--out", str(out), "--steps", "6", "--batch", "4",
+                 "--experts", "2", "--rank", "2", "--method", "mole", "--roles", "q,v", "--save-steps", "2",
+                 "--resume", "--no-progress"]) == 0
+    assert "steps: 6" in capsys.readouterr().out
+
+
+def test_prompt_tokens_get_no_loss(model_dir):
+    import datasets
+
+    from amole_compile._train import load_tokenizer, tokenize
+
+    tok = load_tokenizer(model_dir)
+    ds = datasets.Dataset.from_dict({"prompt": ["w1 w2 w3"], "response": ["w4 w5"]})
+    row = tokenize(ds, "chat", tok, 64)[0]
+    assert row["labels"][:3] == [-100] * 3 and row["labels"][3:] == row["input_ids"][3:]
+    assert row["input_ids"][-1] == tok.eos_token_id
+
+
+def test_data_without_the_fields_is_a_one_line_error(model_dir, tmp_path, capsys):
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"question": "a", "answer": "b"}) + "\n")
+    assert main(["train", str(model_dir), str(data), "--out", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "'question', 'answer'" in err and "'text'" in err
+    assert not (tmp_path / "o").exists()  # nothing written
