@@ -146,6 +146,7 @@ def cmd_bench(args) -> int:
 
 
 def cmd_train(args) -> int:
+    """`amole-compile train MODEL_DIR DATA`: fine-tune AdaMoLE adapters on a data file with the HF Trainer."""
     from ._train import run_train
 
     _model_dir(args.model_dir)
@@ -156,6 +157,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_generate(args) -> int:
+    """`amole-compile generate MODEL_DIR ADAPTERS --prompt ...`: generate with a trained adapter."""
     from ._train import run_generate
 
     print(run_generate(_model_dir(args.model_dir), args.adapters, args.prompt, args.max_new_tokens, args.quantize))

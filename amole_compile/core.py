@@ -14,16 +14,17 @@ import torch
 from torch import fx, nn
 
 from . import model_hooks, quantized
+from .adapted import adapter_groups, is_transformed, targets
 from .config import AdaMoLEConfig
 from .kernels import register as register_op
-from .modules import AdapterGroup, ExpertSet
+from .modules import ExpertSet
 from .passes._fx import ParamNames
 from .passes.capture import capture
 from .passes.find_attention import find_attention
-from .passes.insert_ops import PREFIX, insert_ops, remove_ops
+from .passes.insert_ops import insert_ops, remove_ops
 from .passes.select_targets import NoAttentionFound, check_found, select_targets
 from .passes.swap_modules import swap_modules, unswap_modules
-from .passes.targets import PassReport, Plan, Target, compress
+from .passes.targets import PassReport, Plan, Target
 
 __all__ = ["NoAttentionFound", "adapter_groups", "aux_loss", "is_transformed", "plan", "rewrite", "targets",
            "transform", "untransform"]
@@ -54,11 +55,6 @@ def _plan(model: nn.Module, config: AdaMoLEConfig, example_inputs) -> Plan:
     selected = select_targets(found, config, report)
     check_found(type(model).__name__, report, selected, config)
     return Plan(type(model).__name__, list(selected), report)
-
-
-def is_transformed(model: nn.Module) -> bool:
-    """Does `model` hold AdaMoLE adapters (from `transform` or `load_adapters`)?"""
-    return any(isinstance(m, AdapterGroup) for m in model.modules())
 
 
 def transform(model: nn.Module | torch.export.ExportedProgram, config: AdaMoLEConfig | None = None, *,
@@ -165,21 +161,6 @@ def untransform(model: nn.Module) -> nn.Module:
         p.requires_grad_(flags.get(n, p.requires_grad))
     _DynamoFlag.release(model)
     return model
-
-
-def adapter_groups(model: nn.Module) -> list[tuple[str, AdapterGroup]]:
-    """(module name, group) for every adapted projection, in model order (graph path names unprefixed)."""
-    out = []
-    for name, mod in model.named_modules():
-        if isinstance(mod, AdapterGroup):
-            out.append((name[len(PREFIX) + 1:] if name.startswith(PREFIX + ".") else name, mod))
-    return out
-
-
-def targets(model: nn.Module) -> list[Target]:
-    """The adapted projections of a transformed model, as `Target(module, roles, slices, in, out)`."""
-    return [Target(name, g.roles, tuple(compress(c) for c in g.columns), g.in_features, g.out_features)
-            for name, g in adapter_groups(model)]
 
 
 def aux_loss(model: nn.Module) -> torch.Tensor:

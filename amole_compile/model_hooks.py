@@ -202,13 +202,13 @@ def split_state(model: nn.Module, state: Mapping[str, torch.Tensor], prefix: str
 def _save_pretrained(self: nn.Module, save_directory, is_main_process: bool = True, state_dict=None, **kwargs):
     """`save_pretrained` of a transformed model: the base model as transformers saves it (original key names,
     loadable by `from_pretrained`) plus the adapters in `amole_config.json` / `adapters.safetensors`."""
-    from .adapters_io import write_adapters
+    from .adapter_files import write_adapters
 
     if state_dict is None:
         state_dict = self.state_dict()
     base, adapters = split_state(self, state_dict)
     if not adapters:  # e.g. state_dict=base_state_dict(model): the adapters come from the model itself
-        from .adapters_io import adapter_state
+        from .adapter_files import adapter_state
 
         adapters = {k: v.detach() for k, v in adapter_state(self).items()}
     adapters = {k: full_tensor(v) for k, v in adapters.items()}
@@ -266,7 +266,7 @@ def _load_pre_hook(module: nn.Module, state_dict, prefix, local_metadata, strict
             "of its AdaMoLE adapters: loading it would leave the adapters as they are. Load a checkpoint saved "
             "by save_pretrained with `amole_compile.load_adapters(model, dir)` (or a base model with "
             "from_pretrained(dir)), or pass the transformed model's own state_dict")
-    from .adapters_io import read_adapter_tensors
+    from .adapter_files import read_adapter_tensors
 
     tensors = read_adapter_tensors(module, directory)
     for key, value in tensors.items():
@@ -285,7 +285,7 @@ def _adapter_keys(module: nn.Module) -> list[str]:
 def _checkpoint_dir(depth: int = 12) -> Path | None:
     """The directory holding `amole_config.json` that a calling transformers / accelerate frame is loading from
     (Trainer's `resume_from_checkpoint`, `best_model_checkpoint`, a sharded checkpoint's folder)."""
-    from .adapters_io import has_adapters
+    from .adapter_files import has_adapters
 
     frame = inspect.currentframe()
     try:

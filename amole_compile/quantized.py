@@ -85,5 +85,6 @@ def mark_trainable(model: nn.Module) -> None:
 
 
 def unmark_trainable(model: nn.Module) -> None:
+    """Undo `mark_trainable`: clear the flag that lets the HF Trainer fine-tune a quantized model."""
     if model.__dict__.pop("_amole_peft_flag", False):
         model._hf_peft_config_loaded = False
