@@ -59,7 +59,9 @@ TABLE: dict[tuple[str, str], tuple[tuple[int, Blocks], ...]] = {
     ("fwd", "fp32"): (
         (64, B(32, 32, 4)),  # BD 64 spills at K_P 16 (the FMA dot holds a [.., BD] operand slice per thread)
         (512, B(32, 32, 8)),  # 4 warps spill from K_P 128 (8 B) to 512 (456 B): 8 warps halve the accumulator
-        (1024, B(16, 32, 8)),  # BT 32 spills 400 B even with 8 warps: half the tokens per program
+        # BT 32 spills 400 B even with 8 warps; BD 32 spills 8 B on sm_80 (255 registers); BD 16 fits at 244-254
+        # registers (at the ceiling: a K split of the forward is the way past this); 16 warps cap at 128 and spill
+        (1024, B(16, 16, 8)),
     ),
     ("fwd", "16bit"): (
         (128, B(64, 64, 4)),  # tensor-core layouts: 64 tokens fit up to K_P 128
@@ -81,8 +83,9 @@ TABLE: dict[tuple[str, str], tuple[tuple[int, Blocks], ...]] = {
     ),
     # grad_A = grad_zaᵀ·xd over a T split; accumulator [K_P, BD] (or [BK, BD] with a K split)
     ("bwd_weight", "fp32"): (
-        (32, B(32, 64, 4)),
-        (256, B(16, 32, 8)),  # from K_P 64 the [K_P, BD] FMA accumulator spills with BT 32 or BD 64 at 4 warps
+        # BT 32 x BD 64 at 4 warps sits at 255 registers and spills (64-72 B at K_P 32 with E = 1, 2; KB from K_P
+        # 64): the [K_P, BD] FMA accumulator over 8 warps, with 16 tokens per step
+        (256, B(16, 32, 8)),
         (512, B(16, 16, 8)),  # BD 32 spills at K_P 512
         # every whole-K configuration spills (400 B even at 16 warps): K in chunks of 128 (128 registers; chunks
         # of 256 fit too but at 249 registers, at the ceiling)
