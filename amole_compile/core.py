@@ -43,7 +43,7 @@ def _plan(model: nn.Module, config: AdaMoLEConfig, example_inputs) -> Plan:
         graph, params = model.graph, ParamNames(model)
     else:
         ep = capture(model, example_inputs)
-        graph, params = ep.graph, ParamNames(None, dict(ep.graph_signature.inputs_to_parameters))
+        graph, params = ep.graph, ParamNames.of_export(ep)
     found, report = find_attention(graph, params)
     selected = select_targets(found, config, report)
     check_found(type(model).__name__, report, selected, config)

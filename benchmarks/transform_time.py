@@ -45,7 +45,7 @@ def timed(model) -> dict[str, float]:
     t0 = time.perf_counter()
     ep = capture(model)
     t1 = time.perf_counter()
-    params = ParamNames(None, dict(ep.graph_signature.inputs_to_parameters))
+    params = ParamNames.of_export(ep)
     found, report = find_attention(ep.graph, params)
     selected = select_targets(found, cfg, report)
     t2 = time.perf_counter()

@@ -43,10 +43,18 @@ def _shape(node: object) -> tuple[int, ...] | None:
     return tuple(int(s) for s in val.shape) if isinstance(val, torch.Tensor) else None
 
 
-def _fill(node: object) -> object:
-    """A node outside the index env: its literal, or a NONE tensor of its shape."""
+class _Unknown(Exception):
+    """An integer tensor outside the path whose value we do not have (it may be an index)."""
+
+
+def _fill(node: object, constant) -> object:
+    """A node outside the index env: its literal, a constant's real value, or a NONE tensor of its shape."""
     val = meta_value(node)
+    if isinstance(node, fx.Node) and (real := constant(node)) is not None:
+        return real.detach().cpu()
     if isinstance(val, torch.Tensor):
+        if not val.dtype.is_floating_point and not val.dtype.is_complex:
+            raise _Unknown(node.name)
         return torch.full(tuple(int(s) for s in val.shape), NONE, dtype=torch.long)
     if isinstance(val, (list, tuple)) and val and all(isinstance(v, torch.Tensor) for v in val):
         return type(val)(torch.full(tuple(int(s) for s in v.shape), NONE, dtype=torch.long) for v in val)
@@ -70,9 +78,17 @@ def _tensors(value: object) -> list[torch.Tensor]:
 
 
 class _Replay:
-    def __init__(self, out_features: int) -> None:
+    def __init__(self, out_features: int, constant) -> None:
+        self._constant = constant
         self.env: dict[fx.Node, list[object]] = {}
         self.reached = torch.zeros(out_features, dtype=torch.bool)
+
+    def constant(self, node: fx.Node) -> torch.Tensor | None:
+        """A constant's real value, through copies and casts (`lift_fresh_copy` of Falcon's `[-2]` index)."""
+        real = self._constant(node)
+        if real is None and op_name(node) in IDENTITY_OPS and node.args and isinstance(node.args[0], fx.Node):
+            return self.constant(node.args[0])
+        return real
 
     def collect(self, values: list[object]) -> None:
         for t in (t for v in values for t in _tensors(v)):
@@ -101,7 +117,7 @@ class _Replay:
             return
         try:
             self._exact(node, ins)
-        except Exception:  # noqa: BLE001 - an op we cannot run on indices mixes them for all we know
+        except Exception:  # an op we cannot run on indices mixes them, for all we know
             self.collect([v for a in ins for v in env[a]])
 
     def _pointwise(self, node: fx.Node, ins: list[fx.Node]) -> None:
@@ -135,7 +151,7 @@ class _Replay:
             def value(n: fx.Node, alt=alt) -> object:
                 if n in env:
                     return alt if (multi and n is multi[0]) else env[n][0]
-                return _fill(n)
+                return _fill(n, self.constant)
 
             args, kwargs = fx.node.map_arg((node.args, node.kwargs), value)
             inputs = torch.cat([t.reshape(-1) for a in ins for v in ([alt] if multi and a is multi[0] else env[a])
@@ -157,13 +173,13 @@ class _Replay:
 
 
 def role_columns(linear: fx.Node, out_features: int, cone: set[fx.Node], role_input: fx.Node,
-                 order: dict[fx.Node, int]) -> set[int]:
+                 order: dict[fx.Node, int], constant=lambda n: None) -> set[int]:
     """Columns of `linear` whose values reach `role_input`, replaying the nodes of `cone` (the data ancestors
     of the role's input down to the projection) in graph order."""
     shape = _shape(linear)
     if shape is None or shape[-1] != out_features:
         raise ColumnsUnknown(f"no example shape for {linear.name}")
-    replay = _Replay(out_features)
+    replay = _Replay(out_features, constant)
     replay.env[linear] = [torch.arange(out_features).expand(shape)]
     for node in sorted(cone, key=order.__getitem__):
         if node is not linear and node.op in ("call_function", "call_method") and order[node] > order[linear]:

@@ -134,9 +134,28 @@ class LinearCall:
 class ParamNames:
     """Maps weight nodes to parameter names: ExportedProgram placeholders or GraphModule get_attr targets."""
 
-    def __init__(self, graph_module: nn.Module | None, placeholder_params: dict[str, str] | None = None):
+    def __init__(self, graph_module: nn.Module | None, placeholder_params: dict[str, str] | None = None,
+                 constants: dict[str, torch.Tensor] | None = None):
         self.gm = graph_module
         self.placeholders = placeholder_params or {}
+        self.constants = constants or {}  # placeholder name -> lifted tensor constant (Falcon's `[..., [-2]]`)
+
+    @classmethod
+    def of_export(cls, ep: torch.export.ExportedProgram) -> ParamNames:
+        """The parameter names and lifted constants of an ExportedProgram's placeholders."""
+        sig = ep.graph_signature
+        consts = {ph: ep.constants[name] for ph, name in sig.inputs_to_lifted_tensor_constants.items()
+                  if name in ep.constants}
+        return cls(None, dict(sig.inputs_to_parameters), consts)
+
+    def constant(self, node: fx.Node) -> torch.Tensor | None:
+        """The real value of a constant tensor node (lifted constant, or a GraphModule attribute), else None."""
+        if node.op == "placeholder":
+            return self.constants.get(node.name)
+        if node.op == "get_attr" and self.gm is not None and self(node) is None:
+            val = getattr(self.gm, str(node.target), None)
+            return val if isinstance(val, torch.Tensor) else None
+        return None
 
     def __call__(self, node: object) -> str | None:
         if not isinstance(node, fx.Node):

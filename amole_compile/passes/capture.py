@@ -37,21 +37,47 @@ def _accepts(model: nn.Module, name: str) -> bool:
     return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
+def _sub(config, name: str, key: str):
+    """config.<key>, or config.<name>.<key> for a two-tower / multi-modal config."""
+    sub = getattr(config, name, None)
+    val = getattr(sub, key, None) if sub is not None else None
+    return val if val is not None else getattr(config, key, None)
+
+
 def synthesize_inputs(model: nn.Module) -> dict[str, Any]:
-    """Token-id inputs for a HF text model, from its config: input_ids [2, 8] (and decoder_input_ids)."""
+    """Example inputs for a HF model from its config, by what its forward takes: `input_ids` [2, 8] (text),
+    `pixel_values` [2, C, H, W] (vision, and the image tower of a two-tower model such as CLIP),
+    `input_features` [2, mels, frames] (Whisper), `decoder_input_ids` (encoder-decoders), `use_cache=False`."""
     config = getattr(model, "config", None)
-    vocab = getattr(config, "vocab_size", None) if config is not None else None
     main = getattr(model, "main_input_name", "input_ids")
-    if config is None or not isinstance(vocab, int) or main != "input_ids":
-        raise CaptureError(
-            f"cannot synthesise example inputs for {type(model).__name__}: it is not a Hugging Face text model "
-            "with a config.vocab_size; pass example_inputs=(tensor, ...) or example_inputs={'name': tensor}")
     device = _device_of(model)
-    seq = min(_SEQ, getattr(config, "max_position_embeddings", _SEQ) or _SEQ)
-    ids = (torch.arange(_BATCH * seq) % max(vocab - 1, 1) + 1).reshape(_BATCH, seq).to(device)
-    kwargs: dict[str, Any] = {"input_ids": ids}
-    if getattr(config, "is_encoder_decoder", False):
-        kwargs["decoder_input_ids"] = ids
+    kwargs: dict[str, Any] = {}
+    vocab = _sub(config, "text_config", "vocab_size") if config is not None else None
+    if isinstance(vocab, int):
+        seq = min(_SEQ, _sub(config, "text_config", "max_position_embeddings") or _SEQ)
+        ids = (torch.arange(_BATCH * seq) % max(vocab - 1, 1) + 1).reshape(_BATCH, seq).to(device)
+        if main == "input_ids" or _accepts(model, "input_ids") and hasattr(config, "text_config"):
+            kwargs["input_ids"] = ids
+        if getattr(config, "is_encoder_decoder", False) and _accepts(model, "decoder_input_ids"):
+            kwargs["decoder_input_ids"] = ids
+    image = _sub(config, "vision_config", "image_size") if config is not None else None
+    two_tower = hasattr(config, "vision_config") and hasattr(config, "text_config") and not any(
+        hasattr(config, k) for k in ("image_token_id", "image_token_index"))
+    if isinstance(image, int) and _accepts(model, "pixel_values") and (main == "pixel_values" or two_tower):
+        size = image
+        chans = _sub(config, "vision_config", "num_channels") or 3
+        g = torch.Generator().manual_seed(0)
+        kwargs["pixel_values"] = torch.randn(_BATCH, chans, size, size, generator=g).to(device)
+    mels = getattr(config, "num_mel_bins", None) if config is not None else None
+    if main == "input_features" and isinstance(mels, int):
+        frames = 2 * (getattr(config, "max_source_positions", 1500) or 1500)
+        g = torch.Generator().manual_seed(0)
+        kwargs["input_features"] = torch.randn(_BATCH, mels, frames, generator=g).to(device)
+    if main not in kwargs:
+        raise CaptureError(
+            f"cannot synthesise example inputs for {type(model).__name__}: it is not a Hugging Face text, vision "
+            "or speech model with the config fields to build its inputs; pass example_inputs=(tensor, ...) or "
+            "example_inputs={'name': tensor}")
     if _accepts(model, "use_cache"):
         kwargs["use_cache"] = False
     return kwargs

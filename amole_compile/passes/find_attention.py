@@ -162,7 +162,7 @@ def _columns(found: _Found, g: _Graph, report: PassReport) -> tuple[tuple[str, .
             cols = set(range(out_f))
         else:
             try:
-                cols = set().union(*(role_columns(found.call.node, out_f, cone, tensor, g.flow.order)
+                cols = set().union(*(role_columns(found.call.node, out_f, cone, tensor, g.flow.order, g.params.constant)
                                      for tensor, cone in found.paths[role]))
             except ColumnsUnknown as exc:
                 if len(roles) > 1:
