@@ -8,6 +8,7 @@ The pipeline flows one way, each step handing the next a value:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import torch
@@ -16,7 +17,7 @@ from torch import fx, nn
 from .config import AdaMoLEConfig
 from .modules import AdapterGroup, ExpertSet
 from .passes._fx import ParamNames
-from .passes.capture import capture
+from .passes.capture import CaptureError, capture, capture_blocks, find_blocks
 from .passes.find_attention import find_attention
 from .passes.insert_ops import PREFIX, insert_ops, remove_ops
 from .passes.select_targets import NoAttentionFound, check_found, select_targets
@@ -39,15 +40,62 @@ def plan(model: nn.Module, config: AdaMoLEConfig | None = None, *, example_input
 
 
 def _plan(model: nn.Module, config: AdaMoLEConfig, example_inputs) -> Plan:
-    if isinstance(model, fx.GraphModule):
-        graph, params = model.graph, ParamNames(model)
-    else:
-        ep = capture(model, example_inputs)
-        graph, params = ep.graph, ParamNames.of_export(ep)
-    found, report = find_attention(graph, params)
+    found, report = _analyse(model, example_inputs)
     selected = select_targets(found, config, report)
     check_found(type(model).__name__, report, selected, config)
     return Plan(type(model).__name__, list(selected), report)
+
+
+def _analyse(model: nn.Module, example_inputs) -> tuple[list[Target], PassReport]:
+    """Capture and run discovery. HF models with layer lists are captured block by block (one capture per
+    distinct block); other modules whole, block by block only when the whole model does not export."""
+    if isinstance(model, fx.GraphModule):
+        return find_attention(model.graph, ParamNames(model))
+    has_blocks = bool(find_blocks(model))
+    if not (has_blocks and getattr(model, "config", None) is not None):
+        try:
+            return _analyse_whole(model, example_inputs)
+        except CaptureError:
+            if not has_blocks:
+                raise
+            return _analyse_blocks(model, example_inputs)
+    try:
+        found, report = _analyse_blocks(model, example_inputs)
+    except CaptureError:
+        return _analyse_whole(model, example_inputs)
+    return (found, report) if report.anchors else _analyse_whole(model, example_inputs)
+
+
+def _analyse_whole(model: nn.Module, example_inputs) -> tuple[list[Target], PassReport]:
+    ep = capture(model, example_inputs)
+    return find_attention(ep.graph, ParamNames.of_export(ep))
+
+
+def _analyse_blocks(model: nn.Module, example_inputs) -> tuple[list[Target], PassReport]:
+    """Discovery on each distinct block's capture, replayed on the blocks like it (names re-prefixed)."""
+    groups = capture_blocks(model, example_inputs)
+    if groups and all(g.program is None for g in groups):
+        raise CaptureError(f"could not capture {type(model).__name__}, whole or block by block: the first "
+                           f"block, {groups[0].names[0]}, failed with {groups[0].error}")
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    report, found, seen = PassReport("find_attention"), [], set()
+    for group in groups:
+        if group.program is None:
+            instead = "; its submodules were captured instead" if group.split else ""
+            report.skipped += [f"{name}: not captured ({group.error}){instead}" for name in group.names]
+            continue
+        targets, rep = find_attention(group.program.graph, ParamNames.of_export(group.program))
+        report.anchors += rep.anchors * len(group.names)
+        for name in group.names:
+            report.skipped += [f"{name}.{s}" for s in rep.skipped]
+            for i, t in enumerate(targets):  # graph order within a block, model order across blocks
+                module = f"{name}.{t.module}"
+                if module not in seen:
+                    seen.add(module)
+                    found.append(((order.get(name, len(order)), i), dataclasses.replace(t, module=module)))
+    found = [t for _, t in sorted(found, key=lambda kt: kt[0])]
+    report.targets = found
+    return found, report
 
 
 def is_transformed(model: nn.Module) -> bool:

@@ -1,4 +1,13 @@
-"""Capture a model as an FX graph with `torch.export.export(strict=False)`, before decompositions.
+"""Capture a model as FX graphs with `torch.export.export(strict=False)`, before decompositions.
+
+Two ways, each a list of `Captured` graphs with the module prefix their names are relative to:
+
+- whole model: one graph (`capture`);
+- per block (`capture_blocks`): the items of the model's outermost `nn.ModuleList`s (its layers) are each
+  captured alone, on the real inputs that forward pre-hooks record during one eager forward of the example
+  inputs. Blocks of the same class, parameter shapes and input shapes share one capture (its analysis is
+  replayed on the others). This does not depend on the whole model exporting (data-dependent MoE dispatch)
+  and is what deep HF models use: one block is exported, not 32.
 
 HF models get example inputs synthesised from their config (no tokenizer, no downloads); other modules take
 `example_inputs=` (a tuple of positional args, or a dict of keyword args). The model's training flags are
@@ -8,7 +17,9 @@ restored afterwards, whatever happens.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
+import io
 import warnings
 from typing import Any
 
@@ -95,23 +106,154 @@ def eval_mode(model: nn.Module):
             m.training = flag
 
 
+def example_args(model: nn.Module, example_inputs) -> tuple[tuple, dict]:
+    """example_inputs (None: synthesised) -> (args, kwargs)."""
+    if example_inputs is None:
+        return (), synthesize_inputs(model)
+    if isinstance(example_inputs, dict):
+        return (), dict(example_inputs)
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs), {}
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,), {}
+    raise TypeError(f"example_inputs must be a tuple, a dict or a tensor, got {type(example_inputs).__name__}")
+
+
+def _first_line(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+
+
+def _export(module: nn.Module, args: tuple, kwargs: dict) -> torch.export.ExportedProgram:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.export.export(module, args, kwargs, strict=False)
+
+
 def capture(model: nn.Module, example_inputs: tuple | dict | None = None) -> torch.export.ExportedProgram:
     """model -> ExportedProgram (non-strict, not decomposed)."""
-    if example_inputs is None:
-        args, kwargs = (), synthesize_inputs(model)
-    elif isinstance(example_inputs, dict):
-        args, kwargs = (), dict(example_inputs)
-    elif isinstance(example_inputs, (tuple, list)):
-        args, kwargs = tuple(example_inputs), {}
-    elif isinstance(example_inputs, torch.Tensor):
-        args, kwargs = (example_inputs,), {}
-    else:
-        raise TypeError(f"example_inputs must be a tuple, a dict or a tensor, got {type(example_inputs).__name__}")
-    with eval_mode(model), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    args, kwargs = example_args(model, example_inputs)
+    with eval_mode(model):
         try:
-            return torch.export.export(model, args, kwargs, strict=False)
+            return _export(model, args, kwargs)
         except Exception as exc:
-            raise CaptureError(
-                f"could not capture {type(model).__name__} with torch.export(strict=False): "
-                f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
+            raise CaptureError(f"could not capture {type(model).__name__} with torch.export(strict=False): "
+                               f"{_first_line(exc)}") from exc
+
+
+@dataclasses.dataclass
+class BlockCapture:
+    """One group of identical blocks: the first one's program (None if it failed) and every member's name."""
+
+    names: list[str]
+    program: torch.export.ExportedProgram | None = None
+    error: str | None = None
+    split: bool = False  # it did not export, and its children were captured instead
+
+
+def find_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The items of the outermost nn.ModuleLists (a block inside a chosen block is not chosen again)."""
+    blocks: list[tuple[str, nn.Module]] = []
+    inside: list[str] = []
+    for name, mod in model.named_modules():
+        if any(name.startswith(p + ".") for p in inside):
+            continue
+        if isinstance(mod, nn.ModuleList) and len(mod) > 0:
+            for i, child in enumerate(mod):
+                blocks.append((f"{name}.{i}" if name else str(i), child))
+            inside.append(name)
+    return blocks
+
+
+def _signature(block: nn.Module, args: tuple, kwargs: dict) -> tuple:
+    def sig(v: object) -> object:
+        if isinstance(v, torch.Tensor):
+            return ("T", tuple(v.shape), str(v.dtype))
+        if isinstance(v, (list, tuple)):
+            return tuple(sig(x) for x in v)
+        if isinstance(v, dict):
+            return tuple(sorted((k, sig(x)) for k, x in v.items()))
+        return repr(v) if isinstance(v, (int, float, bool, str, type(None))) else type(v).__name__
+
+    params = tuple((n, tuple(p.shape), str(p.dtype)) for n, p in block.named_parameters())
+    return type(block), params, sig(args), sig(kwargs)
+
+
+def record_block_inputs(model: nn.Module, blocks: list[tuple[str, nn.Module]], args: tuple,
+                        kwargs: dict) -> dict[str, tuple[tuple, dict]]:
+    """One eager forward of the example inputs; -> each called block's (args, kwargs) of its first call."""
+    seen: dict[str, tuple[tuple, dict]] = {}
+    handles = []
+    for name, block in blocks:
+        def hook(mod, a, kw, name=name):
+            seen.setdefault(name, (a, dict(kw)))
+        handles.append(block.register_forward_pre_hook(hook, with_kwargs=True))
+    try:
+        with eval_mode(model), torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model(*args, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+def capture_blocks(model: nn.Module, example_inputs=None, depth: int = 2) -> list[BlockCapture]:
+    """Capture each block alone (see the module docstring); a block that does not export (an MoE block with
+    data-dependent dispatch) is split into its children, down to `depth` levels. Raises CaptureError when the
+    model has no blocks or its eager forward fails."""
+    blocks = find_blocks(model)
+    if not blocks:
+        raise CaptureError(f"{type(model).__name__} has no nn.ModuleList of blocks to capture one by one")
+    watch = list(blocks)
+    frontier = list(blocks)
+    for _ in range(depth):
+        frontier = [(f"{n}.{c}", m) for n, b in frontier for c, m in b.named_children()]
+        watch += frontier
+    args, kwargs = example_args(model, example_inputs)
+    try:
+        inputs = record_block_inputs(model, watch, args, kwargs)
+    except Exception as exc:
+        raise CaptureError(f"could not run {type(model).__name__} eagerly to record its blocks' inputs: "
+                           f"{_first_line(exc)}") from exc
+    groups: dict[tuple, BlockCapture] = {}
+
+    def visit(name: str, module: nn.Module, level: int) -> None:
+        if name not in inputs:
+            return
+        key = _signature(module, *inputs[name])
+        group = groups.get(key)
+        if group is None:
+            group = groups[key] = BlockCapture([name])
+            try:
+                group.program = _export(module, *inputs[name])
+            except Exception as exc:
+                group.error = _first_line(exc)
+        else:
+            group.names.append(name)
+        if group.program is None and level < depth:
+            group.split = True
+            for child, mod in module.named_children():
+                visit(f"{name}.{child}", mod, level + 1)
+
+    with eval_mode(model), _quiet_export():
+        for name, block in blocks:
+            visit(name, block, 0)
+    return list(groups.values())
+
+
+@contextlib.contextmanager
+def _quiet_export():
+    """torch.export logs the whole graph when it fails; a failed block is expected here, and reported."""
+    import logging
+
+    loggers = [logging.getLogger(n) for n in ("torch._dynamo", "torch.export", "torch._export",
+                                              "torch.fx.experimental.symbolic_shapes", "torch._subclasses")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        for lg, lvl in zip(loggers, levels, strict=True):
+            lg.setLevel(lvl)
