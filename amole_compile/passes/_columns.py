@@ -80,6 +80,7 @@ def _tensors(value: object) -> list[torch.Tensor]:
 class _Replay:
     def __init__(self, out_features: int, constant) -> None:
         self._constant = constant
+        self.out_features = out_features
         self.env: dict[fx.Node, list[object]] = {}
         self.reached = torch.zeros(out_features, dtype=torch.bool)
 
@@ -154,8 +155,11 @@ class _Replay:
                 return _fill(n, self.constant)
 
             args, kwargs = fx.node.map_arg((node.args, node.kwargs), value)
-            inputs = torch.cat([t.reshape(-1) for a in ins for v in ([alt] if multi and a is multi[0] else env[a])
-                                for t in _tensors(v)])
+            allowed = torch.zeros(self.out_features + 1, dtype=torch.bool)  # allowed[c + 1]: c may appear
+            allowed[0] = True  # NONE
+            for a in ins:
+                for t in (t for v in ([alt] if multi and a is multi[0] else env[a]) for t in _tensors(v)):
+                    allowed[t.reshape(-1) + 1] = True
             if node.op == "call_method":
                 out = getattr(args[0], op_name(node))(*args[1:], **kwargs)
             elif node.target is operator.getitem:
@@ -165,9 +169,11 @@ class _Replay:
             got = _tensors(out)
             if not got or any(t.dtype != torch.long for t in got):
                 raise ValueError("not a selection")
-            allowed = torch.cat([inputs, torch.tensor([NONE])]).unique()
-            if not all(bool(torch.isin(t.reshape(-1), allowed).all()) for t in got):
-                raise ValueError("values mixed")
+            for t in got:
+                flat = t.reshape(-1)
+                if flat.numel() and (int(flat.min()) < NONE or int(flat.max()) >= self.out_features
+                                     or not bool(allowed[flat + 1].all())):
+                    raise ValueError("values mixed")
             results.append(out)
         env[node] = results
 

@@ -180,21 +180,56 @@ def _signature(block: nn.Module, args: tuple, kwargs: dict) -> tuple:
 
 def record_block_inputs(model: nn.Module, blocks: list[tuple[str, nn.Module]], args: tuple,
                         kwargs: dict) -> dict[str, tuple[tuple, dict]]:
-    """One eager forward of the example inputs; -> each called block's (args, kwargs) of its first call."""
-    seen: dict[str, tuple[tuple, dict]] = {}
-    handles = []
-    for name, block in blocks:
-        def hook(mod, a, kw, name=name):
-            seen.setdefault(name, (a, dict(kw)))
-        handles.append(block.register_forward_pre_hook(hook, with_kwargs=True))
+    """One forward of the example inputs; -> each called block's (args, kwargs) of its first call.
+
+    Cheap by construction: a block called with the same signature (class, parameter shapes, input shapes) as
+    an earlier one is not run; it returns that block's output. The forward runs on fake tensors (shapes only)
+    and the recorded fakes become zero tensors of the same shape, dtype and device (export needs only their
+    metadata); a model whose forward looks at values (data-dependent MoE dispatch) runs eagerly instead."""
     try:
-        with eval_mode(model), torch.no_grad(), warnings.catch_warnings():
+        with _quiet_export():
+            return _record(model, blocks, args, kwargs, fake=True)
+    except Exception:  # e.g. DynamicOutputShapeException: the forward looks at values
+        return _record(model, blocks, args, kwargs, fake=False)
+
+
+def _record(model: nn.Module, blocks: list[tuple[str, nn.Module]], args: tuple, kwargs: dict,
+            fake: bool) -> dict[str, tuple[tuple, dict]]:
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+    from torch.utils._pytree import tree_map
+
+    seen: dict[str, tuple[tuple, dict]] = {}
+    outputs: dict[tuple, object] = {}
+    saved = []
+    for name, block in blocks:
+        def forward(*a, _name=name, _block=block, _orig=block.forward, **kw):
+            seen.setdefault(_name, (a, dict(kw)))
+            key = _signature(_block, a, kw)
+            if key not in outputs:
+                outputs[key] = _orig(*a, **kw)
+            return outputs[key]
+        saved.append((block, "forward" in block.__dict__, block.__dict__.get("forward")))
+        block.forward = forward
+    mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
+    try:
+        with eval_mode(model), torch.no_grad(), warnings.catch_warnings(), mode:
             warnings.simplefilter("ignore")
             model(*args, **kwargs)
     finally:
-        for h in handles:
-            h.remove()
-    return seen
+        for block, had, fwd in saved:
+            if had:
+                block.forward = fwd
+            else:
+                del block.forward
+    if not fake:
+        return seen
+
+    def real(v: object) -> object:
+        if isinstance(v, FakeTensor):
+            return torch.zeros(v.shape, dtype=v.dtype, device=v.device)
+        return v
+
+    return {name: tree_map(real, inputs) for name, inputs in seen.items()}
 
 
 def capture_blocks(model: nn.Module, example_inputs=None, depth: int = 2) -> list[BlockCapture]:
@@ -216,16 +251,20 @@ def capture_blocks(model: nn.Module, example_inputs=None, depth: int = 2) -> lis
         raise CaptureError(f"could not run {type(model).__name__} eagerly to record its blocks' inputs: "
                            f"{_first_line(exc)}") from exc
     groups: dict[tuple, BlockCapture] = {}
+    recorded: dict[tuple, str] = {}  # group -> the module its children's inputs were recorded on
 
-    def visit(name: str, module: nn.Module, level: int) -> None:
-        if name not in inputs:
+    def visit(name: str, like: str, module: nn.Module, level: int) -> None:
+        """Capture `name`, whose inputs are those recorded for `like` (itself, or the same submodule of an
+        identical block that the recording forward did not run)."""
+        if like not in inputs:
             return
-        key = _signature(module, *inputs[name])
+        key = _signature(module, *inputs[like])
         group = groups.get(key)
         if group is None:
             group = groups[key] = BlockCapture([name])
+            recorded[key] = like
             try:
-                group.program = _export(module, *inputs[name])
+                group.program = _export(module, *inputs[like])
             except Exception as exc:
                 group.error = _first_line(exc)
         else:
@@ -233,11 +272,11 @@ def capture_blocks(model: nn.Module, example_inputs=None, depth: int = 2) -> lis
         if group.program is None and level < depth:
             group.split = True
             for child, mod in module.named_children():
-                visit(f"{name}.{child}", mod, level + 1)
+                visit(f"{name}.{child}", f"{recorded[key]}.{child}", mod, level + 1)
 
     with eval_mode(model), _quiet_export():
         for name, block in blocks:
-            visit(name, block, 0)
+            visit(name, name, block, 0)
     return list(groups.values())
 
 
