@@ -14,7 +14,7 @@ import logging
 import torch
 from torch import fx, nn
 
-from .config import AdaMoLEConfig
+from .config import MLP_ROLES, AdaMoLEConfig
 from .modules import AdapterGroup, ExpertSet
 from .passes._fx import ParamNames
 from .passes.capture import CaptureError, capture, capture_blocks, find_blocks
@@ -40,38 +40,38 @@ def plan(model: nn.Module, config: AdaMoLEConfig | None = None, *, example_input
 
 
 def _plan(model: nn.Module, config: AdaMoLEConfig, example_inputs) -> Plan:
-    found, report = _analyse(model, example_inputs)
+    found, report = _analyse(model, example_inputs, mlp=any(r in MLP_ROLES for r in config.roles))
     selected = select_targets(found, config, report)
     check_found(type(model).__name__, report, selected, config)
     return Plan(type(model).__name__, list(selected), report)
 
 
-def _analyse(model: nn.Module, example_inputs) -> tuple[list[Target], PassReport]:
+def _analyse(model: nn.Module, example_inputs, mlp: bool = False) -> tuple[list[Target], PassReport]:
     """Capture and run discovery. HF models with layer lists are captured block by block (one capture per
     distinct block); other modules whole, block by block only when the whole model does not export."""
     if isinstance(model, fx.GraphModule):
-        return find_attention(model.graph, ParamNames(model))
+        return find_attention(model.graph, ParamNames(model), mlp)
     has_blocks = bool(find_blocks(model))
     if not (has_blocks and getattr(model, "config", None) is not None):
         try:
-            return _analyse_whole(model, example_inputs)
+            return _analyse_whole(model, example_inputs, mlp)
         except CaptureError:
             if not has_blocks:
                 raise
-            return _analyse_blocks(model, example_inputs)
+            return _analyse_blocks(model, example_inputs, mlp)
     try:
-        found, report = _analyse_blocks(model, example_inputs)
+        found, report = _analyse_blocks(model, example_inputs, mlp)
     except CaptureError:
-        return _analyse_whole(model, example_inputs)
-    return (found, report) if report.anchors else _analyse_whole(model, example_inputs)
+        return _analyse_whole(model, example_inputs, mlp)
+    return (found, report) if report.anchors else _analyse_whole(model, example_inputs, mlp)
 
 
-def _analyse_whole(model: nn.Module, example_inputs) -> tuple[list[Target], PassReport]:
+def _analyse_whole(model: nn.Module, example_inputs, mlp: bool = False) -> tuple[list[Target], PassReport]:
     ep = capture(model, example_inputs)
-    return find_attention(ep.graph, ParamNames.of_export(ep))
+    return find_attention(ep.graph, ParamNames.of_export(ep), mlp)
 
 
-def _analyse_blocks(model: nn.Module, example_inputs) -> tuple[list[Target], PassReport]:
+def _analyse_blocks(model: nn.Module, example_inputs, mlp: bool = False) -> tuple[list[Target], PassReport]:
     """Discovery on each distinct block's capture, replayed on the blocks like it (names re-prefixed)."""
     groups = capture_blocks(model, example_inputs)
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
@@ -81,7 +81,7 @@ def _analyse_blocks(model: nn.Module, example_inputs) -> tuple[list[Target], Pas
             instead = "; its submodules were captured instead" if group.split else ""
             report.skipped += [f"{name}: not captured ({group.error}){instead}" for name in group.names]
             continue
-        targets, rep = find_attention(group.program.graph, ParamNames.of_export(group.program))
+        targets, rep = find_attention(group.program.graph, ParamNames.of_export(group.program), mlp)
         report.anchors += rep.anchors * len(group.names)
         for name in group.names:
             report.skipped += [f"{name}.{s}" for s in rep.skipped]

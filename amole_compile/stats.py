@@ -13,6 +13,7 @@ from pathlib import Path
 
 from torch import nn
 
+from .config import ROLES
 from .core import adapter_groups
 from .files import atomic_write
 
@@ -93,7 +94,7 @@ def plot_expert_stats(stats: ExpertStats, path: str | Path, title: str | None = 
     except ImportError as exc:
         raise ImportError("plot_expert_stats needs matplotlib: pip install 'amole-compile[plot]'") from exc
     layers = sorted({s.layer for s in stats.sites if s.layer is not None}) or [0]
-    roles = [r for r in ("q", "k", "v", "o") if any(s.role == r for s in stats.sites)]
+    roles = [r for r in ROLES if any(s.role == r for s in stats.sites)]  # attention, then feed-forward roles
     grid = [[float("nan")] * len(roles) for _ in layers]
     for s in stats.sites:
         grid[layers.index(s.layer if s.layer is not None else 0)][roles.index(s.role)] = s.mean_active
@@ -116,8 +117,6 @@ def plot_expert_stats(stats: ExpertStats, path: str | Path, title: str | None = 
         fig.suptitle(title)
     fig.tight_layout()
     path = Path(path)
-    from .adapters_io import _atomic_write
-
-    _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     plt.close(fig)
     return path

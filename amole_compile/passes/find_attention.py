@@ -44,7 +44,7 @@ from ._fx import (
 )
 from .targets import PassReport, Target, compress
 
-ROLE_ORDER = ("q", "k", "v", "o")
+ROLE_ORDER = ("q", "k", "v", "o")  # attention roles (feed-forward roles: find_mlp.py)
 
 
 @dataclasses.dataclass
@@ -179,8 +179,9 @@ def _columns(found: _Found, g: _Graph, report: PassReport) -> tuple[tuple[str, .
     return tuple(kept), tuple(slices)
 
 
-def find_attention(graph: fx.Graph, params: ParamNames) -> tuple[list[Target], PassReport]:
-    """Run the pass: -> (targets in graph order, report)."""
+def find_attention(graph: fx.Graph, params: ParamNames, mlp: bool = False) -> tuple[list[Target], PassReport]:
+    """Run the pass: -> (targets in graph order, report). `mlp`: also find feed-forward projections
+    (`find_mlp.py`) and list them after the attention ones."""
     report = PassReport("find_attention")
     g = _Graph(graph, params)
     anchors = find_anchors(graph, g=g)
@@ -221,5 +222,16 @@ def find_attention(graph: fx.Graph, params: ParamNames) -> tuple[list[Target], P
         roles, slices = _columns(entry, g, report)
         if roles:
             targets.append(Target(module, roles, slices, *entry.features))
+    if mlp:
+        from .find_mlp import find_mlp
+
+        ffn, notes = find_mlp(g, {t.module for t in targets})
+        first: dict[str, int] = {}
+        for n in graph.nodes:
+            if g.projection(n) is not None:
+                first.setdefault(g.projection(n).module, order[n])
+        targets = sorted(targets + ffn, key=lambda t: first[t.module])
+        report.skipped += notes
     report.targets = targets
     return targets, report
+
