@@ -14,7 +14,7 @@ import logging
 import torch
 from torch import fx, nn
 
-from .config import MLP_ROLES, AdaMoLEConfig
+from .config import MLP_ROLES, ROLES, AdaMoLEConfig
 from .modules import AdapterGroup, ExpertSet
 from .passes._fx import ParamNames
 from .passes.capture import CaptureError, capture, capture_blocks, find_blocks
@@ -80,10 +80,15 @@ def _analyse_blocks(model: nn.Module, example_inputs, mlp: bool = False) -> tupl
         if group.program is None:
             instead = "; its submodules were captured instead" if group.split else ""
             report.skipped += [f"{name}: not captured ({group.error}){instead}" for name in group.names]
+            report.blocks.update({name: f"not captured{instead}" for name in group.names})
             continue
         targets, rep = find_attention(group.program.graph, ParamNames.of_export(group.program), mlp)
         report.anchors += rep.anchors * len(group.names)
+        roles = [r for r in ROLES if any(r in t.roles for t in targets)]
+        found_here = f"{rep.anchors} attention site(s); roles {' '.join(roles) or 'none'}; {len(rep.skipped)} skipped"
         for name in group.names:
+            report.blocks[name] = found_here + (f" (analysis of {group.names[0]} replayed)"
+                                                if name != group.names[0] else "")
             report.skipped += [f"{name}.{s}" for s in rep.skipped]
             for i, t in enumerate(targets):  # graph order within a block, model order across blocks
                 module = f"{name}.{t.module}"
@@ -95,6 +100,7 @@ def _analyse_blocks(model: nn.Module, example_inputs, mlp: bool = False) -> tupl
         raise CaptureError(f"could not capture {type(model).__name__}, whole or block by block: the first "
                            f"block, {failed[0].names[0]}, failed with {failed[0].error}")
     found = [t for _, t in sorted(found, key=lambda kt: kt[0])]
+    report.blocks = dict(sorted(report.blocks.items(), key=lambda kv: order.get(kv[0], len(order))))
     report.targets = found
     return found, report
 

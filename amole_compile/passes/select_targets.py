@@ -5,7 +5,9 @@ Replacement:    the targets whose roles are in `config.roles` (other roles dropp
                 whose module name passes `config.include` / `config.exclude` (re.search).
 Preconditions:  `report` is the discovery report of the same graph.
 Invariants:     targets keep their graph order; each dropped module is named in `report.skipped` with the
-                reason; nothing at all selected raises `NoAttentionFound` naming what was searched and why.
+                reason; nothing at all selected raises `NoAttentionFound` naming what was searched and why; a
+                role asked for that the architecture lacks raises `ValueError` naming it and the roles found
+                (`gate` may be absent when all feed-forward roles are asked for: two-matrix MLPs).
 """
 
 from __future__ import annotations

@@ -128,6 +128,16 @@ def test_architecture(arch):
     assert skipped == [], skipped
 
 
+def test_plan_lists_each_block():
+    """Per block: what was found (or why it was not captured), and which blocks replay another's analysis."""
+    text = ac.plan(build_matrix("dbrx_moe")).describe()
+    assert "block blocks.0: not captured; its submodules were captured instead" in text
+    assert "block blocks.0.norm_attn_norm: 1 attention site(s); roles q k v o; 0 skipped" in text
+    assert "block blocks.1.norm_attn_norm: 1 attention site(s); roles q k v o; 0 skipped (analysis of " \
+           "blocks.0.norm_attn_norm replayed)" in text
+    assert "skipped: blocks.0.ffn.experts: not captured (GuardOnDataDependentSymNode" in text
+
+
 def test_transform_keeps_outputs_at_init():
     """A few families end to end: adapted, the model computes exactly what the base model does."""
     for arch in ("falcon_mqa", "deepseek_v3_mla", "qwen3_next_gated", "whisper", "clip"):
