@@ -23,13 +23,17 @@ import operator
 import torch
 from torch import fx
 
-from ._fx import META_ARGS, meta_value, op_name
+from ._fx import META_ARGS, is_view, meta_value, op_name
 
 NONE = -1  # "no column of this projection"
 MAX_ALTERNATIVES = 4  # distinct index tensors kept side by side for one node (rotary keeps 2)
 IDENTITY_OPS = frozenset({"to", "_to_copy", "type_as", "float", "half", "bfloat16", "double", "type", "dropout",
                           "feature_dropout", "alpha_dropout", "detach", "clone", "contiguous", "alias",
                           "lift_fresh_copy", "_assert_tensor_metadata"})
+# Ops known to only move elements (views are recognised by their schema): their results need no value check.
+MOVES = frozenset({"getitem", "cat", "concat", "stack", "split", "split_with_sizes", "chunk", "unbind", "clone",
+                   "contiguous", "repeat", "repeat_interleave", "copy_", "index_select", "flip", "roll", "reshape",
+                   "flatten", "unflatten", "tile"})
 CONSTRUCTORS = frozenset({"new_empty", "new_zeros", "new_ones", "new_full", "new_empty_strided", "empty_like",
                           "zeros_like", "ones_like", "full_like", "empty", "zeros", "ones", "full"})
 
@@ -155,11 +159,6 @@ class _Replay:
                 return _fill(n, self.constant)
 
             args, kwargs = fx.node.map_arg((node.args, node.kwargs), value)
-            allowed = torch.zeros(self.out_features + 1, dtype=torch.bool)  # allowed[c + 1]: c may appear
-            allowed[0] = True  # NONE
-            for a in ins:
-                for t in (t for v in ([alt] if multi and a is multi[0] else env[a]) for t in _tensors(v)):
-                    allowed[t.reshape(-1) + 1] = True
             if node.op == "call_method":
                 out = getattr(args[0], op_name(node))(*args[1:], **kwargs)
             elif node.target is operator.getitem:
@@ -169,6 +168,14 @@ class _Replay:
             got = _tensors(out)
             if not got or any(t.dtype != torch.long for t in got):
                 raise ValueError("not a selection")
+            if is_view(node) or op_name(node) in MOVES:  # they cannot mix values: no need to check
+                results.append(out)
+                continue
+            allowed = torch.zeros(self.out_features + 1, dtype=torch.bool)  # allowed[c + 1]: c may appear
+            allowed[0] = True  # NONE
+            for a in ins:
+                for t in (t for v in ([alt] if multi and a is multi[0] else env[a]) for t in _tensors(v)):
+                    allowed[t.reshape(-1) + 1] = True
             for t in got:
                 flat = t.reshape(-1)
                 if flat.numel() and (int(flat.min()) < NONE or int(flat.max()) >= self.out_features
@@ -187,9 +194,14 @@ def role_columns(linear: fx.Node, out_features: int, cone: set[fx.Node], role_in
         raise ColumnsUnknown(f"no example shape for {linear.name}")
     replay = _Replay(out_features, constant)
     replay.env[linear] = [torch.arange(out_features).expand(shape)]
-    for node in sorted(cone, key=order.__getitem__):
-        if node is not linear and node.op in ("call_function", "call_method") and order[node] > order[linear]:
-            replay.run(node)
-    if role_input in replay.env:
-        replay.collect(replay.env[role_input])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small tensors: threads cost more than they save (6x on a busy 2-core machine)
+    try:
+        for node in sorted(cone, key=order.__getitem__):
+            if node is not linear and node.op in ("call_function", "call_method") and order[node] > order[linear]:
+                replay.run(node)
+        if role_input in replay.env:
+            replay.collect(replay.env[role_input])
+    finally:
+        torch.set_num_threads(threads)
     return set(replay.reached.nonzero().flatten().tolist())
