@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .config import AdaMoLEConfig
+from .config import ROLES, AdaMoLEConfig
 from .kernels.methods import METHODS
 from .passes.targets import Target, expand
 
@@ -193,6 +193,6 @@ def resolve_upstream(have: list[Target], config: AdaMoLEConfig, want: list[Targe
         prefix = f"{w.module}.adapters.?."
         out.update({f"{w.module}.adapters.{h.roles[0]}.{k[len(prefix):]}": v
                     for k, v in tensors.items() if k.startswith(prefix)})
-    roles = tuple(sorted({t.roles[0] for t in targets}, key="qkvo".index))
+    roles = tuple(sorted({t.roles[0] for t in targets}, key=ROLES.index))
     include = "^(?:" + "|".join(re.escape(t.module) for t in targets) + ")$"
     return dataclasses.replace(config, roles=roles, include=include), targets, out

@@ -13,7 +13,10 @@ from .kernels.methods import METHODS as _METHOD_TABLE
 from .kernels.methods import MethodSpec
 
 METHODS = tuple(_METHOD_TABLE)
-ROLES = ("q", "k", "v", "o")
+ATTENTION_ROLES = ("q", "k", "v", "o")
+MLP_ROLES = ("gate", "up", "down")
+ROLES = ATTENTION_ROLES + MLP_ROLES
+ROLE_GROUPS = {"attention": ATTENTION_ROLES, "mlp": MLP_ROLES, "all": ROLES}  # shorthands, expanded in place
 ADAPTER_DTYPES = ("float32", "bfloat16", "float16")
 DEFAULT_TOP_K = 2
 DEFAULT_EXPERTS = 8
@@ -48,7 +51,9 @@ class AdaMoLEConfig:
                    (the upstream code draws one per expert); the gate and threshold see the undropped input.
     max_threshold  AdaMoLE's threshold cap in (0, 1]; None means 1 / num_experts.
     top_k          MoLE's experts per token in 1..num_experts; None means min(2, num_experts).
-    roles          which of q, k, v, o to adapt.
+    roles          which projections to adapt, in any order: attention q, k, v, o and feed-forward gate, up,
+                   down; "attention", "mlp" and "all" stand for their roles (alone or inside the tuple).
+                   Default: q, k, v, o.
     include        regex; only projections whose module name matches (re.search) are adapted.
     exclude        regex; projections whose module name matches are skipped.
     adapter_dtype  "float32", "bfloat16", "float16", or None for the base layer's dtype.
@@ -68,7 +73,7 @@ class AdaMoLEConfig:
     dropout: float = 0.05
     max_threshold: float | None = None
     top_k: int | None = None
-    roles: tuple[str, ...] = ROLES
+    roles: tuple[str, ...] = ATTENTION_ROLES
     include: str | None = None
     exclude: str | None = None
     adapter_dtype: str | None = None
@@ -120,9 +125,11 @@ class AdaMoLEConfig:
 
     def _check_roles(self) -> None:
         roles = self.roles
+        if isinstance(roles, str) and roles in ROLE_GROUPS:
+            roles = (roles,)
         if isinstance(roles, str) or not isinstance(roles, (tuple, list)):
-            _fail("roles", f"a non-empty tuple drawn from {ROLES}", roles)
-        roles = tuple(roles)
+            _fail("roles", f"a non-empty tuple drawn from {ROLES} (or {tuple(ROLE_GROUPS)})", roles)
+        roles = tuple(r2 for r in roles for r2 in (ROLE_GROUPS.get(r, (r,)) if isinstance(r, str) else (r,)))
         if not roles or any(r not in ROLES for r in roles) or len(set(roles)) != len(roles):
             _fail("roles", f"a non-empty tuple of distinct roles drawn from {ROLES}", roles)
         object.__setattr__(self, "roles", tuple(r for r in ROLES if r in roles))

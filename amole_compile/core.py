@@ -8,6 +8,7 @@ The pipeline flows one way, each step handing the next a value:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import torch
@@ -15,11 +16,11 @@ from torch import fx, nn
 
 from . import model_hooks, quantized
 from .adapted import adapter_groups, is_transformed, targets
-from .config import AdaMoLEConfig
+from .config import MLP_ROLES, ROLES, AdaMoLEConfig
 from .kernels import register as register_op
 from .modules import ExpertSet
 from .passes._fx import ParamNames
-from .passes.capture import capture
+from .passes.capture import CaptureError, capture, capture_blocks, find_blocks
 from .passes.find_attention import find_attention
 from .passes.insert_ops import insert_ops, remove_ops
 from .passes.select_targets import NoAttentionFound, check_found, select_targets
@@ -46,15 +47,69 @@ def _plan(model: nn.Module, config: AdaMoLEConfig, example_inputs) -> Plan:
     if not isinstance(model, fx.GraphModule) and quantized.library(model) is not None:
         twin = _plan(quantized.twin(model), config, example_inputs)  # quantized layers do not trace
         return Plan(type(model).__name__, list(twin.targets), twin.report)
-    if isinstance(model, fx.GraphModule):
-        graph, params = model.graph, ParamNames(model)
-    else:
-        ep = capture(model, example_inputs)
-        graph, params = ep.graph, ParamNames(None, dict(ep.graph_signature.inputs_to_parameters))
-    found, report = find_attention(graph, params)
+    found, report = _analyse(model, example_inputs, mlp=any(r in MLP_ROLES for r in config.roles))
     selected = select_targets(found, config, report)
     check_found(type(model).__name__, report, selected, config)
     return Plan(type(model).__name__, list(selected), report)
+
+
+def _analyse(model: nn.Module, example_inputs, mlp: bool = False) -> tuple[list[Target], PassReport]:
+    """Capture and run discovery. HF models with layer lists are captured block by block (one capture per
+    distinct block); other modules whole, block by block only when the whole model does not export."""
+    if isinstance(model, fx.GraphModule):
+        return find_attention(model.graph, ParamNames(model), mlp)
+    has_blocks = bool(find_blocks(model))
+    if not (has_blocks and getattr(model, "config", None) is not None):
+        try:
+            return _analyse_whole(model, example_inputs, mlp)
+        except CaptureError:
+            if not has_blocks:
+                raise
+            return _analyse_blocks(model, example_inputs, mlp)
+    try:
+        found, report = _analyse_blocks(model, example_inputs, mlp)
+    except CaptureError:
+        return _analyse_whole(model, example_inputs, mlp)
+    return (found, report) if report.anchors else _analyse_whole(model, example_inputs, mlp)
+
+
+def _analyse_whole(model: nn.Module, example_inputs, mlp: bool = False) -> tuple[list[Target], PassReport]:
+    ep = capture(model, example_inputs)
+    return find_attention(ep.graph, ParamNames.of_export(ep), mlp)
+
+
+def _analyse_blocks(model: nn.Module, example_inputs, mlp: bool = False) -> tuple[list[Target], PassReport]:
+    """Discovery on each distinct block's capture, replayed on the blocks like it (names re-prefixed)."""
+    groups = capture_blocks(model, example_inputs)
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    report, found, seen = PassReport("find_attention"), [], set()
+    for group in groups:
+        if group.program is None:
+            instead = "; its submodules were captured instead" if group.split else ""
+            report.skipped += [f"{name}: not captured ({group.error}){instead}" for name in group.names]
+            report.blocks.update({name: f"not captured{instead}" for name in group.names})
+            continue
+        targets, rep = find_attention(group.program.graph, ParamNames.of_export(group.program), mlp)
+        report.anchors += rep.anchors * len(group.names)
+        roles = [r for r in ROLES if any(r in t.roles for t in targets)]
+        found_here = f"{rep.anchors} attention site(s); roles {' '.join(roles) or 'none'}; {len(rep.skipped)} skipped"
+        for name in group.names:
+            report.blocks[name] = found_here + (f" (analysis of {group.names[0]} replayed)"
+                                                if name != group.names[0] else "")
+            report.skipped += [f"{name}.{s}" for s in rep.skipped]
+            for i, t in enumerate(targets):  # graph order within a block, model order across blocks
+                module = f"{name}.{t.module}"
+                if module not in seen:
+                    seen.add(module)
+                    found.append(((order.get(name, len(order)), i), dataclasses.replace(t, module=module)))
+    failed = [g for g in groups if g.program is None]
+    if failed and (report.anchors == 0 or not groups):  # what did not capture may be where the attention is
+        raise CaptureError(f"could not capture {type(model).__name__}, whole or block by block: the first "
+                           f"block, {failed[0].names[0]}, failed with {failed[0].error}")
+    found = [t for _, t in sorted(found, key=lambda kt: kt[0])]
+    report.blocks = dict(sorted(report.blocks.items(), key=lambda kv: order.get(kv[0], len(order))))
+    report.targets = found
+    return found, report
 
 
 def transform(model: nn.Module | torch.export.ExportedProgram, config: AdaMoLEConfig | None = None, *,

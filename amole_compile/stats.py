@@ -13,6 +13,7 @@ from pathlib import Path
 
 from torch import nn
 
+from .config import ROLES
 from .core import adapter_groups
 from .files import atomic_write
 
@@ -98,7 +99,7 @@ def plot_expert_stats(stats: ExpertStats, path: str | Path, title: str | None = 
     except ImportError as exc:
         raise ImportError("plot_expert_stats needs matplotlib: pip install 'amole-compile[plot]'") from exc
     layers = sorted({s.layer for s in stats.sites if s.layer is not None}) or [0]
-    roles = [r for r in ("q", "k", "v", "o") if any(s.role == r for s in stats.sites)]
+    roles = [r for r in ROLES if any(s.role == r for s in stats.sites)]  # attention, then feed-forward roles
     grid = [[float("nan")] * len(roles) for _ in layers]
     for s in stats.sites:
         grid[layers.index(s.layer if s.layer is not None else 0)][roles.index(s.role)] = s.mean_active

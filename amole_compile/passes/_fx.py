@@ -1,36 +1,33 @@
-"""FX helpers shared by the passes: op names that work on aten and torch-level graphs, linear-like producers,
-and parameter names for placeholders (ExportedProgram) and get_attr nodes (GraphModule)."""
+"""FX helpers shared by the passes: op names that work on aten and torch-level graphs, data edges (which
+arguments carry data, which only metadata; in-place writes), projections recognised by what they compute, and
+parameter names for placeholders (ExportedProgram) and get_attr nodes (GraphModule)."""
 
 from __future__ import annotations
 
 import dataclasses
+import operator
 from collections.abc import Callable
 
 import torch
 from torch import fx, nn
 
-# Ops that only move or select elements: replaying them on an index tensor says which columns land where.
-SHAPE_OPS = frozenset({
-    "view", "reshape", "_unsafe_view", "transpose", "permute", "expand", "unsqueeze", "squeeze", "slice",
-    "select", "split", "split_with_sizes", "tensor_split", "chunk", "unbind", "contiguous", "clone", "alias",
-    "flatten", "unflatten", "narrow", "t", "movedim", "swapaxes", "getitem", "expand_as", "view_as",
-    "reshape_as", "detach",
-})
-# Dtype casts: identity on the index tensor.
-CAST_OPS = frozenset({"to", "_to_copy", "type_as", "float", "half", "bfloat16", "type", "_assert_tensor_metadata"})
-# Per-token arithmetic between a projection and attention: rotary, scaling, repeat_kv, q/k norms.
-ARITH_OPS = frozenset({
-    "mul", "add", "sub", "div", "neg", "cat", "concat", "concatenate", "stack", "repeat", "repeat_interleave",
-    "layer_norm", "rms_norm", "truediv", "iadd", "imul",
-})
-NORM_OPS = frozenset({"layer_norm", "rms_norm"})  # walk only their input, not their weights
-# What sits between attention scores and softmax, and between softmax and the value matmul.
-SCORE_OPS = frozenset({"add", "mul", "div", "sub", "where", "masked_fill", "tanh", "clamp", "truediv"}) | CAST_OPS
-PROB_OPS = frozenset({"dropout", "native_dropout", "getitem", "feature_dropout"}) | CAST_OPS
-OUT_OPS = SHAPE_OPS | CAST_OPS | frozenset({"dropout"})
-SOFTMAX_OPS = frozenset({"softmax", "_softmax", "_safe_softmax"})
-MATMUL_OPS = frozenset({"matmul", "bmm"})
-SDPA_OPS = frozenset({"scaled_dot_product_attention"})
+SOFTMAX_OPS = frozenset({"softmax", "_softmax", "_safe_softmax", "log_softmax"})
+# Products of two activations: attention scores (q kᵀ) and the value product (p v).
+MATMUL_OPS = frozenset({"matmul", "bmm", "einsum", "baddbmm", "mm"})
+SDPA_OPS = frozenset({"scaled_dot_product_attention", "_scaled_dot_product_flash_attention",
+                      "_scaled_dot_product_efficient_attention", "_scaled_dot_product_attention_math",
+                      "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu"})
+# Arguments that carry only metadata (dtype, shape, device), by op and position: not data edges.
+META_ARGS = {
+    "type_as": {1}, "expand_as": {1}, "view_as": {1}, "reshape_as": {1}, "to": {1},
+    "new_empty": {0}, "new_zeros": {0}, "new_ones": {0}, "new_full": {0}, "new_empty_strided": {0},
+    "empty_like": {0}, "zeros_like": {0}, "ones_like": {0}, "full_like": {0}, "rand_like": {0},
+    "randn_like": {0}, "randint_like": {0}, "_assert_tensor_metadata": {0}, "sym_size": {0}, "size": {0},
+    "sym_numel": {0}, "sym_stride": {0}, "dim": {0},
+}
+# Transposes: a projection may read its weight through one of these (`x @ W.T`).
+TRANSPOSES = frozenset({"t", "transpose", "permute", "numpy_T", "T", "mT", "swapaxes", "movedim"})
+PROJECTION_OPS = frozenset({"linear", "addmm", "mm", "matmul", "bmm"})
 
 
 def op_name(node: fx.Node) -> str:
@@ -40,6 +37,8 @@ def op_name(node: fx.Node) -> str:
         return str(t)
     if node.op != "call_function":
         return ""
+    if t is operator.getitem:
+        return "getitem"
     packet = getattr(t, "_overloadpacket", None)
     name = getattr(packet, "__name__", None) or getattr(t, "__name__", "")
     return name.strip("_") if name.startswith("__") else name
@@ -52,10 +51,78 @@ def tensor_args(node: fx.Node) -> list[fx.Node]:
     return out
 
 
+def _schema(node: fx.Node):
+    return getattr(node.target, "_schema", None) if node.op == "call_function" else None
+
+
+def is_inplace(node: fx.Node) -> bool:
+    """Does the node write its first argument in place (`copy_`, `clamp_`, `index_put_`, ...)?"""
+    schema = _schema(node)
+    if schema is not None:
+        args = schema.arguments
+        return bool(args) and args[0].alias_info is not None and args[0].alias_info.is_write
+    name = op_name(node)
+    return name.endswith("_") and not name.startswith("_") and node.op in ("call_method", "call_function")
+
+
+def is_view(node: fx.Node) -> bool:
+    """Does the node return a view of its first argument (slice, view, transpose, ...), not written in place?"""
+    schema = _schema(node)
+    if schema is None or not schema.returns or is_inplace(node):
+        return False
+    alias = schema.returns[0].alias_info
+    return alias is not None and not alias.is_write
+
+
+def _is_data(arg: fx.Node) -> bool:
+    val = meta_value(arg)
+    return val is None or isinstance(val, (torch.Tensor, list, tuple))
+
+
+def data_args(node: fx.Node) -> list[fx.Node]:
+    """The arguments whose values flow into the node's output: tensor arguments minus metadata-only ones
+    (`type_as`'s second argument, `new_empty`'s template, sizes)."""
+    skip = META_ARGS.get(op_name(node), ())
+    out: list[fx.Node] = []
+    for i, a in enumerate(node.args):
+        if i in skip:
+            continue
+        fx.node.map_arg(a, out.append)
+    fx.node.map_arg(node.kwargs, out.append)
+    return [a for a in out if _is_data(a)]
+
+
+class DataFlow:
+    """Data edges of a graph, in-place writes included: a write into a view of a buffer is an edge from the
+    written value into the buffer (MLA's `k = q.new_empty(...); k[..., :n].copy_(k_nope)`)."""
+
+    def __init__(self, graph: fx.Graph) -> None:
+        self.root: dict[fx.Node, fx.Node] = {}
+        self.writes: dict[fx.Node, list[fx.Node]] = {}
+        self.order = {n: i for i, n in enumerate(graph.nodes)}
+        for n in graph.nodes:
+            if n.op not in ("call_function", "call_method"):
+                continue
+            first = n.args[0] if n.args and isinstance(n.args[0], fx.Node) else None
+            if first is None:
+                continue
+            if is_view(n) or is_inplace(n):
+                self.root[n] = self.root_of(first)
+            if is_inplace(n):
+                self.writes.setdefault(self.root_of(first), []).append(n)
+
+    def root_of(self, node: fx.Node) -> fx.Node:
+        return self.root.get(node, node)
+
+    def inputs(self, node: fx.Node) -> list[fx.Node]:
+        """Data predecessors: the data arguments, plus every in-place write into the buffer the node reads."""
+        return data_args(node) + [w for w in self.writes.get(self.root_of(node), []) if w is not node]
+
+
 @dataclasses.dataclass(frozen=True)
 class LinearCall:
-    """A linear-like node: its input node, its weight's parameter name, the owning module name and
-    (in_features, out_features) when the weight's shape is known."""
+    """A projection: a node computing `input @ Wᵀ` (+ bias) for a parameter matrix W; its weight's parameter
+    name, the owning module name and (in_features, out_features) when the weight's shape is known."""
 
     node: fx.Node
     input: fx.Node
@@ -67,9 +134,28 @@ class LinearCall:
 class ParamNames:
     """Maps weight nodes to parameter names: ExportedProgram placeholders or GraphModule get_attr targets."""
 
-    def __init__(self, graph_module: nn.Module | None, placeholder_params: dict[str, str] | None = None):
+    def __init__(self, graph_module: nn.Module | None, placeholder_params: dict[str, str] | None = None,
+                 constants: dict[str, torch.Tensor] | None = None):
         self.gm = graph_module
         self.placeholders = placeholder_params or {}
+        self.constants = constants or {}  # placeholder name -> lifted tensor constant (Falcon's `[..., [-2]]`)
+
+    @classmethod
+    def of_export(cls, ep: torch.export.ExportedProgram) -> ParamNames:
+        """The parameter names and lifted constants of an ExportedProgram's placeholders."""
+        sig = ep.graph_signature
+        consts = {ph: ep.constants[name] for ph, name in sig.inputs_to_lifted_tensor_constants.items()
+                  if name in ep.constants}
+        return cls(None, dict(sig.inputs_to_parameters), consts)
+
+    def constant(self, node: fx.Node) -> torch.Tensor | None:
+        """The real value of a constant tensor node (lifted constant, or a GraphModule attribute), else None."""
+        if node.op == "placeholder":
+            return self.constants.get(node.name)
+        if node.op == "get_attr" and self.gm is not None and self(node) is None:
+            val = getattr(self.gm, str(node.target), None)
+            return val if isinstance(val, torch.Tensor) else None
+        return None
 
     def __call__(self, node: object) -> str | None:
         if not isinstance(node, fx.Node):
@@ -77,6 +163,11 @@ class ParamNames:
         if node.op == "placeholder":
             return self.placeholders.get(node.name)
         if node.op == "get_attr":
+            if self.gm is not None:
+                try:
+                    self.gm.get_parameter(str(node.target))
+                except AttributeError:
+                    return None
             return str(node.target)
         return None
 
@@ -98,8 +189,25 @@ class ParamNames:
         return self.gm.get_submodule(str(node.target))
 
 
+def _transposed_param(node: object, params: ParamNames) -> tuple[fx.Node, bool] | None:
+    """A 2-D parameter node, possibly read through a transpose: -> (param node, transposed?)."""
+    if not isinstance(node, fx.Node):
+        return None
+    if params(node) is not None:
+        return node, False
+    if op_name(node) in TRANSPOSES and node.args and isinstance(node.args[0], fx.Node) \
+            and params(node.args[0]) is not None:
+        return node.args[0], True
+    return None
+
+
 def as_linear(node: fx.Node, params: ParamNames) -> LinearCall | None:
-    """linear(x, W[, b]) / addmm(b, x, W) (GPT-2 Conv1D) / call_module(Linear|Conv1D) -> LinearCall, else None."""
+    """A node whose output is its input times a parameter matrix -> LinearCall, else None.
+
+    linear(x, W[, b]); addmm(b, x, W) (GPT-2 Conv1D, W [D, O]) or addmm(b, x, Wᵀ); mm / matmul / bmm(x, W)
+    with W a 2-D parameter read directly ([D, O]) or through t / transpose / permute / .T ([O, D]); a call to an
+    nn.Linear or Conv1D module. The target module is the parameter's owner.
+    """
     name = op_name(node)
     if node.op == "call_module":
         mod = params.module_of(node)
@@ -110,18 +218,30 @@ def as_linear(node: fx.Node, params: ParamNames) -> LinearCall | None:
         else:
             return None
         return LinearCall(node, node.args[0], f"{node.target}.weight", str(node.target), feats)
+    if name not in PROJECTION_OPS:
+        return None
     if name == "linear" and len(node.args) >= 2:
-        x, w, transposed = node.args[0], node.args[1], False  # W [O, D]
+        x, w, transposed = node.args[0], (node.args[1], False), True  # W [O, D] = transposed [D, O]
     elif name == "addmm" and len(node.args) >= 3:
-        x, w, transposed = node.args[1], node.args[2], True  # Conv1D: W [D, O]
+        x, w = node.args[1], _transposed_param(node.args[2], params)
+        transposed = None
+    elif name in ("mm", "matmul", "bmm") and len(node.args) >= 2:
+        x, w = node.args[0], _transposed_param(node.args[1], params)
+        transposed = None
     else:
         return None
-    pname = params(w)
-    if pname is None or not isinstance(x, fx.Node) or not pname.endswith(".weight"):
+    if w is None or not isinstance(x, fx.Node):
         return None
-    shape = params.shape(w)
-    feats = None if shape is None or len(shape) != 2 else (shape if transposed else shape[::-1])
-    return LinearCall(node, x, pname, pname[: -len(".weight")], feats)
+    wnode, through_t = w
+    if transposed is None:
+        transposed = through_t
+    pname = params(wnode)
+    shape = params.shape(wnode)
+    if pname is None or (shape is not None and len(shape) != 2):
+        return None
+    feats = None if shape is None else (shape[::-1] if transposed else shape)  # (in, out)
+    module = pname.rpartition(".")[0] if "." in pname else pname
+    return LinearCall(node, x, pname, module, tuple(feats) if feats else None)
 
 
 def walk(start: fx.Node, step: Callable[[fx.Node], list[fx.Node]], stop: Callable[[fx.Node], bool]):

@@ -1,4 +1,13 @@
-"""Capture a model as an FX graph with `torch.export.export(strict=False)`, before decompositions.
+"""Capture a model as FX graphs with `torch.export.export(strict=False)`, before decompositions.
+
+Two ways, each a list of `Captured` graphs with the module prefix their names are relative to:
+
+- whole model: one graph (`capture`);
+- per block (`capture_blocks`): the items of the model's outermost `nn.ModuleList`s (its layers) are each
+  captured alone, on the real inputs that forward pre-hooks record during one eager forward of the example
+  inputs. Blocks of the same class, parameter shapes and input shapes share one capture (its analysis is
+  replayed on the others). This does not depend on the whole model exporting (data-dependent MoE dispatch)
+  and is what deep HF models use: one block is exported, not 32.
 
 HF models get example inputs synthesised from their config (no tokenizer, no downloads); other modules take
 `example_inputs=` (a tuple of positional args, or a dict of keyword args). The model's training flags are
@@ -8,7 +17,9 @@ restored afterwards, whatever happens.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
+import io
 import warnings
 from typing import Any
 
@@ -37,21 +48,47 @@ def _accepts(model: nn.Module, name: str) -> bool:
     return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
+def _sub(config, name: str, key: str):
+    """config.<key>, or config.<name>.<key> for a two-tower / multi-modal config."""
+    sub = getattr(config, name, None)
+    val = getattr(sub, key, None) if sub is not None else None
+    return val if val is not None else getattr(config, key, None)
+
+
 def synthesize_inputs(model: nn.Module) -> dict[str, Any]:
-    """Token-id inputs for a HF text model, from its config: input_ids [2, 8] (and decoder_input_ids)."""
+    """Example inputs for a HF model from its config, by what its forward takes: `input_ids` [2, 8] (text),
+    `pixel_values` [2, C, H, W] (vision, and the image tower of a two-tower model such as CLIP),
+    `input_features` [2, mels, frames] (Whisper), `decoder_input_ids` (encoder-decoders), `use_cache=False`."""
     config = getattr(model, "config", None)
-    vocab = getattr(config, "vocab_size", None) if config is not None else None
     main = getattr(model, "main_input_name", "input_ids")
-    if config is None or not isinstance(vocab, int) or main != "input_ids":
-        raise CaptureError(
-            f"cannot synthesise example inputs for {type(model).__name__}: it is not a Hugging Face text model "
-            "with a config.vocab_size; pass example_inputs=(tensor, ...) or example_inputs={'name': tensor}")
     device = _device_of(model)
-    seq = min(_SEQ, getattr(config, "max_position_embeddings", _SEQ) or _SEQ)
-    ids = (torch.arange(_BATCH * seq) % max(vocab - 1, 1) + 1).reshape(_BATCH, seq).to(device)
-    kwargs: dict[str, Any] = {"input_ids": ids}
-    if getattr(config, "is_encoder_decoder", False):
-        kwargs["decoder_input_ids"] = ids
+    kwargs: dict[str, Any] = {}
+    vocab = _sub(config, "text_config", "vocab_size") if config is not None else None
+    if isinstance(vocab, int):
+        seq = min(_SEQ, _sub(config, "text_config", "max_position_embeddings") or _SEQ)
+        ids = (torch.arange(_BATCH * seq) % max(vocab - 1, 1) + 1).reshape(_BATCH, seq).to(device)
+        if main == "input_ids" or _accepts(model, "input_ids") and hasattr(config, "text_config"):
+            kwargs["input_ids"] = ids
+        if getattr(config, "is_encoder_decoder", False) and _accepts(model, "decoder_input_ids"):
+            kwargs["decoder_input_ids"] = ids
+    image = _sub(config, "vision_config", "image_size") if config is not None else None
+    two_tower = hasattr(config, "vision_config") and hasattr(config, "text_config") and not any(
+        hasattr(config, k) for k in ("image_token_id", "image_token_index"))
+    if isinstance(image, int) and _accepts(model, "pixel_values") and (main == "pixel_values" or two_tower):
+        size = image
+        chans = _sub(config, "vision_config", "num_channels") or 3
+        g = torch.Generator().manual_seed(0)
+        kwargs["pixel_values"] = torch.randn(_BATCH, chans, size, size, generator=g).to(device)
+    mels = getattr(config, "num_mel_bins", None) if config is not None else None
+    if main == "input_features" and isinstance(mels, int):
+        frames = 2 * (getattr(config, "max_source_positions", 1500) or 1500)
+        g = torch.Generator().manual_seed(0)
+        kwargs["input_features"] = torch.randn(_BATCH, mels, frames, generator=g).to(device)
+    if main not in kwargs:
+        raise CaptureError(
+            f"cannot synthesise example inputs for {type(model).__name__}: it is not a Hugging Face text, vision "
+            "or speech model with the config fields to build its inputs; pass example_inputs=(tensor, ...) or "
+            "example_inputs={'name': tensor}")
     if _accepts(model, "use_cache"):
         kwargs["use_cache"] = False
     return kwargs
@@ -69,23 +106,193 @@ def eval_mode(model: nn.Module):
             m.training = flag
 
 
+def example_args(model: nn.Module, example_inputs) -> tuple[tuple, dict]:
+    """example_inputs (None: synthesised) -> (args, kwargs)."""
+    if example_inputs is None:
+        return (), synthesize_inputs(model)
+    if isinstance(example_inputs, dict):
+        return (), dict(example_inputs)
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs), {}
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,), {}
+    raise TypeError(f"example_inputs must be a tuple, a dict or a tensor, got {type(example_inputs).__name__}")
+
+
+def _first_line(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+
+
+def _export(module: nn.Module, args: tuple, kwargs: dict) -> torch.export.ExportedProgram:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.export.export(module, args, kwargs, strict=False)
+
+
 def capture(model: nn.Module, example_inputs: tuple | dict | None = None) -> torch.export.ExportedProgram:
     """model -> ExportedProgram (non-strict, not decomposed)."""
-    if example_inputs is None:
-        args, kwargs = (), synthesize_inputs(model)
-    elif isinstance(example_inputs, dict):
-        args, kwargs = (), dict(example_inputs)
-    elif isinstance(example_inputs, (tuple, list)):
-        args, kwargs = tuple(example_inputs), {}
-    elif isinstance(example_inputs, torch.Tensor):
-        args, kwargs = (example_inputs,), {}
-    else:
-        raise TypeError(f"example_inputs must be a tuple, a dict or a tensor, got {type(example_inputs).__name__}")
-    with eval_mode(model), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    args, kwargs = example_args(model, example_inputs)
+    with eval_mode(model):
         try:
-            return torch.export.export(model, args, kwargs, strict=False)
+            return _export(model, args, kwargs)
         except Exception as exc:
-            raise CaptureError(
-                f"could not capture {type(model).__name__} with torch.export(strict=False): "
-                f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
+            raise CaptureError(f"could not capture {type(model).__name__} with torch.export(strict=False): "
+                               f"{_first_line(exc)}") from exc
+
+
+@dataclasses.dataclass
+class BlockCapture:
+    """One group of identical blocks: the first one's program (None if it failed) and every member's name."""
+
+    names: list[str]
+    program: torch.export.ExportedProgram | None = None
+    error: str | None = None
+    split: bool = False  # it did not export, and its children were captured instead
+
+
+def find_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The items of the outermost nn.ModuleLists (a block inside a chosen block is not chosen again)."""
+    blocks: list[tuple[str, nn.Module]] = []
+    inside: list[str] = []
+    for name, mod in model.named_modules():
+        if any(name.startswith(p + ".") for p in inside):
+            continue
+        if isinstance(mod, nn.ModuleList) and len(mod) > 0:
+            for i, child in enumerate(mod):
+                blocks.append((f"{name}.{i}" if name else str(i), child))
+            inside.append(name)
+    return blocks
+
+
+def _signature(block: nn.Module, args: tuple, kwargs: dict) -> tuple:
+    def sig(v: object) -> object:
+        if isinstance(v, torch.Tensor):
+            return ("T", tuple(v.shape), str(v.dtype))
+        if isinstance(v, (list, tuple)):
+            return tuple(sig(x) for x in v)
+        if isinstance(v, dict):
+            return tuple(sorted((k, sig(x)) for k, x in v.items()))
+        return repr(v) if isinstance(v, (int, float, bool, str, type(None))) else type(v).__name__
+
+    params = tuple((n, tuple(p.shape), str(p.dtype)) for n, p in block.named_parameters())
+    return type(block), params, sig(args), sig(kwargs)
+
+
+def record_block_inputs(model: nn.Module, blocks: list[tuple[str, nn.Module]], args: tuple,
+                        kwargs: dict) -> dict[str, tuple[tuple, dict]]:
+    """One forward of the example inputs; -> each called block's (args, kwargs) of its first call.
+
+    Cheap by construction: a block called with the same signature (class, parameter shapes, input shapes) as
+    an earlier one is not run; it returns that block's output. The forward runs on fake tensors (shapes only)
+    and the recorded fakes become zero tensors of the same shape, dtype and device (export needs only their
+    metadata); a model whose forward looks at values (data-dependent MoE dispatch) runs eagerly instead."""
+    try:
+        with _quiet_export():
+            return _record(model, blocks, args, kwargs, fake=True)
+    except Exception:  # e.g. DynamicOutputShapeException: the forward looks at values
+        return _record(model, blocks, args, kwargs, fake=False)
+
+
+def _record(model: nn.Module, blocks: list[tuple[str, nn.Module]], args: tuple, kwargs: dict,
+            fake: bool) -> dict[str, tuple[tuple, dict]]:
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+    from torch.utils._pytree import tree_map
+
+    seen: dict[str, tuple[tuple, dict]] = {}
+    outputs: dict[tuple, object] = {}
+    saved = []
+    for name, block in blocks:
+        def forward(*a, _name=name, _block=block, _orig=block.forward, **kw):
+            seen.setdefault(_name, (a, dict(kw)))
+            key = _signature(_block, a, kw)
+            if key not in outputs:
+                outputs[key] = _orig(*a, **kw)
+            return outputs[key]
+        saved.append((block, "forward" in block.__dict__, block.__dict__.get("forward")))
+        block.forward = forward
+    mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
+    try:
+        with eval_mode(model), torch.no_grad(), warnings.catch_warnings(), mode:
+            warnings.simplefilter("ignore")
+            model(*args, **kwargs)
+    finally:
+        for block, had, fwd in saved:
+            if had:
+                block.forward = fwd
+            else:
+                del block.forward
+    if not fake:
+        return seen
+
+    def real(v: object) -> object:
+        if isinstance(v, FakeTensor):
+            return torch.zeros(v.shape, dtype=v.dtype, device=v.device)
+        return v
+
+    return {name: tree_map(real, inputs) for name, inputs in seen.items()}
+
+
+def capture_blocks(model: nn.Module, example_inputs=None, depth: int = 2) -> list[BlockCapture]:
+    """Capture each block alone (see the module docstring); a block that does not export (an MoE block with
+    data-dependent dispatch) is split into its children, down to `depth` levels. Raises CaptureError when the
+    model has no blocks or its eager forward fails."""
+    blocks = find_blocks(model)
+    if not blocks:
+        raise CaptureError(f"{type(model).__name__} has no nn.ModuleList of blocks to capture one by one")
+    watch = list(blocks)
+    frontier = list(blocks)
+    for _ in range(depth):
+        frontier = [(f"{n}.{c}", m) for n, b in frontier for c, m in b.named_children()]
+        watch += frontier
+    args, kwargs = example_args(model, example_inputs)
+    try:
+        inputs = record_block_inputs(model, watch, args, kwargs)
+    except Exception as exc:
+        raise CaptureError(f"could not run {type(model).__name__} eagerly to record its blocks' inputs: "
+                           f"{_first_line(exc)}") from exc
+    groups: dict[tuple, BlockCapture] = {}
+    recorded: dict[tuple, str] = {}  # group -> the module its children's inputs were recorded on
+
+    def visit(name: str, like: str, module: nn.Module, level: int) -> None:
+        """Capture `name`, whose inputs are those recorded for `like` (itself, or the same submodule of an
+        identical block that the recording forward did not run)."""
+        if like not in inputs:
+            return
+        key = _signature(module, *inputs[like])
+        group = groups.get(key)
+        if group is None:
+            group = groups[key] = BlockCapture([name])
+            recorded[key] = like
+            try:
+                group.program = _export(module, *inputs[like])
+            except Exception as exc:
+                group.error = _first_line(exc)
+        else:
+            group.names.append(name)
+        if group.program is None and level < depth:
+            group.split = True
+            for child, mod in module.named_children():
+                visit(f"{name}.{child}", f"{recorded[key]}.{child}", mod, level + 1)
+
+    with eval_mode(model), _quiet_export():
+        for name, block in blocks:
+            visit(name, name, block, 0)
+    return list(groups.values())
+
+
+@contextlib.contextmanager
+def _quiet_export():
+    """torch.export logs the whole graph when it fails; a failed block is expected here, and reported."""
+    import logging
+
+    loggers = [logging.getLogger(n) for n in ("torch._dynamo", "torch.export", "torch._export",
+                                              "torch.fx.experimental.symbolic_shapes", "torch._subclasses")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        for lg, lvl in zip(loggers, levels, strict=True):
+            lg.setLevel(lvl)

@@ -1,18 +1,24 @@
-"""Discovery pass: find the attention projections of a captured graph by structure, not by name.
+"""Discovery pass: find the attention projections of a captured graph by dataflow, not by op or module names.
 
-Pattern:        an attention anchor — `scaled_dot_product_attention(q, k, v, ...)`, or eager attention's
-                `matmul(q, kᵀ) -> {scale, mask, cast} -> softmax -> {dropout, cast} -> matmul(·, v)` (also
-                `baddbmm` scores) — with q, k and v each reached backwards from a linear-like producer
-                (`linear`, Conv1D's `addmm`, or a call to an nn.Linear / Conv1D module) through shape ops,
-                casts and per-token arithmetic (rotary, scaling, repeat_kv, q/k norms, split/chunk/getitem),
-                and o reached forwards from the attention output through shape ops and casts.
+Pattern:        an attention core — `scaled_dot_product_attention(q, k, v, ...)`, or eager attention: a score
+                product of two activations (`matmul` / `bmm` / `baddbmm` / `einsum`) -> any ops -> softmax ->
+                any ops -> a value product. From each operand the pass walks back along data edges (`DataFlow`:
+                tensor arguments that carry data, in-place writes into buffers included, metadata-only
+                arguments such as `type_as`'s second or `new_empty`'s template excluded) through any op that
+                is not a projection, to the nearest projections; the role is the operand's (query or key side
+                of the score product, value side of the value product). o is the first projection reached
+                forward from the attention output through any ops (gates, reshapes, casts). A projection is any
+                node multiplying its input by a 2-D parameter (`as_linear`: linear, addmm, mm / matmul / bmm
+                with the weight read directly or through a transpose, Conv1D).
 Replacement:    none; the pass returns a plan, a list of `Target(module, roles, slices, in, out)` in graph order.
-                A fused QKV projection yields one target with a role per slice; its columns come from replaying
-                the shape ops on an index tensor (`_columns.py`).
-Preconditions:  the graph was captured before decompositions (linear and attention ops still visible); for
-                fused projections its nodes carry example values (`meta["val"]`) so columns can be replayed.
+                A projection feeding several roles yields one target with a role per column set; the column
+                sets come from replaying the path on index tensors (`_columns.py`); a role fed by two
+                projections (MLA's k) gives each its columns under that role.
+Preconditions:  the graph was captured before decompositions (linear and attention ops still visible); its
+                nodes carry example values (`meta["val"]`) so that column sets can be replayed.
 Invariants:     the graph is not modified; every target's weight is a parameter; each role of a target owns
-                a disjoint set of columns; module names are those of the captured model.
+                a disjoint set of columns; module names are those of the captured model; a parameter shared
+                by several blocks is one target.
 """
 
 from __future__ import annotations
@@ -23,121 +29,132 @@ from torch import fx
 
 from ._columns import ColumnsUnknown, role_columns
 from ._fx import (
-    ARITH_OPS,
-    CAST_OPS,
     MATMUL_OPS,
-    NORM_OPS,
-    OUT_OPS,
-    PROB_OPS,
-    SCORE_OPS,
     SDPA_OPS,
-    SHAPE_OPS,
     SOFTMAX_OPS,
+    DataFlow,
     LinearCall,
     ParamNames,
     as_linear,
+    data_args,
+    is_inplace,
+    meta_value,
     op_name,
-    tensor_args,
     walk,
 )
 from .targets import PassReport, Target, compress
 
-ROLE_ORDER = ("q", "k", "v", "o")
-_BACK_OPS = SHAPE_OPS | CAST_OPS | ARITH_OPS
+ROLE_ORDER = ("q", "k", "v", "o")  # attention roles (feed-forward roles: find_mlp.py)
 
 
 @dataclasses.dataclass
 class Anchor:
-    """One attention computation: the node feeding each of q, k, v; its consumer; and the output node."""
+    """One attention computation: the node feeding each of q, k, v; and the output node."""
 
     node: fx.Node
-    inputs: dict[str, tuple[fx.Node, fx.Node]]  # role -> (tensor fed to attention, the node consuming it)
+    inputs: dict[str, list[fx.Node]]  # role -> the tensors fed to attention in that role
     out: fx.Node
 
 
-def _sdpa_anchor(node: fx.Node) -> Anchor | None:
-    args = node.args
-    if len(args) < 3 or not all(isinstance(a, fx.Node) for a in args[:3]):
+class _Graph:
+    """The graph with its data edges and projections, memoised."""
+
+    def __init__(self, graph: fx.Graph, params: ParamNames) -> None:
+        self.graph, self.params = graph, params
+        self.flow = DataFlow(graph)
+        self._proj: dict[fx.Node, LinearCall | None] = {}
+
+    def projection(self, node: fx.Node) -> LinearCall | None:
+        if node not in self._proj:
+            self._proj[node] = as_linear(node, self.params)
+        return self._proj[node]
+
+    def users(self, node: fx.Node) -> list[fx.Node]:
+        """Data successors: users reading `node` as data, and readers of a buffer written in place."""
+        out = [u for u in node.users if node in data_args(u)]
+        if is_inplace(node):
+            root = self.flow.root_of(node)
+            out += [u for u in root.users if u is not node and self.flow.order[u] > self.flow.order[node]]
+        return out
+
+
+def _shape(node: object) -> tuple[int, ...] | None:
+    val = meta_value(node)
+    return tuple(int(s) for s in val.shape) if hasattr(val, "shape") else None
+
+
+def _operands(node: fx.Node) -> list[fx.Node]:
+    """The two activation operands of a product (einsum's come as a list)."""
+    name = op_name(node)
+    if name == "einsum":
+        ops = node.args[1] if len(node.args) > 1 else []
+        return [a for a in ops if isinstance(a, fx.Node)]
+    args = node.args[1:3] if name == "baddbmm" else node.args[:2]
+    return [a for a in args if isinstance(a, fx.Node)]
+
+
+def _query_key(scores: fx.Node) -> tuple[fx.Node, fx.Node] | None:
+    """(query side, key side) of a score product: the key side gives the product's last dimension."""
+    ops = _operands(scores)
+    if len(ops) != 2:
         return None
-    return Anchor(node, {r: (args[i], node) for i, r in enumerate("qkv")}, node)
+    if op_name(scores) == "einsum" and isinstance(scores.args[0], str) and "->" in scores.args[0]:
+        lhs, out = scores.args[0].replace(" ", "").split("->")
+        subs = lhs.split(",")
+        if len(subs) == 2 and out:
+            last = out[-1]
+            if last in subs[0] and last not in subs[1]:
+                return ops[1], ops[0]
+    return ops[0], ops[1]
 
 
-def _follow(start: fx.Node, ops: frozenset[str], target: frozenset[str], forward: bool) -> fx.Node | None:
-    """First node with op in `target` reached from start through `ops` (forwards along users or backwards)."""
-    def step(n: fx.Node) -> list[fx.Node]:
-        if n is not start and op_name(n) not in ops:
-            return []
-        return list(n.users) if forward else tensor_args(n)
-
-    hits, _ = walk(start, step, lambda n: op_name(n) in target)
-    return hits[0] if hits else None
-
-
-def _eager_anchor(softmax: fx.Node) -> Anchor | None:
-    src = softmax.args[0] if softmax.args and isinstance(softmax.args[0], fx.Node) else None
-    scores = _follow(src, SCORE_OPS, MATMUL_OPS | {"baddbmm"}, forward=False) if src is not None else None
-    if src is not None and op_name(src) in MATMUL_OPS | {"baddbmm"}:
-        scores = src
-    pv = _follow(softmax, PROB_OPS, MATMUL_OPS, forward=True)
-    if scores is None or pv is None or len(pv.args) < 2:
+def _eager_anchor(softmax: fx.Node, g: _Graph) -> Anchor | None:
+    """softmax -> its value product (forwards) and score products (backwards), through any ops."""
+    hits, fwd = walk(softmax, g.users, lambda n: g.projection(n) is not None or op_name(n) in MATMUL_OPS)
+    pv = next((h for h in hits if g.projection(h) is None), None)
+    if pv is None:
         return None
-    qi = 1 if op_name(scores) == "baddbmm" else 0
-    q, k, v = scores.args[qi], scores.args[qi + 1], pv.args[1]
-    if not all(isinstance(t, fx.Node) for t in (q, k, v)):
+    ops = _operands(pv)
+    probs = [a for a in ops if a in fwd]
+    values = [a for a in ops if a not in fwd]
+    if len(probs) != 1 or len(values) != 1:
         return None
-    return Anchor(softmax, {"q": (q, scores), "k": (k, scores), "v": (v, pv)}, pv)
+    hits, _ = walk(softmax, g.flow.inputs, lambda n: g.projection(n) is not None or op_name(n) in MATMUL_OPS)
+    want = _shape(probs[0])
+    scores = [h for h in hits if g.projection(h) is None
+              and (want is None or _shape(h) is None or _shape(h)[-2:] == want[-2:])]
+    pairs = [qk for qk in map(_query_key, scores) if qk is not None]
+    if not pairs:
+        return None
+    return Anchor(softmax, {"q": [q for q, _ in pairs], "k": [k for _, k in pairs], "v": values}, pv)
 
 
-def find_anchors(graph: fx.Graph) -> list[Anchor]:
+def find_anchors(graph: fx.Graph, params: ParamNames | None = None, g: _Graph | None = None) -> list[Anchor]:
     """Every attention computation in the graph, in graph order."""
+    g = g or _Graph(graph, params or ParamNames(None))
     anchors = []
     for node in graph.nodes:
         name = op_name(node)
-        anchor = _sdpa_anchor(node) if name in SDPA_OPS else _eager_anchor(node) if name in SOFTMAX_OPS else None
-        if anchor is not None:
-            anchors.append(anchor)
+        if name in SDPA_OPS and len(node.args) >= 3 and all(isinstance(a, fx.Node) for a in node.args[:3]):
+            anchors.append(Anchor(node, {r: [node.args[i]] for i, r in enumerate("qkv")}, node))
+        elif name in SOFTMAX_OPS:
+            anchor = _eager_anchor(node, g)
+            if anchor is not None:
+                anchors.append(anchor)
     return anchors
-
-
-def _producers(start: fx.Node, sink: fx.Node, params: ParamNames) -> list[tuple[LinearCall, set[fx.Node]]]:
-    """Linear-like producers of `start` walking backwards, each with the cone of nodes between them."""
-    direct = as_linear(start, params)
-    if direct is not None:
-        return [(direct, {start, sink})]
-
-    def step(n: fx.Node) -> list[fx.Node]:
-        if n is not start and op_name(n) not in _BACK_OPS:
-            return []
-        args = tensor_args(n)
-        return args[:1] if op_name(n) in NORM_OPS else args
-
-    hits, seen = walk(start, step, lambda n: as_linear(n, params) is not None)
-    cone = seen | {sink}
-    return [(as_linear(h, params), cone) for h in hits]
-
-
-def _o_projection(out: fx.Node, params: ParamNames) -> LinearCall | None:
-    """The linear that consumes the attention output (through shape ops and casts)."""
-    def step(n: fx.Node) -> list[fx.Node]:
-        if n is not out and op_name(n) not in OUT_OPS:
-            return []
-        return [u for u in n.users if as_linear(u, params) is None or as_linear(u, params).input is n]
-
-    hits, _ = walk(out, step, lambda n: as_linear(n, params) is not None)
-    return as_linear(hits[0], params) if hits else None
 
 
 @dataclasses.dataclass
 class _Found:
     call: LinearCall
     features: tuple[int, int]
-    cones: dict[str, list[set[fx.Node]]] = dataclasses.field(default_factory=dict)
+    paths: dict[str, list[tuple[fx.Node, set[fx.Node]]]] = dataclasses.field(default_factory=dict)
 
 
-def _columns(found: _Found, report: PassReport) -> tuple[tuple[str, ...], tuple]:
+def _columns(found: _Found, g: _Graph, report: PassReport) -> tuple[tuple[str, ...], tuple]:
     """Per role, the projection's output columns (replayed), made disjoint in role order."""
     out_f = found.features[1]
-    roles = [r for r in ROLE_ORDER if r in found.cones]
+    roles = [r for r in ROLE_ORDER if r in found.paths]
     taken: set[int] = set()
     kept, slices = [], []
     for role in roles:
@@ -145,7 +162,8 @@ def _columns(found: _Found, report: PassReport) -> tuple[tuple[str, ...], tuple]
             cols = set(range(out_f))
         else:
             try:
-                cols = set().union(*(role_columns(found.call.node, out_f, c) for c in found.cones[role]))
+                cols = set().union(*(role_columns(found.call.node, out_f, cone, tensor, g.flow.order, g.params.constant)
+                                     for tensor, cone in found.paths[role]))
             except ColumnsUnknown as exc:
                 if len(roles) > 1:
                     report.skipped.append(f"{found.call.module}: role {role} ({exc})")
@@ -161,37 +179,59 @@ def _columns(found: _Found, report: PassReport) -> tuple[tuple[str, ...], tuple]
     return tuple(kept), tuple(slices)
 
 
-def find_attention(graph: fx.Graph, params: ParamNames) -> tuple[list[Target], PassReport]:
-    """Run the pass: -> (targets in graph order, report)."""
+def find_attention(graph: fx.Graph, params: ParamNames, mlp: bool = False) -> tuple[list[Target], PassReport]:
+    """Run the pass: -> (targets in graph order, report). `mlp`: also find feed-forward projections
+    (`find_mlp.py`) and list them after the attention ones."""
     report = PassReport("find_attention")
-    anchors = find_anchors(graph)
+    g = _Graph(graph, params)
+    anchors = find_anchors(graph, g=g)
     report.anchors = len(anchors)
     found: dict[str, _Found] = {}
 
-    def add(call: LinearCall, role: str, cone: set[fx.Node]) -> None:
+    def add(call: LinearCall, role: str, tensor: fx.Node | None, cone: set[fx.Node]) -> None:
         if call.features is None:
             report.skipped.append(f"{call.module}: the shape of its weight {call.param} is unknown")
             return
         entry = found.setdefault(call.module, _Found(call, call.features))
-        entry.cones.setdefault(role, []).append(cone)
+        entry.paths.setdefault(role, []).append((tensor, cone))
 
+    is_proj = lambda n: g.projection(n) is not None  # noqa: E731
     for anchor in anchors:
-        for role, (tensor, sink) in anchor.inputs.items():
-            producers = _producers(tensor, sink, params)
-            if not producers:
+        for role, tensors in anchor.inputs.items():
+            hits = []
+            for tensor in tensors:
+                if is_proj(tensor):
+                    hits.append((tensor, {tensor}))
+                    add(g.projection(tensor), role, tensor, {tensor})
+                    continue
+                procs, cone = walk(tensor, g.flow.inputs, is_proj)
+                for p in procs:
+                    add(g.projection(p), role, tensor, cone)
+                hits += procs
+            if not hits:
                 report.skipped.append(f"{anchor.node.name}: no projection found for role {role}")
-            for call, cone in producers:
-                add(call, role, cone)
-        o = _o_projection(anchor.out, params)
-        if o is None:
+        procs, _ = walk(anchor.out, g.users, is_proj)
+        procs = [p for p in procs if g.projection(p).node is not anchor.out]
+        if not procs:
             report.skipped.append(f"{anchor.node.name}: no projection found for role o")
-        else:
-            add(o, "o", set())
-    order = {n: i for i, n in enumerate(graph.nodes)}
+        for p in procs[:1]:
+            add(g.projection(p), "o", None, set())
+    order = g.flow.order
     targets = []
     for module, entry in sorted(found.items(), key=lambda kv: order[kv[1].call.node]):
-        roles, slices = _columns(entry, report)
+        roles, slices = _columns(entry, g, report)
         if roles:
             targets.append(Target(module, roles, slices, *entry.features))
+    if mlp:
+        from .find_mlp import find_mlp
+
+        ffn, notes = find_mlp(g, {t.module for t in targets})
+        first: dict[str, int] = {}
+        for n in graph.nodes:
+            if g.projection(n) is not None:
+                first.setdefault(g.projection(n).module, order[n])
+        targets = sorted(targets + ffn, key=lambda t: first[t.module])
+        report.skipped += notes
     report.targets = targets
     return targets, report
+

@@ -5,18 +5,21 @@ Replacement:    the targets whose roles are in `config.roles` (other roles dropp
                 whose module name passes `config.include` / `config.exclude` (re.search).
 Preconditions:  `report` is the discovery report of the same graph.
 Invariants:     targets keep their graph order; each dropped module is named in `report.skipped` with the
-                reason; nothing at all selected raises `NoAttentionFound` naming what was searched and why.
+                reason; nothing at all selected raises `NoAttentionFound` naming what was searched and why; a
+                role asked for that the architecture lacks raises `ValueError` naming it and the roles found
+                (`gate` may be absent when all feed-forward roles are asked for: two-matrix MLPs).
 """
 
 from __future__ import annotations
 
 import re
 
-from ..config import AdaMoLEConfig
+from ..config import MLP_ROLES, ROLES, AdaMoLEConfig
 from .targets import PassReport, Target
 
 SEARCHED = ("aten.scaled_dot_product_attention, and eager attention (softmax between a matmul of q and kᵀ and a "
-            "matmul with v), each fed by linear / addmm projections")
+            "matmul with v, through any ops), each fed by projections (linear, addmm, or mm / matmul / bmm with a "
+            "parameter matrix)")
 
 
 class NoAttentionFound(ValueError):
@@ -47,6 +50,13 @@ def check_found(model_name: str, report: PassReport, selected: list[Target], con
     if not report.targets:
         raise NoAttentionFound(f"{model_name}: found {report.anchors} attention site(s) but no projection feeding "
                                f"them ({'; '.join(report.skipped[:3])})")
+    have = [r for r in ROLES if any(r in t.roles for t in report.targets)]
+    absent = [r for r in config.roles if r not in have]
+    if set(MLP_ROLES) <= set(config.roles) and "up" in have and "gate" in absent:
+        absent.remove("gate")  # "mlp" / "all" on a two-matrix MLP (GPT-2, BERT, OPT): up and down only
+    if absent:
+        raise ValueError(f"{model_name}: roles {tuple(absent)} were asked for, but its architecture has "
+                         f"{tuple(have)}" + (f" (skipped: {'; '.join(report.skipped[:3])})" if report.skipped else ""))
     if not selected:
         raise NoAttentionFound(f"{model_name}: every projection was filtered out by roles={config.roles}, "
                                f"include={config.include!r}, exclude={config.exclude!r}")

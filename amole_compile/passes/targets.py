@@ -60,6 +60,7 @@ class PassReport:
     rewritten: int = 0
     targets: list[Target] = dataclasses.field(default_factory=list)
     skipped: list[str] = dataclasses.field(default_factory=list)
+    blocks: dict[str, str] = dataclasses.field(default_factory=dict)  # block -> what was found in it (per block)
 
     @property
     def matched(self) -> int:
@@ -103,6 +104,7 @@ class Plan:
     def describe(self) -> str:
         """A readable listing: one line per target, then the skipped items."""
         lines = [f"{self.model}: {self.report.anchors} attention site(s), {len(self.targets)} target(s)"]
+        lines += [f"  block {name}: {found}" for name, found in self.report.blocks.items()]
         lines += [f"  {t.describe()}" for t in self.targets]
         lines += [f"  skipped: {s}" for s in self.report.skipped]
         return "\n".join(lines)

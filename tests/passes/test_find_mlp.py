@@ -1,0 +1,114 @@
+"""Feed-forward roles (gate, up, down) found by structure: gated MLPs, a fused gate_up projection (Phi-3),
+two-matrix MLPs (GPT-2, BERT, OPT), MoE routers and 3-D experts left out with the reason; the role shorthands;
+roles the architecture lacks; save / load, expert statistics and ONNX export with feed-forward roles."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import amole_compile as ac
+from amole_compile.config import ROLES
+
+from models import build, build_matrix, ids
+
+CFG = dict(num_experts=2, rank=2, dropout=0.0)
+
+
+def layer0(plan):
+    return [(t.module, {r: t.columns(r) for r in t.roles}) for t in plan.targets if ".0." in f".{t.module}."]
+
+
+def full(n):
+    return tuple(range(n))
+
+
+def test_role_shorthands():
+    assert ac.AdaMoLEConfig().roles == ("q", "k", "v", "o")
+    assert ac.AdaMoLEConfig(roles="mlp").roles == ("gate", "up", "down")
+    assert ac.AdaMoLEConfig(roles="all").roles == ROLES
+    assert ac.AdaMoLEConfig(roles=("v", "mlp")).roles == ("v", "gate", "up", "down")
+    assert ac.AdaMoLEConfig.from_json(ac.AdaMoLEConfig(roles="all").to_json()).roles == ROLES
+    with pytest.raises(ValueError, match="roles"):
+        ac.AdaMoLEConfig(roles=("mlp", "up"))  # up twice
+
+
+@pytest.mark.parametrize("arch,want", [
+    ("llama", [("model.layers.0.mlp.gate_proj", {"gate": full(128)}), ("model.layers.0.mlp.up_proj", {"up": full(128)}),
+               ("model.layers.0.mlp.down_proj", {"down": full(64)})]),
+    ("phi3", [("model.layers.0.mlp.gate_up_proj", {"gate": full(128), "up": tuple(range(128, 256))}),
+              ("model.layers.0.mlp.down_proj", {"down": full(64)})]),
+    ("gpt2", [("transformer.h.0.mlp.c_fc", {"up": full(256)}), ("transformer.h.0.mlp.c_proj", {"down": full(64)})]),
+    ("opt", [("model.decoder.layers.0.fc1", {"up": full(128)}), ("model.decoder.layers.0.fc2", {"down": full(64)})]),
+    ("bert", [("bert.encoder.layer.0.intermediate.dense", {"up": full(128)}),
+              ("bert.encoder.layer.0.output.dense", {"down": full(64)})]),
+])
+def test_mlp_roles(arch, want):
+    plan = ac.plan(build(arch), ac.AdaMoLEConfig(roles="mlp"))
+    assert layer0(plan) == want
+    assert len(plan.targets) == 2 * len(want)
+    attn_and_mlp = ac.plan(build(arch), ac.AdaMoLEConfig(roles="all"))
+    assert {r for t in attn_and_mlp.targets for r in t.roles} == {"q", "k", "v", "o"} | {
+        r for _, roles in want for r in roles}
+
+
+def test_gated_attention_is_not_an_mlp():
+    """Qwen3-Next: q_proj's gate half goes through a sigmoid into o_proj; only the shared expert is an MLP, the
+    router is never adapted and the stacked experts are listed as skipped."""
+    plan = ac.plan(build_matrix("qwen3_next_gated"), ac.AdaMoLEConfig(roles="all"))
+    mods = [m for m, _ in layer0(plan)]
+    assert mods[:4] == [f"layers.0.self_attn.{n}_proj" for n in "qkvo"]
+    assert mods[4:] == [f"layers.0.mlp.shared_expert.{n}_proj" for n in ("gate", "up", "down")]
+    skipped = "\n".join(plan.report.skipped)
+    assert "layers.0.mlp.gate: an MoE router" in skipped
+    assert "layers.0.mlp.experts.gate_up_proj: MoE experts stored as a 3-D parameter" in skipped
+
+
+def test_roles_absent_from_the_architecture():
+    model = build("gpt2")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"GPT2LMHeadModel: roles \('gate',\) were asked for.*'up', 'down'"):
+        ac.transform(model, ac.AdaMoLEConfig(roles=("q", "gate")))
+    assert not ac.core.is_transformed(model)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    with pytest.raises(ValueError, match=r"MixtralModel: roles \('gate', 'up', 'down'\).*3-D parameter"):
+        ac.plan(build_matrix("mixtral_moe"), ac.AdaMoLEConfig(roles="mlp"))
+
+
+@pytest.mark.parametrize("arch", ["llama", "phi3"])
+def test_transform_save_load_and_stats(arch, tmp_path):
+    x = ids(2, 8, seed=1)
+    torch.manual_seed(0)
+    model = build(arch)
+    ref = model(input_ids=x).logits
+    ac.transform(model, ac.AdaMoLEConfig(roles="all", **CFG))
+    assert torch.allclose(model(input_ids=x).logits, ref, atol=1e-6, rtol=0)
+    with torch.no_grad():
+        for _, group in ac.core.adapter_groups(model):
+            for site in group.adapters.values():
+                site.lora_B.normal_(0, 0.05)
+    out = model(input_ids=x).logits
+    assert not torch.allclose(out, ref)
+    ac.save_adapters(model, tmp_path / "a")
+    torch.manual_seed(0)
+    fresh = ac.load_adapters(build(arch), tmp_path / "a")
+    assert torch.equal(fresh(input_ids=x).logits, out)
+    assert {r for t in ac.targets(fresh) for r in t.roles} == set(ROLES)
+    stats = ac.expert_stats(fresh)
+    assert {s.role for s in stats.sites} == set(ROLES)
+    ac.plot_expert_stats(stats, tmp_path / "stats.png")
+    assert (tmp_path / "stats.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_onnx_export_with_mlp_roles(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "export"))
+    from onnx_helpers import assert_logits_close, batch, randomise, reference_logits
+
+    torch.manual_seed(0)
+    model = randomise(ac.transform(build("llama", num_hidden_layers=1), ac.AdaMoLEConfig(roles="all"))).eval()
+    lm = ac.OnnxLM(ac.export_onnx(model, tmp_path / "all.onnx"))
+    ids_, mask = batch(2, 6, seed=4)
+    assert_logits_close(reference_logits(model, ids_, mask), lm.logits(ids_, mask), mask)
