@@ -6,6 +6,7 @@ Errors print one line (`amole-compile: error: ...`) and exit non-zero; `--debug`
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import subprocess
 import sys
@@ -253,6 +254,10 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # read at datasets' import
+    # Libraries log warnings while they import (torchao's optional C extensions, torch's pytree registry): in
+    # one-line mode only errors are logged; --debug shows everything.
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
     try:
         if args.command != "bench":
             from transformers.utils import logging as hf_logging
@@ -266,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         print(f"amole-compile: error: {msg}", file=sys.stderr)
         return 1
+    finally:
+        logging.disable(previous)
 
 
 if __name__ == "__main__":
