@@ -151,6 +151,8 @@ def cmd_train(args) -> int:
     from ._train import run_train
 
     _model_dir(args.model_dir)
+    if "datasets" in sys.modules:  # imported before main() set HF_DATASETS_DISABLE_PROGRESS_BARS
+        sys.modules["datasets"].disable_progress_bars()
     summary = run_train(args, _config(args))
     for key, value in summary.items():
         print(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")

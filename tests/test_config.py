@@ -42,6 +42,8 @@ BAD = [
     ("adapter_dtype", "float64", {}), ("adapter_dtype", "int8", {}), ("adapter_dtype", "fp16", {}),
     ("adapter_dtype", torch.float32, {}), ("adapter_dtype", "", {}),
     ("kernels", "cuda", {}), ("kernels", None, {}), ("kernels", "", {}), ("kernels", "Triton", {}),
+    ("aux_loss_coef", -1e-3, {}), ("aux_loss_coef", float("nan"), {}), ("aux_loss_coef", "0.1", {}),
+    ("aux_loss_coef", None, {}), ("aux_loss_coef", True, {}),
 ]
 
 
