@@ -95,8 +95,9 @@ TABLE: dict[tuple[str, str], tuple[tuple[int, Blocks], ...]] = {
         (32, B(64, 64, 4)),
         (128, B(32, 64, 4)),  # BT 64 spills from K_P 64
         (256, B(32, 32, 4)),  # BD 64 spills at K_P 256
-        (512, B(16, 64, 8)),  # BT 32 spills at K_P 512
-        (1024, B(16, 16, 8)),  # BD 32+ spills at K_P 1024
+        # BT 32 spills at K_P 512; BD 64 sat at 255 registers and spilled 8 B on sm_80 (E 16, R 32, dropout) in the
+        # full matrix; BD 16 fits at K_P 1024 (BD 32+ spills there), so it is used from K_P 512 (not re-compiled)
+        (1024, B(16, 16, 8)),
     ),
     # grad_x = (grad_za·A)·mask + grad_zr·[Wg; wt]; one [K_P, BD] tile of A per program, no loop
     ("bwd_input", "fp32"): (
