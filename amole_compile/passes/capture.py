@@ -1,13 +1,15 @@
 """Capture a model as FX graphs with `torch.export.export(strict=False)`, before decompositions.
 
-Two ways, each a list of `Captured` graphs with the module prefix their names are relative to:
+Two ways:
 
-- whole model: one graph (`capture`);
-- per block (`capture_blocks`): the items of the model's outermost `nn.ModuleList`s (its layers) are each
-  captured alone, on the real inputs that forward pre-hooks record during one eager forward of the example
-  inputs. Blocks of the same class, parameter shapes and input shapes share one capture (its analysis is
-  replayed on the others). This does not depend on the whole model exporting (data-dependent MoE dispatch)
-  and is what deep HF models use: one block is exported, not 32.
+- whole model: one ExportedProgram (`capture`);
+- per block (`capture_blocks` -> `BlockCapture`s): the items of the model's outermost `nn.ModuleList`s (its
+  layers) are each captured alone, on the inputs recorded during one forward of the example inputs (each
+  block's forward is wrapped for that forward only: it records its arguments, and a block whose signature was
+  already seen returns the earlier block's output instead of running; see `record_block_inputs`). Blocks of
+  the same class, parameter shapes and input shapes share one capture (its analysis is replayed on the
+  others); a block that does not export is split into its children. This does not depend on the whole model
+  exporting (data-dependent MoE dispatch) and is what deep HF models use: one block is exported, not 32.
 
 HF models get example inputs synthesised from their config (no tokenizer, no downloads); other modules take
 `example_inputs=` (a tuple of positional args, or a dict of keyword args). The model's training flags are
