@@ -32,3 +32,12 @@ def arch(request):
 @pytest.fixture
 def tiny(arch):
     return build(arch)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module's tests (small Trainer runs: threads only add overhead), restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

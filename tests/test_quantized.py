@@ -16,12 +16,7 @@ SMALL = dict(hidden_size=64, intermediate_size=128, num_attention_heads=2, num_k
 KINDS = ["nf4", "fp4", "int8", "torchao-int8"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
