@@ -181,10 +181,10 @@ class _DynamoFlag:
             return
         if cls.holders == 0:
             cls.saved = getattr(cfg, cls.NAME)
-            if not cls.saved:
-                setattr(cfg, cls.NAME, True)
-                log.info("set torch._dynamo.config.%s = True (aux loss under compiled gradient checkpointing); "
-                         "untransform restores it", cls.NAME)
+        if not getattr(cfg, cls.NAME):
+            setattr(cfg, cls.NAME, True)
+            log.info("set torch._dynamo.config.%s = True (aux loss under compiled gradient checkpointing); "
+                     "untransform restores it", cls.NAME)
         cls.holders += 1
         model.__dict__["_amole_flag"] = True
 

@@ -175,9 +175,12 @@ def test_every_public_definition_has_a_docstring():
     assert not missing, missing
 
 
-def test_untransform_restores_the_dynamo_flag():
+def test_untransform_restores_the_dynamo_flag(monkeypatch):
     from models import build
 
+    # models transformed by earlier tests (never untransformed) still hold the flag: start from none
+    monkeypatch.setattr(ac.core._DynamoFlag, "holders", 0)
+    monkeypatch.setattr(ac.core._DynamoFlag, "saved", None)
     cfg = torch._dynamo.config
     name = "skip_fwd_side_effects_in_bwd_under_checkpoint"
     before = getattr(cfg, name)
@@ -191,6 +194,12 @@ def test_untransform_restores_the_dynamo_flag():
         assert getattr(cfg, name) is True  # b still needs it
         ac.untransform(b)
         assert getattr(cfg, name) is False
+        held = build("llama")  # a model transformed while the flag was switched off by someone else
+        ac.transform(held, ac.AdaMoLEConfig())
+        setattr(cfg, name, False)
+        ac.transform(build("llama"), ac.AdaMoLEConfig())
+        assert getattr(cfg, name) is True  # set again for the new model
+        ac.untransform(held)
     finally:
         setattr(cfg, name, before)
 
