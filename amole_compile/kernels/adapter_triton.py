@@ -27,6 +27,7 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from .adapter_torch import adapter_backward_torch, adapter_torch, up_project
+from .backend import traced
 from .blocks import choose, padded_columns
 from .methods import method_spec
 from .routing_triton import ADAMOLE_CODE, LORA_CODE, gate_and_threshold, route, route_backward
@@ -242,12 +243,7 @@ def _keep(drop_mask, x):
 
 def _launcher(kernel, x: torch.Tensor):
     """`kernel` itself in eager mode; `wrap_triton(kernel)` when the call is being traced."""
-    from torch._subclasses.fake_tensor import is_fake
-    from torch.fx.experimental.proxy_tensor import get_proxy_mode
-
-    if torch.compiler.is_compiling() or is_fake(x) or get_proxy_mode() is not None:
-        return wrap_triton(kernel)
-    return kernel
+    return wrap_triton(kernel) if traced(x) else kernel
 
 
 def adapter_triton(x, drop_mask, lora_a, lora_b, gate_w, thr_w, thr_b, base, method, num_experts, top_k, scale,

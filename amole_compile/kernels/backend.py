@@ -68,3 +68,14 @@ def resolve_kernels(requested: str, x: torch.Tensor, num_experts: int = 1, rank:
         _warned.add(why)
         warnings.warn(f"amole: the Triton kernels cannot run this call, using the torch path: {why}", stacklevel=2)
     return "torch"
+
+
+def traced(x: torch.Tensor) -> bool:
+    """Is this call being captured (torch.compile, torch.export, make_fx, fake tensors)? Then the registered op
+    and `wrap_triton` are what must appear; in plain eager mode the op and the kernels are called directly."""
+    if torch.compiler.is_compiling() or torch.compiler.is_exporting():
+        return True
+    from torch._subclasses.fake_tensor import is_fake
+    from torch.fx.experimental.proxy_tensor import get_proxy_mode
+
+    return is_fake(x) or get_proxy_mode() is not None

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from .adapter_torch import adapter_backward_torch, adapter_torch
-from .backend import resolve_kernels
+from .backend import resolve_kernels, traced
 
 _LIB = "amole"
 _registered: SimpleNamespace | None = None
@@ -132,16 +132,6 @@ class _EagerAdapter(torch.autograd.Function):
         return _backward(ctx, *grads, backward_op=_adapter_backward_impl)
 
 
-def _traced(x: Tensor) -> bool:
-    """Is this call being captured (torch.compile, torch.export, make_fx, fake tensors)?"""
-    if torch.compiler.is_compiling() or torch.compiler.is_exporting():
-        return True
-    from torch._subclasses.fake_tensor import is_fake
-    from torch.fx.experimental.proxy_tensor import get_proxy_mode
-
-    return is_fake(x) or get_proxy_mode() is not None
-
-
 def adapter(x: Tensor, drop_mask: Tensor | None, lora_a: Tensor, lora_b: Tensor, gate_w: Tensor | None,
             thr_w: Tensor | None, thr_b: Tensor | None, base: Tensor | None, method: str, num_experts: int,
             top_k: int, scale: float, max_threshold: float, drop_scale: float, kernels: str):
@@ -152,6 +142,6 @@ def adapter(x: Tensor, drop_mask: Tensor | None, lora_a: Tensor, lora_b: Tensor,
         register()
     args = (x, drop_mask, lora_a, lora_b, gate_w, thr_w, thr_b, base, method, num_experts, top_k, scale,
             max_threshold, drop_scale, kernels)
-    if _traced(x):
+    if traced(x):
         return torch.ops.amole.adapter(*args)
     return _EagerAdapter.apply(*args)
