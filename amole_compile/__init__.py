@@ -14,6 +14,7 @@ from .adapters_io import load_adapters, save_adapters
 from .config import AdaMoLEConfig
 from .core import NoAttentionFound, aux_loss, is_transformed, plan, targets, transform, untransform
 from .files import atomic_write
+from .named import active_adapter, adapter_names, batch_adapters, delete_adapter, set_active_adapter
 from .passes.capture import CaptureError
 from .passes.swap_modules import UnsupportedLayerError
 from .passes.targets import Plan, Target
@@ -35,9 +36,10 @@ _LAZY = {
 
 __all__ = [
     "AdaMoLEConfig", "AdaMoLETrainer", "CaptureError", "NoAttentionFound", "OnnxExportError", "OnnxLM", "Plan",
-    "Target", "UnsupportedLayerError", "atomic_write", "aux_loss", "base_state_dict", "compute_loss",
-    "expert_stats", "export_onnx", "is_transformed", "load_adapters", "plan", "plot_expert_stats",
-    "reset_expert_stats", "save_adapters", "targets", "transform", "untransform",
+    "Target", "UnsupportedLayerError", "active_adapter", "adapter_names", "atomic_write", "aux_loss",
+    "base_state_dict", "batch_adapters", "compute_loss", "delete_adapter", "expert_stats", "export_onnx",
+    "is_transformed", "load_adapters", "plan", "plot_expert_stats", "reset_expert_stats", "save_adapters",
+    "set_active_adapter", "targets", "transform", "untransform",
 ]
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .adapted import adapter_groups, targets
+from .adapted import active_adapter, adapter_groups, adapter_names, targets
 from .config import AdaMoLEConfig
 from .files import atomic_write
 from .passes.targets import Target, compress, expand
@@ -25,16 +25,24 @@ CONFIG_FILE = "amole_config.json"
 LEGACY_CONFIG_FILE = "adapter_config.json"  # ours before the rename; PEFT's (and the upstream format's) name
 WEIGHTS_FILE = "adapters.safetensors"
 FORMAT = "amole_compile"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: named adapters (keys `<module>.adapters.<name>.<role>.<param>`); 1: one, unnamed
+V1_NAME = "default"  # the name a version-1 directory's adapter is read under
 
 
-def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Canonical adapter parameters: `<module>.adapters.<role>.<param>` -> tensor (same names on both paths)."""
+def adapter_state(model: nn.Module, names: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """Canonical adapter parameters `<module>.adapters.<name>.<role>.<param>` -> tensor (same names on both
+    paths) of the adapters `names` (default: all)."""
     state = {}
-    for name, group in adapter_groups(model):
-        for pname, p in group.adapters.named_parameters():
-            state[f"{name}.adapters.{pname}"] = p
+    for name in adapter_names(model) if names is None else names:
+        for module, group in adapter_groups(model, name):
+            for pname, p in group.named_parameters():
+                state[f"{module}.adapters.{name}.{pname}"] = p
     return state
+
+
+def names_of(state: dict[str, torch.Tensor]) -> list[str]:
+    """The adapter names in canonical keys, in order of appearance."""
+    return list(dict.fromkeys(k.split(".adapters.", 1)[1].split(".", 1)[0] for k in state))
 
 
 def _slices_to_json(t: Target) -> list:
@@ -55,20 +63,22 @@ def _target_from_json(d: dict) -> Target:
 
 
 def write_adapters(model: nn.Module, path: str | os.PathLike, state: dict[str, torch.Tensor]) -> Path:
-    """Write the adapter tensors `state` (canonical keys, e.g. gathered from a sharded state dict) of `model`."""
+    """Write the adapter tensors `state` (canonical keys, e.g. gathered from a sharded state dict) of `model`:
+    every adapter the keys name, with its config and targets."""
     from safetensors.torch import save_file
 
-    groups = adapter_groups(model)
     if any(v.is_meta for v in state.values()):
         raise ValueError("the adapters are on the meta device and hold no values; materialise the model first")
-    check_state(adapter_state(model), state, "save_adapters")
+    names = names_of(state)
+    check_state(adapter_state(model, names), state, "save_adapters")
     out = Path(path)
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"save_adapters: {out} exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
-    config = groups[0][1].config
-    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": config.to_dict(),
-            "targets": [_target_to_json(t) for t in targets(model)]}
+    active = active_adapter(model)
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "active": active if active in names else names[0],
+            "adapters": {n: {"config": adapter_groups(model, n)[0][1].config.to_dict(),
+                             "targets": [_target_to_json(t) for t in targets(model, n)]} for n in names}}
     tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     atomic_write(out / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     atomic_write(out / CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2)))
@@ -93,14 +103,20 @@ def has_adapters(path: Path) -> bool:
 
 
 def read_adapter_tensors(model: nn.Module, path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The adapter tensors in `path` (our format), checked against the transformed `model` (targets, method,
-    keys, shapes): canonical key -> tensor."""
+    """The adapter tensors in `path` (our format) for every adapter the transformed `model` holds, checked
+    against it (targets, method, keys, shapes): canonical key -> tensor."""
     path = Path(path)
     data, file = read_config_json(path)
-    config, want, tensors = read_ours(path, data, file)
-    same_targets(targets(model), want)
-    same_math(adapter_groups(model)[0][1].config, config)
-    check_state(adapter_state(model), tensors, str(path))
+    saved, tensors = read_ours(path, data, file)
+    for name in adapter_names(model):
+        if name not in saved:
+            raise ValueError(f"{path} holds adapters {list(saved)}, not the model's {name!r}")
+        config, want = saved[name]
+        same_targets(targets(model, name), want)
+        same_math(adapter_groups(model, name)[0][1].config, config)
+    expected = adapter_state(model)
+    tensors = {k: v for k, v in tensors.items() if names_of({k: v})[0] in adapter_names(model)}
+    check_state(expected, tensors, str(path))
     return tensors
 
 
@@ -126,23 +142,47 @@ def read_config_json(path: Path) -> tuple[dict, Path]:
     return data, file
 
 
-def read_ours(path: Path, data: dict, file: Path | None = None) -> tuple[AdaMoLEConfig, list[Target],
-                                                                       dict[str, torch.Tensor]]:
-    """Our config JSON `data` and the weights file in `path` -> (config, targets, tensors by canonical key)."""
+def read_ours(path: Path, data: dict, file: Path | None = None
+              ) -> tuple[dict[str, tuple[AdaMoLEConfig, list[Target]]], dict[str, torch.Tensor]]:
+    """Our config JSON `data` and the weights file in `path` -> ({name: (config, targets)}, tensors by canonical
+    key). A version-1 directory (one unnamed adapter) reads as one adapter named "default"."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    if data.get("format") != FORMAT or "config" not in data or "targets" not in data:
+    version = data.get("format_version", 1)
+    if data.get("format") != FORMAT or not ("adapters" in data if version >= 2 else
+                                            "config" in data and "targets" in data):
         raise ValueError(f"{file or path} is neither an amole_compile nor an upstream (peft_type) config")
-    config = AdaMoLEConfig.from_dict(data["config"])
-    file = path / WEIGHTS_FILE
-    if not file.is_file():
-        raise FileNotFoundError(f"{file} not found")
+    if version > FORMAT_VERSION:
+        raise ValueError(f"{file or path} has format_version {version}; this amole_compile reads up to "
+                         f"{FORMAT_VERSION}: upgrade amole_compile")
+    entries = data["adapters"] if version >= 2 else {V1_NAME: data}
     try:
-        tensors = load_file(str(file))
+        saved = {n: (AdaMoLEConfig.from_dict(e["config"]), [_target_from_json(t) for t in e["targets"]])
+                 for n, e in entries.items()}
+    except (KeyError, TypeError) as exc:
+        raise ValueError(f"{file or path}: malformed adapter entry: {exc!r}") from exc
+    weights = path / WEIGHTS_FILE
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights} not found")
+    try:
+        tensors = load_file(str(weights))
     except (SafetensorError, OSError) as exc:
-        raise ValueError(f"{file} is not a readable safetensors file: {exc}") from exc
-    return config, [_target_from_json(t) for t in data["targets"]], tensors
+        raise ValueError(f"{weights} is not a readable safetensors file: {exc}") from exc
+    if version < 2:  # `<module>.adapters.<role>.<param>` -> `<module>.adapters.default.<role>.<param>`
+        tensors = {k.replace(".adapters.", f".adapters.{V1_NAME}.", 1): v for k, v in tensors.items()}
+    return saved, tensors
+
+
+def saved_active(data: dict) -> str | None:
+    """The adapter that was active when the directory was written (version 2), else None."""
+    return data.get("active") if data.get("format_version", 1) >= 2 else None
+
+
+def rename(tensors: dict[str, torch.Tensor], old: str, new: str) -> dict[str, torch.Tensor]:
+    """Adapter `old`'s tensors, keyed as adapter `new`'s."""
+    mark = f".adapters.{old}."
+    return {k.replace(mark, f".adapters.{new}.", 1): v for k, v in tensors.items() if mark in k}
 
 
 def same_targets(have: list[Target], want: list[Target]) -> None:

@@ -1,8 +1,10 @@
 """Adapters on disk: `save_adapters` / `load_adapters`.
 
-Our format is a directory with `amole_config.json` ({"format": "amole_compile", "config": ..., "targets": ...})
-and `adapters.safetensors` (keys `<module>.adapters.<role>.<param>`), each written atomically (temp file, then
-rename). The names do not collide with PEFT's (`adapter_config.json`, `adapter_model.safetensors`), so a model
+Our format is a directory with `amole_config.json` ({"format": "amole_compile", "format_version": 2,
+"active": name, "adapters": {name: {"config": ..., "targets": ...}}}) and `adapters.safetensors` (keys
+`<module>.adapters.<name>.<role>.<param>`), each written atomically (temp file, then rename). Version-1
+directories (one unnamed adapter, keys `<module>.adapters.<role>.<param>`) read as an adapter named "default".
+The names do not collide with PEFT's (`adapter_config.json`, `adapter_model.safetensors`), so a model
 directory written by `save_pretrained` can hold both the base model and our adapters; `from_pretrained` of it
 gives the base model. Directories written before the rename (`adapter_config.json` with
 `"format": "amole_compile"`) are still read. `load_adapters` also reads the upstream repository's format
@@ -13,69 +15,129 @@ docs/upstream_format.md). Keys and shapes are checked strictly, and nothing is c
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from .adapted import active_adapter, adapter_groups, adapter_names, check_name
 from .adapter_files import (
     LEGACY_CONFIG_FILE,
+    V1_NAME,
     adapter_state,
     check_state,
     read_config_json,
     read_ours,
+    rename,
     same_math,
     same_targets,
+    saved_active,
     write_adapters,
 )
-from .core import adapter_groups, is_transformed, plan, rewrite, targets, untransform
+from .core import _bare, activate, check_adapter_name, is_transformed, plan, rewrite, targets, untransform
 
 __all__ = ["adapter_state", "load_adapters", "save_adapters"]
 
 
-def save_adapters(model: nn.Module, path: str | os.PathLike) -> Path:
-    """Write `amole_config.json` and `adapters.safetensors` into directory `path` (created if needed).
+def save_adapters(model: nn.Module, path: str | os.PathLike, adapter_name: str | Sequence[str] | None = None
+                  ) -> Path:
+    """Write `amole_config.json` and `adapters.safetensors` into directory `path` (created if needed): the
+    adapters named (default: all the model holds), each with its config and targets.
 
     The directory may be a model directory (`save_pretrained` of a transformed model writes both): the names
     are not PEFT's, so `from_pretrained` of it still loads the base model.
     """
-    if not adapter_groups(model):
+    if not adapter_names(model):
         raise ValueError(f"{type(model).__name__} has no AdaMoLE adapters; call amole_compile.transform first")
-    return write_adapters(model, path, {k: v.detach() for k, v in adapter_state(model).items()})
+    names = [adapter_name] if isinstance(adapter_name, str) else adapter_name
+    for name in names or ():
+        check_name(model, name)
+    return write_adapters(model, path, {k: v.detach() for k, v in adapter_state(model, names).items()})
 
 
-def load_adapters(model: nn.Module, path: str | os.PathLike, *,
+def load_adapters(model: nn.Module, path: str | os.PathLike, *, adapter_name: str | None = None,
                   example_inputs: tuple | dict | torch.Tensor | None = None) -> nn.Module:
     """Load adapters saved by `save_adapters` (or an upstream-repository checkpoint) into `model`.
 
-    A base model is transformed first with the saved config (its discovered projections must be the saved
-    ones). Returns the model. On any error the model is exactly as before.
+    adapter_name   None: every adapter in the directory, under its saved name. A name: the directory's adapter
+                   of that name, or its only adapter under that name.
+    An adapter the model holds already gets the saved values (same targets and math, or an error). Another is
+    added: a base model is transformed with its saved config, a transformed one gets it beside its adapters
+    (its discovered projections must be the saved ones). A base model then runs the adapter that was active
+    when saved; a transformed model keeps its active adapter. Returns the model. On any error the model is
+    exactly as before.
     """
-    from ._upstream_format import is_upstream, read_upstream, resolve_upstream
+    from ._upstream_format import resolve_upstream
 
     path = Path(path)
-    data, file = read_config_json(path)
-    upstream = file.name == LEGACY_CONFIG_FILE and is_upstream(data)
-    config, want, tensors = read_upstream(path, data) if upstream else read_ours(path, data, file)
-    fresh = not is_transformed(model)
-    have = list(plan(model, config, example_inputs=example_inputs).targets) if fresh else targets(model)
-    if upstream:
-        config, want, tensors = resolve_upstream(have, config, want, tensors)
-        if fresh:
-            have = want
-    if fresh:
-        same_targets(have, want)
-        rewrite(model, have, config)
+    saved, tensors, was_active = _read(path, adapter_name)
+    fresh, before = not is_transformed(model), active_adapter(model)
+    added: list[str] = []
     try:
-        same_targets(targets(model), want)
-        same_math(adapter_groups(model)[0][1].config, config)
-        expected = adapter_state(model)
+        for name, (config, want, upstream) in saved.items():
+            exists = name in adapter_names(model)
+            have = targets(model, name) if exists else _plan_bare(model, config, example_inputs)
+            if upstream:  # give each upstream module the role discovery found for it
+                config, want, resolved = resolve_upstream(have, config, want, tensors)
+                tensors = {k.replace(".adapters.", f".adapters.{name}.", 1): v for k, v in resolved.items()}
+                have = want if not exists else have
+            same_targets(have, want)
+            if not exists:
+                rewrite(model, have, config, name)
+                added.append(name)
+            same_targets(targets(model, name), want)
+            same_math(adapter_groups(model, name)[0][1].config, config)
+        expected = adapter_state(model, list(saved))
         check_state(expected, tensors, str(path))
-        with torch.no_grad():
-            for key, p in expected.items():
-                p.copy_(tensors[key].to(device=p.device, dtype=p.dtype))
     except BaseException:
-        if fresh:
-            untransform(model)
+        _undo(model, fresh, added, before)
         raise
+    with torch.no_grad():
+        for key, p in expected.items():
+            p.copy_(tensors[key].to(device=p.device, dtype=p.dtype))
+    activate(model, (was_active if was_active in saved else next(iter(saved))) if fresh else before)
     return model
+
+
+def _read(path: Path, adapter_name: str | None):
+    """-> ({name: (config, targets, upstream?)}, tensors under canonical keys of those names, the adapter that
+    was active when saved)."""
+    from ._upstream_format import is_upstream, read_upstream
+
+    if adapter_name is not None:
+        check_adapter_name(adapter_name)
+    data, file = read_config_json(path)
+    if file.name == LEGACY_CONFIG_FILE and is_upstream(data):
+        config, want, tensors = read_upstream(path, data)
+        name = adapter_name or V1_NAME
+        return {name: (config, want, True)}, tensors, name  # keys `<module>.adapters.?.<param>` until resolved
+    entries, tensors = read_ours(path, data, file)
+    saved = {n: (c, t, False) for n, (c, t) in entries.items()}
+    if adapter_name is None:
+        return saved, tensors, saved_active(data)
+    if adapter_name in saved:
+        return {adapter_name: saved[adapter_name]}, rename(tensors, adapter_name, adapter_name), adapter_name
+    if len(saved) == 1:
+        (old, entry), = saved.items()
+        return {adapter_name: entry}, rename(tensors, old, adapter_name), adapter_name
+    raise ValueError(f"{path} holds adapters {list(saved)}, not {adapter_name!r}: name one of them")
+
+
+def _plan_bare(model: nn.Module, config, example_inputs) -> list:
+    """The targets `config` selects on the model's base (its adapters set aside)."""
+    with _bare(model):
+        return list(plan(model, config, example_inputs=example_inputs).targets)
+
+
+def _undo(model: nn.Module, fresh: bool, added: list[str], before: str | None) -> None:
+    """Take back what a failed load added."""
+    if fresh:
+        if is_transformed(model):
+            untransform(model)
+        return
+    from .named import drop
+
+    for name in added:
+        drop(model, name)
+    activate(model, before)

@@ -8,6 +8,7 @@ The pipeline flows one way, each step handing the next a value:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 
@@ -15,7 +16,7 @@ import torch
 from torch import fx, nn
 
 from . import model_hooks, quantized
-from .adapted import adapter_groups, is_transformed, targets
+from .adapted import ACTIVE, adapter_groups, adapter_names, is_transformed, projections, targets
 from .config import MLP_ROLES, ROLES, AdaMoLEConfig
 from .kernels import register as register_op
 from .modules import ExpertSet
@@ -26,6 +27,7 @@ from .passes.insert_ops import insert_ops, remove_ops
 from .passes.select_targets import NoAttentionFound, check_found, select_targets
 from .passes.swap_modules import swap_modules, unswap_modules
 from .passes.targets import PassReport, Plan, Target
+from .projection import AdaMoLELinear
 
 __all__ = ["NoAttentionFound", "adapter_groups", "aux_loss", "is_transformed", "plan", "rewrite", "targets",
            "transform", "untransform"]
@@ -113,7 +115,7 @@ def _analyse_blocks(model: nn.Module, example_inputs, mlp: bool = False) -> tupl
 
 
 def transform(model: nn.Module | torch.export.ExportedProgram, config: AdaMoLEConfig | None = None, *,
-              plan: Plan | None = None,
+              adapter_name: str = "default", plan: Plan | None = None,
               example_inputs: tuple | dict | torch.Tensor | None = None) -> nn.Module:
     """Put AdaMoLE adapters on the attention projections found in `model`'s graph.
 
@@ -122,6 +124,9 @@ def transform(model: nn.Module | torch.export.ExportedProgram, config: AdaMoLECo
     inserted into its graph in place. `torch.export.ExportedProgram` in: returns its `.module()` rewritten the
     same way. HF text models need no example inputs; other modules take `example_inputs=` (tuple or dict).
     `plan=`: a `Plan` from `amole_compile.plan` (possibly filtered): adapt exactly its targets, no capture.
+    `adapter_name=`: the adapter's name (default "default"). Transforming a transformed model with a new name
+    adds another adapter on the projections its own config selects (E, rank, method and roles may differ from
+    the others'); the new adapter becomes the active one (`set_active_adapter`), the only one that trains.
     On any error the model is left exactly as it was.
     """
     config = config or AdaMoLEConfig()
@@ -131,33 +136,82 @@ def transform(model: nn.Module | torch.export.ExportedProgram, config: AdaMoLECo
         model = model.module()
     if not isinstance(model, nn.Module):
         raise TypeError(f"transform takes an nn.Module, GraphModule or ExportedProgram, got {type(model).__name__}")
-    if is_transformed(model):
-        raise ValueError(f"{type(model).__name__} is already transformed by amole_compile; transform the base "
-                         "model once (load other adapters with load_adapters)")
+    check_adapter_name(adapter_name)
+    adding = is_transformed(model)
+    if adding and adapter_name in adapter_names(model):
+        raise ValueError(f"{type(model).__name__} holds an adapter named {adapter_name!r} already (it holds "
+                         f"{adapter_names(model)}); pick another adapter_name, or delete_adapter it first")
+    if adding and isinstance(model, fx.GraphModule):
+        raise ValueError("a GraphModule holds one adapter (its op nodes are baked into the graph): transform "
+                         "the nn.Module for several named adapters")
     if plan is None:
-        plan = _plan(model, config, example_inputs)
+        with _bare(model):
+            plan = _plan(model, config, example_inputs)
         log.info(plan.report.summary())
     elif not isinstance(plan, Plan):
         raise TypeError(f"plan must be a Plan from amole_compile.plan, got {type(plan).__name__}")
     elif not plan.targets:
         raise ValueError("plan has no targets: nothing to adapt")
-    log.info(rewrite(model, list(plan.targets), config).summary())
+    log.info(rewrite(model, list(plan.targets), config, adapter_name).summary())
     return model
 
 
-def rewrite(model: nn.Module, selected: list[Target], config: AdaMoLEConfig) -> PassReport:
-    """Carry out a plan's targets: insert op nodes (GraphModule) or swap modules (nn.Module) -> the report."""
+def check_adapter_name(name: str) -> str:
+    """`name` if it can name an adapter (a non-empty string without dots), else ValueError."""
+    if not isinstance(name, str) or not name or "." in name:
+        raise ValueError(f"adapter_name must be a non-empty string without '.', got {name!r}")
+    return name
+
+
+@contextlib.contextmanager
+def _bare(model: nn.Module):
+    """The model with its base layers back in place of the adapted ones (for planning another adapter)."""
+    holders = [(n, m) for n, m in model.named_modules() if isinstance(m, AdaMoLELinear)]
+    for name, holder in holders:
+        _set_submodule(model, name, holder.base_layer)
+    try:
+        yield model
+    finally:
+        for name, holder in holders:
+            _set_submodule(model, name, holder)
+
+
+def _set_submodule(model: nn.Module, fqn: str, value: nn.Module) -> None:
+    parent, _, child = fqn.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, value)
+
+
+def rewrite(model: nn.Module, selected: list[Target], config: AdaMoLEConfig,
+            name: str = "default") -> PassReport:
+    """Carry out a plan's targets as adapter `name`: insert op nodes (GraphModule) or swap modules (nn.Module),
+    then make `name` the active adapter -> the report."""
     if isinstance(model, fx.GraphModule):
-        return insert_ops(model, selected, config)
+        return insert_ops(model, selected, config, name)
+    first = not is_transformed(model)
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    report = swap_modules(model, selected, config)
-    register_op()  # now, not on the first forward: inside a compiled forward the registration is a graph break
-    model_hooks.attach(model, config.aux_loss_coef)
-    quantized.mark_trainable(model)
-    _DynamoFlag.acquire(model)
-    _freeze_base(model)
-    model.__dict__["_amole_requires_grad"] = flags  # restored by untransform
+    report = swap_modules(model, selected, config, name)
+    if first:
+        register_op()  # now, not on the first forward: inside a compiled forward it is a graph break
+        model_hooks.attach(model, config.aux_loss_coef)
+        quantized.mark_trainable(model)
+        _DynamoFlag.acquire(model)
+        model.__dict__["_amole_requires_grad"] = flags  # restored by untransform
+    activate(model, name)
     return report
+
+
+def activate(model: nn.Module, name: str | None) -> None:
+    """Adapter `name` runs on every projection it adapts (None: none runs) and is the only one whose parameters
+    train; the model's aux-loss coefficient becomes its config's."""
+    for _, proj in projections(model):
+        proj.active = name if name is not None and name in proj.adapters else None
+    model.__dict__[ACTIVE] = name
+    trainable = {id(p) for _, g in (adapter_groups(model, name) if name is not None else []) for p in g.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in trainable)
+    groups = adapter_groups(model, name) if name is not None else []
+    if groups and model_hooks.aux_coef(model) != groups[0][1].config.aux_loss_coef and model_hooks.attached(model):
+        model_hooks.set_aux_coef(model, groups[0][1].config.aux_loss_coef)
 
 
 class _DynamoFlag:
@@ -197,18 +251,13 @@ class _DynamoFlag:
             setattr(torch._dynamo.config, cls.NAME, cls.saved)
 
 
-def _freeze_base(model: nn.Module) -> None:
-    adapter_params = {id(p) for m in model.modules() if isinstance(m, ExpertSet) for p in m.parameters()}
-    for p in model.parameters():
-        p.requires_grad_(id(p) in adapter_params)
-
-
 def untransform(model: nn.Module) -> nn.Module:
     """Remove the adapters: put base layers back, restore the base parameters' requires_grad flags and any
     process-wide setting `transform` changed."""
     if isinstance(model, fx.GraphModule) and remove_ops(model):
         return model
     unswap_modules(model)
+    model.__dict__.pop(ACTIVE, None)
     model_hooks.detach(model)
     quantized.unmark_trainable(model)
     flags = model.__dict__.pop("_amole_requires_grad", {})

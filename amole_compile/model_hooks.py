@@ -38,7 +38,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .modules import AdaMoLELinear, AdapterGroup, ExpertSet
+from .modules import ExpertSet
+from .projection import AdaMoLELinear, ProjectionAdapters
 
 log = logging.getLogger("amole_compile")
 
@@ -75,6 +76,11 @@ class _Bound:
 
     def __repr__(self) -> str:
         return f"<amole_compile {self.name.lstrip('_')} of {type(self.model).__name__}>"
+
+
+def attached(model: nn.Module) -> bool:
+    """Are the hooks installed on `model`?"""
+    return _STATE in model.__dict__
 
 
 def detach(model: nn.Module) -> None:
@@ -182,8 +188,8 @@ def _micro_batch_share(module: nn.Module, kwargs: dict):
 # ---- saving and loading -------------------------------------------------------------------------------------------
 def split_state(model: nn.Module, state: Mapping[str, torch.Tensor], prefix: str = ""):
     """A transformed model's state dict -> (base state dict under the original key names, adapter tensors under
-    the canonical `<module>.adapters.<role>.<param>` names)."""
-    groups = [(n, m) for n, m in model.named_modules() if isinstance(m, AdapterGroup)]
+    the canonical `<module>.adapters.<name>.<role>.<param>` names)."""
+    groups = [(n, m) for n, m in model.named_modules() if isinstance(m, ProjectionAdapters)]
     base, adapters = {}, {}
     for key, value in state.items():
         for name, mod in groups:
@@ -277,7 +283,7 @@ def _load_pre_hook(module: nn.Module, state_dict, prefix, local_metadata, strict
 def _adapter_keys(module: nn.Module) -> list[str]:
     out = []
     for name, mod in module.named_modules():
-        if isinstance(mod, AdapterGroup):
+        if isinstance(mod, ProjectionAdapters):
             out += [f"{name}.adapters.{p}" if name else f"adapters.{p}" for p, _ in mod.adapters.named_parameters()]
     return out
 

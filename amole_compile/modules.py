@@ -111,18 +111,16 @@ class ExpertSet(nn.Module):
         self.record(scores, mask)
         return out
 
-    def record(self, scores: Tensor, mask: Tensor) -> None:
+    def record(self, scores: Tensor, mask: Tensor, tokens: Tensor | None = None) -> None:
         """Keep this forward's aux loss (training mode, a router, at least one token) as `forward_aux`, and as
         `aux` when gradients are on: a forward with gradients off (an evaluation or metrics pass inside a
         training step) never replaces the aux of the forward being trained. Activation checkpointing's
         recompute records nothing. Add the routing to the expert statistics (not while exporting, nor when
-        checkpointing recomputes)."""
+        checkpointing recomputes). `tokens` [T] bool: only those tokens are this site's (a mixed batch)."""
         recomputing = _recomputing()
-        if self.training and self.gate is not None and scores.shape[0] > 0:
+        if self.training and self.gate is not None and (tokens is not None or scores.shape[0] > 0):
             # computed in the recompute too: checkpointing checks that it saves the same tensors
-            f = mask.to(scores.dtype).mean(0)  # [E] fraction of tokens that selected each expert
-            p = scores.mean(0)  # [E] mean shifted score (adamole) or probability (mole)
-            value = self.num_experts * (f * p).sum()
+            value = self.num_experts * (_token_mean(mask.to(scores.dtype), tokens) * _token_mean(scores, tokens)).sum()
             if not recomputing:
                 self._fwd_aux = value
                 if torch.is_grad_enabled():
@@ -133,15 +131,21 @@ class ExpertSet(nn.Module):
             if torch.is_grad_enabled() and self._aux is not None:
                 self._aux = None
         if self.track_stats and not torch.compiler.is_exporting() and not recomputing:
-            # In place (`+=` would re-assign the module attribute), and by index_add_ so that no size of a
-            # buffer is compared with the batch's: under dynamic=True a buffer's length can share a symbol
-            # with an equal sequence length, and a size check would then specialise that length.
-            with torch.no_grad():
-                active = mask.sum(-1)  # [T] experts active per token
-                experts = torch.arange(mask.shape[1], device=mask.device)
-                self.stat_tokens.add_(mask.shape[0])
-                self.stat_selected.index_add_(0, experts, mask.sum(0))
-                self.stat_active.index_add_(0, active, torch.ones_like(active))
+            self._count(mask, tokens)
+
+    def _count(self, mask: Tensor, tokens: Tensor | None) -> None:
+        # In place (`+=` would re-assign the module attribute), and by index_add_ so that no size of a
+        # buffer is compared with the batch's: under dynamic=True a buffer's length can share a symbol
+        # with an equal sequence length, and a size check would then specialise that length.
+        with torch.no_grad():
+            weight = torch.ones_like(mask[:, 0], dtype=torch.long) if tokens is None else tokens.long()  # [T]
+            if tokens is not None:
+                mask = mask & tokens[:, None]
+            active = mask.sum(-1)  # [T] experts active per token
+            experts = torch.arange(mask.shape[1], device=mask.device)
+            self.stat_tokens.add_(weight.sum())
+            self.stat_selected.index_add_(0, experts, mask.sum(0))
+            self.stat_active.index_add_(0, active, weight)
 
     def clear_aux(self) -> None:
         """Forget the recorded aux loss (e.g. before a capture, so that it has no side effect)."""
@@ -159,10 +163,10 @@ class ExpertSet(nn.Module):
         return self._aux
 
 
-class AdapterGroup(nn.Module):
-    """The adapters of one projection: one `ExpertSet` per role, each writing its role's output columns (all of
-    them for an unfused projection; a slice or a strided set for fused QKV). `add_to(x, y)` adds them to the
-    projection's output. `AdaMoLELinear` is this plus the frozen projection; the graph rewrite uses it alone.
+class AdapterGroup(nn.ModuleDict):
+    """One named adapter on one projection: an `ExpertSet` per role (`group[role]`), each writing its role's
+    output columns (all of them for an unfused projection; a slice or a strided set for fused QKV).
+    `add_to(x, y)` adds them to the projection's output.
     """
 
     def __init__(self, in_features: int, out_features: int, roles: tuple[str, ...],
@@ -173,9 +177,8 @@ class AdapterGroup(nn.Module):
         self.roles = tuple(roles)
         self.columns = tuple(tuple(c) for c in columns)
         self.config = config
-        self.adapters = nn.ModuleDict()
         for role, cols in zip(self.roles, self.columns, strict=True):  # insertion order is role order
-            self.adapters[role] = ExpertSet(in_features, len(cols), config, dtype, device)
+            self[role] = ExpertSet(in_features, len(cols), config, dtype, device)
         order = [c for cols in self.columns for c in cols]
         self._whole = order == list(range(out_features))
         self.n_unadapted = out_features - len(order)  # output columns no role writes
@@ -189,11 +192,15 @@ class AdapterGroup(nn.Module):
     @property
     def adapter_dtype(self) -> torch.dtype:
         """The dtype the adapters compute in."""
-        return next(iter(self.adapters.values())).lora_A.dtype
+        return next(iter(self.values())).lora_A.dtype
 
     def fused_base(self) -> bool:
         """Does a single site own every column, so the op adds it to the projection's output itself?"""
         return self._whole and len(self.roles) == 1
+
+    def extra_repr(self) -> str:
+        """The adapted roles, for `repr`."""
+        return f"roles={self.roles}"
 
     def add_to(self, x: Tensor, y: Tensor) -> Tensor:
         """x [..., D], y [..., O] (the projection's output) -> y + adapters(x).
@@ -209,48 +216,21 @@ class AdapterGroup(nn.Module):
     def _add_to(self, x: Tensor, y: Tensor, autocast: bool = False) -> Tensor:
         xa = x.reshape(-1, self.in_features).to(self.adapter_dtype)  # [T, D]
         if self.fused_base():
-            site = self.adapters[self.roles[0]]
+            site = self[self.roles[0]]
             base = y.reshape(-1, self.out_features)
             if autocast and base.dtype != xa.dtype:  # the projection ran in the autocast dtype
                 return site(xa, base=base.to(xa.dtype)).view_as(y).to(y.dtype)
             return site(xa, base=base).view_as(y)
-        deltas = [site(xa) for site in self.adapters.values()]  # each [T, O_role]
+        deltas = [site(xa) for site in self.values()]  # each [T, O_role]
         return y + combine_deltas(deltas, self.column_gather, self.n_unadapted).view_as(y).to(y.dtype)
 
 
-class AdaMoLELinear(AdapterGroup):
-    """A projection with AdaMoLE adapters; the frozen original is kept as `.base_layer`."""
-
-    def __init__(self, base_layer: nn.Module, roles: tuple[str, ...], columns: tuple[tuple[int, ...], ...],
-                 config: AdaMoLEConfig) -> None:
-        feats = linear_features(base_layer)
-        if feats is None:
-            raise TypeError(f"cannot adapt a {type(base_layer).__name__}: only nn.Linear and Conv1D are supported")
-        weight = base_layer.weight
-        dtype = getattr(torch, config.adapter_dtype) if config.adapter_dtype else weight.dtype
-        if not dtype.is_floating_point:  # a quantized layer (bitsandbytes): its compute dtype
-            dtype = getattr(base_layer, "compute_dtype", None) or torch.float32
-        super().__init__(*feats, roles, columns, config, dtype, weight.device)
-        self.base_layer = base_layer
-        self.train(base_layer.training)  # the adapters follow the mode of the layer they join
-
-    @property
-    def weight(self) -> Tensor:
-        """The frozen projection's weight."""
-        return self.base_layer.weight
-
-    @property
-    def bias(self) -> Tensor | None:
-        """The frozen projection's bias (None if it has none)."""
-        return self.base_layer.bias
-
-    def extra_repr(self) -> str:
-        """The adapted roles, for `repr`."""
-        return f"roles={self.roles}"
-
-    def forward(self, x: Tensor) -> Tensor:
-        """x [..., D] -> base_layer(x) + the adapters' deltas [..., O]."""
-        return self.add_to(x, self.base_layer(x))
+def _token_mean(v: Tensor, tokens: Tensor | None) -> Tensor:
+    """v [T, E] -> its mean over the tokens [E] (over those marked in `tokens` [T] bool; 0 when none)."""
+    if tokens is None:
+        return v.mean(0)
+    w = tokens.to(v.dtype)[:, None]
+    return (v * w).sum(0) / w.sum().clamp(min=1)
 
 
 def combine_deltas(deltas: list[Tensor], gather: Tensor | None, n_rest: int) -> Tensor:

@@ -16,6 +16,7 @@ from torch import nn
 from .config import ROLES
 from .core import adapter_groups
 from .files import atomic_write
+from .modules import ExpertSet
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,11 +68,12 @@ def _layer_of(module: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def expert_stats(model: nn.Module) -> ExpertStats:
-    """Per site: tokens seen, mean active experts per token, its histogram, each expert's selection fraction."""
+def expert_stats(model: nn.Module, adapter_name: str | None = None) -> ExpertStats:
+    """Per site of adapter `adapter_name` (default: the active one): tokens seen, mean active experts per
+    token, its histogram, each expert's selection fraction."""
     sites = []
-    for name, group in adapter_groups(model):
-        for role, site in group.adapters.items():
+    for name, group in adapter_groups(model, adapter_name):
+        for role, site in group.items():
             n = int(site.stat_tokens.item())
             hist = site.stat_active.double()
             sel = site.stat_selected.double()
@@ -83,10 +85,9 @@ def expert_stats(model: nn.Module) -> ExpertStats:
 
 
 def reset_expert_stats(model: nn.Module) -> None:
-    """Zero the expert statistics counters of every site of `model`."""
-    for _, group in adapter_groups(model):
-        for site in group.adapters.values():
-            site.reset_stats()
+    """Zero the expert statistics counters of every site of every adapter of `model`."""
+    for site in (m for m in model.modules() if isinstance(m, ExpertSet)):
+        site.reset_stats()
 
 
 def plot_expert_stats(stats: ExpertStats, path: str | Path, title: str | None = None) -> Path:

@@ -20,7 +20,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
 from amole_compile import AdaMoLEConfig
-from amole_compile.modules import AdaMoLELinear
+from amole_compile.projection import AdaMoLELinear
 
 import _common as bc
 from upstream_loop import LoopLinear
@@ -46,7 +46,7 @@ def contenders(d: int, experts: int, rank: int, dropout: float, device: str, dty
     base = nn.Linear(d, d, bias=False, device=device, dtype=dtype).requires_grad_(False)
     amole = AdaMoLELinear(base, ("q",), (tuple(range(d)),), AdaMoLEConfig(num_experts=experts, rank=rank,
                                                                        dropout=dropout))
-    nn.init.normal_(amole.adapters["q"].lora_B, std=0.01)
+    nn.init.normal_(amole.group["q"].lora_B, std=0.01)
     loop = LoopLinear(base, experts, rank, 16.0, dropout)
     for expert in loop.moe.experts:
         nn.init.normal_(expert.lora_B.weight, std=0.01)

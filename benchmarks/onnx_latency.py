@@ -5,6 +5,10 @@
     ort amole skip    the same exported with masking="skip" (each expert behind an ONNX If)
     torch amole       the AdaMoLE model in PyTorch eager
 
+With --adapters N (N >= 2), instead the multi-adapter rows of `_multi.py`: a batch of --batch rows spread over
+N named adapters in one stacked graph (`adapter_ids`) against the single-adapter graph on the same batch, and
+PyTorch eager `batch_adapters` against the same batch on one adapter. Targets: <= 1.15x and <= 1.2x.
+
 Each is timed on a prefill (batch 1, 128 tokens, empty past) and one decode step (batch 1, 1 token after a
 128-token past), all through the KV-cache decoder graph. Prints medians and ratios against the exported base
 model and appends a CSV row to benchmarks/results/onnx_latency.csv. Targets: ORT prefill <= 1.10x the base
@@ -12,6 +16,7 @@ model, decode step <= 1.15x.
 
     python benchmarks/onnx_latency.py [--hidden 1024 --layers 4 --seq 128 --experts 8 --rank 4 --steps 20]
                                       [--router-gain 1.0] [--threads N] [--onnx-dir DIR]
+                                      [--adapters 4 --batch 8]
 """
 
 from __future__ import annotations
@@ -160,7 +165,11 @@ def main() -> None:
     ap.add_argument("--router-gain", type=float, default=1.0, help="scale the router weights (sparser routing)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--onnx-dir", type=Path, default=None, help="keep (and reuse) the exported graphs here")
+    ap.add_argument("--adapters", type=int, default=1, help=">= 2: the multi-adapter rows (see above)")
+    ap.add_argument("--batch", type=int, default=8, help="rows of the multi-adapter batch")
     args = ap.parse_args()
+    if args.adapters > 1:
+        return multi(args)
     import onnxruntime as ort
 
     torch.manual_seed(0)
@@ -183,6 +192,27 @@ def main() -> None:
             providers.append("CUDAExecutionProvider")
         for provider in providers:
             row.update(report(measure(paths, model, args, provider), provider))
+    print(f"\nappended to {bc.append_row('onnx_latency', row)}")
+
+
+def multi(args) -> None:
+    """The multi-adapter rows (`_multi.py`)."""
+    import os
+
+    import _multi
+
+    torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
+    model, names = _multi.named(llama(args.hidden, args.layers), args.adapters, args.experts, args.rank)
+    row = {"device": bc.device_name("cpu"), "load1": f"{os.getloadavg()[0]:.2f}", "threads": args.threads,
+           "hidden": args.hidden, "layers": args.layers, "seq": args.seq, "experts": args.experts,
+           "rank": args.rank, "adapters": args.adapters, "batch": args.batch}
+    with tempfile.TemporaryDirectory() as tmp:
+        out = args.onnx_dir or Path(tmp)
+        out.mkdir(parents=True, exist_ok=True)
+        times = _multi.measure(model, names, out, args,
+                               lambda p: ort_session(p, "CPUExecutionProvider", args.threads))
+        row.update(_multi.report(times, args.adapters))
     print(f"\nappended to {bc.append_row('onnx_latency', row)}")
 
 

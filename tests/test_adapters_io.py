@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 import amole_compile as ac
 from amole_compile.adapters_io import adapter_state
-from amole_compile.modules import AdaMoLELinear
+from amole_compile.projection import AdaMoLELinear
 
 from models import build, ids, logits
 from upstream_loop import LoopAdaMoLE
@@ -49,8 +49,9 @@ def test_round_trip_is_bit_exact(arch, method, tmp_path):
     out = ac.save_adapters(model, tmp_path / "a" / "b")
     assert out == tmp_path / "a" / "b" and sorted(os.listdir(out)) == FILES  # exactly these, no temp files
     meta = json.loads((out / "amole_config.json").read_text())
-    assert meta["format"] == "amole_compile" and ac.AdaMoLEConfig.from_dict(meta["config"]) == cfg
-    assert len(meta["targets"]) == len(ac.targets(model))
+    assert meta["format"] == "amole_compile" and meta["format_version"] == 2 and meta["active"] == "default"
+    assert ac.AdaMoLEConfig.from_dict(meta["adapters"]["default"]["config"]) == cfg
+    assert len(meta["adapters"]["default"]["targets"]) == len(ac.targets(model))
 
     assert ac.load_adapters(fresh, out) is fresh  # a fresh base model is transformed, then filled
     fresh.eval()
@@ -177,7 +178,7 @@ def test_reference_checkpoint_import(peft_type, e, r, extra, fmt, tmp_path):
     base.eval()
     found = ac.targets(base)
     assert len(found) == 8 and sorted(r_ for t in found for r_ in t.roles) == sorted("qkvo" * 2)
-    site_cfg = base.model.layers[0].self_attn.q_proj.config
+    site_cfg = base.model.layers[0].self_attn.q_proj.group.config
     assert (site_cfg.method, site_cfg.num_experts, site_cfg.rank, site_cfg.alpha, site_cfg.dropout) == (
         peft_type.lower(), e, r, alpha, 0.05)
     cap = extra.get("max_threshold", 1 / e) if peft_type == "ADAMOLE" else 0.0
@@ -188,7 +189,7 @@ def test_reference_checkpoint_import(peft_type, e, r, extra, fmt, tmp_path):
             fqn = f"model.layers.{i}.self_attn.{name}"
             layer = base.get_submodule(fqn)
             assert isinstance(layer, AdaMoLELinear) and layer.roles == (role,)
-            site = layer.adapters[role]
+            site = layer.group[role]
             p = f"base_model.model.{fqn}"
             sfx = (lambda j: "") if peft_type == "LORA" else (lambda j: f".{j}")
             assert torch.equal(site.lora_A, torch.cat([tensors[f"{p}.lora_A{sfx(j)}.weight"] for j in range(e)], 0))

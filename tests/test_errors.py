@@ -15,7 +15,7 @@ from torch import nn
 
 import amole_compile as ac
 from amole_compile.adapters_io import adapter_state
-from amole_compile.modules import AdapterGroup
+from amole_compile.projection import ProjectionAdapters as AdapterGroup
 
 from models import build
 
@@ -52,7 +52,7 @@ def test_transform_twice():
     _randomise(model)
     snap = snapshot(model)
     for cfg in (CFG, ac.AdaMoLEConfig(method="lora")):
-        with pytest.raises(ValueError, match="LlamaForCausalLM is already transformed"):
+        with pytest.raises(ValueError, match="LlamaForCausalLM holds an adapter named .default. already"):
             ac.transform(model, cfg)
         assert_unchanged(model, snap)
 
@@ -170,7 +170,7 @@ def test_load_errors_leave_model_unchanged(case, transformed, adir):
     if transformed:
         ac.transform(model, CFG)
         _randomise(model)
-    key = "model.layers.1.self_attn.k_proj.adapters.k.lora_B"
+    key = "model.layers.1.self_attn.k_proj.adapters.default.k.lora_B"
     cfg_file, w_file = adir / "amole_config.json", adir / "adapters.safetensors"
     if case == "no_dir":
         shutil.rmtree(adir)
@@ -197,14 +197,15 @@ def test_load_errors_leave_model_unchanged(case, transformed, adir):
         _edit_tensors(adir, lambda t: t.pop(key))
         _fails_cleanly(model, adir, ValueError, "missing key " + re.escape(repr(key)))
     elif case == "unexpected_key":
-        _edit_tensors(adir, lambda t: t.__setitem__("model.layers.0.self_attn.q_proj.adapters.q.extra", t[key].clone()))
-        _fails_cleanly(model, adir, ValueError, "unexpected key 'model.layers.0.self_attn.q_proj.adapters.q.extra'")
+        extra = "model.layers.0.self_attn.q_proj.adapters.default.q.extra"
+        _edit_tensors(adir, lambda t: t.__setitem__(extra, t[key].clone()))
+        _fails_cleanly(model, adir, ValueError, f"unexpected key '{extra}'")
     elif case == "wrong_shape":
         _edit_tensors(adir, lambda t: t.__setitem__(key, torch.zeros(32, 7)))
         _fails_cleanly(model, adir, ValueError, re.escape(repr(key)) + r".*\(32, 7\).*\(32, 8\)")
     elif case == "bad_targets":
         meta = json.loads(cfg_file.read_text())
-        del meta["targets"][0]["roles"]
+        del meta["adapters"]["default"]["targets"][0]["roles"]
         cfg_file.write_text(json.dumps(meta))
         _fails_cleanly(model, adir, ValueError, "malformed target entry")
     assert any(isinstance(m, AdapterGroup) for m in model.modules()) == transformed

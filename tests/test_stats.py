@@ -42,7 +42,7 @@ def test_counts_match_the_masks(monkeypatch):
     stats = ac.expert_stats(model)
     assert len(stats.sites) == 8 and len(masks) == 8
     for s in stats.sites:
-        mask = masks[f"{s.module}.adapters.{s.role}"]
+        mask = masks[f"{s.module}.adapters.default.{s.role}"]
         assert s.tokens == 33
         assert s.mean_active == pytest.approx(mask.sum(-1).double().mean().item(), abs=1e-12)
         assert s.selection_fraction == pytest.approx(mask.double().mean(0).tolist(), abs=1e-12)

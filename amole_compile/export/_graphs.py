@@ -9,6 +9,7 @@ decoder (kv_cache)  input_ids, attention_mask [B, P + S], position_ids, past_key
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 
@@ -38,20 +39,31 @@ def primary_output(out) -> tuple[str, torch.Tensor]:
     raise TypeError(f"the model's output {type(out).__name__} has neither logits nor last_hidden_state")
 
 
+def _rows(model: nn.Module, adapters: tuple[str, ...] | None, adapter_ids):
+    """A context in which row i runs `adapters[adapter_ids[i]]` (-1: none); nothing when `adapters` is None."""
+    if adapters is None:
+        return contextlib.nullcontext()
+    from ..named import mixed_batch
+
+    return mixed_batch(model, adapter_ids, adapters)
+
+
 class ScoringGraph(nn.Module):
-    """(input_ids, attention_mask[, position_ids]) -> logits, with the HF cache switched off."""
+    """(input_ids, attention_mask[, position_ids][, adapter_ids]) -> logits, with the HF cache switched off."""
 
-    def __init__(self, model: nn.Module, positions: bool, causal: bool) -> None:
+    def __init__(self, model: nn.Module, positions: bool, causal: bool,
+                 adapters: tuple[str, ...] | None = None) -> None:
         super().__init__()
-        self.model, self.positions, self.causal = model, positions, causal
+        self.model, self.positions, self.causal, self.adapters = model, positions, causal, adapters
 
-    def forward(self, input_ids, attention_mask, position_ids=None):
+    def forward(self, input_ids, attention_mask, position_ids=None, adapter_ids=None):
         kw = {"input_ids": input_ids, "attention_mask": attention_mask}
         if self.positions:
             kw["position_ids"] = position_ids
         if self.causal:
             kw["use_cache"] = False
-        return primary_output(self.model(**kw))[1]
+        with _rows(self.model, self.adapters, adapter_ids):
+            return primary_output(self.model(**kw))[1]
 
 
 class DecoderGraph(nn.Module):
@@ -60,16 +72,17 @@ class DecoderGraph(nn.Module):
     `past` is a flat tuple key_0, value_0, key_1, value_1, ...; a past of length 0 makes this the prefill graph.
     """
 
-    def __init__(self, model: nn.Module, num_layers: int) -> None:
+    def __init__(self, model: nn.Module, num_layers: int, adapters: tuple[str, ...] | None = None) -> None:
         super().__init__()
-        self.model, self.num_layers = model, num_layers
+        self.model, self.num_layers, self.adapters = model, num_layers, adapters
 
-    def forward(self, input_ids, attention_mask, position_ids, past):
+    def forward(self, input_ids, attention_mask, position_ids, past, adapter_ids=None):
         from transformers.cache_utils import DynamicCache
 
         cache = DynamicCache([(past[2 * i], past[2 * i + 1]) for i in range(self.num_layers)])
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=cache, use_cache=True)
+        with _rows(self.model, self.adapters, adapter_ids):
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             past_key_values=cache, use_cache=True)
         present = []
         for layer in out.past_key_values.layers:
             present += [layer.keys, layer.values]
@@ -108,6 +121,26 @@ def _example_ids(model: nn.Module, batch: int, seq: int) -> torch.Tensor:
 
 def _device(model: nn.Module) -> torch.device:
     return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
+def _example_adapter_ids(batch: int, adapters: tuple[str, ...], device) -> torch.Tensor:
+    """[batch] int64 cycling through -1 (none) and the adapters' ids."""
+    return torch.arange(batch, device=device) % (len(adapters) + 1) - 1
+
+
+def with_adapter_ids(spec: GraphSpec, adapters: tuple[str, ...] | None) -> GraphSpec:
+    """`spec` with a last `adapter_ids` [batch] int64 input (row i runs adapters[adapter_ids[i]], -1: none)."""
+    if adapters is None:
+        return spec
+    spec.module.adapters = adapters
+    batch = spec.args[0].shape[0]
+    args = spec.args
+    if isinstance(spec.module, ScoringGraph) and not spec.module.positions:
+        args = args + (None,)  # position_ids
+    args = args + (_example_adapter_ids(batch, adapters, spec.args[0].device),)
+    dims = None if spec.dynamic_shapes is None else tuple(spec.dynamic_shapes) + (
+        (None,) if len(args) - 1 > len(spec.dynamic_shapes) else ()) + ({0: BATCH},)
+    return GraphSpec(spec.module, args, dims, spec.input_names + ["adapter_ids"], spec.output_names)
 
 
 def scoring_spec(model: nn.Module, dynamic: bool) -> GraphSpec:

@@ -13,20 +13,23 @@ on for batch > 1 unless position_ids are fed batched.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
 import traceback
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from ._graphs import GraphSpec, decoder_spec, scoring_spec
+from ._graphs import GraphSpec, decoder_spec, scoring_spec, with_adapter_ids
 from ._translation import MASKING, translation_table
 
 DEFAULT_OPSET = 20
 MIN_OPSET = 18
+ADAPTERS_KEY = "amole_adapters"  # metadata: the JSON list of adapter names `adapter_ids` index
 EXTERNAL_DATA_BYTES = 1 << 30  # weights above 1 GiB go to `<file>.data` (protobuf stops at 2 GiB)
 
 
@@ -35,7 +38,8 @@ class OnnxExportError(RuntimeError):
 
 
 def export_onnx(model: nn.Module, path: str | os.PathLike, *, kv_cache: bool = False, opset: int | None = None,
-                dynamic: bool = True, masking: str = "dense", external_data: bool | None = None) -> Path:
+                dynamic: bool = True, masking: str = "dense", external_data: bool | None = None,
+                adapters: Sequence[str] | None = None) -> Path:
     """Export `model` to the ONNX file `path` and return its Path.
 
     kv_cache       False: scoring graph (input_ids, attention_mask[, position_ids]) -> logits.
@@ -47,6 +51,10 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, kv_cache: bool = F
     masking        "dense" (every expert computed, unselected ones weighted 0) or "skip" (each expert in an
                    ONNX If that skips experts no token of the batch selected).
     external_data  weights in a separate `<name>.data` file; None: only above 1 GiB.
+    adapters       names of the model's adapters to stack in the graph, which then takes a last input
+                   `adapter_ids` [batch] int64: row i runs adapters[adapter_ids[i]], -1 the base model
+                   (`OnnxLM(..., adapter_ids=...)`). Adapters of any sizes and methods share the graph (padded);
+                   the names are in the file's metadata (`amole_adapters`). None: the active adapter.
 
     The model runs in eval mode for the export and gets its modes back afterwards. The file is written to a
     temporary name in the destination directory and renamed into place, so a failure leaves nothing behind.
@@ -65,11 +73,29 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, kv_cache: bool = F
             f"{type(model).__name__} has a base quantized by {lib}, whose kernels have no ONNX form: export the "
             "unquantized base with the same adapters (from_pretrained(dir) without quantization_config, then "
             "load_adapters(model, adapter_dir))")
+    names = _adapters(model, adapters)
     with _eval_mode(model):
         spec = decoder_spec(model, dynamic) if kv_cache else scoring_spec(model, dynamic)
-        program = _convert(model, spec, opset, masking)
+        program = _convert(model, with_adapter_ids(spec, names), opset, masking)
+    if names is not None:
+        program.model.metadata_props[ADAPTERS_KEY] = json.dumps(list(names))
     _write(program, dest, external_data)
     return dest
+
+
+def _adapters(model: nn.Module, adapters: Sequence[str] | None) -> tuple[str, ...] | None:
+    """The checked adapter names to stack (None: export the active adapter only)."""
+    if adapters is None:
+        return None
+    from ..named import adapter_names, check_name
+
+    if isinstance(adapters, str) or not isinstance(adapters, Sequence) or not adapters:
+        raise ValueError(f"adapters must be a non-empty list of adapter names, got {adapters!r}")
+    if len(set(adapters)) != len(adapters):
+        raise ValueError(f"adapters lists a name twice: {list(adapters)}")
+    if not adapter_names(model):
+        raise ValueError(f"{type(model).__name__} holds no adapters; transform it first")
+    return tuple(check_name(model, a) for a in adapters)
 
 
 def export_from_dirs(model_dir: str | os.PathLike, adapter_dir: str | os.PathLike | None,

@@ -3,6 +3,7 @@
     lm = OnnxLM("decoder.onnx")                  # CUDA provider when onnxruntime-gpu and a GPU are present
     lm.logits(input_ids, attention_mask)         # [B, S, V]
     lm.generate(input_ids, max_new_tokens=32)    # [B, S + new], greedy, equal to HF generate(do_sample=False)
+    lm.generate(ids, 32, adapter_ids=["a", None])   # a graph exported with adapters=[...]: one per row
 
 Position ids follow HF generate: cumsum(attention_mask) - 1, with padding at 1, so left-padded rows score as if
 unpadded. Outputs come back as torch tensors for torch inputs and numpy arrays otherwise.
@@ -10,6 +11,7 @@ unpadded. Outputs come back as torch tensors for torch inputs and numpy arrays o
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -52,6 +54,36 @@ class OnnxLM:
         self._present = [n.replace("past_key_values", "present") for n in self._past]
         self.num_layers = count
         self.has_cache = self.num_layers > 0
+        meta = self.session.get_modelmeta().custom_metadata_map.get("amole_adapters")
+        self.adapters: list[str] | None = json.loads(meta) if meta else None
+        if (self.adapters is None) != ("adapter_ids" not in self._inputs):
+            raise ValueError(f"{self.path}: an adapter_ids input needs the amole_adapters metadata and vice versa")
+
+    def _adapter_ids(self, adapter_ids, batch: int) -> np.ndarray | None:
+        """Per-row adapters (names, ids into `self.adapters`, None / -1 for the base) -> [B] int64; checked."""
+        if self.adapters is None:
+            if adapter_ids is not None:
+                raise ValueError(f"{self.path} was exported with one adapter; export with adapters=[...] for "
+                                 "adapter_ids")
+            return None
+        if adapter_ids is None:
+            raise ValueError(f"{self.path} stacks adapters {self.adapters}: pass adapter_ids, one per row (a name, "
+                             "an index, or None / -1 for the base model)")
+        rows = _to_numpy(adapter_ids)[0].tolist() if type(adapter_ids).__module__.startswith(("torch", "numpy")) \
+            else list(adapter_ids)
+        if len(rows) != batch:
+            raise ValueError(f"adapter_ids has {len(rows)} entries for a batch of {batch} rows")
+        out = []
+        for row in rows:
+            if row is None or (isinstance(row, str) and row in self.adapters):
+                out.append(-1 if row is None else self.adapters.index(row))
+            elif isinstance(row, int) and not isinstance(row, bool) and -1 <= row < len(self.adapters):
+                out.append(row)
+            else:
+                what = "unknown adapter" if isinstance(row, str) else "adapter id"
+                raise ValueError(f"{what} {row!r} is out of range for {self.path}: it stacks {self.adapters} (ids "
+                                 f"0..{len(self.adapters) - 1}, or -1 / None for the base model)")
+        return np.asarray(out, dtype=np.int64)
 
     # ---- interface checks ---------------------------------------------------------------------------
     def _check_interface(self) -> None:
@@ -84,9 +116,12 @@ class OnnxLM:
         return feed
 
     # ---- running ------------------------------------------------------------------------------------
-    def _run(self, ids: np.ndarray, mask: np.ndarray, past: dict | None) -> tuple[np.ndarray, dict]:
+    def _run(self, ids: np.ndarray, mask: np.ndarray, past: dict | None,
+             rows: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
         """One forward on `ids` (new tokens) with `mask` covering past + new -> (logits, present by past name)."""
         feed = {"input_ids": ids, "attention_mask": mask}
+        if rows is not None:
+            feed["adapter_ids"] = rows
         if self.uses_positions:
             feed["position_ids"] = positions(mask)[:, mask.shape[1] - ids.shape[1]:]
         if self.has_cache:
@@ -94,32 +129,35 @@ class OnnxLM:
         out = self.session.run(["logits"] + self._present, feed)
         return out[0], dict(zip(self._past, out[1:], strict=True))
 
-    def logits(self, input_ids, attention_mask=None):
-        """input_ids [B, S] (integers) -> logits [B, S, V]; attention_mask [B, S] defaults to all ones."""
+    def logits(self, input_ids, attention_mask=None, *, adapter_ids=None):
+        """input_ids [B, S] (integers) -> logits [B, S, V]; attention_mask [B, S] defaults to all ones;
+        adapter_ids: each row's adapter, for a graph exported with adapters=[...]."""
         ids, as_torch = _ids(input_ids)
         mask = _mask(attention_mask, ids)
-        return _like(self._run(ids, mask, None)[0], as_torch)
+        return _like(self._run(ids, mask, None, self._adapter_ids(adapter_ids, ids.shape[0]))[0], as_torch)
 
     def generate(self, input_ids, max_new_tokens: int, eos_token_id=None, *, attention_mask=None,
-                 pad_token_id: int | None = None):
+                 pad_token_id: int | None = None, adapter_ids=None):
         """Greedy decoding -> [B, S + n] (prompt included), like HF `generate(do_sample=False)`.
 
         Rows that produced `eos_token_id` (an int or a list) are filled with `pad_token_id` (default: the
         first eos id) and decoding stops once every row has; left-padded prompts need `attention_mask`.
+        adapter_ids: each row's adapter (name, index, or None / -1), for a graph exported with adapters=[...].
         """
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
         ids, as_torch = _ids(input_ids)
         mask = _mask(attention_mask, ids)
+        rows = self._adapter_ids(adapter_ids, ids.shape[0])
         eos = _eos_ids(eos_token_id)
         pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
         done = np.zeros(ids.shape[0], dtype=bool)
         seq, new, past = ids, ids, None
         for _ in range(max_new_tokens):
             if self.has_cache:
-                logits, past = self._run(new, mask, past)
+                logits, past = self._run(new, mask, past, rows)
             else:
-                logits, _ = self._run(seq, mask, None)
+                logits, _ = self._run(seq, mask, None, rows)
             token = logits[:, -1].argmax(-1).astype(np.int64)
             token = np.where(done, pad, token)
             done |= np.isin(token, eos)

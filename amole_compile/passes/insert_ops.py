@@ -6,7 +6,8 @@ Replacement:    y = proj(x)  ->  per role: mask = site.drop_mask(x2); r = torch.
                 site.record(r[1], r[2]); then y' = y + the role deltas placed in their columns (or, for a single
                 role owning every column, the op adds itself to y). Users of y read y'. Every inserted node has
                 `meta["amole"] = {"module": ..., "role": ...}`. Parameters live in `gm._amole.<module>`, an
-                `AdapterGroup`, so adapter names match the nn.Module path.
+                `ProjectionAdapters` holding one `AdapterGroup` named "default", so adapter names match the
+                nn.Module path. (One adapter per graph: a second named adapter is refused.)
 Preconditions:  the graph module was captured before decompositions; targets come from `find_attention` on it.
 Invariants:     all or nothing (the original graph and submodules are restored on error); numerically equal to
                 the nn.Module path for the same adapter weights.
@@ -23,6 +24,7 @@ from torch import fx
 from ..config import AdaMoLEConfig
 from ..kernels import register
 from ..modules import AdapterGroup, ExpertSet, combine_deltas
+from ..projection import ProjectionAdapters
 from ._fx import ParamNames, as_linear
 from .targets import PassReport, Target
 
@@ -72,13 +74,13 @@ def _rewrite_call(gm: fx.GraphModule, node: fx.Node, x: fx.Node, group: AdapterG
     with graph.inserting_before(node.next):  # keeps the emitted nodes in order
         x2 = emit("call_method", "reshape", (x, (-1, group.in_features)))
         x2 = emit("call_method", "to", (x2, group.adapter_dtype))
-        sites = [(role, group.adapters[role]) for role in group.roles]
+        sites = [(role, group[role]) for role in group.roles]
         if group.fused_base():
             base = emit("call_method", "reshape", (node, (-1, group.out_features)))
-            out = emit.site(f"{path}.adapters.{sites[0][0]}", sites[0][1], sites[0][0], x2, base)
+            out = emit.site(f"{path}.{sites[0][0]}", sites[0][1], sites[0][0], x2, base)
             new = emit("call_method", "view_as", (out, node))
         else:
-            deltas = [emit.site(f"{path}.adapters.{r}", s, r, x2, None) for r, s in sites]
+            deltas = [emit.site(f"{path}.{r}", s, r, x2, None) for r, s in sites]
             gather = emit("get_attr", f"{path}.column_gather", ()) if group.column_gather is not None else None
             full = emit("call_function", combine_deltas, (deltas, gather, group.n_unadapted))
             full = emit("call_method", "type_as", (emit("call_method", "view_as", (full, node)), node))
@@ -87,8 +89,14 @@ def _rewrite_call(gm: fx.GraphModule, node: fx.Node, x: fx.Node, group: AdapterG
         user.replace_input_with(node, new)
 
 
-def insert_ops(gm: fx.GraphModule, targets: list[Target], config: AdaMoLEConfig) -> PassReport:
+NAME = "default"  # the one adapter of a rewritten graph
+
+
+def insert_ops(gm: fx.GraphModule, targets: list[Target], config: AdaMoLEConfig, name: str = NAME) -> PassReport:
     """Run the pass on gm in place (all or nothing); returns how many calls it rewrote."""
+    if name != NAME or hasattr(gm, PREFIX):
+        raise ValueError("a GraphModule holds one adapter, named 'default' (its op nodes are baked into the graph): "
+                         "transform the nn.Module instead for named adapters, or untransform the graph first")
     register()  # the nodes call torch.ops.amole.adapter
     report = PassReport("insert_ops", targets=list(targets))
     params = ParamNames(gm)
@@ -101,10 +109,13 @@ def insert_ops(gm: fx.GraphModule, targets: list[Target], config: AdaMoLEConfig)
             dtype = getattr(torch, config.adapter_dtype) if config.adapter_dtype else weight.dtype
             group = AdapterGroup(t.in_features, t.out_features, t.roles, tuple(t.columns(r) for r in t.roles),
                                  config, dtype if dtype.is_floating_point else torch.float32, weight.device)
-            gm.add_submodule(f"{PREFIX}.{t.module}", group.train(gm.training))
+            holder = ProjectionAdapters(t.in_features, t.out_features).train(gm.training)
+            holder.add(NAME, group)
+            holder.active = NAME
+            gm.add_submodule(f"{PREFIX}.{t.module}", holder)
         for node, call in calls:
             if call is not None and call.module in by_module:
-                path = f"{PREFIX}.{call.module}"
+                path = f"{PREFIX}.{call.module}.adapters.{NAME}"
                 _rewrite_call(gm, node, call.input, gm.get_submodule(path), path, call.module)
                 report.rewritten += 1
         gm.graph.lint()

@@ -93,7 +93,7 @@ def test_plan_does_not_change_the_model():
     ac.plan(model, ac.AdaMoLEConfig())
     after = model.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
-    assert not model.training and all(type(m) is not ac.modules.AdaMoLELinear for m in model.modules())
+    assert not model.training and all(type(m) is not ac.projection.AdaMoLELinear for m in model.modules())
 
 
 # ---- fused slices: perturb exactly one role's weights and watch q, k, v --------------------------------
@@ -201,7 +201,7 @@ def test_hand_written_attention_module():
     assert type(model.mlp) is nn.Linear  # the MLP between blocks is not an attention projection
     assert torch.equal(model(x), ref)
     with torch.no_grad():
-        model.a.qkv.adapters["k"].lora_B.normal_()
+        model.a.qkv.group["k"].lora_B.normal_()
     assert not torch.allclose(model(x), ref)
 
 

@@ -109,8 +109,10 @@ def test_transform_graph_module_twice_raises(exported):
     _, _, ep = exported
     gm = ac.transform(ep, CFG)
     code = gm.code
-    with pytest.raises(ValueError, match="already transformed"):
+    with pytest.raises(ValueError, match="holds an adapter named 'default' already"):
         ac.transform(gm, CFG)
+    with pytest.raises(ValueError, match="GraphModule holds one adapter"):
+        ac.transform(gm, CFG, adapter_name="second")
     assert gm.code == code and len(adapter_nodes(gm)) == 8
 
 

@@ -260,7 +260,7 @@ def test_pattern(case, tmp_path):
     model.eval()
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed and all(".adapters." in n for n in changed), sorted(changed)[:5]
-    roles = {n.split(".adapters.")[1].split(".")[0] for n in changed}
+    roles = {n.split(".adapters.")[1].split(".")[1] for n in changed}
     assert roles == {r for _, rs, _ in want for r in rs}  # every role's lora_B got a gradient
 
     # save / load round trip onto a fresh base model

@@ -10,7 +10,8 @@ import torch
 import transformers as tf
 
 import amole_compile as ac
-from amole_compile.modules import AdaMoLELinear, ExpertSet
+from amole_compile.modules import ExpertSet
+from amole_compile.projection import AdaMoLELinear
 
 from models import ENCODERS, build, ids, logits
 
@@ -147,5 +148,5 @@ def test_llama2_7b_shape_on_meta_device():
     adapter_params = [p for s in sites for p in s.parameters()]
     assert len(adapter_params) == 128 * 5 and all(p.is_meta for p in adapter_params)
     assert all(p.is_meta for p in model.parameters()) and all(b.is_meta for b in model.buffers())
-    q = model.model.layers[31].self_attn.q_proj.adapters["q"]
+    q = model.model.layers[31].self_attn.q_proj.group["q"]
     assert q.lora_A.shape == (32, 4096) and q.lora_B.shape == (4096, 32) and q.gate.shape == (8, 4096)

@@ -1,0 +1,142 @@
+"""Mixed batches: each row of a batch runs its own adapter (or none), in one gathered computation.
+
+The adapters of one site (one role of one projection) are stacked into padded tensors, one slot per adapter
+plus a last all-zero slot for rows that run no adapter. Each row gathers its slot's weights and runs a batched
+GEMM, so a batch spread over several adapters costs one pass, not one per adapter, and has no data-dependent
+shape: `torch.compile` and `torch.export` (hence ONNX, with an `adapter_ids` input) take it as it is.
+
+Adapters of different sizes and methods share a stack: experts are padded to the largest E (padded experts get
+a -inf gate logit, so weight 0 and never selected), ranks to the largest R (zero rows of A, zero columns of B),
+and the routing of every method is computed and picked per row by its method code. The math per row is
+`adapter_torch`'s (docs/math.md); plain torch ops, autograd by torch.
+
+Legend: B rows, S tokens per row, D in, O out, L adapters (slots 0..L-1, slot L = none), E = max experts,
+R = max rank, K = E * R.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+from .methods import ADAMOLE, LORA, MOLE, method_spec
+
+
+class SiteWeights(NamedTuple):
+    """One adapter's site, as `ExpertSet` holds it."""
+
+    lora_a: Tensor  # [E_a * R_a, D]
+    lora_b: Tensor  # [O, E_a * R_a]
+    gate: Tensor | None  # [E_a, D]
+    thr_w: Tensor | None  # [1, D]
+    thr_b: Tensor | None  # [1]
+    method: str
+    num_experts: int
+    top_k: int
+    scale: float
+    cap: float
+    dropout: float
+
+
+class Stack(NamedTuple):
+    """L adapters of one site, padded and stacked, plus the all-zero slot L."""
+
+    lora_a: Tensor  # [L+1, K, D]
+    lora_b: Tensor  # [L+1, O, K]
+    router: Tensor  # [L+1, E+1, D]: gate rows 0..E-1 (zero-padded), threshold row E
+    thr_b: Tensor  # [L+1] float32
+    experts: Tensor  # [L+1] long: real expert count
+    code: Tensor  # [L+1] long: `MethodSpec.code`
+    cap: Tensor  # [L+1] float32: threshold cap (adamole)
+    top_k: Tensor  # [L+1] long (mole)
+    scale: Tensor  # [L+1] float32
+    dropout: Tensor  # [L+1] float32
+    max_k: int  # largest top_k of a mole slot (0 when none)
+
+
+def stack_sites(sites: list[SiteWeights]) -> Stack:
+    """Pad and stack the sites (same D and O) -> `Stack`; differentiable in the weights."""
+    ref = sites[0].lora_a
+    e = max([s.num_experts for s in sites])
+    r = max([s.lora_a.shape[0] // s.num_experts for s in sites])
+    d, o = ref.shape[1], sites[0].lora_b.shape[0]
+    a_parts, b_parts, router_parts = [], [], []
+    for s in sites:
+        ea, ra = s.num_experts, s.lora_a.shape[0] // s.num_experts
+        a = F.pad(s.lora_a.view(ea, ra, d), (0, 0, 0, r - ra, 0, e - ea))  # [E, R, D]
+        b = F.pad(s.lora_b.view(o, ea, ra), (0, r - ra, 0, e - ea))  # [O, E, R]
+        gate = s.gate if s.gate is not None else ref.new_zeros(ea, d)
+        thr = s.thr_w if s.thr_w is not None else ref.new_zeros(1, d)
+        a_parts.append(a.reshape(e * r, d))
+        b_parts.append(b.reshape(o, e * r))
+        router_parts.append(torch.cat([F.pad(gate, (0, 0, 0, e - ea)), thr], 0))  # [E+1, D]
+    a_parts.append(ref.new_zeros(e * r, d))
+    b_parts.append(ref.new_zeros(o, e * r))
+    router_parts.append(ref.new_zeros(e + 1, d))
+    meta = [(s.num_experts, method_spec(s.method).code, s.cap, s.top_k, s.scale, s.dropout) for s in sites]
+    meta.append((1, LORA.code, 0.0, 1, 0.0, 0.0))
+    cols = list(zip(*meta, strict=True))
+    dev = ref.device
+    thr_b = [s.thr_b.reshape(()).float() if s.thr_b is not None else torch.zeros((), device=dev) for s in sites]
+    return Stack(
+        torch.stack(a_parts), torch.stack(b_parts), torch.stack(router_parts),
+        torch.stack(thr_b + [torch.zeros((), device=dev)]),
+        torch.tensor(cols[0], device=dev), torch.tensor(cols[1], device=dev),
+        torch.tensor(cols[2], dtype=torch.float32, device=dev), torch.tensor(cols[3], device=dev),
+        torch.tensor(cols[4], dtype=torch.float32, device=dev), torch.tensor(cols[5], dtype=torch.float32, device=dev),
+        max([s.top_k for s in sites if s.method == MOLE.name] or [0]))
+
+
+def _normalised(num: Tensor) -> Tensor:
+    s = num.sum(-1, keepdim=True)
+    return num / torch.where(s == 0, torch.ones_like(s), s)
+
+
+def _route(zr: Tensor, slot: Tensor, st: Stack) -> tuple[Tensor, Tensor, Tensor]:
+    """zr [B, S, E+1] float32, slot [B] -> (w, scores, mask), each [B, S, E], per row by its slot's method."""
+    e = zr.shape[-1] - 1
+    idx = torch.arange(e, device=zr.device)
+    valid = (idx < st.experts[slot][:, None])[:, None, :]  # [B, 1, E]
+    code = st.code[slot][:, None, None]  # [B, 1, 1]
+    logits = zr[..., :e].masked_fill(~valid, float("-inf"))
+    p = torch.softmax(logits, dim=-1)  # [B, S, E]
+    sig = torch.sigmoid(zr[..., e] + st.thr_b[slot][:, None])[..., None]  # [B, S, 1]
+    shifted = p - st.cap[slot][:, None, None] * sig
+    m_ada = (shifted >= 0) & valid
+    if st.max_k:
+        top = torch.topk(logits, st.max_k, dim=-1).indices  # [B, S, kmax]
+        keep = torch.arange(st.max_k, device=zr.device) < st.top_k[slot][:, None, None]  # [B, 1, kmax]
+        m_mole = torch.zeros_like(valid.expand_as(p)).scatter(-1, top, keep.expand_as(top))
+    else:
+        m_mole = torch.zeros_like(m_ada)
+    m_lora = (idx == 0).expand_as(m_ada)
+    is_ada, is_mole = code == ADAMOLE.code, code == MOLE.code
+    w = torch.where(is_ada, _normalised(shifted * m_ada), torch.where(is_mole, _normalised(p * m_mole),
+                                                                     m_lora.to(p.dtype)))
+    scores = torch.where(is_ada, shifted, torch.where(is_mole, p, m_lora.to(p.dtype)))
+    mask = torch.where(is_ada, m_ada, torch.where(is_mole, m_mole, m_lora))
+    return w, scores, mask
+
+
+def mixed_adapter(x: Tensor, slot: Tensor, st: Stack, drop_mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """x [B, S, D], slot [B] (0..L, L = no adapter) -> (delta [B, S, O], scores [B, S, E], mask [B, S, E] bool).
+
+    Row b computes what its slot's adapter alone computes on it (its dropout keep-mask from `drop_mask`
+    [B, S, D] when training)."""
+    b, s, _ = x.shape
+    e = st.router.shape[1] - 1
+    k = st.lora_a.shape[1]
+    xd = x
+    if drop_mask is not None:
+        keep = 1.0 / (1.0 - st.dropout[slot]).to(x.dtype)  # [B]
+        xd = torch.where(drop_mask, x, 0) * keep[:, None, None]
+    za = torch.bmm(xd, st.lora_a[slot].transpose(1, 2))  # [B, S, K]
+    route_dt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    zr = torch.bmm(x, st.router[slot].transpose(1, 2)).to(route_dt)  # [B, S, E+1]
+    w, scores, mask = _route(zr, slot, st)
+    h = za.view(b, s, e, k // e) * (st.scale[slot][:, None, None] * w).to(za.dtype)[..., None]  # [B, S, E, R]
+    delta = torch.bmm(h.reshape(b, s, k), st.lora_b[slot].transpose(1, 2))  # [B, S, O]
+    return delta, scores, mask
