@@ -150,6 +150,7 @@ class BlockCapture:
     program: torch.export.ExportedProgram | None = None
     error: str | None = None
     split: bool = False  # it did not export, and its children were captured instead
+    calls: dict[str, int] = dataclasses.field(default_factory=dict)  # member -> times the forward called it
 
 
 def find_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -181,31 +182,35 @@ def _signature(block: nn.Module, args: tuple, kwargs: dict) -> tuple:
 
 
 def record_block_inputs(model: nn.Module, blocks: list[tuple[str, nn.Module]], args: tuple,
-                        kwargs: dict) -> dict[str, tuple[tuple, dict]]:
-    """One forward of the example inputs; -> each called block's (args, kwargs) of its first call.
+                        kwargs: dict, calls: dict[str, int] | None = None) -> dict[str, tuple[tuple, dict]]:
+    """One forward of the example inputs; -> each called block's (args, kwargs) of its first call. `calls`, if
+    given, receives how many times each block was called (ALBERT calls one block for every layer).
 
     Cheap by construction: a block called with the same signature (class, parameter shapes, input shapes) as
     an earlier one is not run; it returns that block's output. The forward runs on fake tensors (shapes only)
     and the recorded fakes become zero tensors of the same shape, dtype and device (export needs only their
     metadata); a model whose forward looks at values (data-dependent MoE dispatch) runs eagerly instead."""
+    calls = {} if calls is None else calls
     try:
         with _quiet_export():
-            return _record(model, blocks, args, kwargs, fake=True)
+            return _record(model, blocks, args, kwargs, fake=True, calls=calls)
     except Exception:  # e.g. DynamicOutputShapeException: the forward looks at values
-        return _record(model, blocks, args, kwargs, fake=False)
+        return _record(model, blocks, args, kwargs, fake=False, calls=calls)
 
 
 def _record(model: nn.Module, blocks: list[tuple[str, nn.Module]], args: tuple, kwargs: dict,
-            fake: bool) -> dict[str, tuple[tuple, dict]]:
+            fake: bool, calls: dict[str, int]) -> dict[str, tuple[tuple, dict]]:
     from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
     from torch.utils._pytree import tree_map
 
     seen: dict[str, tuple[tuple, dict]] = {}
+    calls.clear()
     outputs: dict[tuple, object] = {}
     saved = []
     for name, block in blocks:
         def forward(*a, _name=name, _block=block, _orig=block.forward, **kw):
             seen.setdefault(_name, (a, dict(kw)))
+            calls[_name] = calls.get(_name, 0) + 1
             key = _signature(_block, a, kw)
             if key not in outputs:
                 outputs[key] = _orig(*a, **kw)
@@ -247,8 +252,9 @@ def capture_blocks(model: nn.Module, example_inputs=None, depth: int = 2) -> lis
         frontier = [(f"{n}.{c}", m) for n, b in frontier for c, m in b.named_children()]
         watch += frontier
     args, kwargs = example_args(model, example_inputs)
+    calls: dict[str, int] = {}
     try:
-        inputs = record_block_inputs(model, watch, args, kwargs)
+        inputs = record_block_inputs(model, watch, args, kwargs, calls)
     except Exception as exc:
         raise CaptureError(f"could not run {type(model).__name__} eagerly to record its blocks' inputs: "
                            f"{_first_line(exc)}") from exc
@@ -271,6 +277,7 @@ def capture_blocks(model: nn.Module, example_inputs=None, depth: int = 2) -> lis
                 group.error = _first_line(exc)
         else:
             group.names.append(name)
+        group.calls[name] = calls.get(name, 1)
         if group.program is None and level < depth:
             group.split = True
             for child, mod in module.named_children():

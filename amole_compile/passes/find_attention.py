@@ -24,6 +24,7 @@ Invariants:     the graph is not modified; every target's weight is a parameter;
 from __future__ import annotations
 
 import dataclasses
+from collections import Counter
 
 from torch import fx
 
@@ -235,6 +236,8 @@ def find_attention(graph: fx.Graph, params: ParamNames, mlp: bool = False) -> tu
         roles, slices = _columns(entry, g, report)
         if roles:
             targets.append(Target(module, roles, slices, *entry.features))
+    calls = Counter(g.projection(n).module for n in graph.nodes if g.projection(n) is not None)
+    report.shared = {t.module: calls[t.module] for t in targets if calls[t.module] > 1}  # ALBERT, whole graph
     if mlp:
         from .find_mlp import find_mlp
 
@@ -244,6 +247,7 @@ def find_attention(graph: fx.Graph, params: ParamNames, mlp: bool = False) -> tu
             if g.projection(n) is not None:
                 first.setdefault(g.projection(n).module, order[n])
         targets = sorted(targets + ffn, key=lambda t: first[t.module])
+        report.shared.update({t.module: calls[t.module] for t in ffn if calls[t.module] > 1})
         report.skipped += notes
     report.targets = targets
     return targets, report
