@@ -4,12 +4,14 @@ Two ways:
 
 - whole model: one ExportedProgram (`capture`);
 - per block (`capture_blocks` -> `BlockCapture`s): the items of the model's outermost `nn.ModuleList`s (its
-  layers) are each captured alone, on the inputs recorded during one forward of the example inputs (each
-  block's forward is wrapped for that forward only: it records its arguments, and a block whose signature was
-  already seen returns the earlier block's output instead of running; see `record_block_inputs`). Blocks of
-  the same class, parameter shapes and input shapes share one capture (its analysis is replayed on the
-  others); a block that does not export is split into its children. This does not depend on the whole model
-  exporting (data-dependent MoE dispatch) and is what deep HF models use: one block is exported, not 32.
+  layers; a list of lists gives the inner items) are each captured alone, on the inputs recorded during one
+  forward of the example inputs (each block's forward is wrapped for that forward only: it records its
+  arguments, and a block whose signature was already seen returns the earlier block's output instead of
+  running; see `record_block_inputs`). Blocks of the same class, parameter shapes and input shapes share one
+  capture (its analysis is replayed on the others); a block that does not export, or is never called as such
+  (a container of sub-blocks), is split into its children, at any depth of nested lists. This does not depend
+  on the whole model exporting (data-dependent MoE dispatch) and is what deep HF models use: one block is
+  exported, not 32.
 
 HF models get example inputs synthesised from their config (no tokenizer, no downloads); other modules take
 `example_inputs=` (a tuple of positional args, or a dict of keyword args). The model's training flags are
@@ -154,17 +156,25 @@ class BlockCapture:
 
 
 def find_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The items of the outermost nn.ModuleLists (a block inside a chosen block is not chosen again)."""
+    """The items of the outermost nn.ModuleLists (a block inside a chosen block is not chosen again); an item
+    that is itself a container (a ModuleList of sub-blocks, x-transformers style) gives its items instead."""
     blocks: list[tuple[str, nn.Module]] = []
     inside: list[str] = []
     for name, mod in model.named_modules():
         if any(name.startswith(p + ".") for p in inside):
             continue
         if isinstance(mod, nn.ModuleList) and len(mod) > 0:
-            for i, child in enumerate(mod):
-                blocks.append((f"{name}.{i}" if name else str(i), child))
+            blocks += _items(name, mod)
             inside.append(name)
     return blocks
+
+
+def _items(name: str, container: nn.Module) -> list[tuple[str, nn.Module]]:
+    out = []
+    for i, child in container.named_children():
+        full = f"{name}.{i}" if name else str(i)
+        out += _items(full, child) if isinstance(child, (nn.ModuleList, nn.ModuleDict)) else [(full, child)]
+    return out
 
 
 def _signature(block: nn.Module, args: tuple, kwargs: dict) -> tuple:
@@ -239,18 +249,16 @@ def _record(model: nn.Module, blocks: list[tuple[str, nn.Module]], args: tuple, 
     return {name: tree_map(real, inputs) for name, inputs in seen.items()}
 
 
-def capture_blocks(model: nn.Module, example_inputs=None, depth: int = 2) -> list[BlockCapture]:
+def capture_blocks(model: nn.Module, example_inputs=None, depth: int = 4) -> list[BlockCapture]:
     """Capture each block alone (see the module docstring); a block that does not export (an MoE block with
-    data-dependent dispatch) is split into its children, down to `depth` levels. Raises CaptureError when the
+    data-dependent dispatch), or one never called as such (a container of sub-blocks), is split into its
+    children, down to `depth` levels: attention is found at any depth of nested lists. Raises CaptureError when the
     model has no blocks or its eager forward fails."""
     blocks = find_blocks(model)
     if not blocks:
         raise CaptureError(f"{type(model).__name__} has no nn.ModuleList of blocks to capture one by one")
-    watch = list(blocks)
-    frontier = list(blocks)
-    for _ in range(depth):
-        frontier = [(f"{n}.{c}", m) for n, b in frontier for c, m in b.named_children()]
-        watch += frontier
+    watch = [(f"{n}.{c}" if c else n, m) for n, b in blocks for c, m in b.named_modules()
+             if not isinstance(m, (nn.ModuleList, nn.ModuleDict)) and c.count(".") < depth]
     args, kwargs = example_args(model, example_inputs)
     calls: dict[str, int] = {}
     try:
@@ -264,7 +272,9 @@ def capture_blocks(model: nn.Module, example_inputs=None, depth: int = 2) -> lis
     def visit(name: str, like: str, module: nn.Module, level: int) -> None:
         """Capture `name`, whose inputs are those recorded for `like` (itself, or the same submodule of an
         identical block that the recording forward did not run)."""
-        if like not in inputs:
+        if like not in inputs:  # not called as such (a container of sub-blocks): look inside
+            for child, mod in module.named_children() if level < depth else ():
+                visit(f"{name}.{child}", f"{like}.{child}", mod, level + 1)
             return
         key = _signature(module, *inputs[like])
         group = groups.get(key)
