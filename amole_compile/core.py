@@ -92,12 +92,13 @@ def _analyse_blocks(model: nn.Module, example_inputs, mlp: bool = False) -> tupl
             report.blocks.update({name: f"not captured{instead}" for name in group.names})
             continue
         targets, rep = find_attention(group.program.graph, ParamNames.of_export(group.program), mlp)
-        report.anchors += rep.anchors * len(group.names)
+        report.anchors += rep.anchors * sum(group.calls.get(name, 1) for name in group.names)
         roles = [r for r in ROLES if any(r in t.roles for t in targets)]
         found_here = f"{rep.anchors} attention site(s); roles {' '.join(roles) or 'none'}; {len(rep.skipped)} skipped"
         for name in group.names:
-            report.blocks[name] = found_here + (f" (analysis of {group.names[0]} replayed)"
-                                                if name != group.names[0] else "")
+            report.add_block(name, found_here + (f" (analysis of {group.names[0]} replayed)" if name != group.names[0]
+                                                 else ""), [f"{name}.{t.module}" for t in targets],
+                             group.calls.get(name, 1))
             report.skipped += [f"{name}.{s}" for s in rep.skipped]
             for i, t in enumerate(targets):  # graph order within a block, model order across blocks
                 module = f"{name}.{t.module}"

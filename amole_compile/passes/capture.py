@@ -4,12 +4,14 @@ Two ways:
 
 - whole model: one ExportedProgram (`capture`);
 - per block (`capture_blocks` -> `BlockCapture`s): the items of the model's outermost `nn.ModuleList`s (its
-  layers) are each captured alone, on the inputs recorded during one forward of the example inputs (each
-  block's forward is wrapped for that forward only: it records its arguments, and a block whose signature was
-  already seen returns the earlier block's output instead of running; see `record_block_inputs`). Blocks of
-  the same class, parameter shapes and input shapes share one capture (its analysis is replayed on the
-  others); a block that does not export is split into its children. This does not depend on the whole model
-  exporting (data-dependent MoE dispatch) and is what deep HF models use: one block is exported, not 32.
+  layers; a list of lists gives the inner items) are each captured alone, on the inputs recorded during one
+  forward of the example inputs (each block's forward is wrapped for that forward only: it records its
+  arguments, and a block whose signature was already seen returns the earlier block's output instead of
+  running; see `record_block_inputs`). Blocks of the same class, parameter shapes and input shapes share one
+  capture (its analysis is replayed on the others); a block that does not export, or is never called as such
+  (a container of sub-blocks), is split into its children, at any depth of nested lists. This does not depend
+  on the whole model exporting (data-dependent MoE dispatch) and is what deep HF models use: one block is
+  exported, not 32.
 
 HF models get example inputs synthesised from their config (no tokenizer, no downloads); other modules take
 `example_inputs=` (a tuple of positional args, or a dict of keyword args). The model's training flags are
@@ -150,20 +152,29 @@ class BlockCapture:
     program: torch.export.ExportedProgram | None = None
     error: str | None = None
     split: bool = False  # it did not export, and its children were captured instead
+    calls: dict[str, int] = dataclasses.field(default_factory=dict)  # member -> times the forward called it
 
 
 def find_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The items of the outermost nn.ModuleLists (a block inside a chosen block is not chosen again)."""
+    """The items of the outermost nn.ModuleLists (a block inside a chosen block is not chosen again); an item
+    that is itself a container (a ModuleList of sub-blocks, x-transformers style) gives its items instead."""
     blocks: list[tuple[str, nn.Module]] = []
     inside: list[str] = []
     for name, mod in model.named_modules():
         if any(name.startswith(p + ".") for p in inside):
             continue
         if isinstance(mod, nn.ModuleList) and len(mod) > 0:
-            for i, child in enumerate(mod):
-                blocks.append((f"{name}.{i}" if name else str(i), child))
+            blocks += _items(name, mod)
             inside.append(name)
     return blocks
+
+
+def _items(name: str, container: nn.Module) -> list[tuple[str, nn.Module]]:
+    out = []
+    for i, child in container.named_children():
+        full = f"{name}.{i}" if name else str(i)
+        out += _items(full, child) if isinstance(child, (nn.ModuleList, nn.ModuleDict)) else [(full, child)]
+    return out
 
 
 def _signature(block: nn.Module, args: tuple, kwargs: dict) -> tuple:
@@ -181,31 +192,35 @@ def _signature(block: nn.Module, args: tuple, kwargs: dict) -> tuple:
 
 
 def record_block_inputs(model: nn.Module, blocks: list[tuple[str, nn.Module]], args: tuple,
-                        kwargs: dict) -> dict[str, tuple[tuple, dict]]:
-    """One forward of the example inputs; -> each called block's (args, kwargs) of its first call.
+                        kwargs: dict, calls: dict[str, int] | None = None) -> dict[str, tuple[tuple, dict]]:
+    """One forward of the example inputs; -> each called block's (args, kwargs) of its first call. `calls`, if
+    given, receives how many times each block was called (ALBERT calls one block for every layer).
 
     Cheap by construction: a block called with the same signature (class, parameter shapes, input shapes) as
     an earlier one is not run; it returns that block's output. The forward runs on fake tensors (shapes only)
     and the recorded fakes become zero tensors of the same shape, dtype and device (export needs only their
     metadata); a model whose forward looks at values (data-dependent MoE dispatch) runs eagerly instead."""
+    calls = {} if calls is None else calls
     try:
         with _quiet_export():
-            return _record(model, blocks, args, kwargs, fake=True)
+            return _record(model, blocks, args, kwargs, fake=True, calls=calls)
     except Exception:  # e.g. DynamicOutputShapeException: the forward looks at values
-        return _record(model, blocks, args, kwargs, fake=False)
+        return _record(model, blocks, args, kwargs, fake=False, calls=calls)
 
 
 def _record(model: nn.Module, blocks: list[tuple[str, nn.Module]], args: tuple, kwargs: dict,
-            fake: bool) -> dict[str, tuple[tuple, dict]]:
+            fake: bool, calls: dict[str, int]) -> dict[str, tuple[tuple, dict]]:
     from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
     from torch.utils._pytree import tree_map
 
     seen: dict[str, tuple[tuple, dict]] = {}
+    calls.clear()
     outputs: dict[tuple, object] = {}
     saved = []
     for name, block in blocks:
         def forward(*a, _name=name, _block=block, _orig=block.forward, **kw):
             seen.setdefault(_name, (a, dict(kw)))
+            calls[_name] = calls.get(_name, 0) + 1
             key = _signature(_block, a, kw)
             if key not in outputs:
                 outputs[key] = _orig(*a, **kw)
@@ -234,21 +249,20 @@ def _record(model: nn.Module, blocks: list[tuple[str, nn.Module]], args: tuple, 
     return {name: tree_map(real, inputs) for name, inputs in seen.items()}
 
 
-def capture_blocks(model: nn.Module, example_inputs=None, depth: int = 2) -> list[BlockCapture]:
+def capture_blocks(model: nn.Module, example_inputs=None, depth: int = 4) -> list[BlockCapture]:
     """Capture each block alone (see the module docstring); a block that does not export (an MoE block with
-    data-dependent dispatch) is split into its children, down to `depth` levels. Raises CaptureError when the
+    data-dependent dispatch), or one never called as such (a container of sub-blocks), is split into its
+    children, down to `depth` levels: attention is found at any depth of nested lists. Raises CaptureError when the
     model has no blocks or its eager forward fails."""
     blocks = find_blocks(model)
     if not blocks:
         raise CaptureError(f"{type(model).__name__} has no nn.ModuleList of blocks to capture one by one")
-    watch = list(blocks)
-    frontier = list(blocks)
-    for _ in range(depth):
-        frontier = [(f"{n}.{c}", m) for n, b in frontier for c, m in b.named_children()]
-        watch += frontier
+    watch = [(f"{n}.{c}" if c else n, m) for n, b in blocks for c, m in b.named_modules()
+             if not isinstance(m, (nn.ModuleList, nn.ModuleDict)) and c.count(".") < depth]
     args, kwargs = example_args(model, example_inputs)
+    calls: dict[str, int] = {}
     try:
-        inputs = record_block_inputs(model, watch, args, kwargs)
+        inputs = record_block_inputs(model, watch, args, kwargs, calls)
     except Exception as exc:
         raise CaptureError(f"could not run {type(model).__name__} eagerly to record its blocks' inputs: "
                            f"{_first_line(exc)}") from exc
@@ -258,7 +272,9 @@ def capture_blocks(model: nn.Module, example_inputs=None, depth: int = 2) -> lis
     def visit(name: str, like: str, module: nn.Module, level: int) -> None:
         """Capture `name`, whose inputs are those recorded for `like` (itself, or the same submodule of an
         identical block that the recording forward did not run)."""
-        if like not in inputs:
+        if like not in inputs:  # not called as such (a container of sub-blocks): look inside
+            for child, mod in module.named_children() if level < depth else ():
+                visit(f"{name}.{child}", f"{like}.{child}", mod, level + 1)
             return
         key = _signature(module, *inputs[like])
         group = groups.get(key)
@@ -271,6 +287,7 @@ def capture_blocks(model: nn.Module, example_inputs=None, depth: int = 2) -> lis
                 group.error = _first_line(exc)
         else:
             group.names.append(name)
+        group.calls[name] = calls.get(name, 1)
         if group.program is None and level < depth:
             group.split = True
             for child, mod in module.named_children():

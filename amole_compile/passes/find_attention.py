@@ -24,6 +24,7 @@ Invariants:     the graph is not modified; every target's weight is a parameter;
 from __future__ import annotations
 
 import dataclasses
+from collections import Counter
 
 from torch import fx
 
@@ -93,19 +94,32 @@ def _operands(node: fx.Node) -> list[fx.Node]:
     return [a for a in args if isinstance(a, fx.Node)]
 
 
-def _query_key(scores: fx.Node) -> tuple[fx.Node, fx.Node] | None:
-    """(query side, key side) of a score product: the key side gives the product's last dimension."""
+def _softmax_axis(softmax: fx.Node) -> int | None:
+    """The axis a softmax normalises over, counted from the end (-1 last), or None if unknown."""
+    dim = softmax.args[1] if len(softmax.args) > 1 else softmax.kwargs.get("dim")
+    rank = len(_shape(softmax.args[0]) or ()) if softmax.args else 0
+    if not isinstance(dim, int) or not rank:
+        return None
+    return dim - rank if dim >= 0 else dim
+
+
+def _query_key(scores: fx.Node, axis: int | None) -> tuple[fx.Node, fx.Node] | None:
+    """(query side, key side) of a score product. The keys are the axis the softmax normalises over (`axis`,
+    counted from the end, views of leading dimensions and sink columns in between keep it): the operand that
+    gives the product that axis is the key side, whatever the argument order (`k @ qᵀ` with softmax over -2)."""
     ops = _operands(scores)
     if len(ops) != 2:
         return None
+    axis = -1 if axis not in (-1, -2) else axis
     if op_name(scores) == "einsum" and isinstance(scores.args[0], str) and "->" in scores.args[0]:
         lhs, out = scores.args[0].replace(" ", "").split("->")
         subs = lhs.split(",")
-        if len(subs) == 2 and out:
-            last = out[-1]
-            if last in subs[0] and last not in subs[1]:
+        if len(subs) == 2 and len(out) >= -axis:
+            key = out[axis]
+            if key in subs[0] and key not in subs[1]:
                 return ops[1], ops[0]
-    return ops[0], ops[1]
+            return ops[0], ops[1]
+    return (ops[1], ops[0]) if axis == -2 else (ops[0], ops[1])
 
 
 def _eager_anchor(softmax: fx.Node, g: _Graph) -> Anchor | None:
@@ -122,8 +136,8 @@ def _eager_anchor(softmax: fx.Node, g: _Graph) -> Anchor | None:
     hits, _ = walk(softmax, g.flow.inputs, lambda n: g.projection(n) is not None or op_name(n) in MATMUL_OPS)
     want = _shape(probs[0])
     scores = [h for h in hits if g.projection(h) is None
-              and (want is None or _shape(h) is None or _shape(h)[-2:] == want[-2:])]
-    pairs = [qk for qk in map(_query_key, scores) if qk is not None]
+              and (want is None or _shape(h) is None or sorted(_shape(h)[-2:]) == sorted(want[-2:]))]
+    pairs = [qk for qk in (_query_key(h, _softmax_axis(softmax)) for h in scores) if qk is not None]
     if not pairs:
         return None
     return Anchor(softmax, {"q": [q for q, _ in pairs], "k": [k for _, k in pairs], "v": values}, pv)
@@ -222,6 +236,8 @@ def find_attention(graph: fx.Graph, params: ParamNames, mlp: bool = False) -> tu
         roles, slices = _columns(entry, g, report)
         if roles:
             targets.append(Target(module, roles, slices, *entry.features))
+    calls = Counter(g.projection(n).module for n in graph.nodes if g.projection(n) is not None)
+    report.shared = {t.module: calls[t.module] for t in targets if calls[t.module] > 1}  # ALBERT, whole graph
     if mlp:
         from .find_mlp import find_mlp
 
@@ -231,6 +247,7 @@ def find_attention(graph: fx.Graph, params: ParamNames, mlp: bool = False) -> tu
             if g.projection(n) is not None:
                 first.setdefault(g.projection(n).module, order[n])
         targets = sorted(targets + ffn, key=lambda t: first[t.module])
+        report.shared.update({t.module: calls[t.module] for t in ffn if calls[t.module] > 1})
         report.skipped += notes
     report.targets = targets
     return targets, report

@@ -1,137 +1,149 @@
-"""Discovery pass for feed-forward projections: gate, up and down, found by structure.
+"""Discovery pass for feed-forward projections: gate, up and down, found by what the ops between them compute.
 
-Pattern:        projections (`_fx.as_linear`) that are not attention projections, whose output reaches the
-                next projection D through an activation: `D(act(G x) * (U x))` (gated: G gate, U up, the side
-                with the activation is the gate), `D(act(U x))` (two matrices: up, down), or one fused
-                projection split into both sides of the product (Phi-3's `gate_up_proj`: each side's columns
-                by index replay). D's input width must equal the up projection's output width (or half of a
-                fused one), which keeps routers (E outputs) and shared-expert gates (1 output) out.
-Replacement:    none; returns `Target(module, roles)` with roles among gate, up, down, and skip notes: MoE
-                routers (a projection feeding top-k) are never adapted, and MoE experts stored as 3-D
-                parameters cannot be wrapped as linears.
+Pattern:        a projection D (`_fx.as_linear`, not an attention projection) whose input is an elementwise
+                function f of the nearest projections S behind it (each element of S moves at most one element
+                of D's input: no norm, reduction, matmul or attention on the way), tested by running the ops on
+                probe values (`_probe.py`), whatever ops they are. Then, by how f responds:
+                - one projection U, f not affine in it: a two-matrix MLP, U up (GPT-2, BERT, OPT, any
+                  activation);
+                - several projections: f affine in U (the plain side of the product) and not affine in G (the
+                  side through an activation): G gate, U up (`act(G x) * (U x)`, `g.sigmoid() * g * u`, ...);
+                - one projection whose columns split into the two sides of a product (Phi-3's `gate_up_proj`):
+                  each side's columns by index replay (`_columns.py`), gate the side f is not affine in.
+                An MoE router is a projection from whose output an integer tensor is derived (its scores become
+                the indices of a top-k / argmax / sort selection); stacked experts are 3-D parameters whose
+                leading dimension is a router's number of outputs.
+Replacement:    none; returns `Target(module, roles)` with roles among gate, up, down, and skip notes: routers are
+                never adapted, 3-D expert parameters cannot be wrapped as linears.
 Preconditions:  as for `find_attention` (captured before decompositions, example values on the nodes).
-Invariants:     the graph is not modified; no projection with an attention role is given an MLP role.
+Invariants:     the graph is not modified; no projection with an attention role is given an MLP role; f is
+                never affine in every projection (no activation: not an MLP, e.g. MLA's low-rank pairs, which
+                also have a norm between them).
 """
 
 from __future__ import annotations
 
+import torch
 from torch import fx
 
 from ._columns import ColumnsUnknown, role_columns
-from ._fx import LinearCall, meta_value, op_name, walk
+from ._fx import LinearCall, meta_value, walk
+from ._probe import Probe, ProbeFailed
 from .targets import Target, compress
 
-ACTIVATIONS = frozenset({"silu", "silu_", "gelu", "gelu_", "relu", "relu_", "tanh", "sigmoid", "mish", "elu",
-                         "leaky_relu", "hardswish", "softplus", "relu6", "hardtanh", "glu", "selu", "celu"})
-PRODUCTS = frozenset({"mul", "mul_"})
-TOPK = frozenset({"topk", "sort", "argmax", "argsort"})
-
-
-def _ancestors(node: fx.Node, stop: fx.Node, g) -> set[fx.Node]:
-    """Data ancestors of `node` down to (and including) `stop`."""
-    _, seen = walk(node, lambda n: [] if n is stop else g.flow.inputs(n), lambda n: False)
-    return seen
-
-
-def _has_activation(nodes: set[fx.Node]) -> bool:
-    return any(op_name(n) in ACTIVATIONS for n in nodes)
+ROUTER_NOTE = "an MoE router (top-k / argmax indices are derived from its output); routers are never adapted"
+EXPERTS_NOTE = "MoE experts stored as a 3-D parameter"
 
 
 def find_mlp(g, attention: set[str]) -> tuple[list[Target], list[str]]:
     """-> (feed-forward targets in graph order, skip notes). `g` is find_attention's `_Graph`; `attention` the
     modules that already hold an attention role."""
+    routers = _routers(g, attention)
+    notes = [f"{r.module}: {ROUTER_NOTE}" for r in routers] + _experts(g, {r.features[1] for r in routers
+                                                                           if r.features})
+    taken = attention | {r.module for r in routers}
+    found: dict[str, tuple[LinearCall, dict[str, list[int]]]] = {}
+    for node in g.graph.nodes:
+        down = g.projection(node)
+        if down is None or down.module in taken or down.features is None:
+            continue
+        roles = _feed_forward(g, down, taken)
+        if not roles:
+            continue
+        for call, rs in roles:
+            found.setdefault(call.module, (call, {}))[1].update(rs)
+        found.setdefault(down.module, (down, {}))[1]["down"] = list(range(down.features[1]))
     order = g.flow.order
-    projections = [n for n in g.graph.nodes if g.projection(n) is not None]
-    is_proj = lambda n: g.projection(n) is not None  # noqa: E731
-    found: dict[str, tuple[LinearCall, dict[str, tuple[int, ...]]]] = {}
-    notes: list[str] = []
-    for p in projections:
-        call = g.projection(p)
-        if call.module in attention or call.features is None:
-            continue
-        hits, fwd = walk(p, g.users, is_proj)
-        if any(op_name(n) in TOPK for n in fwd - set(hits)):
-            notes.append(f"{call.module}: an MoE router (its output feeds top-k); routers are never adapted")
-            continue
-        downs = [g.projection(h) for h in hits if g.projection(h).node is not p]
-        if len(downs) != 1 or downs[0].module in attention or downs[0].features is None:
-            continue
-        down = downs[0]
-        cone = _ancestors(down.input, p, g)
-        if not _has_activation(cone):
-            continue
-        roles = _roles(p, call, cone, g)
-        if roles is None or any(len(c) != down.features[0] for c in roles.values()):
-            continue  # the product does not feed the down projection whole (a router, a scalar gate)
-        entry = found.setdefault(call.module, (call, {}))
-        entry[1].update(roles)
-        found.setdefault(down.module, (down, {}))[1]["down"] = tuple(range(down.features[1]))
-    notes += _expert_parameters(g)
     targets = []
     for module, (call, roles) in sorted(found.items(), key=lambda kv: order[kv[1][0].node]):
-        if "gate" in roles and "up" in roles and set(roles["gate"]) & set(roles["up"]):
-            roles = {"up": roles["up"]}  # both sides of the product read the same columns: x * act(x)
         names = tuple(r for r in ("gate", "up", "down") if r in roles)
         targets.append(Target(module, names, tuple(compress(sorted(roles[r])) for r in names), *call.features))
     return targets, notes
 
 
-def _roles(p: fx.Node, call: LinearCall, cone: set[fx.Node], g) -> dict | None:
-    """This projection's role(s) on the way to the down projection: gate (its side of the product has the
-    activation), up, or both (a fused gate_up projection, split by column replay)."""
-    out_f = call.features[1]
+def _sources(g, down: LinearCall) -> list[fx.Node]:
+    """The nearest projections behind D's input."""
+    if g.projection(down.input) is not None:
+        return [down.input]
+    hits, _ = walk(down.input, g.flow.inputs, lambda n: g.projection(n) is not None)
+    return list(dict.fromkeys(hits))
+
+
+def _feed_forward(g, down: LinearCall, taken: set[str]) -> list[tuple[LinearCall, dict[str, list[int]]]] | None:
+    """[(projection, {role: columns})] feeding D as an MLP, or None."""
+    sources = _sources(g, down)
+    calls = [g.projection(s) for s in sources]
+    if not calls or any(c.module in taken or c.features is None for c in calls):
+        return None
+    probe = Probe(g, sources, down.input)
+    try:
+        if not probe.elementwise():
+            return None
+        if len(sources) == 1:
+            return _single(g, probe, calls[0])
+        affine = {s: probe.affine(s) for s in sources}
+    except ProbeFailed:
+        return None
+    if all(affine.values()) or not any(affine.values()):
+        return None  # no activation (bilinear), or no plain side
+    return [(c, {("up" if affine[c.node] else "gate"): list(range(c.features[1]))}) for c in calls]
+
+
+def _single(g, probe: Probe, call: LinearCall) -> list[tuple[LinearCall, dict[str, list[int]]]] | None:
+    """One projection behind D: a fused gate_up (its columns split over a product), else up."""
+    split = _split(g, probe, call)
+    if split is None:
+        return None if probe.affine(call.node) else [(call, {"up": list(range(call.features[1]))})]
+    gates = [cols for cols in split if not probe.affine(call.node, cols)]
+    ups = [cols for cols in split if cols not in gates]
+    if len(gates) != 1 or len(ups) != 1:
+        return None
+    return [(call, {"gate": gates[0], "up": ups[0]})]
+
+
+def _split(g, probe: Probe, call: LinearCall) -> tuple[list[int], list[int]] | None:
+    """The first op on the way with two inputs carrying disjoint column sets of the projection -> the two sets."""
+    inside = set(probe.nodes) | {call.node}
     is_proj = lambda n: g.projection(n) is not None  # noqa: E731
-
-    def side(s: fx.Node) -> set[fx.Node]:  # s and its data ancestors back to the nearest projections
-        hits, seen = walk(s, g.flow.inputs, is_proj)
-        return seen - set(hits) | ({p} if p in hits else set())
-
-    for node in sorted(cone, key=g.flow.order.__getitem__):
-        if op_name(node) not in PRODUCTS:
-            continue
-        sides = [a for a in node.args[:2] if isinstance(a, fx.Node) and not _is_scalar(a)]
+    for node in probe.nodes:
+        sides = [a for a in dict.fromkeys(g.flow.inputs(node)) if a in inside]
         if len(sides) != 2:
             continue
-        cones = {s: side(s) for s in sides}
-        mine = [s for s in sides if p in cones[s]]
-        acts = {s: _has_activation(cones[s]) for s in sides}
-        if not mine or acts[sides[0]] == acts[sides[1]]:
-            continue
-        if len(mine) == 2:  # fused gate_up: the columns of each side
-            try:
-                return {("gate" if acts[s] else "up"): tuple(sorted(
-                    role_columns(p, out_f, cones[s], s, g.flow.order, g.params.constant))) for s in sides}
-            except ColumnsUnknown:
-                return None
-        return {("gate" if acts[mine[0]] else "up"): tuple(range(out_f))}
-    return {"up": tuple(range(out_f))}
+        try:
+            cols = [role_columns(call.node, call.features[1], walk(s, g.flow.inputs, is_proj)[1], s,
+                                 g.flow.order, g.params.constant) for s in sides]
+        except ColumnsUnknown:
+            return None
+        if all(cols) and not cols[0] & cols[1]:
+            return sorted(cols[0]), sorted(cols[1])
+    return None
 
 
-def _is_scalar(node: fx.Node) -> bool:
+def _is_index(node: fx.Node) -> bool:
     val = meta_value(node)
-    return not hasattr(val, "shape") or val.numel() == 1
+    return isinstance(val, torch.Tensor) and not (val.dtype.is_floating_point or val.dtype.is_complex
+                                                  or val.dtype == torch.bool)
 
 
-EXPERT_OPS = frozenset({"bmm", "matmul", "linear", "mm", "_grouped_mm", "grouped_mm", "grouped_mm_fallback", "einsum",
-                        "baddbmm"})
+def _routers(g, attention: set[str]) -> list[LinearCall]:
+    """Projections whose scores become indices (top-k, argmax, sort: an integer tensor derived from them)."""
+    out = []
+    for node in g.graph.nodes:
+        call = g.projection(node)
+        if call is None or call.module in attention:
+            continue
+        _, reach = walk(node, g.users, lambda n: g.projection(n) is not None)
+        if any(_is_index(n) for n in reach):
+            out.append(call)
+    return out
 
 
-def _expert_parameters(g) -> list[str]:
-    """3-D parameters multiplied with activations (directly, or one expert at a time through indexing): MoE
-    experts stacked as [E, ., .]; they are not linears and are left out."""
+def _experts(g, widths: set[int]) -> list[str]:
+    """3-D parameters stacked along a router's expert axis: experts; they are not linears and are left out."""
     notes = []
     for n in g.graph.nodes:
         name = g.params(n)
         shape = g.params.shape(n) if name is not None else None
-        if shape is None or len(shape) != 3:
-            continue
-        _, reach = walk(n, lambda m, p=n: list(m.users) if m is p or op_name(m) in _SELECT else [],
-                        lambda m: op_name(m) in EXPERT_OPS)
-        if any(op_name(m) in EXPERT_OPS for m in reach):
-            notes.append(f"{name}: MoE experts stored as a 3-D parameter {list(shape)}; only 2-D projections "
-                         "can be adapted")
+        if shape is not None and len(shape) == 3 and shape[0] in widths:
+            notes.append(f"{name}: {EXPERTS_NOTE} {list(shape)}; only 2-D projections can be adapted")
     return notes
-
-
-_SELECT = frozenset({"select", "getitem", "index", "transpose", "permute", "t", "view", "reshape", "slice",
-                     "expand", "unsqueeze", "to", "_to_copy", "contiguous", "numpy_T", "mT"})

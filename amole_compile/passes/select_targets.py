@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 
 from ..config import MLP_ROLES, ROLES, AdaMoLEConfig
+from .find_mlp import EXPERTS_NOTE, ROUTER_NOTE
 from .targets import PassReport, Target
 
 SEARCHED = ("aten.scaled_dot_product_attention, and eager attention (softmax between a matmul of q and kᵀ and a "
@@ -54,9 +55,26 @@ def check_found(model_name: str, report: PassReport, selected: list[Target], con
     absent = [r for r in config.roles if r not in have]
     if set(MLP_ROLES) <= set(config.roles) and "up" in have and "gate" in absent:
         absent.remove("gate")  # "mlp" / "all" on a two-matrix MLP (GPT-2, BERT, OPT): up and down only
+    if absent and set(absent) <= set(MLP_ROLES):
+        _no_mlp_but_moe(model_name, report, absent, have)
     if absent:
         raise ValueError(f"{model_name}: roles {tuple(absent)} were asked for, but its architecture has "
                          f"{tuple(have)}" + (f" (skipped: {'; '.join(report.skipped[:3])})" if report.skipped else ""))
     if not selected:
         raise NoAttentionFound(f"{model_name}: every projection was filtered out by roles={config.roles}, "
                                f"include={config.include!r}, exclude={config.exclude!r}")
+
+
+def _no_mlp_but_moe(model_name: str, report: PassReport, absent: list[str], have: list[str]) -> None:
+    """Feed-forward roles asked for where every feed-forward block is a mixture of experts: say so."""
+    routers = [s.partition(": ")[0] for s in report.skipped if ROUTER_NOTE in s]
+    experts = [s.partition(": ")[0] + s.partition(EXPERTS_NOTE)[2].partition(";")[0]
+               for s in report.skipped if EXPERTS_NOTE in s]
+    if not routers:
+        return
+    blocks = list(dict.fromkeys(r.rpartition(".")[0] or r for r in routers))
+    raise ValueError(
+        f"{model_name}: roles {tuple(absent)} were asked for, but every feed-forward block is a mixture of experts "
+        f"({', '.join(blocks)}): MoE expert weights stored as 3-D parameters are skipped, only 2-D projections "
+        f"can be adapted ({'; '.join(experts) or 'no stacked experts found'}), and routers are never adapted. "
+        f"Adaptable here: {len(report.targets)} projection(s) with roles {tuple(have)}")

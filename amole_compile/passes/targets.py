@@ -61,6 +61,15 @@ class PassReport:
     targets: list[Target] = dataclasses.field(default_factory=list)
     skipped: list[str] = dataclasses.field(default_factory=list)
     blocks: dict[str, str] = dataclasses.field(default_factory=dict)  # block -> what was found in it (per block)
+    shared: dict[str, int] = dataclasses.field(default_factory=dict)  # module -> blocks (calls) sharing it, if > 1
+
+    def add_block(self, name: str, found: str, modules: list[str], calls: int) -> None:
+        """Record a block (what was found in it); a block called `calls` > 1 times (ALBERT: one layer's
+        parameters for every layer) counts its attention sites that many times and shares its targets."""
+        if calls > 1:
+            found += f"; called {calls} times: its {len(modules)} projection(s) are shared by {calls} blocks"
+            self.shared.update(dict.fromkeys(modules, calls))
+        self.blocks[name] = found
 
     @property
     def matched(self) -> int:
@@ -105,6 +114,7 @@ class Plan:
         """A readable listing: one line per target, then the skipped items."""
         lines = [f"{self.model}: {self.report.anchors} attention site(s), {len(self.targets)} target(s)"]
         lines += [f"  block {name}: {found}" for name, found in self.report.blocks.items()]
-        lines += [f"  {t.describe()}" for t in self.targets]
+        lines += [f"  {t.describe()}" + (f"  shared by {self.report.shared[t.module]} blocks (one adapter, trained "
+                                         "by all)" if t.module in self.report.shared else "") for t in self.targets]
         lines += [f"  skipped: {s}" for s in self.report.skipped]
         return "\n".join(lines)

@@ -205,6 +205,35 @@ def test_hand_written_attention_module():
     assert not torch.allclose(model(x), ref)
 
 
+class KeysFirst(nn.Module):
+    """Cross-attention with the score product written `k @ qᵀ` (softmax over the key axis, -2), and an output
+    that passes through parameter ops that are not projections (a scale, a layer norm's weight, `@ diag(s)`)
+    before o_proj: q, k and o are told by dataflow, not by argument order or position."""
+
+    def __init__(self, d: int = 16) -> None:
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(d, d) for _ in range(4))
+        self.gamma, self.ln_w, self.s = nn.Parameter(torch.rand(d)), nn.Parameter(torch.rand(d)), \
+            nn.Parameter(torch.rand(d))
+
+    def forward(self, x, memory):  # x [B, Sq, D], memory [B, Sk, D], Sk != Sq
+        q, k, v = self.q_proj(x), self.k_proj(memory), self.v_proj(memory)
+        p = torch.matmul(k, q.transpose(-1, -2)).softmax(dim=-2)  # [B, Sk, Sq], normalised over keys
+        out = p.transpose(-1, -2) @ v  # [B, Sq, D]
+        return self.o_proj(F.layer_norm(out * self.gamma, (out.shape[-1],), self.ln_w) @ torch.diag(self.s))
+
+
+def test_roles_by_dataflow_not_argument_order():
+    model = KeysFirst()
+    inputs = (torch.randn(2, 3, 16), torch.randn(2, 7, 16))
+    plan = ac.plan(model, example_inputs=inputs)
+    assert [(t.module, t.roles) for t in plan.targets] == [
+        ("q_proj", ("q",)), ("k_proj", ("k",)), ("v_proj", ("v",)), ("o_proj", ("o",))], plan.describe()
+    ref = model(*inputs)
+    ac.transform(model, ac.AdaMoLEConfig(num_experts=2, rank=2, dropout=0.0), example_inputs=inputs)
+    assert torch.equal(model(*inputs), ref)
+
+
 # ---- filtering ------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -73,8 +73,23 @@ def test_roles_absent_from_the_architecture():
         ac.transform(model, ac.AdaMoLEConfig(roles=("q", "gate")))
     assert not ac.core.is_transformed(model)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
-    with pytest.raises(ValueError, match=r"MixtralModel: roles \('gate', 'up', 'down'\).*3-D parameter"):
-        ac.plan(build_matrix("mixtral_moe"), ac.AdaMoLEConfig(roles="mlp"))
+
+
+def test_mlp_roles_on_an_all_moe_model():
+    """Every feed-forward block is MoE (Mixtral): the error names the MoE blocks, says the 3-D experts are skipped
+    and lists what can be adapted; the model is left as it was."""
+    model = build_matrix("mixtral_moe")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError) as err:
+        ac.transform(model, ac.AdaMoLEConfig(roles="mlp"))
+    msg = str(err.value)
+    assert msg.startswith("MixtralModel: roles ('gate', 'up', 'down') were asked for, but every feed-forward block is "
+                          "a mixture of experts (layers.0.mlp, layers.1.mlp): MoE expert weights stored as 3-D "
+                          "parameters are skipped"), msg
+    assert "layers.0.mlp.experts.gate_up_proj [4, 256, 64]; layers.0.mlp.experts.down_proj [4, 64, 128]" in msg
+    assert msg.endswith("Adaptable here: 8 projection(s) with roles ('q', 'k', 'v', 'o')"), msg
+    assert not ac.core.is_transformed(model)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
 
 @pytest.mark.parametrize("arch", ["llama", "phi3"])

@@ -1,0 +1,167 @@
+"""Feed-forward roles by structure, on hand-written blocks whose activations are in no list: inline Mish, an
+erf-based GELU, squared ReLU, SwiGLU written as `g.sigmoid() * g * u`, a fused gate_up with the gate second,
+a router selecting with `max` (not top-k); and blocks that are not MLPs (no activation, a norm between the
+projections, a bilinear product). Each asserts the exact targets, roles and columns.
+
+Legend: B batch, S sequence, D model width, F hidden width of the MLP.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import amole_compile as ac
+
+B, S, D, F_ = 2, 5, 16, 24
+ALL = ac.AdaMoLEConfig(roles="all", num_experts=2, rank=2, dropout=0.0)
+
+
+def mish(x):
+    return x * torch.tanh(F.softplus(x))
+
+
+def erf_gelu(x):
+    return 0.5 * x * (1 + torch.special.erf(x / math.sqrt(2)))
+
+
+def relu_squared(x):
+    return F.relu(x) ** 2
+
+
+class Block(nn.Module):
+    """SDPA attention, then the feed-forward `ffn` (a method of the subclass), both residual."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v, self.o = (nn.Linear(D, D) for _ in range(4))
+
+    def forward(self, x):
+        h = lambda t: t.view(B, S, 2, D // 2).transpose(1, 2)  # noqa: E731
+        a = F.scaled_dot_product_attention(h(self.q(x)), h(self.k(x)), h(self.v(x)))
+        x = x + self.o(a.transpose(1, 2).reshape(B, S, D))
+        return x + self.ffn(F.layer_norm(x, (D,)))
+
+
+class TwoMatrix(Block):
+    def __init__(self, act):
+        super().__init__()
+        self.act, self.fc1, self.fc2 = act, nn.Linear(D, F_), nn.Linear(F_, D)
+
+    def ffn(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class SwiGLUInline(Block):
+    """silu written out; the product's plain side comes first."""
+
+    def __init__(self):
+        super().__init__()
+        self.w1, self.w3, self.w2 = nn.Linear(D, F_, bias=False), nn.Linear(D, F_, bias=False), nn.Linear(F_, D)
+
+    def ffn(self, x):
+        g = self.w1(x)
+        return self.w2(self.w3(x) * (g.sigmoid() * g))
+
+
+class FusedGateSecond(Block):
+    """One projection: the up half first, the gate half (erf GELU) second."""
+
+    def __init__(self):
+        super().__init__()
+        self.wi, self.wo = nn.Linear(D, 2 * F_), nn.Linear(F_, D)
+
+    def ffn(self, x):
+        up, gate = self.wi(x).chunk(2, dim=-1)
+        return self.wo(up * erf_gelu(gate))
+
+
+class ScaledUp(Block):
+    """A gated MLP whose plain side is scaled and shifted (still affine: up), gate through squared ReLU."""
+
+    def __init__(self):
+        super().__init__()
+        self.g, self.u, self.d = nn.Linear(D, F_), nn.Linear(D, F_), nn.Linear(F_, D)
+
+    def ffn(self, x):
+        return self.d(relu_squared(self.g(x)) * (0.5 * self.u(x) + 1.0))
+
+
+class MaxRouted(Block):
+    """Two dense two-matrix experts (Mish) and a router that picks one per token with `max` (an argmax)."""
+
+    def __init__(self):
+        super().__init__()
+        self.router = nn.Linear(D, 2, bias=False)
+        self.ups, self.downs = nn.ModuleList(nn.Linear(D, F_) for _ in range(2)), \
+            nn.ModuleList(nn.Linear(F_, D) for _ in range(2))
+
+    def ffn(self, x):
+        weight, pick = self.router(x).softmax(-1).max(-1)
+        ys = torch.stack([d(mish(u(x))) for u, d in zip(self.ups, self.downs, strict=True)], -1)  # [B, S, D, 2]
+        return weight[..., None] * ys.gather(-1, pick[..., None, None].expand(B, S, D, 1))[..., 0]
+
+
+class NotMLPs(Block):
+    """Projection pairs with no activation, with a norm between, and a bilinear product: none is an MLP."""
+
+    def __init__(self):
+        super().__init__()
+        self.a1, self.a2 = nn.Linear(D, F_), nn.Linear(F_, D)
+        self.n1, self.n2 = nn.Linear(D, F_), nn.Linear(F_, D)
+        self.b1, self.b2, self.b3 = nn.Linear(D, F_), nn.Linear(D, F_), nn.Linear(F_, D)
+
+    def ffn(self, x):
+        low_rank = self.a2(self.a1(x) * 0.5)
+        normed = self.n2(F.layer_norm(torch.tanh(self.n1(x)), (F_,)))
+        return low_rank + normed + self.b3(self.b1(x) * self.b2(x))
+
+
+def full(n):
+    return tuple(range(n))
+
+
+ATTN = [("q", {"q": full(D)}), ("k", {"k": full(D)}), ("v", {"v": full(D)}), ("o", {"o": full(D)})]
+CASES = {
+    "mish": (lambda: TwoMatrix(mish), [("fc1", {"up": full(F_)}), ("fc2", {"down": full(D)})]),
+    "erf_gelu": (lambda: TwoMatrix(erf_gelu), [("fc1", {"up": full(F_)}), ("fc2", {"down": full(D)})]),
+    "relu_squared": (lambda: TwoMatrix(relu_squared), [("fc1", {"up": full(F_)}), ("fc2", {"down": full(D)})]),
+    "swiglu_inline": (SwiGLUInline, [("w1", {"gate": full(F_)}), ("w3", {"up": full(F_)}),
+                                     ("w2", {"down": full(D)})]),
+    "fused_gate_second": (FusedGateSecond, [("wi", {"gate": tuple(range(F_, 2 * F_)), "up": full(F_)}),
+                                            ("wo", {"down": full(D)})]),
+    "scaled_up": (ScaledUp, [("g", {"gate": full(F_)}), ("u", {"up": full(F_)}), ("d", {"down": full(D)})]),
+    "max_routed": (MaxRouted, [("ups.0", {"up": full(F_)}), ("downs.0", {"down": full(D)}),
+                               ("ups.1", {"up": full(F_)}), ("downs.1", {"down": full(D)})]),
+}
+
+
+def found(plan):
+    return [(t.module, {r: t.columns(r) for r in t.roles}) for t in plan.targets]
+
+
+def x_():
+    return torch.randn(B, S, D, generator=torch.Generator().manual_seed(3))
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_feed_forward_by_structure(case):
+    make, want = CASES[case]
+    model = make()
+    plan = ac.plan(model, ALL, example_inputs=(x_(),))
+    assert found(plan) == ATTN + want, plan.describe()
+    if case == "max_routed":
+        assert "router: an MoE router" in "\n".join(plan.report.skipped)
+    ref = model(x_())
+    ac.transform(model, ALL, example_inputs=(x_(),))
+    torch.testing.assert_close(model(x_()), ref, rtol=0, atol=1e-6)
+
+
+def test_not_mlps():
+    with pytest.raises(ValueError, match=r"NotMLPs: roles \('gate', 'up', 'down'\) were asked for, but its "
+                                         r"architecture has \('q', 'k', 'v', 'o'\)$"):
+        ac.plan(NotMLPs(), ALL, example_inputs=(x_(),))
