@@ -113,6 +113,8 @@ def _read(path: Path, adapter_name: str | None):
         name = adapter_name or V1_NAME
         return {name: (config, want, True)}, tensors, name  # keys `<module>.adapters.?.<param>` until resolved
     entries, tensors = read_ours(path, data, file)
+    for name in entries:
+        check_adapter_name(name)
     saved = {n: (c, t, False) for n, (c, t) in entries.items()}
     if adapter_name is None:
         return saved, tensors, saved_active(data)

@@ -158,9 +158,12 @@ def transform(model: nn.Module | torch.export.ExportedProgram, config: AdaMoLECo
 
 
 def check_adapter_name(name: str) -> str:
-    """`name` if it can name an adapter (a non-empty string without dots), else ValueError."""
+    """`name` if it can name an adapter (a non-empty string without dots that is no nn.Module attribute, since
+    it names a submodule), else ValueError."""
     if not isinstance(name, str) or not name or "." in name:
         raise ValueError(f"adapter_name must be a non-empty string without '.', got {name!r}")
+    if hasattr(nn.ModuleDict, name):
+        raise ValueError(f"adapter_name {name!r} is the name of an nn.Module attribute; pick another name")
     return name
 
 

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import AdaMoLEConfig
-from .kernels.mixed_torch import SiteWeights, Stack, mixed_adapter, stack_sites
+from .kernels.mixed_torch import COL_DROPOUT, SiteWeights, Stack, mixed_adapter, stack_sites
 from .modules import AdapterGroup, ExpertSet, linear_features
 
 
@@ -92,7 +92,7 @@ class ProjectionAdapters(nn.Module):
         stack = _stack(rows, self.training)
         drop = None
         if self.training and any(s.dropout > 0 for s in rows.sites):
-            drop = torch.rand_like(xs) >= stack.dropout[slot].to(xs.dtype)[:, None, None]
+            drop = torch.rand_like(xs) >= stack.meta[slot, COL_DROPOUT].to(xs.dtype)[:, None, None]
         delta, scores, mask = mixed_adapter(xs, slot, stack, drop)
         t = xs.shape[0] * xs.shape[1]
         for j, site in enumerate(rows.sites):
@@ -139,6 +139,11 @@ def mixed_rows(proj: ProjectionAdapters, order: tuple[str, ...], ids: Tensor) ->
         for role, cols in zip(group.roles if group else (), group.columns if group else (), strict=True):
             roles.setdefault(role, []).append((index, group[role]))
             columns[role] = cols
+    dtypes = {order[i]: site.lora_A.dtype for entries in roles.values() for i, site in entries}
+    if len(set(dtypes.values())) > 1:
+        listed = ", ".join(f"{n!r} {d}" for n, d in dtypes.items())
+        raise ValueError(f"adapters of different dtypes cannot share a mixed batch (its rows compute in one "
+                         f"dtype): {listed}; give them one adapter_dtype")
     out = []
     for role, entries in roles.items():
         lut = [len(entries)] * (len(order) + 1)

@@ -132,6 +132,16 @@ def test_bad_rows_are_refused():
     assert all(p.mixed is None for _, p in ac.core.projections(model))
 
 
+def test_adapters_of_different_dtypes_are_refused_by_name():
+    model = build("llama")
+    ac.transform(model, CFGS["a"], adapter_name="a")
+    ac.transform(model, ac.AdaMoLEConfig(adapter_dtype="bfloat16"), adapter_name="bf16")
+    with pytest.raises(ValueError, match=r"different dtypes.*'a' torch.float32, 'bf16' torch.bfloat16"):
+        with ac.batch_adapters(model, ["a", "bf16"]):
+            pass
+    assert all(p.mixed is None for _, p in ac.core.projections(model))
+
+
 def test_graph_modules_refuse_mixed_batches():
     base = build("llama")
     x = ids(2, 8)

@@ -171,6 +171,7 @@ def test_bad_names_are_refused_and_change_nothing():
         (lambda: ac.transform(model, CFG_A, adapter_name="a"), "holds an adapter named 'a' already"),
         (lambda: ac.transform(model, CFG_A, adapter_name="x.y"), "adapter_name must be a non-empty string"),
         (lambda: ac.transform(model, CFG_A, adapter_name=""), "adapter_name must be a non-empty string"),
+        (lambda: ac.transform(model, CFG_A, adapter_name="half"), "'half' is the name of an nn.Module attribute"),
         (lambda: ac.save_adapters(model, "/tmp/never", adapter_name="z"), "unknown adapter 'z'"),
     ]:
         with pytest.raises(ValueError, match=pattern):

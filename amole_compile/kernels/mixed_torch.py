@@ -44,17 +44,14 @@ class SiteWeights(NamedTuple):
 class Stack(NamedTuple):
     """L adapters of one site, padded and stacked, plus the all-zero slot L."""
 
-    lora_a: Tensor  # [L+1, K, D]
+    down: Tensor  # [L+1, K + E + 1, D]: A (K rows), the gate (E rows, zero-padded), the threshold row
     lora_b: Tensor  # [L+1, O, K]
-    router: Tensor  # [L+1, E+1, D]: gate rows 0..E-1 (zero-padded), threshold row E
-    thr_b: Tensor  # [L+1] float32
-    experts: Tensor  # [L+1] long: real expert count
-    code: Tensor  # [L+1] long: `MethodSpec.code`
-    cap: Tensor  # [L+1] float32: threshold cap (adamole)
-    top_k: Tensor  # [L+1] long (mole)
-    scale: Tensor  # [L+1] float32
-    dropout: Tensor  # [L+1] float32
+    meta: Tensor  # [L+1, 7] float32: experts, method code, cap, top_k, scale, dropout, threshold bias
+    experts: int  # E
     max_k: int  # largest top_k of a mole slot (0 when none)
+
+
+COL_EXPERTS, COL_CODE, COL_CAP, COL_TOP_K, COL_SCALE, COL_DROPOUT, COL_THR_B = range(7)  # `Stack.meta` columns
 
 
 def stack_sites(sites: list[SiteWeights]) -> Stack:
@@ -63,31 +60,25 @@ def stack_sites(sites: list[SiteWeights]) -> Stack:
     e = max([s.num_experts for s in sites])
     r = max([s.lora_a.shape[0] // s.num_experts for s in sites])
     d, o = ref.shape[1], sites[0].lora_b.shape[0]
-    a_parts, b_parts, router_parts = [], [], []
+    down, b_parts = [], []
     for s in sites:
         ea, ra = s.num_experts, s.lora_a.shape[0] // s.num_experts
         a = F.pad(s.lora_a.view(ea, ra, d), (0, 0, 0, r - ra, 0, e - ea))  # [E, R, D]
         b = F.pad(s.lora_b.view(o, ea, ra), (0, r - ra, 0, e - ea))  # [O, E, R]
         gate = s.gate if s.gate is not None else ref.new_zeros(ea, d)
         thr = s.thr_w if s.thr_w is not None else ref.new_zeros(1, d)
-        a_parts.append(a.reshape(e * r, d))
+        down.append(torch.cat([a.reshape(e * r, d), F.pad(gate, (0, 0, 0, e - ea)), thr], 0))  # [K+E+1, D]
         b_parts.append(b.reshape(o, e * r))
-        router_parts.append(torch.cat([F.pad(gate, (0, 0, 0, e - ea)), thr], 0))  # [E+1, D]
-    a_parts.append(ref.new_zeros(e * r, d))
+    down.append(ref.new_zeros(e * r + e + 1, d))
     b_parts.append(ref.new_zeros(o, e * r))
-    router_parts.append(ref.new_zeros(e + 1, d))
-    meta = [(s.num_experts, method_spec(s.method).code, s.cap, s.top_k, s.scale, s.dropout) for s in sites]
-    meta.append((1, LORA.code, 0.0, 1, 0.0, 0.0))
-    cols = list(zip(*meta, strict=True))
+    consts = [[s.num_experts, method_spec(s.method).code, s.cap, s.top_k, s.scale, s.dropout] for s in sites]
+    consts.append([1, LORA.code, 0.0, 1, 0.0, 0.0])
     dev = ref.device
     thr_b = [s.thr_b.reshape(()).float() if s.thr_b is not None else torch.zeros((), device=dev) for s in sites]
-    return Stack(
-        torch.stack(a_parts), torch.stack(b_parts), torch.stack(router_parts),
-        torch.stack(thr_b + [torch.zeros((), device=dev)]),
-        torch.tensor(cols[0], device=dev), torch.tensor(cols[1], device=dev),
-        torch.tensor(cols[2], dtype=torch.float32, device=dev), torch.tensor(cols[3], device=dev),
-        torch.tensor(cols[4], dtype=torch.float32, device=dev), torch.tensor(cols[5], dtype=torch.float32, device=dev),
-        max([s.top_k for s in sites if s.method == MOLE.name] or [0]))
+    meta = torch.cat([torch.tensor(consts, dtype=torch.float32, device=dev),
+                      torch.stack(thr_b + [torch.zeros((), device=dev)])[:, None]], 1)
+    return Stack(torch.stack(down), torch.stack(b_parts), meta, e,
+                 max([s.top_k for s in sites if s.method == MOLE.name] or [0]))
 
 
 def _normalised(num: Tensor) -> Tensor:
@@ -95,20 +86,21 @@ def _normalised(num: Tensor) -> Tensor:
     return num / torch.where(s == 0, torch.ones_like(s), s)
 
 
-def _route(zr: Tensor, slot: Tensor, st: Stack) -> tuple[Tensor, Tensor, Tensor]:
-    """zr [B, S, E+1] float32, slot [B] -> (w, scores, mask), each [B, S, E], per row by its slot's method."""
-    e = zr.shape[-1] - 1
+def _route(zr: Tensor, meta: Tensor, st: Stack) -> tuple[Tensor, Tensor, Tensor]:
+    """zr [B, S, E+1] float32, meta [B, 7] (the rows' slots) -> (w, scores, mask), each [B, S, E], per row by
+    its slot's method."""
+    e = st.experts
     idx = torch.arange(e, device=zr.device)
-    valid = (idx < st.experts[slot][:, None])[:, None, :]  # [B, 1, E]
-    code = st.code[slot][:, None, None]  # [B, 1, 1]
+    valid = (idx < meta[:, COL_EXPERTS, None])[:, None, :]  # [B, 1, E]
+    code = meta[:, COL_CODE, None, None]  # [B, 1, 1]
     logits = zr[..., :e].masked_fill(~valid, float("-inf"))
     p = torch.softmax(logits, dim=-1)  # [B, S, E]
-    sig = torch.sigmoid(zr[..., e] + st.thr_b[slot][:, None])[..., None]  # [B, S, 1]
-    shifted = p - st.cap[slot][:, None, None] * sig
+    sig = torch.sigmoid(zr[..., e] + meta[:, COL_THR_B, None])[..., None]  # [B, S, 1]
+    shifted = p - meta[:, COL_CAP, None, None] * sig
     m_ada = (shifted >= 0) & valid
     if st.max_k:
         top = torch.topk(logits, st.max_k, dim=-1).indices  # [B, S, kmax]
-        keep = torch.arange(st.max_k, device=zr.device) < st.top_k[slot][:, None, None]  # [B, 1, kmax]
+        keep = torch.arange(st.max_k, device=zr.device) < meta[:, COL_TOP_K, None, None]  # [B, 1, kmax]
         m_mole = torch.zeros_like(valid.expand_as(p)).scatter(-1, top, keep.expand_as(top))
     else:
         m_mole = torch.zeros_like(m_ada)
@@ -127,16 +119,18 @@ def mixed_adapter(x: Tensor, slot: Tensor, st: Stack, drop_mask: Tensor | None =
     Row b computes what its slot's adapter alone computes on it (its dropout keep-mask from `drop_mask`
     [B, S, D] when training)."""
     b, s, _ = x.shape
-    e = st.router.shape[1] - 1
-    k = st.lora_a.shape[1]
-    xd = x
-    if drop_mask is not None:
-        keep = 1.0 / (1.0 - st.dropout[slot]).to(x.dtype)  # [B]
-        xd = torch.where(drop_mask, x, 0) * keep[:, None, None]
-    za = torch.bmm(xd, st.lora_a[slot].transpose(1, 2))  # [B, S, K]
+    e, k = st.experts, st.lora_b.shape[2]
+    meta = st.meta[slot]  # [B, 7]
+    down = st.down[slot]  # [B, K+E+1, D]: one gather for A and the router
     route_dt = torch.float64 if x.dtype == torch.float64 else torch.float32
-    zr = torch.bmm(x, st.router[slot].transpose(1, 2)).to(route_dt)  # [B, S, E+1]
-    w, scores, mask = _route(zr, slot, st)
-    h = za.view(b, s, e, k // e) * (st.scale[slot][:, None, None] * w).to(za.dtype)[..., None]  # [B, S, E, R]
+    if drop_mask is None:
+        za, zr = torch.bmm(x, down.transpose(1, 2)).split([k, e + 1], dim=-1)  # [B, S, K], [B, S, E+1]
+    else:
+        keep = 1.0 / (1.0 - meta[:, COL_DROPOUT]).to(x.dtype)  # [B]
+        xd = torch.where(drop_mask, x, 0) * keep[:, None, None]
+        za = torch.bmm(xd, down[:, :k].transpose(1, 2))
+        zr = torch.bmm(x, down[:, k:].transpose(1, 2))
+    w, scores, mask = _route(zr.to(route_dt), meta, st)
+    h = za.reshape(b, s, e, k // e) * (meta[:, COL_SCALE, None, None].to(w.dtype) * w).to(za.dtype)[..., None]
     delta = torch.bmm(h.reshape(b, s, k), st.lora_b[slot].transpose(1, 2))  # [B, S, O]
     return delta, scores, mask
