@@ -13,17 +13,22 @@ on for batch > 1 unless position_ids are fed batched.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shutil
 import tempfile
 import traceback
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from ._graphs import GraphSpec, decoder_spec, scoring_spec
 from ._translation import MASKING, translation_table
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 DEFAULT_OPSET = 20
 MIN_OPSET = 18
@@ -35,7 +40,9 @@ class OnnxExportError(RuntimeError):
 
 
 def export_onnx(model: nn.Module, path: str | os.PathLike, *, kv_cache: bool = False, opset: int | None = None,
-                dynamic: bool = True, masking: str = "dense", external_data: bool | None = None) -> Path:
+                dynamic: bool = True, masking: str = "dense", external_data: bool | None = None,
+                genai: bool = False, adapters: list[str] | None = None,
+                tokenizer: str | os.PathLike | PreTrainedTokenizerBase | None = None) -> Path:
     """Export `model` to the ONNX file `path` and return its Path.
 
     kv_cache       False: scoring graph (input_ids, attention_mask[, position_ids]) -> logits.
@@ -47,11 +54,16 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, kv_cache: bool = F
     masking        "dense" (every expert computed, unselected ones weighted 0) or "skip" (each expert in an
                    ONNX If that skips experts no token of the batch selected).
     external_data  weights in a separate `<name>.data` file; None: only above 1 GiB.
+    genai          `path` is a folder for onnxruntime-genai: the KV-cache decoder, genai_config.json, the
+                   tokenizer files (`tokenizer=` a directory or tokenizer object) and, with `adapters=[names]`,
+                   one `<name>.onnx_adapter` each, the adapter tensors being graph inputs (`export/genai.py`).
 
     The model runs in eval mode for the export and gets its modes back afterwards. The file is written to a
     temporary name in the destination directory and renamed into place, so a failure leaves nothing behind.
     """
-    dest = _destination(path)
+    if (adapters is not None or tokenizer is not None) and not genai:
+        raise ValueError("adapters= and tokenizer= need genai=True")
+    dest = None if genai else _destination(path)  # genai: a folder, checked by export_genai
     opset = _opset(opset)
     if masking not in MASKING:
         raise ValueError(f"masking must be one of {MASKING}, got {masking!r}")
@@ -65,6 +77,11 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, kv_cache: bool = F
             f"{type(model).__name__} has a base quantized by {lib}, whose kernels have no ONNX form: export the "
             "unquantized base with the same adapters (from_pretrained(dir) without quantization_config, then "
             "load_adapters(model, adapter_dir))")
+    if genai:
+        from .genai import export_genai
+
+        graph = functools.partial(_export_graph, model, opset=opset, masking=masking, external_data=external_data)
+        return export_genai(model, path, graph, adapters=adapters, tokenizer=tokenizer)
     with _eval_mode(model):
         spec = decoder_spec(model, dynamic) if kv_cache else scoring_spec(model, dynamic)
         program = _convert(model, spec, opset, masking)
@@ -74,15 +91,20 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, kv_cache: bool = F
 
 def export_from_dirs(model_dir: str | os.PathLike, adapter_dir: str | os.PathLike | None,
                      out_path: str | os.PathLike, *, kv_cache: bool = False, opset: int | None = None,
-                     masking: str = "dense") -> Path:
+                     masking: str = "dense", genai: bool = False) -> Path:
     """Load an HF `save_pretrained` directory, apply `load_adapters(adapter_dir)` (ours or an upstream-repo
-    checkpoint; None exports the base model) and export to `out_path`. Returns the written path."""
-    _destination(out_path)  # fail before the (slow) load
+    checkpoint; None exports the base model) and export to `out_path` (with `genai`: a folder, tokenizer files
+    copied from `model_dir`). Returns the written path."""
+    from .genai import check_out_dir
+
+    check_out_dir(out_path) if genai else _destination(out_path)  # fail before the (slow) load
     model = load_pretrained(model_dir)
     if adapter_dir is not None:
         from ..adapters_io import load_adapters
 
         load_adapters(model, adapter_dir)
+    if genai:
+        return export_onnx(model, out_path, genai=True, tokenizer=model_dir, opset=opset, masking=masking)
     return export_onnx(model, out_path, kv_cache=kv_cache, opset=opset, masking=masking)
 
 
@@ -161,6 +183,18 @@ def _convert(model: nn.Module, spec: GraphSpec, opset: int, masking: str):
                                  optimize=True)
     except Exception as exc:
         raise OnnxExportError(f"ONNX translation failed{_failing_node(exc, ep)}: {_first_line(exc)}") from exc
+
+
+def _export_graph(model: nn.Module, make_spec, dest: Path, edit=None, *, opset: int, masking: str,
+                  external_data: bool | None) -> GraphSpec:
+    """Capture `make_spec()` in eval mode and translate it, let `edit` change the ONNX graph, write `dest`."""
+    with _eval_mode(model):
+        spec = make_spec()
+        program = _convert(model, spec, opset, masking)
+    if edit is not None:
+        edit(program.model.graph)
+    _write(program, dest, external_data)
+    return spec
 
 
 def _capture(spec: GraphSpec):

@@ -1,0 +1,198 @@
+"""`export_onnx(model, out_dir, genai=True)`: a folder onnxruntime-genai serves, with adapters as named graph
+inputs and one `.onnx_adapter` each; its greedy tokens equal PyTorch `generate` for every adapter and for none."""
+
+from __future__ import annotations
+
+import copy
+import json
+import types
+
+import numpy as np
+import pytest
+import torch
+
+og = pytest.importorskip("onnxruntime_genai")
+
+import onnx  # noqa: E402
+import onnxruntime as ort  # noqa: E402
+
+import amole_compile as ac  # noqa: E402
+from amole_compile import cli  # noqa: E402
+from amole_compile.adapter_files import adapter_state  # noqa: E402
+from amole_compile.export import genai  # noqa: E402
+
+from models import bpe_tokenizer, build  # noqa: E402
+from onnx_helpers import randomise  # noqa: E402
+
+TEXTS = ["the lazy fox", "a mixture of lora experts routes every token over the dog"]
+NEW = 10
+
+
+def _base(tok, layers: int = 2):
+    torch.manual_seed(0)
+    return build("llama", vocab_size=len(tok), pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                 num_hidden_layers=layers)
+
+
+def _weights(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in adapter_state(model).items()}
+
+
+def _load(model, weights: dict[str, torch.Tensor]):
+    with torch.no_grad():
+        for k, p in adapter_state(model).items():
+            p.copy_(weights[k])
+    return model
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """A llama with adapter "a" exported for genai with a tokenizer object, then adapter "b" (other weights on
+    the same sites) added to the folder with `add_adapter`."""
+    tok = bpe_tokenizer()
+    base = _base(tok)
+    model = randomise(ac.transform(copy.deepcopy(base), ac.AdaMoLEConfig()), seed=0)
+    out = tmp_path_factory.mktemp("genai") / "served"
+    path = ac.export_onnx(model, out, genai=True, adapters=["a"], tokenizer=tok)
+    weights = {"a": _weights(model)}
+    weights["b"] = _weights(randomise(model, seed=1))
+    genai.add_adapter(model, out, "b")
+    return types.SimpleNamespace(tok=tok, base=base, model=model, out=out, path=path, weights=weights)
+
+
+def _genai_generate(out, adapter: str | None) -> list[list[int]]:
+    """Greedy continuations (NEW tokens) of TEXTS, batched as og.Tokenizer.encode_batch pads them (right)."""
+    model = og.Model(str(out))
+    ids = og.Tokenizer(model).encode_batch(TEXTS).as_numpy()
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=ids.shape[1] + NEW, do_sample=False, batch_size=len(TEXTS))
+    gen = og.Generator(model, params)
+    if adapter is not None:
+        adapters = og.Adapters(model)
+        adapters.load(str(out / f"{adapter}.onnx_adapter"), adapter)
+        gen.set_active_adapter(adapters, adapter)
+    gen.append_tokens(ids)
+    while not gen.is_done():
+        gen.generate_next_token()
+    return [[int(t) for t in gen.get_sequence(i)[ids.shape[1]:]] for i in range(len(TEXTS))]
+
+
+def _torch_generate(model, tok) -> list[list[int]]:
+    tok.padding_side = "left"
+    batch = tok(TEXTS, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        out = model.generate(**batch, max_new_tokens=NEW, do_sample=False)
+    return out[:, batch["input_ids"].shape[1]:].tolist()
+
+
+@pytest.mark.slow
+def test_folder_and_config(served):
+    names = sorted(p.name for p in served.out.iterdir())
+    assert served.path == served.out.absolute()
+    assert {"model.onnx", "genai_config.json", "a.onnx_adapter", "b.onnx_adapter", "tokenizer.json",
+            "tokenizer_config.json"} <= set(names)
+    assert not [p for p in served.out.parent.iterdir() if p.name.startswith(".")], "temp folder left behind"
+    cfg, hf = json.loads((served.out / "genai_config.json").read_text()), served.model.config
+    m, dec = cfg["model"], cfg["model"]["decoder"]
+    assert (m["type"], m["vocab_size"], m["context_length"]) == ("llama", len(served.tok), hf.max_position_embeddings)
+    assert (m["bos_token_id"], m["eos_token_id"], m["pad_token_id"]) == (1, 2, 0)
+    assert (dec["num_hidden_layers"], dec["num_attention_heads"], dec["num_key_value_heads"], dec["head_size"],
+            dec["hidden_size"]) == (2, 4, 2, 16, 64)
+    assert dec["inputs"]["past_key_names"] == "past_key_values.%d.key"
+    assert dec["outputs"]["present_value_names"] == "present.%d.value"
+    assert cfg["search"]["past_present_share_buffer"] is False and cfg["search"]["do_sample"] is False
+
+
+@pytest.mark.slow
+def test_adapter_tensors_are_named_inputs_with_zero_defaults(served):
+    graph = onnx.load(str(served.out / "model.onnx")).graph
+    inputs = {i.name for i in graph.input if i.name.startswith("amole.")}
+    want = {genai.input_name(k) for k in served.weights["a"]}
+    assert inputs == want and len(want) == 40  # 2 layers x q,k,v,o x (A, B, gate, threshold w, b)
+    defaults = {t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer if t.name in inputs}
+    assert set(defaults) == inputs and all(not d.any() for d in defaults.values())
+    for name, weights in served.weights.items():
+        stored = ort.AdapterFormat.read_adapter(str(served.out / f"{name}.onnx_adapter")).get_parameters()
+        assert set(stored) == inputs
+        for key, w in weights.items():
+            np.testing.assert_array_equal(stored[genai.input_name(key)].numpy(), w.numpy())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("adapter", ["a", "b", None])
+def test_greedy_tokens_equal_pytorch(served, adapter):
+    """Each adapter (and no adapter: the base model) in a batch of prompts of different lengths."""
+    ref = _torch_generate(_load(served.model, served.weights[adapter]) if adapter else served.base, served.tok)
+    assert _genai_generate(served.out, adapter) == ref
+
+
+@pytest.mark.slow
+def test_adapters_change_the_tokens(served):
+    runs = [_torch_generate(_load(served.model, served.weights[n]), served.tok) for n in ("a", "b")]
+    runs.append(_torch_generate(served.base, served.tok))
+    assert runs[0] != runs[1] and runs[0] != runs[2] and runs[1] != runs[2]
+
+
+@pytest.mark.slow
+def test_add_adapter_refuses_other_shapes(served):
+    other = ac.transform(copy.deepcopy(served.base), ac.AdaMoLEConfig(rank=2))
+    with pytest.raises(ValueError, match=r"adapter 'c' does not fit .*amole\.model\.layers"):
+        genai.add_adapter(other, served.out, "c")
+    assert not (served.out / "c.onnx_adapter").exists()
+
+
+def test_adapters_and_tokenizer_need_genai(tmp_path):
+    model = ac.transform(build("llama", num_hidden_layers=1), ac.AdaMoLEConfig())
+    with pytest.raises(ValueError, match="need genai=True"):
+        ac.export_onnx(model, tmp_path / "m.onnx", adapters=["a"])
+    with pytest.raises(ValueError, match="no AdaMoLE adapters"):
+        ac.export_onnx(build("llama", num_hidden_layers=1), tmp_path / "g", genai=True, adapters=["a"])
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="holds no genai_config.json"):
+        ac.export_onnx(model, tmp_path / "taken", genai=True)
+    if not hasattr(ac, "set_active_adapter"):  # one adapter per model: one name
+        with pytest.raises(ValueError, match="one adapter"):
+            ac.export_onnx(model, tmp_path / "g", genai=True, adapters=["a", "b"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
+
+
+@pytest.mark.slow
+def test_failed_export_leaves_no_folder(tmp_path, monkeypatch):
+    """A failure after the graph was written (here: copying the tokenizer) leaves neither the folder nor a temp."""
+    model = randomise(ac.transform(_base(bpe_tokenizer(), layers=1), ac.AdaMoLEConfig()))
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(genai, "_copy_tokenizer", fail)
+    with pytest.raises(OSError, match="disk full"):
+        ac.export_onnx(model, tmp_path / "out", genai=True, adapters=["a"])
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_cli_genai_without_tokenizer_says_so_in_one_line(tmp_path, capsys):
+    """`amole-compile export MODEL_DIR ADAPTER_DIR OUT --genai` on a model directory without tokenizer files:
+    the export completes (the adapters baked in), one warning line says the tokenizer files are missing, and
+    genai generates PyTorch's tokens from token ids."""
+    tok = bpe_tokenizer()
+    model = randomise(ac.transform(_base(tok, layers=1), ac.AdaMoLEConfig()))
+    ac.untransform(copy.deepcopy(model)).save_pretrained(tmp_path / "base")
+    ac.save_adapters(model, tmp_path / "adapters")
+    out = tmp_path / "served"
+    assert cli.main(["export", str(tmp_path / "base"), str(tmp_path / "adapters"), str(out), "--genai"]) == 0
+    err = [ln for ln in capsys.readouterr().err.splitlines() if "amole-compile" in ln]
+    assert len(err) == 1 and "warning" in err[0] and "no tokenizer files" in err[0], err
+    assert sorted(p.name for p in out.iterdir()) == ["genai_config.json", "model.onnx"]
+    prompt = np.array([[86, 261, 316, 309, 144, 7]], dtype=np.int32)
+    served = og.Model(str(out))
+    params = og.GeneratorParams(served)
+    params.set_search_options(max_length=prompt.shape[1] + NEW, do_sample=False)
+    gen = og.Generator(served, params)
+    gen.append_tokens(prompt)
+    while not gen.is_done():
+        gen.generate_next_token()
+    with torch.no_grad():
+        ref = model.generate(torch.from_numpy(prompt).long(), max_new_tokens=NEW, do_sample=False)
+    assert [int(t) for t in gen.get_sequence(0)] == ref[0].tolist()
