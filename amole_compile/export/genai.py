@@ -86,19 +86,13 @@ def add_adapter(model: nn.Module, out_dir: str | os.PathLike, name: str) -> Path
     `adapters=[...]`, without exporting the graph again: e.g. an adapter trained later on the same sites.
 
     The adapter's tensors must match the graph's adapter inputs (names, shapes, element types)."""
-    import onnx
-
     folder = Path(out_dir)
-    if not isinstance(name, str) or not name or Path(name).name != name:
-        raise ValueError(f"adapter name must be a plain non-empty file name, got {name!r}")
-    graph = onnx.load(str(folder / MODEL_FILE), load_external_data=False).graph
-    want = {i.name: (tuple(d.dim_value for d in i.type.tensor_type.shape.dim), i.type.tensor_type.elem_type)
-            for i in graph.input if i.name.startswith(INPUT_PREFIX)}
+    _check_names([name])
+    want = graph_adapter_inputs(folder / MODEL_FILE)
     if not want:
         raise ValueError(f"{folder / MODEL_FILE} takes no adapter inputs: export it with adapters=[...]")
     tensors = _snapshot(model)
-    have = {input_name(k): (tuple(v.shape), onnx.helper.np_dtype_to_tensor_dtype(np.dtype(str(v.dtype)[6:])))
-            for k, v in tensors.items()}
+    have = {input_name(k): (tuple(v.shape), _onnx_type(v.dtype)) for k, v in tensors.items()}
     if have != want:
         diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
         raise ValueError(f"adapter {name!r} does not fit {folder / MODEL_FILE}: {diff[0]} is {have.get(diff[0])} "
@@ -114,6 +108,28 @@ def add_adapter(model: nn.Module, out_dir: str | os.PathLike, name: str) -> Path
 
 
 # ---- adapters as graph inputs ---------------------------------------------------------------------
+
+def graph_adapter_inputs(path: Path) -> dict[str, tuple[tuple[int, ...], int]]:
+    """The adapter inputs of an exported graph: name -> (shape, ONNX element type)."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return {i.name: (tuple(d.dim_value for d in i.type.tensor_type.shape.dim), i.type.tensor_type.elem_type)
+            for i in graph.input if i.name.startswith(INPUT_PREFIX)}
+
+
+def _onnx_type(dtype: torch.dtype) -> int:
+    import onnx
+
+    return onnx.helper.np_dtype_to_tensor_dtype(torch.empty(0, dtype=dtype).numpy().dtype)
+
+
+def _check_names(names: list) -> None:
+    """Adapter names become file names: distinct, non-empty, no path separators."""
+    if not names or len(set(names)) != len(names) or \
+            not all(isinstance(n, str) and n and Path(n).name == n for n in names):
+        raise ValueError(f"adapters must be distinct non-empty names usable as file names, got {names!r}")
+
 
 def input_name(param: str) -> str:
     """`<module>.adapters.<role>.<param>` -> the graph input `amole.<module>.<role>.<param>` (no adapter name)."""
@@ -136,8 +152,7 @@ def adapter_weights(model: nn.Module, names: Sequence[str]) -> dict[str, dict[st
     import amole_compile as ac
 
     names = [names] if isinstance(names, str) else list(names)
-    if not names or len(set(names)) != len(names) or not all(isinstance(n, str) and n for n in names):
-        raise ValueError(f"adapters must be a list of distinct non-empty names, got {names!r}")
+    _check_names(names)
     if not _adapter_inputs(model):
         raise ValueError(f"{type(model).__name__} has no AdaMoLE adapters; transform it (or load_adapters) first")
     setter = getattr(ac, "set_active_adapter", None)
@@ -204,6 +219,8 @@ class AdapterInputGraph(nn.Module):
 def with_adapter_inputs(spec: GraphSpec, tensors: dict[str, torch.Tensor]) -> GraphSpec:
     """`spec` with the adapter tensors as extra (static-shaped) graph inputs named by `input_name`."""
     params = list(tensors)
+    for p in params:  # functional_call would silently ignore a name that is not a parameter of the model
+        spec.module.model.get_parameter(p)
     example = tuple(tensors[p] for p in params)
     dims = None if spec.dynamic_shapes is None else (*spec.dynamic_shapes, tuple({} for _ in params))
     return GraphSpec(AdapterInputGraph(spec.module, params), (*spec.args, example), dims,

@@ -157,6 +157,36 @@ def test_adapters_and_tokenizer_need_genai(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
 
 
+def test_several_adapters_through_set_active_adapter(monkeypatch):
+    """With the named-adapter API (emulated here: two weight sets on one model), each name gets its own weights,
+    unknown names are refused with the known ones, and the active adapter is restored."""
+    model = ac.transform(build("llama", num_hidden_layers=1), ac.AdaMoLEConfig())
+    sets = {"a": _weights(randomise(model, seed=0)), "b": _weights(randomise(model, seed=1))}
+    active = ["b"]
+
+    def set_active(m, name):
+        active[0] = name
+        _load(m, sets[name])
+
+    monkeypatch.setattr(ac, "set_active_adapter", set_active, raising=False)
+    monkeypatch.setattr(ac, "adapter_names", lambda m: list(sets), raising=False)
+    monkeypatch.setattr(ac, "active_adapter", lambda m: active[0], raising=False)
+    found = genai.adapter_weights(model, ["a", "b"])
+    for name in ("a", "b"):
+        assert all(torch.equal(found[name][k], sets[name][k]) for k in sets[name])
+    assert active == ["b"] and torch.equal(_weights(model)[next(iter(sets["b"]))], next(iter(sets["b"].values())))
+    with pytest.raises(ValueError, match=r"unknown adapter\(s\) \['c'\]; the model has \['a', 'b'\]"):
+        genai.adapter_weights(model, ["a", "c"])
+    with pytest.raises(ValueError, match="usable as file names"):
+        genai.adapter_weights(model, ["a/b"])
+
+
+def test_adapters_of_other_shapes_cannot_share_a_graph():
+    a = {"m.adapters.q.lora_A": torch.zeros(32, 64)}
+    with pytest.raises(ValueError, match=r"'a' and 'b' cannot share one graph: m.adapters.q.lora_A is \(\(32, 64\)"):
+        genai._same_shapes({"a": a, "b": {"m.adapters.q.lora_A": torch.zeros(16, 64)}})
+
+
 @pytest.mark.slow
 def test_failed_export_leaves_no_folder(tmp_path, monkeypatch):
     """A failure after the graph was written (here: copying the tokenizer) leaves neither the folder nor a temp."""
