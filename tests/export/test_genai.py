@@ -157,6 +157,19 @@ def test_adapters_and_tokenizer_need_genai(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
 
 
+def test_tokenizer_files_come_from_the_model_directory(tmp_path, recwarn):
+    """tokenizer=None: the files of the directory the model was loaded from are copied, without a warning."""
+    src, out = tmp_path / "model_dir", tmp_path / "out"
+    src.mkdir(), out.mkdir()
+    bpe_tokenizer().save_pretrained(src)
+    model = build("llama", num_hidden_layers=1)
+    model.name_or_path = str(src)
+    genai._copy_tokenizer(genai._model_dir(model), out, tmp_path / "served")
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in src.iterdir())
+    assert "tokenizer.json" in {p.name for p in out.iterdir()}
+    assert not [w for w in recwarn if issubclass(w.category, genai.MissingTokenizerWarning)]
+
+
 def test_several_adapters_through_set_active_adapter(monkeypatch):
     """With the named-adapter API (emulated here: two weight sets on one model), each name gets its own weights,
     unknown names are refused with the known ones, and the active adapter is restored."""
