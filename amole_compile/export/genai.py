@@ -281,10 +281,10 @@ def genai_config(model: nn.Module, spec: GraphSpec) -> dict:
         "inputs": _names(spec.input_names, {"input_ids", "attention_mask", "position_ids"}, "past_key_values"),
         "outputs": _names(spec.output_names, {"logits"}, "present"),
     }
+    ids = {k: v for k, v in (("bos_token_id", bos), ("eos_token_id", eos), ("pad_token_id", pad)) if v is not None}
     return {
-        "model": {"bos_token_id": bos, "context_length": context, "decoder": decoder, "eos_token_id": eos,
-                  "pad_token_id": pad, "type": model_type if model_type in GENAI_TYPES else "decoder",
-                  "vocab_size": int(cfg.vocab_size)},
+        "model": {**ids, "context_length": context, "decoder": decoder,  # genai refuses null ids: unset ones left out
+                  "type": model_type if model_type in GENAI_TYPES else "decoder", "vocab_size": int(cfg.vocab_size)},
         "search": _search(model, context),
     }
 

@@ -60,12 +60,11 @@ def served(tmp_path_factory):
     return types.SimpleNamespace(tok=tok, base=base, model=model, out=out, path=path, weights=weights)
 
 
-def _genai_generate(out, adapter: str | None) -> list[list[int]]:
-    """Greedy continuations (NEW tokens) of TEXTS, batched as og.Tokenizer.encode_batch pads them (right)."""
+def _og_greedy(out, ids: np.ndarray, adapter: str | None = None) -> list[list[int]]:
+    """onnxruntime-genai's greedy sequences (prompt included, NEW tokens more) for int32 ids [B, S]."""
     model = og.Model(str(out))
-    ids = og.Tokenizer(model).encode_batch(TEXTS).as_numpy()
     params = og.GeneratorParams(model)
-    params.set_search_options(max_length=ids.shape[1] + NEW, do_sample=False, batch_size=len(TEXTS))
+    params.set_search_options(max_length=ids.shape[1] + NEW, do_sample=False, batch_size=ids.shape[0])
     gen = og.Generator(model, params)
     if adapter is not None:
         adapters = og.Adapters(model)
@@ -74,7 +73,13 @@ def _genai_generate(out, adapter: str | None) -> list[list[int]]:
     gen.append_tokens(ids)
     while not gen.is_done():
         gen.generate_next_token()
-    return [[int(t) for t in gen.get_sequence(i)[ids.shape[1]:]] for i in range(len(TEXTS))]
+    return [[int(t) for t in gen.get_sequence(i)] for i in range(ids.shape[0])]
+
+
+def _genai_generate(out, adapter: str | None) -> list[list[int]]:
+    """Greedy continuations of TEXTS, batched as og.Tokenizer.encode_batch pads them (right, with pad)."""
+    ids = og.Tokenizer(og.Model(str(out))).encode_batch(TEXTS).as_numpy()
+    return [row[ids.shape[1]:] for row in _og_greedy(out, ids, adapter)]
 
 
 def _torch_generate(model, tok) -> list[list[int]]:
@@ -229,13 +234,22 @@ def test_cli_genai_without_tokenizer_says_so_in_one_line(tmp_path, capsys):
     assert len(err) == 1 and "warning" in err[0] and "no tokenizer files" in err[0], err
     assert sorted(p.name for p in out.iterdir()) == ["genai_config.json", "model.onnx"]
     prompt = np.array([[86, 261, 316, 309, 144, 7]], dtype=np.int32)
-    served = og.Model(str(out))
-    params = og.GeneratorParams(served)
-    params.set_search_options(max_length=prompt.shape[1] + NEW, do_sample=False)
-    gen = og.Generator(served, params)
-    gen.append_tokens(prompt)
-    while not gen.is_done():
-        gen.generate_next_token()
     with torch.no_grad():
         ref = model.generate(torch.from_numpy(prompt).long(), max_new_tokens=NEW, do_sample=False)
-    assert [int(t) for t in gen.get_sequence(0)] == ref[0].tolist()
+    assert _og_greedy(out, prompt) == ref.tolist()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch,kind", [("qwen2", "qwen2"), ("gpt2", "decoder")])
+def test_other_architectures(tmp_path, arch, kind):
+    """Qwen2 (no bos id: left out, genai refuses null) and GPT-2 (fused QKV Conv1D, served as "decoder") with an
+    adapter: genai's greedy tokens equal PyTorch's."""
+    torch.manual_seed(0)
+    depth = {"n_layer": 1} if arch == "gpt2" else {"num_hidden_layers": 1}
+    model = randomise(ac.transform(build(arch, vocab_size=320, **depth), ac.AdaMoLEConfig()))
+    out = ac.export_onnx(model, tmp_path / "served", genai=True, adapters=["a"], tokenizer=bpe_tokenizer())
+    assert json.loads((out / "genai_config.json").read_text())["model"]["type"] == kind
+    prompt = np.array([[86, 261, 316, 309, 144]], dtype=np.int32)
+    with torch.no_grad():
+        ref = model.generate(torch.from_numpy(prompt).long(), max_new_tokens=NEW, do_sample=False, pad_token_id=0)
+    assert _og_greedy(out, prompt, "a") == ref.tolist()
