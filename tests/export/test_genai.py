@@ -3,6 +3,7 @@ inputs and one `.onnx_adapter` each; its greedy tokens equal PyTorch `generate` 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import types
@@ -45,18 +46,35 @@ def _load(model, weights: dict[str, torch.Tensor]):
     return model
 
 
+@contextlib.contextmanager
+def named_adapters(model, sets: dict[str, dict[str, torch.Tensor]]):
+    """The named-adapter API (`adapter_names`, `set_active_adapter`, `active_adapter`) emulated on one model by
+    loading weight sets: what `export_onnx(adapters=[...])` relies on, independent of how the package holds them."""
+    active = [next(iter(sets))]
+
+    def set_active(m, name):
+        active[0] = name
+        _load(m, sets[name])
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ac, "set_active_adapter", set_active, raising=False)
+        mp.setattr(ac, "adapter_names", lambda m: list(sets), raising=False)
+        mp.setattr(ac, "active_adapter", lambda m: active[0], raising=False)
+        yield active
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    """A llama with adapter "a" exported for genai with a tokenizer object, then adapter "b" (other weights on
-    the same sites) added to the folder with `add_adapter`."""
+    """A llama with adapters "a" and "b" (two weight sets on the same sites) exported for genai in one call with
+    a tokenizer object, then adapter "c" added to the folder with `add_adapter`."""
     tok = bpe_tokenizer()
     base = _base(tok)
-    model = randomise(ac.transform(copy.deepcopy(base), ac.AdaMoLEConfig()), seed=0)
+    model = ac.transform(copy.deepcopy(base), ac.AdaMoLEConfig())
+    weights = {name: _weights(randomise(model, seed=seed)) for seed, name in enumerate("abc")}
     out = tmp_path_factory.mktemp("genai") / "served"
-    path = ac.export_onnx(model, out, genai=True, adapters=["a"], tokenizer=tok)
-    weights = {"a": _weights(model)}
-    weights["b"] = _weights(randomise(model, seed=1))
-    genai.add_adapter(model, out, "b")
+    with named_adapters(model, {k: weights[k] for k in "ab"}):
+        path = ac.export_onnx(model, out, genai=True, adapters=["a", "b"], tokenizer=tok)
+    genai.add_adapter(_load(model, weights["c"]), out, "c")
     return types.SimpleNamespace(tok=tok, base=base, model=model, out=out, path=path, weights=weights)
 
 
@@ -94,7 +112,7 @@ def _torch_generate(model, tok) -> list[list[int]]:
 def test_folder_and_config(served):
     names = sorted(p.name for p in served.out.iterdir())
     assert served.path == served.out.absolute()
-    assert {"model.onnx", "genai_config.json", "a.onnx_adapter", "b.onnx_adapter", "tokenizer.json",
+    assert {"model.onnx", "genai_config.json", "a.onnx_adapter", "b.onnx_adapter", "c.onnx_adapter", "tokenizer.json",
             "tokenizer_config.json"} <= set(names)
     assert not [p for p in served.out.parent.iterdir() if p.name.startswith(".")], "temp folder left behind"
     cfg, hf = json.loads((served.out / "genai_config.json").read_text()), served.model.config
@@ -124,7 +142,7 @@ def test_adapter_tensors_are_named_inputs_with_zero_defaults(served):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("adapter", ["a", "b", None])
+@pytest.mark.parametrize("adapter", ["a", "b", "c", None])
 def test_greedy_tokens_equal_pytorch(served, adapter):
     """Each adapter (and no adapter: the base model) in a batch of prompts of different lengths."""
     ref = _torch_generate(_load(served.model, served.weights[adapter]) if adapter else served.base, served.tok)
@@ -133,17 +151,17 @@ def test_greedy_tokens_equal_pytorch(served, adapter):
 
 @pytest.mark.slow
 def test_adapters_change_the_tokens(served):
-    runs = [_torch_generate(_load(served.model, served.weights[n]), served.tok) for n in ("a", "b")]
+    runs = [_torch_generate(_load(served.model, served.weights[n]), served.tok) for n in "abc"]
     runs.append(_torch_generate(served.base, served.tok))
-    assert runs[0] != runs[1] and runs[0] != runs[2] and runs[1] != runs[2]
+    assert all(runs[i] != runs[j] for i in range(4) for j in range(i))
 
 
 @pytest.mark.slow
 def test_add_adapter_refuses_other_shapes(served):
     other = ac.transform(copy.deepcopy(served.base), ac.AdaMoLEConfig(rank=2))
-    with pytest.raises(ValueError, match=r"adapter 'c' does not fit .*amole\.model\.layers"):
-        genai.add_adapter(other, served.out, "c")
-    assert not (served.out / "c.onnx_adapter").exists()
+    with pytest.raises(ValueError, match=r"adapter 'd' does not fit .*amole\.model\.layers"):
+        genai.add_adapter(other, served.out, "d")
+    assert not (served.out / "d.onnx_adapter").exists()
 
 
 def test_adapters_and_tokenizer_need_genai(tmp_path):
@@ -175,26 +193,19 @@ def test_tokenizer_files_come_from_the_model_directory(tmp_path, recwarn):
     assert not [w for w in recwarn if issubclass(w.category, genai.MissingTokenizerWarning)]
 
 
-def test_several_adapters_through_set_active_adapter(monkeypatch):
-    """With the named-adapter API (emulated here: two weight sets on one model), each name gets its own weights,
-    unknown names are refused with the known ones, and the active adapter is restored."""
+def test_several_adapters_through_set_active_adapter():
+    """Each name gets its own weights, unknown names are refused with the known ones, the active adapter is
+    restored afterwards."""
     model = ac.transform(build("llama", num_hidden_layers=1), ac.AdaMoLEConfig())
     sets = {"a": _weights(randomise(model, seed=0)), "b": _weights(randomise(model, seed=1))}
-    active = ["b"]
-
-    def set_active(m, name):
-        active[0] = name
-        _load(m, sets[name])
-
-    monkeypatch.setattr(ac, "set_active_adapter", set_active, raising=False)
-    monkeypatch.setattr(ac, "adapter_names", lambda m: list(sets), raising=False)
-    monkeypatch.setattr(ac, "active_adapter", lambda m: active[0], raising=False)
-    found = genai.adapter_weights(model, ["a", "b"])
+    with named_adapters(model, sets) as active:
+        ac.set_active_adapter(model, "b")
+        found = genai.adapter_weights(model, ["a", "b"])
+        with pytest.raises(ValueError, match=r"unknown adapter\(s\) \['c'\]; the model has \['a', 'b'\]"):
+            genai.adapter_weights(model, ["a", "c"])
     for name in ("a", "b"):
         assert all(torch.equal(found[name][k], sets[name][k]) for k in sets[name])
-    assert active == ["b"] and torch.equal(_weights(model)[next(iter(sets["b"]))], next(iter(sets["b"].values())))
-    with pytest.raises(ValueError, match=r"unknown adapter\(s\) \['c'\]; the model has \['a', 'b'\]"):
-        genai.adapter_weights(model, ["a", "c"])
+    assert active == ["b"] and all(torch.equal(v, sets["b"][k]) for k, v in _weights(model).items())
     with pytest.raises(ValueError, match="usable as file names"):
         genai.adapter_weights(model, ["a/b"])
 
