@@ -93,7 +93,7 @@ def serve(out: Path, names: list[str], prompt: np.ndarray, new: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=None, help="output folder (default: a temporary one)")
-    ap.add_argument("--steps", type=int, default=60, help="training steps per adapter")
+    ap.add_argument("--steps", type=int, default=40, help="training steps per adapter")
     args = ap.parse_args()
     out = Path(args.out or Path(tempfile.mkdtemp(prefix="amole_genai_")) / "served")
     tok = tokenizer()
