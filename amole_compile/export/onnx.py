@@ -95,9 +95,12 @@ def export_from_dirs(model_dir: str | os.PathLike, adapter_dir: str | os.PathLik
     """Load an HF `save_pretrained` directory, apply `load_adapters(adapter_dir)` (ours or an upstream-repo
     checkpoint; None exports the base model) and export to `out_path` (with `genai`: a folder, tokenizer files
     copied from `model_dir`). Returns the written path."""
-    from .genai import check_out_dir
+    if genai:  # fail before the (slow) load
+        from .genai import check_out_dir
 
-    check_out_dir(out_path) if genai else _destination(out_path)  # fail before the (slow) load
+        check_out_dir(out_path)
+    else:
+        _destination(out_path)
     model = load_pretrained(model_dir)
     if adapter_dir is not None:
         from ..adapters_io import load_adapters
