@@ -193,6 +193,19 @@ def test_tokenizer_files_come_from_the_model_directory(tmp_path, recwarn):
     assert not [w for w in recwarn if issubclass(w.category, genai.MissingTokenizerWarning)]
 
 
+def test_an_earlier_export_is_replaced_whole(tmp_path):
+    dest, tmp = tmp_path / "served", tmp_path / ".served.tmp"
+    dest.mkdir(), tmp.mkdir()
+    (dest / "genai_config.json").write_text("{}")
+    (dest / "old.onnx_adapter").write_text("old")
+    (tmp / "genai_config.json").write_text('{"new": 1}')
+    assert genai.check_out_dir(dest) == dest
+    genai._move_into_place(tmp, dest)
+    assert [p.name for p in tmp_path.iterdir()] == ["served"]
+    assert [p.name for p in dest.iterdir()] == ["genai_config.json"]
+    assert "new" in (dest / "genai_config.json").read_text()
+
+
 def test_several_adapters_through_set_active_adapter():
     """Each name gets its own weights, unknown names are refused with the known ones, the active adapter is
     restored afterwards."""
