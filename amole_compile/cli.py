@@ -128,12 +128,25 @@ def _stats_inputs(args, model):
 
 def cmd_export(args) -> int:
     """`amole-compile export`: a saved HF model with adapters -> ONNX."""
+    import warnings
+
     from .export.onnx import export_from_dirs
 
-    out = export_from_dirs(_model_dir(args.model_dir), args.adapter_dir, args.out, kv_cache=args.kv_cache,
-                           opset=args.opset)
+    with warnings.catch_warnings(record=True) as caught:
+        out = export_from_dirs(_model_dir(args.model_dir), args.adapter_dir, args.out, kv_cache=args.kv_cache,
+                               opset=args.opset, genai=args.genai, adapters=_names(args.adapters))
+    for w in caught:  # a genai export without tokenizer files says so in one line
+        if w.category.__name__ == "MissingTokenizerWarning":
+            print(f"amole-compile: warning: {w.message}", file=sys.stderr)
+        else:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     print(f"wrote {out}")
     return 0
+
+
+def _names(text: str | None) -> list[str] | None:
+    """'a,b' -> ['a', 'b'] (None stays None)."""
+    return None if text is None else [n.strip() for n in text.split(",") if n.strip()]
 
 
 def cmd_bench(args) -> int:
@@ -207,8 +220,12 @@ def parser() -> argparse.ArgumentParser:
     e = sub.add_parser("export", help="export a saved HF model with adapters to ONNX")
     e.add_argument("model_dir")
     e.add_argument("adapter_dir")
-    e.add_argument("out", help="output .onnx path")
+    e.add_argument("out", help="output .onnx path (with --genai: an output folder)")
     e.add_argument("--kv-cache", action="store_true", help="decoder graph with past/present KV")
+    e.add_argument("--genai", action="store_true", help="a folder onnxruntime-genai serves: the KV-cache decoder, "
+                   "genai_config.json and the model directory's tokenizer files")
+    e.add_argument("--adapters", default=None, help="comma-separated adapter names of ADAPTER_DIR to stack in one "
+                   "graph with an adapter_ids input (with --genai: to write as .onnx_adapter files)")
     e.add_argument("--opset", type=int, default=None)
     e.set_defaults(func=cmd_export)
     t = sub.add_parser("train", help="train adapters on your data (JSONL/CSV/Parquet or a saved HF dataset)")

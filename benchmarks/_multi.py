@@ -4,7 +4,8 @@ same batch on one adapter, side by side in one run.
     ort single     the single-adapter KV-cache graph (`export_onnx(model, kv_cache=True)`, the active adapter)
     ort stacked    the N-adapter graph (`export_onnx(..., adapters=names)`), `adapter_ids` spreading the rows
     torch single   PyTorch eager, the whole batch on the active adapter
-    torch mixed    PyTorch eager inside `batch_adapters(model, rows)`
+    torch mixed    PyTorch eager inside `batch_adapters(model, rows)` (one block around all its calls, as one
+                   block wraps a whole `generate`: the stacked weights are built once)
 
 Prefill: the batch's prompts (empty past). Decode: one token per row after them. Targets: ort stacked <= 1.15x
 ort single; torch mixed <= 1.2x torch single.
@@ -52,21 +53,24 @@ def _ort_calls(sess, batch: int, seq: int, vocab: int, rows: np.ndarray | None) 
     return (lambda: sess.run(["logits"], {**first, **empty})), (lambda: sess.run(["logits"], step))
 
 
-def _torch_calls(model, batch: int, seq: int, vocab: int, rows: list[str] | None) -> tuple:
+def _torch_calls(model, batch: int, seq: int, vocab: int) -> tuple:
+    """(prefill, decode) closures of `model` as it is (inside a `batch_adapters` block or not)."""
     from transformers.cache_utils import DynamicCache
 
     ids = torch.randint(1, vocab, (batch, seq + 1), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        cache = model(input_ids=ids[:, :seq], use_cache=True).past_key_values
+    kv = [(layer.keys, layer.values) for layer in cache.layers]
 
-    def run(**kw):
-        with torch.no_grad():
-            if rows is None:
-                return model(**kw)
-            with ac.batch_adapters(model, rows):
-                return model(**kw)
+    @torch.no_grad()
+    def prefill():
+        model(input_ids=ids[:, :seq], use_cache=True)
 
-    kv = [(layer.keys, layer.values) for layer in run(input_ids=ids[:, :seq], use_cache=True).past_key_values.layers]
-    return (lambda: run(input_ids=ids[:, :seq], use_cache=True),
-            lambda: run(input_ids=ids[:, seq:], past_key_values=DynamicCache(kv), use_cache=True))
+    @torch.no_grad()
+    def decode():
+        model(input_ids=ids[:, seq:], past_key_values=DynamicCache(kv), use_cache=True)
+
+    return prefill, decode
 
 
 def measure(model, names: list[str], out: Path, args, session) -> dict[str, dict[str, float]]:
@@ -76,16 +80,18 @@ def measure(model, names: list[str], out: Path, args, session) -> dict[str, dict
     single = ac.export_onnx(model, out / "single.onnx", kv_cache=True)
     stacked = ac.export_onnx(model, out / "stacked.onnx", kv_cache=True, adapters=names)
     ids = np.asarray([names.index(r) for r in rows], dtype=np.int64)
-    groups = [
-        {"ort_single": _ort_calls(session(single), batch, args.seq, 32000, None),
-         "ort_stacked": _ort_calls(session(stacked), batch, args.seq, 32000, ids)},
-        {"torch_single": _torch_calls(model, batch, args.seq, 32000, None),
-         "torch_mixed": _torch_calls(model, batch, args.seq, 32000, rows)},
-    ]
-    result = {"prefill": {}, "decode": {}}
-    for calls in groups:
-        for phase, idx, steps in (("prefill", 0, args.steps), ("decode", 1, args.steps * 5)):
-            result[phase].update(bc.interleaved({k: v[idx] for k, v in calls.items()}, steps, 3, "cpu"))
+    mixed = copy.deepcopy(model)  # its batch_adapters block stays open, as one block wraps a whole generate
+    with ac.batch_adapters(mixed, rows):
+        groups = [
+            {"ort_single": _ort_calls(session(single), batch, args.seq, 32000, None),
+             "ort_stacked": _ort_calls(session(stacked), batch, args.seq, 32000, ids)},
+            {"torch_single": _torch_calls(model, batch, args.seq, 32000),
+             "torch_mixed": _torch_calls(mixed, batch, args.seq, 32000)},
+        ]
+        result = {"prefill": {}, "decode": {}}
+        for calls in groups:
+            for phase, idx, steps in (("prefill", 0, args.steps), ("decode", 1, args.steps * 5)):
+                result[phase].update(bc.interleaved({k: v[idx] for k, v in calls.items()}, steps, 3, "cpu"))
     return result
 
 

@@ -57,6 +57,23 @@ def tokenizer(words: int = VOCAB - 3):
     return tf.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
 
 
+
+BPE_WORDS = "the quick brown fox jumps over the lazy dog a mixture of lora experts routes every token".split()
+
+
+def bpe_tokenizer(vocab: int = 320):
+    """A byte-level BPE tokenizer trained locally on a few sentences: <pad>=0, <s>=1, </s>=2. onnxruntime-genai's
+    tokenizer reads BPE tokenizer.json files; it encodes every word of a WordLevel one as -1."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<pad>", "<s>", "</s>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([" ".join(BPE_WORDS[i:] + BPE_WORDS[:i]) for i in range(len(BPE_WORDS))], trainer)
+    return tf.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
 # ---- the architecture matrix: tiny configs (2 layers, width 64, 4 heads) of current transformers families ------
 
 _C = dict(_COMMON, max_position_embeddings=64)

@@ -39,3 +39,13 @@ def test_export_and_serve(tmp_path):
     ours, ref = out.split("OnnxLM greedy ")[1].split(" | PyTorch ")
     assert ours.strip() == ref.strip()
     assert sorted(p.suffix for p in tmp_path.iterdir()) == [".onnx", ".onnx"]
+
+
+@pytest.mark.slow
+def test_serve_genai(tmp_path):
+    pytest.importorskip("onnxruntime_genai")
+    out = run("serve_genai.py", "--out", str(tmp_path / "served"), "--steps", "20")
+    assert out.count("same tokens as PyTorch: True") == 3, out
+    assert "[fox] 'the" in out and "[experts] 'the" in out
+    assert {"fox.onnx_adapter", "experts.onnx_adapter", "genai_config.json", "model.onnx", "tokenizer.json"} <= \
+        {p.name for p in (tmp_path / "served").iterdir()}

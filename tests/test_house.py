@@ -16,7 +16,8 @@ import torch
 import amole_compile as ac
 
 PKG = Path(ac.__file__).resolve().parent
-HEAVY = ("triton", "onnx", "onnxscript", "onnxruntime", "matplotlib", "trl", "bitsandbytes", "torchao")
+HEAVY = ("triton", "onnx", "onnxscript", "onnxruntime", "onnxruntime_genai", "matplotlib", "trl", "bitsandbytes",
+         "torchao")
 
 
 def _module_name(path: Path) -> str:

@@ -13,6 +13,7 @@ on for batch > 1 unless position_ids are fed batched.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -20,12 +21,16 @@ import tempfile
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from ._graphs import GraphSpec, decoder_spec, scoring_spec, with_adapter_ids
 from ._translation import MASKING, translation_table
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 DEFAULT_OPSET = 20
 MIN_OPSET = 18
@@ -39,7 +44,8 @@ class OnnxExportError(RuntimeError):
 
 def export_onnx(model: nn.Module, path: str | os.PathLike, *, kv_cache: bool = False, opset: int | None = None,
                 dynamic: bool = True, masking: str = "dense", external_data: bool | None = None,
-                adapters: Sequence[str] | None = None) -> Path:
+                adapters: Sequence[str] | None = None, genai: bool = False,
+                tokenizer: str | os.PathLike | PreTrainedTokenizerBase | None = None) -> Path:
     """Export `model` to the ONNX file `path` and return its Path.
 
     kv_cache       False: scoring graph (input_ids, attention_mask[, position_ids]) -> logits.
@@ -55,11 +61,17 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, kv_cache: bool = F
                    `adapter_ids` [batch] int64: row i runs adapters[adapter_ids[i]], -1 the base model
                    (`OnnxLM(..., adapter_ids=...)`). Adapters of any sizes and methods share the graph (padded);
                    the names are in the file's metadata (`amole_adapters`). None: the active adapter.
+                   With genai=True: the adapters written as `<name>.onnx_adapter` files instead (see genai).
+    genai          `path` is a folder for onnxruntime-genai: the KV-cache decoder, genai_config.json, the
+                   tokenizer files (`tokenizer=` a directory or tokenizer object) and, with `adapters=[names]`,
+                   one `<name>.onnx_adapter` each, the adapter tensors being graph inputs (`export/genai.py`).
 
     The model runs in eval mode for the export and gets its modes back afterwards. The file is written to a
     temporary name in the destination directory and renamed into place, so a failure leaves nothing behind.
     """
-    dest = _destination(path)
+    if tokenizer is not None and not genai:
+        raise ValueError("tokenizer= needs genai=True")
+    dest = None if genai else _destination(path)  # genai: a folder, checked by export_genai
     opset = _opset(opset)
     if masking not in MASKING:
         raise ValueError(f"masking must be one of {MASKING}, got {masking!r}")
@@ -73,6 +85,11 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, kv_cache: bool = F
             f"{type(model).__name__} has a base quantized by {lib}, whose kernels have no ONNX form: export the "
             "unquantized base with the same adapters (from_pretrained(dir) without quantization_config, then "
             "load_adapters(model, adapter_dir))")
+    if genai:
+        from .genai import export_genai
+
+        graph = functools.partial(_export_graph, model, opset=opset, masking=masking, external_data=external_data)
+        return export_genai(model, path, graph, adapters=adapters, tokenizer=tokenizer)
     names = _adapters(model, adapters)
     with _eval_mode(model):
         spec = decoder_spec(model, dynamic) if kv_cache else scoring_spec(model, dynamic)
@@ -100,16 +117,26 @@ def _adapters(model: nn.Module, adapters: Sequence[str] | None) -> tuple[str, ..
 
 def export_from_dirs(model_dir: str | os.PathLike, adapter_dir: str | os.PathLike | None,
                      out_path: str | os.PathLike, *, kv_cache: bool = False, opset: int | None = None,
-                     masking: str = "dense") -> Path:
+                     masking: str = "dense", genai: bool = False, adapters: Sequence[str] | None = None) -> Path:
     """Load an HF `save_pretrained` directory, apply `load_adapters(adapter_dir)` (ours or an upstream-repo
-    checkpoint; None exports the base model) and export to `out_path`. Returns the written path."""
-    _destination(out_path)  # fail before the (slow) load
+    checkpoint; None exports the base model) and export to `out_path` (with `genai`: a folder, tokenizer files
+    copied from `model_dir`). `adapters`: the loaded adapters to stack (or, with genai, to write as
+    `.onnx_adapter` files). Returns the written path."""
+    if genai:  # fail before the (slow) load
+        from .genai import check_out_dir
+
+        check_out_dir(out_path)
+    else:
+        _destination(out_path)
     model = load_pretrained(model_dir)
     if adapter_dir is not None:
         from ..adapters_io import load_adapters
 
         load_adapters(model, adapter_dir)
-    return export_onnx(model, out_path, kv_cache=kv_cache, opset=opset, masking=masking)
+    if genai:
+        return export_onnx(model, out_path, genai=True, tokenizer=model_dir, opset=opset, masking=masking,
+                           adapters=adapters)
+    return export_onnx(model, out_path, kv_cache=kv_cache, opset=opset, masking=masking, adapters=adapters)
 
 
 def load_pretrained(model_dir: str | os.PathLike) -> nn.Module:
@@ -187,6 +214,18 @@ def _convert(model: nn.Module, spec: GraphSpec, opset: int, masking: str):
                                  optimize=True)
     except Exception as exc:
         raise OnnxExportError(f"ONNX translation failed{_failing_node(exc, ep)}: {_first_line(exc)}") from exc
+
+
+def _export_graph(model: nn.Module, make_spec, dest: Path, edit=None, *, opset: int, masking: str,
+                  external_data: bool | None) -> GraphSpec:
+    """Capture `make_spec()` in eval mode and translate it, let `edit` change the ONNX graph, write `dest`."""
+    with _eval_mode(model):
+        spec = make_spec()
+        program = _convert(model, spec, opset, masking)
+    if edit is not None:
+        edit(program.model.graph)
+    _write(program, dest, external_data)
+    return spec
 
 
 def _capture(spec: GraphSpec):

@@ -83,3 +83,26 @@ def test_export_refuses_bad_adapter_lists(tmp_path):
         with pytest.raises(ValueError, match=pattern):
             ac.export_onnx(model, tmp_path / "m.onnx", adapters=adapters)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_stacks_the_named_adapters_of_a_saved_model(tmp_path, capsys):
+    """`amole-compile export MODEL_DIR ADAPTER_DIR OUT --adapters b,a`: a saved model with several adapters,
+    exported as one stacked graph; an unknown name fails in one line and writes nothing."""
+    from amole_compile import cli
+
+    model = adapted(names=("a", "b"))
+    model.save_pretrained(tmp_path / "m")
+    out = tmp_path / "out" / "multi.onnx"
+    out.parent.mkdir()
+    assert cli.main(["export", str(tmp_path / "m"), str(tmp_path / "m"), str(out), "--adapters", "b,a"]) == 0
+    lm = ac.OnnxLM(out)
+    assert lm.adapters == ["b", "a"]
+    x = ids(3, 6, seed=9)
+    rows = ["a", None, "b"]
+    assert (lm.logits(x, adapter_ids=rows) - per_row(model, x, rows)).abs().max() <= 1e-4
+    capsys.readouterr()
+    assert cli.main(["export", str(tmp_path / "m"), str(tmp_path / "m"), str(tmp_path / "out" / "x.onnx"),
+                     "--adapters", "a,zz"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown adapter 'zz'" in err[0], err
+    assert sorted(p.name for p in out.parent.iterdir()) == ["multi.onnx"]
