@@ -93,7 +93,8 @@ class ProjectionAdapters(nn.Module):
         drop = None
         if self.training and any(s.dropout > 0 for s in rows.sites):
             drop = torch.rand_like(xs) >= stack.meta[slot, COL_DROPOUT].to(xs.dtype)[:, None, None]
-        delta, scores, mask = mixed_adapter(xs, slot, stack, drop)
+        few = xs.shape[1] == 1 and not (torch.compiler.is_compiling() or torch.compiler.is_exporting())
+        delta, scores, mask = mixed_adapter(xs, slot, stack, drop, all_slots=few)  # one-token rows: decoding
         t = xs.shape[0] * xs.shape[1]
         for j, site in enumerate(rows.sites):
             tokens = (slot == j)[:, None].expand(xs.shape[:2]).reshape(t)  # [T] this adapter's tokens

@@ -46,7 +46,8 @@ class Stack(NamedTuple):
 
     down: Tensor  # [L+1, K + E + 1, D]: A (K rows), the gate (E rows, zero-padded), the threshold row
     lora_b: Tensor  # [L+1, O, K]
-    meta: Tensor  # [L+1, 7] float32: experts, method code, cap, top_k, scale, dropout, threshold bias
+    up: Tensor  # [O, (L+1) * K]: lora_b with the slots side by side (the all-slots form, see `mixed_adapter`)
+    meta: Tensor  # [L+1, 7] float64: experts, method code, cap, top_k, scale, dropout, threshold bias
     experts: int  # E
     max_k: int  # largest top_k of a mole slot (0 when none)
 
@@ -74,10 +75,10 @@ def stack_sites(sites: list[SiteWeights]) -> Stack:
     consts = [[s.num_experts, method_spec(s.method).code, s.cap, s.top_k, s.scale, s.dropout] for s in sites]
     consts.append([1, LORA.code, 0.0, 1, 0.0, 0.0])
     dev = ref.device
-    thr_b = [s.thr_b.reshape(()).float() if s.thr_b is not None else torch.zeros((), device=dev) for s in sites]
-    meta = torch.cat([torch.tensor(consts, dtype=torch.float32, device=dev),
-                      torch.stack(thr_b + [torch.zeros((), device=dev)])[:, None]], 1)
-    return Stack(torch.stack(down), torch.stack(b_parts), meta, e,
+    f64 = dict(dtype=torch.float64, device=dev)
+    thr_b = [s.thr_b.reshape(()).double() if s.thr_b is not None else torch.zeros((), **f64) for s in sites]
+    meta = torch.cat([torch.tensor(consts, **f64), torch.stack(thr_b + [torch.zeros((), **f64)])[:, None]], 1)
+    return Stack(torch.stack(down), torch.stack(b_parts), torch.cat(b_parts, 1), meta, e,
                  max([s.top_k for s in sites if s.method == MOLE.name] or [0]))
 
 
@@ -113,24 +114,49 @@ def _route(zr: Tensor, meta: Tensor, st: Stack) -> tuple[Tensor, Tensor, Tensor]
     return w, scores, mask
 
 
-def mixed_adapter(x: Tensor, slot: Tensor, st: Stack, drop_mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+def mixed_adapter(x: Tensor, slot: Tensor, st: Stack, drop_mask: Tensor | None = None,
+                  all_slots: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """x [B, S, D], slot [B] (0..L, L = no adapter) -> (delta [B, S, O], scores [B, S, E], mask [B, S, E] bool).
 
     Row b computes what its slot's adapter alone computes on it (its dropout keep-mask from `drop_mask`
-    [B, S, D] when training)."""
+    [B, S, D] when training). Two exact forms: each row gathers its slot's weights (the default: work per
+    token is one adapter's), or, `all_slots` (no dropout), every token runs against all slots' weights side by
+    side and keeps its own slot's columns: L+1 times the arithmetic but no per-row copy of the weights, which
+    is cheaper when a row has few tokens (one decoding step)."""
     b, s, _ = x.shape
     e, k = st.experts, st.lora_b.shape[2]
-    meta = st.meta[slot]  # [B, 7]
-    down = st.down[slot]  # [B, K+E+1, D]: one gather for A and the router
     route_dt = torch.float64 if x.dtype == torch.float64 else torch.float32
-    if drop_mask is None:
+    meta = st.meta[slot].to(route_dt)  # [B, 7], in the routing's dtype (as the single-adapter path rounds them)
+    if all_slots and drop_mask is None:
+        za, zr = _all_slots_down(x, slot, st).split([k, e + 1], dim=-1)
+    elif drop_mask is None:
+        down = st.down[slot]  # [B, K+E+1, D]: one gather for A and the router
         za, zr = torch.bmm(x, down.transpose(1, 2)).split([k, e + 1], dim=-1)  # [B, S, K], [B, S, E+1]
     else:
+        down = st.down[slot]
         keep = 1.0 / (1.0 - meta[:, COL_DROPOUT]).to(x.dtype)  # [B]
         xd = torch.where(drop_mask, x, 0) * keep[:, None, None]
         za = torch.bmm(xd, down[:, :k].transpose(1, 2))
         zr = torch.bmm(x, down[:, k:].transpose(1, 2))
     w, scores, mask = _route(zr.to(route_dt), meta, st)
     h = za.reshape(b, s, e, k // e) * (meta[:, COL_SCALE, None, None].to(w.dtype) * w).to(za.dtype)[..., None]
-    delta = torch.bmm(h.reshape(b, s, k), st.lora_b[slot].transpose(1, 2))  # [B, S, O]
-    return delta, scores, mask
+    h = h.reshape(b, s, k)
+    if all_slots and drop_mask is None:
+        return _all_slots_up(h, slot, st), scores, mask
+    return torch.bmm(h, st.lora_b[slot].transpose(1, 2)), scores, mask  # [B, S, O]
+
+
+def _all_slots_down(x: Tensor, slot: Tensor, st: Stack) -> Tensor:
+    """x [B, S, D] against every slot's [A; router] at once, each row keeping its slot's -> [B, S, K+E+1]."""
+    b, s, d = x.shape
+    n, rows = st.down.shape[:2]
+    z = (x.reshape(b * s, d) @ st.down.reshape(n * rows, d).t()).view(b, s, n, rows)  # [B, S, L+1, K+E+1]
+    return z.gather(2, slot.view(b, 1, 1, 1).expand(b, s, 1, rows)).squeeze(2)
+
+
+def _all_slots_up(h: Tensor, slot: Tensor, st: Stack) -> Tensor:
+    """h [B, S, K] in its slot's block of zeros [B, S, (L+1) K], times all slots' B side by side -> [B, S, O]."""
+    b, s, k = h.shape
+    n = st.down.shape[0]
+    full = h.new_zeros(b, s, n, k).scatter(2, slot.view(b, 1, 1, 1).expand(b, s, 1, k), h[:, :, None, :])
+    return (full.view(b * s, n * k) @ st.up.t()).view(b, s, -1)
