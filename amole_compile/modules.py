@@ -111,12 +111,14 @@ class ExpertSet(nn.Module):
         self.record(scores, mask)
         return out
 
-    def record(self, scores: Tensor, mask: Tensor, tokens: Tensor | None = None) -> None:
+    def record(self, scores: Tensor, mask: Tensor, tokens: Tensor | None = None,
+               counts: tuple[Tensor, Tensor, Tensor] | None = None) -> None:
         """Keep this forward's aux loss (training mode, a router, at least one token) as `forward_aux`, and as
         `aux` when gradients are on: a forward with gradients off (an evaluation or metrics pass inside a
         training step) never replaces the aux of the forward being trained. Activation checkpointing's
         recompute records nothing. Add the routing to the expert statistics (not while exporting, nor when
-        checkpointing recomputes). `tokens` [T] bool: only those tokens are this site's (a mixed batch)."""
+        checkpointing recomputes). `tokens` [T] bool: only those tokens are this site's (a mixed batch);
+        `counts`: this site's statistics counted by the caller (tokens [], selected [E], active [E + 1])."""
         recomputing = _recomputing()
         if self.training and self.gate is not None and (tokens is not None or scores.shape[0] > 0):
             # computed in the recompute too: checkpointing checks that it saves the same tensors
@@ -131,7 +133,13 @@ class ExpertSet(nn.Module):
             if torch.is_grad_enabled() and self._aux is not None:
                 self._aux = None
         if self.track_stats and not torch.compiler.is_exporting() and not recomputing:
-            self._count(mask, tokens)
+            if counts is None:
+                self._count(mask, tokens)
+            else:
+                with torch.no_grad():
+                    for buf, value in zip((self.stat_tokens, self.stat_selected, self.stat_active), counts,
+                                          strict=True):
+                        buf.add_(value)
 
     def _count(self, mask: Tensor, tokens: Tensor | None) -> None:
         # In place (`+=` would re-assign the module attribute), and by index_add_ so that no size of a

@@ -95,12 +95,36 @@ class ProjectionAdapters(nn.Module):
             drop = torch.rand_like(xs) >= stack.meta[slot, COL_DROPOUT].to(xs.dtype)[:, None, None]
         few = xs.shape[1] == 1 and not (torch.compiler.is_compiling() or torch.compiler.is_exporting())
         delta, scores, mask = mixed_adapter(xs, slot, stack, drop, all_slots=few)  # one-token rows: decoding
-        t = xs.shape[0] * xs.shape[1]
-        for j, site in enumerate(rows.sites):
-            tokens = (slot == j)[:, None].expand(xs.shape[:2]).reshape(t)  # [T] this adapter's tokens
-            e = site.num_experts
-            site.record(scores[..., :e].reshape(t, e), mask[..., :e].reshape(t, e), tokens)
+        self._record(rows, slot, scores, mask)
         return delta
+
+    def _record(self, rows: RoleRows, slot: Tensor, scores: Tensor, mask: Tensor) -> None:
+        """Each site's aux loss (training) over its own rows' tokens, and its statistics (counted for all the
+        role's sites at once)."""
+        b, s, e = mask.shape
+        t = b * s
+        slot_tok = slot[:, None].expand(b, s).reshape(t)  # [T] each token's slot
+        counts = None
+        if not self.training and any(site.track_stats for site in rows.sites):
+            counts = _counts(slot_tok, mask.reshape(t, e), len(rows.sites) + 1)
+        for j, site in enumerate(rows.sites):
+            if counts is not None:
+                ej = site.num_experts
+                site.record(scores, mask, None, (counts[0][j], counts[1][j, :ej], counts[2][j, :ej + 1]))
+                continue
+            tokens = slot_tok == j  # [T] this adapter's tokens
+            site.record(scores[..., :site.num_experts].reshape(t, -1), mask[..., :site.num_experts].reshape(t, -1),
+                        tokens)
+
+
+def _counts(slot_tok: Tensor, mask: Tensor, slots: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Per slot: tokens [slots], tokens selecting each expert [slots, E], tokens with 0..E experts [slots, E+1]."""
+    with torch.no_grad():
+        onehot = torch.nn.functional.one_hot(slot_tok, slots).to(torch.float32).t()  # [slots, T]
+        e = mask.shape[1]
+        active = torch.nn.functional.one_hot(mask.sum(-1), e + 1).to(torch.float32)  # [T, E+1]
+        selected = onehot @ mask.to(torch.float32)  # exact: counts stay far below 2^24
+        return onehot.sum(1).long(), selected.long(), (onehot @ active).long()
 
 
 def _row_ids(ids: Tensor, x: Tensor) -> Tensor:

@@ -69,8 +69,10 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def interleaved(fns: dict, steps: int, warmup: int, device: str) -> dict[str, float]:
-    """Median seconds per call of each fn, calling them round-robin so machine noise hits all alike."""
+def interleaved(fns: dict, steps: int, warmup: int, device: str, clock: str = "wall") -> dict[str, float]:
+    """Median seconds per call of each fn, calling them round-robin so machine noise hits all alike. clock
+    "wall" (perf_counter) or "cpu" (this process's CPU time, all its threads: steadier on a shared machine)."""
+    now = time.process_time if clock == "cpu" else time.perf_counter
     for _ in range(warmup):
         for fn in fns.values():
             fn()
@@ -78,10 +80,10 @@ def interleaved(fns: dict, steps: int, warmup: int, device: str) -> dict[str, fl
     for _ in range(steps):
         for k, fn in fns.items():
             sync(device)
-            t = time.perf_counter()
+            t = now()
             fn()
             sync(device)
-            times[k].append(time.perf_counter() - t)
+            times[k].append(now() - t)
     return {k: statistics.median(v) for k, v in times.items()}
 
 

@@ -91,7 +91,8 @@ def measure(model, names: list[str], out: Path, args, session) -> dict[str, dict
         result = {"prefill": {}, "decode": {}}
         for calls in groups:
             for phase, idx, steps in (("prefill", 0, args.steps), ("decode", 1, args.steps * 5)):
-                result[phase].update(bc.interleaved({k: v[idx] for k, v in calls.items()}, steps, 3, "cpu"))
+                result[phase].update(bc.interleaved({k: v[idx] for k, v in calls.items()}, steps, 3, "cpu",
+                                                    args.clock))
     return result
 
 

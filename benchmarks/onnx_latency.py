@@ -167,6 +167,8 @@ def main() -> None:
     ap.add_argument("--onnx-dir", type=Path, default=None, help="keep (and reuse) the exported graphs here")
     ap.add_argument("--adapters", type=int, default=1, help=">= 2: the multi-adapter rows (see above)")
     ap.add_argument("--batch", type=int, default=8, help="rows of the multi-adapter batch")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="multi-adapter rows: wall-clock or process CPU time (steadier on a shared machine)")
     args = ap.parse_args()
     if args.adapters > 1:
         return multi(args)
@@ -206,7 +208,7 @@ def multi(args) -> None:
     model, names = _multi.named(llama(args.hidden, args.layers), args.adapters, args.experts, args.rank)
     row = {"device": bc.device_name("cpu"), "load1": f"{os.getloadavg()[0]:.2f}", "threads": args.threads,
            "hidden": args.hidden, "layers": args.layers, "seq": args.seq, "experts": args.experts,
-           "rank": args.rank, "adapters": args.adapters, "batch": args.batch}
+           "rank": args.rank, "adapters": args.adapters, "batch": args.batch, "clock": args.clock}
     with tempfile.TemporaryDirectory() as tmp:
         out = args.onnx_dir or Path(tmp)
         out.mkdir(parents=True, exist_ok=True)

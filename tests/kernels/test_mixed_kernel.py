@@ -10,7 +10,7 @@ import torch
 from amole_compile.kernels.adapter_torch import adapter_torch
 from amole_compile.kernels.mixed_torch import SiteWeights, mixed_adapter, stack_sites
 
-D, O = 13, 11  # odd widths
+D, OUT = 13, 11  # odd widths
 SPECS = [  # method, E, R, top_k, scale, cap
     ("adamole", 4, 2, 1, 2.0, 0.25),
     ("mole", 3, 4, 2, 0.5, 0.0),
@@ -30,7 +30,7 @@ def sites(dtype, seed=0):
     for method, e, r, k, scale, cap in SPECS:
         gate = rand(e, D) if method != "lora" else None
         thr_w, thr_b = (rand(1, D), rand(1)) if method == "adamole" else (None, None)
-        out.append(SiteWeights(rand(e * r, D), rand(O, e * r), gate, thr_w, thr_b, method, e, k, scale, cap, 0.0))
+        out.append(SiteWeights(rand(e * r, D), rand(OUT, e * r), gate, thr_w, thr_b, method, e, k, scale, cap, 0.0))
     return out
 
 
@@ -49,7 +49,7 @@ def test_rows_equal_each_adapter_alone_forward_and_gradients(dtype, seq):
     st = stack_sites(ws)
     got, scores, mask = mixed_adapter(x, slot, st)
     fast, _, _ = mixed_adapter(x, slot, st, all_slots=True)
-    want = torch.stack([alone(x[i], ws[j]) if j < len(ws) else x.new_zeros(seq, O) for i, j in enumerate(slot)])
+    want = torch.stack([alone(x[i], ws[j]) if j < len(ws) else x.new_zeros(seq, OUT) for i, j in enumerate(slot)])
     tol = TOL[dtype]
     assert (got - want).abs().max() <= tol and (fast - want).abs().max() <= tol
     assert mask[slot == 0][..., 4:].sum() == 0  # padded experts are never selected
