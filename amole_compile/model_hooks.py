@@ -325,7 +325,15 @@ def _adapter_keys(module: nn.Module) -> list[str]:
 
 def _checkpoint_dir(depth: int = 12) -> Path | None:
     """The directory holding `amole_config.json` that a calling transformers / accelerate frame is loading from
-    (Trainer's `resume_from_checkpoint`, `best_model_checkpoint`, a sharded checkpoint's folder)."""
+    (Trainer's `resume_from_checkpoint`, `best_model_checkpoint`, a sharded checkpoint's folder).
+
+    Why a frame walk (checked against transformers 5.24): `Trainer._load_from_checkpoint` and `_load_best_model`
+    hand the model only `load_state_dict(safetensors.load_file(...))`, a plain dict without the file's path or
+    metadata; resuming loads the weights before the first callback event (`on_train_begin`), `TrainerState`
+    holds no checkpoint path, and a callback or a Trainer subclass would be user code (the point is that a plain
+    `Trainer` resumes). The PEFT branch that passes the directory (`model.load_adapter(dir)`) runs only for
+    `PeftModel` instances and only when the checkpoint has no `model.safetensors`. When nothing is found, the
+    load raises (see `_load_pre_hook`), so a miss is loud, never a silent drop."""
     from .adapter_files import has_adapters
 
     frame = inspect.currentframe()
