@@ -69,8 +69,11 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def interleaved(fns: dict, steps: int, warmup: int, device: str) -> dict[str, float]:
-    """Median seconds per call of each fn, calling them round-robin so machine noise hits all alike."""
+def interleaved(fns: dict, steps: int, warmup: int, device: str, clock: str = "wall") -> dict[str, float]:
+    """Median seconds per call of each fn, calling them round-robin so machine noise hits all alike. clock
+    'process' counts this process's CPU time (all its threads) instead of wall time: on a shared CPU it is not
+    inflated by other processes' time slices (CPU only)."""
+    now = time.process_time if clock == "process" else time.perf_counter
     for _ in range(warmup):
         for fn in fns.values():
             fn()
@@ -78,10 +81,10 @@ def interleaved(fns: dict, steps: int, warmup: int, device: str) -> dict[str, fl
     for _ in range(steps):
         for k, fn in fns.items():
             sync(device)
-            t = time.perf_counter()
+            t = now()
             fn()
             sync(device)
-            times[k].append(time.perf_counter() - t)
+            times[k].append(now() - t)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
