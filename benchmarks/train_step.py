@@ -132,8 +132,18 @@ def make_step(model: nn.Module, ids: torch.Tensor, compiled: bool, uses_aux: boo
     return step, loss_fn, opt
 
 
+def tensor_bytes(t: torch.Tensor) -> int:
+    """Bytes a tensor holds: a tensor subclass (torchao's quantized weights) counts its inner tensors, not its
+    logical dtype."""
+    inner = t.data if isinstance(t, nn.Parameter) else t
+    if type(inner) is not torch.Tensor and hasattr(inner, "__tensor_flatten__"):
+        names, _ = inner.__tensor_flatten__()
+        return sum(tensor_bytes(getattr(inner, n)) for n in names)
+    return t.numel() * t.element_size()
+
+
 def state_bytes(model: nn.Module, opt: torch.optim.Optimizer) -> int:
-    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    params = sum(tensor_bytes(p) for p in model.parameters())
     grads = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     states = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values()
                  if isinstance(t, torch.Tensor))
