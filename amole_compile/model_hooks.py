@@ -3,9 +3,11 @@ loops), installed on the model instance by `transform` / `load_adapters` and rem
 
 - **Aux loss in the model's loss** (the HF MoE way, like Mixtral's `router_aux_loss_coef`): a training-mode
   forward whose output has a `loss` gets `loss + coef * aux` and `aux_loss` (the summed aux of this forward) on
-  its output. Under gradient accumulation with `num_items_in_batch` (the HF Trainer's token-normalised loss),
-  each micro-batch's aux is weighted by its share of the label tokens, so that the accumulated step adds
-  `coef * aux` once, not once per micro-batch. TRL's `SFTTrainer` does not use `outputs.loss`: it calls the
+  its output. With `return_dict=False` (a tuple, loss first when labels were passed) the loss in first place
+  gets `coef * aux` and the tuple keeps its length; labels but no scalar loss first warns. Under gradient
+  accumulation with `num_items_in_batch` (the HF Trainer's token-normalised loss), each micro-batch's aux is
+  weighted by its share of the label tokens, so that the accumulated step adds `coef * aux` once, not once per
+  micro-batch. TRL's `SFTTrainer` does not use `outputs.loss`: it calls the
   model with `fused_lm_head=True` and builds its loss from `outputs.log_probs` (its `router_aux_loss_coef`
   path is Mixtral's router loss, which a dense model does not have). There the aux term rides on `log_probs`:
   an autograd function that returns them unchanged and, in backward, gives the aux loss the gradient
@@ -32,6 +34,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -129,12 +132,14 @@ def _pre_forward(module: nn.Module, args) -> None:
 
 
 def _post_forward(module: nn.Module, args, kwargs, output):
-    if not module.training or not isinstance(output, Mapping):
+    if not module.training or not isinstance(output, (Mapping, tuple)):
         return None
     values = [s._fwd_aux for s in _sites(module) if s._fwd_aux is not None]
     if not values:
         return None
     aux = torch.stack(values).sum()
+    if isinstance(output, tuple):
+        return _post_forward_tuple(module, args, kwargs, output, aux)
     coef = aux_coef(module)
     if output.get("aux_loss") is None:  # a MoE model's own router loss keeps its place
         output["aux_loss"] = aux
@@ -149,6 +154,36 @@ def _post_forward(module: nn.Module, args, kwargs, output):
     if log_probs is not None and mask is not None and aux.requires_grad:  # TRL's fused LM head
         output["log_probs"] = _AuxOnLogProbs.apply(log_probs, mask, aux, coef)
     return output
+
+
+def _post_forward_tuple(module: nn.Module, args, kwargs, output: tuple, aux: torch.Tensor):
+    """`return_dict=False`: with labels given, the tuple's first element is the loss and gets `coef * aux` (the
+    tuple keeps its length; the aux value stays readable with `aux_loss(model)`). Labels given but no scalar
+    loss first: warn, since the aux would not reach the loss."""
+    coef = aux_coef(module)
+    if not coef or not _labels_given(module, args, kwargs):
+        return None
+    loss = output[0] if output else None
+    if not (isinstance(loss, torch.Tensor) and loss.dim() == 0 and loss.is_floating_point()):
+        warnings.warn(f"amole_compile: {type(module).__name__} returned a tuple without a scalar loss first "
+                      "although labels were passed, so its AdaMoLE aux loss was not added: call it with "
+                      "return_dict=True, or add `aux_loss_coef * amole_compile.aux_loss(model)` yourself",
+                      RuntimeWarning, stacklevel=2)
+        return None
+    loss = loss + coef * _micro_batch_share(module, kwargs) * aux.to(loss.device)
+    return (loss, *output[1:])
+
+
+def _labels_given(module: nn.Module, args, kwargs) -> bool:
+    if kwargs.get("labels") is not None or kwargs.get("shift_labels") is not None:
+        return True
+    if not args:
+        return False
+    try:
+        bound = inspect.signature(module.forward).bind_partial(*args)
+    except (TypeError, ValueError):
+        return False
+    return bound.arguments.get("labels") is not None
 
 
 class _AuxOnLogProbs(torch.autograd.Function):
@@ -290,7 +325,15 @@ def _adapter_keys(module: nn.Module) -> list[str]:
 
 def _checkpoint_dir(depth: int = 12) -> Path | None:
     """The directory holding `amole_config.json` that a calling transformers / accelerate frame is loading from
-    (Trainer's `resume_from_checkpoint`, `best_model_checkpoint`, a sharded checkpoint's folder)."""
+    (Trainer's `resume_from_checkpoint`, `best_model_checkpoint`, a sharded checkpoint's folder).
+
+    Why a frame walk (checked against transformers 5.24): `Trainer._load_from_checkpoint` and `_load_best_model`
+    hand the model only `load_state_dict(safetensors.load_file(...))`, a plain dict without the file's path or
+    metadata; resuming loads the weights before the first callback event (`on_train_begin`), `TrainerState`
+    holds no checkpoint path, and a callback or a Trainer subclass would be user code (the point is that a plain
+    `Trainer` resumes). The PEFT branch that passes the directory (`model.load_adapter(dir)`) runs only for
+    `PeftModel` instances and only when the checkpoint has no `model.safetensors`. When nothing is found, the
+    load raises (see `_load_pre_hook`), so a miss is loud, never a silent drop."""
     from .adapter_files import has_adapters
 
     frame = inspect.currentframe()

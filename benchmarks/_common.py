@@ -71,8 +71,9 @@ def sync(device: str) -> None:
 
 def interleaved(fns: dict, steps: int, warmup: int, device: str, clock: str = "wall") -> dict[str, float]:
     """Median seconds per call of each fn, calling them round-robin so machine noise hits all alike. clock
-    "wall" (perf_counter) or "cpu" (this process's CPU time, all its threads: steadier on a shared machine)."""
-    now = time.process_time if clock == "cpu" else time.perf_counter
+    "process" counts this process's CPU time (all its threads) instead of wall time: on a shared CPU it is not
+    inflated by other processes' time slices (CPU only)."""
+    now = time.process_time if clock == "process" else time.perf_counter
     for _ in range(warmup):
         for fn in fns.values():
             fn()

@@ -167,7 +167,7 @@ def main() -> None:
     ap.add_argument("--onnx-dir", type=Path, default=None, help="keep (and reuse) the exported graphs here")
     ap.add_argument("--adapters", type=int, default=1, help=">= 2: the multi-adapter rows (see above)")
     ap.add_argument("--batch", type=int, default=8, help="rows of the multi-adapter batch")
-    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+    ap.add_argument("--clock", choices=("wall", "process"), default="wall",
                     help="multi-adapter rows: wall-clock or process CPU time (steadier on a shared machine)")
     args = ap.parse_args()
     if args.adapters > 1:

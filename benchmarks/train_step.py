@@ -15,6 +15,8 @@ Memory: on CUDA the peak allocated; on CPU, parameters + gradients + AdamW state
     python benchmarks/train_step.py [--device cuda] [--hidden 512 --layers 4 --seq 128 --batch 8] [--vocab 1000]
     python benchmarks/train_step.py --quantize nf4      # bitsandbytes 4-bit base (or int8: torchao int8
                                                          # weight-only): amole vs PEFT LoRA on the same base
+    ... --clock process --threads 1                      # CPU time of this process, one thread: on a shared
+                                                         # machine wall time measures the other load too
 
 --vocab 1000 is the small-vocabulary configuration: with the default 32000 words the LM head is most of the step
 and hides the adapters' cost.
@@ -130,8 +132,18 @@ def make_step(model: nn.Module, ids: torch.Tensor, compiled: bool, uses_aux: boo
     return step, loss_fn, opt
 
 
+def tensor_bytes(t: torch.Tensor) -> int:
+    """Bytes a tensor holds: a tensor subclass (torchao's quantized weights) counts its inner tensors, not its
+    logical dtype."""
+    inner = t.data if isinstance(t, nn.Parameter) else t
+    if type(inner) is not torch.Tensor and hasattr(inner, "__tensor_flatten__"):
+        names, _ = inner.__tensor_flatten__()
+        return sum(tensor_bytes(getattr(inner, n)) for n in names)
+    return t.numel() * t.element_size()
+
+
 def state_bytes(model: nn.Module, opt: torch.optim.Optimizer) -> int:
-    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    params = sum(tensor_bytes(p) for p in model.parameters())
     grads = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     states = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values()
                  if isinstance(t, torch.Tensor))
@@ -181,8 +193,13 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--quantize", choices=("nf4", "int8"), default=None,
                     help="quantized base: bitsandbytes nf4, or torchao int8 weight-only")
+    ap.add_argument("--clock", choices=("wall", "process"), default="wall",
+                    help="process: this process's CPU time per step (CPU; robust to other load on a shared machine)")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     ap.add_argument("--skip", default="", help="comma-separated contenders to leave out (e.g. 'loop adamole')")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     base = llama(args.hidden, args.layers, args.device, args.vocab)
     ids = torch.randint(0, args.vocab, (args.batch, args.seq), device=args.device)
@@ -207,11 +224,11 @@ def main() -> None:
         steps[name] = step
         step()  # compile / allocate optimizer state before measuring
         mem[name] = memory(name, model, loss_fn, opt, ids, args.device, step)
-    times = bc.interleaved(steps, args.steps, args.warmup, args.device)
+    times = bc.interleaved(steps, args.steps, args.warmup, args.device, args.clock)
     print_table(args, times, mem)
     row = {"device": bc.device_name(args.device), "quantize": args.quantize or "", "hidden": args.hidden,
            "layers": args.layers, "seq": args.seq, "batch": args.batch, "vocab": args.vocab, "experts": args.experts,
-           "rank": args.rank}
+           "rank": args.rank, "clock": args.clock}
     for name, t in times.items():
         row[f"{name} ms"] = round(t * 1e3, 2)
         row[f"{name} MiB"] = round(mem[name], 1) if mem[name] else ""
@@ -234,7 +251,8 @@ def print_table(args, times: dict[str, float], mem: dict[str, float | None]) -> 
         m = mem[name]
         rows.append([name, f"{t * 1e3:.1f}", _fmt(lora and t / lora, ".3f"), _fmt(over, ".1f"),
                      _fmt(m, ".1f"), _fmt(m / ref_m if m and ref_m else None, ".3f")])
-    quant = f", {args.quantize} base" if args.quantize else ""
+    quant = (f", {args.quantize} base" if args.quantize else "") + (", process CPU time" if args.clock == "process"
+                                                                     else "")
     print(f"train step{quant}, Llama-shaped hidden={args.hidden} layers={args.layers} seq={args.seq} "
           f"batch={args.batch} vocab={args.vocab}, "
           f"E={args.experts} r={args.rank} dropout={args.dropout}, {bc.device_name(args.device)}")

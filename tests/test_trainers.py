@@ -272,3 +272,33 @@ def test_transformed_model_pickles_and_deepcopies(tmp_path):
     assert loaded.save_pretrained.model is loaded
     loaded.save_pretrained(tmp_path / "d")
     assert (tmp_path / "d" / "amole_config.json").is_file()
+
+
+def test_return_dict_false_adds_the_aux_to_the_loss_in_first_place():
+    """A tuple output (return_dict=False) with labels gets the same loss as the dict form (aux included), keeps
+    its length, and without labels stays as the model returned it."""
+    model = tiny(coef=0.5).train()
+    x = ids(2, 8)
+    torch.manual_seed(0)
+    as_dict = model(input_ids=x, labels=x)
+    torch.manual_seed(0)
+    as_tuple = model(input_ids=x, labels=x, return_dict=False)
+    assert as_dict.aux_loss > 0
+    assert len(as_tuple) == len(as_dict.to_tuple()) - 1  # the dict form also carries aux_loss
+    torch.testing.assert_close(as_tuple[0], as_dict.loss)
+    torch.testing.assert_close(as_tuple[1], as_dict.logits)
+    gates = [p for n, p in model.named_parameters() if n.endswith(".gate")]
+    as_tuple[0].backward()
+    assert all(g.grad is not None and g.grad.abs().sum() > 0 for g in gates)  # lora_B = 0: the aux's gradient
+    no_labels = model(input_ids=x, return_dict=False)
+    assert not any(t.dim() == 0 for t in no_labels if isinstance(t, torch.Tensor))
+
+
+def test_return_dict_false_without_a_scalar_loss_first_warns():
+    """Labels passed but the tuple does not start with a scalar loss: a warning, never a silent drop."""
+    from amole_compile.model_hooks import _post_forward_tuple
+
+    model = tiny(coef=0.5).train()
+    x = ids(2, 8)
+    with pytest.warns(RuntimeWarning, match="aux loss was not added"):
+        assert _post_forward_tuple(model, (), {"labels": x}, (torch.zeros(2, 8, 5),), torch.tensor(1.0)) is None
