@@ -50,6 +50,7 @@ class Stack(NamedTuple):
     meta: Tensor  # [L+1, 7] float64: experts, method code, cap, top_k, scale, dropout, threshold bias
     experts: int  # E
     max_k: int  # largest top_k of a mole slot (0 when none)
+    methods: frozenset  # the method names of the adapters' slots (the empty slot's routing never matters: B = 0)
 
 
 COL_EXPERTS, COL_CODE, COL_CAP, COL_TOP_K, COL_SCALE, COL_DROPOUT, COL_THR_B = range(7)  # `Stack.meta` columns
@@ -79,7 +80,7 @@ def stack_sites(sites: list[SiteWeights]) -> Stack:
     thr_b = [s.thr_b.reshape(()).double() if s.thr_b is not None else torch.zeros((), **f64) for s in sites]
     meta = torch.cat([torch.tensor(consts, **f64), torch.stack(thr_b + [torch.zeros((), **f64)])[:, None]], 1)
     return Stack(torch.stack(down), torch.stack(b_parts), torch.cat(b_parts, 1), meta, e,
-                 max([s.top_k for s in sites if s.method == MOLE.name] or [0]))
+                 max([s.top_k for s in sites if s.method == MOLE.name] or [0]), frozenset(s.method for s in sites))
 
 
 def _normalised(num: Tensor) -> Tensor:
@@ -99,6 +100,8 @@ def _route(zr: Tensor, meta: Tensor, st: Stack) -> tuple[Tensor, Tensor, Tensor]
     sig = torch.sigmoid(zr[..., e] + meta[:, COL_THR_B, None])[..., None]  # [B, S, 1]
     shifted = p - meta[:, COL_CAP, None, None] * sig
     m_ada = (shifted >= 0) & valid
+    if st.methods == {ADAMOLE.name}:  # one method: its routing alone (the empty slot adds 0 whatever it routes)
+        return _normalised(shifted * m_ada), shifted, m_ada
     if st.max_k:
         top = torch.topk(logits, st.max_k, dim=-1).indices  # [B, S, kmax]
         keep = torch.arange(st.max_k, device=zr.device) < meta[:, COL_TOP_K, None, None]  # [B, 1, kmax]

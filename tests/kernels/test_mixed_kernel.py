@@ -66,3 +66,17 @@ def test_an_unused_slot_gets_zero_gradient():
     delta, _, _ = mixed_adapter(x, torch.tensor([0, 0, 4]), stack_sites(ws))
     grads = torch.autograd.grad(delta.sum(), [ws[1].lora_a, ws[1].lora_b, ws[0].lora_b])
     assert not grads[0].any() and not grads[1].any() and grads[2].any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_stack_of_one_method_routes_only_that_method(dtype):
+    """Adapters all of one method take the shortcut (that method's routing alone); same numbers."""
+    ws = [w for w in sites(dtype) if w.method == "adamole"]
+    slot = torch.tensor([1, 2, 0, 1])  # 2: no adapter
+    x = torch.randn(len(slot), 3, D, dtype=dtype, generator=torch.Generator().manual_seed(2))
+    st = stack_sites(ws)
+    assert st.methods == {"adamole"}
+    got, _, mask = mixed_adapter(x, slot, st)
+    want = torch.stack([alone(x[i], ws[j]) if j < len(ws) else x.new_zeros(3, OUT) for i, j in enumerate(slot)])
+    assert (got - want).abs().max() <= TOL[dtype]
+    assert mask[slot == 1][..., 2:].sum() == 0  # adapter 1 has 2 experts: the padded ones are never selected
