@@ -64,7 +64,7 @@ def test_train_prompt_response_csv_and_resume(model_dir, tmp_path, capsys):
             w.writerow([_words(i, 5), _words(i + 50, 3)])
     out = tmp_path / "out"
     assert _train(model_dir, data, out, "--roles", "q,v", "--method", "mole") == 0
-    cfg = json.loads((out / "amole_config.json").read_text())
+    cfg = json.loads((out / "amole_config.json").read_text())["adapters"]["default"]
     assert cfg["config"]["method"] == "mole" and {t["roles"][0] for t in cfg["targets"]} == {"q", "v"}
     assert main(["train", str(model_dir), str(data), "--out", str(out), "--steps", "6", "--batch", "4",
                  "--experts", "2", "--rank", "2", "--method", "mole", "--roles", "q,v", "--save-steps", "2",

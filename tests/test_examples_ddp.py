@@ -23,6 +23,6 @@ def test_train_ddp_example_runs_on_two_processes(tmp_path):
     losses = [float(v) for v in re.findall(r"^step \d+: loss (\S+)$", proc.stdout, flags=re.M)]
     assert len(losses) == steps, proc.stdout  # printed once per step, by rank 0 only
     assert all(torch.isfinite(torch.tensor(losses)))
-    assert len(json.loads((tmp_path / "amole_config.json").read_text())["targets"]) == 8
+    assert len(json.loads((tmp_path / "amole_config.json").read_text())["adapters"]["default"]["targets"]) == 8
     lora_b = {k: t for k, t in load_file(str(tmp_path / "adapters.safetensors")).items() if k.endswith("lora_B")}
     assert len(lora_b) == 8 and all(t.abs().sum() > 0 for t in lora_b.values())  # trained away from zero init
