@@ -40,9 +40,14 @@ def adapter_state(model: nn.Module, names: list[str] | None = None) -> dict[str,
     return state
 
 
+def name_of(key: str) -> str:
+    """The adapter name in a canonical key `<module>.adapters.<name>.<role>.<param>`."""
+    return key.split(".adapters.", 1)[1].split(".", 1)[0]
+
+
 def names_of(state: dict[str, torch.Tensor]) -> list[str]:
     """The adapter names in canonical keys, in order of appearance."""
-    return list(dict.fromkeys(k.split(".adapters.", 1)[1].split(".", 1)[0] for k in state))
+    return list(dict.fromkeys(map(name_of, state)))
 
 
 def _slices_to_json(t: Target) -> list:
@@ -108,14 +113,15 @@ def read_adapter_tensors(model: nn.Module, path: str | os.PathLike) -> dict[str,
     path = Path(path)
     data, file = read_config_json(path)
     saved, tensors = read_ours(path, data, file)
-    for name in adapter_names(model):
+    names = adapter_names(model)
+    for name in names:
         if name not in saved:
             raise ValueError(f"{path} holds adapters {list(saved)}, not the model's {name!r}")
         config, want = saved[name]
         same_targets(targets(model, name), want)
         same_math(adapter_groups(model, name)[0][1].config, config)
     expected = adapter_state(model)
-    tensors = {k: v for k, v in tensors.items() if names_of({k: v})[0] in adapter_names(model)}
+    tensors = {k: v for k, v in tensors.items() if name_of(k) in names}
     check_state(expected, tensors, str(path))
     return tensors
 

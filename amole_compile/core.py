@@ -172,17 +172,12 @@ def _bare(model: nn.Module):
     """The model with its base layers back in place of the adapted ones (for planning another adapter)."""
     holders = [(n, m) for n, m in model.named_modules() if isinstance(m, AdaMoLELinear)]
     for name, holder in holders:
-        _set_submodule(model, name, holder.base_layer)
+        model.set_submodule(name, holder.base_layer)
     try:
         yield model
     finally:
         for name, holder in holders:
-            _set_submodule(model, name, holder)
-
-
-def _set_submodule(model: nn.Module, fqn: str, value: nn.Module) -> None:
-    parent, _, child = fqn.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, value)
+            model.set_submodule(name, holder)
 
 
 def rewrite(model: nn.Module, selected: list[Target], config: AdaMoLEConfig,
@@ -210,11 +205,11 @@ def activate(model: nn.Module, name: str | None) -> None:
     for _, proj in projections(model):
         proj.active = name if name is not None and name in proj.adapters else None
     model.__dict__[ACTIVE] = name
-    trainable = {id(p) for _, g in (adapter_groups(model, name) if name is not None else []) for p in g.parameters()}
+    groups = adapter_groups(model, name) if name is not None else []
+    trainable = {id(p) for _, g in groups for p in g.parameters()}
     for p in model.parameters():
         p.requires_grad_(id(p) in trainable)
-    groups = adapter_groups(model, name) if name is not None else []
-    if groups and model_hooks.aux_coef(model) != groups[0][1].config.aux_loss_coef and model_hooks.attached(model):
+    if groups and model_hooks.attached(model):
         model_hooks.set_aux_coef(model, groups[0][1].config.aux_loss_coef)
 
 

@@ -146,14 +146,13 @@ class ExpertSet(nn.Module):
         # buffer is compared with the batch's: under dynamic=True a buffer's length can share a symbol
         # with an equal sequence length, and a size check would then specialise that length.
         with torch.no_grad():
-            weight = torch.ones_like(mask[:, 0], dtype=torch.long) if tokens is None else tokens.long()  # [T]
             if tokens is not None:
                 mask = mask & tokens[:, None]
             active = mask.sum(-1)  # [T] experts active per token
             experts = torch.arange(mask.shape[1], device=mask.device)
-            self.stat_tokens.add_(weight.sum())
+            self.stat_tokens.add_(mask.shape[0] if tokens is None else tokens.sum())
             self.stat_selected.index_add_(0, experts, mask.sum(0))
-            self.stat_active.index_add_(0, active, weight)
+            self.stat_active.index_add_(0, active, torch.ones_like(active) if tokens is None else tokens.long())
 
     def clear_aux(self) -> None:
         """Forget the recorded aux loss (e.g. before a capture, so that it has no side effect)."""
@@ -187,15 +186,9 @@ class AdapterGroup(nn.ModuleDict):
         self.config = config
         for role, cols in zip(self.roles, self.columns, strict=True):  # insertion order is role order
             self[role] = ExpertSet(in_features, len(cols), config, dtype, device)
-        order = [c for cols in self.columns for c in cols]
-        self._whole = order == list(range(out_features))
-        self.n_unadapted = out_features - len(order)  # output columns no role writes
-        gather = None
-        if not self._whole:  # full[:, j] = cat(deltas, zeros)[:, gather[j]]
-            rest = sorted(set(range(out_features)) - set(order))
-            pos = {c: i for i, c in enumerate(order + rest)}
-            gather = torch.tensor([pos[j] for j in range(out_features)], device=device)
-        self.register_buffer("column_gather", gather, persistent=False)  # see combine_deltas
+        gather, self.n_unadapted = column_gather(self.columns, out_features, device)  # see combine_deltas
+        self._whole = gather is None  # the roles write columns 0..O-1 in order
+        self.register_buffer("column_gather", gather, persistent=False)
 
     @property
     def adapter_dtype(self) -> torch.dtype:
@@ -241,9 +234,22 @@ def _token_mean(v: Tensor, tokens: Tensor | None) -> Tensor:
     return (v * w).sum(0) / w.sum().clamp(min=1)
 
 
+def column_gather(columns: tuple[tuple[int, ...], ...], out_features: int,
+                  device: torch.device | str | None) -> tuple[Tensor | None, int]:
+    """The roles' output columns (in role order) -> (gather [O] with full[:, j] = cat(deltas, zeros)[:, gather[j]],
+    or None when the roles write columns 0..O-1 in order; how many columns no role writes)."""
+    order = [c for cols in columns for c in cols]
+    n_rest = out_features - len(order)
+    if order == list(range(out_features)):
+        return None, n_rest
+    rest = sorted(set(range(out_features)) - set(order))
+    pos = {c: i for i, c in enumerate(order + rest)}
+    return torch.tensor([pos[j] for j in range(out_features)], device=device), n_rest
+
+
 def combine_deltas(deltas: list[Tensor], gather: Tensor | None, n_rest: int) -> Tensor:
-    """Role deltas [T, O_role] -> one [T, O] delta in the layer's column order (zeros for unadapted columns)."""
+    """Role deltas [..., O_role] -> one [..., O] delta in the layer's column order (zeros for unadapted columns)."""
     if n_rest:
-        deltas = deltas + [deltas[0].new_zeros(deltas[0].shape[0], n_rest)]
+        deltas = deltas + [deltas[0].new_zeros(*deltas[0].shape[:-1], n_rest)]
     full = torch.cat(deltas, dim=-1) if len(deltas) > 1 else deltas[0]
     return full if gather is None else full.index_select(-1, gather)

@@ -63,8 +63,7 @@ def drop(model: nn.Module, name: str) -> None:
             continue
         proj.remove(name)
         if not proj.adapters and isinstance(proj, AdaMoLELinear):
-            parent, _, child = fqn.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, proj.base_layer)
+            model.set_submodule(fqn, proj.base_layer)
 
 
 @contextlib.contextmanager

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from .config import AdaMoLEConfig
 from .kernels.mixed_torch import COL_DROPOUT, SiteWeights, Stack, mixed_adapter, stack_sites
-from .modules import AdapterGroup, ExpertSet, linear_features
+from .modules import AdapterGroup, ExpertSet, column_gather, combine_deltas, linear_features
 
 
 class RoleRows(NamedTuple):
@@ -25,7 +25,6 @@ class RoleRows(NamedTuple):
 
     sites: tuple[ExpertSet, ...]  # the adapters having this role here, in slot order
     lut: Tensor  # [N + 1] long: model-wide adapter index + 1 (0 = none) -> local slot (len(sites) = none)
-    columns: Tensor  # [O_role] long: the projection's output columns this role writes
     cache: dict  # the stacked weights, kept across no-grad eager forwards (generate) while they are unchanged
 
 
@@ -34,6 +33,8 @@ class MixedRows(NamedTuple):
 
     ids: Tensor  # [B] long: each row's adapter, as an index into the model's adapter names (-1 = none)
     roles: tuple[tuple[str, RoleRows], ...]
+    gather: Tensor | None  # the roles' deltas -> the projection's columns (`combine_deltas`)
+    n_rest: int  # output columns no role writes
 
 
 class ProjectionAdapters(nn.Module):
@@ -77,14 +78,8 @@ class ProjectionAdapters(nn.Module):
         dtype = mixed.roles[0][1].sites[0].lora_A.dtype
         with torch.autocast(x.device.type, enabled=False):
             xs = x.reshape(ids.shape[0], -1, self.in_features).to(dtype)  # [B, S, D]
-            full = None
-            for _, rows in mixed.roles:
-                delta = self._role_delta(xs, ids, rows)  # [B, S, O_role]
-                if rows.columns.shape[0] == self.out_features and full is None:
-                    full = delta
-                    continue
-                full = (full if full is not None else xs.new_zeros(*xs.shape[:2], self.out_features))
-                full = full.index_add(-1, rows.columns, delta)
+            deltas = [self._role_delta(xs, ids, rows) for _, rows in mixed.roles]  # each [B, S, O_role]
+            full = combine_deltas(deltas, mixed.gather, mixed.n_rest)
             return y + full.reshape(y.shape).to(y.dtype)
 
     def _role_delta(self, xs: Tensor, ids: Tensor, rows: RoleRows) -> Tensor:
@@ -174,9 +169,9 @@ def mixed_rows(proj: ProjectionAdapters, order: tuple[str, ...], ids: Tensor) ->
         lut = [len(entries)] * (len(order) + 1)
         for local, (index, _) in enumerate(entries):
             lut[index + 1] = local
-        out.append((role, RoleRows(tuple(s for _, s in entries), torch.tensor(lut, device=ids.device),
-                                   torch.tensor(columns[role], device=ids.device), {})))
-    return MixedRows(ids, tuple(out))
+        out.append((role, RoleRows(tuple(s for _, s in entries), torch.tensor(lut, device=ids.device), {})))
+    gather, n_rest = column_gather(tuple(columns[r] for r in roles), proj.out_features, ids.device)
+    return MixedRows(ids, tuple(out), gather, n_rest)
 
 
 class AdaMoLELinear(ProjectionAdapters):

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _decode import ort_calls, phases, torch_calls
 
 import amole_compile as ac
 
@@ -38,41 +39,6 @@ def named(base: torch.nn.Module, n: int, experts: int, rank: int) -> tuple[torch
     return model.eval(), names
 
 
-def _ort_calls(sess, batch: int, seq: int, vocab: int, rows: np.ndarray | None) -> tuple:
-    ids = np.random.default_rng(0).integers(1, vocab, (batch, seq + 1)).astype(np.int64)
-    inputs = {i.name: i for i in sess.get_inputs()}
-    past_names = [n for n in inputs if n.startswith("past_key_values.")]
-    empty = {n: np.zeros((batch, inputs[n].shape[1], 0, inputs[n].shape[3]), np.float32) for n in past_names}
-    pos = np.broadcast_to(np.arange(seq + 1, dtype=np.int64), (batch, seq + 1))
-    extra = {} if rows is None else {"adapter_ids": rows}
-    first = {"input_ids": ids[:, :seq], "attention_mask": np.ones((batch, seq), np.int64),
-             "position_ids": pos[:, :seq], **extra}
-    out = sess.run(None, {**first, **empty})
-    step = {"input_ids": ids[:, seq:], "attention_mask": np.ones((batch, seq + 1), np.int64),
-            "position_ids": pos[:, seq:], **extra, **dict(zip(past_names, out[1:], strict=True))}
-    return (lambda: sess.run(["logits"], {**first, **empty})), (lambda: sess.run(["logits"], step))
-
-
-def _torch_calls(model, batch: int, seq: int, vocab: int) -> tuple:
-    """(prefill, decode) closures of `model` as it is (inside a `batch_adapters` block or not)."""
-    from transformers.cache_utils import DynamicCache
-
-    ids = torch.randint(1, vocab, (batch, seq + 1), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        cache = model(input_ids=ids[:, :seq], use_cache=True).past_key_values
-    kv = [(layer.keys, layer.values) for layer in cache.layers]
-
-    @torch.no_grad()
-    def prefill():
-        model(input_ids=ids[:, :seq], use_cache=True)
-
-    @torch.no_grad()
-    def decode():
-        model(input_ids=ids[:, seq:], past_key_values=DynamicCache(kv), use_cache=True)
-
-    return prefill, decode
-
-
 def measure(model, names: list[str], out: Path, args, session) -> dict[str, dict[str, float]]:
     """Median seconds per prefill / decode call of the four rows (ORT round-robin, then PyTorch apart)."""
     batch = args.batch
@@ -83,17 +49,12 @@ def measure(model, names: list[str], out: Path, args, session) -> dict[str, dict
     mixed = copy.deepcopy(model)  # its batch_adapters block stays open, as one block wraps a whole generate
     with ac.batch_adapters(mixed, rows):
         groups = [
-            {"ort_single": _ort_calls(session(single), batch, args.seq, 32000, None),
-             "ort_stacked": _ort_calls(session(stacked), batch, args.seq, 32000, ids)},
-            {"torch_single": _torch_calls(model, batch, args.seq, 32000),
-             "torch_mixed": _torch_calls(mixed, batch, args.seq, 32000)},
+            {"ort_single": ort_calls(session(single), args.seq, 32000, batch),
+             "ort_stacked": ort_calls(session(stacked), args.seq, 32000, batch, {"adapter_ids": ids})},
+            {"torch_single": torch_calls(model, args.seq, 32000, batch),
+             "torch_mixed": torch_calls(mixed, args.seq, 32000, batch)},
         ]
-        result = {"prefill": {}, "decode": {}}
-        for calls in groups:
-            for phase, idx, steps in (("prefill", 0, args.steps), ("decode", 1, args.steps * 5)):
-                result[phase].update(bc.interleaved({k: v[idx] for k, v in calls.items()}, steps, 3, "cpu",
-                                                    args.clock))
-    return result
+        return phases(groups, args.steps, args.clock)
 
 
 def report(times: dict, n: int) -> dict[str, str]:

@@ -26,10 +26,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+from _decode import ort_calls, phases, torch_calls
+
 import amole_compile as ac
 
 import _common as bc
@@ -80,39 +81,6 @@ def ort_session(path: Path, provider: str, threads: int):
     return ort.InferenceSession(str(path), sess_options=opts, providers=[provider])
 
 
-def ort_calls(sess, seq: int, vocab: int) -> tuple:
-    """(prefill, decode) closures; decode feeds the prefill's present as past."""
-    ids = np.random.default_rng(0).integers(1, vocab, (1, seq + 1)).astype(np.int64)
-    past_names = [i.name for i in sess.get_inputs() if i.name.startswith("past_key_values.")]
-    empty = {n: np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32)
-             for n, i in ((i.name, i) for i in sess.get_inputs()) if n in past_names}
-    pos = np.arange(seq + 1, dtype=np.int64)[None]
-    first = {"input_ids": ids[:, :seq], "attention_mask": np.ones((1, seq), np.int64), "position_ids": pos[:, :seq]}
-    out = sess.run(None, {**first, **empty})
-    step = {"input_ids": ids[:, seq:], "attention_mask": np.ones((1, seq + 1), np.int64),
-            "position_ids": pos[:, seq:], **dict(zip(past_names, out[1:], strict=True))}
-    return (lambda: sess.run(["logits"], {**first, **empty})), (lambda: sess.run(["logits"], step))
-
-
-def torch_calls(model, seq: int, vocab: int) -> tuple:
-    from transformers.cache_utils import DynamicCache
-
-    ids = torch.randint(1, vocab, (1, seq + 1), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        cache = model(input_ids=ids[:, :seq], use_cache=True).past_key_values
-    kv = [(layer.keys, layer.values) for layer in cache.layers]
-
-    @torch.no_grad()
-    def prefill():
-        model(input_ids=ids[:, :seq], use_cache=True)
-
-    @torch.no_grad()
-    def decode():
-        model(input_ids=ids[:, seq:], past_key_values=DynamicCache(kv), use_cache=True)
-
-    return prefill, decode
-
-
 def export_all(base, model, out: Path, reuse: bool) -> dict[str, Path]:
     """The three decoder graphs (reused from `out` with --onnx-dir when already there: keep one directory per
     set of sizes / gain)."""
@@ -133,11 +101,7 @@ def measure(paths: dict, model, args, provider: str) -> dict[str, dict[str, floa
                for name, path in paths.items()}]
     if provider == "CPUExecutionProvider":
         groups.append({"torch_amole": torch_calls(model, args.seq, 32000)})
-    result = {"prefill": {}, "decode": {}}
-    for calls in groups:
-        for phase, idx, steps in (("prefill", 0, args.steps), ("decode", 1, args.steps * 5)):
-            result[phase].update(bc.interleaved({k: v[idx] for k, v in calls.items()}, steps, 3, "cpu"))
-    return result
+    return phases(groups, args.steps)
 
 
 def report(times: dict, provider: str) -> dict[str, str]:

@@ -133,13 +133,11 @@ def with_adapter_ids(spec: GraphSpec, adapters: tuple[str, ...] | None) -> Graph
     if adapters is None:
         return spec
     spec.module.adapters = adapters
-    batch = spec.args[0].shape[0]
-    args = spec.args
-    if isinstance(spec.module, ScoringGraph) and not spec.module.positions:
-        args = args + (None,)  # position_ids
-    args = args + (_example_adapter_ids(batch, adapters, spec.args[0].device),)
-    dims = None if spec.dynamic_shapes is None else tuple(spec.dynamic_shapes) + (
-        (None,) if len(args) - 1 > len(spec.dynamic_shapes) else ()) + ({0: BATCH},)
+    skipped = isinstance(spec.module, ScoringGraph) and not spec.module.positions
+    gap = (None,) if skipped else ()  # the position_ids argument a graph without positions leaves out
+    ids = _example_adapter_ids(spec.args[0].shape[0], adapters, spec.args[0].device)
+    args = spec.args + gap + (ids,)
+    dims = None if spec.dynamic_shapes is None else tuple(spec.dynamic_shapes) + gap + ({0: BATCH},)
     return GraphSpec(spec.module, args, dims, spec.input_names + ["adapter_ids"], spec.output_names)
 
 
