@@ -43,6 +43,19 @@ def ids(batch: int = 2, seq: int = 8, seed: int = 0) -> torch.Tensor:
     return torch.randint(1, VOCAB, (batch, seq), generator=g)
 
 
+class LMData(torch.utils.data.Dataset):
+    """A tiny in-memory causal-LM dataset: n fixed sequences of `seq` tokens, labels = input_ids."""
+
+    def __init__(self, n: int = 8, seq: int = 10) -> None:
+        self.x = ids(n, seq, seed=1)
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"input_ids": self.x[i], "labels": self.x[i]}
+
+
 def logits(model, input_ids, **kw) -> torch.Tensor:
     return model(input_ids=input_ids, **kw).logits
 

@@ -12,7 +12,7 @@ import transformers as tf
 
 import amole_compile as ac
 
-from models import build, ids
+from models import LMData, build, ids
 
 AUX = 1e-3
 
@@ -147,18 +147,6 @@ def test_save_pretrained_base_and_adapters_round_trip(tmp_path):
             torch.testing.assert_close(loaded(input_ids=x).logits, model(input_ids=x).logits, rtol=0, atol=0)
 
 
-class _Data(torch.utils.data.Dataset):
-    """A tiny in-memory causal-LM dataset: 8 fixed sequences of 12 tokens, labels = input_ids."""
-
-    def __init__(self) -> None:
-        self.x = ids(8, 12, seed=1)
-
-    def __len__(self) -> int:
-        return len(self.x)
-
-    def __getitem__(self, i: int) -> dict:
-        return {"input_ids": self.x[i], "labels": self.x[i]}
-
 
 def _eval_loss(model, batch) -> float:
     model.eval()
@@ -170,7 +158,7 @@ def test_plain_trainer_trains_with_the_aux_loss_in_the_model_loss(tmp_path):
     """A plain transformers.Trainer: the model's loss is task + 1e-3 * aux; a few steps lower the loss, move the
     adapters, keep the base. AdaMoLETrainer (retired) is a Trainer whose aux_coef sets the model's coefficient."""
     _, model = pair()
-    data = _Data()
+    data = LMData(seq=12)
     batch = {"input_ids": data.x[:4], "labels": data.x[:4]}
     args = tf.TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=6,
                                 learning_rate=1e-2, weight_decay=0.0, use_cpu=True, report_to=[], save_strategy="no",

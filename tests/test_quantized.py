@@ -10,7 +10,7 @@ import transformers as tf
 
 import amole_compile as ac
 
-from models import build, ids, tokenizer
+from models import LMData, build, ids, tokenizer
 
 SMALL = dict(hidden_size=64, intermediate_size=128, num_attention_heads=2, num_key_value_heads=1)
 KINDS = ["nf4", "fp4", "int8", "torchao-int8"]
@@ -96,16 +96,6 @@ def test_compile(kind, base_dir):
     torch.testing.assert_close(compiled(x), eager, rtol=1e-4, atol=1e-5)
 
 
-class _Data(torch.utils.data.Dataset):
-    def __init__(self) -> None:
-        self.x = ids(8, 10, seed=1)
-
-    def __len__(self) -> int:
-        return len(self.x)
-
-    def __getitem__(self, i: int) -> dict:
-        return {"input_ids": self.x[i], "labels": self.x[i]}
-
 
 @pytest.mark.parametrize("trainer", ["hf", "trl"])
 def test_trainers_update_only_adapters(trainer, base_dir, tmp_path):
@@ -114,7 +104,7 @@ def test_trainers_update_only_adapters(trainer, base_dir, tmp_path):
     common = dict(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2, learning_rate=1e-2,
                   use_cpu=True, report_to=[], disable_tqdm=True, save_strategy="no")
     if trainer == "hf":
-        tf.Trainer(model=model, args=tf.TrainingArguments(**common), train_dataset=_Data()).train()
+        tf.Trainer(model=model, args=tf.TrainingArguments(**common), train_dataset=LMData()).train()
     else:
         from datasets import Dataset
         from trl import SFTConfig, SFTTrainer

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 import amole_compile as ac
 from amole_compile.model_hooks import _AuxOnLogProbs
 
-from models import build, ids, tokenizer
+from models import LMData, build, ids, tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -29,16 +29,6 @@ def tiny(coef: float = 1e-3, seed: int = 0, **cfg) -> torch.nn.Module:
                                                                   rank=2, **cfg))
 
 
-class _Data(torch.utils.data.Dataset):
-    def __init__(self, n: int = 8) -> None:
-        self.x = ids(n, 10, seed=1)
-
-    def __len__(self) -> int:
-        return len(self.x)
-
-    def __getitem__(self, i: int) -> dict:
-        return {"input_ids": self.x[i], "labels": self.x[i]}
-
 
 def _common(tmp_path, **kw) -> dict:
     return dict(output_dir=str(tmp_path), per_device_train_batch_size=4, learning_rate=1e-2, weight_decay=0.0,
@@ -51,7 +41,7 @@ def _gates(model) -> dict[str, torch.Tensor]:
 
 def _hf(model, tmp_path, **kw):
     args = tf.TrainingArguments(**_common(tmp_path, max_steps=1, save_strategy="no", **kw))
-    return tf.Trainer(model=model, args=args, train_dataset=_Data())
+    return tf.Trainer(model=model, args=args, train_dataset=LMData())
 
 
 def _trl(model, tmp_path, **kw):
@@ -140,7 +130,7 @@ def test_checkpoints_reload_and_resume_exactly(tmp_path):
     def make(out, seed):
         model = tiny(seed=seed)
         args = tf.TrainingArguments(**_common(out, max_steps=4, save_steps=2, save_strategy="steps"))
-        return model, tf.Trainer(model=model, args=args, train_dataset=_Data(16))
+        return model, tf.Trainer(model=model, args=args, train_dataset=LMData(16))
 
     base = build("llama", **SMALL)
     full, t_full = make(tmp_path / "full", seed=0)
@@ -229,7 +219,7 @@ def test_compiled_trainer_with_checkpointing_has_no_graph_breaks(tmp_path):
     counters.clear()
     args = tf.TrainingArguments(**_common(tmp_path, max_steps=2, save_strategy="no", torch_compile=True,
                                           torch_compile_backend="aot_eager", gradient_checkpointing=True))
-    trainer = tf.Trainer(model=model, args=args, train_dataset=_Data())
+    trainer = tf.Trainer(model=model, args=args, train_dataset=LMData())
     trainer.train()
     assert model.is_activation_checkpointing and not getattr(model, "_require_grads_hooks", None)
     assert not counters["graph_break"], dict(counters["graph_break"])
