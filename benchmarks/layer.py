@@ -3,6 +3,8 @@ linear + AdaMoLE (E experts of rank r; Triton kernels on CUDA, the torch path el
 reference's loop over experts (gather / scatter per expert, tests/upstream_loop.py), per size.
 
     python benchmarks/layer.py [--device cuda] [--dtype bfloat16] [--sizes 1024x2048,4096x8192]
+                               [--clock process --threads 1]   # CPU time of this process, one thread: on a shared
+                                                               # CPU, wall time also counts the other tenants
 
 Sizes are DxT (d_in = d_out = D, T tokens). Prints ms and ratios, appends one CSV row per size.
 Target (roofline in benchmarks/README.md): AdaMoLE <= 1.05x linear + LoRA at D = 4096 in bf16 on a GPU.
@@ -75,7 +77,13 @@ def main() -> None:
     ap.add_argument("--dropout", type=float, default=0.05)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--clock", choices=("wall", "process"), default="wall",
+                    help="wall time, or this process's CPU time (CPU only; robust to other tenants)")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    ap.add_argument("--skip", default="", help="comma-separated contenders to leave out (e.g. 'linear + loop')")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     cuda = args.device.startswith("cuda")
     dtype = getattr(torch, args.dtype or ("bfloat16" if cuda else "float32"))
     sizes = args.sizes or ("1024x2048,2048x4096,4096x8192" if cuda else "512x1024,1024x2048")
@@ -87,19 +95,24 @@ def main() -> None:
         x = torch.randn(t, d, device=args.device, dtype=dtype, requires_grad=True)
         grad = torch.randn(t, d, device=args.device, dtype=dtype)
         layers = contenders(d, args.experts, args.rank, args.dropout, args.device, dtype)
+        for name in filter(None, (n.strip() for n in args.skip.split(","))):
+            layers.pop(name)
         for layer in layers.values():
             layer.train()
         times = bc.interleaved({k: fwd_bwd(v, x, grad) for k, v in layers.items()}, args.steps, args.warmup,
-                               args.device)
+                               args.device, args.clock)
         base, lora, amole = times["frozen linear"], times["linear + lora"], times["linear + amole"]
-        loop = times["linear + loop"]
+        loop = times.get("linear + loop", float("nan"))
         rows.append([size, f"{base * 1e3:.2f}", f"{lora * 1e3:.2f}", f"{amole * 1e3:.2f}", f"{loop * 1e3:.2f}",
                      f"{amole / base:.3f}", f"{amole / lora:.3f}", f"{loop / amole:.2f}"])
         bc.append_row("layer", {"device": dev, "dtype": str(dtype).split(".")[-1], "D": d, "T": t,
                                 "experts": args.experts, "rank": args.rank, "frozen ms": round(base * 1e3, 3),
                                 "lora ms": round(lora * 1e3, 3), "amole ms": round(amole * 1e3, 3),
-                                "loop ms": round(loop * 1e3, 3)})
-    print(f"one projection fwd+bwd, E={args.experts} r={args.rank} dropout={args.dropout}, {dtype}, {dev}")
+                                "loop ms": round(loop * 1e3, 3), "clock": args.clock,
+                                "threads": torch.get_num_threads()})
+    clock = ", process CPU time" if args.clock == "process" else ""
+    print(f"one projection fwd+bwd, E={args.experts} r={args.rank} dropout={args.dropout}, {dtype}, {dev}{clock}, "
+          f"{torch.get_num_threads()} threads")
     print(bc.table(rows, ["DxT", "frozen ms", "+lora ms", "+amole ms", "+loop ms", "amole/frozen", "amole/lora",
                           "loop/amole"]))
 
