@@ -193,6 +193,7 @@ def rewrite(model: nn.Module, selected: list[Target], config: AdaMoLEConfig,
         register_op()  # now, not on the first forward: inside a compiled forward it is a graph break
         model_hooks.attach(model, config.aux_loss_coef)
         quantized.mark_trainable(model)
+        quantized.keep_stored_format(model)
         _DynamoFlag.acquire(model)
         model.__dict__["_amole_requires_grad"] = flags  # restored by untransform
     activate(model, name)
@@ -259,6 +260,7 @@ def untransform(model: nn.Module) -> nn.Module:
     model.__dict__.pop(ACTIVE, None)
     model_hooks.detach(model)
     quantized.unmark_trainable(model)
+    quantized.restore_format(model)
     flags = model.__dict__.pop("_amole_requires_grad", {})
     for n, p in model.named_parameters():
         p.requires_grad_(flags.get(n, p.requires_grad))

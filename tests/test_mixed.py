@@ -82,7 +82,8 @@ def test_mixed_batch_under_inductor():
     compiled = torch.compile(model, fullgraph=True)
     with ac.batch_adapters(model, ROWS), torch.no_grad():
         got = compiled(input_ids=x).logits
-    assert (got - want).abs().max() <= 1e-5
+    # inductor fuses and reorders the fp32 reductions (seen: 1.07e-5 off); a row on the wrong adapter is far off
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=3e-5)
 
 
 def test_training_on_a_mixed_batch_reaches_the_rows_adapters_only():

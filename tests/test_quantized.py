@@ -7,12 +7,15 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers as tf
+from safetensors.torch import load_file
 
 import amole_compile as ac
 
 from models import LMData, build, ids, tokenizer
 
-SMALL = dict(hidden_size=64, intermediate_size=128, num_attention_heads=2, num_key_value_heads=1)
+# head_dim set too: build() overrides after the config computed it. bitsandbytes >= 0.50 repacks 4-bit weights for
+# its CPU kernel on the first eval forward and asserts out_features % 32 == 0 (real models' projections are).
+SMALL = dict(hidden_size=64, intermediate_size=128, num_attention_heads=2, num_key_value_heads=1, head_dim=32)
 KINDS = ["nf4", "fp4", "int8", "torchao-int8"]
 
 
@@ -59,7 +62,7 @@ def test_transform_train_save_load(kind, base_dir, tmp_path):
     assert ac.plan(model, ac.AdaMoLEConfig()).targets  # found on the twin, named as in the quantized model
     x = ids(2, 7)
     with torch.no_grad():
-        want = model(input_ids=x).logits
+        want = model.train()(input_ids=x).logits  # train mode: no bitsandbytes CPU repack before the transform
     ac.transform(model, ac.AdaMoLEConfig(dropout=0.0))
     assert len(ac.targets(model)) == 8
     with torch.no_grad():
@@ -144,3 +147,47 @@ def test_missing_library_names_the_package(tmp_path, monkeypatch):
         load_model(quant)
     with pytest.raises(ValueError, match="--quantize 4bit needs the `bitsandbytes` package: pip install bitsandbytes"):
         load_model(plain, "4bit")
+
+
+def _repacks_on_cpu() -> bool:
+    try:
+        from bitsandbytes.functional import has_avx512bf16
+    except ImportError:  # no bitsandbytes, or one without the CPU repack
+        return False
+    return bool(has_avx512bf16())
+
+
+def _four_bit(model):
+    return [m for m in model.modules() if getattr(getattr(m, "weight", None), "quant_state", None) is not None]
+
+
+def test_four_bit_base_keeps_its_stored_format(base_dir, tmp_path):
+    """bitsandbytes' lossy CPU repack (absmax to bf16 on the first eval forward) stays off while transformed, so
+    an evaluation mid-training changes neither the numbers nor what save_pretrained writes; untransform gives
+    the switch back."""
+    model = load(base_dir, "nf4")
+    layers = _four_bit(model)
+    ac.transform(model, ac.AdaMoLEConfig(dropout=0.0))
+    x = ids(2, 7)
+    with torch.no_grad():
+        before = model.train()(input_ids=x).logits
+        model.eval()(input_ids=x)
+        after = model.train()(input_ids=x).logits
+    assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers)
+    torch.testing.assert_close(after, before, rtol=0, atol=0)
+    model.save_pretrained(tmp_path)
+    saved = load_file(tmp_path / "model.safetensors")
+    fresh = load(base_dir, "nf4").state_dict()  # as quantized on load, never repacked
+    absmax = [k for k in fresh if k.endswith("weight.absmax")]
+    assert absmax and all(torch.equal(saved[k], fresh[k]) for k in absmax)
+    ac.untransform(model)
+    assert all(m.support_avx512bf16_for_cpu == _repacks_on_cpu() for m in layers)
+
+
+@pytest.mark.skipif(not _repacks_on_cpu(), reason="bitsandbytes repacks 4-bit layers only on AVX512-BF16 CPUs")
+def test_four_bit_repacked_before_transform_warns(base_dir):
+    model = load(base_dir, "nf4")
+    with torch.no_grad():
+        model.eval()(input_ids=ids(2, 7))  # bitsandbytes repacks here
+    with pytest.warns(UserWarning, match="repacked by bitsandbytes"):
+        ac.transform(model, ac.AdaMoLEConfig(dropout=0.0))
