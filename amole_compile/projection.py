@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from .config import AdaMoLEConfig
 from .kernels.mixed_torch import COL_DROPOUT, SiteWeights, Stack, mixed_adapter, stack_sites
-from .modules import AdapterGroup, ExpertSet, column_gather, combine_deltas, linear_features
+from .modules import AdapterGroup, ExpertSet, column_gather, combine_deltas, keep_mask, linear_features
 
 
 class RoleRows(NamedTuple):
@@ -87,7 +87,7 @@ class ProjectionAdapters(nn.Module):
         stack = _stack(rows, self.training)
         drop = None
         if self.training and any(s.dropout > 0 for s in rows.sites):
-            drop = torch.rand_like(xs) >= stack.meta[slot, COL_DROPOUT].to(xs.dtype)[:, None, None]
+            drop = keep_mask(xs, stack.meta[slot, COL_DROPOUT].to(torch.float32)[:, None, None])
         few = xs.shape[1] == 1 and not (torch.compiler.is_compiling() or torch.compiler.is_exporting())
         delta, scores, mask = mixed_adapter(xs, slot, stack, drop, all_slots=few)  # one-token rows: decoding
         self._record(rows, slot, scores, mask)
