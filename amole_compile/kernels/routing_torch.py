@@ -34,8 +34,8 @@ def _softmax(logits: Tensor) -> Tensor:
     fused kernel. The two agree to a few ulps."""
     if logits.device.type != "cpu":
         return torch.softmax(logits, dim=-1)
-    e = (logits - logits.amax(-1, keepdim=True)).exp_()
-    return e.div_(e.sum(-1, keepdim=True))
+    e = (logits - logits.amax(-1, keepdim=True)).exp()  # out of place: autograd differentiates this too
+    return e / e.sum(-1, keepdim=True)
 
 
 def _adamole_parts(zr: Tensor, thr_b: Tensor, num_experts: int, cap: float):
