@@ -4,7 +4,7 @@ of time for sm_80 (A100) and sm_90 (H100) on this machine (no GPU needed): `amol
     python benchmarks/kernel_resources.py [--dtypes float32,bfloat16,float16] [--methods adamole,mole,lora]
                                           [--experts 1,2,4,8,16] [--ranks 1,4,8,16,32,64] [--archs 80,90]
                                           [--jobs 2] [--all-rows]
-    python benchmarks/kernel_resources.py --search [--kernels fwd,bwd_route]   # re-derive blocks.TABLE
+    python benchmarks/kernel_resources.py --search [--kernels fwd,bwd_route] [--k-p 128,256]  # re-derive blocks.TABLE
 
 Prints one row per build that spills or overflows shared memory (every build with --all-rows), then the maximum
 registers and shared memory per kernel and arch, and appends a summary row to results/kernel_resources.csv.
@@ -119,7 +119,8 @@ def run_search(args) -> int:
     by_kp = defaultdict(list)
     for case in matrix:
         by_kp[(blocks.padded_columns(case.e, case.r), case.dtype)].append(case)
-    groups = [(k, kp, dt, args.archs, cases) for k in args.kernels for (kp, dt), cases in sorted(by_kp.items())]
+    groups = [(k, kp, dt, args.archs, cases) for k in args.kernels for (kp, dt), cases in sorted(by_kp.items())
+              if not args.k_p or kp in args.k_p]
     with mp.Pool(args.jobs) as pool:
         for kernel, k_p, dt, cand, n in pool.imap_unordered(_search_group, groups):
             print(f"{kernel:<10} K_P={k_p:<5} {dt:<9} -> {cand} ({n} specialisations)", flush=True)
@@ -135,6 +136,7 @@ def main() -> None:
     ap.add_argument("--dropouts", type=lambda s: _csv_list(s, lambda v: v == "1"), default=(False, True))
     ap.add_argument("--archs", type=lambda s: _csv_list(s, int), default=aot.ARCHS)
     ap.add_argument("--kernels", type=_csv_list, default=blocks.KERNEL_NAMES)
+    ap.add_argument("--k-p", type=lambda s: _csv_list(s, int), default=(), help="--search: only these K_P")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--all-rows", action="store_true", help="print every build, not only the failing ones")
     ap.add_argument("--search", action="store_true", help="find the first fitting candidate per blocks.TABLE row")

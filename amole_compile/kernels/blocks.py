@@ -9,7 +9,7 @@ compiles for sm_80 and sm_90 without spilling registers and within the shared me
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -45,20 +45,32 @@ _HALF = (Blocks(64, 64, 4), Blocks(32, 64, 4), Blocks(32, 32, 4), Blocks(16, 64,
          Blocks(16, 16, 8))
 # The weight-gradient kernel can also split K_P over programs (its accumulator is [K_P, BD] and needs no routing).
 _SPLIT_K = (Blocks(16, 32, 8, bk=256), Blocks(16, 16, 8, bk=128))
-CANDIDATES = {(k, c): (_FP32 if c == "fp32" else _HALF) + (_SPLIT_K if k == "bwd_weight" else ())
+# Each tile is tried at 2 pipeline stages, then 3, then 1: ptxas sometimes parks a few values in a 8-16 B stack at
+# 80-128 registers (not register pressure: its allocator's choice), and a different stage count, which changes
+# the shape of the main loop, is the cheapest way around it that keeps the tile.
+_STAGES = (2, 3, 1)
+CANDIDATES = {(k, c): tuple(replace(b, num_stages=st)
+                            for b in (_FP32 if c == "fp32" else _HALF) + (_SPLIT_K if k == "bwd_weight" else ())
+                            for st in _STAGES)
               for k in KERNEL_NAMES for c in ("fp32", "16bit")}
 
 DEFAULT = Blocks(32, 64, 4)
 
 # (kernel, dtype class) -> ((largest K_P of the row, Blocks), ...) in increasing K_P. Each row is the first of
 # CANDIDATES that `kernel_resources.py --search` found compiling without spills on sm_80 and sm_90 within their
-# shared memory (triton 3.9, 2026-11-25); the comment says what the larger configurations before it ran into.
+# shared memory (triton 3.9, 2026-11-25; the rows with a stage count other than 2 on 2026-12-04, when the
+# candidates gained stage variants and the search re-ran for the K_P that still left a stack); the comment says
+# what the larger configurations before it ran into.
 B = Blocks
 TABLE: dict[tuple[str, str], tuple[tuple[int, Blocks], ...]] = {
     # x·[A; Wg; wt]ᵀ with the routing epilogue; accumulator [BT, K_P] fp32
     ("fwd", "fp32"): (
-        (64, B(32, 32, 4)),  # BD 64 spills at K_P 16 (the FMA dot holds a [.., BD] operand slice per thread)
-        (512, B(32, 32, 8)),  # 4 warps spill from K_P 128 (8 B) to 512 (456 B): 8 warps halve the accumulator
+        (16, B(32, 32, 4)),  # BD 64 spills at K_P 16 (the FMA dot holds a [.., BD] operand slice per thread)
+        (32, B(32, 32, 8)),  # 4 warps leave an 8 B stack on sm_90 at 1, 2 and 3 stages (lora R = 32, dropout)
+        (64, B(32, 32, 4, num_stages=3)),  # 2 stages: 8-16 B stack on sm_90 (mole / lora, E·R = 64)
+        (128, B(32, 32, 4, num_stages=1)),  # 2 and 3 stages: 8 B stack; 8 warps: 16 B on sm_90 (E 8, R 16)
+        (256, B(32, 32, 4)),  # 8 warps: 8 B stack (adamole E 8 R 32 on sm_90, E 16 R 16 on sm_80)
+        (512, B(32, 32, 8)),  # 4 warps spill at K_P 512 (456 B): 8 warps halve the accumulator
         # BT 32 spills 400 B even with 8 warps; BD 32 spills 8 B on sm_80 (255 registers); BD 16 fits at 244-254
         # registers (at the ceiling: a K split of the forward is the way past this); 16 warps cap at 128 and spill
         (1024, B(16, 16, 8)),
@@ -79,12 +91,16 @@ TABLE: dict[tuple[str, str], tuple[tuple[int, Blocks], ...]] = {
     ("bwd_route", "16bit"): (
         (64, B(64, 64, 4)),
         (256, B(32, 64, 4)),  # BT 64 spills from K_P 128
-        (1024, B(16, 64, 8)),  # BT 32 spills from K_P 512
+        (512, B(16, 64, 8, num_stages=3)),  # BT 32 spills from K_P 512; 2 stages leave 8 B on sm_90 (E 8, R 64)
+        (1024, B(16, 64, 8)),
     ),
     # grad_A = grad_zaᵀ·xd over a T split; accumulator [K_P, BD] (or [BK, BD] with a K split)
     ("bwd_weight", "fp32"): (
         # BT 32 x BD 64 at 4 warps sits at 255 registers and spills (64-72 B at K_P 32 with E = 1, 2; KB from K_P
         # 64): the [K_P, BD] FMA accumulator over 8 warps, with 16 tokens per step
+        (64, B(16, 32, 8)),
+        # BT 16 leaves an 8 B stack on sm_90 at K_P 128 (adamole E 16, R 8); BT 32 at 8 warps and 1 stage fits
+        (128, B(32, 32, 8, num_stages=1)),
         (256, B(16, 32, 8)),
         (512, B(16, 16, 8)),  # BD 32 spills at K_P 512
         # every whole-K configuration spills (400 B even at 16 warps): K in chunks of 128 (128 registers; chunks
@@ -92,6 +108,7 @@ TABLE: dict[tuple[str, str], tuple[tuple[int, Blocks], ...]] = {
         (1024, B(16, 16, 8, bk=128)),
     ),
     ("bwd_weight", "16bit"): (
+        (16, B(64, 64, 4, num_stages=1)),  # 2 and 3 stages leave an 8 B stack on sm_80 (mole E 16, R 1)
         (32, B(64, 64, 4)),
         (128, B(32, 64, 4)),  # BT 64 spills from K_P 64
         (256, B(32, 32, 4)),  # BD 64 spills at K_P 256

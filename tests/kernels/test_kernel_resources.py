@@ -23,11 +23,16 @@ from amole_compile.kernels import adapter_triton, blocks, register
 
 ROOT = Path(__file__).resolve().parents[2]
 
-# One op configuration per K_P row (16 .. 1024), both dtype classes, each arch; 4 kernels each: 28 builds.
+# One op configuration per K_P (16 .. 1024), both dtype classes, each arch, and the builds that left a small stack
+# before the table's stage-count rows (2026-12-04: fp32 fwd at K_P 32 / 128 / 256 and bwd_weight at 128 on sm_90,
+# 16-bit bwd_weight at K_P 16 on sm_80 and bwd_route at 512 on sm_90); 4 kernels each: 52 builds.
 SUBSET = [("float32", "adamole", 4, 4, True, 90), ("bfloat16", "mole", 8, 4, False, 80),
           ("float16", "adamole", 8, 8, True, 90), ("float32", "lora", 1, 64, True, 80),
           ("bfloat16", "adamole", 16, 16, True, 90), ("float32", "mole", 16, 32, False, 90),
-          ("float32", "adamole", 16, 64, True, 80)]
+          ("float32", "adamole", 16, 64, True, 80),
+          ("float32", "lora", 1, 32, True, 90), ("float32", "adamole", 8, 16, False, 90),
+          ("float32", "adamole", 8, 32, True, 90), ("float32", "adamole", 16, 8, False, 90),
+          ("bfloat16", "mole", 16, 1, False, 80), ("float16", "adamole", 8, 64, False, 90)]
 
 _SCRIPT = """
 import json, sys
@@ -110,3 +115,13 @@ def test_explicit_triton_through_the_op_raises_before_any_launch(monkeypatch):
     with pytest.raises(RuntimeError, match="limit of 16"):
         register().adapter(*args.values(), "triton")
     assert launches == []
+
+
+def test_table_rows_come_from_the_candidates_in_increasing_k_p():
+    """`blocks.TABLE` is what `kernel_resources.py --search` picks from `blocks.CANDIDATES`: a row that is not a
+    candidate was typed in by hand, and the matrix was never searched for it."""
+    for (kernel, cls), rows in blocks.TABLE.items():
+        limits = [k_p for k_p, _ in rows]
+        assert limits == sorted(limits) and limits[-1] == blocks.MAX_K_P, (kernel, cls, limits)
+        for k_p, blk in rows:
+            assert blk in blocks.CANDIDATES[(kernel, cls)], (kernel, cls, k_p, blk)
