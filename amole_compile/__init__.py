@@ -10,46 +10,68 @@ does not touch CUDA: the op registers on first use, and the export, statistics a
 
 from __future__ import annotations
 
-from .adapters_io import load_adapters, save_adapters
+import warnings
+
+from .checkpoint.io import load_adapters, save_adapters
 from .config import AdaMoLEConfig
-from .core import NoAttentionFound, aux_loss, is_transformed, plan, targets, transform, untransform
-from .files import atomic_write
-from .named import active_adapter, adapter_names, batch_adapters, delete_adapter, set_active_adapter
+from .core import (
+    NoAttentionFound,
+    active_adapter,
+    adapter_names,
+    aux_loss,
+    batch_adapters,
+    delete_adapter,
+    is_transformed,
+    plan,
+    set_active_adapter,
+    targets,
+    transform,
+    untransform,
+)
 from .passes.capture import CaptureError
 from .passes.swap_modules import UnsupportedLayerError
-from .passes.targets import Plan, Target
+from .passes.targets import Plan, Skip, Target
 
 __version__ = "0.1.0"
 
-# Heavy optional parts (onnx, onnxruntime, matplotlib) load on first use.
+# Heavy optional parts (onnx, onnxruntime, matplotlib, transformers' Trainer) load on first use.
 _LAZY = {
     "export_onnx": "amole_compile.export.onnx",
     "OnnxLM": "amole_compile.export.runtime",
+    "OnnxExportError": "amole_compile.export.onnx",
     "expert_stats": "amole_compile.stats",
     "reset_expert_stats": "amole_compile.stats",
     "plot_expert_stats": "amole_compile.stats",
-    "base_state_dict": "amole_compile.hf",
-    "compute_loss": "amole_compile.hf",
-    "AdaMoLETrainer": "amole_compile.hf",
-    "OnnxExportError": "amole_compile.export.onnx",
+    "base_state_dict": "amole_compile.checkpoint.pretrained",
+}
+# Retired names: still importable, each with a DeprecationWarning naming what replaces it.
+_RETIRED = {
+    "compute_loss": ("amole_compile.integrations.trainer", "model(**inputs).loss (it holds the aux loss)"),
+    "AdaMoLETrainer": ("amole_compile.integrations.trainer", "transformers.Trainer"),
+    "atomic_write": ("amole_compile.files", "amole_compile.files.atomic_write (an internal helper)"),
 }
 
 __all__ = [
-    "AdaMoLEConfig", "AdaMoLETrainer", "CaptureError", "NoAttentionFound", "OnnxExportError", "OnnxLM", "Plan",
-    "Target", "UnsupportedLayerError", "active_adapter", "adapter_names", "atomic_write", "aux_loss",
-    "base_state_dict", "batch_adapters", "compute_loss", "delete_adapter", "expert_stats", "export_onnx",
-    "is_transformed", "load_adapters", "plan", "plot_expert_stats", "reset_expert_stats", "save_adapters",
-    "set_active_adapter", "targets", "transform", "untransform",
+    "AdaMoLEConfig", "CaptureError", "NoAttentionFound", "OnnxExportError", "OnnxLM", "Plan", "Skip", "Target",
+    "UnsupportedLayerError", "active_adapter", "adapter_names", "aux_loss", "base_state_dict", "batch_adapters",
+    "delete_adapter", "expert_stats", "export_onnx", "is_transformed", "load_adapters", "plan",
+    "plot_expert_stats", "reset_expert_stats", "save_adapters", "set_active_adapter", "targets", "transform",
+    "untransform",
 ]
 
 
 def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
+    import importlib
 
+    if name in _LAZY:
         value = getattr(importlib.import_module(_LAZY[name]), name)
         globals()[name] = value
         return value
+    if name in _RETIRED:
+        module, instead = _RETIRED[name]
+        warnings.warn(f"amole_compile.{name} is retired and leaves the public API; use {instead}",
+                      DeprecationWarning, stacklevel=2)
+        return getattr(importlib.import_module(module), name)
     raise AttributeError(f"module 'amole_compile' has no attribute {name!r}")
 
 

@@ -14,9 +14,9 @@ from pathlib import Path
 from torch import nn
 
 from .config import ROLES
-from .core import adapter_groups
 from .files import atomic_write
-from .modules import ExpertSet
+from .model.modules import ExpertSet
+from .model.state import adapter_groups
 
 
 @dataclasses.dataclass(frozen=True)

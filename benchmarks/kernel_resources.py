@@ -28,7 +28,8 @@ os.environ.pop("TRITON_INTERPRET", None)  # compile the kernels as JIT functions
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, without its warning
 
 sys.path.insert(0, str(Path(__file__).parent))
-from amole_compile.kernels import adapter_triton, aot, blocks
+from amole_compile.kernels import _aot as aot
+from amole_compile.kernels import adapter_triton, blocks
 
 import _common as bc
 

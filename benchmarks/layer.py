@@ -22,7 +22,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
 from amole_compile import AdaMoLEConfig
-from amole_compile.projection import AdaMoLELinear
+from amole_compile.model.projection import AdaMoLELinear
 
 import _common as bc
 from upstream_loop import LoopLinear

@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 import amole_compile as ac
-from amole_compile._demo import VOCAB, synthetic_batch
+from amole_compile.cli.demo import VOCAB, synthetic_batch
 
 
 def main() -> None:

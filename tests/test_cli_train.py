@@ -75,7 +75,7 @@ def test_train_prompt_response_csv_and_resume(model_dir, tmp_path, capsys):
 def test_prompt_tokens_get_no_loss(model_dir):
     import datasets
 
-    from amole_compile._train import load_tokenizer, tokenize
+    from amole_compile.cli.train import load_tokenizer, tokenize
 
     tok = load_tokenizer(model_dir)
     ds = datasets.Dataset.from_dict({"prompt": ["w1 w2 w3"], "response": ["w4 w5"]})

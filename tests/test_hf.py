@@ -1,6 +1,6 @@
 """Hugging Face workflows on a transformed model: generate(), gradient checkpointing, bf16 / fp16 base models,
 save_pretrained / from_pretrained of the base beside save_adapters / load_adapters, and the Trainer with the aux
-loss (`amole_compile.hf`)."""
+loss (`amole_compile.integrations`)."""
 
 from __future__ import annotations
 

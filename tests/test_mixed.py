@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import amole_compile as ac
-from amole_compile.modules import ExpertSet
+from amole_compile.model.modules import ExpertSet
 
 from mixed_models import CFGS, ROWS, adapted, per_row
 from models import build, ids, logits
@@ -26,7 +26,7 @@ def test_mixed_batch_equals_each_row_alone(arch):
     names = ac.adapter_names(model)
     with ac.batch_adapters(model, [names.index(r) if r else -1 for r in ROWS]):  # ids work like names
         assert torch.equal(logits(model, x), got)
-    assert all(p.mixed is None for _, p in ac.core.projections(model))  # nothing left behind
+    assert ac.model.mixed.open_rows() is None  # nothing left behind
 
 
 def test_mixed_batch_under_generate_with_left_padding():
@@ -130,7 +130,7 @@ def test_bad_rows_are_refused():
     with pytest.raises(ValueError, match="was given 3 rows' adapters, but a projection sees a batch of 4"):
         with ac.batch_adapters(model, ["a", "b", "a"]):
             model(input_ids=ids(4, 5))
-    assert all(p.mixed is None for _, p in ac.core.projections(model))
+    assert ac.model.mixed.open_rows() is None
 
 
 def test_adapters_of_different_dtypes_are_refused_by_name():
@@ -140,7 +140,7 @@ def test_adapters_of_different_dtypes_are_refused_by_name():
     with pytest.raises(ValueError, match=r"different dtypes.*'a' torch.float32, 'bf16' torch.bfloat16"):
         with ac.batch_adapters(model, ["a", "bf16"]):
             pass
-    assert all(p.mixed is None for _, p in ac.core.projections(model))
+    assert ac.model.mixed.open_rows() is None
 
 
 def test_graph_modules_refuse_mixed_batches():

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import amole_compile as ac
-from amole_compile.modules import ExpertSet
+from amole_compile.model.modules import ExpertSet
 
 from models import build, ids, logits
 

@@ -14,7 +14,7 @@ import torch
 
 from amole_compile import AdaMoLEConfig
 from amole_compile.kernels import register
-from amole_compile.modules import ExpertSet, keep_mask
+from amole_compile.model.modules import ExpertSet, keep_mask
 
 from upstream_loop import LoopAdaMoLE, copy_into, forward_dropped, grads_of, ref_grads
 

@@ -134,7 +134,7 @@ def test_missing_library_names_the_package(tmp_path, monkeypatch):
     import importlib.util
     import json
 
-    from amole_compile._train import load_model
+    from amole_compile.cli.train import load_model
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",

@@ -20,7 +20,7 @@ def adapted(method="adamole", **kw):
 
 def masks_by_site(model, x, monkeypatch):
     """Run a forward recording every site's routing mask as the op hands it to ExpertSet.record."""
-    from amole_compile.modules import ExpertSet
+    from amole_compile.model.modules import ExpertSet
 
     names = {id(m): n for n, m in model.named_modules() if isinstance(m, ExpertSet)}
     seen, orig = {}, ExpertSet.record

@@ -13,7 +13,7 @@ import transformers as tf
 from safetensors.torch import load_file
 
 import amole_compile as ac
-from amole_compile.model_hooks import _AuxOnLogProbs
+from amole_compile.integrations.loss import _AuxOnLogProbs
 
 from models import LMData, build, ids, tokenizer
 
@@ -286,7 +286,7 @@ def test_return_dict_false_adds_the_aux_to_the_loss_in_first_place():
 
 def test_return_dict_false_without_a_scalar_loss_first_warns():
     """Labels passed but the tuple does not start with a scalar loss: a warning, never a silent drop."""
-    from amole_compile.model_hooks import _post_forward_tuple
+    from amole_compile.integrations.loss import _post_forward_tuple
 
     model = tiny(coef=0.5).train()
     x = ids(2, 8)

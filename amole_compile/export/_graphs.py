@@ -43,9 +43,9 @@ def _rows(model: nn.Module, adapters: tuple[str, ...] | None, adapter_ids):
     """A context in which row i runs `adapters[adapter_ids[i]]` (-1: none); nothing when `adapters` is None."""
     if adapters is None:
         return contextlib.nullcontext()
-    from ..named import mixed_batch
+    from ..model.batch import mixed_batch
 
-    return mixed_batch(model, adapter_ids, adapters)
+    return mixed_batch(model, adapter_ids, adapters, what="ONNX export")
 
 
 class ScoringGraph(nn.Module):

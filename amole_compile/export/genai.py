@@ -93,7 +93,7 @@ def add_adapter(model: nn.Module, out_dir: str | os.PathLike, name: str) -> Path
     want = graph_adapter_inputs(folder / MODEL_FILE)
     if not want:
         raise ValueError(f"{folder / MODEL_FILE} takes no adapter inputs: export it with adapters=[...]")
-    from ..named import adapter_names
+    from ..model.state import adapter_names
 
     tensors = _snapshot(model, name if name in adapter_names(model) else None)
     have = {input_name(k): (tuple(v.shape), _onnx_type(v.dtype)) for k, v in tensors.items()}
@@ -143,8 +143,7 @@ def input_name(param: str) -> str:
 
 def _adapter_inputs(model: nn.Module, name: str | None = None) -> dict[str, torch.Tensor]:
     """Adapter `name`'s (default: the active adapter's) live parameters, keyed by their name in the model."""
-    from ..adapter_files import adapter_state
-    from ..named import active_adapter
+    from ..model.state import active_adapter, adapter_state
 
     name = active_adapter(model) if name is None else name
     return {} if name is None else dict(adapter_state(model, [name]))
@@ -153,7 +152,7 @@ def _adapter_inputs(model: nn.Module, name: str | None = None) -> dict[str, torc
 def adapter_weights(model: nn.Module, names: Sequence[str]) -> dict[str, dict[str, torch.Tensor]]:
     """adapter name -> {parameter name in the model: a detached copy}, for each of `names`. All adapters must
     have the same graph inputs (roles, shapes, dtypes: one graph serves them all)."""
-    from ..named import adapter_names
+    from ..model.state import adapter_names
 
     names = [names] if isinstance(names, str) else list(names)
     _check_names(names)
@@ -175,14 +174,14 @@ def _snapshot(model: nn.Module, name: str | None = None) -> dict[str, torch.Tens
 @contextlib.contextmanager
 def _active(model: nn.Module, name: str):
     """Adapter `name` active (the graph's adapter inputs replace its parameters), the earlier one after."""
-    from ..named import active_adapter, set_active_adapter
+    from ..model.state import activate, active_adapter, check_name
 
     before = active_adapter(model)
-    set_active_adapter(model, name)
+    activate(model, check_name(model, name))
     try:
         yield
     finally:
-        set_active_adapter(model, before)
+        activate(model, before)
 
 
 def _same_shapes(found: dict[str, dict[str, torch.Tensor]]) -> None:

@@ -77,7 +77,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, kv_cache: bool = F
         raise ValueError(f"masking must be one of {MASKING}, got {masking!r}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"export_onnx takes an nn.Module (an HF model), got {type(model).__name__}")
-    from ..quantized import library
+    from ..integrations.quantized import library
 
     lib = library(model)
     if lib is not None:
@@ -104,7 +104,7 @@ def _adapters(model: nn.Module, adapters: Sequence[str] | None) -> tuple[str, ..
     """The checked adapter names to stack (None: export the active adapter only)."""
     if adapters is None:
         return None
-    from ..named import adapter_names, check_name
+    from ..model.state import adapter_names, check_name
 
     if isinstance(adapters, str) or not isinstance(adapters, Sequence) or not adapters:
         raise ValueError(f"adapters must be a non-empty list of adapter names, got {adapters!r}")
@@ -115,44 +115,13 @@ def _adapters(model: nn.Module, adapters: Sequence[str] | None) -> tuple[str, ..
     return tuple(check_name(model, a) for a in adapters)
 
 
-def export_from_dirs(model_dir: str | os.PathLike, adapter_dir: str | os.PathLike | None,
-                     out_path: str | os.PathLike, *, kv_cache: bool = False, opset: int | None = None,
-                     masking: str = "dense", genai: bool = False, adapters: Sequence[str] | None = None) -> Path:
-    """Load an HF `save_pretrained` directory, apply `load_adapters(adapter_dir)` (ours or an upstream-repo
-    checkpoint; None exports the base model) and export to `out_path` (with `genai`: a folder, tokenizer files
-    copied from `model_dir`). `adapters`: the loaded adapters to stack (or, with genai, to write as
-    `.onnx_adapter` files). Returns the written path."""
-    if genai:  # fail before the (slow) load
+def check_output(path: str | os.PathLike, genai: bool = False) -> Path:
+    """Check, before any work, that `export_onnx(..., path, genai=genai)` can write there -> the destination."""
+    if genai:
         from .genai import check_out_dir
 
-        check_out_dir(out_path)
-    else:
-        _destination(out_path)
-    model = load_pretrained(model_dir)
-    if adapter_dir is not None:
-        from ..adapters_io import load_adapters
-
-        load_adapters(model, adapter_dir)
-    if genai:
-        return export_onnx(model, out_path, genai=True, tokenizer=model_dir, opset=opset, masking=masking,
-                           adapters=adapters)
-    return export_onnx(model, out_path, kv_cache=kv_cache, opset=opset, masking=masking, adapters=adapters)
-
-
-def load_pretrained(model_dir: str | os.PathLike) -> nn.Module:
-    """AutoModelForCausalLM for generating architectures, else the saved head class (or AutoModel)."""
-    import transformers
-
-    model_dir = Path(model_dir)
-    if not (model_dir / "config.json").is_file():
-        raise FileNotFoundError(f"{model_dir} is not a Hugging Face model directory (no config.json)")
-    config = transformers.AutoConfig.from_pretrained(model_dir)
-    archs = list(getattr(config, "architectures", None) or [])
-    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
-        cls = transformers.AutoModelForCausalLM
-    else:
-        cls = next((getattr(transformers, a) for a in archs if hasattr(transformers, a)), transformers.AutoModel)
-    return cls.from_pretrained(model_dir).eval()
+        return check_out_dir(path)
+    return _destination(path)
 
 
 # ---- steps ----------------------------------------------------------------------------------------
@@ -186,7 +155,7 @@ def _opset(opset: int | None) -> int:
 @contextlib.contextmanager
 def _eval_mode(model: nn.Module):
     """Eval mode (no dropout, no aux-loss bookkeeping) for the export; every module's mode restored after."""
-    from ..modules import ExpertSet
+    from ..model.modules import ExpertSet
 
     modes = {m: m.training for m in model.modules()}
     for m in model.modules():

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from .backend import KERNELS, SUPPORTED_DTYPES, resolve_kernels, triton_usable
 from .methods import METHODS, MethodSpec, method_spec
-from .op import adapter, register
+from .op import AdapterArgs, adapter, register
 
-__all__ = ["KERNELS", "METHODS", "SUPPORTED_DTYPES", "MethodSpec", "adapter", "method_spec", "register",
-           "resolve_kernels", "triton_usable"]
+__all__ = ["KERNELS", "METHODS", "SUPPORTED_DTYPES", "AdapterArgs", "MethodSpec", "adapter", "method_spec",
+           "register", "resolve_kernels", "triton_usable"]

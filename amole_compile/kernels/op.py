@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 from types import SimpleNamespace
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -27,6 +28,27 @@ from .backend import resolve_kernels, traced
 
 _LIB = "amole"
 _registered: SimpleNamespace | None = None
+
+
+class AdapterArgs(NamedTuple):
+    """The op's arguments in schema order: the one definition every caller builds (`ExpertSet.op_args` for the
+    module and graph paths; the ONNX translations take the same list)."""
+
+    x: Tensor  # [T, D]
+    drop_mask: Tensor | None  # [T, D] bool keep-mask, None when not dropping
+    lora_a: Tensor  # [K, D]
+    lora_b: Tensor  # [O, K]
+    gate_w: Tensor | None  # [E, D]
+    thr_w: Tensor | None  # [1, D]
+    thr_b: Tensor | None  # [1]
+    base: Tensor | None  # [T, O] the projection's output, added in place of a separate add
+    method: str
+    num_experts: int
+    top_k: int
+    scale: float
+    max_threshold: float
+    drop_scale: float  # 1 / (1 - dropout)
+    kernels: str
 
 
 def _use_triton(kernels: str, x: Tensor, num_experts: int, lora_a: Tensor) -> bool:
@@ -71,16 +93,14 @@ def _adapter_backward_impl(
     return adapter_backward_torch(*args)
 
 
-_TENSOR_ARGS = ("x", "drop_mask", "lora_a", "lora_b", "gate_w", "thr_w", "thr_b", "base")
-_SCALAR_ARGS = ("method", "num_experts", "top_k", "scale", "max_threshold", "drop_scale", "kernels")
+_N_TENSORS = AdapterArgs._fields.index("base") + 1  # the tensor arguments come first, then the scalars
 
 
 def _setup_context(ctx, inputs, output):
-    named = dict(zip(_TENSOR_ARGS + _SCALAR_ARGS, inputs, strict=True))
-    x, drop_mask, lora_a, lora_b, gate_w, thr_w, thr_b = (named[n] for n in _TENSOR_ARGS[:7])
-    ctx.save_for_backward(x, drop_mask, lora_a, lora_b, gate_w, thr_w, thr_b, output[3], output[4])
-    ctx.scalars = tuple(named[n] for n in _SCALAR_ARGS)
-    ctx.has_base = named["base"] is not None
+    a = AdapterArgs(*inputs)
+    ctx.save_for_backward(a.x, a.drop_mask, a.lora_a, a.lora_b, a.gate_w, a.thr_w, a.thr_b, output[3], output[4])
+    ctx.scalars = inputs[_N_TENSORS:]
+    ctx.has_base = a.base is not None
 
 
 def _backward(ctx, grad_out, grad_scores, _grad_mask, _grad_za, _grad_zr, backward_op=None):
@@ -94,7 +114,7 @@ def _backward(ctx, grad_out, grad_scores, _grad_mask, _grad_za, _grad_zr, backwa
         method, e, k, scale, cap, drop_scale, need_x, kernels)
     return (gx if need_x else None, None, ga, gb, gg if gate_w is not None else None,
             gtw if thr_w is not None else None, gtb if thr_b is not None else None,
-            grad_out if ctx.has_base else None) + (None,) * len(_SCALAR_ARGS)
+            grad_out if ctx.has_base else None) + (None,) * len(ctx.scalars)
 
 
 def register() -> SimpleNamespace:

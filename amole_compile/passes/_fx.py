@@ -269,3 +269,36 @@ def meta_value(node: object) -> object:
     if isinstance(val, torch.SymInt):
         return int(val)
     return val
+
+
+class GraphView:
+    """A graph with its data edges (`DataFlow`) and its projections (`as_linear`, memoised): what the discovery
+    passes walk. Built once per graph and shared by `find_attention` and `find_mlp`."""
+
+    def __init__(self, graph: fx.Graph, params: ParamNames) -> None:
+        self.graph, self.params = graph, params
+        self.flow = DataFlow(graph)
+        self._proj: dict[fx.Node, LinearCall | None] = {}
+
+    def projection(self, node: fx.Node) -> LinearCall | None:
+        """The projection `node` computes (None if it is not one)."""
+        if node not in self._proj:
+            self._proj[node] = as_linear(node, self.params)
+        return self._proj[node]
+
+    def users(self, node: fx.Node) -> list[fx.Node]:
+        """Data successors: users reading `node` as data, and readers of a buffer written in place."""
+        out = [u for u in node.users if node in data_args(u)]
+        if is_inplace(node):
+            root = self.flow.root_of(node)
+            out += [u for u in root.users if u is not node and self.flow.order[u] > self.flow.order[node]]
+        return out
+
+    def first_call(self) -> dict[str, int]:
+        """Module name -> the graph position of its first projection call."""
+        first: dict[str, int] = {}
+        for n in self.graph.nodes:
+            call = self.projection(n)
+            if call is not None:
+                first.setdefault(call.module, self.flow.order[n])
+        return first

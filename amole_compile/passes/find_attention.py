@@ -24,26 +24,12 @@ Invariants:     the graph is not modified; every target's weight is a parameter;
 from __future__ import annotations
 
 import dataclasses
-from collections import Counter
 
 from torch import fx
 
 from ._columns import ColumnsUnknown, role_columns
-from ._fx import (
-    MATMUL_OPS,
-    SDPA_OPS,
-    SOFTMAX_OPS,
-    DataFlow,
-    LinearCall,
-    ParamNames,
-    as_linear,
-    data_args,
-    is_inplace,
-    meta_value,
-    op_name,
-    walk,
-)
-from .targets import PassReport, Target, compress
+from ._fx import MATMUL_OPS, SDPA_OPS, SOFTMAX_OPS, GraphView, LinearCall, ParamNames, meta_value, op_name, walk
+from .targets import PassReport, Skip, Target, compress
 
 ROLE_ORDER = ("q", "k", "v", "o")  # attention roles (feed-forward roles: find_mlp.py)
 
@@ -55,28 +41,6 @@ class Anchor:
     node: fx.Node
     inputs: dict[str, list[fx.Node]]  # role -> the tensors fed to attention in that role
     out: fx.Node
-
-
-class _Graph:
-    """The graph with its data edges and projections, memoised."""
-
-    def __init__(self, graph: fx.Graph, params: ParamNames) -> None:
-        self.graph, self.params = graph, params
-        self.flow = DataFlow(graph)
-        self._proj: dict[fx.Node, LinearCall | None] = {}
-
-    def projection(self, node: fx.Node) -> LinearCall | None:
-        if node not in self._proj:
-            self._proj[node] = as_linear(node, self.params)
-        return self._proj[node]
-
-    def users(self, node: fx.Node) -> list[fx.Node]:
-        """Data successors: users reading `node` as data, and readers of a buffer written in place."""
-        out = [u for u in node.users if node in data_args(u)]
-        if is_inplace(node):
-            root = self.flow.root_of(node)
-            out += [u for u in root.users if u is not node and self.flow.order[u] > self.flow.order[node]]
-        return out
 
 
 def _shape(node: object) -> tuple[int, ...] | None:
@@ -122,7 +86,7 @@ def _query_key(scores: fx.Node, axis: int | None) -> tuple[fx.Node, fx.Node] | N
     return (ops[1], ops[0]) if axis == -2 else (ops[0], ops[1])
 
 
-def _eager_anchor(softmax: fx.Node, g: _Graph) -> Anchor | None:
+def _eager_anchor(softmax: fx.Node, g: GraphView) -> Anchor | None:
     """softmax -> its value product (forwards) and score products (backwards), through any ops."""
     hits, fwd = walk(softmax, g.users, lambda n: g.projection(n) is not None or op_name(n) in MATMUL_OPS)
     pv = next((h for h in hits if g.projection(h) is None), None)
@@ -143,9 +107,9 @@ def _eager_anchor(softmax: fx.Node, g: _Graph) -> Anchor | None:
     return Anchor(softmax, {"q": [q for q, _ in pairs], "k": [k for _, k in pairs], "v": values}, pv)
 
 
-def find_anchors(graph: fx.Graph, params: ParamNames | None = None, g: _Graph | None = None) -> list[Anchor]:
+def find_anchors(graph: fx.Graph, params: ParamNames | None = None, g: GraphView | None = None) -> list[Anchor]:
     """Every attention computation in the graph, in graph order."""
-    g = g or _Graph(graph, params or ParamNames(None))
+    g = g or GraphView(graph, params or ParamNames(None))
     anchors = []
     for node in graph.nodes:
         name = op_name(node)
@@ -165,7 +129,7 @@ class _Found:
     paths: dict[str, list[tuple[fx.Node, set[fx.Node]]]] = dataclasses.field(default_factory=dict)
 
 
-def _columns(found: _Found, g: _Graph, report: PassReport) -> tuple[tuple[str, ...], tuple]:
+def _columns(found: _Found, g: GraphView, report: PassReport) -> tuple[tuple[str, ...], tuple]:
     """Per role, the projection's output columns (replayed), made disjoint in role order."""
     out_f = found.features[1]
     roles = [r for r in ROLE_ORDER if r in found.paths]
@@ -180,12 +144,13 @@ def _columns(found: _Found, g: _Graph, report: PassReport) -> tuple[tuple[str, .
                                      for tensor, cone in found.paths[role]))
             except ColumnsUnknown as exc:
                 if len(roles) > 1:
-                    report.skipped.append(f"{found.call.module}: role {role} ({exc})")
+                    report.skipped.append(Skip(found.call.module, "columns_unknown", f"role {role} ({exc})"))
                     continue
                 cols = set(range(out_f))
         cols -= taken
         if not cols:
-            report.skipped.append(f"{found.call.module}: role {role} shares all its columns with another role")
+            report.skipped.append(Skip(found.call.module, "columns_shared",
+                                       f"role {role} shares all its columns with another role"))
             continue
         taken |= cols
         kept.append(role)
@@ -193,18 +158,17 @@ def _columns(found: _Found, g: _Graph, report: PassReport) -> tuple[tuple[str, .
     return tuple(kept), tuple(slices)
 
 
-def find_attention(graph: fx.Graph, params: ParamNames, mlp: bool = False) -> tuple[list[Target], PassReport]:
-    """Run the pass: -> (targets in graph order, report). `mlp`: also find feed-forward projections
-    (`find_mlp.py`) and list them after the attention ones."""
+def find_attention(g: GraphView) -> tuple[list[Target], PassReport]:
+    """Run the pass on a graph's view: -> (targets in graph order, report)."""
     report = PassReport("find_attention")
-    g = _Graph(graph, params)
-    anchors = find_anchors(graph, g=g)
+    anchors = find_anchors(g.graph, g=g)
     report.anchors = len(anchors)
     found: dict[str, _Found] = {}
 
     def add(call: LinearCall, role: str, tensor: fx.Node | None, cone: set[fx.Node]) -> None:
         if call.features is None:
-            report.skipped.append(f"{call.module}: the shape of its weight {call.param} is unknown")
+            report.skipped.append(Skip(call.module, "shape_unknown", f"the shape of its weight {call.param} is "
+                                       "unknown"))
             return
         entry = found.setdefault(call.module, _Found(call, call.features))
         entry.paths.setdefault(role, []).append((tensor, cone))
@@ -223,11 +187,11 @@ def find_attention(graph: fx.Graph, params: ParamNames, mlp: bool = False) -> tu
                     add(g.projection(p), role, tensor, cone)
                 hits += procs
             if not hits:
-                report.skipped.append(f"{anchor.node.name}: no projection found for role {role}")
+                report.skipped.append(Skip(anchor.node.name, "no_projection", f"no projection found for role {role}"))
         procs, _ = walk(anchor.out, g.users, is_proj)
         procs = [p for p in procs if g.projection(p).node is not anchor.out]
         if not procs:
-            report.skipped.append(f"{anchor.node.name}: no projection found for role o")
+            report.skipped.append(Skip(anchor.node.name, "no_projection", "no projection found for role o"))
         for p in procs[:1]:
             add(g.projection(p), "o", None, set())
     order = g.flow.order
@@ -236,19 +200,5 @@ def find_attention(graph: fx.Graph, params: ParamNames, mlp: bool = False) -> tu
         roles, slices = _columns(entry, g, report)
         if roles:
             targets.append(Target(module, roles, slices, *entry.features))
-    calls = Counter(g.projection(n).module for n in graph.nodes if g.projection(n) is not None)
-    report.shared = {t.module: calls[t.module] for t in targets if calls[t.module] > 1}  # ALBERT, whole graph
-    if mlp:
-        from .find_mlp import find_mlp
-
-        ffn, notes = find_mlp(g, {t.module for t in targets})
-        first: dict[str, int] = {}
-        for n in graph.nodes:
-            if g.projection(n) is not None:
-                first.setdefault(g.projection(n).module, order[n])
-        targets = sorted(targets + ffn, key=lambda t: first[t.module])
-        report.shared.update({t.module: calls[t.module] for t in ffn if calls[t.module] > 1})
-        report.skipped += notes
     report.targets = targets
     return targets, report
-

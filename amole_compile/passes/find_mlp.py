@@ -29,18 +29,18 @@ from torch import fx
 from ._columns import ColumnsUnknown, role_columns
 from ._fx import LinearCall, meta_value, walk
 from ._probe import Probe, ProbeFailed
-from .targets import Target, compress
+from .targets import Skip, Target, compress
 
 ROUTER_NOTE = "an MoE router (top-k / argmax indices are derived from its output); routers are never adapted"
 EXPERTS_NOTE = "MoE experts stored as a 3-D parameter"
 
 
-def find_mlp(g, attention: set[str]) -> tuple[list[Target], list[str]]:
-    """-> (feed-forward targets in graph order, skip notes). `g` is find_attention's `_Graph`; `attention` the
-    modules that already hold an attention role."""
+def find_mlp(g, attention: set[str]) -> tuple[list[Target], list[Skip]]:
+    """-> (feed-forward targets in graph order, what was skipped). `g` is the graph's `GraphView`; `attention`
+    the modules that already hold an attention role."""
     routers = _routers(g, attention)
-    notes = [f"{r.module}: {ROUTER_NOTE}" for r in routers] + _experts(g, {r.features[1] for r in routers
-                                                                           if r.features})
+    notes = [Skip(r.module, "moe_router", ROUTER_NOTE) for r in routers] + \
+        _experts(g, {r.features[1] for r in routers if r.features})
     taken = attention | {r.module for r in routers}
     found: dict[str, tuple[LinearCall, dict[str, list[int]]]] = {}
     for node in g.graph.nodes:
@@ -138,12 +138,13 @@ def _routers(g, attention: set[str]) -> list[LinearCall]:
     return out
 
 
-def _experts(g, widths: set[int]) -> list[str]:
+def _experts(g, widths: set[int]) -> list[Skip]:
     """3-D parameters stacked along a router's expert axis: experts; they are not linears and are left out."""
     notes = []
     for n in g.graph.nodes:
         name = g.params(n)
         shape = g.params.shape(n) if name is not None else None
         if shape is not None and len(shape) == 3 and shape[0] in widths:
-            notes.append(f"{name}: {EXPERTS_NOTE} {list(shape)}; only 2-D projections can be adapted")
+            notes.append(Skip(name, "moe_experts", f"{EXPERTS_NOTE} {list(shape)}; only 2-D projections can be "
+                              "adapted"))
     return notes

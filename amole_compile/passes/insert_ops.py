@@ -5,7 +5,7 @@ Pattern:        a linear-like node (`linear`, Conv1D `addmm`, or a call to an nn
 Replacement:    y = proj(x)  ->  per role: mask = site.drop_mask(x2); r = torch.ops.amole.adapter(x2, mask, ...);
                 site.record(r[1], r[2]); then y' = y + the role deltas placed in their columns (or, for a single
                 role owning every column, the op adds itself to y). Users of y read y'. Every inserted node has
-                `meta["amole"] = {"module": ..., "role": ...}`. Parameters live in `gm._amole.<module>`, an
+                `meta["amole"] = {"module": ..., "role": ...}`. Parameters live in `gm._amole.<module>`, a
                 `ProjectionAdapters` holding one `AdapterGroup` named "default", so adapter names match the
                 nn.Module path. (One adapter per graph: a second named adapter is refused.)
 Preconditions:  the graph module was captured before decompositions; targets come from `find_attention` on it.
@@ -23,12 +23,11 @@ from torch import fx
 
 from ..config import AdaMoLEConfig
 from ..kernels import register
-from ..modules import AdapterGroup, ExpertSet, combine_deltas
-from ..projection import ProjectionAdapters
+from ..model.modules import AdapterGroup, ExpertSet, combine_deltas
+from ..model.projection import ProjectionAdapters
+from ..model.state import GRAPH_PREFIX as PREFIX
 from ._fx import ParamNames, as_linear
 from .targets import PassReport, Target
-
-PREFIX = "_amole"
 
 
 def site_drop_mask(site: ExpertSet, x: torch.Tensor) -> torch.Tensor | None:
@@ -53,15 +52,13 @@ class _Emitter:
         return node
 
     def site(self, path: str, site: ExpertSet, role: str, x2: fx.Node, base: fx.Node | None) -> fx.Node:
-        def attr(name: str) -> fx.Node | None:
-            return self("get_attr", f"{path}.{name}", (), role) if getattr(site, name) is not None else None
+        def attr(_site: ExpertSet, name: str) -> fx.Node:
+            return self("get_attr", f"{path}.{name}", (), role)
 
         site_node = self("get_attr", path, (), role)
         mask = self("call_function", site_drop_mask, (site_node, x2), role)
-        res = self("call_function", torch.ops.amole.adapter.default, (
-            x2, mask, attr("lora_A"), attr("lora_B"), attr("gate"), attr("threshold_weight"),
-            attr("threshold_bias"), base, site.method, site.num_experts, site.top_k, site.scale,
-            site.max_threshold, 1.0 / (1.0 - site.dropout), site.kernels), role)
+        args = tuple(site.op_args(x2, mask, base, tensor=attr))  # parameters read by get_attr nodes
+        res = self("call_function", torch.ops.amole.adapter.default, args, role)
         out, scores, m = (self("call_function", operator.getitem, (res, i), role) for i in range(3))
         self("call_function", site_record, (site_node, scores, m), role)
         return out
@@ -92,8 +89,10 @@ def _rewrite_call(gm: fx.GraphModule, node: fx.Node, x: fx.Node, group: AdapterG
 NAME = "default"  # the one adapter of a rewritten graph
 
 
-def insert_ops(gm: fx.GraphModule, targets: list[Target], config: AdaMoLEConfig, name: str = NAME) -> PassReport:
-    """Run the pass on gm in place (all or nothing); returns how many calls it rewrote."""
+def insert_ops(gm: fx.GraphModule, targets: list[Target], config: AdaMoLEConfig,
+               name: str = NAME) -> tuple[PassReport, fx.Graph]:
+    """Run the pass on gm in place (all or nothing) -> (how many calls it rewrote, the graph as it was, which
+    `remove_ops` takes back)."""
     if name != NAME or hasattr(gm, PREFIX):
         raise ValueError("a GraphModule holds one adapter, named 'default' (its op nodes are baked into the graph): "
                          "transform the nn.Module instead for named adapters, or untransform the graph first")
@@ -123,8 +122,7 @@ def insert_ops(gm: fx.GraphModule, targets: list[Target], config: AdaMoLEConfig,
     except Exception:
         _restore(gm, saved)
         raise
-    gm.__dict__["_amole_original_graph"] = saved
-    return report
+    return report, saved
 
 
 def _restore(gm: fx.GraphModule, graph: fx.Graph) -> None:
@@ -134,10 +132,6 @@ def _restore(gm: fx.GraphModule, graph: fx.Graph) -> None:
     gm.recompile()
 
 
-def remove_ops(gm: fx.GraphModule) -> bool:
-    """Undo `insert_ops`: restore the graph as it was and drop the adapters. False if there was nothing to undo."""
-    saved = gm.__dict__.pop("_amole_original_graph", None)
-    if saved is None:
-        return False
-    _restore(gm, saved)
-    return True
+def remove_ops(gm: fx.GraphModule, original: fx.Graph) -> None:
+    """Undo `insert_ops`: restore the graph it was given (`original`) and drop the adapters."""
+    _restore(gm, original)

@@ -15,8 +15,8 @@ from __future__ import annotations
 import re
 
 from ..config import MLP_ROLES, ROLES, AdaMoLEConfig
-from .find_mlp import EXPERTS_NOTE, ROUTER_NOTE
-from .targets import PassReport, Target
+from .find_mlp import EXPERTS_NOTE
+from .targets import PassReport, Skip, Target
 
 SEARCHED = ("aten.scaled_dot_product_attention, and eager attention (softmax between a matmul of q and kᵀ and a "
             "matmul with v, through any ops), each fed by projections (linear, addmm, or mm / matmul / bmm with a "
@@ -32,10 +32,10 @@ def select_targets(found: list[Target], config: AdaMoLEConfig, report: PassRepor
     kept = []
     for t in found:
         if config.include is not None and not re.search(config.include, t.module):
-            report.skipped.append(f"{t.module}: does not match include={config.include!r}")
+            report.skipped.append(Skip(t.module, "include", f"does not match include={config.include!r}"))
             continue
         if config.exclude is not None and re.search(config.exclude, t.module):
-            report.skipped.append(f"{t.module}: matches exclude={config.exclude!r}")
+            report.skipped.append(Skip(t.module, "exclude", f"matches exclude={config.exclude!r}"))
             continue
         pairs = [(r, s) for r, s in zip(t.roles, t.slices, strict=True) if r in config.roles]
         if pairs:
@@ -50,7 +50,7 @@ def check_found(model_name: str, report: PassReport, selected: list[Target], con
         raise NoAttentionFound(f"no attention found in {model_name}: searched the captured graph for {SEARCHED}")
     if not report.targets:
         raise NoAttentionFound(f"{model_name}: found {report.anchors} attention site(s) but no projection feeding "
-                               f"them ({'; '.join(report.skipped[:3])})")
+                               f"them ({'; '.join(map(str, report.skipped[:3]))})")
     have = [r for r in ROLES if any(r in t.roles for t in report.targets)]
     absent = [r for r in config.roles if r not in have]
     if set(MLP_ROLES) <= set(config.roles) and "up" in have and "gate" in absent:
@@ -59,7 +59,7 @@ def check_found(model_name: str, report: PassReport, selected: list[Target], con
         _no_mlp_but_moe(model_name, report, absent, have)
     if absent:
         raise ValueError(f"{model_name}: roles {tuple(absent)} were asked for, but its architecture has "
-                         f"{tuple(have)}" + (f" (skipped: {'; '.join(report.skipped[:3])})" if report.skipped else ""))
+                         f"{tuple(have)}" + (f" (skipped: {'; '.join(map(str, report.skipped[:3]))})" if report.skipped else ""))
     if not selected:
         raise NoAttentionFound(f"{model_name}: every projection was filtered out by roles={config.roles}, "
                                f"include={config.include!r}, exclude={config.exclude!r}")
@@ -67,9 +67,9 @@ def check_found(model_name: str, report: PassReport, selected: list[Target], con
 
 def _no_mlp_but_moe(model_name: str, report: PassReport, absent: list[str], have: list[str]) -> None:
     """Feed-forward roles asked for where every feed-forward block is a mixture of experts: say so."""
-    routers = [s.partition(": ")[0] for s in report.skipped if ROUTER_NOTE in s]
-    experts = [s.partition(": ")[0] + s.partition(EXPERTS_NOTE)[2].partition(";")[0]
-               for s in report.skipped if EXPERTS_NOTE in s]
+    routers = [s.module for s in report.skipped if s.reason == "moe_router"]
+    experts = [s.module + s.detail.partition(EXPERTS_NOTE)[2].partition(";")[0]  # "name [E, D, O]"
+               for s in report.skipped if s.reason == "moe_experts"]
     if not routers:
         return
     blocks = list(dict.fromkeys(r.rpartition(".")[0] or r for r in routers))

@@ -17,8 +17,8 @@ from __future__ import annotations
 from torch import nn
 
 from ..config import AdaMoLEConfig
-from ..modules import AdapterGroup, linear_features
-from ..projection import AdaMoLELinear, ProjectionAdapters
+from ..model.modules import AdapterGroup, linear_features
+from ..model.projection import AdaMoLELinear, ProjectionAdapters
 from .targets import PassReport, Target
 
 

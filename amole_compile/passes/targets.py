@@ -51,6 +51,44 @@ class Target:
         return f"{self.module}  {' '.join(parts)}  ({self.in_features} -> {self.out_features})"
 
 
+SKIP_REASONS = {
+    "no_projection": "an attention site with no projection found for a role",
+    "shape_unknown": "a projection whose weight shape is unknown",
+    "columns_unknown": "a fused projection whose columns for a role could not be worked out",
+    "columns_shared": "a role whose columns all belong to another role of the same projection",
+    "moe_router": "an MoE router (indices are derived from its scores): never adapted",
+    "moe_experts": "MoE experts stored as a 3-D parameter: not a linear, cannot be wrapped",
+    "include": "a projection whose name does not match AdaMoLEConfig.include",
+    "exclude": "a projection whose name matches AdaMoLEConfig.exclude",
+    "not_captured": "a block that did not export (its submodules may have been captured instead)",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Skip:
+    """Something discovery or selection left out, and why.
+
+    module   the module (or, for an attention site, the graph node) it concerns, fully qualified
+    reason   one of `SKIP_REASONS`
+    detail   the specifics, readable (`str(skip)` is "module: detail")
+    """
+
+    module: str
+    reason: str
+    detail: str
+
+    def __post_init__(self) -> None:
+        if self.reason not in SKIP_REASONS:
+            raise ValueError(f"Skip.reason must be one of {sorted(SKIP_REASONS)}, got {self.reason!r}")
+
+    def __str__(self) -> str:
+        return f"{self.module}: {self.detail}"
+
+    def within(self, block: str) -> Skip:
+        """This skip, for the same module inside block `block` (its name prefixed)."""
+        return dataclasses.replace(self, module=f"{block}.{self.module}")
+
+
 @dataclasses.dataclass
 class PassReport:
     """What a pass matched: attention sites found, targets planned, and what it skipped and why."""
@@ -59,7 +97,7 @@ class PassReport:
     anchors: int = 0
     rewritten: int = 0
     targets: list[Target] = dataclasses.field(default_factory=list)
-    skipped: list[str] = dataclasses.field(default_factory=list)
+    skipped: list[Skip] = dataclasses.field(default_factory=list)
     blocks: dict[str, str] = dataclasses.field(default_factory=dict)  # block -> what was found in it (per block)
     shared: dict[str, int] = dataclasses.field(default_factory=dict)  # module -> blocks (calls) sharing it, if > 1
 

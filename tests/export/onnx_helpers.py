@@ -7,7 +7,7 @@ import torch
 
 import amole_compile as ac
 from amole_compile.kernels import adapter
-from amole_compile.modules import ExpertSet
+from amole_compile.model.modules import ExpertSet
 
 from models import build
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import amole_compile as ac
-from amole_compile.export.onnx import export_from_dirs
+from amole_compile.cli.load import export_from_dirs
 
 from models import build
 from onnx_helpers import SHAPES, adapted, assert_logits_close, assert_routing_varied, batch, reference_logits, sites
@@ -134,7 +134,7 @@ def test_reference_checkpoint_from_dirs(tmp_path):
     base.save_pretrained(tmp_path / "model")
     _write_reference_checkpoint(base, tmp_path / "adapter")
     path = export_from_dirs(tmp_path / "model", tmp_path / "adapter", tmp_path / "ref.onnx")
-    from amole_compile.export.onnx import load_pretrained
+    from amole_compile.cli.load import load_pretrained
 
     model = ac.load_adapters(load_pretrained(tmp_path / "model"), tmp_path / "adapter").eval()
     check_parity(model, path, shapes=SHAPES[:2])

@@ -36,7 +36,7 @@ SUBSET = [("float32", "adamole", 4, 4, True, 90), ("bfloat16", "mole", 8, 4, Fal
 
 _SCRIPT = """
 import json, sys
-from amole_compile.kernels import aot
+from amole_compile.kernels import _aot as aot
 out = []
 for dtype, method, e, r, dropout, arch in json.loads(sys.argv[1]):
     for spec in aot.specialisations([aot.Case(dtype, method, e, r, dropout)]):

@@ -61,7 +61,7 @@ def test_gated_attention_is_not_an_mlp():
     mods = [m for m, _ in layer0(plan)]
     assert mods[:4] == [f"layers.0.self_attn.{n}_proj" for n in "qkvo"]
     assert mods[4:] == [f"layers.0.mlp.shared_expert.{n}_proj" for n in ("gate", "up", "down")]
-    skipped = "\n".join(plan.report.skipped)
+    skipped = "\n".join(map(str, plan.report.skipped))
     assert "layers.0.mlp.gate: an MoE router" in skipped
     assert "layers.0.mlp.experts.gate_up_proj: MoE experts stored as a 3-D parameter" in skipped
 

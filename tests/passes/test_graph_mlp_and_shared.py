@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import amole_compile as ac
-from amole_compile.adapters_io import adapter_state
+from amole_compile.model.state import adapter_state
 from amole_compile.kernels import register
 
 from models import build, build_matrix, ids

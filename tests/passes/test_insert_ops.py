@@ -12,7 +12,7 @@ import torch
 from torch import fx
 
 import amole_compile as ac
-from amole_compile.adapters_io import adapter_state
+from amole_compile.model.state import adapter_state
 from amole_compile.kernels import register
 from amole_compile.passes import insert_ops as insert_ops_mod
 

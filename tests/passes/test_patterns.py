@@ -281,9 +281,10 @@ def test_moe_dispatch_captures_block_by_block():
         ac.passes.capture.capture(model, (x,))
     plan = ac.plan(model, CFG, example_inputs=(x,))
     assert plan.report.anchors == 2
-    assert [s.split(":")[0] for s in plan.report.skipped] == [
-        "layers.0", "layers.1", "layers.0.moe", "layers.1.moe"]
-    assert "its submodules were captured instead" in plan.report.skipped[0]
+    assert [(s.module, s.reason) for s in plan.report.skipped] == [
+        ("layers.0", "not_captured"), ("layers.1", "not_captured"), ("layers.0.moe", "not_captured"),
+        ("layers.1.moe", "not_captured")]
+    assert "its submodules were captured instead" in plan.report.skipped[0].detail
     assert "layers.0.moe: not captured" in plan.describe()
 
 

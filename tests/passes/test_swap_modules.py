@@ -10,8 +10,8 @@ import torch
 import transformers as tf
 
 import amole_compile as ac
-from amole_compile.modules import ExpertSet
-from amole_compile.projection import AdaMoLELinear
+from amole_compile.model.modules import ExpertSet
+from amole_compile.model.projection import AdaMoLELinear
 
 from models import ENCODERS, build, ids, logits
 

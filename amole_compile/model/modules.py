@@ -11,8 +11,9 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .config import AdaMoLEConfig
-from .kernels import adapter, register
+from ..config import AdaMoLEConfig
+from ..kernels import AdapterArgs, adapter, register
+from ..kernels.mixed_torch import SiteWeights
 
 
 def linear_features(layer: nn.Module) -> tuple[int, int] | None:
@@ -110,14 +111,34 @@ class ExpertSet(nn.Module):
             return None
         return keep_mask(x, self.dropout)
 
+    def op_args(self, x, drop_mask, base, tensor=getattr) -> AdapterArgs:
+        """The op's arguments for this site on x with `drop_mask` and `base` (tensors, or graph nodes on the graph
+        path, whose `tensor(self, name)` gives the node reading parameter `name`; absent parameters stay None)."""
+        def t(name: str):
+            return None if getattr(self, name) is None else tensor(self, name)
+
+        return AdapterArgs(x, drop_mask, t("lora_A"), t("lora_B"), t("gate"), t("threshold_weight"),
+                           t("threshold_bias"), base, self.method, self.num_experts, self.top_k, self.scale,
+                           self.max_threshold, 1.0 / (1.0 - self.dropout), self.kernels)
+
+    def weights(self) -> SiteWeights:
+        """This site as one slot of a mixed batch's stack (`kernels/mixed_torch.py`); dropout only in training."""
+        return SiteWeights(self.lora_A, self.lora_B, self.gate, self.threshold_weight, self.threshold_bias,
+                           self.method, self.num_experts, self.top_k, self.scale, self.max_threshold,
+                           self.dropout if self.training else 0.0)
+
     def forward(self, x: Tensor, base: Tensor | None = None) -> Tensor:
         """x [T, D] (adapter dtype) -> base + delta [T, O] (or delta when base is None)."""
-        out, scores, mask, _, _ = adapter(
-            x, self.drop_mask(x), self.lora_A, self.lora_B, self.gate, self.threshold_weight,
-            self.threshold_bias, base, self.method, self.num_experts, self.top_k, self.scale,
-            self.max_threshold, 1.0 / (1.0 - self.dropout), self.kernels)
+        out, scores, mask, _, _ = adapter(*self.op_args(x, self.drop_mask(x), base))
         self.record(scores, mask)
         return out
+
+    def __getstate__(self) -> dict:
+        """Copies and pickles leave out the last forward's aux loss (an autograd graph's output, which neither
+        deep-copies nor pickles): a copy starts with none recorded."""
+        state = dict(self.__dict__)
+        state["_aux"] = state["_fwd_aux"] = None
+        return state
 
     def record(self, scores: Tensor, mask: Tensor, tokens: Tensor | None = None,
                counts: tuple[Tensor, Tensor, Tensor] | None = None) -> None:

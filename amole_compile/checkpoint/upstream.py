@@ -23,9 +23,9 @@ from pathlib import Path
 
 import torch
 
-from .config import ROLES, AdaMoLEConfig
-from .kernels.methods import METHODS
-from .passes.targets import Target, expand
+from ..config import ROLES, AdaMoLEConfig
+from ..kernels.methods import METHODS
+from ..passes.targets import Target, expand
 
 PREFIX = "base_model.model."
 _METHODS = {m.upstream_type: m.name for m in METHODS.values()}

@@ -1,6 +1,6 @@
 """Our adapter files: `amole_config.json` + `adapters.safetensors`, written atomically and read with strict
-checks of targets, method, keys and shapes. The verbs `save_adapters` / `load_adapters` live in `adapters_io`;
-`model_hooks` (save_pretrained, Trainer checkpoints) uses these functions directly.
+checks of targets, method, keys and shapes. The verbs `save_adapters` / `load_adapters` live in `io.py`;
+`pretrained.py` (save_pretrained, Trainer checkpoints) uses these functions directly.
 
 The names do not collide with PEFT's (`adapter_config.json`, `adapter_model.safetensors`), so a model directory
 written by `save_pretrained` can hold both the base model and our adapters. Directories written before the rename
@@ -16,10 +16,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .adapted import active_adapter, adapter_groups, adapter_names, targets
-from .config import AdaMoLEConfig
-from .files import atomic_write
-from .passes.targets import Target, compress, expand
+from ..config import AdaMoLEConfig
+from ..files import atomic_write
+from ..model.state import active_adapter, adapter_groups, adapter_names, adapter_state, targets
+from ..passes.targets import Target, compress, expand
 
 CONFIG_FILE = "amole_config.json"
 LEGACY_CONFIG_FILE = "adapter_config.json"  # ours before the rename; PEFT's (and the upstream format's) name
@@ -27,17 +27,6 @@ WEIGHTS_FILE = "adapters.safetensors"
 FORMAT = "amole_compile"
 FORMAT_VERSION = 2  # 2: named adapters (keys `<module>.adapters.<name>.<role>.<param>`); 1: one, unnamed
 V1_NAME = "default"  # the name a version-1 directory's adapter is read under
-
-
-def adapter_state(model: nn.Module, names: list[str] | None = None) -> dict[str, torch.Tensor]:
-    """Canonical adapter parameters `<module>.adapters.<name>.<role>.<param>` -> tensor (same names on both
-    paths) of the adapters `names` (default: all)."""
-    state = {}
-    for name in adapter_names(model) if names is None else names:
-        for module, group in adapter_groups(model, name):
-            for pname, p in group.named_parameters():
-                state[f"{module}.adapters.{name}.{pname}"] = p
-    return state
 
 
 def name_of(key: str) -> str:

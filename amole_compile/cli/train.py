@@ -24,7 +24,7 @@ class DataError(ValueError):
 def load_records(path: str | Path, text_field: str = "text", prompt_field: str = "prompt",
                  response_field: str = "response"):
     """-> (datasets.Dataset, mode 'text' or 'chat'); a one-line error naming the fields found otherwise."""
-    from .quantized import require
+    from ..integrations.quantized import require
 
     require("datasets", "reading training data")
     import datasets
@@ -112,7 +112,7 @@ def load_model(model_dir: str | Path, quantize: str | None = None):
 
     import transformers as tf
 
-    from .quantized import require
+    from ..integrations.quantized import require
 
     saved = json.loads((Path(model_dir) / "config.json").read_text()).get("quantization_config") or {}
     method = saved.get("quant_method")
@@ -149,9 +149,9 @@ def run_train(args, config) -> dict:
     import torch
     import transformers as tf
 
-    from .adapters_io import save_adapters
-    from .core import transform
-    from .stats import expert_stats
+    from ..checkpoint.io import save_adapters
+    from ..core import transform
+    from ..stats import expert_stats
 
     ds, mode = load_records(args.data, args.text_field, args.prompt_field, args.response_field)
     tok = load_tokenizer(args.model_dir)
@@ -187,7 +187,7 @@ def run_train(args, config) -> dict:
     if stats.sites and any(s.tokens for s in stats.sites):
         summary["stats"] = str(stats.save(out / "expert_stats.json"))
         try:
-            from .stats import plot_expert_stats
+            from ..stats import plot_expert_stats
 
             summary["plot"] = str(plot_expert_stats(stats, out / "expert_stats.png"))
         except ImportError:
@@ -198,7 +198,7 @@ def run_train(args, config) -> dict:
 def run_generate(model_dir, adapters, prompt: str, max_new_tokens: int = 32, quantize: str | None = None) -> str:
     import torch
 
-    from .adapters_io import load_adapters
+    from ..checkpoint.io import load_adapters
 
     tok = load_tokenizer(model_dir)
     model = load_model(model_dir, quantize)

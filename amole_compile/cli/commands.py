@@ -20,7 +20,7 @@ class CLIError(Exception):
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
-    from .kernels.methods import METHODS
+    from ..kernels.methods import METHODS
 
     p.add_argument("--method", default="adamole", choices=tuple(METHODS))
     p.add_argument("--experts", type=int, default=None, help="experts per site (default 8; 1 for lora)")
@@ -31,7 +31,7 @@ def _config_args(p: argparse.ArgumentParser) -> None:
 
 
 def _config(args):
-    from .config import AdaMoLEConfig
+    from ..config import AdaMoLEConfig
 
     extra = {"alpha": args.alpha} if getattr(args, "alpha", None) is not None else {}
     return AdaMoLEConfig(method=args.method, num_experts=args.experts, rank=args.rank,
@@ -53,7 +53,7 @@ def cmd_inspect(args) -> int:
     import torch
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-    from .core import plan
+    from ..core import plan
 
     path = _model_dir(args.model_dir)
     try:
@@ -92,12 +92,10 @@ def cmd_stats(args) -> int:
     """Run a saved model with adapters on tokens and print the expert statistics."""
     import torch
 
-    from .adapters_io import load_adapters
-    from .export.onnx import load_pretrained
-    from .stats import expert_stats, plot_expert_stats
+    from ..stats import expert_stats, plot_expert_stats
+    from .load import load_with_adapters
 
-    model = load_pretrained(_model_dir(args.model_dir))
-    load_adapters(model, args.adapter_dir)
+    model = load_with_adapters(_model_dir(args.model_dir), args.adapter_dir)
     model.eval()
     ids = _stats_inputs(args, model)
     with torch.no_grad():
@@ -130,7 +128,7 @@ def cmd_export(args) -> int:
     """`amole-compile export`: a saved HF model with adapters -> ONNX."""
     import warnings
 
-    from .export.onnx import export_from_dirs
+    from .load import export_from_dirs
 
     with warnings.catch_warnings(record=True) as caught:
         out = export_from_dirs(_model_dir(args.model_dir), args.adapter_dir, args.out, kv_cache=args.kv_cache,
@@ -151,7 +149,7 @@ def _names(text: str | None) -> list[str] | None:
 
 def cmd_bench(args) -> int:
     """`amole-compile bench NAME`: run a benchmark script of a source checkout."""
-    root = Path(__file__).resolve().parent.parent / "benchmarks"
+    root = Path(__file__).resolve().parents[2] / "benchmarks"
     script = root / f"{args.name}.py"
     if not script.is_file() or not (root.parent / "tests" / "upstream_loop.py").is_file():
         raise CLIError(f"'bench' runs the scripts of a source checkout (benchmarks/ and tests/ beside the "
@@ -161,7 +159,7 @@ def cmd_bench(args) -> int:
 
 def cmd_train(args) -> int:
     """`amole-compile train MODEL_DIR DATA`: fine-tune AdaMoLE adapters on a data file with the HF Trainer."""
-    from ._train import run_train
+    from .train import run_train
 
     _model_dir(args.model_dir)
     if "datasets" in sys.modules:  # imported before main() set HF_DATASETS_DISABLE_PROGRESS_BARS
@@ -174,7 +172,7 @@ def cmd_train(args) -> int:
 
 def cmd_generate(args) -> int:
     """`amole-compile generate MODEL_DIR ADAPTERS --prompt ...`: generate with a trained adapter."""
-    from ._train import run_generate
+    from .train import run_generate
 
     print(run_generate(_model_dir(args.model_dir), args.adapters, args.prompt, args.max_new_tokens, args.quantize))
     return 0
@@ -182,7 +180,7 @@ def cmd_generate(args) -> int:
 
 def cmd_demo(args) -> int:
     """`amole-compile demo`: train, export and serve a small model built from config."""
-    from ._demo import run_demo
+    from .demo import run_demo
 
     return run_demo(args)
 

@@ -6,20 +6,13 @@ unquantized twin: the same class built from the same config (without `quantizati
 which allocates nothing. The plan's module names and features are the quantized model's, and the adapters wrap
 the quantized layers themselves (they only call them), computing in the layer's compute dtype.
 
-HF `Trainer` refuses "purely quantized models" unless the model looks like a PEFT model; a transformed quantized
-model is one (it has trainable adapters), so `mark_trainable` sets the flag the Trainer reads, and
-`save_pretrained` clears it while transformers writes the base model.
-
-bitsandbytes >= 0.50, on a CPU with AVX512-BF16, repacks a 4-bit layer on its first eval no-grad forward for a
-faster kernel, casting the block scales (absmax) to bf16. That is lossy and lasting: the layer then computes
-differently in training too, and `save_pretrained` writes the rounded scales. `keep_stored_format` turns the
-repack off on a transformed model, so training, evaluation and saving all see the base as it was loaded.
+What a transformed quantized model needs patched in transformers and bitsandbytes (the Trainer's PEFT flag,
+bitsandbytes' lossy CPU repack) is in the patch table, `patches.py`.
 """
 
 from __future__ import annotations
 
 import copy
-import warnings
 
 import torch
 from torch import nn
@@ -81,42 +74,3 @@ def compute_dtype(layer: nn.Module) -> torch.dtype | None:
     if w is not None and w.dtype.is_floating_point:
         return w.dtype
     return None
-
-
-def mark_trainable(model: nn.Module) -> None:
-    """Let HF `Trainer` fine-tune a transformed quantized model (it refuses 'purely quantized' ones)."""
-    if getattr(model, "hf_quantizer", None) is not None and not getattr(model, "_hf_peft_config_loaded", False):
-        model._hf_peft_config_loaded = True
-        model.__dict__["_amole_peft_flag"] = True
-
-
-def unmark_trainable(model: nn.Module) -> None:
-    """Undo `mark_trainable`: clear the flag that lets the HF Trainer fine-tune a quantized model."""
-    if model.__dict__.pop("_amole_peft_flag", False):
-        model._hf_peft_config_loaded = False
-
-
-def keep_stored_format(model: nn.Module) -> None:
-    """Stop bitsandbytes' lossy CPU repack of 4-bit layers (see the module docstring); warn about any layer that
-    was already repacked before the transform (its block scales are already rounded to bf16)."""
-    repacked = []
-    for name, mod in model.named_modules():
-        if getattr(mod, "support_avx512bf16_for_cpu", False):
-            mod.support_avx512bf16_for_cpu = False
-            mod.__dict__["_amole_repack_off"] = True  # restored by restore_format
-        state = getattr(getattr(mod, "weight", None), "quant_state", None)
-        if getattr(state, "packing_format_for_cpu", False):
-            repacked.append(name)
-    if repacked:
-        warnings.warn(
-            f"{len(repacked)} 4-bit layers (first: {repacked[0]}) were repacked by bitsandbytes for its CPU kernel "
-            "by an eval forward before the transform: their block scales are rounded to bf16, so they compute "
-            "and save differently from the checkpoint they were loaded from. Reload the base and transform it "
-            "before any eval forward to keep it exact.", stacklevel=3)
-
-
-def restore_format(model: nn.Module) -> None:
-    """Undo `keep_stored_format` (untransform): bitsandbytes may repack those layers again."""
-    for mod in model.modules():
-        if mod.__dict__.pop("_amole_repack_off", False):
-            mod.support_avx512bf16_for_cpu = True

@@ -8,7 +8,7 @@ The names do not collide with PEFT's (`adapter_config.json`, `adapter_model.safe
 directory written by `save_pretrained` can hold both the base model and our adapters; `from_pretrained` of it
 gives the base model. Directories written before the rename (`adapter_config.json` with
 `"format": "amole_compile"`) are still read. `load_adapters` also reads the upstream repository's format
-(`peft_type` ADAMOLE / MOLE / LORA with `adapter_model.bin` or `.safetensors`; see `_upstream_format.py` and
+(`peft_type` ADAMOLE / MOLE / LORA with `adapter_model.bin` or `.safetensors`; see `upstream.py` and
 docs/upstream_format.md). Keys and shapes are checked strictly, and nothing is changed unless everything checks out.
 """
 
@@ -21,11 +21,22 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .adapted import active_adapter, adapter_groups, adapter_names, check_name
-from .adapter_files import (
+from ..core import bare, plan, rewrite, untransform
+from ..model.state import (
+    activate,
+    active_adapter,
+    adapter_groups,
+    adapter_names,
+    adapter_state,
+    check_adapter_name,
+    check_name,
+    drop,
+    is_transformed,
+    targets,
+)
+from .format import (
     LEGACY_CONFIG_FILE,
     V1_NAME,
-    adapter_state,
     check_state,
     read_config_json,
     read_ours,
@@ -35,9 +46,9 @@ from .adapter_files import (
     saved_active,
     write_adapters,
 )
-from .core import _bare, activate, check_adapter_name, is_transformed, plan, rewrite, targets, untransform
+from .upstream import is_upstream, read_upstream, resolve_upstream
 
-__all__ = ["adapter_state", "load_adapters", "save_adapters"]
+__all__ = ["load_adapters", "save_adapters"]
 
 
 def save_adapters(model: nn.Module, path: str | os.PathLike, adapter_name: str | Sequence[str] | None = None
@@ -68,8 +79,6 @@ def load_adapters(model: nn.Module, path: str | os.PathLike, *, adapter_name: st
     when saved; a transformed model keeps its active adapter. Returns the model. On any error the model is
     exactly as before.
     """
-    from ._upstream_format import resolve_upstream
-
     path = Path(path)
     saved, tensors, was_active = _read(path, adapter_name)
     fresh, before = not is_transformed(model), active_adapter(model)
@@ -103,8 +112,6 @@ def load_adapters(model: nn.Module, path: str | os.PathLike, *, adapter_name: st
 def _read(path: Path, adapter_name: str | None):
     """-> ({name: (config, targets, upstream?)}, tensors under canonical keys of those names, the adapter that
     was active when saved)."""
-    from ._upstream_format import is_upstream, read_upstream
-
     if adapter_name is not None:
         check_adapter_name(adapter_name)
     data, file = read_config_json(path)
@@ -128,7 +135,7 @@ def _read(path: Path, adapter_name: str | None):
 
 def _plan_bare(model: nn.Module, config, example_inputs) -> list:
     """The targets `config` selects on the model's base (its adapters set aside)."""
-    with _bare(model):
+    with bare(model):
         return list(plan(model, config, example_inputs=example_inputs).targets)
 
 
@@ -138,8 +145,6 @@ def _undo(model: nn.Module, fresh: bool, added: list[str], before: str | None) -
         if is_transformed(model):
             untransform(model)
         return
-    from .named import drop
-
     for name in added:
         drop(model, name)
     activate(model, before)

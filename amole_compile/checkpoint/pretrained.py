@@ -1,0 +1,198 @@
+"""Hugging Face checkpoints of a transformed model: `save_pretrained`, Trainer resume, the base state dict.
+
+- **save_pretrained** writes the base model under its original key names (so that `from_pretrained(d)` is the
+  base model, with its own weights) and the adapters beside it in our own files (`amole_config.json`,
+  `adapters.safetensors`; `load_adapters(base, d)` restores them). Trainer checkpoints do the same.
+- **load_state_dict** (Trainer resume, best-model reload) of such a checkpoint into the transformed model: the
+  base keys go back under `.base_layer.`, and the adapters are read from the checkpoint directory. A state dict
+  with base weights but no adapters, whose directory cannot be found, raises instead of leaving the adapters
+  as they were.
+
+`integrations/patches.py` installs both on the model (an instance `save_pretrained`, a `load_state_dict`
+pre-hook) and lists the third-party objects `save_pretrained` patches for the duration of its call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..integrations.distributed import full_tensor, unwrap
+from ..model.projection import AdaMoLELinear, ProjectionAdapters
+from ..model.state import adapter_state, state_of
+from .format import has_adapters, read_adapter_tensors, write_adapters
+
+log = logging.getLogger("amole_compile")
+
+
+def split_state(model: nn.Module, state: Mapping[str, torch.Tensor], prefix: str = ""):
+    """A transformed model's state dict -> (base state dict under the original key names, adapter tensors under
+    the canonical `<module>.adapters.<name>.<role>.<param>` names)."""
+    groups = [(n, m) for n, m in model.named_modules() if isinstance(m, ProjectionAdapters)]
+    base, adapters = {}, {}
+    for key, value in state.items():
+        for name, mod in groups:
+            p = f"{prefix}{name}."
+            if key.startswith(p + "adapters."):
+                adapters[key[len(prefix):]] = value
+                break
+            if isinstance(mod, AdaMoLELinear) and key.startswith(p + "base_layer."):
+                base[p + key[len(p + "base_layer."):]] = value
+                break
+        else:
+            base[key] = value
+    return base, adapters
+
+
+def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The base model's state dict with its original key names: `<m>.base_layer.<p>` becomes `<m>.<p>` and the
+    adapters' entries are dropped, so that
+
+        model.save_pretrained(d, state_dict=base_state_dict(model))
+
+    writes a checkpoint `AutoModel...from_pretrained(d)` loads as the plain base model. Accepts the model as the
+    loop holds it (DDP, torch.compile, FSDP2). Under FSDP2 the shards are gathered into full tensors, a
+    collective: call it on every rank (and save on rank 0 only).
+    """
+    model = unwrap(model)
+    base, _ = split_state(model, model.state_dict())
+    return {k: full_tensor(v) for k, v in base.items()}
+
+
+# ---- save_pretrained ------------------------------------------------------------------------------------------
+def save_pretrained(self: nn.Module, save_directory, is_main_process: bool = True, state_dict=None, **kwargs):
+    """`save_pretrained` of a transformed model: the base model as transformers saves it (original key names,
+    loadable by `from_pretrained`) plus the adapters in `amole_config.json` / `adapters.safetensors`."""
+    if state_dict is None:
+        state_dict = self.state_dict()
+    base, adapters = split_state(self, state_dict)
+    if not adapters:  # e.g. state_dict=base_state_dict(model): the adapters come from the model itself
+        adapters = {k: v.detach() for k, v in adapter_state(self).items()}
+    adapters = {k: full_tensor(v) for k, v in adapters.items()}
+    with peft_flag_off(self), quantizer_renamed(self, base):
+        out = type(self).save_pretrained(self, save_directory, is_main_process=is_main_process, state_dict=base,
+                                         **kwargs)
+    if is_main_process:
+        write_adapters(self, save_directory, adapters)
+    return out
+
+
+@contextlib.contextmanager
+def peft_flag_off(model: nn.Module) -> Iterator[None]:
+    """The Trainer's PEFT flag that a transformed quantized base carries (row `trainer_peft_flag`) off while
+    transformers writes the base: with it on, `save_pretrained` writes a PEFT adapter instead of the model."""
+    record = state_of(model)
+    ours = record is not None and record.token("trainer_peft_flag") is not None
+    if ours:
+        model._hf_peft_config_loaded = False
+    try:
+        yield
+    finally:
+        if ours:
+            model._hf_peft_config_loaded = True
+
+
+@contextlib.contextmanager
+def quantizer_renamed(model: nn.Module, base: dict[str, torch.Tensor]) -> Iterator[None]:
+    """A quantized base's `hf_quantizer.get_state_dict_and_metadata` replaces the state dict it is given by its
+    own (quantization state included), read from `model.state_dict()` under the adapted names: for the call,
+    the model's `state_dict` gives the base names instead."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is None:
+        yield
+        return
+    own = quantizer.get_state_dict_and_metadata
+
+    def renamed(m, *a, **k):
+        model.__dict__["state_dict"] = lambda *_a, **_k: dict(base)  # what it reads, names and metadata alike
+        try:
+            sd, meta = own(m, *a, **k)
+        finally:
+            del model.__dict__["state_dict"]
+        return (base if sd is None else sd), meta
+
+    quantizer.get_state_dict_and_metadata = renamed
+    try:
+        yield
+    finally:
+        del quantizer.get_state_dict_and_metadata
+
+
+# ---- resume ---------------------------------------------------------------------------------------------------
+def load_pre_hook(module: nn.Module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                  error_msgs) -> None:
+    """Base-named keys of adapted layers go under `.base_layer.`; missing adapters come from the checkpoint's
+    directory (found among the calling transformers/accelerate frames) or the load raises."""
+    renamed = 0
+    names = [n for n, m in module.named_modules() if isinstance(m, AdaMoLELinear)]
+    for name in names:
+        p = f"{prefix}{name}."
+        for key in [k for k in state_dict if k.startswith(p)]:
+            rest = key[len(p):]
+            if not rest.startswith(("base_layer.", "adapters.")):
+                state_dict[f"{p}base_layer.{rest}"] = state_dict.pop(key)
+                renamed += 1
+    if not renamed:
+        return
+    wanted = [f"{prefix}{k}" for k in _adapter_keys(module)]
+    if any(k in state_dict for k in wanted):
+        return
+    directory = _checkpoint_dir()
+    if directory is None:
+        raise ValueError(
+            f"this state dict holds {type(module).__name__}'s base weights under their original names but none "
+            "of its AdaMoLE adapters: loading it would leave the adapters as they are. Load a checkpoint saved "
+            "by save_pretrained with `amole_compile.load_adapters(model, dir)` (or a base model with "
+            "from_pretrained(dir)), or pass the transformed model's own state_dict")
+    tensors = read_adapter_tensors(module, directory)
+    for key, value in tensors.items():
+        state_dict[f"{prefix}{key}"] = value
+    log.info("loaded the adapters of %s with its base weights", directory)
+
+
+def _adapter_keys(module: nn.Module) -> list[str]:
+    out = []
+    for name, mod in module.named_modules():
+        if isinstance(mod, ProjectionAdapters):
+            out += [f"{name}.adapters.{p}" if name else f"adapters.{p}" for p, _ in mod.adapters.named_parameters()]
+    return out
+
+
+def _checkpoint_dir(depth: int = 12) -> Path | None:
+    """The directory holding `amole_config.json` that a calling transformers / accelerate frame is loading from
+    (Trainer's `resume_from_checkpoint`, `best_model_checkpoint`, a sharded checkpoint's folder).
+
+    Why a frame walk (checked against transformers 5.24): `Trainer._load_from_checkpoint` and `_load_best_model`
+    hand the model only `load_state_dict(safetensors.load_file(...))`, a plain dict without the file's path or
+    metadata; resuming loads the weights before the first callback event (`on_train_begin`), `TrainerState`
+    holds no checkpoint path, and a callback or a Trainer subclass would be user code (the point is that a plain
+    `Trainer` resumes). The PEFT branch that passes the directory (`model.load_adapter(dir)`) runs only for
+    `PeftModel` instances and only when the checkpoint has no `model.safetensors`. When nothing is found, the
+    load raises (see `load_pre_hook`), so a miss is loud, never a silent drop."""
+    frame = inspect.currentframe()
+    try:
+        for _ in range(depth):
+            frame = frame.f_back if frame is not None else None
+            if frame is None:
+                return None
+            if not str(frame.f_globals.get("__name__", "")).startswith(("transformers", "accelerate")):
+                continue
+            for value in frame.f_locals.values():
+                if not isinstance(value, (str, Path)) or not str(value):
+                    continue
+                path = Path(value)
+                for cand in (path, path.parent):
+                    try:
+                        if cand.is_dir() and has_adapters(cand):
+                            return cand
+                    except OSError:
+                        continue
+        return None
+    finally:
+        del frame

@@ -1,0 +1,160 @@
+"""The aux loss in the model's own loss, for HF `Trainer`, TRL and plain loops alike: two forward hooks on the
+transformed model (rows of `patches.py`).
+
+- A training-mode forward whose output has a `loss` gets `loss + coef * aux` and `aux_loss` (the summed aux of
+  this forward) on its output, the HF MoE way (Mixtral's `router_aux_loss_coef`). With `return_dict=False` (a
+  tuple, loss first when labels were passed) the loss in first place gets `coef * aux` and the tuple keeps its
+  length; labels but no scalar loss first warns.
+- Under gradient accumulation with `num_items_in_batch` (the HF Trainer's token-normalised loss), each
+  micro-batch's aux is weighted by its share of the label tokens, so that the accumulated step adds
+  `coef * aux` once, not once per micro-batch.
+- TRL's `SFTTrainer` does not use `outputs.loss`: it calls the model with `fused_lm_head=True` and builds its
+  loss from `outputs.log_probs` (its `router_aux_loss_coef` path is Mixtral's router loss, which a dense model
+  does not have). There the aux term rides on `log_probs`: an autograd function that returns them unchanged
+  and, in backward, gives the aux loss the gradient `coef * (-sum of the log-probs' gradient)`. For TRL's
+  token-mean NLL that sum is exactly this micro-batch's token share times whatever scale the trainer applied
+  (accumulation, loss scaling), so the aux is weighted as on the Trainer path.
+
+Lifetime of the aux tensors: each site keeps this forward's value (`ExpertSet._fwd_aux`) until the post-forward
+hook has summed it, which then clears it; and the value of the last training forward with gradients on
+(`ExpertSet._aux`, read by `amole_compile.aux_loss`) until the next training forward with gradients on or an
+eval forward with gradients on. Copies and pickles of the model leave both out.
+
+The coefficient is the model's record's (`model/state.py`); the hooks are module-level functions, so a copy of
+the model carries them and they act on the copy.
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from ..model.modules import ExpertSet
+from ..model.state import state_of
+
+
+def aux_coef(model: nn.Module) -> float:
+    """The aux-loss coefficient a transformed model adds to its loss; 0 for a model without a record."""
+    record = state_of(model)
+    return 0.0 if record is None else record.aux_coef
+
+
+def set_aux_coef(model: nn.Module, coef: float) -> None:
+    """Change the coefficient the model adds to its loss."""
+    record = state_of(model)
+    if record is None:
+        raise ValueError(f"{type(model).__name__} is not transformed by amole_compile (as an nn.Module)")
+    if not isinstance(coef, (int, float)) or isinstance(coef, bool) or not coef >= 0:
+        raise ValueError(f"aux_loss_coef must be a finite number >= 0, got {coef!r}")
+    record.aux_coef = float(coef)
+
+
+# ---- aux loss -----------------------------------------------------------------------------------------------------
+def _sites(module: nn.Module) -> list[ExpertSet]:
+    return [m for m in module.modules() if isinstance(m, ExpertSet)]
+
+
+def pre_forward(module: nn.Module, args) -> None:
+    """Forget the last forward's per-forward aux (and, with gradients on, the aux `aux_loss` reads)."""
+    grad = torch.is_grad_enabled()
+    for site in _sites(module):
+        site._fwd_aux = None
+        if grad:
+            site._aux = None  # a forward with gradients off keeps the aux of the last one with gradients on
+
+
+def post_forward(module: nn.Module, args, kwargs, output):
+    """Put this forward's aux loss into the output's loss (see the module doc); clear the per-forward values."""
+    sites = _sites(module)
+    values = [s._fwd_aux for s in sites if s._fwd_aux is not None]
+    for s in sites:
+        s._fwd_aux = None  # summed below: no graph stays on the modules for this
+    if not module.training or not isinstance(output, (Mapping, tuple)) or not values:
+        return None
+    aux = torch.stack(values).sum()
+    if isinstance(output, tuple):
+        return _post_forward_tuple(module, args, kwargs, output, aux)
+    coef = aux_coef(module)
+    if output.get("aux_loss") is None:  # a MoE model's own router loss keeps its place
+        output["aux_loss"] = aux
+    else:
+        output["amole_aux_loss"] = aux
+    if not coef:
+        return output
+    loss = output.get("loss")
+    if loss is not None:
+        output["loss"] = loss + coef * _micro_batch_share(module, kwargs) * aux.to(loss.device)
+    log_probs, mask = output.get("log_probs"), output.get("label_mask")
+    if log_probs is not None and mask is not None and aux.requires_grad:  # TRL's fused LM head
+        output["log_probs"] = _AuxOnLogProbs.apply(log_probs, mask, aux, coef)
+    return output
+
+
+def _post_forward_tuple(module: nn.Module, args, kwargs, output: tuple, aux: torch.Tensor):
+    """`return_dict=False`: with labels given, the tuple's first element is the loss and gets `coef * aux` (the
+    tuple keeps its length; the aux value stays readable with `aux_loss(model)`). Labels given but no scalar
+    loss first: warn, since the aux would not reach the loss."""
+    coef = aux_coef(module)
+    if not coef or not _labels_given(module, args, kwargs):
+        return None
+    loss = output[0] if output else None
+    if not (isinstance(loss, torch.Tensor) and loss.dim() == 0 and loss.is_floating_point()):
+        warnings.warn(f"amole_compile: {type(module).__name__} returned a tuple without a scalar loss first "
+                      "although labels were passed, so its AdaMoLE aux loss was not added: call it with "
+                      "return_dict=True, or add `aux_loss_coef * amole_compile.aux_loss(model)` yourself",
+                      RuntimeWarning, stacklevel=2)
+        return None
+    loss = loss + coef * _micro_batch_share(module, kwargs) * aux.to(loss.device)
+    return (loss, *output[1:])
+
+
+def _labels_given(module: nn.Module, args, kwargs) -> bool:
+    if kwargs.get("labels") is not None or kwargs.get("shift_labels") is not None:
+        return True
+    if not args:
+        return False
+    try:
+        bound = inspect.signature(module.forward).bind_partial(*args)
+    except (TypeError, ValueError):
+        return False
+    return bound.arguments.get("labels") is not None
+
+
+class _AuxOnLogProbs(torch.autograd.Function):
+    """log_probs unchanged; backward also gives `aux` the gradient `coef * (-sum of grad over labelled tokens)`,
+    i.e. `coef * token share * the trainer's scale` for a token-mean NLL over the log-probs."""
+
+    @staticmethod
+    def forward(ctx, log_probs, mask, aux, coef):
+        ctx.save_for_backward(mask)
+        ctx.coef = coef
+        ctx.aux_meta = (aux.shape, aux.dtype, aux.device)
+        return log_probs.view_as(log_probs)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (mask,) = ctx.saved_tensors
+        shape, dtype, device = ctx.aux_meta
+        weight = -(grad * mask.to(grad.dtype)).sum()
+        return grad, None, (ctx.coef * weight).to(device=device, dtype=dtype).expand(shape), None
+
+
+def _micro_batch_share(module: nn.Module, kwargs: dict):
+    """1, or under the Trainer's token-normalised gradient accumulation (`num_items_in_batch` passed to the
+    forward) this micro-batch's label tokens over the accumulated batch's, as the task loss is weighted."""
+    total = kwargs.get("num_items_in_batch")
+    labels = kwargs.get("shift_labels")
+    if labels is None:
+        labels = kwargs.get("labels")
+        if labels is not None and "CausalLM" in type(module).__name__:
+            labels = labels[..., 1:]
+    if total is None or labels is None or not isinstance(labels, torch.Tensor):
+        return 1.0
+    total = torch.as_tensor(total, device=labels.device)
+    return labels.ne(-100).sum() / total.clamp(min=1)
+
+

@@ -1,0 +1,101 @@
+"""The adapters of one projection: `ProjectionAdapters` (every named adapter on it, which one runs, and mixed
+batches) and `AdaMoLELinear` (that, plus the frozen projection as `.base_layer`, replacing it in the model).
+
+Parameter paths are `<projection>.adapters.<adapter name>.<role>.<param>` (the canonical key names of the
+adapter files). One adapter is active at a time (`set_active_adapter`); inside `batch_adapters` each row of
+the batch runs its own adapter (`mixed.py`).
+
+Legend: B rows, S tokens per row, T = B * S, D in_features, O out_features.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..config import AdaMoLEConfig
+from .mixed import current_rows, mixed_add
+from .modules import AdapterGroup, linear_features
+
+
+class ProjectionAdapters(nn.Module):
+    """Every named adapter (`AdapterGroup`) on one projection; `active` names the one that runs (or None)."""
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.adapters = nn.ModuleDict()
+        self.active: str | None = None
+
+    @property
+    def group(self) -> AdapterGroup | None:
+        """The active adapter's group (None when no adapter runs here)."""
+        return None if self.active is None else self.adapters[self.active]
+
+    def add(self, name: str, group: AdapterGroup) -> None:
+        """Add adapter `name` (not active until `active` names it)."""
+        if name in self.adapters:
+            raise ValueError(f"adapter {name!r} exists already")
+        self.adapters[name] = group.train(self.training)
+
+    def remove(self, name: str) -> None:
+        """Drop adapter `name` (and stop running it if it was active)."""
+        del self.adapters[name]
+        if self.active == name:
+            self.active = None
+
+    def add_to(self, x: Tensor, y: Tensor) -> Tensor:
+        """x [..., D], y [..., O] (the projection's output) -> y + the active adapter's delta (or each row's)."""
+        rows = current_rows(self)  # this call's rows inside a batch_adapters block (mixed.py)
+        if rows is not None:
+            return mixed_add(self, x, y, rows)
+        group = self.group
+        return y if group is None else group.add_to(x, y)
+
+
+class AdaMoLELinear(ProjectionAdapters):
+    """A projection with AdaMoLE adapters; the frozen original is kept as `.base_layer`."""
+
+    def __init__(self, base_layer: nn.Module, roles: tuple[str, ...], columns: tuple[tuple[int, ...], ...],
+                 config: AdaMoLEConfig, name: str = "default") -> None:
+        feats = linear_features(base_layer)
+        if feats is None:
+            raise TypeError(f"cannot adapt a {type(base_layer).__name__}: only nn.Linear and Conv1D are supported")
+        super().__init__(*feats)
+        self.base_layer = base_layer
+        self.train(base_layer.training)  # the adapters follow the mode of the layer they join
+        self.add(name, self.new_group(roles, columns, config))
+        self.active = name
+
+    def new_group(self, roles: tuple[str, ...], columns: tuple[tuple[int, ...], ...],
+                  config: AdaMoLEConfig) -> AdapterGroup:
+        """An adapter for this projection (not added): in `config.adapter_dtype`, else the weight's dtype (a
+        quantized weight's compute dtype)."""
+        weight = self.base_layer.weight
+        dtype = getattr(torch, config.adapter_dtype) if config.adapter_dtype else weight.dtype
+        if not dtype.is_floating_point:  # a quantized layer (bitsandbytes): its compute dtype
+            dtype = getattr(self.base_layer, "compute_dtype", None) or torch.float32
+        return AdapterGroup(self.in_features, self.out_features, roles, columns, config, dtype, weight.device)
+
+    @property
+    def weight(self) -> Tensor:
+        """The frozen projection's weight."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> Tensor | None:
+        """The frozen projection's bias (None if it has none)."""
+        return self.base_layer.bias
+
+    @property
+    def roles(self) -> tuple[str, ...]:
+        """The active adapter's roles here (() when none is active)."""
+        return () if self.group is None else self.group.roles
+
+    def extra_repr(self) -> str:
+        """The active adapter, for `repr`."""
+        return f"active={self.active!r}"
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x [..., D] -> base_layer(x) + the adapters' deltas [..., O]."""
+        return self.add_to(x, self.base_layer(x))

@@ -1,0 +1,121 @@
+"""Discovery, end to end: capture -> find -> replay -> select, a model in and a `Plan` out.
+
+    capture   passes/capture.py: the whole model, or each distinct block once (HF models with layer lists)
+    find      find_attention.py on the captured graph, then find_mlp.py when feed-forward roles are asked for
+    replay    a block's targets replayed, names re-prefixed, on every identical block
+    select    select_targets.py: the config's roles, include and exclude; nothing left raises
+
+HF models with layer lists are captured block by block (one capture per distinct block); other modules whole,
+block by block only when the whole model does not export. A quantized model is planned on its unquantized
+twin (`integrations/quantized.py`). The model is not changed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+
+from torch import fx, nn
+
+from ..config import MLP_ROLES, ROLES, AdaMoLEConfig
+from ..integrations import quantized
+from ._fx import GraphView, ParamNames
+from .capture import CaptureError, capture, capture_blocks, find_blocks
+from .find_attention import find_attention
+from .find_mlp import find_mlp
+from .select_targets import check_found, select_targets
+from .targets import PassReport, Plan, Skip, Target
+
+
+def discover(model: nn.Module, config: AdaMoLEConfig, example_inputs=None) -> Plan:
+    """The `Plan` `config` selects on `model` (see the module doc)."""
+    if not isinstance(model, fx.GraphModule) and quantized.library(model) is not None:
+        twin = discover(quantized.twin(model), config, example_inputs)  # quantized layers do not trace
+        return Plan(type(model).__name__, list(twin.targets), twin.report)
+    found, report = analyse(model, example_inputs, mlp=any(r in MLP_ROLES for r in config.roles))
+    selected = select_targets(found, config, report)
+    check_found(type(model).__name__, report, selected, config)
+    return Plan(type(model).__name__, list(selected), report)
+
+
+def find_targets(graph: fx.Graph, params: ParamNames, mlp: bool = False) -> tuple[list[Target], PassReport]:
+    """The find step on one graph: attention projections, then (`mlp`) feed-forward ones, all in the order of
+    their first call; projections called more than once (ALBERT's shared layer) are listed in `report.shared`."""
+    g = GraphView(graph, params)
+    targets, report = find_attention(g)
+    if mlp:
+        ffn, skipped = find_mlp(g, {t.module for t in targets})
+        first = g.first_call()
+        targets = sorted(targets + ffn, key=lambda t: first[t.module])
+        report.skipped += skipped
+    calls = Counter(c.module for c in map(g.projection, graph.nodes) if c is not None)
+    report.shared = {t.module: calls[t.module] for t in targets if calls[t.module] > 1}
+    report.targets = targets
+    return targets, report
+
+
+def analyse(model: nn.Module, example_inputs, mlp: bool = False) -> tuple[list[Target], PassReport]:
+    """Capture and find: block by block for HF models with layer lists, else the whole model (see the module
+    doc)."""
+    if isinstance(model, fx.GraphModule):
+        return find_targets(model.graph, ParamNames(model), mlp)
+    has_blocks = bool(find_blocks(model))
+    if not (has_blocks and getattr(model, "config", None) is not None):
+        try:
+            return analyse_whole(model, example_inputs, mlp)
+        except CaptureError:
+            if not has_blocks:
+                raise
+            return analyse_blocks(model, example_inputs, mlp)
+    try:
+        found, report = analyse_blocks(model, example_inputs, mlp)
+    except CaptureError:
+        return analyse_whole(model, example_inputs, mlp)
+    return (found, report) if report.anchors else analyse_whole(model, example_inputs, mlp)
+
+
+def analyse_whole(model: nn.Module, example_inputs, mlp: bool = False) -> tuple[list[Target], PassReport]:
+    """Capture the whole model and find its targets."""
+    ep = capture(model, example_inputs)
+    return find_targets(ep.graph, ParamNames.of_export(ep), mlp)
+
+
+def analyse_blocks(model: nn.Module, example_inputs, mlp: bool = False) -> tuple[list[Target], PassReport]:
+    """Find the targets of each distinct block's capture and replay them on the blocks like it."""
+    groups = capture_blocks(model, example_inputs)
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    report, found, seen = PassReport("find_attention"), [], set()
+    for group in groups:
+        if group.program is None:
+            instead = "; its submodules were captured instead" if group.split else ""
+            report.skipped += [Skip(name, "not_captured", f"not captured ({group.error}){instead}")
+                               for name in group.names]
+            report.blocks.update({name: f"not captured{instead}" for name in group.names})
+            continue
+        targets, rep = find_targets(group.program.graph, ParamNames.of_export(group.program), mlp)
+        report.anchors += rep.anchors * sum(group.calls.get(name, 1) for name in group.names)
+        for name in group.names:
+            _replay(report, name, group, targets, rep)
+            for i, t in enumerate(targets):  # graph order within a block, model order across blocks
+                module = f"{name}.{t.module}"
+                if module not in seen:
+                    seen.add(module)
+                    found.append(((order.get(name, len(order)), i), dataclasses.replace(t, module=module)))
+    failed = [g for g in groups if g.program is None]
+    if failed and (report.anchors == 0 or not groups):  # what did not capture may be where the attention is
+        raise CaptureError(f"could not capture {type(model).__name__}, whole or block by block: the first "
+                           f"block, {failed[0].names[0]}, failed with {failed[0].error}")
+    found = [t for _, t in sorted(found, key=lambda kt: kt[0])]
+    report.blocks = dict(sorted(report.blocks.items(), key=lambda kv: order.get(kv[0], len(order))))
+    report.targets = found
+    return found, report
+
+
+def _replay(report: PassReport, name: str, group, targets: list[Target], rep: PassReport) -> None:
+    """Record block `name`, one of `group`, with what its group's capture found (`targets`, `rep`)."""
+    roles = [r for r in ROLES if any(r in t.roles for t in targets)]
+    found_here = f"{rep.anchors} attention site(s); roles {' '.join(roles) or 'none'}; {len(rep.skipped)} skipped"
+    if name != group.names[0]:
+        found_here += f" (analysis of {group.names[0]} replayed)"
+    report.add_block(name, found_here, [f"{name}.{t.module}" for t in targets], group.calls.get(name, 1))
+    report.skipped += [s.within(name) for s in rep.skipped]
