@@ -23,13 +23,13 @@ from .integrations import patches
 from .kernels import register as register_op
 from .model.batch import check_unused, mixed_batch, row_ids
 from .model.modules import ExpertSet
-from .model.projection import AdaMoLELinear
 from .model.state import (
     activate,
     active_adapter,
     adapter_groups,
     adapter_names,
     attach_state,
+    bare,
     check_adapter_name,
     check_name,
     detach_state,
@@ -102,19 +102,6 @@ def transform(model: nn.Module | torch.export.ExportedProgram, config: AdaMoLECo
         raise ValueError("plan has no targets: nothing to adapt")
     log.info(rewrite(model, list(plan.targets), config, adapter_name).summary())
     return model
-
-
-@contextlib.contextmanager
-def bare(model: nn.Module) -> Iterator[nn.Module]:
-    """The model with its base layers back in place of the adapted ones (for planning another adapter)."""
-    holders = [(n, m) for n, m in model.named_modules() if isinstance(m, AdaMoLELinear)]
-    for name, holder in holders:
-        model.set_submodule(name, holder.base_layer)
-    try:
-        yield model
-    finally:
-        for name, holder in holders:
-            model.set_submodule(name, holder)
 
 
 def rewrite(model: nn.Module, selected: list[Target], config: AdaMoLEConfig,

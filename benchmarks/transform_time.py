@@ -20,7 +20,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import amole_compile as ac
-from amole_compile.core import _analyse, _analyse_whole, rewrite
+from amole_compile.core import rewrite
+from amole_compile.passes.discover import analyse, analyse_whole
 from amole_compile.passes.select_targets import select_targets
 
 import _common as bc
@@ -43,7 +44,7 @@ def timed(model, whole: bool) -> dict[str, float]:
     """Seconds per phase of one transform, each phase run exactly as transform runs it."""
     cfg = ac.AdaMoLEConfig()
     t0 = time.perf_counter()
-    found, report = (_analyse_whole if whole else _analyse)(model, None)
+    found, report = (analyse_whole if whole else analyse)(model, None)
     selected = select_targets(found, cfg, report)
     t1 = time.perf_counter()
     rewrite(model, selected, cfg)

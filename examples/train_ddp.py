@@ -5,7 +5,7 @@
 
 CPU processes talk over gloo; with CUDA each process takes its GPU (LOCAL_RANK) and nccl. Every process builds
 and transforms the same model (same seed; DDP also broadcasts rank 0's parameters), trains on its own share of
-each global batch (DistributedSampler) and adds AdaMoLE's aux loss of that share (`amole_compile.compute_loss`).
+each global batch (DistributedSampler); the model's own loss holds AdaMoLE's aux loss of that share.
 DDP averages the adapter gradients; the frozen base has none to sync. Rank 0 prints the loss averaged over ranks
 and saves the adapters. FSDP2 works the same way: `fully_shard` each decoder layer, then the model.
 """
@@ -61,7 +61,7 @@ def train(model: torch.nn.Module, loader: DataLoader, steps: int, device: torch.
         loader.sampler.set_epoch(epoch)
         for (x,) in loader:
             x = x.to(device)
-            loss = ac.compute_loss(model, {"input_ids": x, "labels": x})  # task + 1e-3 * aux (this rank's share)
+            loss = model(input_ids=x, labels=x).loss  # task + 1e-3 * aux (this rank's share)
             opt.zero_grad(set_to_none=True)
             loss.backward()  # DDP all-reduces (averages) the adapter gradients here
             opt.step()

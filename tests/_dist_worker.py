@@ -72,7 +72,7 @@ def train(model: nn.Module, batches: list[list[torch.Tensor]]) -> list[float]:
         opt.zero_grad(set_to_none=True)
         total = 0.0
         for x in micro:
-            loss = ac.compute_loss(model, {"input_ids": x, "labels": x}) / len(micro)
+            loss = model(input_ids=x, labels=x).loss / len(micro)
             loss.backward()
             total += loss.item()
         opt.step()

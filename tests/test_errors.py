@@ -14,8 +14,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import amole_compile as ac
-from amole_compile.model.state import adapter_state
 from amole_compile.model.projection import ProjectionAdapters as AdapterGroup
+from amole_compile.model.state import adapter_state
 
 from models import build
 

@@ -1,5 +1,6 @@
-"""The shape of the house: no import cycle, `kernels/` a leaf, a lean `import amole_compile`, public API documented
-and typed, and `untransform` restoring what `transform` changed process-wide."""
+"""The shape of the house: imports that point one way (no cycle, `kernels/` a leaf, `model/` below the passes
+and the API, `export/` importing no checkpoint or API verb), a root that holds only the verbs, one attribute of
+ours on a user's model, a lean `import amole_compile`, and a public API documented and typed."""
 
 from __future__ import annotations
 
@@ -98,6 +99,62 @@ def test_kernels_is_a_leaf():
             assert not outside, f"{mod} imports {outside}"
 
 
+def _importers(prefix: str) -> dict[str, set[str]]:
+    return {m: e for m, e in import_graph().items() if m == prefix or m.startswith(prefix + ".")}
+
+
+def _hits(edges: set[str], banned: tuple[str, ...]) -> list[str]:
+    return sorted(e for e in edges if any(e == b or e.startswith(b + ".") for b in banned))
+
+
+VERBS = ("amole_compile.core", "amole_compile.checkpoint.io", "amole_compile.stats")  # the API's verb modules
+
+
+def test_export_imports_no_checkpoint_api_or_cli():
+    banned = ("amole_compile.checkpoint", "amole_compile.cli", "amole_compile.integrations.patches",
+              "amole_compile.integrations.trainer") + VERBS
+    for mod, edges in _importers("amole_compile.export").items():
+        assert not _hits(edges, banned) and "amole_compile" not in edges, (mod, _hits(edges, banned))
+
+
+def test_model_state_sits_below_passes_and_api():
+    allowed = ("amole_compile.model", "amole_compile.config", "amole_compile.files", "amole_compile.kernels",
+               "amole_compile.passes.targets")  # the plan's data types
+    for mod, edges in _importers("amole_compile.model").items():
+        assert not [e for e in edges if not _hits({e}, allowed)], (mod, edges)
+
+
+def test_only_the_api_imports_the_verbs():
+    api = VERBS + ("amole_compile", "amole_compile.cli")
+    for mod, edges in import_graph().items():
+        if mod not in api and not mod.startswith("amole_compile.cli."):
+            assert not _hits(edges, VERBS + ("amole_compile.cli",)), (mod, _hits(edges, VERBS))
+
+
+def test_the_root_holds_the_verbs_and_shared_leaves_only():
+    root = sorted(p.name for p in PKG.glob("*.py"))
+    assert root == ["__init__.py", "config.py", "core.py", "files.py", "stats.py"], root
+    subpackages = sorted(p.name for p in PKG.iterdir() if (p / "__init__.py").is_file())
+    assert subpackages == ["checkpoint", "cli", "export", "integrations", "kernels", "model", "passes"]
+
+
+def test_one_attribute_of_ours_on_a_users_model():
+    """No module of the package names an `_amole...` attribute but the record's and the graph path's holder."""
+    import re
+
+    found = set()
+    for path in MODULES.values():
+        found |= set(re.findall(r"[\"'](_amole\w*)[\"']", path.read_text()))
+    assert found <= {"_amole_state", "_amole"}, found
+
+
+def test_retired_names_warn_and_are_not_public():
+    for name in ("compute_loss", "AdaMoLETrainer", "atomic_write"):
+        assert name not in ac.__all__
+        with pytest.warns(DeprecationWarning, match="retired"):
+            assert callable(getattr(ac, name))
+
+
 def test_passes_and_export_never_import_each_other():
     for mod, edges in import_graph().items():
         for a, b in (("passes", "export"), ("export", "passes")):
@@ -176,35 +233,6 @@ def test_every_public_definition_has_a_docstring():
     assert not missing, missing
 
 
-def test_untransform_restores_the_dynamo_flag(monkeypatch):
-    from models import build
-
-    # models transformed by earlier tests (never untransformed) still hold the flag: start from none
-    monkeypatch.setattr(ac.core._DynamoFlag, "holders", 0)
-    monkeypatch.setattr(ac.core._DynamoFlag, "saved", None)
-    cfg = torch._dynamo.config
-    name = "skip_fwd_side_effects_in_bwd_under_checkpoint"
-    before = getattr(cfg, name)
-    setattr(cfg, name, False)
-    try:
-        a, b = build("llama"), build("llama")
-        ac.transform(a, ac.AdaMoLEConfig())
-        ac.transform(b, ac.AdaMoLEConfig())
-        assert getattr(cfg, name) is True
-        ac.untransform(a)
-        assert getattr(cfg, name) is True  # b still needs it
-        ac.untransform(b)
-        assert getattr(cfg, name) is False
-        held = build("llama")  # a model transformed while the flag was switched off by someone else
-        ac.transform(held, ac.AdaMoLEConfig())
-        setattr(cfg, name, False)
-        ac.transform(build("llama"), ac.AdaMoLEConfig())
-        assert getattr(cfg, name) is True  # set again for the new model
-        ac.untransform(held)
-    finally:
-        setattr(cfg, name, before)
-
-
 def test_plan_is_readable_filterable_and_drives_transform():
     from models import build, ids, logits
 
@@ -220,7 +248,7 @@ def test_plan_is_readable_filterable_and_drives_transform():
     assert torch.equal(logits(model, x), ref)
 
 
-def test_rewrite_reports_what_it_rewrote(caplog):
+def test_rewrite_reports_what_it_rewrote():
     from models import build
 
     model = build("llama")
@@ -242,8 +270,10 @@ def test_plan_for_another_model_is_refused():
 
 def test_bench_without_a_checkout_says_so_in_one_line(monkeypatch, tmp_path, capsys):
     from amole_compile import cli
+    from amole_compile.cli import commands
 
-    monkeypatch.setattr(cli, "__file__", str(tmp_path / "site-packages" / "amole_compile" / "cli.py"))
+    fake = tmp_path / "site-packages" / "amole_compile" / "cli" / "commands.py"
+    monkeypatch.setattr(commands, "__file__", str(fake))
     assert cli.main(["bench", "layer"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "source checkout" in err[0], err

@@ -1,6 +1,12 @@
-"""Our adapter files: `amole_config.json` + `adapters.safetensors`, written atomically and read with strict
-checks of targets, method, keys and shapes. The verbs `save_adapters` / `load_adapters` live in `io.py`;
-`pretrained.py` (save_pretrained, Trainer checkpoints) uses these functions directly.
+"""Our adapter files, written atomically and read with strict checks of targets, method, keys and shapes:
+
+    amole_config.json     {"format": "amole_compile", "format_version": 2, "active": name,
+                           "adapters": {name: {"config": AdaMoLEConfig.to_dict(), "targets": [...]}}}
+    adapters.safetensors  keys `<module>.adapters.<name>.<role>.<param>`
+
+A version-1 directory (one unnamed adapter, keys `<module>.adapters.<role>.<param>`) reads as an adapter named
+"default". The verbs `save_adapters` / `load_adapters` live in `io.py`; `pretrained.py` (save_pretrained,
+Trainer checkpoints) uses these functions directly.
 
 The names do not collide with PEFT's (`adapter_config.json`, `adapter_model.safetensors`), so a model directory
 written by `save_pretrained` can hold both the base model and our adapters. Directories written before the rename

@@ -1,15 +1,8 @@
-"""Adapters on disk: `save_adapters` / `load_adapters`.
+"""The checkpoint verbs: `save_adapters` / `load_adapters`.
 
-Our format is a directory with `amole_config.json` ({"format": "amole_compile", "format_version": 2,
-"active": name, "adapters": {name: {"config": ..., "targets": ...}}}) and `adapters.safetensors` (keys
-`<module>.adapters.<name>.<role>.<param>`), each written atomically (temp file, then rename). Version-1
-directories (one unnamed adapter, keys `<module>.adapters.<role>.<param>`) read as an adapter named "default".
-The names do not collide with PEFT's (`adapter_config.json`, `adapter_model.safetensors`), so a model
-directory written by `save_pretrained` can hold both the base model and our adapters; `from_pretrained` of it
-gives the base model. Directories written before the rename (`adapter_config.json` with
-`"format": "amole_compile"`) are still read. `load_adapters` also reads the upstream repository's format
-(`peft_type` ADAMOLE / MOLE / LORA with `adapter_model.bin` or `.safetensors`; see `upstream.py` and
-docs/upstream_format.md). Keys and shapes are checked strictly, and nothing is changed unless everything checks out.
+They write and read our files (`format.py` describes them) and the upstream repository's checkpoints
+(`upstream.py`, docs/upstream_format.md). Keys and shapes are checked strictly, and on any error the model is
+left exactly as it was.
 """
 
 from __future__ import annotations
@@ -21,13 +14,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..core import bare, plan, rewrite, untransform
+from ..core import plan, rewrite, untransform
 from ..model.state import (
     activate,
     active_adapter,
     adapter_groups,
     adapter_names,
     adapter_state,
+    bare,
     check_adapter_name,
     check_name,
     drop,

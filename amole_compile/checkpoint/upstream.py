@@ -34,6 +34,7 @@ _KEY = re.compile(r"^base_model\.model\.(?P<mod>.+?)\.(?:(?P<ab>lora_[AB])(?:\.(
 
 
 def is_upstream(data: dict) -> bool:
+    """Is this `adapter_config.json` the upstream repository's (or PEFT's) format?"""
     return "peft_type" in data
 
 

@@ -21,7 +21,7 @@ VOCAB = 32
 
 
 class DemoCheckFailed(RuntimeError):
-    pass
+    """One of the demo's checks (training lowered the loss, ONNX matches PyTorch, ...) failed."""
 
 
 def synthetic_batch(batch: int, seq: int, vocab: int, gen: torch.Generator) -> torch.Tensor:
@@ -132,6 +132,7 @@ def _quiet() -> None:
 
 
 def run_demo(args) -> int:
+    """`amole-compile demo`: build, transform, train, export, serve and check (see the module doc)."""
     import amole_compile as ac
 
     out = _check_args(args)

@@ -133,6 +133,7 @@ def load_model(model_dir: str | Path, quantize: str | None = None):
 
 
 def load_tokenizer(model_dir: str | Path):
+    """The model directory's tokenizer, with a pad token (eos, else unk) when it has none."""
     from transformers import AutoTokenizer
 
     try:
@@ -196,6 +197,7 @@ def run_train(args, config) -> dict:
 
 
 def run_generate(model_dir, adapters, prompt: str, max_new_tokens: int = 32, quantize: str | None = None) -> str:
+    """Greedy generation from `prompt` with the model directory's base and the adapters of `adapters`."""
     import torch
 
     from ..checkpoint.io import load_adapters

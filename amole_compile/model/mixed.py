@@ -18,16 +18,13 @@ import contextlib
 import contextvars
 import threading
 from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from ..kernels.mixed_torch import COL_DROPOUT, SiteWeights, Stack, mixed_adapter, stack_sites
+from ..kernels.mixed_torch import COL_DROPOUT, Stack, mixed_adapter, stack_sites
 from .modules import ExpertSet, column_gather, combine_deltas, keep_mask
-
-if TYPE_CHECKING:
-    from .projection import ProjectionAdapters
 
 
 class RoleRows(NamedTuple):
@@ -52,7 +49,7 @@ _ROWS: contextvars.ContextVar[Mapping[int, MixedRows] | None] = contextvars.Cont
 _TRACE = threading.local()  # `.rows`: _ROWS's value in this thread, for torch.compile (see the module doc)
 
 
-def current_rows(proj: ProjectionAdapters) -> MixedRows | None:
+def current_rows(proj: nn.Module) -> MixedRows | None:
     """The rows `proj` runs in this call (None: outside every block, the active adapter runs)."""
     rows = getattr(_TRACE, "rows", None) if torch.compiler.is_compiling() else _ROWS.get()
     return None if rows is None else rows.get(id(proj))
@@ -77,7 +74,7 @@ def using_rows(rows: Mapping[int, MixedRows]) -> Iterator[None]:
 
 
 # ---- the rows of one projection ---------------------------------------------------------------------------------
-def mixed_rows(proj: ProjectionAdapters, order: tuple[str, ...], ids: Tensor) -> MixedRows:
+def mixed_rows(proj: nn.Module, order: tuple[str, ...], ids: Tensor) -> MixedRows:
     """`proj`'s view of a batch whose rows run adapters `ids` (indices into the adapter names `order`)."""
     roles: dict[str, list[tuple[int, ExpertSet]]] = {}
     columns: dict[str, tuple[int, ...]] = {}
@@ -102,7 +99,7 @@ def mixed_rows(proj: ProjectionAdapters, order: tuple[str, ...], ids: Tensor) ->
 
 
 # ---- the forward ----------------------------------------------------------------------------------------------
-def mixed_add(proj: ProjectionAdapters, x: Tensor, y: Tensor, mixed: MixedRows) -> Tensor:
+def mixed_add(proj: nn.Module, x: Tensor, y: Tensor, mixed: MixedRows) -> Tensor:
     """x [..., D], y [..., O] -> y + each row's adapter delta."""
     ids = _row_ids(mixed.ids, x)
     if not mixed.roles:

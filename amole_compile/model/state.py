@@ -15,7 +15,9 @@ the record only lists the open blocks, so that deleting an adapter one of them r
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -179,3 +181,16 @@ def drop(model: nn.Module, name: str) -> None:
         proj.remove(name)
         if not proj.adapters and isinstance(proj, AdaMoLELinear):
             model.set_submodule(fqn, proj.base_layer)
+
+
+@contextlib.contextmanager
+def bare(model: nn.Module) -> Iterator[nn.Module]:
+    """The model with its base layers back in place of the adapted ones (for planning another adapter)."""
+    holders = [(n, m) for n, m in model.named_modules() if isinstance(m, AdaMoLELinear)]
+    for name, holder in holders:
+        model.set_submodule(name, holder.base_layer)
+    try:
+        yield model
+    finally:
+        for name, holder in holders:
+            model.set_submodule(name, holder)

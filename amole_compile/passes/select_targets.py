@@ -58,8 +58,9 @@ def check_found(model_name: str, report: PassReport, selected: list[Target], con
     if absent and set(absent) <= set(MLP_ROLES):
         _no_mlp_but_moe(model_name, report, absent, have)
     if absent:
+        skipped = f" (skipped: {'; '.join(map(str, report.skipped[:3]))})" if report.skipped else ""
         raise ValueError(f"{model_name}: roles {tuple(absent)} were asked for, but its architecture has "
-                         f"{tuple(have)}" + (f" (skipped: {'; '.join(map(str, report.skipped[:3]))})" if report.skipped else ""))
+                         f"{tuple(have)}{skipped}")
     if not selected:
         raise NoAttentionFound(f"{model_name}: every projection was filtered out by roles={config.roles}, "
                                f"include={config.include!r}, exclude={config.exclude!r}")

@@ -18,9 +18,9 @@ import onnxruntime as ort  # noqa: E402
 
 import amole_compile as ac  # noqa: E402
 from amole_compile import cli  # noqa: E402
-from amole_compile.model.state import adapter_state  # noqa: E402
 from amole_compile.export import genai  # noqa: E402
 from amole_compile.model.modules import ExpertSet  # noqa: E402
+from amole_compile.model.state import adapter_state  # noqa: E402
 
 from models import bpe_tokenizer, build  # noqa: E402
 from onnx_helpers import randomise  # noqa: E402

@@ -138,3 +138,30 @@ def test_compiled_forwards_in_two_threads_see_their_own_rows():
             assert (out - wants[i]).abs().max() <= 1e-5, i
     with torch.no_grad():  # outside every block the compiled model runs the active adapter
         assert (compiled(input_ids=x).logits - plain).abs().max() <= 1e-5
+
+
+def test_asyncio_tasks_interleaving_blocks_get_their_own_rows():
+    """Two tasks in one thread, each inside its block across awaits: the rows are task-local (eager)."""
+    import asyncio
+
+    model = adapted()
+    x = ids(4, 6, seed=11)
+    wants = [per_row(model, x, rows) for rows in MIXES[:2]]
+    ac.set_active_adapter(model, "c")
+    plain = logits(model, x)
+
+    async def task(i):
+        with ac.batch_adapters(model, MIXES[i]):
+            out = []
+            for _ in range(3):
+                await asyncio.sleep(0)  # the other task runs here, inside its own block
+                with torch.no_grad():
+                    out.append(logits(model, x))
+            return out
+
+    async def both():
+        return await asyncio.gather(task(0), task(1))
+
+    for i, outs in enumerate(asyncio.run(both())):
+        assert all((o - wants[i]).abs().max() <= 1e-5 for o in outs), i
+    assert torch.equal(logits(model, x), plain)

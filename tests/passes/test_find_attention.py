@@ -257,7 +257,7 @@ def test_filtering(llama, kwargs, want):
     if n_regex_skipped is not None:
         assert len(report.skipped) == n_regex_skipped
         assert all(s.reason in ("include", "exclude") for s in report.skipped)
-        assert all(s.reason in str(s) for s in report.skipped)  # "<module>: does not match include=..." 
+        assert all(s.reason in str(s) for s in report.skipped)  # "<module>: does not match include=..."
 
 
 def test_filtering_roles_of_a_fused_projection():

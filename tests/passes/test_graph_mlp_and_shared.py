@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import amole_compile as ac
-from amole_compile.model.state import adapter_state
 from amole_compile.kernels import register
+from amole_compile.model.state import adapter_state
 
 from models import build, build_matrix, ids
 

@@ -12,8 +12,8 @@ import torch
 from torch import fx
 
 import amole_compile as ac
-from amole_compile.model.state import adapter_state
 from amole_compile.kernels import register
+from amole_compile.model.state import adapter_state
 from amole_compile.passes import insert_ops as insert_ops_mod
 
 from models import build, ids

@@ -14,8 +14,8 @@ import torch
 from safetensors.torch import save_file
 
 import amole_compile as ac
-from amole_compile.model.state import adapter_state
 from amole_compile.model.projection import AdaMoLELinear
+from amole_compile.model.state import adapter_state
 
 from models import build, ids, logits
 from upstream_loop import LoopAdaMoLE

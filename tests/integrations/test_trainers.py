@@ -292,3 +292,27 @@ def test_return_dict_false_without_a_scalar_loss_first_warns():
     x = ids(2, 8)
     with pytest.warns(RuntimeWarning, match="aux loss was not added"):
         assert _post_forward_tuple(model, (), {"labels": x}, (torch.zeros(2, 8, 5),), torch.tensor(1.0)) is None
+
+
+def test_trl_reference_model_after_a_training_step():
+    """TRL's `create_reference_model` deep-copies the policy: after a training step (the sites hold the aux
+    loss's graph) it gives a frozen, independent copy."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from trl.experimental.utils import create_reference_model
+    model = tiny().train()
+    x = ids(2, 6)
+    model(input_ids=x, labels=x).loss.backward()
+    ref = create_reference_model(model)
+    assert ref is not model and ac.is_transformed(ref)
+    assert not any(p.requires_grad for p in ref.parameters())
+    ref.eval(), model.eval()
+    with torch.no_grad():
+        before = ref(input_ids=x).logits
+        torch.testing.assert_close(before, model(input_ids=x).logits, rtol=0, atol=0)
+        for n, p in model.named_parameters():
+            if n.endswith("lora_B"):
+                p.add_(0.1)
+        torch.testing.assert_close(ref(input_ids=x).logits, before, rtol=0, atol=0)

@@ -28,7 +28,7 @@ from models import build
 
 pytestmark = pytest.mark.slow
 WORLD = 2
-TESTS = Path(__file__).parent
+TESTS = Path(__file__).resolve().parents[1]  # tests/, where _dist_worker.py lives
 TIMEOUT_S = 240
 
 
