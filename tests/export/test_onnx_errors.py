@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import amole_compile as ac
-from amole_compile.export import onnx as export_mod
 from amole_compile.cli.load import export_from_dirs
+from amole_compile.export import onnx as export_mod
 from amole_compile.export.onnx import OnnxExportError
 
 from models import build
