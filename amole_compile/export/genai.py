@@ -10,8 +10,12 @@
                            `generator.set_active_adapter(adapters, name)`)
     tokenizer files        copied from the tokenizer directory (or saved from a tokenizer object) when given
 
-Everything is written into a temporary folder next to `out_dir` and renamed into place, so a failed export
-leaves no partial folder. onnxruntime-genai itself is not needed to export (only onnxruntime's `AdapterFormat`).
+The steps: check the folder (`check_out_dir`) and snapshot the adapters to serve; then, in a temporary folder
+beside `out_dir` (`files.atomic_folder`): the decoder graph through the export pipeline (`_pipeline.export_graph`,
+the first adapter active, its tensors as inputs, zero defaults as the edit), genai_config.json from the exported
+graph's names and shapes, the adapter files, the tokenizer files; the finished folder then replaces `out_dir`
+whole, so a failed export leaves no partial folder. onnxruntime-genai itself is not needed to export (only
+onnxruntime's `AdapterFormat`).
 """
 
 from __future__ import annotations
@@ -21,9 +25,8 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -31,7 +34,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..files import atomic_folder, atomic_write
 from ._graphs import GraphSpec, decoder_spec
+from ._pipeline import GraphOptions, export_graph
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -50,35 +55,32 @@ class MissingTokenizerWarning(UserWarning):
     """The genai export found no tokenizer files: `og.Model` loads, `og.Tokenizer` does not."""
 
 
-def export_genai(model: nn.Module, out_dir: str | os.PathLike, export_graph: Callable, *,
+def export_genai(model: nn.Module, out_dir: str | os.PathLike, options: GraphOptions | None = None, *,
                  adapters: Sequence[str] | None = None,
                  tokenizer: str | os.PathLike | PreTrainedTokenizerBase | None = None) -> Path:
     """Write the onnxruntime-genai folder `out_dir` for `model` (see the module doc) and return its Path.
 
-    export_graph  `export_onnx`'s graph step: (make_spec, dest, edit) -> the GraphSpec it exported
+    options       opset, masking and external_data of the decoder graph (`export_onnx`'s; None: defaults)
     adapters      names of adapters to serve: the graph takes the adapter tensors as inputs and each name gets
                   `<name>.onnx_adapter`. None bakes the model's (active) adapter into the graph.
     tokenizer     a directory holding tokenizer files, or a tokenizer object (`save_pretrained`); None looks in
                   the directory the model was loaded from. Without tokenizer files the export warns in one line.
     """
     dest = check_out_dir(out_dir)
+    options = GraphOptions() if options is None else options
     weights = adapter_weights(model, adapters) if adapters is not None else {}
 
     def make_spec() -> GraphSpec:
         spec = decoder_spec(model, dynamic=True)
         return with_adapter_inputs(spec, next(iter(weights.values()))) if weights else spec
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
-    try:
+    with atomic_folder(dest) as tmp:
         with _active(model, next(iter(weights))) if weights else contextlib.nullcontext():
-            spec = export_graph(make_spec, tmp / MODEL_FILE, _zero_defaults if weights else None)
+            spec = export_graph(model, make_spec, tmp / MODEL_FILE, options, _zero_defaults if weights else None)
         (tmp / CONFIG_FILE).write_text(json.dumps(genai_config(model, spec), indent=2) + "\n")
         for name, tensors in weights.items():
             write_adapter(tensors, tmp / f"{name}{ADAPTER_SUFFIX}")
         _copy_tokenizer(tokenizer if tokenizer is not None else _model_dir(model), tmp, dest)
-        _move_into_place(tmp, dest)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return dest
 
 
@@ -101,14 +103,7 @@ def add_adapter(model: nn.Module, out_dir: str | os.PathLike, name: str) -> Path
         diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
         raise ValueError(f"adapter {name!r} does not fit {folder / MODEL_FILE}: {diff[0]} is {have.get(diff[0])} "
                          f"here and {want.get(diff[0])} in the graph ({len(diff)} difference(s))")
-    dest = folder / f"{name}{ADAPTER_SUFFIX}"
-    tmp = folder / f".{dest.name}.tmp"
-    try:
-        write_adapter(tensors, tmp)
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return dest
+    return atomic_write(folder / f"{name}{ADAPTER_SUFFIX}", lambda tmp: write_adapter(tensors, Path(tmp)))
 
 
 # ---- adapters as graph inputs ---------------------------------------------------------------------
@@ -224,11 +219,12 @@ def with_adapter_inputs(spec: GraphSpec, tensors: dict[str, torch.Tensor]) -> Gr
                      [*spec.input_names, *map(input_name, params)], spec.output_names)
 
 
-def _zero_defaults(graph) -> None:
+def _zero_defaults(onnx_model) -> None:
     """Give every adapter input a zero initializer of its own name: onnxruntime feeds it when no adapter is
     active (genai feeds nothing then), and B = 0 makes every site add exactly 0, i.e. the base model."""
     import onnx_ir as ir
 
+    graph = onnx_model.graph
     for value in graph.inputs:
         if value.name.startswith(INPUT_PREFIX):
             dtype = value.dtype.numpy()
@@ -374,20 +370,3 @@ def _copy_tokenizer(source, tmp: Path, dest: Path) -> None:
         warnings.warn(f"genai export {dest.name}: no tokenizer files {where}; og.Model loads, but og.Tokenizer "
                       "needs tokenizer.json (pass tokenizer= a directory or tokenizer)",
                       MissingTokenizerWarning, stacklevel=3)
-
-
-def _move_into_place(tmp: Path, dest: Path) -> None:
-    """Rename the finished folder to `dest`; an earlier export there is moved aside first, removed after."""
-    old = None
-    if dest.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".old", dir=dest.parent))
-        os.replace(dest, old / dest.name)
-    try:
-        os.replace(tmp, dest)
-    except BaseException:
-        if old is not None:
-            os.replace(old / dest.name, dest)
-        raise
-    finally:
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
