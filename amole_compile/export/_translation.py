@@ -31,6 +31,7 @@ from onnxscript import opset18 as op
 from onnxscript.onnx_types import BFLOAT16, BOOL, DOUBLE, FLOAT, FLOAT16
 
 from ..kernels.methods import ADAMOLE, MOLE, method_spec
+from ..kernels.op import AdapterArgs
 
 _Float = Union[FLOAT, FLOAT16, BFLOAT16, DOUBLE]  # noqa: UP007 (onnxscript reads the annotation)
 TX = TypeVar("TX", bound=_Float)  # x and the adapter's parameters
@@ -163,37 +164,34 @@ def _lora(x, xd, lora_a, lora_b, base, scale: float):
     return out, ones, op.Cast(ones, to=ir.DataType.BOOL), za, zr
 
 
-def adapter_dense(
-    x: TX, drop_mask: TMask | None, lora_a: TX, lora_b: TX, gate_w: TX | None, thr_w: TX | None,
-    thr_b: TX | None, base: TBase | None, method: str, num_experts: int, top_k: int, scale: float,
-    max_threshold: float, drop_scale: float, kernels: str,
-):
+def _dense(a: AdapterArgs):
     """amole::adapter, dense: every expert computed, unselected ones weighted 0 (see module doc).
 
     Without dropout one Gemm gives z = [x A^T | gate logits | threshold logit (+ bias)]; the router columns of
     z are zeroed by the weights and meet zero columns of [B | 0], so z feeds the up-projection directly.
     """
-    xd = x if drop_mask is None else _dropped(x, drop_mask, drop_scale)
-    spec = method_spec(method)
+    x, drop_mask, lora_a, lora_b = a.x, a.drop_mask, a.lora_a, a.lora_b
+    xd = x if drop_mask is None else _dropped(x, drop_mask, a.drop_scale)
+    spec = method_spec(a.method)
     if not spec.has_gate:
-        return _lora(x, xd, lora_a, lora_b, base, scale)
-    router, er = _router(gate_w, thr_w)
-    rt, k, e = _route_dtype(x.dtype), lora_a.shape[0], num_experts
+        return _lora(x, xd, lora_a, lora_b, a.base, a.scale)
+    router, er = _router(a.gate_w, a.thr_w)
+    rt, k, e = _route_dtype(x.dtype), lora_a.shape[0], a.num_experts
     o = lora_b.shape[0]
     fold = spec.has_threshold and rt == x.dtype and drop_mask is None  # threshold bias into the Gemm
     if drop_mask is None:
         g = op.Concat(lora_a, router, axis=0)  # [K + Er, D]
-        bias = thr_b_column(thr_b, k + e, x.dtype) if fold else None
+        bias = thr_b_column(a.thr_b, k + e, x.dtype) if fold else None
         z = op.Gemm(x, g, bias, transB=1) if fold else op.MatMul(x, _t(g))  # [T, K + Er]
         zs, start, up_b = z, k, op.Concat(lora_b, op.Expand(_scalar(0.0, x.dtype), _ints(o, er)), axis=1)
         za = _cols(z, 0, k)
     else:
         zs, start, up_b = op.MatMul(x, _t(router)), 0, lora_b
         z = za = op.MatMul(xd, _t(lora_a))  # [T, K]
-    w, scores, m = route(zs, x.dtype, start, thr_b, fold, method, e, top_k, max_threshold)
+    w, scores, m = route(zs, x.dtype, start, a.thr_b, fold, a.method, e, a.top_k, a.max_threshold)
     width = k + er if drop_mask is None else k
-    sw = _cast(op.MatMul(w, _expand_weights(e, k // e, width, scale, rt)), rt, x.dtype)  # [T, width]
-    out = _up(op.Mul(z, sw), up_b, base, x.dtype)  # [T, O]
+    sw = _cast(op.MatMul(w, _expand_weights(e, k // e, width, a.scale, rt)), rt, x.dtype)  # [T, width]
+    out = _up(op.Mul(z, sw), up_b, a.base, x.dtype)  # [T, O]
     zr = _cast(op.MatMul(x, _t(router)), x.dtype, rt)  # the op's zr output (pruned when unused)
     return out, scores, m, za, zr
 
@@ -221,26 +219,22 @@ def _expert_branches(acc, xd, a_t, b_e, sw_e, tag: str) -> tuple[ir.Graph, ir.Gr
     return then, other
 
 
-def adapter_skip(
-    x: TX, drop_mask: TMask | None, lora_a: TX, lora_b: TX, gate_w: TX | None, thr_w: TX | None,
-    thr_b: TX | None, base: TBase | None, method: str, num_experts: int, top_k: int, scale: float,
-    max_threshold: float, drop_scale: float, kernels: str,
-):
+def _skip(a: AdapterArgs):
     """amole::adapter with each expert behind an `If` that skips it when no token of the batch selected it.
 
     LoRA has a single always-on expert and falls back to the dense translation.
     """
-    spec = method_spec(method)
+    spec = method_spec(a.method)
     if not spec.has_gate:
-        return adapter_dense(x, drop_mask, lora_a, lora_b, gate_w, thr_w, thr_b, base, method, num_experts,
-                             top_k, scale, max_threshold, drop_scale, kernels)
-    rt, e, k = _route_dtype(x.dtype), num_experts, lora_a.shape[0]
-    r, router = k // e, _router(gate_w, thr_w)[0]
+        return _dense(a)
+    x, lora_a, lora_b, base = a.x, a.lora_a, a.lora_b, a.base
+    rt, e, k = _route_dtype(x.dtype), a.num_experts, lora_a.shape[0]
+    r, router = k // e, _router(a.gate_w, a.thr_w)[0]
     fold = spec.has_threshold and rt == x.dtype
-    zr = op.Gemm(x, router, thr_b_column(thr_b, e, x.dtype), transB=1) if fold else op.MatMul(x, _t(router))
-    w, scores, m = route(zr, x.dtype, 0, thr_b, fold, method, e, top_k, max_threshold)
-    xd = x if drop_mask is None else _dropped(x, drop_mask, drop_scale)
-    sw = _cast(op.Mul(_scalar(scale, rt), w), rt, x.dtype)  # [T, E]
+    zr = op.Gemm(x, router, thr_b_column(a.thr_b, e, x.dtype), transB=1) if fold else op.MatMul(x, _t(router))
+    w, scores, m = route(zr, x.dtype, 0, a.thr_b, fold, a.method, e, a.top_k, a.max_threshold)
+    xd = x if a.drop_mask is None else _dropped(x, a.drop_mask, a.drop_scale)
+    sw = _cast(op.Mul(_scalar(a.scale, rt), w), rt, x.dtype)  # [T, E]
     used = op.Greater(op.ReduceMax(op.Cast(m, to=ir.DataType.FLOAT), _ints(0), keepdims=0),
                       _scalar(0.0, ir.DataType.FLOAT))  # [E] bool: some token of the batch selected expert e
     same = base is not None and base.dtype == x.dtype
@@ -255,6 +249,30 @@ def adapter_skip(
     za = op.MatMul(xd, _t(lora_a))  # the op's za / zr outputs (pruned when unused)
     zr_out = _cast(op.MatMul(x, _t(router)), x.dtype, rt)
     return out, scores, m, za, zr_out
+
+
+# ---- the translations the exporter calls ----------------------------------------------------------------
+
+def _translation(body, name: str):
+    """`body(AdapterArgs)` as a translation of amole::adapter. The exporter matches the node's arguments on the
+    translation's explicit, annotated parameters (typing.get_type_hints, inspect.signature), so they are written
+    out here, once, in the schema's order (`AdapterArgs`' fields)."""
+
+    def translation(
+        x: TX, drop_mask: TMask | None, lora_a: TX, lora_b: TX, gate_w: TX | None, thr_w: TX | None,
+        thr_b: TX | None, base: TBase | None, method: str, num_experts: int, top_k: int, scale: float,
+        max_threshold: float, drop_scale: float, kernels: str,
+    ):
+        return body(AdapterArgs(x, drop_mask, lora_a, lora_b, gate_w, thr_w, thr_b, base, method, num_experts,
+                                top_k, scale, max_threshold, drop_scale, kernels))
+
+    translation.__name__ = translation.__qualname__ = name
+    translation.__doc__ = body.__doc__
+    return translation
+
+
+adapter_dense = _translation(_dense, "adapter_dense")
+adapter_skip = _translation(_skip, "adapter_skip")
 
 
 def translation_table(masking: str = "dense") -> dict:

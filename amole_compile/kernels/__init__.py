@@ -7,6 +7,7 @@
     adapter_triton.py  the Triton kernels and their launchers
     backend.py         the `kernels` setting -> torch or triton for a call
     op.py              `torch.ops.amole.adapter` (+ backward): registration on first use, autograd
+    mixed_torch.py     mixed batches: stacked adapters, each row routed by routing_torch's per-method functions
 
 Tensors and scalars in, tensors out. Importing this package imports no triton and no torch._inductor.
 """

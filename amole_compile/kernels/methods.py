@@ -1,9 +1,15 @@
 """The method table: one `MethodSpec` per routing method, read by every layer (config, modules, the op, the
 Triton kernels, the ONNX translation, the upstream-format import, the CLI).
 
-Adding a method means: a row here, plus its routing math in the three places that compute it
-(`routing_torch.py`, `routing_triton.py`, `export/_translation.py`), each keyed by `MethodSpec.code`.
-The math itself is in docs/math.md.
+Adding a method means: a row here, plus its routing math in the three places that compute it, each keyed by
+`MethodSpec.code`:
+    routing_torch.py          a per-method routing function and its branch in `method_routing` (which the op's
+                              torch path and mixed batches, `mixed_torch.py`, both call; a constant of a new kind
+                              also needs a `Stack.meta` column there), and its case in `route_backward`
+    routing_triton.py         the Triton kernels' epilogue (`route`, `route_backward`)
+    export/_translation.py    the ONNX routing (`route`)
+`tests/test_forms.py` then runs it through every form (torch, Triton, mixed batch, ONNX). The math itself is
+in docs/math.md.
 """
 
 from __future__ import annotations

@@ -7,8 +7,9 @@ shape: `torch.compile` and `torch.export` (hence ONNX, with an `adapter_ids` inp
 
 Adapters of different sizes and methods share a stack: experts are padded to the largest E (padded experts get
 a -inf gate logit, so weight 0 and never selected), ranks to the largest R (zero rows of A, zero columns of B),
-and the routing of every method is computed and picked per row by its method code. The math per row is
-`adapter_torch`'s (docs/math.md); plain torch ops, autograd by torch.
+and the routing of each method in the stack is `routing_torch`'s per-method routing with per-row constants,
+picked per row by its method code. The math per row is `adapter_torch`'s (docs/math.md); plain torch ops,
+autograd by torch.
 
 Legend: B rows, S tokens per row, D in, O out, L adapters (slots 0..L-1, slot L = none), E = max experts,
 R = max rank, K = E * R.
@@ -23,6 +24,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from .methods import ADAMOLE, LORA, MOLE, method_spec
+from .routing_torch import method_routing
 
 
 class SiteWeights(NamedTuple):
@@ -83,37 +85,28 @@ def stack_sites(sites: list[SiteWeights]) -> Stack:
                  max([s.top_k for s in sites if s.method == MOLE.name] or [0]), frozenset(s.method for s in sites))
 
 
-def _normalised(num: Tensor) -> Tensor:
-    s = num.sum(-1, keepdim=True)
-    return num / torch.where(s == 0, torch.ones_like(s), s)
-
-
 def _route(zr: Tensor, meta: Tensor, st: Stack) -> tuple[Tensor, Tensor, Tensor]:
-    """zr [B, S, E+1] float32, meta [B, 7] (the rows' slots) -> (w, scores, mask), each [B, S, E], per row by
-    its slot's method."""
+    """zr [B, S, E+1] float32, meta [B, 7] (the rows' slots) -> (w, scores, mask), each [B, S, E]: each method of
+    the stack routed by `routing_torch.method_routing` with the rows' constants ([B, 1, 1], broadcast over S),
+    then picked per row by its slot's method code."""
     e = st.experts
-    idx = torch.arange(e, device=zr.device)
-    valid = (idx < meta[:, COL_EXPERTS, None])[:, None, :]  # [B, 1, E]
-    code = meta[:, COL_CODE, None, None]  # [B, 1, 1]
-    logits = zr[..., :e].masked_fill(~valid, float("-inf"))
+    valid = (torch.arange(e, device=zr.device) < meta[:, COL_EXPERTS, None])[:, None, :]  # [B, 1, E]
+    logits = zr[..., :e].masked_fill(~valid, float("-inf"))  # [B, S, E]: padded experts never win
+    # torch.softmax, not routing_torch's CPU form: torch.export traces this path into the multi-adapter ONNX
+    # graph, where it stays one Softmax node
     p = torch.softmax(logits, dim=-1)  # [B, S, E]
-    sig = torch.sigmoid(zr[..., e] + meta[:, COL_THR_B, None])[..., None]  # [B, S, 1]
-    shifted = p - meta[:, COL_CAP, None, None] * sig
-    m_ada = (shifted >= 0) & valid
-    if st.methods == {ADAMOLE.name}:  # one method: its routing alone (the empty slot adds 0 whatever it routes)
-        return _normalised(shifted * m_ada), shifted, m_ada
-    if st.max_k:
-        top = torch.topk(logits, st.max_k, dim=-1).indices  # [B, S, kmax]
-        keep = torch.arange(st.max_k, device=zr.device) < meta[:, COL_TOP_K, None, None]  # [B, 1, kmax]
-        m_mole = torch.zeros_like(valid.expand_as(p)).scatter(-1, top, keep.expand_as(top))
-    else:
-        m_mole = torch.zeros_like(m_ada)
-    m_lora = (idx == 0).expand_as(m_ada)
-    is_ada, is_mole = code == ADAMOLE.code, code == MOLE.code
-    w = torch.where(is_ada, _normalised(shifted * m_ada), torch.where(is_mole, _normalised(p * m_mole),
-                                                                     m_lora.to(p.dtype)))
-    scores = torch.where(is_ada, shifted, torch.where(is_mole, p, m_lora.to(p.dtype)))
-    mask = torch.where(is_ada, m_ada, torch.where(is_mole, m_mole, m_lora))
+    codes = sorted(method_spec(m).code for m in st.methods)
+    u = zr[..., e:] + meta[:, COL_THR_B, None, None] if ADAMOLE.code in codes else None  # [B, S, 1]
+    routes = [method_routing(c, p, logits, u, meta[:, COL_CAP, None, None], meta[:, COL_TOP_K, None, None],
+                             st.max_k, valid) for c in codes]
+    # the last method's routing is the default: its rows' and the empty slot's (which adds 0 whatever it routes);
+    # a stack of one method routes with that method alone
+    w, scores, mask = routes[-1][:3]
+    code = meta[:, COL_CODE, None, None]  # [B, 1, 1]
+    for c, r in zip(codes[:-1], routes[:-1], strict=True):
+        here = code == c  # [B, 1, 1]
+        w, scores, mask = (torch.where(here, r.w, w), torch.where(here, r.scores, scores),
+                           torch.where(here, r.mask, mask))
     return w, scores, mask
 
 

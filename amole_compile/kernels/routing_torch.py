@@ -1,14 +1,19 @@
 """Per-token routing epilogues (plain torch), forward and hand-written backward.
 
-The torch path of the routing math (docs/math.md): the op's torch path (`adapter_torch.py`) calls it, and the
-Triton twin (`routing_triton.py`) and the ONNX translation must match it. Methods come from `methods.py`.
-Legend: T tokens, E experts, Er router rows (E + 1 for adamole, E for mole, 0 for lora).
+The torch path of the routing math (docs/math.md). The op's torch path (`adapter_torch.py`) routes one adapter
+with scalar constants (`routing`); mixed batches (`mixed_torch.py`) call the same per-method functions with
+per-row constants and padded experts (`method_routing`). The Triton twin (`routing_triton.py`) and the ONNX
+translation must match it. Methods come from `methods.py`.
+Legend: T tokens (any leading dims), E experts, Er router rows (E + 1 for adamole, E for mole, 0 for lora).
 
 adamole  p = softmax(l), tau = cap * sigmoid(u + b), a = p - tau, m = a >= 0,
          w = a m / S with S = sum(a m) and S == 0 -> 1.          scores = a (shifted)
 mole     p = softmax(l), m = top-k(l), w = p m / sum(p m).       scores = p
 lora     w = 1, m = 1.                                            scores = 1
 All routing math runs in float32.
+
+Constants (cap, top_k) are Python numbers, or tensors [T, 1] (per token or row, broadcasting) for mixed
+batches; padded experts carry a -inf gate logit (p = 0) and a False in `valid`, which keeps them unselected.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .methods import method_spec
+from .methods import ADAMOLE, LORA, MOLE, method_spec
 
 
 def _normalise(num: Tensor) -> tuple[Tensor, Tensor]:
@@ -38,22 +43,6 @@ def _softmax(logits: Tensor) -> Tensor:
     return e / e.sum(-1, keepdim=True)
 
 
-def _adamole_parts(zr: Tensor, thr_b: Tensor, num_experts: int, cap: float):
-    logits, u = zr[:, :num_experts], zr[:, num_experts] + thr_b.to(zr.dtype)  # [T, E], [T]
-    p = _softmax(logits)
-    sig = torch.sigmoid(u)[:, None]  # [T, 1]
-    a = p - cap * sig  # [T, E]
-    m = a >= 0
-    return p, sig, a, m
-
-
-def _mole_parts(zr: Tensor, top_k: int):
-    p = _softmax(zr)  # [T, E]
-    idx = torch.topk(zr, top_k, dim=-1).indices  # [T, k]
-    m = torch.zeros_like(p, dtype=torch.bool).scatter(-1, idx, True)
-    return p, m
-
-
 class Routing(NamedTuple):
     """One routing of T tokens, with what its backward needs (so the backward routes once)."""
 
@@ -65,19 +54,65 @@ class Routing(NamedTuple):
     s: Tensor | None = None  # [T, 1] normaliser
 
 
-def routing(zr: Tensor, thr_b: Tensor | None, method: str, num_experts: int, top_k: int, cap: float) -> Routing:
-    """zr [T, Er] float32 router logits -> `Routing`."""
-    t, spec = zr.shape[0], method_spec(method)
-    if not spec.has_gate:
-        ones = zr.new_ones(t, 1)
-        return Routing(ones, ones, ones.bool())
-    if spec.has_threshold:
-        p, sig, a, m = _adamole_parts(zr, thr_b, num_experts, cap)
-        w, s = _normalise(a * m)
-        return Routing(w, a, m, p, sig, s)
-    p, m = _mole_parts(zr, top_k)
+def adamole_routing(p: Tensor, u: Tensor, cap: float | Tensor, valid: Tensor | None = None) -> Routing:
+    """p [T, E] gate probabilities, u [T, 1] threshold logit (bias added), cap a number or [T, 1];
+    valid [T, E] bool (False: a padded expert) -> `Routing`."""
+    sig = torch.sigmoid(u)  # [T, 1]
+    a = p - cap * sig  # [T, E] shifted scores
+    m = a >= 0
+    if valid is not None:  # a padded expert has a = -tau, which is 0 when tau is
+        m = m & valid
+    w, s = _normalise(a * m)
+    return Routing(w, a, m, p, sig, s)
+
+
+def top_k_mask(logits: Tensor, top_k: int | Tensor, max_k: int | None = None) -> Tensor:
+    """logits [T, E] -> bool [T, E], the top_k largest per token. top_k an int, or a tensor [T, 1] of counts
+    up to the int `max_k` (a mixed batch's largest)."""
+    if max_k is None:
+        idx = torch.topk(logits, top_k, dim=-1).indices  # [T, k]
+        return torch.zeros_like(logits, dtype=torch.bool).scatter(-1, idx, True)
+    idx = torch.topk(logits, max_k, dim=-1).indices  # [T, kmax]
+    keep = torch.arange(max_k, device=logits.device) < top_k  # [T, kmax]: the first top_k of each token
+    return torch.zeros_like(logits, dtype=torch.bool).scatter(-1, idx, keep.expand_as(idx))
+
+
+def mole_routing(p: Tensor, logits: Tensor, top_k: int | Tensor, max_k: int | None = None) -> Routing:
+    """p [T, E] gate probabilities of logits [T, E]; top_k as `top_k_mask` -> `Routing`."""
+    m = top_k_mask(logits, top_k, max_k)
     w, s = _normalise(p * m)
     return Routing(w, p, m, p, None, s)
+
+
+def lora_routing(mask: Tensor, dtype: torch.dtype) -> Routing:
+    """mask [T, E] bool: the one expert (E = 1, all True), or its column among padded experts -> w = scores =
+    the mask in `dtype`."""
+    ones = mask.to(dtype)
+    return Routing(ones, ones, mask)
+
+
+def method_routing(code: int, p: Tensor, logits: Tensor, u: Tensor | None, cap: float | Tensor,
+                   top_k: int | Tensor, max_k: int | None = None, valid: Tensor | None = None) -> Routing:
+    """The routing of method `code` (`MethodSpec.code`) from p = softmax(logits) [T, E] and the threshold logit
+    u [T, 1] (adamole); constants as the per-method functions. A new method adds its branch here."""
+    if code == ADAMOLE.code:
+        return adamole_routing(p, u, cap, valid)
+    if code == MOLE.code:
+        return mole_routing(p, logits, top_k, max_k)
+    if code == LORA.code:
+        return lora_routing(logits.new_ones(p.shape, dtype=torch.bool) if valid is None else valid.expand_as(p),
+                            p.dtype)
+    raise NotImplementedError(f"no torch routing for method code {code}")
+
+
+def routing(zr: Tensor, thr_b: Tensor | None, method: str, num_experts: int, top_k: int, cap: float) -> Routing:
+    """zr [T, Er] float32 router logits of one adapter -> `Routing`."""
+    spec = method_spec(method)
+    if not spec.has_gate:
+        return lora_routing(zr.new_ones(zr.shape[0], 1, dtype=torch.bool), zr.dtype)
+    logits = zr[:, :num_experts] if spec.has_threshold else zr  # [T, E]
+    u = zr[:, num_experts:] + thr_b.to(zr.dtype) if spec.has_threshold else None  # [T, 1]
+    return method_routing(spec.code, _softmax(logits), logits, u, cap, top_k)
 
 
 def route(zr: Tensor, thr_b: Tensor | None, method: str, num_experts: int, top_k: int, cap: float):

@@ -66,3 +66,18 @@ def test_op_outputs_match_torch(method, dropout, with_base, masking, tmp_path):
         else:
             err = (torch.from_numpy(o) - w).abs().max().item() if w.numel() else 0.0
             assert torch.allclose(torch.from_numpy(o), w, atol=1e-5, rtol=1e-5), (name, err)
+
+
+def test_translations_take_the_op_schema_in_order():
+    """The exporter matches a node's arguments on a translation's parameters: they are the op's schema,
+    `AdapterArgs`' fields, in order."""
+    import inspect
+
+    from amole_compile.kernels import AdapterArgs, register
+
+    register()
+    op_schema = tuple(a.name for a in torch.ops.amole.adapter.default._schema.arguments)
+    assert AdapterArgs._fields == op_schema
+    for masking in ("dense", "skip"):
+        (fn,) = translation_table(masking).values()
+        assert tuple(inspect.signature(fn).parameters) == op_schema, masking
