@@ -180,10 +180,14 @@ def test_scoped_save_patches(tmp_path_factory, tmp_path):
 def test_dynamo_flag_row(monkeypatch):
     monkeypatch.setattr(DynamoFlag, "_live", {})
     monkeypatch.setattr(DynamoFlag, "_saved", None)
-    cfg = torch._dynamo.config
-    monkeypatch.setattr(cfg, DynamoFlag.NAME, False)
-    model = _transformed()
-    assert isinstance(state_of(model).token("dynamo_checkpoint_side_effects"), DynamoFlag)
-    assert getattr(cfg, DynamoFlag.NAME) is True
-    detach(model, state_of(model))
-    assert getattr(cfg, DynamoFlag.NAME) is False and state_of(model).undo == []
+    cfg = torch._dynamo.config  # not monkeypatch.setattr: on torch's config module its undo deletes the entry
+    before = getattr(cfg, DynamoFlag.NAME)
+    setattr(cfg, DynamoFlag.NAME, False)
+    try:
+        model = _transformed()
+        assert isinstance(state_of(model).token("dynamo_checkpoint_side_effects"), DynamoFlag)
+        assert getattr(cfg, DynamoFlag.NAME) is True
+        detach(model, state_of(model))
+        assert getattr(cfg, DynamoFlag.NAME) is False and state_of(model).undo == []
+    finally:
+        setattr(cfg, DynamoFlag.NAME, before)
