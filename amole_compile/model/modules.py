@@ -1,5 +1,6 @@
-"""Adapter modules: `ExpertSet` (one site: a role's experts and router) and `AdaMoLELinear` (the wrapper that
-replaces a projection, keeping the frozen original as `.base_layer`).
+"""Adapter modules: `ExpertSet` (one site: a role's experts and router) and `AdapterGroup` (one named adapter on
+one projection: a site per role, each writing its columns). `projection.py` holds the modules that replace a
+projection.
 
 Legend: T tokens, D in_features, O out_features (of the role), E experts, R rank, K = E * R.
 """
@@ -46,7 +47,9 @@ class ExpertSet(nn.Module):
 
     Dropout draws one mask per site, shared by all its experts (the upstream code draws one per expert); the gate
     and threshold see the undropped input. In training mode each forward records this site's auxiliary
-    load-balancing loss `E * sum_i f_i P_i` (f: fraction of tokens routed to i, P: mean routing score).
+    load-balancing loss `E * sum_i f_i P_i` (f: fraction of tokens routed to i, P: mean routing score): as
+    `_fwd_aux` until the model's loss hook has summed it, and, when gradients are on, as `aux` until the next
+    training forward with gradients on (docs/training.md, "The aux loss's lifetime"). Copies leave both out.
     """
 
     def __init__(self, in_features: int, out_features: int, config: AdaMoLEConfig,
