@@ -113,7 +113,7 @@ def onnx_form(site: ExpertSet, x: Tensor, base: Tensor, path) -> tuple[Tensor, T
     pytest.importorskip("onnxscript")
     from amole_compile.export._translation import translation_table
 
-    prog = torch.onnx.export(OpModule(site), (x, base), input_names=["x", "base"],
+    prog = torch.onnx.export(OpModule(site).eval(), (x, base), input_names=["x", "base"],
                              output_names=["out", "scores", "mask"], dynamo=True, verbose=False,
                              custom_translation_table=translation_table(), dynamic_shapes=({0: "t"}, {0: "t"}))
     prog.save(path)
