@@ -7,6 +7,7 @@ Legend: T tokens, D input dims, O output dims, E experts, R rank per expert, K =
 Er router rows (`MethodSpec.router_rows`: E + 1 for adamole, E for mole, 0 for lora).
 
 dense (default)   z = x [A; Wg; wt]^T + [0..0, bt]   one Gemm reads x once                 [T, K + Er]
+                  (float16 / bfloat16 x: z = x A^T, and the router logits x [Wg; wt]^T in float32, apart)
                   w = route(z[:, K:])                softmax / threshold / >= / renorm     [T, E]
                   sw = w P                           P [E, K + Er]: s on expert e's columns [T, K + Er]
                   out = base + (z * sw) [B | 0]^T    one Gemm (the op's addmm)             [T, O]
@@ -98,18 +99,26 @@ def _route_mole(logits, dt: ir.DataType, top_k: int):
 
 def route(z, x_dtype: ir.DataType, start: int, thr_b, bias_in_z: bool, method: str, num_experts: int,
           top_k: int, cap: float):
-    """Router logits at columns start.. of z [T, *] -> (w [T, E], scores [T, E], mask [T, E] bool), in the
-    routing dtype. `bias_in_z`: the threshold bias was already added to z's threshold column."""
+    """Router logits at columns start.. of z [T, *], in the routing dtype (`router_logits`) -> (w [T, E],
+    scores [T, E], mask [T, E] bool). `bias_in_z`: the threshold bias was already added to z's threshold
+    column."""
     rt, e, code = _route_dtype(x_dtype), num_experts, method_spec(method).code
-    logits = _cast(_cols(z, start, start + e), x_dtype, rt)
+    logits = _cols(z, start, start + e)
     if code == MOLE.code:
         return _route_mole(logits, rt, top_k)
     if code != ADAMOLE.code:
         raise NotImplementedError(f"no ONNX routing for method {method!r}")
-    u = _cast(_cols(z, start + e, start + e + 1), x_dtype, rt)
+    u = _cols(z, start + e, start + e + 1)
     if not bias_in_z:
         u = op.Add(u, _cast(thr_b, x_dtype, rt))
     return _route_adamole(logits, u, rt, e, cap)
+
+
+def router_logits(x, router, x_dtype: ir.DataType):
+    """x [T, D] [Wg; wt]^T -> [T, Er] computed in the routing dtype (float32 for half inputs: a float16 logit
+    overflows, as the op's torch path and kernels avoid)."""
+    rt = _route_dtype(x_dtype)
+    return op.MatMul(_cast(x, x_dtype, rt), _t(_cast(router, x_dtype, rt)))
 
 
 # ---- the dense translation ----------------------------------------------------------------------
@@ -178,21 +187,22 @@ def _dense(a: AdapterArgs):
     router, er = _router(a.gate_w, a.thr_w)
     rt, k, e = _route_dtype(x.dtype), lora_a.shape[0], a.num_experts
     o = lora_b.shape[0]
-    fold = spec.has_threshold and rt == x.dtype and drop_mask is None  # threshold bias into the Gemm
-    if drop_mask is None:
+    one_gemm = drop_mask is None and rt == x.dtype  # half dtypes: the router apart, in float32
+    fold = spec.has_threshold and one_gemm  # threshold bias into the Gemm
+    if one_gemm:
         g = op.Concat(lora_a, router, axis=0)  # [K + Er, D]
         bias = thr_b_column(a.thr_b, k + e, x.dtype) if fold else None
         z = op.Gemm(x, g, bias, transB=1) if fold else op.MatMul(x, _t(g))  # [T, K + Er]
         zs, start, up_b = z, k, op.Concat(lora_b, op.Expand(_scalar(0.0, x.dtype), _ints(o, er)), axis=1)
         za = _cols(z, 0, k)
     else:
-        zs, start, up_b = op.MatMul(x, _t(router)), 0, lora_b
+        zs, start, up_b = router_logits(x, router, x.dtype), 0, lora_b
         z = za = op.MatMul(xd, _t(lora_a))  # [T, K]
     w, scores, m = route(zs, x.dtype, start, a.thr_b, fold, a.method, e, a.top_k, a.max_threshold)
-    width = k + er if drop_mask is None else k
+    width = k + er if one_gemm else k
     sw = _cast(op.MatMul(w, _expand_weights(e, k // e, width, a.scale, rt)), rt, x.dtype)  # [T, width]
     out = _up(op.Mul(z, sw), up_b, a.base, x.dtype)  # [T, O]
-    zr = _cast(op.MatMul(x, _t(router)), x.dtype, rt)  # the op's zr output (pruned when unused)
+    zr = router_logits(x, router, x.dtype)  # the op's zr output (pruned when unused)
     return out, scores, m, za, zr
 
 
@@ -231,7 +241,8 @@ def _skip(a: AdapterArgs):
     rt, e, k = _route_dtype(x.dtype), a.num_experts, lora_a.shape[0]
     r, router = k // e, _router(a.gate_w, a.thr_w)[0]
     fold = spec.has_threshold and rt == x.dtype
-    zr = op.Gemm(x, router, thr_b_column(a.thr_b, e, x.dtype), transB=1) if fold else op.MatMul(x, _t(router))
+    zr = op.Gemm(x, router, thr_b_column(a.thr_b, e, x.dtype), transB=1) if fold else \
+        router_logits(x, router, x.dtype)
     w, scores, m = route(zr, x.dtype, 0, a.thr_b, fold, a.method, e, a.top_k, a.max_threshold)
     xd = x if a.drop_mask is None else _dropped(x, a.drop_mask, a.drop_scale)
     sw = _cast(op.Mul(_scalar(a.scale, rt), w), rt, x.dtype)  # [T, E]
@@ -247,8 +258,7 @@ def _skip(a: AdapterArgs):
         acc = op.If(op.Gather(used, op.Constant(value_int=i), axis=0), then_branch=then, else_branch=other)
     out = acc if same or base is None else op.Add(base, _cast(acc, x.dtype, base.dtype))
     za = op.MatMul(xd, _t(lora_a))  # the op's za / zr outputs (pruned when unused)
-    zr_out = _cast(op.MatMul(x, _t(router)), x.dtype, rt)
-    return out, scores, m, za, zr_out
+    return out, scores, m, za, router_logits(x, router, x.dtype)
 
 
 # ---- the translations the exporter calls ----------------------------------------------------------------

@@ -10,7 +10,9 @@ Er router rows (`MethodSpec.router_rows`: E + 1 for adamole, gate rows then the 
     za = xd A^T                   [T, K]       all experts' down-projections, computed as drop_scale (xm A^T)
                                                with xm = x * keep (keep: the mask cast to x's dtype): one pass
                                                over [T, D], the scale on the narrow [T, K] side
-    zr = x [Wg; wt]^T             [T, Er]      gate logits and threshold logit (one GEMM with za when no dropout)
+    zr = x [Wg; wt]^T             [T, Er]      gate logits and threshold logit, in float32 whatever x's dtype (a
+                                               float16 logit overflows; in float32 and float64, one GEMM with za
+                                               when there is no dropout)
     w  = route(zr)                [T, E]       `routing_torch.route`
     h  = scale * w_e * za_e       [T, K]       expert e's block scaled by its weight
     out = base + h B^T            [T, O]
@@ -35,14 +37,22 @@ def router_weight(gate_w: Tensor | None, thr_w: Tensor | None, x: Tensor) -> Ten
     return torch.cat(parts, 0) if parts else x.new_zeros(0, x.shape[1])  # [Er, D]
 
 
+def router_logits(x: Tensor, rw: Tensor) -> Tensor:
+    """x [T, D], rw [Er, D] -> zr [T, Er] in the routing dtype, computed in it (as HF's MoE routers do, and as the
+    Triton kernels accumulate): float16 logits overflow to inf beyond 65504, bfloat16 ones keep 8 bits."""
+    rd = route_dtype(x.dtype)
+    return x.to(rd) @ rw.to(rd).t()
+
+
 def _down(x: Tensor, drop_mask: Tensor | None, drop_scale: float, lora_a: Tensor, rw: Tensor):
     """x [T, D] -> (za [T, K], zr [T, Er] float32)."""
-    if drop_mask is None:
+    if drop_mask is None and x.dtype == route_dtype(x.dtype):
         z = x @ torch.cat([lora_a, rw], 0).t()  # one skinny GEMM reads x once, [T, K + Er]
         za, zr = z.split([lora_a.shape[0], rw.shape[0]], dim=1)
-        return za.contiguous(), zr.to(route_dtype(x.dtype), copy=True)
-    za = (_dropped(x, drop_mask) @ lora_a.t()).mul_(drop_scale)
-    return za, (x @ rw.t()).to(route_dtype(x.dtype))
+        return za.contiguous(), zr.to(x.dtype, copy=True)  # a copy: outputs of the op must not alias
+    xd = x if drop_mask is None else _dropped(x, drop_mask)
+    za = xd @ lora_a.t()
+    return (za if drop_mask is None else za.mul_(drop_scale)), router_logits(x, rw)
 
 
 def _dropped(x: Tensor, drop_mask: Tensor) -> Tensor:

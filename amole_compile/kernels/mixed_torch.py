@@ -123,21 +123,24 @@ def mixed_adapter(x: Tensor, slot: Tensor, st: Stack, drop_mask: Tensor | None =
     e, k = st.experts, st.lora_b.shape[2]
     route_dt = torch.float64 if x.dtype == torch.float64 else torch.float32
     meta = st.meta[slot].to(route_dt)  # [B, 7], in the routing's dtype (as the single-adapter path rounds them)
-    if all_slots and drop_mask is None:
+    one_gemm = drop_mask is None and x.dtype == route_dt  # half dtypes: the router in float32, apart
+    if all_slots and one_gemm:
         za, zr = _all_slots_down(x, slot, st).split([k, e + 1], dim=-1)
-    elif drop_mask is None:
+    elif one_gemm:
         down = st.down[slot]  # [B, K+E+1, D]: one gather for A and the router
         za, zr = torch.bmm(x, down.transpose(1, 2)).split([k, e + 1], dim=-1)  # [B, S, K], [B, S, E+1]
     else:
         down = st.down[slot]
-        keep = 1.0 / (1.0 - meta[:, COL_DROPOUT]).to(x.dtype)  # [B]
-        xd = torch.where(drop_mask, x, 0) * keep[:, None, None]
+        xd = x
+        if drop_mask is not None:
+            keep = 1.0 / (1.0 - meta[:, COL_DROPOUT]).to(x.dtype)  # [B]
+            xd = torch.where(drop_mask, x, 0) * keep[:, None, None]
         za = torch.bmm(xd, down[:, :k].transpose(1, 2))
-        zr = torch.bmm(x, down[:, k:].transpose(1, 2))
+        zr = torch.bmm(x.to(route_dt), down[:, k:].to(route_dt).transpose(1, 2))  # float32 whatever x's dtype
     w, scores, mask = _route(zr.to(route_dt), meta, st)
     h = za.reshape(b, s, e, k // e) * (meta[:, COL_SCALE, None, None].to(w.dtype) * w).to(za.dtype)[..., None]
     h = h.reshape(b, s, k)
-    if all_slots and drop_mask is None:
+    if all_slots and one_gemm:
         return _all_slots_up(h, slot, st), scores, mask
     return torch.bmm(h, st.lora_b[slot].transpose(1, 2)), scores, mask  # [B, S, O]
 
