@@ -1,8 +1,9 @@
 """Import of the upstream AdaMoLE repository's checkpoints (the upstream format, docs/upstream_format.md).
 
-`adapter_config.json` with `peft_type` ADAMOLE / MOLE / LORA, `r` (per expert), `lora_alpha`, `lora_dropout`,
-`num_experts`, `max_threshold` or `top_k`, `target_modules`; tensors in `adapter_model.safetensors` or
-`adapter_model.bin` (a torch.save dict, loaded with weights_only=True):
+`adapter_config.json` with `peft_type` ADAMOLE / MOLE / LORA, `lora_rank` (per expert; PEFT's own LoRA writes
+`r`), `lora_alpha`, `lora_dropout`, `num_experts`, `max_threshold` (AdaMoLE) or `top_k` (MoLE), `target_modules`;
+tensors in `adapter_model.bin` (a torch.save dict, loaded with weights_only=True; what upstream writes) or
+`adapter_model.safetensors`:
 
     base_model.model.<fqn>.lora_A.<e>.weight       [r, d_in]     (LoRA: lora_A.weight)
     base_model.model.<fqn>.lora_B.<e>.weight       [d_out, r]    (LoRA: lora_B.weight)
@@ -11,7 +12,8 @@
     base_model.model.<fqn>.lora_threshold.bias     [1]           (AdaMoLE)
 
 Duplicate `...moe_layer...` keys are ignored. Each upstream module becomes a single-role target; the experts are
-stacked into our `lora_A [E*r, d_in]` / `lora_B [d_out, E*r]`.
+stacked into our `lora_A [E*r, d_in]` / `lora_B [d_out, E*r]`. MoLE with a fixed `threshold` (upstream's
+`ThresholdMoeLayer`) has no equivalent here and is refused, never imported as top-k.
 """
 
 from __future__ import annotations
@@ -61,6 +63,39 @@ def _reject_unsupported(data: dict, file: Path) -> None:
                          "adapters over an unchanged base can be imported")
 
 
+def _rank_alpha(data: dict, file: Path) -> tuple[int, float]:
+    """The per-expert rank and alpha. Upstream writes `lora_rank`, PEFT writes `r`: either is read (both must
+    agree). Both write `lora_alpha`; a config without it names no scale, so it is refused, not guessed."""
+    ranks = {k: data[k] for k in ("lora_rank", "r") if data.get(k) is not None}
+    if not ranks:
+        raise ValueError(f"{file}: missing key 'lora_rank' (the upstream code's name for the per-expert rank; "
+                         "PEFT's LoRA writes 'r')")
+    if len(ranks) > 1 and ranks["lora_rank"] != ranks["r"]:
+        raise ValueError(f"{file}: lora_rank={ranks['lora_rank']!r} and r={ranks['r']!r} disagree")
+    if data.get("lora_alpha") is None:
+        raise ValueError(f"{file}: missing key 'lora_alpha' (the upstream code and PEFT always write it)")
+    rank, alpha = int(next(iter(ranks.values()))), float(data["lora_alpha"])
+    if data.get("use_rslora"):
+        # rsLoRA scales by alpha / sqrt(r); ours is alpha' / r, so alpha' = alpha * sqrt(r)
+        alpha = alpha * math.sqrt(rank)
+    return rank, alpha
+
+
+def _mole_top_k(data: dict, file: Path) -> int:
+    """MoLE's top_k. Upstream's MoLE routes by `top_k` (TopKMoeLayer) or, with `top_k` null, by a fixed
+    `threshold` (ThresholdMoeLayer: every expert whose probability is >= threshold). The latter is refused."""
+    top_k, threshold = data.get("top_k"), data.get("threshold")
+    if threshold is not None:
+        raise ValueError(
+            f"{file}: MOLE with threshold={threshold!r} (top_k={top_k!r}) is the upstream ThresholdMoeLayer, "
+            f"which keeps every expert whose gate probability is >= {threshold!r}; amole_compile's MoLE routes "
+            "to the top-k experts, and importing this checkpoint as top-k would change its outputs, so it is "
+            "not imported")
+    if top_k is None:
+        raise ValueError(f"{file}: MOLE with neither top_k nor threshold (the upstream code refuses this too)")
+    return top_k
+
+
 def _config(data: dict, file: Path) -> AdaMoLEConfig:
     peft_type = str(data.get("peft_type", "")).upper()
     if peft_type not in _METHODS:
@@ -68,20 +103,12 @@ def _config(data: dict, file: Path) -> AdaMoLEConfig:
     method = _METHODS[peft_type]
     spec = METHODS[method]
     _reject_unsupported(data, file)
-    try:
-        rank = int(data["r"])
-        alpha = float(data.get("lora_alpha", data["r"]))
-        if data.get("use_rslora"):
-            # rsLoRA scales by alpha / sqrt(r); ours is alpha' / r, so alpha' = alpha * sqrt(r)
-            alpha = alpha * math.sqrt(rank)
-        return AdaMoLEConfig(
-            method=method, num_experts=int(data.get("num_experts", 1)) if spec.fixed_experts is None else None,
-            rank=rank, alpha=alpha,
-            dropout=float(data.get("lora_dropout", 0.0)),
-            max_threshold=data.get("max_threshold") if spec.has_threshold else None,
-            top_k=data.get("top_k") if spec.uses_top_k else None)
-    except KeyError as exc:
-        raise ValueError(f"{file}: missing key {exc.args[0]!r}") from exc
+    rank, alpha = _rank_alpha(data, file)
+    return AdaMoLEConfig(
+        method=method, num_experts=int(data.get("num_experts", 1)) if spec.fixed_experts is None else None,
+        rank=rank, alpha=alpha, dropout=float(data.get("lora_dropout", 0.0)),
+        max_threshold=data.get("max_threshold") if spec.has_threshold else None,
+        top_k=_mole_top_k(data, file) if spec.uses_top_k else None)
 
 
 def _load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], Path]:
