@@ -28,6 +28,7 @@ from .core import (
     transform,
     untransform,
 )
+from .integrations.foreign import ForeignAdaptersError
 from .passes.capture import CaptureError
 from .passes.swap_modules import UnsupportedLayerError
 from .passes.targets import Plan, Skip, Target
@@ -52,9 +53,9 @@ _RETIRED = {
 }
 
 __all__ = [
-    "AdaMoLEConfig", "CaptureError", "NoAttentionFound", "OnnxExportError", "OnnxLM", "Plan", "Skip", "Target",
-    "UnsupportedLayerError", "active_adapter", "adapter_names", "aux_loss", "base_state_dict", "batch_adapters",
-    "delete_adapter", "expert_stats", "export_onnx", "is_transformed", "load_adapters", "plan",
+    "AdaMoLEConfig", "CaptureError", "ForeignAdaptersError", "NoAttentionFound", "OnnxExportError", "OnnxLM", "Plan",
+    "Skip", "Target", "UnsupportedLayerError", "active_adapter", "adapter_names", "aux_loss", "base_state_dict",
+    "batch_adapters", "delete_adapter", "expert_stats", "export_onnx", "is_transformed", "load_adapters", "plan",
     "plot_expert_stats", "reset_expert_stats", "save_adapters", "set_active_adapter", "targets", "transform",
     "untransform",
 ]

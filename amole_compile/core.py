@@ -20,6 +20,7 @@ from torch import fx, nn
 
 from .config import AdaMoLEConfig
 from .integrations import patches
+from .integrations.foreign import check_not_adapted_elsewhere
 from .kernels import register as register_op
 from .model.batch import check_unused, mixed_batch, row_ids
 from .model.modules import ExpertSet
@@ -85,6 +86,7 @@ def transform(model: nn.Module | torch.export.ExportedProgram, config: AdaMoLECo
     if not isinstance(model, nn.Module):
         raise TypeError(f"transform takes an nn.Module, GraphModule or ExportedProgram, got {type(model).__name__}")
     check_adapter_name(adapter_name)
+    check_not_adapted_elsewhere(model)
     adding = is_transformed(model)
     if adding and adapter_name in adapter_names(model):
         raise ValueError(f"{type(model).__name__} holds an adapter named {adapter_name!r} already (it holds "

@@ -284,3 +284,22 @@ def test_reference_checkpoint_on_fused_projection(tmp_path):
          "base_model.model.transformer.h.0.attn.c_attn.lora_B.weight": torch.zeros(192, 2)}
     p = _reference_dir(tmp_path, t, {"peft_type": "LORA", "r": 2, "lora_alpha": 4})
     _fails_cleanly(model, p, ValueError, "transformer.h.0.attn.c_attn is a fused projection")
+
+
+def test_a_model_adapted_by_peft_is_refused_by_name():
+    """PEFT's lora_B feeds q like q_proj: discovery would adapt it as a second q projection and freeze PEFT's
+    parameters, silently."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(build("llama"), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    for call in (lambda: ac.plan(model), lambda: ac.transform(model, ac.AdaMoLEConfig())):
+        with pytest.raises(ac.ForeignAdaptersError, match=r"already adapted by PEFT \(LoraModel at base_model\)"
+                                                          r".*merge_and_unload\(\)"):
+            call()
+    assert not ac.is_transformed(model)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    plan = ac.plan(build("llama"))  # the same architecture, unadapted: a plan made elsewhere is refused too
+    with pytest.raises(ac.ForeignAdaptersError):
+        ac.transform(model, ac.AdaMoLEConfig(), plan=plan)
+    assert len(ac.targets(ac.transform(model.unload(), ac.AdaMoLEConfig()))) == 8  # the way out it names

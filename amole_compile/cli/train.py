@@ -11,6 +11,7 @@ token accuracy, checkpoints, `--resume`); the model's own loss holds the aux los
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 
 FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -52,6 +53,18 @@ def load_records(path: str | Path, text_field: str = "text", prompt_field: str =
         return ds, "chat"
     raise DataError(f"{path}: needs a {text_field!r} field or {prompt_field!r} and {response_field!r} fields; "
                     f"found {', '.join(map(repr, cols)) or 'none'}")
+
+
+def drop_records_without_text(ds, mode: str, text_field: str = "text", prompt_field: str = "prompt",
+                              response_field: str = "response"):
+    """-> (the records whose text fields all hold a value, the indices of those left out). A JSON `null` or a
+    missing field (both None here) is no text: `str(None)` would train on the word "None"."""
+    fields = (text_field,) if mode == "text" else (prompt_field, response_field)
+    missing = sorted({i for f in fields for i, v in enumerate(ds[f]) if v is None})
+    if not missing:
+        return ds, []
+    keep = sorted(set(range(len(ds))) - set(missing))
+    return ds.select(keep), missing
 
 
 def tokenize(ds, mode: str, tokenizer, max_length: int, text_field: str = "text", prompt_field: str = "prompt",
@@ -155,6 +168,12 @@ def run_train(args, config) -> dict:
     from ..stats import expert_stats
 
     ds, mode = load_records(args.data, args.text_field, args.prompt_field, args.response_field)
+    ds, missing = drop_records_without_text(ds, mode, args.text_field, args.prompt_field, args.response_field)
+    if missing:
+        print(f"amole-compile: skipped {len(missing)} record(s) without text (null or missing field; the first is "
+              f"record {missing[0] + 1}, counting from 1)", file=sys.stderr)
+    if len(ds) == 0:
+        raise DataError(f"{args.data}: no record has text to train on")
     tok = load_tokenizer(args.model_dir)
     data = tokenize(ds, mode, tok, args.max_length, args.text_field, args.prompt_field, args.response_field)
     if len(data) == 0:
@@ -178,7 +197,8 @@ def run_train(args, config) -> dict:
                          compute_metrics=_token_accuracy if evals is not None else None,
                          preprocess_logits_for_metrics=_argmax if evals is not None else None)
     result = trainer.train(resume_from_checkpoint=True if args.resume else None)
-    summary = {"out": str(out), "train_loss": result.training_loss, "steps": trainer.state.global_step}
+    summary = {"out": str(out), "train_loss": result.training_loss, "steps": trainer.state.global_step,
+               "skipped_records": len(missing)}
     if evals is not None:
         metrics = trainer.evaluate()
         summary.update({k: v for k, v in metrics.items() if k in ("eval_loss", "eval_token_accuracy")})

@@ -54,6 +54,8 @@ class OnnxLM:
         self._present = [n.replace("past_key_values", "present") for n in self._past]
         self.num_layers = count
         self.has_cache = self.num_layers > 0
+        vocab = next(o.shape[-1] for o in self.session.get_outputs() if o.name == "logits")
+        self.vocab_size: int | None = vocab if isinstance(vocab, int) else None  # the logits' static last axis
         meta = self.session.get_modelmeta().custom_metadata_map.get("amole_adapters")
         self.adapters: list[str] | None = json.loads(meta) if meta else None
         if (self.adapters is None) != ("adapter_ids" not in self._inputs):
@@ -84,6 +86,17 @@ class OnnxLM:
                 raise ValueError(f"{what} {row!r} is out of range for {self.path}: it stacks {self.adapters} (ids "
                                  f"0..{len(self.adapters) - 1}, or -1 / None for the base model)")
         return np.asarray(out, dtype=np.int64)
+
+    def _ids(self, input_ids) -> tuple[np.ndarray, bool]:
+        """input_ids -> int64 [B, S] and whether they came as torch; ids outside 0..vocab-1 are refused (the
+        graph's Gather would read a row from the end for a negative id, where torch's embedding raises)."""
+        ids, as_torch = _ids(input_ids)
+        low, high = int(ids.min()), int(ids.max())
+        if low < 0 or (self.vocab_size is not None and high >= self.vocab_size):
+            bad = low if low < 0 else high
+            limit = f"0..{self.vocab_size - 1}" if self.vocab_size is not None else "0 or more"
+            raise ValueError(f"input_ids holds token id {bad}, outside the vocabulary of {self.path} ({limit})")
+        return ids, as_torch
 
     # ---- interface checks ---------------------------------------------------------------------------
     def _check_interface(self) -> None:
@@ -132,7 +145,7 @@ class OnnxLM:
     def logits(self, input_ids, attention_mask=None, *, adapter_ids=None):
         """input_ids [B, S] (integers) -> logits [B, S, V]; attention_mask [B, S] defaults to all ones;
         adapter_ids: each row's adapter, for a graph exported with adapters=[...]."""
-        ids, as_torch = _ids(input_ids)
+        ids, as_torch = self._ids(input_ids)
         mask = _mask(attention_mask, ids)
         return _like(self._run(ids, mask, None, self._adapter_ids(adapter_ids, ids.shape[0]))[0], as_torch)
 
@@ -146,7 +159,7 @@ class OnnxLM:
         """
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-        ids, as_torch = _ids(input_ids)
+        ids, as_torch = self._ids(input_ids)
         mask = _mask(attention_mask, ids)
         rows = self._adapter_ids(adapter_ids, ids.shape[0])
         eos = _eos_ids(eos_token_id)

@@ -7,7 +7,8 @@
 
 HF models with layer lists are captured block by block (one capture per distinct block); other modules whole,
 block by block only when the whole model does not export. A quantized model is planned on its unquantized
-twin (`integrations/quantized.py`). The model is not changed.
+twin (`integrations/quantized.py`); a model another adapter library has adapted is refused
+(`integrations/foreign.py`). The model is not changed.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from torch import fx, nn
 
 from ..config import MLP_ROLES, ROLES, AdaMoLEConfig
 from ..integrations import quantized
+from ..integrations.foreign import check_not_adapted_elsewhere
 from ._fx import GraphView, ParamNames
 from .capture import CaptureError, capture, capture_blocks, find_blocks
 from .find_attention import find_attention
@@ -29,6 +31,7 @@ from .targets import PassReport, Plan, Skip, Target
 
 def discover(model: nn.Module, config: AdaMoLEConfig, example_inputs=None) -> Plan:
     """The `Plan` `config` selects on `model` (see the module doc)."""
+    check_not_adapted_elsewhere(model)
     if not isinstance(model, fx.GraphModule) and quantized.library(model) is not None:
         twin = discover(quantized.twin(model), config, example_inputs)  # quantized layers do not trace
         return Plan(type(model).__name__, list(twin.targets), twin.report)

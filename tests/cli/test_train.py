@@ -91,3 +91,25 @@ def test_data_without_the_fields_is_a_one_line_error(model_dir, tmp_path, capsys
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "'question', 'answer'" in err and "'text'" in err
     assert not (tmp_path / "o").exists()  # nothing written
+
+
+def test_records_without_text_are_skipped_and_counted(model_dir, tmp_path, capsys):
+    """A `null` or missing text field is no text: it used to be trained on as the word "None"."""
+    from amole_compile.cli.train import drop_records_without_text, load_records
+
+    data = tmp_path / "d.jsonl"
+    rows = [{"text": _words(i)} for i in range(12)]
+    rows[3] = {"text": None}
+    rows[7] = {"other": "no text field"}
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    ds, mode = load_records(data)
+    kept, missing = drop_records_without_text(ds, mode)
+    assert missing == [3, 7] and len(kept) == 10 and None not in kept["text"]
+    assert _train(model_dir, data, tmp_path / "out") == 0
+    captured = capsys.readouterr()
+    assert "skipped 2 record(s) without text" in captured.err and "record 4, counting from 1" in captured.err
+    assert "skipped_records: 2" in captured.out
+    empty = tmp_path / "e.jsonl"
+    empty.write_text("\n".join(json.dumps({"text": None}) for _ in range(3)))
+    assert _train(model_dir, empty, tmp_path / "out2") == 1
+    assert "no record has text to train on" in capsys.readouterr().err

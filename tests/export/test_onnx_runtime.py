@@ -79,6 +79,20 @@ def test_rejects_bad_input_ids(llama_adamole):
     assert out.shape == (1, 4, 128)
 
 
+@pytest.mark.parametrize("bad", [-1, 128])
+def test_token_ids_outside_the_vocabulary_are_refused(llama_adamole, bad):
+    """torch's embedding raises for them; the graph's Gather would read a row from the end for -1."""
+    lm = ac.OnnxLM(llama_adamole.decoder)
+    assert lm.vocab_size == 128
+    ids = torch.tensor([[5, bad, 7]])
+    with pytest.raises(IndexError):
+        llama_adamole.model(input_ids=ids)
+    with pytest.raises(ValueError, match=f"token id {bad}, outside the vocabulary .* \\(0..127\\)"):
+        lm.logits(ids)
+    with pytest.raises(ValueError, match=f"token id {bad}"):
+        lm.generate(ids, 2)
+
+
 def test_rejects_file_without_expected_inputs(tmp_path):
     from onnx import TensorProto, helper
 
