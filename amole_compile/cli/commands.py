@@ -19,6 +19,20 @@ class CLIError(Exception):
     """A user-facing error: printed as one line."""
 
 
+def _at_least(low: int):
+    """An argparse type: an integer >= low (argparse names the option in its error)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {value}")
+        return value
+
+    return parse
+
+
 def _config_args(p: argparse.ArgumentParser) -> None:
     from ..kernels.methods import METHODS
 
@@ -209,8 +223,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("model_dir")
     s.add_argument("adapter_dir")
     s.add_argument("--text", default=None, help="text to run (needs the model directory's tokenizer)")
-    s.add_argument("--batch", type=int, default=4)
-    s.add_argument("--seq", type=int, default=64)
+    s.add_argument("--batch", type=_at_least(1), default=4)
+    s.add_argument("--seq", type=_at_least(1), default=64)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--json", default=None, help="also write the statistics as JSON here")
     s.add_argument("--plot", default=None, help="also draw the heat map to this PNG")
@@ -236,13 +250,13 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--quantize", choices=("4bit", "8bit"), default=None, help="load the base with bitsandbytes")
     t.add_argument("--compile", action="store_true", help="train under torch.compile")
     t.add_argument("--epochs", type=float, default=1.0)
-    t.add_argument("--steps", type=int, default=0, help="stop after this many steps (overrides --epochs)")
-    t.add_argument("--batch", type=int, default=8)
+    t.add_argument("--steps", type=_at_least(0), default=0, help="stop after this many steps (overrides --epochs)")
+    t.add_argument("--batch", type=_at_least(1), default=8)
     t.add_argument("--lr", type=float, default=1e-4)
-    t.add_argument("--max-length", type=int, default=512)
+    t.add_argument("--max-length", type=_at_least(2), default=512)
     t.add_argument("--eval-fraction", type=float, default=0.1, help="held-out share for eval loss / accuracy")
-    t.add_argument("--save-steps", type=int, default=200, help="checkpoint (and eval) every this many steps")
-    t.add_argument("--logging-steps", type=int, default=10)
+    t.add_argument("--save-steps", type=_at_least(1), default=200, help="checkpoint (and eval) every this many steps")
+    t.add_argument("--logging-steps", type=_at_least(1), default=10)
     t.add_argument("--resume", action="store_true", help="resume from the last checkpoint in --out")
     t.add_argument("--text-field", default="text")
     t.add_argument("--prompt-field", default="prompt")
@@ -254,7 +268,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("model_dir")
     g.add_argument("adapters", help="directory with amole_config.json + adapters.safetensors")
     g.add_argument("--prompt", required=True)
-    g.add_argument("--max-new-tokens", type=int, default=32)
+    g.add_argument("--max-new-tokens", type=_at_least(1), default=32)
     g.add_argument("--quantize", choices=("4bit", "8bit"), default=None)
     g.set_defaults(func=cmd_generate)
     b = sub.add_parser("bench", help="run a benchmark script (prints a table, appends a CSV row)")

@@ -40,12 +40,16 @@ def load_records(path: str | Path, text_field: str = "text", prompt_field: str =
     elif path.suffix.lower() not in FORMATS:
         raise DataError(f"{path}: unknown data format {path.suffix!r}; use one of {sorted(FORMATS)} or a directory "
                         "saved by datasets.save_to_disk")
+    elif path.stat().st_size == 0:
+        raise DataError(f"{path} is empty: no records to train on")
     else:
         try:
             ds = datasets.load_dataset(FORMATS[path.suffix.lower()], data_files=str(path), split="train")
         except Exception as exc:  # pyarrow / json errors: one line
             raise DataError(f"{path}: cannot read it as {FORMATS[path.suffix.lower()]}: "
                             f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
+    if len(ds) == 0:
+        raise DataError(f"{path} holds no records to train on")
     cols = list(ds.column_names)
     if text_field in cols:
         return ds, "text"
@@ -227,6 +231,8 @@ def run_generate(model_dir, adapters, prompt: str, max_new_tokens: int = 32, qua
     load_adapters(model, adapters)
     model.eval()
     enc = tok(prompt, return_tensors="pt")
+    if enc["input_ids"].shape[1] == 0:
+        raise ValueError(f"--prompt {prompt!r} gives no token to start from: give some text")
     with torch.no_grad():
         out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
     return tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)

@@ -113,3 +113,28 @@ def test_records_without_text_are_skipped_and_counted(model_dir, tmp_path, capsy
     empty.write_text("\n".join(json.dumps({"text": None}) for _ in range(3)))
     assert _train(model_dir, empty, tmp_path / "out2") == 1
     assert "no record has text to train on" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def adapters_dir(model_dir, tmp_path_factory):
+    import amole_compile as ac
+    from amole_compile.cli.load import load_pretrained
+
+    d = tmp_path_factory.mktemp("adapters")
+    ac.save_adapters(ac.transform(load_pretrained(model_dir), ac.AdaMoLEConfig(num_experts=2, rank=2)), d)
+    return d
+
+
+def test_inputs_that_give_nothing_to_run_are_named(model_dir, adapters_dir, tmp_path, capsys):
+    """Each used to fail inside a reshape or a StopIteration; now one line names the input."""
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    assert _train(model_dir, empty, tmp_path / "out") == 1
+    assert f"{empty} is empty: no records to train on" in capsys.readouterr().err
+    assert main(["generate", str(model_dir), str(adapters_dir), "--prompt", ""]) == 1
+    assert "--prompt '' gives no token to start from" in capsys.readouterr().err
+    for option in ("--seq", "--batch"):
+        with pytest.raises(SystemExit) as exit_:
+            main(["stats", str(model_dir), str(adapters_dir), option, "0"])
+        assert exit_.value.code == 2
+        assert f"argument {option}: must be an integer >= 1, got 0" in capsys.readouterr().err
