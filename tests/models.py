@@ -188,3 +188,17 @@ def build_matrix(name: str) -> torch.nn.Module:
             c._attn_implementation = attn
     torch.manual_seed(0)
     return tf.AutoModel.from_config(cfg).eval()
+
+
+def seal(folder) -> None:
+    """Point `amole_config.json`'s `weights` entry (file, size, sha256) at the `adapters.safetensors` now in
+    `folder`: for tests that edit the weights by hand (a weights file that does not match is refused on load)."""
+    import hashlib
+    import json
+    from pathlib import Path
+
+    config, weights = Path(folder) / "amole_config.json", Path(folder) / "adapters.safetensors"
+    meta = json.loads(config.read_text())
+    data = weights.read_bytes()
+    meta["weights"] = {"file": weights.name, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    config.write_text(json.dumps(meta, indent=2))

@@ -17,7 +17,7 @@ import amole_compile as ac
 from amole_compile.model.projection import ProjectionAdapters as AdapterGroup
 from amole_compile.model.state import adapter_state
 
-from models import build
+from models import build, seal
 
 CFG = ac.AdaMoLEConfig(num_experts=4, rank=2)
 
@@ -150,6 +150,7 @@ def _edit_tensors(path, fn):
     tensors = load_file(str(path / "adapters.safetensors"))
     fn(tensors)
     save_file(tensors, str(path / "adapters.safetensors"))
+    seal(path)  # the config's manifest names the edited file
 
 
 def _fails_cleanly(model, path, exc, pattern):
@@ -192,6 +193,7 @@ def test_load_errors_leave_model_unchanged(case, transformed, adir):
         _fails_cleanly(model, adir, ValueError, "neither an amole_compile nor an upstream")
     elif case == "bad_safetensors":
         w_file.write_bytes(b"\x00\x01 this is not a safetensors file")
+        seal(adir)
         _fails_cleanly(model, adir, ValueError, re.escape(str(w_file)) + ".*safetensors")
     elif case == "missing_key":
         _edit_tensors(adir, lambda t: t.pop(key))
@@ -207,7 +209,7 @@ def test_load_errors_leave_model_unchanged(case, transformed, adir):
         meta = json.loads(cfg_file.read_text())
         del meta["adapters"]["default"]["targets"][0]["roles"]
         cfg_file.write_text(json.dumps(meta))
-        _fails_cleanly(model, adir, ValueError, "malformed target entry")
+        _fails_cleanly(model, adir, ValueError, r"adapters\['default'\]\.targets\[0\]\.roles is missing")
     assert any(isinstance(m, AdapterGroup) for m in model.modules()) == transformed
 
 

@@ -1,8 +1,9 @@
 """The checkpoint verbs: `save_adapters` / `load_adapters`.
 
 They write and read our files (`format.py` describes them) and the upstream repository's checkpoints
-(`upstream.py`, docs/upstream_format.md). Keys and shapes are checked strictly, and on any error the model is
-left exactly as it was.
+(`upstream.py`, docs/upstream_format.md). A save is one transaction (a reader sees the old save or the new one);
+fields, keys, shapes and values are checked strictly on load (`schema.py`), and on any error the model is left
+exactly as it was.
 """
 
 from __future__ import annotations
@@ -40,25 +41,34 @@ from .format import (
     saved_active,
     write_adapters,
 )
+from .format import reread as _reread
+from .schema import check_model_type, check_values
 from .upstream import is_upstream, read_upstream, resolve_upstream
 
 __all__ = ["load_adapters", "save_adapters"]
 
 
-def save_adapters(model: nn.Module, path: str | os.PathLike, adapter_name: str | Sequence[str] | None = None
-                  ) -> Path:
+def save_adapters(model: nn.Module, path: str | os.PathLike, adapter_name: str | Sequence[str] | None = None,
+                  *, overwrite: bool = False) -> Path:
     """Write `amole_config.json` and `adapters.safetensors` into directory `path` (created if needed): the
     adapters named (default: all the model holds), each with its config and targets.
 
-    The directory may be a model directory (`save_pretrained` of a transformed model writes both): the names
-    are not PEFT's, so `from_pretrained` of it still loads the base model.
+    adapter_name  None: the folder then holds exactly the model's adapters. A name (or names): those are written
+                  and the folder's other adapters are kept.
+    overwrite     replace an `amole_config.json` / `adapters.safetensors` there that is not ours (or ours that
+                  cannot be read, when other adapters would be kept); without it such files are refused.
+
+    The save is one transaction: a reader (also one killed mid-save, docs/training.md) sees the old files or
+    the new ones. The directory may be a model directory (`save_pretrained` of a transformed model writes
+    both): the names are not PEFT's, so `from_pretrained` of it still loads the base model.
     """
     if not adapter_names(model):
         raise ValueError(f"{type(model).__name__} has no AdaMoLE adapters; call amole_compile.transform first")
     names = [adapter_name] if isinstance(adapter_name, str) else adapter_name
     for name in names or ():
         check_name(model, name)
-    return write_adapters(model, path, {k: v.detach() for k, v in adapter_state(model, names).items()})
+    state = {k: v.detach() for k, v in adapter_state(model, names).items()}
+    return write_adapters(model, path, state, keep_others=names is not None, overwrite=overwrite)
 
 
 def load_adapters(model: nn.Module, path: str | os.PathLike, *, adapter_name: str | None = None,
@@ -74,7 +84,7 @@ def load_adapters(model: nn.Module, path: str | os.PathLike, *, adapter_name: st
     exactly as before.
     """
     path = Path(path)
-    saved, tensors, was_active = _read(path, adapter_name)
+    saved, tensors, was_active, saved_type = _reread(lambda: _read(path, adapter_name))
     fresh, before = not is_transformed(model), active_adapter(model)
     added: list[str] = []
     try:
@@ -93,6 +103,9 @@ def load_adapters(model: nn.Module, path: str | os.PathLike, *, adapter_name: st
             same_math(adapter_groups(model, name)[0][1].config, config)
         expected = adapter_state(model, list(saved))
         check_state(expected, tensors, str(path))
+        _check_materialised(model, expected)
+        check_values(expected, tensors, str(path))
+        check_model_type(model, saved_type, path)
     except BaseException:
         _undo(model, fresh, added, before)
         raise
@@ -103,27 +116,40 @@ def load_adapters(model: nn.Module, path: str | os.PathLike, *, adapter_name: st
     return model
 
 
+def _check_materialised(model: nn.Module, expected: dict[str, torch.Tensor]) -> None:
+    """ValueError when the adapters' parameters are on the meta device: copying into them would drop the values."""
+    meta = [k for k, p in expected.items() if p.is_meta]
+    if meta:
+        raise ValueError(
+            f"{type(model).__name__}'s adapter parameters are on the meta device ({meta[0]!r}, {len(meta)} in "
+            "all; a model built under init_empty_weights or device='meta'): they hold no storage, so the loaded "
+            "values would be dropped. Materialise the model first: model.to_empty(device=...) and load its base "
+            "weights (or from_pretrained without init_empty_weights), then call load_adapters")
+
+
 def _read(path: Path, adapter_name: str | None):
     """-> ({name: (config, targets, upstream?)}, tensors under canonical keys of those names, the adapter that
-    was active when saved)."""
+    was active when saved, the model type saved)."""
     if adapter_name is not None:
         check_adapter_name(adapter_name)
     data, file = read_config_json(path)
     if file.name == LEGACY_CONFIG_FILE and is_upstream(data):
         config, want, tensors = read_upstream(path, data)
         name = adapter_name or V1_NAME
-        return {name: (config, want, True)}, tensors, name  # keys `<module>.adapters.?.<param>` until resolved
+        return {name: (config, want, True)}, tensors, name, None  # keys `<module>.adapters.?.<param>` until
+        # resolved
     entries, tensors = read_ours(path, data, file)
+    kind = data.get("model_type")
     for name in entries:
         check_adapter_name(name)
     saved = {n: (c, t, False) for n, (c, t) in entries.items()}
     if adapter_name is None:
-        return saved, tensors, saved_active(data)
+        return saved, tensors, saved_active(data), kind
     if adapter_name in saved:
-        return {adapter_name: saved[adapter_name]}, rename(tensors, adapter_name, adapter_name), adapter_name
+        return {adapter_name: saved[adapter_name]}, rename(tensors, adapter_name, adapter_name), adapter_name, kind
     if len(saved) == 1:
         (old, entry), = saved.items()
-        return {adapter_name: entry}, rename(tensors, old, adapter_name), adapter_name
+        return {adapter_name: entry}, rename(tensors, old, adapter_name), adapter_name, kind
     raise ValueError(f"{path} holds adapters {list(saved)}, not {adapter_name!r}: name one of them")
 
 

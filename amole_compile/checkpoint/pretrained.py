@@ -17,16 +17,19 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+import os
+import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from ..files import folder_lock, move_files, move_folder, staged_folder
 from ..integrations.distributed import full_tensor, unwrap
 from ..model.projection import AdaMoLELinear, ProjectionAdapters
 from ..model.state import adapter_state, state_of
-from .format import has_adapters, read_adapter_tensors, write_adapters
+from .format import CONFIG_FILE, WEIGHTS_FILE, has_adapters, read_adapter_tensors, refuse_foreign, write_adapters
 
 log = logging.getLogger("amole_compile")
 
@@ -68,19 +71,61 @@ def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 # ---- save_pretrained ------------------------------------------------------------------------------------------
 def save_pretrained(self: nn.Module, save_directory, is_main_process: bool = True, state_dict=None, **kwargs):
     """`save_pretrained` of a transformed model: the base model as transformers saves it (original key names,
-    loadable by `from_pretrained`) plus the adapters in `amole_config.json` / `adapters.safetensors`."""
+    loadable by `from_pretrained`) plus the adapters in `amole_config.json` / `adapters.safetensors`, as one
+    transaction (`_save_staged`)."""
     if state_dict is None:
         state_dict = self.state_dict()
     base, adapters = split_state(self, state_dict)
     if not adapters:  # e.g. state_dict=base_state_dict(model): the adapters come from the model itself
         adapters = {k: v.detach() for k, v in adapter_state(self).items()}
     adapters = {k: full_tensor(v) for k, v in adapters.items()}
-    with peft_flag_off(self), quantizer_renamed(self, base):
-        out = type(self).save_pretrained(self, save_directory, is_main_process=is_main_process, state_dict=base,
-                                         **kwargs)
-    if is_main_process:
-        write_adapters(self, save_directory, adapters)
+
+    def save_base(directory) -> object:
+        with peft_flag_off(self), quantizer_renamed(self, base):
+            return type(self).save_pretrained(self, directory, is_main_process=is_main_process, state_dict=base,
+                                              **kwargs)
+
+    dest = Path(save_directory)
+    if not is_main_process or dest.is_file():  # other ranks only join transformers' collectives; a file: its error
+        return save_base(save_directory)
+    return _save_staged(self, dest, save_base, adapters)
+
+
+def _save_staged(model: nn.Module, dest: Path, save_base, adapters: dict[str, torch.Tensor]):
+    """transformers writes the base into a temporary folder beside `dest`. A new or empty `dest` is then swapped
+    for the finished folder (adapters included) in one step. Into an earlier save, each file of the base is
+    renamed into place (index files last), the adapters are committed (`format.write_adapters`) and shards of
+    the earlier base that the new one does not have are removed, as transformers would."""
+    dest.mkdir(parents=True, exist_ok=True)
+    with staged_folder(dest) as tmp, folder_lock(dest):
+        refuse_foreign(dest)
+        out = save_base(tmp)
+        if not any(dest.iterdir()):
+            write_adapters(model, tmp, adapters)
+            move_folder(tmp, dest)
+            return out
+        written = move_files(tmp, dest, last=lambda name: name.endswith(".index.json"))
+        write_adapters(model, dest, adapters)
+        _remove_stale_shards(dest, written)
     return out
+
+
+_SHARD = re.compile(r"(?P<prefix>.*?)-\d{5}-of-\d{5}")
+
+
+def _remove_stale_shards(dest: Path, written: list[str]) -> None:
+    """Remove the weight shards (`model-00001-of-00003.safetensors`) of `dest` that this save did not write,
+    for the weight file names it wrote (transformers' own clean-up, which it ran on the empty temporary folder)."""
+    def stem(name: str) -> str | None:
+        bare = name.replace(".bin", "").replace(".safetensors", "")
+        found = _SHARD.fullmatch(bare)
+        return found["prefix"] if found else (bare if bare != name else None)
+
+    prefixes = {stem(n) for n in written if n != WEIGHTS_FILE} - {None}
+    for entry in os.scandir(dest):
+        found = _SHARD.fullmatch(entry.name.replace(".bin", "").replace(".safetensors", ""))
+        if found and found["prefix"] in prefixes and entry.name not in written and entry.is_file():
+            os.unlink(entry.path)
 
 
 @contextlib.contextmanager
@@ -165,8 +210,10 @@ def _adapter_keys(module: nn.Module) -> list[str]:
 
 
 def _checkpoint_dir(depth: int = 12) -> Path | None:
-    """The directory holding `amole_config.json` that a calling transformers / accelerate frame is loading from
-    (Trainer's `resume_from_checkpoint`, `best_model_checkpoint`, a sharded checkpoint's folder).
+    """The checkpoint folder a calling transformers / accelerate frame is loading from (Trainer's
+    `resume_from_checkpoint`, `best_model_checkpoint`, a sharded checkpoint's folder): the first folder, or
+    folder of a file, among those frames' locals that holds model weights or our adapters. Only that folder is
+    read: one without our adapters raises (never the adapters of another folder, such as its parent).
 
     Why a frame walk (checked against transformers 5.24): `Trainer._load_from_checkpoint` and `_load_best_model`
     hand the model only `load_state_dict(safetensors.load_file(...))`, a plain dict without the file's path or
@@ -184,15 +231,33 @@ def _checkpoint_dir(depth: int = 12) -> Path | None:
             if not str(frame.f_globals.get("__name__", "")).startswith(("transformers", "accelerate")):
                 continue
             for value in frame.f_locals.values():
-                if not isinstance(value, (str, Path)) or not str(value):
+                folder = _checkpoint_of(value)
+                if folder is None:
                     continue
-                path = Path(value)
-                for cand in (path, path.parent):
-                    try:
-                        if cand.is_dir() and has_adapters(cand):
-                            return cand
-                    except OSError:
-                        continue
+                if not has_adapters(folder):
+                    raise ValueError(
+                        f"the checkpoint {folder} being loaded holds the base weights but no AdaMoLE adapters (no "
+                        f"{CONFIG_FILE}): resume reads the adapters of that checkpoint only. Resume from a "
+                        "checkpoint a transformed model saved, or load adapters with amole_compile.load_adapters")
+                return folder
         return None
     finally:
         del frame
+
+
+_WEIGHTS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
+
+
+def _checkpoint_of(value) -> Path | None:
+    """The folder a frame local names (itself, or the folder of an existing file) when it holds model weights
+    or our adapters, else None."""
+    if not isinstance(value, (str, Path)) or not str(value):
+        return None
+    path = Path(value)
+    try:
+        folder = path if path.is_dir() else path.parent if path.is_file() else None
+        if folder is not None and (has_adapters(folder) or any(any(folder.glob(g)) for g in _WEIGHTS)):
+            return folder
+    except OSError:
+        pass
+    return None

@@ -5,8 +5,10 @@ genai folder (`genai.py`) both run it.
     capture    torch.export.export(spec.module, strict=False), in eval mode                 spec: `_graphs.GraphSpec`
     translate  torch.onnx.export(ep, dynamo=True, custom_translation_table={amole::adapter: onnxscript})
     edit       optional: a function that changes the ONNX model (metadata, initializers)
-    write      `files.atomic_files`: `.onnx` (+ `.onnx.data`) in a temporary folder beside the destination,
-               checked with onnx.checker, then renamed into place (the data file first)
+    write      in a temporary folder beside the destination, checked with onnx.checker, then renamed into
+               place: `.onnx` alone with `files.atomic_files`; `.onnx` + `.onnx.data` with `files.commit_pair`
+               (the new data under a fresh name first, then the `.onnx` naming it, then both under their own
+               names), so a reader who opens the `.onnx` gets the old pair or the new one, never a mix
 
 The AdaMoLE op becomes an ONNX subgraph that routes every token at run time (`_translation.py`). The default
 opset is 20: opset 23 makes the exporter emit native Attention / RotaryEmbedding nodes, which onnxruntime fails
@@ -24,13 +26,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..files import atomic_files
+from ..files import atomic_files, commit_pair, folder_lock, remove_versions
 from ._graphs import GraphSpec
 from ._translation import MASKING, translation_table
 
 DEFAULT_OPSET = 20
 MIN_OPSET = 18
 EXTERNAL_DATA_BYTES = 1 << 30  # weights above 1 GiB go to `<file>.data` (protobuf stops at 2 GiB)
+MARK = "amole_compile"  # metadata every file we write carries: such a file is ours to replace
 
 
 class OnnxExportError(RuntimeError):
@@ -133,18 +136,54 @@ def _as_dims(shapes):
 
 
 def write(model, dest: Path, external_data: bool | None) -> Path:
-    """Save the onnx_ir model as `dest` (weights in `<dest>.data` when `external_data`, None: above 1 GiB), checked
-    with onnx.checker before both files are renamed into place, the data file first."""
+    """Save the onnx_ir model as `dest` (weights in `<dest>.data` when `external_data`, None: above 1 GiB),
+    checked with onnx.checker before it is renamed into place; a reader sees the old file(s) or the new."""
     import onnx
     import onnx_ir as ir
 
     size = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
     external = size > EXTERNAL_DATA_BYTES if external_data is None else bool(external_data)
     data = dest.with_name(f"{dest.name}.data")
-    with atomic_files(*([data] if external else []), dest) as staged:
-        ir.save(model, staged[-1], external_data=data.name if external else None)
-        onnx.checker.check_model(str(staged[-1]), full_check=False)
+    model.metadata_props[MARK] = "1"
+
+    def save(path: Path, data_name: str | None = None) -> None:
+        ir.save(model, path, external_data=data_name)
+        onnx.checker.check_model(str(path), full_check=False)
+
+    if external:
+        return commit_pair(dest, data, save, _relocate)
+    with folder_lock(dest.parent):
+        with atomic_files(dest) as (staged,):
+            save(staged)
+        data.unlink(missing_ok=True)  # an earlier export's external data, named by nothing now
+        remove_versions(data)
     return dest
+
+
+def _relocate(onnx_file: Path, out: Path, data_name: str) -> None:
+    """Write `out`: the ONNX file `onnx_file`, its external tensors read from `data_name` instead."""
+    import onnx
+    from onnx.external_data_helper import _get_all_tensors, uses_external_data
+
+    proto = onnx.load(str(onnx_file), load_external_data=False)
+    for tensor in _get_all_tensors(proto):
+        if uses_external_data(tensor):
+            for entry in tensor.external_data:
+                if entry.key == "location":
+                    entry.value = data_name
+    onnx.save(proto, str(out))
+
+
+def is_ours(path: Path) -> bool:
+    """Was the ONNX file `path` written by this package (our metadata, or the adapter names of an export made
+    before it was added)?"""
+    import onnx
+
+    try:
+        keys = {p.key for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    except Exception:  # not an ONNX file
+        return False
+    return MARK in keys or "amole_adapters" in keys
 
 
 # ---- error messages -------------------------------------------------------------------------------

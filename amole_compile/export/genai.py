@@ -13,8 +13,9 @@
 The steps: check the folder (`check_out_dir`) and snapshot the adapters to serve; then, in a temporary folder
 beside `out_dir` (`files.atomic_folder`): the decoder graph through the export pipeline (`_pipeline.export_graph`,
 the first adapter active, its tensors as inputs, zero defaults as the edit), genai_config.json from the exported
-graph's names and shapes, the adapter files, the tokenizer files; the finished folder then replaces `out_dir`
-whole, so a failed export leaves no partial folder. onnxruntime-genai itself is not needed to export (only
+graph's names and shapes, the adapter files, the tokenizer files; the finished folder is then swapped for
+`out_dir` in one step (`files.move_folder`), so a reader sees the old folder or the new one and a failed export
+leaves no partial folder. onnxruntime-genai itself is not needed to export (only
 onnxruntime's `AdapterFormat`).
 """
 

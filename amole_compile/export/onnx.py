@@ -23,7 +23,7 @@ from torch import nn
 
 from . import genai as _genai
 from ._graphs import decoder_spec, scoring_spec, with_adapter_ids
-from ._pipeline import DEFAULT_OPSET, GraphOptions, OnnxExportError, check_model, export_graph
+from ._pipeline import DEFAULT_OPSET, GraphOptions, OnnxExportError, check_model, export_graph, is_ours
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -36,7 +36,7 @@ ADAPTERS_KEY = "amole_adapters"  # metadata: the JSON list of adapter names `ada
 def export_onnx(model: nn.Module, path: str | os.PathLike, *, kv_cache: bool = False, opset: int | None = None,
                 dynamic: bool = True, masking: str = "dense", external_data: bool | None = None,
                 adapters: Sequence[str] | None = None, genai: bool = False,
-                tokenizer: str | os.PathLike | PreTrainedTokenizerBase | None = None) -> Path:
+                tokenizer: str | os.PathLike | PreTrainedTokenizerBase | None = None, overwrite: bool = False) -> Path:
     """Export `model` to the ONNX file `path` and return its Path.
 
     kv_cache       False: scoring graph (input_ids, attention_mask[, position_ids]) -> logits.
@@ -56,13 +56,17 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, kv_cache: bool = F
     genai          `path` is a folder for onnxruntime-genai: the KV-cache decoder, genai_config.json, the
                    tokenizer files (`tokenizer=` a directory or tokenizer object) and, with `adapters=[names]`,
                    one `<name>.onnx_adapter` each, the adapter tensors being graph inputs (`export/genai.py`).
+    overwrite      replace an existing file `path` that this package did not write, or that is read-only (else
+                   refused before any work); an earlier export of ours is replaced without it. A genai folder
+                   replaces only an empty folder or an earlier genai export.
 
     The model runs in eval mode for the export and gets its modes back afterwards. The file is written in a
-    temporary folder in the destination directory and renamed into place, so a failure leaves nothing behind.
+    temporary folder in the destination directory and renamed into place: a failure leaves nothing behind, and
+    a reader (also after a kill mid-write) sees the old file, with its data file, or the new (docs/onnx.md).
     """
     if tokenizer is not None and not genai:
         raise ValueError("tokenizer= needs genai=True")
-    dest = None if genai else _destination(path)  # genai: a folder, checked by export_genai
+    dest = None if genai else _destination(path, overwrite)  # genai: a folder, checked by export_genai
     options = GraphOptions(DEFAULT_OPSET if opset is None else opset, masking, external_data)
     check_model(model)
     if genai:
@@ -95,15 +99,16 @@ def _adapters(model: nn.Module, adapters: Sequence[str] | None) -> tuple[str, ..
     return tuple(check_name(model, a) for a in adapters)
 
 
-def check_output(path: str | os.PathLike, genai: bool = False) -> Path:
+def check_output(path: str | os.PathLike, genai: bool = False, overwrite: bool = False) -> Path:
     """Check, before any work, that `export_onnx(..., path, genai=genai)` can write there -> the destination."""
-    return _genai.check_out_dir(path) if genai else _destination(path)
+    return _genai.check_out_dir(path) if genai else _destination(path, overwrite)
 
 
 # ---- destination ----------------------------------------------------------------------------------
 
-def _destination(path: str | os.PathLike) -> Path:
-    """Check that the file can be created: its directory exists and is writable, the path is no directory."""
+def _destination(path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Check that the file can be created: its directory exists and is writable, the path is no directory, and
+    an existing file there (or its `.data` file) is an earlier export of ours and writable, unless `overwrite`."""
     dest = Path(path).expanduser()
     parent = dest.parent if str(dest.parent) else Path(".")
     if dest.is_dir():
@@ -117,4 +122,21 @@ def _destination(path: str | os.PathLike) -> Path:
             pass
     except OSError as exc:
         raise PermissionError(f"ONNX output directory {parent} is not writable ({exc.strerror})") from exc
+    if not overwrite:
+        _refuse_replacing(dest)
     return dest.absolute()
+
+
+def _refuse_replacing(dest: Path) -> None:
+    """FileExistsError when `dest` exists and is not an export of ours or is read-only, or when only its data
+    file `<dest>.data` exists (someone else's file of that name)."""
+    data = dest.with_name(f"{dest.name}.data")
+    hint = "export elsewhere, or pass overwrite=True to replace it"
+    if dest.exists():
+        if not is_ours(dest):
+            raise FileExistsError(f"ONNX output {dest} exists and was not written by amole_compile: not replaced "
+                                  f"({hint})")
+        if not os.stat(dest).st_mode & 0o222:
+            raise FileExistsError(f"ONNX output {dest} is read-only: not replaced ({hint})")
+    elif data.exists():
+        raise FileExistsError(f"{data} exists without {dest.name}: not an export of ours, not replaced ({hint})")

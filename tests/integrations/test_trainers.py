@@ -164,6 +164,27 @@ def test_checkpoints_reload_and_resume_exactly(tmp_path):
             torch.testing.assert_close(o2[i][k], o1[i][k], rtol=0, atol=0)
 
 
+def test_resume_reads_only_the_checkpoint_it_is_given(tmp_path):
+    """A checkpoint folder without our files, inside an output folder that holds adapters (a final
+    save_pretrained): resuming from it raises, naming the checkpoint, instead of reading the output folder's
+    adapters (its parent's)."""
+    model = tiny()
+    args = tf.TrainingArguments(**_common(tmp_path, max_steps=2, save_steps=2, save_strategy="steps"))
+    tf.Trainer(model=model, args=args, train_dataset=LMData(8)).train()
+    model.save_pretrained(tmp_path)  # the output folder now holds adapters too
+    ckpt = tmp_path / "checkpoint-2"
+    for name in ("amole_config.json", "adapters.safetensors"):
+        (ckpt / name).unlink()
+    resumed = tiny(seed=1)
+    before = _adapters(resumed)
+    trainer = tf.Trainer(model=resumed, args=tf.TrainingArguments(**_common(tmp_path / "r", max_steps=4)),
+                         train_dataset=LMData(8))
+    with pytest.raises(ValueError, match=f"the checkpoint {ckpt} being loaded holds the base weights but no "
+                                         "AdaMoLE adapters"):
+        trainer.train(resume_from_checkpoint=str(ckpt))
+    assert all(torch.equal(v, before[k]) for k, v in _adapters(resumed).items())
+
+
 def test_a_load_that_would_drop_the_adapters_raises(tmp_path):
     """A base-only state dict (what save_pretrained writes) loaded into a transformed model outside a Trainer
     checkpoint raises instead of leaving the adapters as they were; the model's own state dict loads."""

@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 import amole_compile as ac
 from amole_compile.model.modules import ExpertSet
 
-from models import build, ids, logits
+from models import build, ids, logits, seal
 
 CFG_A = ac.AdaMoLEConfig(num_experts=4, rank=2, roles=("q", "v"))
 CFG_B = ac.AdaMoLEConfig(num_experts=2, rank=4, method="mole", top_k=1, roles=("q", "k", "v", "o"))
@@ -190,6 +190,7 @@ def test_failed_load_of_a_second_adapter_leaves_the_first(tmp_path):
     key = next(k for k in tensors if ".adapters.c." in k)
     tensors[key] = torch.zeros(3, 3)
     save_file(tensors, tmp_path / "all" / "adapters.safetensors")
+    seal(tmp_path / "all")
     with pytest.raises(ValueError, match="shape"):
         ac.load_adapters(target, tmp_path / "all")
     assert ac.adapter_names(target) == ["mine"] and ac.active_adapter(target) == "mine"
