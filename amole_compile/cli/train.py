@@ -185,7 +185,9 @@ def run_train(args, config) -> dict:
     n_eval = 0 if args.eval_fraction <= 0 or len(data) < 2 else max(1, int(math.ceil(len(data) * args.eval_fraction)))
     split = data.train_test_split(test_size=n_eval, seed=args.seed) if n_eval else None
     train, evals = (split["train"], split["test"]) if split else (data, None)
+    _say(f"data: {len(train)} train / {n_eval} eval records from {args.data}")
 
+    _say(f"loading {args.model_dir}{f' ({args.quantize})' if args.quantize else ''} and finding its projections ...")
     model = load_model(args.model_dir, args.quantize)
     transform(model, config)
     out = Path(args.out)
@@ -199,7 +201,10 @@ def run_train(args, config) -> dict:
     trainer = tf.Trainer(model=model, args=targs, train_dataset=train, eval_dataset=evals,
                          data_collator=_Collator(tok.pad_token_id), processing_class=tok,
                          compute_metrics=_token_accuracy if evals is not None else None,
-                         preprocess_logits_for_metrics=_argmax if evals is not None else None)
+                         preprocess_logits_for_metrics=_argmax if evals is not None else None,
+                         callbacks=[_first_step_timer(args.compile)])
+    if args.resume:
+        _say(f"resuming from {_last_checkpoint(out)}")
     result = trainer.train(resume_from_checkpoint=True if args.resume else None)
     summary = {"out": str(out), "train_loss": result.training_loss, "steps": trainer.state.global_step,
                "skipped_records": len(missing)}
@@ -218,6 +223,41 @@ def run_train(args, config) -> dict:
         except ImportError:
             summary["plot"] = "skipped (pip install matplotlib)"
     return summary
+
+
+def _say(line: str) -> None:
+    print(line, flush=True)
+
+
+def _last_checkpoint(out: Path) -> str:
+    """The checkpoint folder `--resume` continues from; DataError when there is none."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    last = get_last_checkpoint(str(out)) if out.is_dir() else None
+    if last is None:
+        raise DataError(f"--resume: no checkpoint-N folder in {out} to resume from")
+    return last
+
+
+def _first_step_timer(compiled: bool):
+    """A Trainer callback that says, before the first step, that it can take long (torch.compile), and then how
+    long it took."""
+    import time
+
+    from transformers import TrainerCallback
+
+    class FirstStep(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.start, self.first = time.perf_counter(), state.global_step + 1
+            if compiled:
+                _say("compiling the training step with torch.compile (the first step takes a minute or more on "
+                     "CPU) ...")
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == self.first:
+                _say(f"first step{' (compiled)' if compiled else ''}: {time.perf_counter() - self.start:.1f} s")
+
+    return FirstStep()
 
 
 def run_generate(model_dir, adapters, prompt: str, max_new_tokens: int = 32, quantize: str | None = None) -> str:
