@@ -150,7 +150,9 @@ def cmd_generate(args) -> int:
     """`amole-compile generate MODEL_DIR ADAPTERS --prompt ...`: generate with a trained adapter."""
     from .train import run_generate
 
-    print(run_generate(model_dir(args.model_dir), args.adapters, args.prompt, args.max_new_tokens, args.quantize))
+    print(run_generate(model_dir(args.model_dir), args.adapters, args.prompt, args.max_new_tokens, args.quantize,
+                       max_length=args.max_length, sample=args.sample, temperature=args.temperature,
+                       top_p=args.top_p, seed=args.seed))
     return 0
 
 

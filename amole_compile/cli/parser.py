@@ -108,14 +108,25 @@ def _train(sub) -> None:
     t.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (each expert scaled by alpha / rank)")
     t.add_argument("--quantize", choices=QUANTIZE, default=None, help="load the base with bitsandbytes")
     t.add_argument("--compile", action="store_true", help="train under torch.compile")
-    t.add_argument("--epochs", type=float, default=1.0, help="passes over the training records")
+    t.add_argument("--epochs", type=float, default=2.0, help="passes over the training records (the paper's 2)")
     t.add_argument("--steps", type=at_least(0), default=0, help="stop after this many steps (overrides --epochs; "
                    "0: use --epochs)")
-    t.add_argument("--batch", type=at_least(1), default=8, help="records per step")
-    t.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate")
+    t.add_argument("--batch", type=at_least(1), default=8, help="records per device and micro-step")
+    t.add_argument("--grad-accum", type=at_least(1), default=1, help="micro-steps per optimizer step (gradient "
+                   "accumulation; the paper: 4 x batch 4)")
+    t.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate (LoRA-style adapters: 1e-4 to "
+                   "3e-4; the paper's 1e-4 ran with 200 warmup steps on a large dataset)")
+    t.add_argument("--scheduler", default="constant_with_warmup", help="transformers lr_scheduler_type (the "
+                   "paper's); e.g. cosine, linear")
+    t.add_argument("--warmup-ratio", type=float, default=0.03, help="share of the steps spent warming up")
+    t.add_argument("--warmup-steps", type=at_least(0), default=0, help="warmup steps (overrides --warmup-ratio "
+                   "when > 0)")
     t.add_argument("--max-length", type=at_least(2), default=512, help="tokens per record (longer ones are cut)")
     t.add_argument("--eval-fraction", type=float, default=0.1, help="held-out share for eval loss / accuracy")
-    t.add_argument("--save-steps", type=at_least(1), default=200, help="checkpoint (and eval) every this many steps")
+    t.add_argument("--save-steps", type=at_least(1), default=200, help="checkpoint every this many steps")
+    t.add_argument("--eval-steps", type=at_least(1), default=None, help="evaluate every this many steps (default: "
+                   "--save-steps)")
+    t.add_argument("--save-total-limit", type=at_least(1), default=None, help="keep only the newest N checkpoints")
     t.add_argument("--logging-steps", type=at_least(1), default=10, help="log the loss every this many steps")
     t.add_argument("--resume", action="store_true", help="resume from the last checkpoint in --out")
     t.add_argument("--text-field", default="text", help="the field holding the text")
@@ -132,6 +143,13 @@ def _generate_and_bench(sub) -> None:
     g.add_argument("adapters", help="a folder with amole_config.json + adapters.safetensors")
     g.add_argument("--prompt", required=True, help="the text to continue")
     g.add_argument("--max-new-tokens", type=at_least(1), default=32, help="tokens to generate")
+    g.add_argument("--max-length", type=at_least(1), default=None, help="stop at this many tokens, prompt included "
+                   "(whichever comes first with --max-new-tokens)")
+    g.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (with --sample)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep the top tokens of this "
+                   "probability mass (with --sample)")
+    g.add_argument("--seed", type=int, default=0, help="random seed (with --sample)")
     g.add_argument("--quantize", choices=QUANTIZE, default=None, help="load the base with bitsandbytes")
     b = sub.add_parser("bench", formatter_class=_Formatter,
                        help="run a benchmark script (prints a table, appends a CSV row)")
