@@ -5,43 +5,15 @@ Errors print one line (`amole-compile: error: ...`) and exit non-zero; `--debug`
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
-BENCHMARKS = ("train_step", "layer", "transform_time", "onnx_latency")
-
-
-class CLIError(Exception):
-    """A user-facing error: printed as one line."""
-
-
-def _at_least(low: int):
-    """An argparse type: an integer >= low (argparse names the option in its error)."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {value}")
-        return value
-
-    return parse
-
-
-def _config_args(p: argparse.ArgumentParser) -> None:
-    from ..kernels.methods import METHODS
-
-    p.add_argument("--method", default="adamole", choices=tuple(METHODS))
-    p.add_argument("--experts", type=int, default=None, help="experts per site (default 8; 1 for lora)")
-    p.add_argument("--rank", type=int, default=4, help="rank of each expert")
-    p.add_argument("--roles", default="q,k,v,o", help="comma-separated subset of q,k,v,o")
-    p.add_argument("--include", default=None, help="regex: only adapt modules whose name matches")
-    p.add_argument("--exclude", default=None, help="regex: skip modules whose name matches")
+from .checks import CLIError, check, model_dir
+from .parser import parser
 
 
 def _config(args):
@@ -53,15 +25,6 @@ def _config(args):
                          include=args.include, exclude=args.exclude, **extra)
 
 
-def _model_dir(path: str) -> Path:
-    p = Path(path)
-    if not p.is_dir():
-        raise CLIError(f"{path} is not a directory")
-    if not (p / "config.json").is_file():
-        raise CLIError(f"{path} is not a Hugging Face model directory (no config.json)")
-    return p
-
-
 def cmd_inspect(args) -> int:
     """Discover the targets of a saved HF model without loading its weights (the model is built on meta)."""
     import torch
@@ -69,12 +32,13 @@ def cmd_inspect(args) -> int:
 
     from ..core import plan
 
-    path = _model_dir(args.model_dir)
+    path = model_dir(args.model_dir)
     try:
         hf_config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as exc:
         raise CLIError(f"{path}: cannot read config.json: {str(exc).splitlines()[0]}") from exc
     config = _config(args)
+    say(f"capturing {hf_config.model_type} (built on the meta device, no weights loaded) ...")
     with torch.device("meta"):
         try:
             model = AutoModelForCausalLM.from_config(hf_config)
@@ -109,9 +73,12 @@ def cmd_stats(args) -> int:
     from ..stats import expert_stats, plot_expert_stats
     from .load import load_with_adapters
 
-    model = load_with_adapters(_model_dir(args.model_dir), args.adapter_dir)
+    model = load_with_adapters(model_dir(args.model_dir), args.adapter_dir)
     model.eval()
     ids = _stats_inputs(args, model)
+    if not args.text:
+        say(f"no --text: these statistics are of {args.batch} x {args.seq} random token ids (seed {args.seed}), "
+            "not of your data")
     with torch.no_grad():
         model(input_ids=ids)
     stats = expert_stats(model)
@@ -140,18 +107,13 @@ def _stats_inputs(args, model):
 
 def cmd_export(args) -> int:
     """`amole-compile export`: a saved HF model with adapters -> ONNX."""
-    import warnings
-
     from .load import export_from_dirs
 
-    with warnings.catch_warnings(record=True) as caught:
-        out = export_from_dirs(_model_dir(args.model_dir), args.adapter_dir, args.out, kv_cache=args.kv_cache,
-                               opset=args.opset, genai=args.genai, adapters=_names(args.adapters))
-    for w in caught:  # a genai export without tokenizer files says so in one line
-        if w.category.__name__ == "MissingTokenizerWarning":
-            print(f"amole-compile: warning: {w.message}", file=sys.stderr)
-        else:
-            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    what = "a genai folder" if args.genai else ("a KV-cache decoder" if args.kv_cache else "a scoring graph")
+    say(f"exporting {args.model_dir} with the adapters of {args.adapter_dir} as {what} (capture and translation: "
+        "about a minute on CPU) ...")
+    out = export_from_dirs(model_dir(args.model_dir), args.adapter_dir, args.out, kv_cache=args.kv_cache,
+                           opset=args.opset, genai=args.genai, adapters=_names(args.adapters))
     print(f"wrote {out}")
     return 0
 
@@ -175,7 +137,7 @@ def cmd_train(args) -> int:
     """`amole-compile train MODEL_DIR DATA`: fine-tune AdaMoLE adapters on a data file with the HF Trainer."""
     from .train import run_train
 
-    _model_dir(args.model_dir)
+    model_dir(args.model_dir)
     if "datasets" in sys.modules:  # imported before main() set HF_DATASETS_DISABLE_PROGRESS_BARS
         sys.modules["datasets"].disable_progress_bars()
     summary = run_train(args, _config(args))
@@ -188,7 +150,9 @@ def cmd_generate(args) -> int:
     """`amole-compile generate MODEL_DIR ADAPTERS --prompt ...`: generate with a trained adapter."""
     from .train import run_generate
 
-    print(run_generate(_model_dir(args.model_dir), args.adapters, args.prompt, args.max_new_tokens, args.quantize))
+    print(run_generate(model_dir(args.model_dir), args.adapters, args.prompt, args.max_new_tokens, args.quantize,
+                       max_length=args.max_length, sample=args.sample, temperature=args.temperature,
+                       top_p=args.top_p, seed=args.seed))
     return 0
 
 
@@ -199,102 +163,51 @@ def cmd_demo(args) -> int:
     return run_demo(args)
 
 
-def parser() -> argparse.ArgumentParser:
-    """The argument parser of `amole-compile`."""
-    ap = argparse.ArgumentParser(prog="amole-compile", description="AdaMoLE adapters as a compiler pass: "
-                                 "transform, train under torch.compile, export to ONNX.")
-    ap.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
-    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    d = sub.add_parser("demo", help="train a small Llama on a synthetic routing task, export and serve it")
-    d.add_argument("--out", default="amole_demo", help="output directory (default ./amole_demo)")
-    d.add_argument("--steps", type=int, default=400)
-    d.add_argument("--hidden", type=int, default=128)
-    d.add_argument("--layers", type=int, default=2)
-    d.add_argument("--experts", type=int, default=8)
-    d.add_argument("--rank", type=int, default=4)
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--no-compile", action="store_true", help="train eagerly instead of with torch.compile")
-    d.set_defaults(func=cmd_demo)
-    i = sub.add_parser("inspect", help="list the projections a saved HF model would get adapters on")
-    i.add_argument("model_dir")
-    _config_args(i)
-    i.set_defaults(func=cmd_inspect)
-    s = sub.add_parser("stats", help="expert statistics of a model with adapters on some tokens")
-    s.add_argument("model_dir")
-    s.add_argument("adapter_dir")
-    s.add_argument("--text", default=None, help="text to run (needs the model directory's tokenizer)")
-    s.add_argument("--batch", type=_at_least(1), default=4)
-    s.add_argument("--seq", type=_at_least(1), default=64)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--json", default=None, help="also write the statistics as JSON here")
-    s.add_argument("--plot", default=None, help="also draw the heat map to this PNG")
-    s.set_defaults(func=cmd_stats)
-    e = sub.add_parser("export", help="export a saved HF model with adapters to ONNX")
-    e.add_argument("model_dir")
-    e.add_argument("adapter_dir")
-    e.add_argument("out", help="output .onnx path (with --genai: an output folder)")
-    e.add_argument("--kv-cache", action="store_true", help="decoder graph with past/present KV")
-    e.add_argument("--genai", action="store_true", help="a folder onnxruntime-genai serves: the KV-cache decoder, "
-                   "genai_config.json and the model directory's tokenizer files")
-    e.add_argument("--adapters", default=None, help="comma-separated adapter names of ADAPTER_DIR to stack in one "
-                   "graph with an adapter_ids input (with --genai: to write as .onnx_adapter files)")
-    e.add_argument("--opset", type=int, default=None)
-    e.set_defaults(func=cmd_export)
-    t = sub.add_parser("train", help="train adapters on your data (JSONL/CSV/Parquet or a saved HF dataset)")
-    t.add_argument("model_dir", help="a Hugging Face model directory (config.json, weights, tokenizer)")
-    t.add_argument("data", help="a .jsonl/.json/.csv/.parquet file or a datasets.save_to_disk directory with a "
-                   "'text' field or 'prompt' and 'response' fields")
-    t.add_argument("--out", default="amole_train", help="output directory: checkpoints, adapters, statistics")
-    _config_args(t)
-    t.add_argument("--alpha", type=float, default=16.0)
-    t.add_argument("--quantize", choices=("4bit", "8bit"), default=None, help="load the base with bitsandbytes")
-    t.add_argument("--compile", action="store_true", help="train under torch.compile")
-    t.add_argument("--epochs", type=float, default=1.0)
-    t.add_argument("--steps", type=_at_least(0), default=0, help="stop after this many steps (overrides --epochs)")
-    t.add_argument("--batch", type=_at_least(1), default=8)
-    t.add_argument("--lr", type=float, default=1e-4)
-    t.add_argument("--max-length", type=_at_least(2), default=512)
-    t.add_argument("--eval-fraction", type=float, default=0.1, help="held-out share for eval loss / accuracy")
-    t.add_argument("--save-steps", type=_at_least(1), default=200, help="checkpoint (and eval) every this many steps")
-    t.add_argument("--logging-steps", type=_at_least(1), default=10)
-    t.add_argument("--resume", action="store_true", help="resume from the last checkpoint in --out")
-    t.add_argument("--text-field", default="text")
-    t.add_argument("--prompt-field", default="prompt")
-    t.add_argument("--response-field", default="response")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--no-progress", action="store_true", help="no progress bar")
-    t.set_defaults(func=cmd_train)
-    g = sub.add_parser("generate", help="generate text with a model directory and trained adapters")
-    g.add_argument("model_dir")
-    g.add_argument("adapters", help="directory with amole_config.json + adapters.safetensors")
-    g.add_argument("--prompt", required=True)
-    g.add_argument("--max-new-tokens", type=_at_least(1), default=32)
-    g.add_argument("--quantize", choices=("4bit", "8bit"), default=None)
-    g.set_defaults(func=cmd_generate)
-    b = sub.add_parser("bench", help="run a benchmark script (prints a table, appends a CSV row)")
-    b.add_argument("name", choices=BENCHMARKS)
-    b.add_argument("rest", nargs=argparse.REMAINDER, help="arguments passed to the script")
-    b.set_defaults(func=cmd_bench)
-    return ap
+COMMANDS = {"demo": cmd_demo, "inspect": cmd_inspect, "stats": cmd_stats, "export": cmd_export, "train": cmd_train,
+            "generate": cmd_generate, "bench": cmd_bench}
+
+
+def say(line: str) -> None:
+    """A progress line before a long phase (stdout, flushed)."""
+    print(line, flush=True)
+
+
+def _ours(message: warnings.WarningMessage) -> bool:
+    """A warning amole_compile raised (its own category, or a message of ours), not a library's."""
+    return type(message.message).__module__.startswith("amole_compile") or str(message.message).startswith("amole")
+
+
+def _run(args) -> int:
+    """The command, with library warnings and log lines hidden and ours shown in one line each."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # read at datasets' import
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)  # libraries log while they import (torchao's C extensions, pytree)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            if args.command != "bench":
+                from transformers.utils import logging as hf_logging
+
+                hf_logging.disable_progress_bar()  # "Loading weights" bars would clutter the output
+            return COMMANDS[args.command](args)
+    finally:
+        logging.disable(previous)
+        for w in dict.fromkeys(str(c.message) for c in caught if _ours(c)):
+            print(f"amole-compile: warning: {w.removeprefix('amole_compile: ').removeprefix('amole: ')}",
+                  file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: run one command; errors print one line (`--debug` shows the traceback)."""
+    """Entry point: check the arguments (before any heavy import), then run one command; errors print one line
+    and library warnings are hidden (`--debug` shows the traceback and every warning)."""
     args = parser().parse_args(argv)
     if args.debug:
-        return args.func(args)
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # read at datasets' import
-    # Libraries log warnings while they import (torchao's optional C extensions, torch's pytree registry): in
-    # one-line mode only errors are logged; --debug shows everything.
-    previous = logging.root.manager.disable
-    logging.disable(logging.WARNING)
+        check(args)
+        return COMMANDS[args.command](args)
     try:
-        if args.command != "bench":
-            from transformers.utils import logging as hf_logging
-
-            hf_logging.disable_progress_bar()  # "Loading weights" bars would clutter the one-line errors
-        return args.func(args)
+        check(args)
+        return _run(args)
     except KeyboardInterrupt:
         print("amole-compile: interrupted", file=sys.stderr)
         return 130
@@ -302,8 +215,6 @@ def main(argv: list[str] | None = None) -> int:
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         print(f"amole-compile: error: {msg}", file=sys.stderr)
         return 1
-    finally:
-        logging.disable(previous)
 
 
 if __name__ == "__main__":

@@ -9,11 +9,12 @@ KV-cache decoding graph that `OnnxLM` generates from (checked against PyTorch gr
 
 from __future__ import annotations
 
-import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+from .checks import check_demo
 
 TASKS = 4
 FIRST_BODY = 8  # token ids below this are reserved for task markers
@@ -50,21 +51,6 @@ def _model(args):
     return model
 
 
-def _check_args(args) -> Path:
-    for name in ("steps", "hidden", "layers", "experts", "rank"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
-    if args.hidden % 16:
-        raise ValueError(f"--hidden must be a multiple of 16 (heads of 16 dims), got {args.hidden}")
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise NotADirectoryError(f"--out {out} exists and is not a directory")
-    out.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=out):  # fails now, not after training, if out is read-only
-        pass
-    return out
-
-
 def _train(model, args, ac):
     from tqdm import tqdm
 
@@ -79,9 +65,15 @@ def _train(model, args, ac):
         return total - 1e-3 * ac.aux_loss(model).detach(), total
 
     run = step if args.no_compile else torch.compile(step, fullgraph=True)
+    if not args.no_compile:
+        print("compiling the training step with torch.compile (the first step takes a minute or more on CPU) ...",
+              flush=True)
     losses, bar = [], tqdm(range(args.steps), desc="train", unit="step", dynamic_ncols=True)
+    start = time.perf_counter()
     for i in bar:
         loss, total = run(synthetic_batch(16, 24, VOCAB, gen))
+        if i == 0:
+            bar.write(f"first step{'' if args.no_compile else ' (compiled)'}: {time.perf_counter() - start:.1f} s")
         opt.zero_grad(set_to_none=True)
         total.backward()
         opt.step()
@@ -135,7 +127,8 @@ def run_demo(args) -> int:
     """`amole-compile demo`: build, transform, train, export, serve and check (see the module doc)."""
     import amole_compile as ac
 
-    out = _check_args(args)
+    check_demo(args)  # main ran it already; direct callers get it too
+    out = Path(args.out)
     _quiet()
     t0 = time.perf_counter()
     failures: list[str] = []

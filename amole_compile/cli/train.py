@@ -185,21 +185,28 @@ def run_train(args, config) -> dict:
     n_eval = 0 if args.eval_fraction <= 0 or len(data) < 2 else max(1, int(math.ceil(len(data) * args.eval_fraction)))
     split = data.train_test_split(test_size=n_eval, seed=args.seed) if n_eval else None
     train, evals = (split["train"], split["test"]) if split else (data, None)
+    _say(f"data: {len(train)} train / {n_eval} eval records from {args.data}")
 
+    _say(f"loading {args.model_dir}{f' ({args.quantize})' if args.quantize else ''} and finding its projections ...")
     model = load_model(args.model_dir, args.quantize)
     transform(model, config)
     out = Path(args.out)
     targs = tf.TrainingArguments(
         output_dir=str(out), per_device_train_batch_size=args.batch, per_device_eval_batch_size=args.batch,
-        num_train_epochs=args.epochs, max_steps=args.steps if args.steps else -1, learning_rate=args.lr,
+        gradient_accumulation_steps=args.grad_accum, num_train_epochs=args.epochs,
+        max_steps=args.steps if args.steps else -1, learning_rate=args.lr, lr_scheduler_type=args.scheduler,
+        warmup_steps=args.warmup_steps if args.warmup_steps else args.warmup_ratio,  # a float < 1: a share
         weight_decay=0.0, logging_steps=args.logging_steps, save_strategy="steps", save_steps=args.save_steps,
-        eval_strategy="steps" if evals is not None else "no", eval_steps=args.save_steps, report_to=[],
-        seed=args.seed, torch_compile=args.compile, use_cpu=not torch.cuda.is_available(),
-        disable_tqdm=args.no_progress, remove_unused_columns=False)
+        save_total_limit=args.save_total_limit, eval_strategy="steps" if evals is not None else "no",
+        eval_steps=args.eval_steps or args.save_steps, report_to=[], seed=args.seed, torch_compile=args.compile,
+        use_cpu=not torch.cuda.is_available(), disable_tqdm=args.no_progress, remove_unused_columns=False)
     trainer = tf.Trainer(model=model, args=targs, train_dataset=train, eval_dataset=evals,
                          data_collator=_Collator(tok.pad_token_id), processing_class=tok,
                          compute_metrics=_token_accuracy if evals is not None else None,
-                         preprocess_logits_for_metrics=_argmax if evals is not None else None)
+                         preprocess_logits_for_metrics=_argmax if evals is not None else None,
+                         callbacks=[_first_step_timer(args.compile)])
+    if args.resume:
+        _say(f"resuming from {_last_checkpoint(out)}")
     result = trainer.train(resume_from_checkpoint=True if args.resume else None)
     summary = {"out": str(out), "train_loss": result.training_loss, "steps": trainer.state.global_step,
                "skipped_records": len(missing)}
@@ -220,8 +227,46 @@ def run_train(args, config) -> dict:
     return summary
 
 
-def run_generate(model_dir, adapters, prompt: str, max_new_tokens: int = 32, quantize: str | None = None) -> str:
-    """Greedy generation from `prompt` with the model directory's base and the adapters of `adapters`."""
+def _say(line: str) -> None:
+    print(line, flush=True)
+
+
+def _last_checkpoint(out: Path) -> str:
+    """The checkpoint folder `--resume` continues from; DataError when there is none."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    last = get_last_checkpoint(str(out)) if out.is_dir() else None
+    if last is None:
+        raise DataError(f"--resume: no checkpoint-N folder in {out} to resume from")
+    return last
+
+
+def _first_step_timer(compiled: bool):
+    """A Trainer callback that says, before the first step, that it can take long (torch.compile), and then how
+    long it took."""
+    import time
+
+    from transformers import TrainerCallback
+
+    class FirstStep(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.start, self.first = time.perf_counter(), state.global_step + 1
+            if compiled:
+                _say("compiling the training step with torch.compile (the first step takes a minute or more on "
+                     "CPU) ...")
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == self.first:
+                _say(f"first step{' (compiled)' if compiled else ''}: {time.perf_counter() - self.start:.1f} s")
+
+    return FirstStep()
+
+
+def run_generate(model_dir, adapters, prompt: str, max_new_tokens: int = 32, quantize: str | None = None, *,
+                 max_length: int | None = None, sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
+                 seed: int = 0) -> str:
+    """Generation from `prompt` with the model directory's base and the adapters of `adapters`: greedy, or
+    sampled (`sample`, with `temperature` and `top_p`, seeded)."""
     import torch
 
     from ..checkpoint.io import load_adapters
@@ -233,6 +278,15 @@ def run_generate(model_dir, adapters, prompt: str, max_new_tokens: int = 32, qua
     enc = tok(prompt, return_tensors="pt")
     if enc["input_ids"].shape[1] == 0:
         raise ValueError(f"--prompt {prompt!r} gives no token to start from: give some text")
+    if sample and not (temperature > 0 and 0 < top_p <= 1):
+        raise ValueError(f"--temperature must be > 0 and --top-p in (0, 1], got {temperature} and {top_p}")
+    n = enc["input_ids"].shape[1]
+    if max_length is not None:
+        if max_length <= n:
+            raise ValueError(f"--max-length {max_length} leaves no room after the prompt's {n} tokens")
+        max_new_tokens = min(max_new_tokens, max_length - n)
+    torch.manual_seed(seed)
+    kw = dict(do_sample=True, temperature=temperature, top_p=top_p) if sample else dict(do_sample=False)
     with torch.no_grad():
-        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, **kw)
     return tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)

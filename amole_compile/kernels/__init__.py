@@ -9,14 +9,25 @@
     op.py              `torch.ops.amole.adapter` (+ backward): registration on first use, autograd
     mixed_torch.py     mixed batches: stacked adapters, each row routed by routing_torch's per-method functions
 
-Tensors and scalars in, tensors out. Importing this package imports no triton and no torch._inductor.
+Tensors and scalars in, tensors out. Importing this package imports nothing (each name loads its module on
+first use: `methods.py` alone needs no torch), and no module here imports triton or torch._inductor at import.
 """
 
 from __future__ import annotations
 
-from .backend import KERNELS, SUPPORTED_DTYPES, resolve_kernels, triton_usable
-from .methods import METHODS, MethodSpec, method_spec
-from .op import AdapterArgs, adapter, register
+import importlib
+
+_NAMES = {"KERNELS": "backend", "SUPPORTED_DTYPES": "backend", "resolve_kernels": "backend",
+          "triton_usable": "backend", "METHODS": "methods", "MethodSpec": "methods", "method_spec": "methods",
+          "AdapterArgs": "op", "adapter": "op", "register": "op"}
 
 __all__ = ["KERNELS", "METHODS", "SUPPORTED_DTYPES", "AdapterArgs", "MethodSpec", "adapter", "method_spec",
            "register", "resolve_kernels", "triton_usable"]
+
+
+def __getattr__(name: str):
+    if name in _NAMES:
+        value = getattr(importlib.import_module(f"{__name__}.{_NAMES[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -90,13 +90,13 @@ def test_export_with_mismatched_adapters_is_one_line_and_leaves_nothing(saved, t
     assert list(out.parent.iterdir()) == []
 
 
-@pytest.mark.parametrize("args,needle", [
-    (["--steps", "0"], "--steps must be >= 1"),
-    (["--hidden", "40"], "multiple of 16"),
+@pytest.mark.parametrize("args,needle,code", [
+    (["--steps", "0"], "argument --steps: must be an integer >= 1, got 0", 2),  # argparse's status
+    (["--hidden", "40"], "multiple of 16", 1),
 ])
-def test_demo_bad_arguments(args, needle, tmp_path):
+def test_demo_bad_arguments(args, needle, code, tmp_path):
     r = run_cli("demo", "--out", str(tmp_path / "d"), *args)
-    assert r.returncode == 1 and needle in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert r.returncode == code and needle in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "d").exists() or not list((tmp_path / "d").iterdir())
 
 
@@ -120,3 +120,53 @@ def test_demo_runs_end_to_end(tmp_path):
     assert names == ["adapters", "decoder.onnx", "expert_stats.json", "experts.png", "model.onnx"]
     for line in ("onnxruntime logits match PyTorch", "OnnxLM greedy generation equals PyTorch generate()"):
         assert f"[ok] {line}" in r.stdout
+
+
+@pytest.mark.parametrize("argv", [["inspect", "/nonexistent"], ["stats", "/nonexistent", "/x"],
+                                  ["export", "/nonexistent", "/x", "/y.onnx"], ["train", "/nonexistent", "d.jsonl"],
+                                  ["generate", "/nonexistent", "/x", "--prompt", "hi"]])
+def test_paths_are_checked_before_any_heavy_import(argv):
+    """A wrong path comes back in one line before torch (or transformers, datasets) is imported."""
+    code = ("import sys; from amole_compile.cli import main; rc = main(sys.argv[1:]); "
+            "print(rc, sorted(m for m in ('torch', 'transformers', 'datasets') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=60)
+    assert r.stdout.strip() == "1 []", r.stdout + r.stderr
+    assert r.stderr.strip().startswith("amole-compile: error: /nonexistent") and len(r.stderr.splitlines()) == 1
+
+
+def test_help_shows_every_default_and_every_option_has_help():
+    from amole_compile.cli.parser import parser
+
+    root = parser()
+    commands = next(a for a in root._actions if a.dest == "command").choices
+    for name, sub in commands.items():
+        text = sub.format_help()
+        for action in sub._actions:
+            if action.dest == "help":
+                continue
+            assert action.help, f"{name} {action.option_strings or action.dest} has no help text"
+            shown = action.default is not None and action.default is not False
+            if shown and action.option_strings:
+                assert f"(default: {action.default})" in " ".join(text.split()), (name, action.dest)
+
+
+def test_library_warnings_are_hidden_and_ours_shown_in_one_line(monkeypatch, capsys):
+    import warnings
+
+    from amole_compile.cli import commands
+
+    def noisy(args):
+        warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated", FutureWarning, stacklevel=1)
+        warnings.warn("axis name 'x' ignored", UserWarning, stacklevel=1)
+        warnings.warn("amole_compile: something of ours", RuntimeWarning, stacklevel=1)
+        return 0
+
+    monkeypatch.setitem(commands.COMMANDS, "bench", noisy)
+    assert main(["bench", "layer"]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["amole-compile: warning: something of ours"], err
+
+
+def test_stats_without_text_says_its_tokens_are_random(saved, capsys):
+    assert main(["stats", str(saved / "model"), str(saved / "adapters"), "--batch", "2", "--seq", "8"]) == 0
+    assert "no --text: these statistics are of 2 x 8 random token ids" in capsys.readouterr().out

@@ -138,3 +138,31 @@ def test_inputs_that_give_nothing_to_run_are_named(model_dir, adapters_dir, tmp_
             main(["stats", str(model_dir), str(adapters_dir), option, "0"])
         assert exit_.value.code == 2
         assert f"argument {option}: must be an integer >= 1, got 0" in capsys.readouterr().err
+
+
+def test_training_options_reach_the_trainer(model_dir, tmp_path):
+    """Gradient accumulation, warmup, scheduler, an eval interval apart from checkpoints, a checkpoint limit."""
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(json.dumps({"text": _words(i)}) for i in range(24)))
+    out = tmp_path / "out"
+    assert _train(model_dir, data, out, "--grad-accum", "2", "--warmup-steps", "1", "--scheduler", "cosine",
+                  "--eval-steps", "1", "--save-total-limit", "1") == 0
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4"]  # saved at 2 and 4, kept 1
+    args = torch.load(out / "checkpoint-4" / "training_args.bin", weights_only=False)
+    assert (args.gradient_accumulation_steps, args.warmup_steps, str(args.lr_scheduler_type)) == (
+        2, 1, "SchedulerType.COSINE")
+    history = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())["log_history"]
+    assert [h["step"] for h in history if "eval_loss" in h] == [1, 2, 3, 4]  # every step, not every save
+
+
+def test_generate_samples_with_a_seed_and_stops_at_max_length(model_dir, adapters_dir, capsys):
+    base = ["generate", str(model_dir), str(adapters_dir), "--prompt", "w1 w2 w3", "--max-new-tokens", "6"]
+    runs = []
+    for extra in (["--sample", "--temperature", "1.5", "--top-p", "0.9", "--seed", "3"],) * 2 + (
+            ["--sample", "--temperature", "1.5", "--seed", "4"], ["--max-length", "5"]):
+        assert main([*base, *extra]) == 0
+        runs.append(capsys.readouterr().out.strip().split())
+    assert runs[0] == runs[1] and len(runs[0]) <= 6  # the same seed, the same sample
+    assert len(runs[3]) <= 2  # 5 tokens in all: the 3-token prompt leaves 2
+    assert main([*base, "--max-length", "3"]) == 1
+    assert "leaves no room after the prompt's 3 tokens" in capsys.readouterr().err
