@@ -25,6 +25,7 @@ from torch import nn
 
 from ..checkpoint.pretrained import load_pre_hook, peft_flag_off, quantizer_renamed, save_pretrained
 from ..model.state import ModelState
+from . import quantized
 from .loss import post_forward, pre_forward
 
 log = logging.getLogger("amole_compile")
@@ -145,21 +146,23 @@ def _unpeft_flag(model: nn.Module, _token) -> None:
 
 
 def _no_repack(model: nn.Module):
-    """Turn the repack off; warn about layers an eval forward already repacked (their scales are bf16 now)."""
+    """Turn the repack off; put back (and warn about) layers an eval forward already repacked."""
     turned, repacked = [], []
     for name, mod in model.named_modules():
         if getattr(mod, "support_avx512bf16_for_cpu", False):
             mod.support_avx512bf16_for_cpu = False
             turned.append(mod)
-        state = getattr(getattr(mod, "weight", None), "quant_state", None)
-        if getattr(state, "packing_format_for_cpu", False):
+        if quantized.cpu_repacked(mod):
+            quantized.undo_cpu_repack(mod)
             repacked.append(name)
     if repacked:
         warnings.warn(
             f"{len(repacked)} 4-bit layers (first: {repacked[0]}) were repacked by bitsandbytes for its CPU kernel "
-            "by an eval forward before the transform: their block scales are rounded to bf16, so they compute "
-            "and save differently from the checkpoint they were loaded from. Reload the base and transform it "
-            "before any eval forward to keep it exact.", stacklevel=5)
+            "by an eval forward before the transform, which rounded their block scales to bf16. They are put back "
+            "in bitsandbytes' standard layout (a repacked layer passes no gradient to the layers below, and a "
+            "save would scramble its scales), computing with the rounded scales: slightly off the checkpoint they "
+            "were loaded from. Reload the base and transform it before any eval forward to keep it exact.",
+            stacklevel=5)
     return turned or None
 
 
@@ -257,9 +260,12 @@ PATCHES: tuple[Patch, ...] = (
           "HF Trainer refuses to fine-tune a 'purely quantized' model unless it looks like a PEFT model; a "
           "transformed one has trainable adapters", "transformers 5.24-5.25", TRANSFORMERS, "transform",
           _peft_flag, _unpeft_flag),
-    Patch("bnb_cpu_repack", "bitsandbytes Linear4bit.support_avx512bf16_for_cpu = False",
+    Patch("bnb_cpu_repack", "bitsandbytes Linear4bit.support_avx512bf16_for_cpu = False (and a layer repacked "
+          "before the transform put back in the standard layout, for good: quantized.undo_cpu_repack)",
           "bitsandbytes >= 0.50 repacks a 4-bit layer on its first CPU eval forward, casting the block scales "
-          "to bf16: lossy, lasting, and written by save_pretrained", "bitsandbytes 0.50.2",
+          "to bf16: lossy and lasting; the repacked layer passes no gradient through, and the first state_dict "
+          "(save_pretrained, a Trainer checkpoint) unpacks it in place with its scales transposed",
+          "bitsandbytes 0.50.2",
           {"bitsandbytes": ">=0.50,<0.51"}, "transform", _no_repack, _repack),
     Patch("dynamo_checkpoint_side_effects",
           "torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True (process-wide)",

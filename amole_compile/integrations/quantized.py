@@ -7,7 +7,8 @@ which allocates nothing. The plan's module names and features are the quantized 
 the quantized layers themselves (they only call them), computing in the layer's compute dtype.
 
 What a transformed quantized model needs patched in transformers and bitsandbytes (the Trainer's PEFT flag,
-bitsandbytes' lossy CPU repack) is in the patch table, `patches.py`.
+bitsandbytes' lossy CPU repack) is in the patch table, `patches.py`; `cpu_repacked` and `undo_cpu_repack` below
+put back a layer that bitsandbytes repacked before the transform.
 """
 
 from __future__ import annotations
@@ -74,3 +75,33 @@ def compute_dtype(layer: nn.Module) -> torch.dtype | None:
     if w is not None and w.dtype.is_floating_point:
         return w.dtype
     return None
+
+
+# ---- bitsandbytes' CPU repack (bitsandbytes >= 0.50 on CPUs with AVX512-BF16) ------------------------------------
+def cpu_repacked(layer: nn.Module) -> bool:
+    """Has bitsandbytes repacked this 4-bit layer for its CPU kernel (its first eval forward without grad)?"""
+    state = getattr(getattr(layer, "weight", None), "quant_state", None)
+    return bool(getattr(state, "packing_format_for_cpu", False))
+
+
+def undo_cpu_repack(layer: nn.Module) -> None:
+    """Put a 4-bit layer that bitsandbytes repacked for its CPU kernel back in bitsandbytes' standard layout. It
+    then computes with the block scales the repack rounded to bf16 (the exact ones are gone), held in float32
+    in block order: exactly what the same checkpoint gives with its scales rounded to bf16.
+
+    Why a repacked layer cannot stay (bitsandbytes 0.50.2): it computes through `gemv_4bit`, which has no
+    backward, so no gradient flows through it to the layers below (their adapters train on a wrong gradient);
+    and the first `state_dict()` (save_pretrained, every Trainer checkpoint) unpacks it in place with
+    `_convert_weight_packed_for_cpu_inverse`, which leaves an unnested state's scales transposed
+    ([in / blocksize, out] instead of block order): from then on each block of a layer whose input spans more
+    than one block reads another block's scale, in the live model and in what is saved (2e-2 on a tiny Llama's
+    logits). A double-quantized state comes back re-quantized by bitsandbytes' own inverse."""
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+    weight = layer.weight
+    state = weight.quant_state
+    nested, scales = state.original_nested, state.absmax  # scales: [in / blocksize, out] bf16
+    data, state = _convert_weight_packed_for_cpu_inverse(weight.data, state)
+    if not nested:
+        state.absmax = scales.T.reshape(-1).float()  # block order, as quantize_4bit wrote it
+    weight.data = data

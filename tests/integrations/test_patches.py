@@ -158,6 +158,43 @@ def test_bnb_cpu_repack(tmp_path_factory):
     assert {m.support_avx512bf16_for_cpu for m in layers} == repacks
 
 
+def test_bnb_cpu_repack_reason_state_dict_scrambles_the_scales(tmp_path_factory):
+    """The row's second reason, at the pinned bitsandbytes: a repacked layer passes no gradient through, and the
+    first state_dict() unpacks it in place with an unnested state's scales transposed (2e-2 on the logits
+    here). undo_cpu_repack puts it back in block order: stable under state_dict, gradient through."""
+    from amole_compile.integrations.quantized import cpu_repacked, undo_cpu_repack
+
+    model, x = _four_bit(tmp_path_factory), ids(2, 7)
+    if not any(getattr(m, "support_avx512bf16_for_cpu", False) for m in model.modules()):
+        pytest.skip("bitsandbytes repacks 4-bit layers only on AVX512-BF16 CPUs")
+    with torch.no_grad():
+        model.eval()(input_ids=x)
+        packed = model.train()(input_ids=x).logits
+    layers = [m for m in model.modules() if cpu_repacked(m)]
+    assert layers
+    probe = torch.randn(3, layers[0].in_features, requires_grad=True)
+    with pytest.warns(UserWarning, match="autograd kernel was not registered"):
+        layers[0].train()(probe).sum().backward()
+    assert probe.grad is None or not probe.grad.any()  # no gradient through a repacked layer (the first reason)
+    with torch.no_grad():
+        model.state_dict()
+        assert (model(input_ids=x).logits - packed).abs().max() > 5e-3  # the scales scrambled (the second)
+    model = _four_bit(tmp_path_factory)
+    with torch.no_grad():
+        model.eval()(input_ids=x)
+        for m in model.modules():
+            if cpu_repacked(m):
+                undo_cpu_repack(m)
+                m.support_avx512bf16_for_cpu = False
+        before = model.train()(input_ids=x).logits
+        model.state_dict()
+        torch.testing.assert_close(model(input_ids=x).logits, before, rtol=0, atol=0)
+    layer = next(m for m in model.modules() if hasattr(m, "support_avx512bf16_for_cpu"))
+    probe = torch.randn(3, layer.in_features, requires_grad=True)
+    layer(probe).sum().backward()
+    assert probe.grad.any()
+
+
 def test_scoped_save_patches(tmp_path_factory, tmp_path):
     """peft_flag_during_save and quantizer_state_dict: a quantized transformed base saved by the inherited method
     with the Trainer's flag on raises, and with the flag off writes the adapted names; ours writes the base."""

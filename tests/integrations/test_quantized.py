@@ -4,6 +4,8 @@ Trainer, TRL), save / load round-trip through save_pretrained, compile; export_o
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import transformers as tf
@@ -184,10 +186,101 @@ def test_four_bit_base_keeps_its_stored_format(base_dir, tmp_path):
     assert all(m.support_avx512bf16_for_cpu == _repacks_on_cpu() for m in layers)
 
 
-@pytest.mark.skipif(not _repacks_on_cpu(), reason="bitsandbytes repacks 4-bit layers only on AVX512-BF16 CPUs")
-def test_four_bit_repacked_before_transform_warns(base_dir):
+REPACKS = pytest.mark.skipif(not _repacks_on_cpu(), reason="bitsandbytes repacks 4-bit layers only on AVX512-BF16 "
+                             "CPUs")
+
+
+def _adapted_grads(model, x):
+    torch.manual_seed(1)
+    ac.transform(model, ac.AdaMoLEConfig(dropout=0.0))
+    _randomise_b(model)
+    out = model.train()(input_ids=x, labels=x)
+    out.loss.backward()
+    return out.logits.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+@REPACKS
+def test_four_bit_repacked_before_transform_is_put_back(base_dir):
+    """An eval forward before the transform repacks the 4-bit layers (scales rounded to bf16). The transform
+    warns and puts them back in bitsandbytes' layout: the model then computes, and passes gradients, exactly
+    like the checkpoint with its scales rounded to bf16 (repacked, the layers below got no gradient through
+    the base), and a state_dict (any save) no longer moves it."""
+    x = ids(2, 7)
     model = load(base_dir, "nf4")
     with torch.no_grad():
-        model.eval()(input_ids=ids(2, 7))  # bitsandbytes repacks here
+        model.eval()(input_ids=x)  # bitsandbytes repacks here
     with pytest.warns(UserWarning, match="repacked by bitsandbytes"):
+        logits, grads = _adapted_grads(model, x)
+    assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in _four_bit(model))
+    rounded = load(base_dir, "nf4")
+    for m in _four_bit(rounded):
+        m.weight.quant_state.absmax = m.weight.quant_state.absmax.bfloat16().float()
+    want_logits, want = _adapted_grads(rounded, x)
+    torch.testing.assert_close(logits, want_logits, rtol=0, atol=0)
+    assert grads.keys() == want.keys() and all(torch.equal(grads[n], want[n]) for n in want)
+    model.state_dict()
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=x).logits, logits, rtol=0, atol=0)
+
+
+def _other_models(tmp_path) -> None:
+    """What the process ran before (issue 22, item 7): save_pretrained, HF Trainer and TRL with its defaults
+    (bf16 autocast on CPU, gradient checkpointing), each on another model."""
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    cfg = ac.AdaMoLEConfig(dropout=0.0)
+    ac.transform(build("llama"), cfg).save_pretrained(tmp_path / "other_saved")
+    common = dict(per_device_train_batch_size=4, max_steps=1, use_cpu=True, report_to=[], disable_tqdm=True,
+                  save_strategy="no")
+    tf.Trainer(model=ac.transform(build("llama"), cfg), args=tf.TrainingArguments(str(tmp_path / "hf"), **common),
+               train_dataset=LMData()).train()
+    args = SFTConfig(str(tmp_path / "trl"), **common)
+    assert args.bf16 and args.gradient_checkpointing
+    text = [" ".join(f"w{i}" for i in range(j, j + 10)) for j in range(8)]
+    SFTTrainer(model=ac.transform(build("llama"), cfg), args=args, processing_class=tokenizer(),
+               train_dataset=Dataset.from_dict({"text": text})).train()
+
+
+def _base_only(model, x):
+    name = ac.active_adapter(model)
+    ac.set_active_adapter(model, None)
+    try:
+        with torch.no_grad():
+            return model(input_ids=x).logits
+    finally:
+        ac.set_active_adapter(model, name)
+
+
+def test_nf4_trained_after_other_models_in_one_process(base_dir, tmp_path):
+    """Issue 22, item 7, in one process: after save_pretrained, Trainer and TRL on other models, an nf4 base
+    looked at before fine-tuning (an eval forward: bitsandbytes repacks it on AVX512-BF16 CPUs) is trained with
+    HF Trainer, saving a checkpoint each step. Its base output stays put through training and saving (it drifted
+    2e-2: each checkpoint's state_dict scrambled the repacked scales), and the saved adapters reproduce the
+    trained model: exactly on the base it saved, and on the checkpoint it was loaded from within the bf16
+    rounding of the scales that the eval forward made (1e-3 here; exact where nothing repacks)."""
+    _other_models(tmp_path)
+    x = ids(2, 7)
+    model = load(base_dir, "nf4")
+    with torch.no_grad():
+        model.eval()(input_ids=x)
+    with pytest.warns(UserWarning, match="repacked") if _repacks_on_cpu() else contextlib.nullcontext():
         ac.transform(model, ac.AdaMoLEConfig(dropout=0.0))
+    start = _base_only(model.eval(), x)
+    args = tf.TrainingArguments(str(tmp_path / "nf4"), per_device_train_batch_size=4, max_steps=2,
+                                learning_rate=1e-2, use_cpu=True, report_to=[], disable_tqdm=True,
+                                save_strategy="steps", save_steps=1)
+    tf.Trainer(model=model, args=args, train_dataset=LMData()).train()
+    model.eval()
+    torch.testing.assert_close(_base_only(model, x), start, rtol=0, atol=0)
+    with torch.no_grad():
+        trained = model(input_ids=x).logits
+    assert (trained - start).abs().max() > 1e-3  # the adapters trained
+    model.save_pretrained(tmp_path / "out")
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=x).logits, trained, rtol=0, atol=0)
+    saved = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "out", device_map="cpu")  # the base it saved
+    for base, tol in ((saved, 1e-5), (load(base_dir, "nf4"), 5e-3 if _repacks_on_cpu() else 1e-5)):
+        ac.load_adapters(base, tmp_path / "out")
+        with torch.no_grad():
+            torch.testing.assert_close(base.eval()(input_ids=x).logits, trained, rtol=0, atol=tol)
