@@ -12,13 +12,15 @@ The pipeline flows one way, each step handing the next a value:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
+import re
 from collections.abc import Iterator, Sequence
 
 import torch
 from torch import fx, nn
 
-from .config import AdaMoLEConfig
+from .config import ROLES, AdaMoLEConfig
 from .integrations import patches
 from .integrations.foreign import check_not_adapted_elsewhere
 from .kernels import register as register_op
@@ -102,8 +104,19 @@ def transform(model: nn.Module | torch.export.ExportedProgram, config: AdaMoLECo
         raise TypeError(f"plan must be a Plan from amole_compile.plan, got {type(plan).__name__}")
     elif not plan.targets:
         raise ValueError("plan has no targets: nothing to adapt")
+    else:
+        config = carried_out(config, plan.targets)
     log.info(rewrite(model, list(plan.targets), config, adapter_name).summary())
     return model
+
+
+def carried_out(config: AdaMoLEConfig, selected: list[Target]) -> AdaMoLEConfig:
+    """`config` saying what a given plan carried out: its roles and exactly its modules, so that the config
+    saved with the adapters selects these targets again on a fresh base (a plan narrowed with `Plan.filter`
+    holds fewer than the config would select)."""
+    roles = tuple(r for r in ROLES if any(r in t.roles for t in selected))
+    include = "^(?:" + "|".join(re.escape(t.module) for t in selected) + ")$"
+    return dataclasses.replace(config, roles=roles, include=include, exclude=None)
 
 
 def rewrite(model: nn.Module, selected: list[Target], config: AdaMoLEConfig,

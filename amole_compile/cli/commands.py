@@ -47,7 +47,8 @@ def cmd_inspect(args) -> int:
     p = plan(model, config)
     found, report = p.targets, p.report
     print(f"{type(model).__name__} ({hf_config.model_type}): {report.anchors} attention site(s), "
-          f"{len(found)} projection(s), {report.matched} role site(s)")
+          f"{len(found)} projection(s), {sum(len(t.roles) for t in found)} role site(s) selected by --roles, "
+          f"--include and --exclude (of {report.matched} found)")
     total = 0
     e, r = config.num_experts, config.rank
     for t in found:
