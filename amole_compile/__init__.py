@@ -15,6 +15,7 @@ import warnings
 from .checkpoint.io import load_adapters, save_adapters
 from .config import AdaMoLEConfig
 from .core import (
+    DeadAdapterError,
     NoAttentionFound,
     active_adapter,
     adapter_names,
@@ -53,11 +54,11 @@ _RETIRED = {
 }
 
 __all__ = [
-    "AdaMoLEConfig", "CaptureError", "ForeignAdaptersError", "NoAttentionFound", "OnnxExportError", "OnnxLM", "Plan",
-    "Skip", "Target", "UnsupportedLayerError", "active_adapter", "adapter_names", "aux_loss", "base_state_dict",
-    "batch_adapters", "delete_adapter", "expert_stats", "export_onnx", "is_transformed", "load_adapters", "plan",
-    "plot_expert_stats", "reset_expert_stats", "save_adapters", "set_active_adapter", "targets", "transform",
-    "untransform",
+    "AdaMoLEConfig", "CaptureError", "DeadAdapterError", "ForeignAdaptersError", "NoAttentionFound", "OnnxExportError",
+    "OnnxLM", "Plan", "Skip", "Target", "UnsupportedLayerError", "active_adapter", "adapter_names", "aux_loss",
+    "base_state_dict", "batch_adapters", "delete_adapter", "expert_stats", "export_onnx", "is_transformed",
+    "load_adapters", "plan", "plot_expert_stats", "reset_expert_stats", "save_adapters", "set_active_adapter",
+    "targets", "transform", "untransform",
 ]
 
 
