@@ -2,8 +2,8 @@
 
 Pattern:        the projections a rewrite adapted (canonical names, `model/state.projections`) and the example
                 inputs discovery used (the caller's `example_inputs`, or a HF model's synthesised ones).
-Replacement:    none. One forward, in eval mode without gradients, on fake tensors when the model allows
-                (`capture.probe_forward`: shapes only, no compute), records which projections' adapters were
+Replacement:    none. One forward, in eval mode without gradients (`capture.probe_forward`: for real where
+                that is cheap, else on fake tensors: shapes only), records which projections' adapters were
                 applied (each holder's `add_to` / `add_role`, shadowed for the call by a marker that returns the
                 projection's output unchanged: nothing is computed, counted or recorded); nothing stays on the
                 model.
