@@ -256,9 +256,10 @@ def probe_forward(model: nn.Module, args: tuple, kwargs: dict) -> str:
     """One forward of the example inputs in eval mode (every module's own flag restored after), without
     gradients -> how it ran, "real" or "fake". On fake tensors (shapes only, no compute) when a real forward
     would cost more: on fake tensors each op costs ~0.3 ms of dispatch (240 ms for an 8-layer h512 Llama, whose
-    real forward of 2 x 8 tokens takes 44 ms on 2 CPU cores), so a model on CPU of up to `REAL_PROBE_PARAMS`
-    parameters, or on a GPU or the meta device, runs for real. Whichever fails (quantized layers under fake
-    tensors, data-dependent ops on meta) falls back to the other; failing both ways raises the real error."""
+    real forward of 2 x 8 tokens takes 44 ms on one CPU thread), so a model on CPU of up to `REAL_PROBE_PARAMS`
+    parameters, or on a GPU or the meta device, runs for real (on one CPU thread). Whichever fails (quantized
+    layers under fake tensors, data-dependent ops on meta) falls back to the other; failing both ways raises the
+    real error."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     first = next(model.parameters(), None)
@@ -277,9 +278,16 @@ def probe_forward(model: nn.Module, args: tuple, kwargs: dict) -> str:
 
 
 def _run(model: nn.Module, args: tuple, kwargs: dict, fake: bool, mode) -> None:
-    with (_quiet_export() if fake else contextlib.nullcontext()), (mode(allow_non_fake_inputs=True) if fake else
-                                                                    contextlib.nullcontext()):
+    if fake:
+        with _quiet_export(), mode(allow_non_fake_inputs=True):
+            model(*args, **kwargs)
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a few tokens: threads cost more than they save (20x on a busy 2-core machine)
+    try:
         model(*args, **kwargs)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def capture_blocks(model: nn.Module, example_inputs=None, depth: int = 4) -> list[BlockCapture]:
