@@ -41,15 +41,17 @@ from .model.state import (
     state_of,
     targets,
 )
+from .passes.check_calls import check_adapters_run
 from .passes.discover import discover
 from .passes.insert_ops import insert_ops, remove_ops
+from .passes.reach import DeadAdapterError
 from .passes.select_targets import NoAttentionFound
 from .passes.swap_modules import swap_modules, unswap_modules
 from .passes.targets import PassReport, Plan, Target
 
-__all__ = ["NoAttentionFound", "active_adapter", "adapter_groups", "adapter_names", "aux_loss", "batch_adapters",
-           "delete_adapter", "is_transformed", "plan", "rewrite", "set_active_adapter", "targets", "transform",
-           "untransform"]
+__all__ = ["DeadAdapterError", "NoAttentionFound", "active_adapter", "adapter_groups", "adapter_names", "aux_loss",
+           "batch_adapters", "delete_adapter", "is_transformed", "plan", "rewrite", "set_active_adapter", "targets",
+           "transform", "untransform"]
 
 log = logging.getLogger("amole_compile")
 GRAPH_UNDO = "graph_ops"  # a GraphModule's undo entry: its graph before insert_ops
@@ -62,7 +64,7 @@ def plan(model: nn.Module, config: AdaMoLEConfig | None = None, *,
     The plan lists the targets (projection, roles, columns) selected by `config` (roles, include, exclude) and
     a report of every attention site and projection found and what was skipped, with the reason.
     """
-    return discover(model, config or AdaMoLEConfig(), example_inputs)
+    return discover(model, config or AdaMoLEConfig(), example_inputs, refuse=False)
 
 
 def transform(model: nn.Module | torch.export.ExportedProgram, config: AdaMoLEConfig | None = None, *,
@@ -106,7 +108,7 @@ def transform(model: nn.Module | torch.export.ExportedProgram, config: AdaMoLECo
         raise ValueError("plan has no targets: nothing to adapt")
     else:
         config = carried_out(config, plan.targets)
-    log.info(rewrite(model, list(plan.targets), config, adapter_name).summary())
+    log.info(rewrite(model, list(plan.targets), config, adapter_name, example_inputs).summary())
     return model
 
 
@@ -119,11 +121,12 @@ def carried_out(config: AdaMoLEConfig, selected: list[Target]) -> AdaMoLEConfig:
     return dataclasses.replace(config, roles=roles, include=include, exclude=None)
 
 
-def rewrite(model: nn.Module, selected: list[Target], config: AdaMoLEConfig,
-            name: str = "default") -> PassReport:
-    """Carry out a plan's targets as adapter `name`: insert op nodes (GraphModule) or swap modules (nn.Module);
-    a first adapter gets the model's record and what it installs; then `name` becomes the active adapter ->
-    the report."""
+def rewrite(model: nn.Module, selected: list[Target], config: AdaMoLEConfig, name: str = "default",
+            example_inputs=None) -> PassReport:
+    """Carry out a plan's targets as adapter `name`: insert op nodes (GraphModule) or swap modules (nn.Module,
+    then check with a forward of `example_inputs` (None: a HF model's synthesised ones) that every adapted
+    projection's adapters run: `DeadAdapterError` otherwise, the model as it was); a first adapter gets the
+    model's record and what it installs; then `name` becomes the active adapter -> the report."""
     first = state_of(model) is None and not is_transformed(model)
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     if isinstance(model, fx.GraphModule):
@@ -133,7 +136,20 @@ def rewrite(model: nn.Module, selected: list[Target], config: AdaMoLEConfig,
         report = swap_modules(model, selected, config, name)
         if first:
             register_op()  # now, not on the first forward: inside a compiled forward it is a graph break
-            patches.attach(model, attach_state(model, flags))
+            attach_state(model, flags)
+        record = state_of(model)
+        installed = len(record.undo) if record is not None else 0
+        if record is not None:
+            patches.attach(model, record)  # a first adapter's rows; a later one's that apply now (attention)
+        try:
+            check_adapters_run(model, [t.module for t in selected], example_inputs)
+        except DeadAdapterError:
+            if first:
+                untransform(model)
+            else:
+                drop(model, name)
+                patches.detach(model, record, keep=installed)
+            raise
     activate(model, name)
     return report
 

@@ -97,7 +97,7 @@ def load_adapters(model: nn.Module, path: str | os.PathLike, *, adapter_name: st
                 have = want if not exists else have
             same_targets(have, want)
             if not exists:
-                rewrite(model, have, config, name)
+                rewrite(model, have, config, name, example_inputs)
                 added.append(name)
             same_targets(targets(model, name), want)
             same_math(adapter_groups(model, name)[0][1].config, config)

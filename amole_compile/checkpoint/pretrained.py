@@ -27,8 +27,8 @@ from torch import nn
 
 from ..files import folder_lock, move_files, move_folder, staged_folder
 from ..integrations.distributed import full_tensor, unwrap
-from ..model.projection import AdaMoLELinear, ProjectionAdapters
-from ..model.state import adapter_state, state_of
+from ..model.projection import ProjectionAdapters
+from ..model.state import GRAPH_PREFIX, adapter_state, key_prefixes, state_of, swapped
 from .format import CONFIG_FILE, WEIGHTS_FILE, has_adapters, read_adapter_tensors, refuse_foreign, write_adapters
 
 log = logging.getLogger("amole_compile")
@@ -37,19 +37,19 @@ log = logging.getLogger("amole_compile")
 def split_state(model: nn.Module, state: Mapping[str, torch.Tensor], prefix: str = ""):
     """A transformed model's state dict -> (base state dict under the original key names, adapter tensors under
     the canonical `<module>.adapters.<name>.<role>.<param>` names)."""
-    groups = [(n, m) for n, m in model.named_modules() if isinstance(m, ProjectionAdapters)]
+    pairs = key_prefixes(model) + [(f"{n}.adapters.", f"{n}.adapters.", True) for n, m in model.named_modules()
+                                   if isinstance(m, ProjectionAdapters) and n.startswith(GRAPH_PREFIX + ".")]
     base, adapters = {}, {}
     for key, value in state.items():
-        for name, mod in groups:
-            p = f"{prefix}{name}."
-            if key.startswith(p + "adapters."):
-                adapters[key[len(prefix):]] = value
-                break
-            if isinstance(mod, AdaMoLELinear) and key.startswith(p + "base_layer."):
-                base[p + key[len(p + "base_layer."):]] = value
-                break
-        else:
+        rel = key[len(prefix):] if key.startswith(prefix) else None
+        match = next(((real, canon, ours) for real, canon, ours in pairs if rel is not None and rel.startswith(real)),
+                     None)
+        if match is None:
             base[key] = value
+        elif match[2]:
+            adapters[match[1] + rel[len(match[0]):]] = value
+        else:
+            base[prefix + match[1] + rel[len(match[0]):]] = value
     return base, adapters
 
 
@@ -175,12 +175,11 @@ def load_pre_hook(module: nn.Module, state_dict, prefix, local_metadata, strict,
     """Base-named keys of adapted layers go under `.base_layer.`; missing adapters come from the checkpoint's
     directory (found among the calling transformers/accelerate frames) or the load raises."""
     renamed = 0
-    names = [n for n, m in module.named_modules() if isinstance(m, AdaMoLELinear)]
-    for name in names:
-        p = f"{prefix}{name}."
+    for name, mod in swapped(module):
+        p = f"{prefix}{name}." if name else prefix
         for key in [k for k in state_dict if k.startswith(p)]:
             rest = key[len(p):]
-            if not rest.startswith(("base_layer.", "adapters.")):
+            if not rest.startswith(mod.OWN) and not _ours(rest, mod):
                 state_dict[f"{p}base_layer.{rest}"] = state_dict.pop(key)
                 renamed += 1
     if not renamed:
@@ -196,17 +195,35 @@ def load_pre_hook(module: nn.Module, state_dict, prefix, local_metadata, strict,
             "by save_pretrained with `amole_compile.load_adapters(model, dir)` (or a base model with "
             "from_pretrained(dir)), or pass the transformed model's own state_dict")
     tensors = read_adapter_tensors(module, directory)
+    real = {canon: key for key, canon in _adapter_names(module).items()}
     for key, value in tensors.items():
-        state_dict[f"{prefix}{key}"] = value
+        state_dict[f"{prefix}{real.get(key, key)}"] = value
     log.info("loaded the adapters of %s with its base weights", directory)
 
 
-def _adapter_keys(module: nn.Module) -> list[str]:
+def _adapter_names(module: nn.Module) -> dict[str, str]:
+    """Every adapter parameter's state-dict key -> its canonical name."""
+    _, names = split_state(module, {k: k for k, _ in _adapter_params(module)})
+    return {key: canon for canon, key in names.items()}
+
+
+def _adapter_params(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
     out = []
     for name, mod in module.named_modules():
         if isinstance(mod, ProjectionAdapters):
-            out += [f"{name}.adapters.{p}" if name else f"adapters.{p}" for p, _ in mod.adapters.named_parameters()]
+            out += [(f"{name}.adapters.{p}" if name else f"adapters.{p}", t)
+                    for p, t in mod.adapters.named_parameters()]
     return out
+
+
+def _adapter_keys(module: nn.Module) -> list[str]:
+    return [k for k, _ in _adapter_params(module)]
+
+
+def _ours(rest: str, mod: nn.Module) -> bool:
+    """Is `rest`, a key under swapped module `mod`, a canonical adapter key (an nn.MultiheadAttention's
+    `in_proj_weight.adapters....`) rather than a base layer's?"""
+    return any(rest.startswith(f"{sub}.adapters.") for sub in mod.holders() if sub)
 
 
 def _checkpoint_dir(depth: int = 12) -> Path | None:

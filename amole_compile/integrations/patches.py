@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ..checkpoint.pretrained import load_pre_hook, peft_flag_off, quantizer_renamed, save_pretrained
+from ..model.attention import AdaMoLEMultiheadAttention
 from ..model.state import ModelState
 from . import quantized
 from .loss import post_forward, pre_forward
@@ -171,16 +172,30 @@ def _repack(model: nn.Module, turned: list[nn.Module]) -> None:
         mod.support_avx512bf16_for_cpu = True
 
 
-class DynamoFlag:
-    """`torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint`, held while any transformed model is
-    alive: each live model's record holds a `DynamoFlag` token, which the registry watches by weak reference.
-    The first token sets the flag (remembering its earlier value); when the last one is released (untransform)
-    or collected (its model dropped), the earlier value comes back. A copied or unpickled token registers
-    itself, so a copy of a model holds the flag like the original."""
+class HeldFlag:
+    """A process-wide setting held at `VALUE` while any transformed model that needs it is alive: each such
+    model's record holds a token, which the registry (per subclass) watches by weak reference. The first token
+    sets the setting (remembering its earlier value); when the last one is released (untransform) or collected
+    (its model dropped), the earlier value comes back. A copied or unpickled token registers itself, so a copy
+    of a model holds the setting like the original."""
 
-    NAME = "skip_fwd_side_effects_in_bwd_under_checkpoint"
+    VALUE = True
+    WHY = ""
     _live: dict[int, weakref.ref] = {}
     _saved: bool | None = None
+
+    def __init_subclass__(cls) -> None:
+        cls._live, cls._saved = {}, None
+
+    @classmethod
+    def read(cls) -> bool | None:
+        """The setting's value (None: this torch has no such setting)."""
+        raise NotImplementedError
+
+    @classmethod
+    def write(cls, value: bool) -> None:
+        """Set the setting."""
+        raise NotImplementedError
 
     def __init__(self) -> None:
         self._hold()
@@ -192,19 +207,20 @@ class DynamoFlag:
         self._hold()
 
     def _hold(self) -> None:
-        cfg, cls = torch._dynamo.config, type(self)
-        if not hasattr(cfg, cls.NAME):
+        cls = type(self)
+        now = cls.read()
+        if now is None:
             return
         if not cls._live:
-            cls._saved = getattr(cfg, cls.NAME)
+            cls._saved = now
         cls._live[id(self)] = weakref.ref(self, cls._collected)
-        if not getattr(cfg, cls.NAME):
-            setattr(cfg, cls.NAME, True)
-            log.info("set torch._dynamo.config.%s = True (aux loss under compiled gradient checkpointing); "
-                     "restored when no transformed model is left", cls.NAME)
+        if now != cls.VALUE:
+            cls.write(cls.VALUE)
+            log.info("set %s = %s (%s); restored when no transformed model needing it is left", cls.__name__,
+                     cls.VALUE, cls.WHY)
 
     def release(self) -> None:
-        """Stop holding the flag (untransform)."""
+        """Stop holding the setting (untransform)."""
         type(self)._live.pop(id(self), None)
         type(self)._restore_if_free()
 
@@ -217,20 +233,64 @@ class DynamoFlag:
     @classmethod
     def _restore_if_free(cls) -> None:
         if not cls._live and cls._saved is not None:
-            setattr(torch._dynamo.config, cls.NAME, cls._saved)
+            try:
+                cls.write(cls._saved)
+            except (AttributeError, TypeError):  # interpreter shutdown: torch is gone already
+                return
             cls._saved = None
 
     @classmethod
     def holders(cls) -> int:
-        """How many live tokens hold the flag."""
+        """How many live tokens hold the setting."""
         return sum(r() is not None for r in cls._live.values())
 
 
+class DynamoFlag(HeldFlag):
+    """`torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint` (aux loss under compiled gradient
+    checkpointing)."""
+
+    NAME = "skip_fwd_side_effects_in_bwd_under_checkpoint"
+    WHY = "aux loss under compiled gradient checkpointing"
+
+    @classmethod
+    def read(cls) -> bool | None:
+        """The dynamo config flag (None on a torch without it)."""
+        return getattr(torch._dynamo.config, cls.NAME, None)
+
+    @classmethod
+    def write(cls, value: bool) -> None:
+        """Set the dynamo config flag."""
+        setattr(torch._dynamo.config, cls.NAME, value)
+
+
+class MhaFastpath(HeldFlag):
+    """`torch.backends.mha.set_fastpath_enabled(False)` while a model holds an adapted nn.MultiheadAttention:
+    the fast paths of MultiheadAttention, TransformerEncoderLayer and TransformerEncoder (eval, no grad) read
+    the attention's weights themselves and would bypass its adapters."""
+
+    VALUE = False
+    WHY = "the fast path of nn.MultiheadAttention and the Transformer layers would bypass adapted attention"
+
+    @classmethod
+    def read(cls) -> bool | None:
+        """torch.backends.mha.get_fastpath_enabled()."""
+        return torch.backends.mha.get_fastpath_enabled()
+
+    @classmethod
+    def write(cls, value: bool) -> None:
+        """torch.backends.mha.set_fastpath_enabled(value)."""
+        torch.backends.mha.set_fastpath_enabled(value)
+
+
 def _flag(model: nn.Module):
-    return DynamoFlag() if hasattr(torch._dynamo.config, DynamoFlag.NAME) else None
+    return DynamoFlag() if DynamoFlag.read() is not None else None
 
 
-def _unflag(model: nn.Module, token: DynamoFlag) -> None:
+def _mha_flag(model: nn.Module):
+    return MhaFastpath() if any(isinstance(m, AdaMoLEMultiheadAttention) for m in model.modules()) else None
+
+
+def _unflag(model: nn.Module, token: HeldFlag) -> None:
     token.release()
 
 
@@ -272,6 +332,10 @@ PATCHES: tuple[Patch, ...] = (
           "each site records its aux loss on itself; under torch.compile that side effect inside an "
           "activation-checkpointed region is a graph break unless dynamo keeps the forward's side effects "
           "without replaying them in the recompute", "torch 2.13", TORCH, "transform", _flag, _unflag),
+    Patch("mha_fastpath_off", "torch.backends.mha.set_fastpath_enabled(False) (process-wide), while a model holds "
+          "an adapted nn.MultiheadAttention", "the fast paths of MultiheadAttention, TransformerEncoderLayer and "
+          "TransformerEncoder (eval, no grad) read the attention's weights and run fused kernels, bypassing its "
+          "forward and so its adapters (model/attention.py)", "torch 2.13", TORCH, "transform", _mha_flag, _unflag),
     Patch("peft_flag_during_save", "transformers PreTrainedModel._hf_peft_config_loaded = False",
           "with the flag on, save_pretrained writes a PEFT adapter instead of the base model",
           "transformers 5.24-5.25", TRANSFORMERS, "save_pretrained"),
@@ -295,9 +359,10 @@ def attach(model: nn.Module, record: ModelState) -> None:
             record.undo.append((row.name, token))
 
 
-def detach(model: nn.Module, record: ModelState) -> None:
-    """Pop the record's undo stack, removing each installed row (last installed first)."""
-    while record.undo:
+def detach(model: nn.Module, record: ModelState, keep: int = 0) -> None:
+    """Pop the record's undo stack down to its first `keep` entries, removing each installed row (last
+    installed first)."""
+    while len(record.undo) > keep:
         name, token = record.undo.pop()
         if name in ROWS and ROWS[name].remove is not None:
             ROWS[name].remove(model, token)

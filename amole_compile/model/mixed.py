@@ -99,16 +99,18 @@ def mixed_rows(proj: nn.Module, order: tuple[str, ...], ids: Tensor) -> MixedRow
 
 
 # ---- the forward ----------------------------------------------------------------------------------------------
-def mixed_add(proj: nn.Module, x: Tensor, y: Tensor, mixed: MixedRows) -> Tensor:
-    """x [..., D], y [..., O] -> y + each row's adapter delta."""
+def mixed_add(proj: nn.Module, x: Tensor, y: Tensor, mixed: MixedRows, role: str | None = None) -> Tensor:
+    """x [..., D], y [..., O] -> y + each row's adapter delta (`role`: y [..., O_role] holds that role's
+    columns only, and gets that role's delta)."""
     ids = _row_ids(mixed.ids, x)
-    if not mixed.roles:
+    roles = mixed.roles if role is None else tuple(r for r in mixed.roles if r[0] == role)
+    if not roles:
         return y
-    dtype = mixed.roles[0][1].sites[0].lora_A.dtype
+    dtype = roles[0][1].sites[0].lora_A.dtype
     with torch.autocast(x.device.type, enabled=False):
         xs = x.reshape(ids.shape[0], -1, proj.in_features).to(dtype)  # [B, S, D]
-        deltas = [_role_delta(proj.training, xs, ids, rows) for _, rows in mixed.roles]  # each [B, S, O_role]
-        full = combine_deltas(deltas, mixed.gather, mixed.n_rest)
+        deltas = [_role_delta(proj.training, xs, ids, rows) for _, rows in roles]  # each [B, S, O_role]
+        full = deltas[0] if role is not None else combine_deltas(deltas, mixed.gather, mixed.n_rest)
         return y + full.reshape(y.shape).to(y.dtype)
 
 

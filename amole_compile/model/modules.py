@@ -246,6 +246,17 @@ class AdapterGroup(nn.ModuleDict):
                 return self._add_to(x.to(self.adapter_dtype), y, autocast=True)
         return self._add_to(x, y)
 
+    def add_role(self, role: str, x: Tensor, y: Tensor) -> Tensor:
+        """x [..., D], y [..., O_role] (this projection's output columns of `role`, in order) -> y + that role's
+        delta (autocast as in `add_to`)."""
+        site = self[role]
+        if torch.is_autocast_enabled(x.device.type):
+            with torch.autocast(x.device.type, enabled=False):
+                delta = site(x.reshape(-1, self.in_features).to(self.adapter_dtype))
+        else:
+            delta = site(x.reshape(-1, self.in_features).to(self.adapter_dtype))
+        return y + delta.view_as(y).to(y.dtype)
+
     def _add_to(self, x: Tensor, y: Tensor, autocast: bool = False) -> Tensor:
         xa = x.reshape(-1, self.in_features).to(self.adapter_dtype)  # [T, D]
         if self.fused_base():

@@ -18,6 +18,16 @@ from .mixed import current_rows, mixed_add
 from .modules import AdapterGroup, linear_features
 
 
+def new_group(layer: nn.Module, weight: Tensor, in_features: int, out_features: int, roles: tuple[str, ...],
+              columns: tuple[tuple[int, ...], ...], config: AdaMoLEConfig) -> AdapterGroup:
+    """An adapter for the projection by `weight` (of `layer`): in `config.adapter_dtype`, else the weight's
+    dtype (a quantized weight's compute dtype), on its device."""
+    dtype = getattr(torch, config.adapter_dtype) if config.adapter_dtype else weight.dtype
+    if not dtype.is_floating_point:  # a quantized layer (bitsandbytes): its compute dtype
+        dtype = getattr(layer, "compute_dtype", None) or torch.float32
+    return AdapterGroup(in_features, out_features, roles, columns, config, dtype, weight.device)
+
+
 class ProjectionAdapters(nn.Module):
     """Every named adapter (`AdapterGroup`) on one projection; `active` names the one that runs (or None)."""
 
@@ -52,8 +62,42 @@ class ProjectionAdapters(nn.Module):
         group = self.group
         return y if group is None else group.add_to(x, y)
 
+    def add_role(self, role: str, x: Tensor, y: Tensor) -> Tensor:
+        """x [..., D], y [..., O_role] (the projection's output columns of `role`, in order) -> y + the active
+        adapter's delta for `role` (or each row's): for a fused projection whose roles read different inputs
+        (nn.MultiheadAttention's cross-attention)."""
+        rows = current_rows(self)
+        if rows is not None:
+            return mixed_add(self, x, y, rows, role)
+        group = self.group
+        return y if group is None or role not in group.roles else group.add_role(role, x, y)
 
-class AdaMoLELinear(ProjectionAdapters):
+
+class Swapped(nn.Module):
+    """A module of ours in the place of one of the model's, which it keeps unchanged as `.base_layer`.
+
+    `holders()` maps the name of each projection it adapts, relative to it ("" for itself), to its adapters;
+    `holder_path(name)` is where those live, relative to it. Both names agree for `AdaMoLELinear`; they differ
+    for `attention.AdaMoLEMultiheadAttention` (`in_proj_weight` lives in `adapted.in_proj_weight`), whose
+    `OWN` prefixes say which of its keys are its own rather than its base layer's.
+    """
+
+    OWN: tuple[str, ...] = ("base_layer.", "adapters.")
+
+    def holders(self) -> dict[str, ProjectionAdapters]:
+        """The projections it adapts: name relative to it ("" for itself) -> their adapters."""
+        raise NotImplementedError
+
+    def holder_path(self, name: str) -> str:
+        """Where holder `name` lives, relative to it."""
+        return name
+
+    def prune(self) -> bool:
+        """Drop holders left with no adapter; -> is no adapter left here (the base layer goes back)?"""
+        return not any(h.adapters for h in self.holders().values())
+
+
+class AdaMoLELinear(ProjectionAdapters, Swapped):
     """A projection with AdaMoLE adapters; the frozen original is kept as `.base_layer`."""
 
     def __init__(self, base_layer: nn.Module, roles: tuple[str, ...], columns: tuple[tuple[int, ...], ...],
@@ -71,11 +115,12 @@ class AdaMoLELinear(ProjectionAdapters):
                   config: AdaMoLEConfig) -> AdapterGroup:
         """An adapter for this projection (not added): in `config.adapter_dtype`, else the weight's dtype (a
         quantized weight's compute dtype)."""
-        weight = self.base_layer.weight
-        dtype = getattr(torch, config.adapter_dtype) if config.adapter_dtype else weight.dtype
-        if not dtype.is_floating_point:  # a quantized layer (bitsandbytes): its compute dtype
-            dtype = getattr(self.base_layer, "compute_dtype", None) or torch.float32
-        return AdapterGroup(self.in_features, self.out_features, roles, columns, config, dtype, weight.device)
+        return new_group(self.base_layer, self.base_layer.weight, self.in_features, self.out_features, roles, columns,
+                         config)
+
+    def holders(self) -> dict[str, ProjectionAdapters]:
+        """Itself: the one projection it adapts."""
+        return {"": self}
 
     @property
     def weight(self) -> Tensor:

@@ -26,7 +26,7 @@ from torch import nn
 from ..config import DEFAULT_AUX_LOSS_COEF
 from ..passes.targets import Target, compress
 from .modules import AdapterGroup
-from .projection import AdaMoLELinear, ProjectionAdapters
+from .projection import ProjectionAdapters, Swapped
 
 ATTR = "_amole_state"  # the model.__dict__ entry holding the record
 GRAPH_PREFIX = "_amole"  # a rewritten GraphModule's adapters: `gm._amole.<module>` (passes/insert_ops.py)
@@ -88,13 +88,43 @@ def is_transformed(model: nn.Module) -> bool:
     return any(isinstance(m, ProjectionAdapters) for m in model.modules())
 
 
+def swapped(model: nn.Module) -> list[tuple[str, Swapped]]:
+    """(module name, our module) for every module of ours standing in for one of the model's, in model order."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, Swapped)]
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix and name else prefix or name
+
+
 def projections(model: nn.Module) -> list[tuple[str, ProjectionAdapters]]:
-    """(module name, its adapters) for every adapted projection, in model order (graph path names unprefixed)."""
-    out = []
+    """(canonical name, its adapters) for every adapted projection, in model order: a swapped projection's name
+    in the base model (an nn.MultiheadAttention's `in_proj_weight`, ...), a graph's unprefixed."""
+    out, inside = [], set()
     for name, mod in model.named_modules():
-        if isinstance(mod, ProjectionAdapters):
+        if isinstance(mod, Swapped):
+            for sub, holder in mod.holders().items():
+                out.append((_join(name, sub), holder))
+                inside.add(id(holder))
+        elif isinstance(mod, ProjectionAdapters) and id(mod) not in inside:
             out.append((name[len(GRAPH_PREFIX) + 1:] if name.startswith(GRAPH_PREFIX + ".") else name, mod))
     return out
+
+
+def key_prefixes(model: nn.Module) -> list[tuple[str, str, bool]]:
+    """(state-dict key prefix in the transformed model, the same keys' canonical prefix, adapters?) for every
+    module of ours, longest first: a swapped module's base layer keys go back to the base model's names
+    (`q_proj.base_layer.` -> `q_proj.`), its adapters' to their projection's canonical name
+    (`self_attn.adapted.in_proj_weight.adapters.` -> `self_attn.in_proj_weight.adapters.`)."""
+    out = []
+    for name, mod in swapped(model):
+        p = f"{name}." if name else ""
+        out.append((f"{p}base_layer.", p, False))
+        for sub in mod.holders():
+            real = mod.holder_path(sub)
+            out.append((p + (f"{real}." if real else "") + "adapters.", p + (f"{sub}." if sub else "") + "adapters.",
+                        True))
+    return sorted(out, key=lambda t: -len(t[0]))
 
 
 def adapter_names(model: nn.Module) -> list[str]:
@@ -175,18 +205,18 @@ def activate(model: nn.Module, name: str | None) -> None:
 
 def drop(model: nn.Module, name: str) -> None:
     """Remove adapter `name` from every projection (base layers back where none is left)."""
-    for fqn, proj in projections(model):
-        if name not in proj.adapters:
-            continue
-        proj.remove(name)
-        if not proj.adapters and isinstance(proj, AdaMoLELinear):
-            model.set_submodule(fqn, proj.base_layer)
+    for _, proj in projections(model):
+        if name in proj.adapters:
+            proj.remove(name)
+    for fqn, mod in swapped(model)[::-1]:
+        if mod.prune():
+            model.set_submodule(fqn, mod.base_layer)
 
 
 @contextlib.contextmanager
 def bare(model: nn.Module) -> Iterator[nn.Module]:
     """The model with its base layers back in place of the adapted ones (for planning another adapter)."""
-    holders = [(n, m) for n, m in model.named_modules() if isinstance(m, AdaMoLELinear)]
+    holders = swapped(model)
     for name, holder in holders:
         model.set_submodule(name, holder.base_layer)
     try:

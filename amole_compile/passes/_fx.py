@@ -121,14 +121,46 @@ class DataFlow:
 
 @dataclasses.dataclass(frozen=True)
 class LinearCall:
-    """A projection: a node computing `input @ Wᵀ` (+ bias) for a parameter matrix W; its weight's parameter
-    name, the owning module name and (in_features, out_features) when the weight's shape is known."""
+    """A projection: a node computing `input @ Wᵀ` (+ bias) for a parameter matrix W, or for some of its output
+    lines (`W[a:b]`, a `split` / `chunk` of W: fairseq's and nn.MultiheadAttention's cross-attention).
+
+    param     the weight's parameter name
+    module    the unit an adapter would adapt: the owning module when W is its `weight` (nn.Linear, Conv1D, any
+              module holding its matrix as `weight`), else the parameter itself (a bare parameter: `self.wq`,
+              `in_proj_weight`)
+    features  (in_features, out_features) of the whole parameter, when its shape is known
+    rows      the parameter's output lines this call computes, in the order of its output columns (None: all,
+              in order)
+    """
 
     node: fx.Node
     input: fx.Node
     param: str
     module: str
     features: tuple[int, int] | None = None
+    rows: tuple[int, ...] | None = None
+
+    @property
+    def bare(self) -> bool:
+        """Is the unit a parameter, not a module?"""
+        return self.module == self.param
+
+    @property
+    def width(self) -> int:
+        """How many output columns this call computes."""
+        return len(self.rows) if self.rows is not None else self.features[1]
+
+    def lines(self, cols=None) -> list[int]:
+        """This call's output columns `cols` (default: all) -> the parameter's output lines they are."""
+        cols = range(self.width) if cols is None else cols
+        return [self.rows[c] for c in cols] if self.rows is not None else list(cols)
+
+
+def unit_of(param: str) -> str:
+    """The unit an adapter adapts for a weight parameter: its module when it is that module's `weight`, else
+    the parameter (a bare parameter)."""
+    owner, _, leaf = param.rpartition(".")
+    return (owner or param) if leaf == "weight" else param
 
 
 class ParamNames:
@@ -189,15 +221,83 @@ class ParamNames:
         return self.gm.get_submodule(str(node.target))
 
 
-def _transposed_param(node: object, params: ParamNames) -> tuple[fx.Node, bool] | None:
-    """A 2-D parameter node, possibly read through a transpose: -> (param node, transposed?)."""
+# Ops that select or move a weight's elements without arithmetic (besides views, recognised by their schema).
+WEIGHT_MOVES = frozenset({"getitem", "split", "split_with_sizes", "chunk", "narrow", "contiguous", "clone"})
+MAX_WEIGHT_CHAIN = 6
+
+
+def _weight_chain(node: object, params: ParamNames) -> tuple[fx.Node, list[fx.Node]] | None:
+    """A weight operand read from a 2-D parameter through element moves only -> (param node, the moves in
+    order), else None."""
+    chain: list[fx.Node] = []
+    while isinstance(node, fx.Node) and params(node) is None:
+        moves = is_view(node) or op_name(node) in WEIGHT_MOVES | TRANSPOSES
+        if not moves or len(chain) >= MAX_WEIGHT_CHAIN or not node.args or not isinstance(node.args[0], fx.Node):
+            return None
+        if any(isinstance(a, fx.Node) for a in tensor_args(node)[1:]):
+            return None  # a size or index that is itself a graph value
+        chain.append(node)
+        node = node.args[0]
     if not isinstance(node, fx.Node):
         return None
-    if params(node) is not None:
-        return node, False
-    if op_name(node) in TRANSPOSES and node.args and isinstance(node.args[0], fx.Node) \
-            and params(node.args[0]) is not None:
-        return node.args[0], True
+    return node, chain[::-1]
+
+
+def _replay_chain(index: torch.Tensor, chain: list[fx.Node]) -> torch.Tensor | None:
+    """Run the weight's moves on `index` (a tensor of the parameter's shape holding each element's row, or
+    column, index)."""
+    val: object = index
+    for node in chain:
+        prev = node.args[0]
+        args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n, prev=prev, val=val: val if n is prev else n)
+        try:
+            if node.op == "call_method":
+                val = getattr(args[0], str(node.target))(*args[1:], **kwargs)
+            elif node.target is operator.getitem:
+                val = args[0][args[1]]
+            else:
+                val = node.target(*args, **kwargs)
+        except Exception:
+            return None
+    return val if isinstance(val, torch.Tensor) and val.dim() == 2 else None
+
+
+def _lines(rows: torch.Tensor, cols: torch.Tensor, width: int) -> tuple[int, ...] | None:
+    """Indices along the parameter's output axis (`rows`) and input axis (`cols`) of an operand arranged
+    [out, in] -> the output lines it reads, in order; None unless each output reads a whole input line."""
+    if cols.shape[1] != width or not bool((cols == torch.arange(width)).all()):
+        return None
+    if not bool((rows == rows[:, :1]).all()):
+        return None
+    return tuple(int(r) for r in rows[:, 0])
+
+
+def _weight(node: object, params: ParamNames, out_in: bool) -> tuple[fx.Node, tuple[int, int], tuple | None] | None:
+    """A projection's weight operand (`out_in`: laid out [O, D] as linear's, else [D, O] as mm's) -> (the
+    parameter node, (in, out) features of the whole parameter, its output lines this call uses or None for
+    all in order). Moves between the parameter and the operand are replayed on index tensors (stride-0
+    views: nothing of the parameter's size is allocated)."""
+    found = _weight_chain(node, params)
+    if found is None:
+        return None
+    wnode, chain = found
+    shape = params.shape(wnode)
+    if shape is None:
+        return (wnode, None, None) if not chain else None
+    if len(shape) != 2:
+        return None
+    if not chain:
+        return wnode, (shape[1], shape[0]) if out_in else (shape[0], shape[1]), None
+    axes = [_replay_chain(torch.arange(n).view(*(-1 if a == i else 1 for a in range(2))).expand(shape), chain)
+            for i, n in enumerate(shape)]  # each element's index along the parameter's axis 0, axis 1
+    if any(a is None for a in axes):
+        return None
+    axes = axes if out_in else [a.t() for a in axes]  # arranged [out, in]
+    for out_axis in (0, 1):  # outputs along the parameter's first axis (linear's [O, D]) or second (Conv1D's)
+        lines = _lines(axes[out_axis], axes[1 - out_axis], shape[1 - out_axis])
+        if lines is not None:
+            feats = (shape[1], shape[0]) if out_axis == 0 else (shape[0], shape[1])
+            return wnode, feats, lines if lines != tuple(range(feats[1])) else None
     return None
 
 
@@ -205,8 +305,9 @@ def as_linear(node: fx.Node, params: ParamNames) -> LinearCall | None:
     """A node whose output is its input times a parameter matrix -> LinearCall, else None.
 
     linear(x, W[, b]); addmm(b, x, W) (GPT-2 Conv1D, W [D, O]) or addmm(b, x, Wᵀ); mm / matmul / bmm(x, W)
-    with W a 2-D parameter read directly ([D, O]) or through t / transpose / permute / .T ([O, D]); a call to an
-    nn.Linear or Conv1D module. The target module is the parameter's owner.
+    with W a 2-D parameter read directly ([D, O]) or through t / transpose / permute / .T ([O, D]); W may be a
+    selection of its output lines (`W[a:b]`, `W.split(...)[i]`, `W.chunk(3)[i]`: `rows`). A call to an
+    nn.Linear or Conv1D module. The unit is the parameter's owner when W is its `weight`, else W (`unit_of`).
     """
     name = op_name(node)
     if node.op == "call_module":
@@ -221,27 +322,19 @@ def as_linear(node: fx.Node, params: ParamNames) -> LinearCall | None:
     if name not in PROJECTION_OPS:
         return None
     if name == "linear" and len(node.args) >= 2:
-        x, w, transposed = node.args[0], (node.args[1], False), True  # W [O, D] = transposed [D, O]
+        x, operand, out_in = node.args[0], node.args[1], True  # W [O, D]
     elif name == "addmm" and len(node.args) >= 3:
-        x, w = node.args[1], _transposed_param(node.args[2], params)
-        transposed = None
+        x, operand, out_in = node.args[1], node.args[2], False
     elif name in ("mm", "matmul", "bmm") and len(node.args) >= 2:
-        x, w = node.args[0], _transposed_param(node.args[1], params)
-        transposed = None
+        x, operand, out_in = node.args[0], node.args[1], False
     else:
         return None
-    if w is None or not isinstance(x, fx.Node):
+    w = _weight(operand, params, out_in) if isinstance(x, fx.Node) else None
+    if w is None:
         return None
-    wnode, through_t = w
-    if transposed is None:
-        transposed = through_t
+    wnode, feats, rows = w
     pname = params(wnode)
-    shape = params.shape(wnode)
-    if pname is None or (shape is not None and len(shape) != 2):
-        return None
-    feats = None if shape is None else (shape[::-1] if transposed else shape)  # (in, out)
-    module = pname.rpartition(".")[0] if "." in pname else pname
-    return LinearCall(node, x, pname, module, tuple(feats) if feats else None)
+    return LinearCall(node, x, pname, unit_of(pname), feats, rows)
 
 
 def walk(start: fx.Node, step: Callable[[fx.Node], list[fx.Node]], stop: Callable[[fx.Node], bool]):

@@ -25,25 +25,32 @@ from ._fx import GraphView, ParamNames
 from .capture import CaptureError, capture, capture_blocks, find_blocks
 from .find_attention import find_attention
 from .find_mlp import find_mlp
-from .select_targets import check_found, select_targets
+from .reach import reach
+from .select_targets import check_found, check_reachable, select_targets
 from .targets import PassReport, Plan, Skip, Target
 
 
-def discover(model: nn.Module, config: AdaMoLEConfig, example_inputs=None) -> Plan:
-    """The `Plan` `config` selects on `model` (see the module doc)."""
+def discover(model: nn.Module, config: AdaMoLEConfig, example_inputs=None, refuse: bool = True) -> Plan:
+    """The `Plan` `config` selects on `model` (see the module doc). `refuse`: raise `DeadAdapterError` for
+    selected projections no adapter would reach (transform); without it (plan) they are listed as skipped."""
     check_not_adapted_elsewhere(model)
     if not isinstance(model, fx.GraphModule) and quantized.library(model) is not None:
-        twin = discover(quantized.twin(model), config, example_inputs)  # quantized layers do not trace
+        twin = discover(quantized.twin(model), config, example_inputs, refuse)  # quantized layers do not trace
         return Plan(type(model).__name__, list(twin.targets), twin.report)
     found, report = analyse(model, example_inputs, mlp=any(r in MLP_ROLES for r in config.roles))
     selected = select_targets(found, config, report)
     check_found(type(model).__name__, report, selected, config)
+    if refuse:
+        check_reachable(type(model).__name__, report, config)
     return Plan(type(model).__name__, list(selected), report)
 
 
-def find_targets(graph: fx.Graph, params: ParamNames, mlp: bool = False) -> tuple[list[Target], PassReport]:
+def find_targets(graph: fx.Graph, params: ParamNames, mlp: bool = False,
+                 swapped: bool = True) -> tuple[list[Target], PassReport]:
     """The find step on one graph: attention projections, then (`mlp`) feed-forward ones, all in the order of
-    their first call; projections called more than once (ALBERT's shared layer) are listed in `report.shared`."""
+    their first call; projections called more than once (ALBERT's shared layer) are listed in `report.shared`.
+    `swapped` (an nn.Module's graph, adapted by swapping modules): projections no swapped module would reach are
+    skipped (`reach.py`)."""
     g = GraphView(graph, params)
     targets, report = find_attention(g)
     if mlp:
@@ -51,8 +58,14 @@ def find_targets(graph: fx.Graph, params: ParamNames, mlp: bool = False) -> tupl
         first = g.first_call()
         targets = sorted(targets + ffn, key=lambda t: first[t.module])
         report.skipped += skipped
-    calls = Counter(c.module for c in map(g.projection, graph.nodes) if c is not None)
-    report.shared = {t.module: calls[t.module] for t in targets if calls[t.module] > 1}
+    if swapped:
+        targets, unreachable = reach(g, targets)
+        report.skipped += unreachable
+    calls = Counter((c.module, c.rows) for c in map(g.projection, graph.nodes) if c is not None)
+    most = {}  # module -> the most calls of one set of its lines (MHA's q and kv thirds are one call each)
+    for (module, _), n in calls.items():
+        most[module] = max(most.get(module, 0), n)
+    report.shared = {t.module: most[t.module] for t in targets if most.get(t.module, 0) > 1}
     report.targets = targets
     return targets, report
 
@@ -61,7 +74,7 @@ def analyse(model: nn.Module, example_inputs, mlp: bool = False) -> tuple[list[T
     """Capture and find: block by block for HF models with layer lists, else the whole model (see the module
     doc)."""
     if isinstance(model, fx.GraphModule):
-        return find_targets(model.graph, ParamNames(model), mlp)
+        return find_targets(model.graph, ParamNames(model), mlp, swapped=False)
     has_blocks = bool(find_blocks(model))
     if not (has_blocks and getattr(model, "config", None) is not None):
         try:

@@ -124,29 +124,35 @@ def find_anchors(graph: fx.Graph, params: ParamNames | None = None, g: GraphView
 
 @dataclasses.dataclass
 class _Found:
-    call: LinearCall
+    call: LinearCall  # its first call
     features: tuple[int, int]
-    paths: dict[str, list[tuple[fx.Node, set[fx.Node]]]] = dataclasses.field(default_factory=dict)
+    paths: dict[str, list[tuple[LinearCall, fx.Node | None, set[fx.Node]]]] = dataclasses.field(default_factory=dict)
+
+
+def _role_lines(role: str, found: _Found, g: GraphView) -> set[int]:
+    """The parameter's output lines that reach `role` along its paths (replayed on each call's columns)."""
+    if role == "o":
+        return {line for call, _, _ in found.paths[role] for line in call.lines()}
+    lines: set[int] = set()
+    for call, tensor, cone in found.paths[role]:
+        cols = role_columns(call.node, call.width, cone, tensor, g.flow.order, g.params.constant)
+        lines.update(call.lines(sorted(cols)))
+    return lines
 
 
 def _columns(found: _Found, g: GraphView, report: PassReport) -> tuple[tuple[str, ...], tuple]:
     """Per role, the projection's output columns (replayed), made disjoint in role order."""
-    out_f = found.features[1]
     roles = [r for r in ROLE_ORDER if r in found.paths]
     taken: set[int] = set()
     kept, slices = [], []
     for role in roles:
-        if role == "o":
-            cols = set(range(out_f))
-        else:
-            try:
-                cols = set().union(*(role_columns(found.call.node, out_f, cone, tensor, g.flow.order, g.params.constant)
-                                     for tensor, cone in found.paths[role]))
-            except ColumnsUnknown as exc:
-                if len(roles) > 1:
-                    report.skipped.append(Skip(found.call.module, "columns_unknown", f"role {role} ({exc})"))
-                    continue
-                cols = set(range(out_f))
+        try:
+            cols = _role_lines(role, found, g)
+        except ColumnsUnknown as exc:
+            if len(roles) > 1:
+                report.skipped.append(Skip(found.call.module, "columns_unknown", f"role {role} ({exc})"))
+                continue
+            cols = set(range(found.features[1]))
         cols -= taken
         if not cols:
             report.skipped.append(Skip(found.call.module, "columns_shared",
@@ -171,7 +177,7 @@ def find_attention(g: GraphView) -> tuple[list[Target], PassReport]:
                                        "unknown"))
             return
         entry = found.setdefault(call.module, _Found(call, call.features))
-        entry.paths.setdefault(role, []).append((tensor, cone))
+        entry.paths.setdefault(role, []).append((call, tensor, cone))
 
     is_proj = lambda n: g.projection(n) is not None  # noqa: E731
     for anchor in anchors:

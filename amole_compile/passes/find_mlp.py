@@ -50,9 +50,9 @@ def find_mlp(g, attention: set[str]) -> tuple[list[Target], list[Skip]]:
         roles = _feed_forward(g, down, taken)
         if not roles:
             continue
-        for call, rs in roles:
-            found.setdefault(call.module, (call, {}))[1].update(rs)
-        found.setdefault(down.module, (down, {}))[1]["down"] = list(range(down.features[1]))
+        for call, rs in roles:  # each call's columns -> its parameter's output lines
+            found.setdefault(call.module, (call, {}))[1].update({r: call.lines(c) for r, c in rs.items()})
+        found.setdefault(down.module, (down, {}))[1]["down"] = down.lines()
     order = g.flow.order
     targets = []
     for module, (call, roles) in sorted(found.items(), key=lambda kv: order[kv[1][0].node]):
@@ -86,14 +86,14 @@ def _feed_forward(g, down: LinearCall, taken: set[str]) -> list[tuple[LinearCall
         return None
     if all(affine.values()) or not any(affine.values()):
         return None  # no activation (bilinear), or no plain side
-    return [(c, {("up" if affine[c.node] else "gate"): list(range(c.features[1]))}) for c in calls]
+    return [(c, {("up" if affine[c.node] else "gate"): list(range(c.width))}) for c in calls]
 
 
 def _single(g, probe: Probe, call: LinearCall) -> list[tuple[LinearCall, dict[str, list[int]]]] | None:
     """One projection behind D: a fused gate_up (its columns split over a product), else up."""
     split = _split(g, probe, call)
     if split is None:
-        return None if probe.affine(call.node) else [(call, {"up": list(range(call.features[1]))})]
+        return None if probe.affine(call.node) else [(call, {"up": list(range(call.width))})]
     gates = [cols for cols in split if not probe.affine(call.node, cols)]
     ups = [cols for cols in split if cols not in gates]
     if len(gates) != 1 or len(ups) != 1:
@@ -110,7 +110,7 @@ def _split(g, probe: Probe, call: LinearCall) -> tuple[list[int], list[int]] | N
         if len(sides) != 2:
             continue
         try:
-            cols = [role_columns(call.node, call.features[1], walk(s, g.flow.inputs, is_proj)[1], s,
+            cols = [role_columns(call.node, call.width, walk(s, g.flow.inputs, is_proj)[1], s,
                                  g.flow.order, g.params.constant) for s in sides]
         except ColumnsUnknown:
             return None

@@ -1,7 +1,8 @@
 """Rewrite pass for graphs: insert AdaMoLE op nodes after each planned projection of a GraphModule.
 
 Pattern:        a linear-like node (`linear`, Conv1D `addmm`, or a call to an nn.Linear / Conv1D module) whose
-                weight belongs to a planned `Target`; every call of that module is rewritten.
+                weight belongs to a planned `Target` (a module's `weight`, or a bare parameter); every call of
+                it is rewritten, a call reading a slice of the weight's output lines getting those columns.
 Replacement:    y = proj(x)  ->  per role: mask = site.drop_mask(x2); r = torch.ops.amole.adapter(x2, mask, ...);
                 site.record(r[1], r[2]); then y' = y + the role deltas placed in their columns (or, for a single
                 role owning every column, the op adds itself to y). Users of y read y'. Every inserted node has
@@ -23,7 +24,7 @@ from torch import fx
 
 from ..config import AdaMoLEConfig
 from ..kernels import register
-from ..model.modules import AdapterGroup, ExpertSet, combine_deltas
+from ..model.modules import AdapterGroup, ExpertSet, column_gather, combine_deltas
 from ..model.projection import ProjectionAdapters
 from ..model.state import GRAPH_PREFIX as PREFIX
 from ._fx import ParamNames, as_linear
@@ -64,26 +65,68 @@ class _Emitter:
         return out
 
 
-def _rewrite_call(gm: fx.GraphModule, node: fx.Node, x: fx.Node, group: AdapterGroup, path: str, module: str):
+def _rewrite_call(gm: fx.GraphModule, node: fx.Node, call, group: AdapterGroup, path: str, module: str):
     graph = gm.graph
     emit = _Emitter(graph, module)
     users = list(node.users)
+    rows = _row_range(call)
     with graph.inserting_before(node.next):  # keeps the emitted nodes in order
-        x2 = emit("call_method", "reshape", (x, (-1, group.in_features)))
+        x2 = emit("call_method", "reshape", (call.input, (-1, group.in_features)))
         x2 = emit("call_method", "to", (x2, group.adapter_dtype))
         sites = [(role, group[role]) for role in group.roles]
-        if group.fused_base():
+        if group.fused_base() and rows is None:
             base = emit("call_method", "reshape", (node, (-1, group.out_features)))
             out = emit.site(f"{path}.{sites[0][0]}", sites[0][1], sites[0][0], x2, base)
             new = emit("call_method", "view_as", (out, node))
         else:
+            gather, n_rest = "column_gather", group.n_unadapted
+            if rows is not None:  # the call computes some of the parameter's output lines (W[a:b]): their roles
+                sites, gather, n_rest = _part(group, sites, rows, call.module)
             deltas = [emit.site(f"{path}.{r}", s, r, x2, None) for r, s in sites]
-            gather = emit("get_attr", f"{path}.column_gather", ()) if group.column_gather is not None else None
-            full = emit("call_function", combine_deltas, (deltas, gather, group.n_unadapted))
+            gather = emit("get_attr", f"{path}.{gather}", ()) if group._buffers.get(gather) is not None else None
+            full = emit("call_function", combine_deltas, (deltas, gather, n_rest))
             full = emit("call_method", "type_as", (emit("call_method", "view_as", (full, node)), node))
             new = emit("call_function", operator.add, (node, full))
     for user in users:
         user.replace_input_with(node, new)
+
+
+def _part(group: AdapterGroup, sites: list, rows: slice, module: str) -> tuple[list, str, int]:
+    """The roles whose columns lie in `rows` (a call computing those output lines), and the gather placing
+    their deltas in the call's columns (a buffer on the group) -> (sites, gather buffer path, unadapted count)."""
+    part, cols = [], []
+    for (role, site), columns in zip(sites, group.columns, strict=True):
+        inside = [rows.start <= c < rows.stop for c in columns]
+        if any(inside) and not all(inside):
+            raise ValueError(f"{module}: role {role}'s columns straddle a call's slice of the weight")
+        if all(inside):
+            part.append((role, site))
+            cols.append(tuple(c - rows.start for c in columns))
+    device = next(group.parameters()).device
+    gather, n_rest = column_gather(tuple(cols), rows.stop - rows.start, device)
+    name = f"part_gather_{rows.start}_{rows.stop}"
+    if name not in group._buffers:
+        group.register_buffer(name, gather, persistent=False)
+    return part, name, n_rest
+
+
+def _row_range(call) -> slice | None:
+    """The call's output lines of its parameter as a slice (None: all of them)."""
+    if call.rows is None:
+        return None
+    lo = call.rows[0]
+    if call.rows != tuple(range(lo, lo + len(call.rows))):
+        raise ValueError(f"{call.module}: a call reads a strided selection of its output lines; the graph path "
+                         "adapts whole parameters and contiguous slices only")
+    return slice(lo, lo + len(call.rows))
+
+
+def _weight(gm: fx.GraphModule, unit: str) -> torch.Tensor:
+    """A target's weight: the unit itself (a bare parameter) or its module's `weight`."""
+    try:
+        return gm.get_parameter(unit)
+    except AttributeError:
+        return gm.get_parameter(f"{unit}.weight")
 
 
 NAME = "default"  # the one adapter of a rewritten graph
@@ -104,7 +147,7 @@ def insert_ops(gm: fx.GraphModule, targets: list[Target], config: AdaMoLEConfig,
     saved = copy.deepcopy(gm.graph)
     try:
         for t in targets:
-            weight = gm.get_parameter(f"{t.module}.weight")
+            weight = _weight(gm, t.module)
             dtype = getattr(torch, config.adapter_dtype) if config.adapter_dtype else weight.dtype
             group = AdapterGroup(t.in_features, t.out_features, t.roles, tuple(t.columns(r) for r in t.roles),
                                  config, dtype if dtype.is_floating_point else torch.float32, weight.device)
@@ -115,7 +158,7 @@ def insert_ops(gm: fx.GraphModule, targets: list[Target], config: AdaMoLEConfig,
         for node, call in calls:
             if call is not None and call.module in by_module:
                 path = f"{PREFIX}.{call.module}.adapters.{NAME}"
-                _rewrite_call(gm, node, call.input, gm.get_submodule(path), path, call.module)
+                _rewrite_call(gm, node, call, gm.get_submodule(path), path, call.module)
                 report.rewritten += 1
         gm.graph.lint()
         gm.recompile()

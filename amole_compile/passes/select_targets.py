@@ -7,7 +7,10 @@ Preconditions:  `report` is the discovery report of the same graph.
 Invariants:     targets keep their graph order; each dropped module is named in `report.skipped` with the
                 reason; nothing at all selected raises `NoAttentionFound` naming what was searched and why; a
                 role asked for that the architecture lacks raises `ValueError` naming it and the roles found
-                (`gate` may be absent when all feed-forward roles are asked for: two-matrix MLPs).
+                (`gate` may be absent when all feed-forward roles are asked for: two-matrix MLPs); a projection
+                the config selects but no adapter would reach (`reach.py`) raises `DeadAdapterError` naming
+                each one and why (`check_reachable`, for transform; plan lists them as skipped), as does a
+                missing role or target those explain.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import re
 
 from ..config import MLP_ROLES, ROLES, AdaMoLEConfig
 from .find_mlp import EXPERTS_NOTE
+from .reach import UNREACHABLE, DeadAdapterError
 from .targets import PassReport, Skip, Target
 
 SEARCHED = ("aten.scaled_dot_product_attention, and eager attention (softmax between a matmul of q and kᵀ and a "
@@ -44,17 +48,44 @@ def select_targets(found: list[Target], config: AdaMoLEConfig, report: PassRepor
     return kept
 
 
+def _wanted(module: str, roles: tuple[str, ...], config: AdaMoLEConfig) -> bool:
+    """Would `config` select a projection `module` with `roles`?"""
+    if config.include is not None and not re.search(config.include, module):
+        return False
+    if config.exclude is not None and re.search(config.exclude, module):
+        return False
+    return any(r in config.roles for r in roles)
+
+
+def check_reachable(model_name: str, report: PassReport, config: AdaMoLEConfig) -> None:
+    """Raise `DeadAdapterError` naming every projection `config` selects that no adapter would reach."""
+    dead = [s for s in report.skipped if s.reason in UNREACHABLE and _wanted(s.module, s.roles, config)]
+    if not dead:
+        return
+    listed = "\n".join(f"  {s}" for s in dead)
+    raise DeadAdapterError(
+        f"{model_name}: {len(dead)} projection(s) the config selects cannot be adapted, as an adapter there would "
+        f"never run:\n{listed}\nA projection is adapted by swapping its module, so its own forward must compute "
+        "it (nn.MultiheadAttention is supported by a rewrite of its call). Leave them out with "
+        "AdaMoLEConfig(exclude=...) or roles=..., or make the model call the projection modules; nothing was "
+        "changed")
+
+
 def check_found(model_name: str, report: PassReport, selected: list[Target], config: AdaMoLEConfig) -> None:
-    """Raise `NoAttentionFound` when discovery or selection left nothing to adapt."""
+    """Raise `NoAttentionFound` when discovery or selection left nothing to adapt, `ValueError` for roles the
+    architecture lacks; `DeadAdapterError` instead when selected projections no adapter would reach are why."""
     if report.anchors == 0:
         raise NoAttentionFound(f"no attention found in {model_name}: searched the captured graph for {SEARCHED}")
-    if not report.targets:
-        raise NoAttentionFound(f"{model_name}: found {report.anchors} attention site(s) but no projection feeding "
-                               f"them ({'; '.join(map(str, report.skipped[:3]))})")
-    have = [r for r in ROLES if any(r in t.roles for t in report.targets)]
+    dead = [s for s in report.skipped if s.reason in UNREACHABLE]
+    have = [r for r in ROLES if any(r in t.roles for t in report.targets) or any(r in s.roles for s in dead)]
     absent = [r for r in config.roles if r not in have]
     if set(MLP_ROLES) <= set(config.roles) and "up" in have and "gate" in absent:
         absent.remove("gate")  # "mlp" / "all" on a two-matrix MLP (GPT-2, BERT, OPT): up and down only
+    if not report.targets or absent or not selected:
+        check_reachable(model_name, report, config)
+    if not report.targets:
+        raise NoAttentionFound(f"{model_name}: found {report.anchors} attention site(s) but no projection feeding "
+                               f"them ({'; '.join(map(str, report.skipped[:3]))})")
     if absent and set(absent) <= set(MLP_ROLES):
         _no_mlp_but_moe(model_name, report, absent, have)
     if absent:

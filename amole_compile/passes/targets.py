@@ -61,6 +61,8 @@ SKIP_REASONS = {
     "include": "a projection whose name does not match AdaMoLEConfig.include",
     "exclude": "a projection whose name matches AdaMoLEConfig.exclude",
     "not_captured": "a block that did not export (its submodules may have been captured instead)",
+    "read_outside": "a module whose weight another module's forward reads: an adapter swapped in would never run",
+    "bare_parameter": "a projection weight that is no module's `weight` (F.linear(x, self.wq)): not swappable",
 }
 
 
@@ -68,21 +70,25 @@ SKIP_REASONS = {
 class Skip:
     """Something discovery or selection left out, and why.
 
-    module   the module (or, for an attention site, the graph node) it concerns, fully qualified
+    module   the module (or, for an attention site, the graph node; for a bare parameter, the parameter) it
+             concerns, fully qualified
     reason   one of `SKIP_REASONS`
     detail   the specifics, readable (`str(skip)` is "module: detail")
+    roles    the roles a projection left out would have had (`read_outside`, `bare_parameter`), else ()
     """
 
     module: str
     reason: str
     detail: str
+    roles: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.reason not in SKIP_REASONS:
             raise ValueError(f"Skip.reason must be one of {sorted(SKIP_REASONS)}, got {self.reason!r}")
 
     def __str__(self) -> str:
-        return f"{self.module}: {self.detail}"
+        roles = f" (roles {' '.join(self.roles)})" if self.roles else ""
+        return f"{self.module}{roles}: {self.detail}"
 
     def within(self, block: str) -> Skip:
         """This skip, for the same module inside block `block` (its name prefixed)."""

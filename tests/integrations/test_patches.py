@@ -228,3 +228,42 @@ def test_dynamo_flag_row(monkeypatch):
         assert getattr(cfg, DynamoFlag.NAME) is False and state_of(model).undo == []
     finally:
         setattr(cfg, DynamoFlag.NAME, before)
+
+
+def test_mha_fastpath_row(monkeypatch):
+    """Without the row, an adapted TransformerEncoderLayer in inference takes torch's fused fast path, which
+    reads the attention's (and the feed-forward's) weights itself: the adapters are bypassed and the output is
+    the base model's. With it, the adapters run; it comes off with the last model holding it."""
+    from torch import nn
+
+    from amole_compile.integrations.patches import MhaFastpath
+
+    monkeypatch.setattr(MhaFastpath, "_live", {})
+    monkeypatch.setattr(MhaFastpath, "_saved", None)
+    before = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(True)
+    try:
+        torch.manual_seed(0)
+        layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True).eval()
+        x = torch.randn(2, 5, 16)
+        with torch.no_grad():
+            base = layer(x)
+        ac.transform(layer, ac.AdaMoLEConfig(num_experts=2, rank=2, dropout=0.0), example_inputs=(x,))
+        assert isinstance(state_of(layer).token("mha_fastpath_off"), MhaFastpath)
+        assert torch.backends.mha.get_fastpath_enabled() is False
+        with torch.no_grad():
+            for name, p in layer.named_parameters():
+                if name.endswith("lora_B"):
+                    p.normal_(0, 0.1)
+            adapted = layer(x)
+            torch.backends.mha.set_fastpath_enabled(True)  # the reason: without the row, the fast path runs
+            layer._forward_hooks.clear()  # (the aux-loss hooks on a model that is the layer itself stop it too)
+            layer._forward_pre_hooks.clear()
+            bypassed = layer(x)
+            torch.backends.mha.set_fastpath_enabled(False)
+        assert (adapted - base).abs().max() > 1e-3
+        torch.testing.assert_close(bypassed, base, rtol=0, atol=1e-5)
+        detach(layer, state_of(layer))
+        assert torch.backends.mha.get_fastpath_enabled() is True
+    finally:
+        torch.backends.mha.set_fastpath_enabled(before)

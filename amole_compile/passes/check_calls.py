@@ -1,0 +1,82 @@
+"""Check pass: after the swap, the adapters of every adapted projection must run in a forward of the model.
+
+Pattern:        the projections a rewrite adapted (canonical names, `model/state.projections`) and the example
+                inputs discovery used (the caller's `example_inputs`, or a HF model's synthesised ones).
+Replacement:    none. One forward, in eval mode without gradients (`capture.probe_forward`: for real where
+                that is cheap, else on fake tensors: shapes only), records which projections' adapters were
+                applied (each holder's `add_to` / `add_role`, shadowed for the call by a marker that returns the
+                projection's output unchanged: nothing is computed, counted or recorded); nothing stays on the
+                model.
+Why:            discovery reads the graph a capture traced; at run time a parent may still read a projection's
+                weight directly, a fast path or a flag may skip a module's forward. An adapter there would
+                never run: its output equals the base, it gets no gradient, and nothing would say so.
+Invariants:     the model's parameters, buffers and train / eval flags are as before; returns the projections
+                whose adapters did not run, or None (with a warning) when no inputs can be had or the forward
+                fails, so that the adapters could not be checked.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Iterator
+
+from torch import nn
+
+from ..model.projection import ProjectionAdapters
+from ..model.state import projections
+from .capture import CaptureError, example_args, probe_forward
+from .reach import DeadAdapterError
+
+
+@contextlib.contextmanager
+def _marked(holders: dict[str, ProjectionAdapters], ran: set[str]) -> Iterator[None]:
+    """For the block, each holder's `add_to` / `add_role` notes its name in `ran` and returns y unchanged."""
+    for name, holder in holders.items():
+        holder.__dict__["add_to"] = lambda x, y, _n=name: (ran.add(_n), y)[1]
+        holder.__dict__["add_role"] = lambda role, x, y, _n=name: (ran.add(_n), y)[1]
+    try:
+        yield
+    finally:
+        for holder in holders.values():
+            holder.__dict__.pop("add_to", None)
+            holder.__dict__.pop("add_role", None)
+
+
+def adapters_not_run(model: nn.Module, modules: list[str], example_inputs=None) -> list[str] | None:
+    """The projections among `modules` (canonical names) whose adapters did not run in one forward of the
+    example inputs (None: they could not be checked, and a warning says why)."""
+    holders = {n: h for n, h in projections(model) if n in set(modules)}
+    if not holders:
+        return []
+    try:
+        args, kwargs = example_args(model, example_inputs)
+    except CaptureError as exc:
+        warnings.warn(f"amole_compile could not check that the adapters of {type(model).__name__} run (a forward "
+                      f"of example inputs would show it): {exc}", stacklevel=4)
+        return None
+    ran: set[str] = set()
+    try:
+        with _marked(holders, ran):
+            probe_forward(model, args, kwargs)
+    except Exception as exc:
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        warnings.warn(f"amole_compile could not check that the adapters of {type(model).__name__} run: a forward "
+                      f"of the example inputs failed ({type(exc).__name__}: {first})", stacklevel=4)
+        return None
+    return [n for n in holders if n not in ran]
+
+
+def check_adapters_run(model: nn.Module, modules: list[str], example_inputs=None) -> None:
+    """Raise `DeadAdapterError` naming each projection among `modules` whose adapters did not run."""
+    dead = adapters_not_run(model, modules, example_inputs)
+    if not dead:
+        return
+    listed = "\n".join(f"  {n}" for n in dead)
+    given = "the example inputs given" if example_inputs is not None else "its synthesised example inputs"
+    raise DeadAdapterError(
+        f"{type(model).__name__}: the adapters of {len(dead)} projection(s) did not run in a forward of {given}, so "
+        f"they would never change the output or get a gradient:\n{listed}\nThe model computes without calling "
+        "their forward: a parent may read the weight directly (as F.multi_head_attention_forward does), or a fast "
+        "path or a flag skips the module. Leave them out with AdaMoLEConfig(exclude=...), or pass example_inputs "
+        "that use them; nothing was changed")
