@@ -28,6 +28,7 @@ _PUBLIC = {  # name -> the module that defines it, loaded on first use
     "Plan": "passes.targets", "Skip": "passes.targets", "Target": "passes.targets",
     "CaptureError": "passes.capture", "UnsupportedLayerError": "passes.swap_modules",
     "ForeignAdaptersError": "integrations.foreign", "DeadAdapterError": "core",
+    "DifferentBaseError": "checkpoint.base_ref",
 }
 # Retired names: still importable, each with a DeprecationWarning naming what replaces it.
 _RETIRED = {
@@ -57,8 +58,8 @@ if TYPE_CHECKING:  # what static tools see; at run time __getattr__ loads each n
     )
 
 __all__ = [
-    "AdaMoLEConfig", "CaptureError", "DeadAdapterError", "ForeignAdaptersError", "NoAttentionFound", "OnnxExportError",
-    "OnnxLM", "Plan", "Skip", "Target", "UnsupportedLayerError", "active_adapter", "adapter_names", "aux_loss",
+    "AdaMoLEConfig", "CaptureError", "DeadAdapterError", "DifferentBaseError", "ForeignAdaptersError",
+    "NoAttentionFound", "OnnxExportError", "OnnxLM", "Plan", "Skip", "Target", "UnsupportedLayerError", "active_adapter", "adapter_names", "aux_loss",
     "base_state_dict", "batch_adapters", "delete_adapter", "expert_stats", "export_onnx", "is_transformed",
     "load_adapters", "plan", "plot_expert_stats", "reset_expert_stats", "save_adapters", "set_active_adapter",
     "targets", "transform", "untransform",

@@ -3,7 +3,8 @@ shapes and values:
 
     amole_config.json     {"format": "amole_compile", "format_version": 2, "active": name, "model_type": str,
                            "weights": {"file": "adapters.safetensors", "size": bytes, "sha256": hex},
-                           "adapters": {name: {"config": AdaMoLEConfig.to_dict(), "targets": [...]}}}
+                           "adapters": {name: {"config": AdaMoLEConfig.to_dict(), "targets": [...]}},
+                           "base": {...}}  (Trainer checkpoints only: the base they reference, base_ref.py)
     adapters.safetensors  keys `<module>.adapters.<name>.<role>.<param>`
 
 The config is the manifest: it names the weights file with its size and hash, and is renamed into place last
@@ -77,13 +78,15 @@ def _entry(config: AdaMoLEConfig, want: list[Target]) -> dict:
 
 # ---- write ------------------------------------------------------------------------------------------------------
 def write_adapters(model: nn.Module, path: str | os.PathLike, state: dict[str, torch.Tensor], *,
-                   keep_others: bool = False, overwrite: bool = False) -> Path:
+                   keep_others: bool = False, overwrite: bool = False, base: dict | None = None) -> Path:
     """Write the adapter tensors `state` (canonical keys, e.g. gathered from a sharded state dict) of `model`:
     every adapter the keys name, with its config and targets, as one transaction (`files.commit_pair`).
 
     keep_others   the folder's other adapters stay (read, checked and written again beside the new ones)
     overwrite     replace an `amole_config.json` / `adapters.safetensors` that is not ours, or ours that cannot
                   be read (else refused)
+    base          the base model the adapters were trained on, referenced instead of saved (a Trainer
+                  checkpoint: `base_ref.reference`), kept in the manifest under `base`
     """
     if any(v.is_meta for v in state.values()):
         raise ValueError("the adapters are on the meta device and hold no values; materialise the model first")
@@ -106,6 +109,8 @@ def write_adapters(model: nn.Module, path: str | os.PathLike, state: dict[str, t
                 "active": next(a for a in (active, kept_active, names[0]) if a in entries)}
         if model_type(model):
             meta["model_type"] = model_type(model)
+        if base is not None:
+            meta["base"] = base
         _commit(out, meta | {"adapters": entries}, tensors)
         clean_leftovers(out, WEIGHTS_FILE)  # staging folders of writers before the manifest
         legacy = out / LEGACY_CONFIG_FILE

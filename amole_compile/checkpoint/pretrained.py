@@ -2,11 +2,14 @@
 
 - **save_pretrained** writes the base model under its original key names (so that `from_pretrained(d)` is the
   base model, with its own weights) and the adapters beside it in our own files (`amole_config.json`,
-  `adapters.safetensors`; `load_adapters(base, d)` restores them). Trainer checkpoints do the same.
+  `adapters.safetensors`; `load_adapters(base, d)` restores them).
+- **Trainer checkpoints** (`checkpoint-N`, a save from `Trainer._save_checkpoint`) hold the adapters and an empty
+  `model.safetensors` marker, and reference the base instead of copying it (`base_ref.py`), as PEFT's do.
 - **load_state_dict** (Trainer resume, best-model reload) of such a checkpoint into the transformed model: the
   base keys go back under `.base_layer.`, and the adapters are read from the checkpoint directory. A state dict
   with base weights but no adapters, whose directory cannot be found, raises instead of leaving the adapters
-  as they were.
+  as they were. A checkpoint that references its base is checked against the model's base (a different one is
+  refused by name); the base keys it does not hold are then not reported missing (`load_post_hook`).
 
 `integrations/patches.py` installs both on the model (an instance `save_pretrained`, a `load_state_dict`
 pre-hook) and lists the third-party objects `save_pretrained` patches for the duration of its call.
@@ -15,21 +18,32 @@ pre-hook) and lists the third-party objects `save_pretrained` patches for the du
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import inspect
 import logging
 import os
 import re
+import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..files import folder_lock, move_files, move_folder, staged_folder
+from ..files import atomic_write, folder_lock, move_files, move_folder, staged_folder
 from ..integrations.distributed import full_tensor, unwrap
 from ..model.projection import ProjectionAdapters
 from ..model.state import GRAPH_PREFIX, adapter_state, key_prefixes, state_of, swapped
-from .format import CONFIG_FILE, WEIGHTS_FILE, has_adapters, read_adapter_tensors, refuse_foreign, write_adapters
+from .base_ref import check_same_base, reference
+from .format import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    has_adapters,
+    read_adapter_tensors,
+    read_config_json,
+    refuse_foreign,
+    write_adapters,
+)
 
 log = logging.getLogger("amole_compile")
 
@@ -86,9 +100,49 @@ def save_pretrained(self: nn.Module, save_directory, is_main_process: bool = Tru
                                               **kwargs)
 
     dest = Path(save_directory)
+    if _trainer_checkpoint():
+        return _save_referencing_base(self, dest, adapters) if is_main_process else None
     if not is_main_process or dest.is_file():  # other ranks only join transformers' collectives; a file: its error
         return save_base(save_directory)
     return _save_staged(self, dest, save_base, adapters)
+
+
+MARKER = "adapters only: the base is referenced in amole_config.json (`base`), see amole_compile.checkpoint.base_ref"
+SAFE_WEIGHTS = "model.safetensors"  # the name the Trainer's resume looks for
+
+
+def _trainer_checkpoint(depth: int = 16) -> bool:
+    """Is this save a Trainer checkpoint: `_save_checkpoint` of a `transformers.Trainer` (or of a subclass's
+    override, such as TRL's) on the stack? A save the user asks for (`save_pretrained`, `trainer.save_model()`)
+    writes the whole model."""
+    trainer = sys.modules.get("transformers.trainer")
+    frame = inspect.currentframe()
+    try:
+        for _ in range(depth):
+            frame = frame.f_back if frame is not None else None
+            if frame is None or trainer is None:
+                return False
+            if frame.f_code.co_name == "_save_checkpoint" and isinstance(frame.f_locals.get("self"),
+                                                                          trainer.Trainer):
+                return True
+        return False
+    finally:
+        del frame
+
+
+def _save_referencing_base(model: nn.Module, dest: Path, adapters: dict[str, torch.Tensor]) -> None:
+    """A Trainer checkpoint: the adapters with a reference to the base (`base_ref.reference`) in the manifest,
+    committed last, after the empty `model.safetensors` marker that the Trainer's resume looks for."""
+    from safetensors.torch import save_file
+
+    base, _ = split_state(model, model.state_dict())
+    ref = reference(model, base)
+    dest.mkdir(parents=True, exist_ok=True)
+    with folder_lock(dest):
+        refuse_foreign(dest)
+        atomic_write(dest / SAFE_WEIGHTS, lambda tmp: save_file({}, tmp, metadata={"format": "pt",
+                                                                                   "amole_compile": MARKER}))
+        write_adapters(model, dest, adapters, base=ref)
 
 
 def _save_staged(model: nn.Module, dest: Path, save_base, adapters: dict[str, torch.Tensor]):
@@ -170,10 +224,16 @@ def quantizer_renamed(model: nn.Module, base: dict[str, torch.Tensor]) -> Iterat
 
 
 # ---- resume ---------------------------------------------------------------------------------------------------
+_REFERENCED: contextvars.ContextVar[tuple[int, str] | None] = contextvars.ContextVar("amole_base_referenced",
+                                                                                       default=None)
+
+
 def load_pre_hook(module: nn.Module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                   error_msgs) -> None:
     """Base-named keys of adapted layers go under `.base_layer.`; missing adapters come from the checkpoint's
-    directory (found among the calling transformers/accelerate frames) or the load raises."""
+    directory (found among the calling transformers/accelerate frames) or the load raises. A checkpoint that
+    references its base (no base keys) is checked against this model's base first (`_load_referencing_base`)."""
+    _REFERENCED.set(None)
     renamed = 0
     for name, mod in swapped(module):
         p = f"{prefix}{name}." if name else prefix
@@ -182,10 +242,11 @@ def load_pre_hook(module: nn.Module, state_dict, prefix, local_metadata, strict,
             if not rest.startswith(mod.OWN) and not _ours(rest, mod):
                 state_dict[f"{p}base_layer.{rest}"] = state_dict.pop(key)
                 renamed += 1
-    if not renamed:
-        return
     wanted = [f"{prefix}{k}" for k in _adapter_keys(module)]
     if any(k in state_dict for k in wanted):
+        return
+    if not renamed:
+        _load_referencing_base(module, state_dict, prefix)
         return
     directory = _checkpoint_dir()
     if directory is None:
@@ -194,11 +255,65 @@ def load_pre_hook(module: nn.Module, state_dict, prefix, local_metadata, strict,
             "of its AdaMoLE adapters: loading it would leave the adapters as they are. Load a checkpoint saved "
             "by save_pretrained with `amole_compile.load_adapters(model, dir)` (or a base model with "
             "from_pretrained(dir)), or pass the transformed model's own state_dict")
+    _put_adapters(module, state_dict, prefix, directory)
+
+
+def _put_adapters(module: nn.Module, state_dict, prefix: str, directory: Path) -> None:
+    """The adapters of `directory` into the state dict being loaded, under the model's own keys."""
     tensors = read_adapter_tensors(module, directory)
     real = {canon: key for key, canon in _adapter_names(module).items()}
     for key, value in tensors.items():
         state_dict[f"{prefix}{real.get(key, key)}"] = value
     log.info("loaded the adapters of %s with its base weights", directory)
+
+
+def _load_referencing_base(module: nn.Module, state_dict, prefix: str) -> None:
+    """A state dict with neither base keys of adapted layers nor adapters: from a Trainer checkpoint that
+    references its base, check that this model has that base, put the checkpoint's adapters in, and let
+    `load_post_hook` drop the base keys from the missing ones. Otherwise (not loading such a checkpoint) leave
+    the load as it is; a checkpoint whose marker is there but whose adapters are not (an interrupted save)
+    raises."""
+    folder = _checkpoint_dir(require_adapters=False)
+    if folder is None:
+        return
+    if not has_adapters(folder):
+        if _is_marker(folder / SAFE_WEIGHTS):
+            raise ValueError(f"the checkpoint {folder} being loaded holds no AdaMoLE adapters (no {CONFIG_FILE}) "
+                             "beside its adapters-only marker: its save was interrupted. Resume from an earlier "
+                             "checkpoint")
+        return
+    ref = read_config_json(folder)[0].get("base")
+    if ref is None:
+        return
+    base, _ = split_state(module, module.state_dict())
+    check_same_base(module, base, ref, folder)
+    _put_adapters(module, state_dict, prefix, folder)
+    _REFERENCED.set((id(module), prefix))
+
+
+def load_post_hook(module: nn.Module, incompatible_keys) -> None:
+    """After a load from a checkpoint that references its base (checked by `_load_referencing_base`): the base
+    keys it does not hold are not missing (the model keeps its base); the adapters' keys still are."""
+    marked = _REFERENCED.get()
+    if marked is None or marked[0] != id(module):
+        return
+    _REFERENCED.set(None)
+    ours = {f"{marked[1]}{k}" for k in _adapter_keys(module)}
+    incompatible_keys.missing_keys[:] = [k for k in incompatible_keys.missing_keys
+                                         if k in ours or not k.startswith(marked[1])]
+
+
+def _is_marker(file: Path) -> bool:
+    """Is `file` the empty `model.safetensors` of an adapters-only checkpoint?"""
+    if not file.is_file():
+        return False
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(file), "pt") as f:
+            return (f.metadata() or {}).get("amole_compile") == MARKER
+    except Exception:  # not safetensors, or unreadable: not our marker
+        return False
 
 
 def _adapter_names(module: nn.Module) -> dict[str, str]:
@@ -226,7 +341,7 @@ def _ours(rest: str, mod: nn.Module) -> bool:
     return any(rest.startswith(f"{sub}.adapters.") for sub in mod.holders() if sub)
 
 
-def _checkpoint_dir(depth: int = 12) -> Path | None:
+def _checkpoint_dir(depth: int = 12, require_adapters: bool = True) -> Path | None:
     """The checkpoint folder a calling transformers / accelerate frame is loading from (Trainer's
     `resume_from_checkpoint`, `best_model_checkpoint`, a sharded checkpoint's folder): the first folder, or
     folder of a file, among those frames' locals that holds model weights or our adapters. Only that folder is
@@ -251,7 +366,7 @@ def _checkpoint_dir(depth: int = 12) -> Path | None:
                 folder = _checkpoint_of(value)
                 if folder is None:
                     continue
-                if not has_adapters(folder):
+                if require_adapters and not has_adapters(folder):
                     raise ValueError(
                         f"the checkpoint {folder} being loaded holds the base weights but no AdaMoLE adapters (no "
                         f"{CONFIG_FILE}): resume reads the adapters of that checkpoint only. Resume from a "

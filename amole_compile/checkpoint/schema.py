@@ -65,6 +65,9 @@ def check_ours(data: dict, file) -> int:
         _check_weights(data["weights"], file)
     if data.get("model_type") is not None and not isinstance(data["model_type"], str):
         raise _fail(file, "model_type", "a string", data["model_type"])
+    if data.get("base") is not None and not (isinstance(data["base"], dict)
+                                             and isinstance(data["base"].get("samples"), list)):
+        raise _fail(file, "base", "an object {name_or_path, config, samples: [...]} (base_ref.py)", data["base"])
     return version
 
 

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..checkpoint.pretrained import load_pre_hook, peft_flag_off, quantizer_renamed, save_pretrained
+from ..checkpoint.pretrained import load_post_hook, load_pre_hook, peft_flag_off, quantizer_renamed, save_pretrained
 from ..model.attention import AdaMoLEMultiheadAttention
 from ..model.state import ModelState
 from . import quantized
@@ -62,6 +62,7 @@ def _unhook(model: nn.Module, _token) -> None:
 
 def _resume_hook(model: nn.Module) -> bool:
     model.register_load_state_dict_pre_hook(load_pre_hook)
+    model.register_load_state_dict_post_hook(load_post_hook)
     return True
 
 
@@ -69,6 +70,9 @@ def _unresume(model: nn.Module, _token) -> None:
     pre = model._load_state_dict_pre_hooks
     for key in [k for k, h in pre.items() if getattr(h, "hook", h) is load_pre_hook]:
         del pre[key]
+    post = model._load_state_dict_post_hooks
+    for key in [k for k, h in post.items() if h is load_post_hook]:
+        del post[key]
 
 
 class _Bound:
@@ -301,9 +305,11 @@ PATCHES: tuple[Patch, ...] = (
     Patch("aux_loss_hooks", "the model's forward pre-hook and forward hook (torch.nn.Module hooks)",
           "put coef * aux into the loss the model returns, so HF Trainer, TRL and plain loops train the routers "
           "with no subclass (integrations/loss.py)", "torch 2.13", TORCH, "transform", _hooks, _unhook),
-    Patch("resume_hook", "the model's load_state_dict pre-hook (torch.nn.Module hook)",
-          "Trainer resume and best-model reload hand load_state_dict base-named keys without adapters: rename "
-          "them under .base_layer. and read the adapters from the checkpoint folder", "transformers 5.24-5.25",
+    Patch("resume_hook", "the model's load_state_dict pre-hook and post-hook (torch.nn.Module hooks)",
+          "Trainer resume and best-model reload hand load_state_dict base-named keys without adapters (or, from "
+          "a checkpoint that references its base, nothing): rename them under .base_layer., check the "
+          "referenced base, read the adapters from the checkpoint folder, and drop the referenced base's keys "
+          "from the missing ones", "transformers 5.24-5.25",
           TRANSFORMERS, "transform", _resume_hook, _unresume),
     Patch("save_pretrained", "transformers PreTrainedModel.save_pretrained, overridden on the instance",
           "write the base under its own key names (loadable by from_pretrained) and the adapters in our own "

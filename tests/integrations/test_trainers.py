@@ -1,7 +1,7 @@
 """The fine-tuning ecosystem on a transformed model, with no subclass: HF `Trainer` and TRL `SFTTrainer` train
 the router through the aux loss inside the model's loss (also with gradient accumulation and gradient
-checkpointing), Trainer checkpoints save the base model under its own names plus our adapters and resume
-exactly, and a load that would drop the adapters raises."""
+checkpointing), Trainer checkpoints save our adapters (the base referenced:
+tests/checkpoint/test_trainer_checkpoints.py) and resume exactly, and a load that would drop the adapters raises."""
 
 from __future__ import annotations
 
@@ -122,32 +122,38 @@ def _adapters(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items() if ".adapters." in k}
 
 
-def test_checkpoints_reload_and_resume_exactly(tmp_path):
-    """Trainer checkpoints: from_pretrained of one is the base model (its own weights, nothing missing or
-    unexpected) and load_adapters restores the adapters; resume_from_checkpoint gives the adapter weights and
-    optimizer state of the uninterrupted run (the resumed model starts from other adapters, so they were
-    loaded)."""
+def adapted(seed: int = 0, base_seed: int = 0, **cfg) -> torch.nn.Module:
+    """The same base (base_seed) with adapters initialised from `seed`."""
+    torch.manual_seed(base_seed)
+    base = build("llama", **SMALL)
+    torch.manual_seed(seed)
+    return ac.transform(base, ac.AdaMoLEConfig(dropout=0.0, aux_loss_coef=1e-3, num_experts=4, rank=2, **cfg))
+
+
+def test_checkpoints_hold_the_adapters_and_resume_exactly(tmp_path):
+    """Trainer checkpoints hold the adapters, not the base (an empty model.safetensors marker, no config.json,
+    so from_pretrained of one fails instead of giving a random model); load_adapters onto the base restores
+    them; resume_from_checkpoint gives the adapter weights and optimizer state of the uninterrupted run (the
+    resumed model starts from other adapters, so they were loaded)."""
     def make(out, seed):
-        model = tiny(seed=seed)
+        model = adapted(seed=seed)
         args = tf.TrainingArguments(**_common(out, max_steps=4, save_steps=2, save_strategy="steps"))
         return model, tf.Trainer(model=model, args=args, train_dataset=LMData(16))
 
-    base = build("llama", **SMALL)
     full, t_full = make(tmp_path / "full", seed=0)
     t_full.train()
     ckpt = tmp_path / "full" / "checkpoint-2"
     assert {"amole_config.json", "adapters.safetensors", "model.safetensors", "optimizer.pt"} <= {
         p.name for p in ckpt.iterdir()}
-    assert not (ckpt / "adapter_config.json").exists()
-    assert not any(".base_layer." in k or ".adapters." in k for k in load_file(ckpt / "model.safetensors"))
-    loaded, info = tf.AutoModelForCausalLM.from_pretrained(ckpt, output_loading_info=True)
-    assert not any(info.values()), info
+    assert not (ckpt / "adapter_config.json").exists() and not (ckpt / "config.json").exists()
+    assert load_file(ckpt / "model.safetensors") == {}
+    assert json.loads((ckpt / "amole_config.json").read_text())["base"]["samples"]
+    with pytest.raises((OSError, ValueError), match="config.json"):
+        tf.AutoModelForCausalLM.from_pretrained(ckpt)
     torch.manual_seed(0)
-    for k, v in build("llama", **SMALL).state_dict().items():
-        assert torch.equal(loaded.state_dict()[k], v), k  # the base weights, not a random init
+    loaded = build("llama", **SMALL)
     ac.load_adapters(loaded, ckpt)
     assert json.loads((ckpt / "amole_config.json").read_text())["format"] == "amole_compile"
-    del base
 
     resumed, t_res = make(tmp_path / "resumed", seed=1)
     assert any(not torch.equal(v, _adapters(full)[k]) for k, v in _adapters(resumed).items())
@@ -165,9 +171,9 @@ def test_checkpoints_reload_and_resume_exactly(tmp_path):
 
 
 def test_resume_reads_only_the_checkpoint_it_is_given(tmp_path):
-    """A checkpoint folder without our files, inside an output folder that holds adapters (a final
-    save_pretrained): resuming from it raises, naming the checkpoint, instead of reading the output folder's
-    adapters (its parent's)."""
+    """A checkpoint folder without our files (its save interrupted after the marker), inside an output folder
+    that holds adapters (a final save_pretrained): resuming from it raises, naming the checkpoint, instead of
+    reading the output folder's adapters (its parent's) or going on with the adapters the model has."""
     model = tiny()
     args = tf.TrainingArguments(**_common(tmp_path, max_steps=2, save_steps=2, save_strategy="steps"))
     tf.Trainer(model=model, args=args, train_dataset=LMData(8)).train()
@@ -179,8 +185,8 @@ def test_resume_reads_only_the_checkpoint_it_is_given(tmp_path):
     before = _adapters(resumed)
     trainer = tf.Trainer(model=resumed, args=tf.TrainingArguments(**_common(tmp_path / "r", max_steps=4)),
                          train_dataset=LMData(8))
-    with pytest.raises(ValueError, match=f"the checkpoint {ckpt} being loaded holds the base weights but no "
-                                         "AdaMoLE adapters"):
+    with pytest.raises(ValueError, match=f"the checkpoint {ckpt} being loaded holds no AdaMoLE adapters .*its "
+                                         "save was interrupted"):
         trainer.train(resume_from_checkpoint=str(ckpt))
     assert all(torch.equal(v, before[k]) for k, v in _adapters(resumed).items())
 
