@@ -59,10 +59,10 @@ if TYPE_CHECKING:  # what static tools see; at run time __getattr__ loads each n
 
 __all__ = [
     "AdaMoLEConfig", "CaptureError", "DeadAdapterError", "DifferentBaseError", "ForeignAdaptersError",
-    "NoAttentionFound", "OnnxExportError", "OnnxLM", "Plan", "Skip", "Target", "UnsupportedLayerError", "active_adapter", "adapter_names", "aux_loss",
-    "base_state_dict", "batch_adapters", "delete_adapter", "expert_stats", "export_onnx", "is_transformed",
-    "load_adapters", "plan", "plot_expert_stats", "reset_expert_stats", "save_adapters", "set_active_adapter",
-    "targets", "transform", "untransform",
+    "NoAttentionFound", "OnnxExportError", "OnnxLM", "Plan", "Skip", "Target", "UnsupportedLayerError",
+    "active_adapter", "adapter_names", "aux_loss", "base_state_dict", "batch_adapters", "delete_adapter",
+    "expert_stats", "export_onnx", "is_transformed", "load_adapters", "plan", "plot_expert_stats",
+    "reset_expert_stats", "save_adapters", "set_active_adapter", "targets", "transform", "untransform"
 ]
 
 
