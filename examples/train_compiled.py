@@ -24,6 +24,7 @@ def main() -> None:
     ac.transform(model, ac.AdaMoLEConfig(num_experts=8, rank=4, dropout=0.05))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     model.train()
+    ac.reset_expert_stats(model, passes="train")  # count the training forwards (the default counts eval ones)
 
     @torch.compile(fullgraph=True)
     def loss_fn(ids):
@@ -39,7 +40,8 @@ def main() -> None:
         opt.step()
         if step % 25 == 0 or step == args.steps - 1:
             print(f"step {step:4d}  loss {loss.item():.3f}  aux {ac.aux_loss(model).item():.3f}  "
-                  f"mean active experts {ac.expert_stats(model).mean_active:.2f}")
+                  f"mean active experts {ac.expert_stats(model).mean_active:.2f} (since the last line)")
+            ac.reset_expert_stats(model)
     print(f"{args.steps} compiled steps in {time.perf_counter() - t0:.1f} s (compilation included)")
 
 

@@ -82,7 +82,8 @@ def cmd_stats(args) -> int:
             "not of your data")
     with torch.no_grad():
         model(input_ids=ids)
-    stats = expert_stats(model)
+    what = "--text" if args.text else f"random token ids (seed {args.seed})"
+    stats = expert_stats(model).over(f"one pass over {what}: {ids.shape[0]} x {ids.shape[1]} tokens")
     print(stats.table())
     if args.json:
         print(f"statistics: {stats.save(args.json)}")

@@ -19,6 +19,7 @@ from .checks import check_demo
 TASKS = 4
 FIRST_BODY = 8  # token ids below this are reserved for task markers
 VOCAB = 32
+EVAL_ROWS = 64
 
 
 class DemoCheckFailed(RuntimeError):
@@ -79,10 +80,22 @@ def _train(model, args, ac):
         opt.step()
         sched.step()
         losses.append(loss.item())
-        if i % 10 == 0 or i == args.steps - 1:
-            bar.set_postfix(loss=f"{loss.item():.3f}", active=f"{ac.expert_stats(model).mean_active:.2f}")
+        if i % 10 == 0 or i == args.steps - 1:  # active: mean experts per token over the last 10 steps
+            bar.set_postfix({"loss": f"{loss.item():.3f}",
+                             "active (last 10 steps)": f"{ac.expert_stats(model).mean_active:.2f}"})
+            ac.reset_expert_stats(model)
     model.eval()
     return losses
+
+
+def _eval_stats(model, args, ac):
+    """The expert statistics of one eval-mode pass over held-out sequences (a seed training never draws)."""
+    ac.reset_expert_stats(model, passes="eval")
+    ids = synthetic_batch(EVAL_ROWS, 24, VOCAB, torch.Generator().manual_seed(args.seed + 7919))
+    with torch.no_grad():
+        model(input_ids=ids)
+    return ac.expert_stats(model).over(f"one pass over {EVAL_ROWS} held-out sequences ({ids.numel()} tokens) "
+                                       "after training")
 
 
 def _check(ok: bool, what: str, failures: list[str]) -> None:
@@ -140,14 +153,15 @@ def run_demo(args) -> int:
     sites = sum(len(t.roles) for t in ac.targets(model))
     _check(sites == 4 * args.layers, f"{sites} role sites found (q, k, v, o in each of {args.layers} layers)",
            failures)
-    ac.reset_expert_stats(model)
+    ac.reset_expert_stats(model, passes="train")  # the bar's `active`: training forwards, last 10 steps
     losses = _train(model, args, ac)
     head, tail = sum(losses[:10]) / min(10, len(losses)), sum(losses[-10:]) / min(10, len(losses))
     _check(tail < head, f"training lowered the loss ({head:.3f} -> {tail:.3f})", failures)
-    files = {"expert statistics": ac.expert_stats(model).save(out / "expert_stats.json")}
-    print(ac.expert_stats(model).table())
+    stats = _eval_stats(model, args, ac)
+    files = {"expert statistics": stats.save(out / "expert_stats.json")}
+    print(stats.table())
     try:
-        files["expert plot"] = ac.plot_expert_stats(ac.expert_stats(model), out / "experts.png",
+        files["expert plot"] = ac.plot_expert_stats(stats, out / "experts.png",
                                                     title="AdaMoLE demo: active experts per token")
     except ImportError as exc:
         print(f"  (no plot: {exc})")

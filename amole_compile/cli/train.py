@@ -6,6 +6,10 @@ directory's tokenizer, split into train / eval, and trained with the HF `Trainer
 token accuracy, checkpoints, `--resume`); the model's own loss holds the aux loss. Writes the adapters
 (`amole_config.json` + `adapters.safetensors`), the expert statistics (`expert_stats.json`, and
 `expert_stats.png` when matplotlib is installed) into `--out`.
+
+The run ends with one evaluation: the Trainer's own at the last step when the eval interval falls there, else
+one `evaluate`. The expert statistics are of that one pass over the eval set, real tokens only, and say so (with
+no eval set: one pass over up to STATS_RECORDS training records, in eval mode).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from pathlib import Path
 
 FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 QUANTIZE = ("4bit", "8bit")
+STATS_RECORDS = 256  # records of the training set the statistics are taken over when there is no eval set
 
 
 class DataError(ValueError):
@@ -169,7 +174,6 @@ def run_train(args, config) -> dict:
 
     from ..checkpoint.io import save_adapters
     from ..core import transform
-    from ..stats import expert_stats
 
     ds, mode = load_records(args.data, args.text_field, args.prompt_field, args.response_field)
     ds, missing = drop_records_without_text(ds, mode, args.text_field, args.prompt_field, args.response_field)
@@ -204,27 +208,69 @@ def run_train(args, config) -> dict:
                          data_collator=_Collator(tok.pad_token_id), processing_class=tok,
                          compute_metrics=_token_accuracy if evals is not None else None,
                          preprocess_logits_for_metrics=_argmax if evals is not None else None,
-                         callbacks=[_first_step_timer(args.compile)])
+                         callbacks=[_first_step_timer(args.compile), _stats_of_last_eval()])
     if args.resume:
         _say(f"resuming from {_last_checkpoint(out)}")
     result = trainer.train(resume_from_checkpoint=True if args.resume else None)
     summary = {"out": str(out), "train_loss": result.training_loss, "steps": trainer.state.global_step,
                "skipped_records": len(missing)}
-    if evals is not None:
-        metrics = trainer.evaluate()
-        summary.update({k: v for k, v in metrics.items() if k in ("eval_loss", "eval_token_accuracy")})
+    metrics, window = _final_eval(trainer, evals, train)
+    summary.update({k: v for k, v in metrics.items() if k in ("eval_loss", "eval_token_accuracy")})
     save_adapters(model, out)
     tok.save_pretrained(out)
-    stats = expert_stats(model)
-    if stats.sites and any(s.tokens for s in stats.sites):
-        summary["stats"] = str(stats.save(out / "expert_stats.json"))
-        try:
-            from ..stats import plot_expert_stats
-
-            summary["plot"] = str(plot_expert_stats(stats, out / "expert_stats.png"))
-        except ImportError:
-            summary["plot"] = "skipped (pip install matplotlib)"
+    summary.update(_save_stats(model, out, window, Path(args.model_dir).name))
     return summary
+
+
+def _final_eval(trainer, evals, train) -> tuple[dict, str]:
+    """One evaluation at the end (the Trainer's, when it ran at the last step), with the expert statistics of
+    that pass alone (`_StatsOfLastEval` reset them before it) -> (its metrics, the window the statistics cover)."""
+    from ..stats import reset_expert_stats
+
+    step = trainer.state.global_step
+    if evals is None:
+        sample = train.select(range(min(STATS_RECORDS, len(train))))
+        reset_expert_stats(trainer.model)
+        trainer.evaluate(eval_dataset=sample, metric_key_prefix="stats")
+        return {}, f"one pass over {len(sample)} training records in eval mode after step {step} (no eval set)"
+    last = next((h for h in reversed(trainer.state.log_history) if "eval_loss" in h), None)
+    if last is None or last.get("step") != step:
+        reset_expert_stats(trainer.model)
+        last = trainer.evaluate()
+    return last, f"one pass over the eval set ({len(evals)} records) after step {step}"
+
+
+def _save_stats(model, out: Path, window: str, title: str) -> dict:
+    from ..stats import expert_stats
+
+    stats = expert_stats(model).over(window)
+    if not stats.sites or not any(s.tokens for s in stats.sites):
+        return {}
+    _say(f"expert statistics: {window}")
+    saved = {"stats": str(stats.save(out / "expert_stats.json"))}
+    try:
+        from ..stats import plot_expert_stats
+
+        saved["plot"] = str(plot_expert_stats(stats, out / "expert_stats.png",
+                                              title=f"{title}: AdaMoLE active experts per token"))
+    except ImportError:
+        saved["plot"] = "skipped (pip install matplotlib)"
+    return saved
+
+
+def _stats_of_last_eval():
+    """A Trainer callback: before each evaluation the Trainer runs (its flag is set at the step's end), the
+    expert statistics are zeroed, so that they hold the last evaluation's pass alone."""
+    from transformers import TrainerCallback
+
+    from ..stats import reset_expert_stats
+
+    class StatsOfLastEval(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            if control.should_evaluate and model is not None:
+                reset_expert_stats(model)
+
+    return StatsOfLastEval()
 
 
 def _say(line: str) -> None:

@@ -33,6 +33,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from ..model import tokens
 from ..model.modules import ExpertSet
 from ..model.state import state_of
 
@@ -58,8 +59,11 @@ def _sites(module: nn.Module) -> list[ExpertSet]:
     return [m for m in module.modules() if isinstance(m, ExpertSet)]
 
 
-def pre_forward(module: nn.Module, args) -> None:
-    """Forget the last forward's per-forward aux (and, with gradients on, the aux `aux_loss` reads)."""
+def pre_forward(module: nn.Module, args, kwargs) -> None:
+    """Forget the last forward's per-forward aux (and, with gradients on, the aux `aux_loss` reads); put the
+    forward's attention mask in the call's context (the expert statistics count its real tokens only:
+    `model/tokens.py`)."""
+    tokens.enter(kwargs.get("attention_mask") if len(args) < 2 else _argument(module, "attention_mask", args, kwargs))
     grad = torch.is_grad_enabled()
     for site in _sites(module):
         site._fwd_aux = None
@@ -69,6 +73,7 @@ def pre_forward(module: nn.Module, args) -> None:
 
 def post_forward(module: nn.Module, args, kwargs, output):
     """Put this forward's aux loss into the output's loss (see the module doc); clear the per-forward values."""
+    tokens.leave()
     sites = _sites(module)
     values = [s._fwd_aux for s in sites if s._fwd_aux is not None]
     for s in sites:
@@ -113,15 +118,20 @@ def _post_forward_tuple(module: nn.Module, args, kwargs, output: tuple, aux: tor
 
 
 def _labels_given(module: nn.Module, args, kwargs) -> bool:
-    if kwargs.get("labels") is not None or kwargs.get("shift_labels") is not None:
+    if kwargs.get("shift_labels") is not None:
         return True
-    if not args:
-        return False
+    return _argument(module, "labels", args, kwargs) is not None
+
+
+def _argument(module: nn.Module, name: str, args, kwargs):
+    """The forward's argument `name`, passed by keyword or by position (None when not passed)."""
+    if name in kwargs or not args:
+        return kwargs.get(name)
     try:
         bound = inspect.signature(module.forward).bind_partial(*args)
     except (TypeError, ValueError):
-        return False
-    return bound.arguments.get("labels") is not None
+        return None
+    return bound.arguments.get(name)
 
 
 class _AuxOnLogProbs(torch.autograd.Function):

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from ..kernels.mixed_torch import COL_DROPOUT, Stack, mixed_adapter, stack_sites
 from .modules import ExpertSet, column_gather, combine_deltas, keep_mask
+from .tokens import real_tokens
 
 
 class RoleRows(NamedTuple):
@@ -133,8 +134,10 @@ def _record(training: bool, rows: RoleRows, slot: Tensor, scores: Tensor, mask: 
     t = b * s
     slot_tok = slot[:, None].expand(b, s).reshape(t)  # [T] each token's slot
     counts = None
-    if not training and any(site.track_stats for site in rows.sites):
-        counts = _counts(slot_tok, mask.reshape(t, e), len(rows.sites) + 1)
+    if not training and any(site.counting() for site in rows.sites):
+        real = real_tokens((b, s))  # [T] bool, or None: padding goes to the slot no site reads
+        counted = slot_tok if real is None else torch.where(real, slot_tok, len(rows.sites))
+        counts = _counts(counted, mask.reshape(t, e), len(rows.sites) + 1)
     for j, site in enumerate(rows.sites):
         if counts is not None:
             ej = site.num_experts
@@ -142,7 +145,7 @@ def _record(training: bool, rows: RoleRows, slot: Tensor, scores: Tensor, mask: 
             continue
         tokens = slot_tok == j  # [T] this adapter's tokens
         site.record(scores[..., :site.num_experts].reshape(t, -1), mask[..., :site.num_experts].reshape(t, -1),
-                    tokens)
+                    tokens, lead=(b, s))
 
 
 def _counts(slot_tok: Tensor, mask: Tensor, slots: int) -> tuple[Tensor, Tensor, Tensor]:

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from ..config import AdaMoLEConfig
 from ..kernels import AdapterArgs, adapter, register
 from ..kernels.mixed_torch import SiteWeights
+from .tokens import real_tokens
 
 
 def linear_features(layer: nn.Module) -> tuple[int, int] | None:
@@ -72,6 +73,7 @@ class ExpertSet(nn.Module):
         self._aux: Tensor | None = None  # last forward with gradients on
         self._fwd_aux: Tensor | None = None  # this forward (any gradient mode), read by the model's loss hook
         self.track_stats = True
+        self.stat_passes = "eval"  # which forwards the statistics count: "eval", "train" or "all" (PASSES)
         # expert statistics, accumulated over forwards until reset_stats(): tokens seen, tokens that selected
         # each expert [E], and how many tokens had 0..E experts active [E + 1]
         long = dict(dtype=torch.long, device=device)
@@ -130,10 +132,11 @@ class ExpertSet(nn.Module):
                            self.method, self.num_experts, self.top_k, self.scale, self.max_threshold,
                            self.dropout if self.training else 0.0)
 
-    def forward(self, x: Tensor, base: Tensor | None = None) -> Tensor:
-        """x [T, D] (adapter dtype) -> base + delta [T, O] (or delta when base is None)."""
+    def forward(self, x: Tensor, base: Tensor | None = None, lead: tuple[int, ...] | None = None) -> Tensor:
+        """x [T, D] (adapter dtype) -> base + delta [T, O] (or delta when base is None). `lead`: the leading
+        shape x had before it was flattened ((B, S): the statistics then count the real tokens only)."""
         out, scores, mask, _, _ = adapter(*self.op_args(x, self.drop_mask(x), base))
-        self.record(scores, mask)
+        self.record(scores, mask, lead=lead)
         return out
 
     def __getstate__(self) -> dict:
@@ -144,13 +147,15 @@ class ExpertSet(nn.Module):
         return state
 
     def record(self, scores: Tensor, mask: Tensor, tokens: Tensor | None = None,
-               counts: tuple[Tensor, Tensor, Tensor] | None = None) -> None:
+               counts: tuple[Tensor, Tensor, Tensor] | None = None, lead: tuple[int, ...] | None = None) -> None:
         """Keep this forward's aux loss (training mode, a router, at least one token) as `forward_aux`, and as
         `aux` when gradients are on: a forward with gradients off (an evaluation or metrics pass inside a
         training step) never replaces the aux of the forward being trained. Activation checkpointing's
         recompute records nothing. Add the routing to the expert statistics (not while exporting, nor when
-        checkpointing recomputes). `tokens` [T] bool: only those tokens are this site's (a mixed batch);
-        `counts`: this site's statistics counted by the caller (tokens [], selected [E], active [E + 1])."""
+        checkpointing recomputes), for the passes `stat_passes` names. `tokens` [T] bool: only those tokens are
+        this site's (a mixed batch); `counts`: this site's statistics counted by the caller (tokens [], selected
+        [E], active [E + 1]); `lead`: the input's leading shape, whose padding tokens are not counted
+        (`tokens.real_tokens`)."""
         recomputing = _recomputing()
         if self.training and self.gate is not None and (tokens is not None or scores.shape[0] > 0):
             # computed in the recompute too: checkpointing checks that it saves the same tensors
@@ -164,14 +169,21 @@ class ExpertSet(nn.Module):
                 self._fwd_aux = None
             if torch.is_grad_enabled() and self._aux is not None:
                 self._aux = None
-        if self.track_stats and not torch.compiler.is_exporting() and not recomputing:
+        if self.counting() and not recomputing:
             if counts is None:
-                self._count(mask, tokens)
+                real = None if lead is None else real_tokens(lead)
+                self._count(mask, real if tokens is None else tokens if real is None else tokens & real)
             else:
                 with torch.no_grad():
                     for buf, value in zip((self.stat_tokens, self.stat_selected, self.stat_active), counts,
                                           strict=True):
                         buf.add_(value)
+
+    def counting(self) -> bool:
+        """Does this forward add to the statistics (tracked, not exporting, a pass `stat_passes` names)?"""
+        if not self.track_stats or torch.compiler.is_exporting():
+            return False
+        return self.stat_passes == "all" or (self.stat_passes == "train") == self.training
 
     def _count(self, mask: Tensor, tokens: Tensor | None) -> None:
         # In place (`+=` would re-assign the module attribute), and by index_add_ so that no size of a
@@ -252,21 +264,25 @@ class AdapterGroup(nn.ModuleDict):
         site = self[role]
         if torch.is_autocast_enabled(x.device.type):
             with torch.autocast(x.device.type, enabled=False):
-                delta = site(x.reshape(-1, self.in_features).to(self.adapter_dtype))
+                delta = site(x.reshape(-1, self.in_features).to(self.adapter_dtype), lead=x.shape[:-1])
         else:
-            delta = site(x.reshape(-1, self.in_features).to(self.adapter_dtype))
+            delta = site(x.reshape(-1, self.in_features).to(self.adapter_dtype), lead=x.shape[:-1])
         return y + delta.view_as(y).to(y.dtype)
 
     def _add_to(self, x: Tensor, y: Tensor, autocast: bool = False) -> Tensor:
         xa = x.reshape(-1, self.in_features).to(self.adapter_dtype)  # [T, D]
+        lead = x.shape[:-1]  # (B, S) for a model's hidden states: the statistics skip their padding
         if self.fused_base():
             site = self[self.roles[0]]
             base = y.reshape(-1, self.out_features)
             if autocast and base.dtype != xa.dtype:  # the projection ran in the autocast dtype
-                return site(xa, base=base.to(xa.dtype)).view_as(y).to(y.dtype)
-            return site(xa, base=base).view_as(y)
-        deltas = [site(xa) for site in self.values()]  # each [T, O_role]
+                return site(xa, base=base.to(xa.dtype), lead=lead).view_as(y).to(y.dtype)
+            return site(xa, base=base, lead=lead).view_as(y)
+        deltas = [site(xa, lead=lead) for site in self.values()]  # each [T, O_role]
         return y + combine_deltas(deltas, self.column_gather, self.n_unadapted).view_as(y).to(y.dtype)
+
+
+PASSES = ("eval", "train", "all")  # the forwards a site's statistics may count (`ExpertSet.stat_passes`)
 
 
 def _token_mean(v: Tensor, tokens: Tensor | None) -> Tensor:

@@ -36,9 +36,10 @@ def site_drop_mask(site: ExpertSet, x: torch.Tensor) -> torch.Tensor | None:
     return site.drop_mask(x)
 
 
-def site_record(site: ExpertSet, scores: torch.Tensor, mask: torch.Tensor) -> None:
-    """Graph-node helper: record the site's aux loss and expert statistics."""
-    site.record(scores, mask)
+def site_record(site: ExpertSet, scores: torch.Tensor, mask: torch.Tensor, x: torch.Tensor | None = None) -> None:
+    """Graph-node helper: record the site's aux loss and expert statistics (x: the projection's input, whose
+    leading shape says which tokens are padding)."""
+    site.record(scores, mask, lead=None if x is None else x.shape[:-1])
 
 
 class _Emitter:
@@ -52,7 +53,8 @@ class _Emitter:
         node.meta["amole"] = {"module": self.module, "role": role}
         return node
 
-    def site(self, path: str, site: ExpertSet, role: str, x2: fx.Node, base: fx.Node | None) -> fx.Node:
+    def site(self, path: str, site: ExpertSet, role: str, x2: fx.Node, base: fx.Node | None,
+             x: fx.Node | None = None) -> fx.Node:
         def attr(_site: ExpertSet, name: str) -> fx.Node:
             return self("get_attr", f"{path}.{name}", (), role)
 
@@ -61,7 +63,7 @@ class _Emitter:
         args = tuple(site.op_args(x2, mask, base, tensor=attr))  # parameters read by get_attr nodes
         res = self("call_function", torch.ops.amole.adapter.default, args, role)
         out, scores, m = (self("call_function", operator.getitem, (res, i), role) for i in range(3))
-        self("call_function", site_record, (site_node, scores, m), role)
+        self("call_function", site_record, (site_node, scores, m, x), role)
         return out
 
 
@@ -76,13 +78,13 @@ def _rewrite_call(gm: fx.GraphModule, node: fx.Node, call, group: AdapterGroup, 
         sites = [(role, group[role]) for role in group.roles]
         if group.fused_base() and rows is None:
             base = emit("call_method", "reshape", (node, (-1, group.out_features)))
-            out = emit.site(f"{path}.{sites[0][0]}", sites[0][1], sites[0][0], x2, base)
+            out = emit.site(f"{path}.{sites[0][0]}", sites[0][1], sites[0][0], x2, base, call.input)
             new = emit("call_method", "view_as", (out, node))
         else:
             gather, n_rest = "column_gather", group.n_unadapted
             if rows is not None:  # the call computes some of the parameter's output lines (W[a:b]): their roles
                 sites, gather, n_rest = _part(group, sites, rows, call.module)
-            deltas = [emit.site(f"{path}.{r}", s, r, x2, None) for r, s in sites]
+            deltas = [emit.site(f"{path}.{r}", s, r, x2, None, call.input) for r, s in sites]
             gather = emit("get_attr", f"{path}.{gather}", ()) if group._buffers.get(gather) is not None else None
             full = emit("call_function", combine_deltas, (deltas, gather, n_rest))
             full = emit("call_method", "type_as", (emit("call_method", "view_as", (full, node)), node))

@@ -120,6 +120,11 @@ def test_demo_runs_end_to_end(tmp_path):
     assert names == ["adapters", "decoder.onnx", "expert_stats.json", "experts.png", "model.onnx"]
     for line in ("onnxruntime logits match PyTorch", "OnnxLM greedy generation equals PyTorch generate()"):
         assert f"[ok] {line}" in r.stdout
+    window = "one pass over 64 held-out sequences (1536 tokens) after training"
+    assert f"counted: eval-mode forwards since the last reset, real tokens only (those the attention_mask " \
+           f"marks); {window}" in r.stdout  # the table says what it covers
+    stats = json.loads((tmp_path / "demo" / "expert_stats.json").read_text())
+    assert stats["scope"]["window"] == window and {s["tokens"] for s in stats["sites"]} == {1536}
 
 
 @pytest.mark.parametrize("argv", [["inspect", "/nonexistent"], ["stats", "/nonexistent", "/x"],

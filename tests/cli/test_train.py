@@ -166,3 +166,28 @@ def test_generate_samples_with_a_seed_and_stops_at_max_length(model_dir, adapter
     assert len(runs[3]) <= 2  # 5 tokens in all: the 3-token prompt leaves 2
     assert main([*base, "--max-length", "3"]) == 1
     assert "leaves no room after the prompt's 3 tokens" in capsys.readouterr().err
+
+
+def test_statistics_are_one_eval_pass_over_real_tokens(model_dir, tmp_path, monkeypatch):
+    """The run ends with one evaluation (the Trainer's at the last step; no second one), and expert_stats.json
+    holds that pass alone, over the eval set's real tokens (padding not counted), saying so."""
+    import transformers as tf
+
+    from amole_compile.cli.train import load_records, load_tokenizer, tokenize
+
+    calls = []
+    own = tf.Trainer.evaluate
+    monkeypatch.setattr(tf.Trainer, "evaluate", lambda self, *a, **k: (calls.append(1), own(self, *a, **k))[1])
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(json.dumps({"text": _words(i, n=3 + i % 9)}) for i in range(40)))
+    assert _train(model_dir, data, tmp_path / "out", "--eval-fraction", "0.25") == 0
+    assert len(calls) == 2  # at steps 2 and 4 (the eval interval is the save interval); none after
+    ds, mode = load_records(data)
+    split = tokenize(ds, mode, load_tokenizer(model_dir), 512).train_test_split(test_size=10, seed=0)
+    real = sum(len(r["input_ids"]) for r in split["test"])
+    padded = sum(max(len(r["input_ids"]) for r in split["test"].select(range(i, min(i + 4, 10))))
+                 * len(range(i, min(i + 4, 10))) for i in range(0, 10, 4))
+    stats = json.loads((tmp_path / "out" / "expert_stats.json").read_text())
+    assert real < padded and {s["tokens"] for s in stats["sites"]} == {real}
+    assert stats["scope"]["window"] == "one pass over the eval set (10 records) after step 4"
+    assert stats["scope"]["passes"] == "eval"
