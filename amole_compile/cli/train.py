@@ -193,6 +193,7 @@ def run_train(args, config) -> dict:
 
     _say(f"loading {args.model_dir}{f' ({args.quantize})' if args.quantize else ''} and finding its projections ...")
     model = load_model(args.model_dir, args.quantize)
+    tf.set_seed(args.seed)  # --seed decides the adapters' initialisation too, not only what the Trainer draws
     transform(model, config)
     out = Path(args.out)
     targs = tf.TrainingArguments(

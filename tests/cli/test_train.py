@@ -191,3 +191,21 @@ def test_statistics_are_one_eval_pass_over_real_tokens(model_dir, tmp_path, monk
     assert real < padded and {s["tokens"] for s in stats["sites"]} == {real}
     assert stats["scope"]["window"] == "one pass over the eval set (10 records) after step 4"
     assert stats["scope"]["passes"] == "eval"
+
+
+def test_a_resumed_run_has_the_statistics_of_an_uninterrupted_one(model_dir, tmp_path):
+    """Stopped at step 2 and resumed to step 4, the run saves the statistics an uninterrupted 4-step run saves:
+    they are of the last evaluation's pass, not a sum over however the run got there."""
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(json.dumps({"text": _words(i, n=3 + i % 5)}) for i in range(24)))
+    flat = ("--scheduler", "constant", "--warmup-steps", "0")  # the lr does not depend on --steps
+    assert _train(model_dir, data, tmp_path / "whole", *flat) == 0
+    part = ["train", str(model_dir), str(data), "--out", str(tmp_path / "part"), "--batch", "4", "--lr", "1e-2",
+            "--experts", "2", "--rank", "2", "--save-steps", "2", "--logging-steps", "1", "--no-progress", *flat]
+    assert main([*part, "--steps", "2"]) == 0
+    assert main([*part, "--steps", "4", "--resume"]) == 0
+    whole, part = (json.loads((tmp_path / d / "expert_stats.json").read_text()) for d in ("whole", "part"))
+    assert whole["scope"]["window"] == part["scope"]["window"] == "one pass over the eval set (3 records) after step 4"
+    for a, b in zip(whole["sites"], part["sites"], strict=True):
+        assert a["tokens"] == b["tokens"] > 0
+        assert a["active_histogram"] == pytest.approx(b["active_histogram"], abs=1e-6)
