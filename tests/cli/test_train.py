@@ -209,3 +209,25 @@ def test_a_resumed_run_has_the_statistics_of_an_uninterrupted_one(model_dir, tmp
     for a, b in zip(whole["sites"], part["sites"], strict=True):
         assert a["tokens"] == b["tokens"] > 0
         assert a["active_histogram"] == pytest.approx(b["active_histogram"], abs=1e-6)
+
+
+def test_output_files_and_folders_get_the_mode_the_umask_gives(model_dir, tmp_path):
+    """--out, its checkpoints and every file we write there (adapters, statistics, plot, the checkpoint marker)
+    get the mode the umask gives, not 0600 / 0700."""
+    import os
+    import stat
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(json.dumps({"text": _words(i)}) for i in range(12)))
+    before = os.umask(0o027)
+    try:
+        assert _train(model_dir, data, tmp_path / "out") == 0
+    finally:
+        os.umask(before)
+    out = tmp_path / "out"
+    for folder in (out, out / "checkpoint-4"):
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o750, folder
+    ours = ["amole_config.json", "adapters.safetensors", "expert_stats.json", "expert_stats.png",
+            "checkpoint-4/amole_config.json", "checkpoint-4/adapters.safetensors", "checkpoint-4/model.safetensors"]
+    for name in ours:
+        assert stat.S_IMODE((out / name).stat().st_mode) == 0o640, name
