@@ -148,21 +148,25 @@ def tiny_llama(dtype: torch.dtype) -> nn.Module:
 
 
 def train_step(model: nn.Module, ids: torch.Tensor):
-    """forward with labels (AdaMoLE's loss holds its aux term), backward, AdamW, zero_grad."""
+    """-> (step: forward with labels (AdaMoLE's loss holds its aux term), backward, AdamW, zero_grad;
+    fwd_bwd: the forward and backward alone)."""
     model.train()
     # foreach: one op per group of tensors, as the CUDA default (CPU's default is a loop per parameter)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, foreach=True)
 
-    def step() -> None:
+    def fwd_bwd() -> None:
         model(input_ids=ids, labels=ids).loss.backward()
+
+    def step() -> None:
+        fwd_bwd()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    return step
+    return step, fwd_bwd
 
 
 def step_models(dtype: torch.dtype = torch.bfloat16) -> tuple[dict, torch.Tensor]:
-    """{"amole": step, "peft lora": step} on copies of one tiny Llama, and the batch [2, 8]."""
+    """{"amole": (step, fwd_bwd), "peft lora": ...} on copies of one tiny Llama, and the batch [2, 8]."""
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(0)
@@ -175,24 +179,26 @@ def step_models(dtype: torch.dtype = torch.bfloat16) -> tuple[dict, torch.Tensor
 
 
 def host_ratio(steps: int, warmup: int = 3) -> dict:
-    """Median process CPU time per step of each contender (one thread, launches stubbed), and launches per step."""
+    """Median process CPU time per step of each contender (one thread, launches stubbed); the launches and syncs
+    of its forward + backward (AdamW's `.item()`s read CPU step counters, no device sync on a GPU)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     torch.set_flush_denormal(True)  # stubbed kernels leave garbage, which must not hit slow denormal paths
     try:
         with cpu_triton():
             fns, _ = step_models()
-        launches = {}
+        counts = {}
         with cpu_triton(), triton_hooked(None):
-            for k, fn in fns.items():
-                fn()
+            for k, (step, fwd_bwd) in fns.items():
+                step()
                 with counting() as c:
-                    fn()
-                launches[k] = c.summary()["launches"]
-            times = bc.interleaved(fns, steps, warmup, "cpu", clock="process")
+                    fwd_bwd()
+                step()  # (the counted fwd_bwd's gradients are dropped by this step's zero_grad)
+                counts[k] = c.summary()
+            times = bc.interleaved({k: v[0] for k, v in fns.items()}, steps, warmup, "cpu", clock="process")
     finally:
         torch.set_num_threads(threads)
-    return {"times": times, "launches": launches}
+    return {"times": times, "counts": counts}
 
 
 def main() -> None:
@@ -218,16 +224,19 @@ def main() -> None:
     times, ratio = host["times"], host["times"]["amole"] / host["times"]["peft lora"]
     print(f"\ntiny Llama training step (h64, 4 layers, seq 8, batch 2, bf16), launches stubbed, process CPU time, "
           f"1 thread: amole {times['amole'] * 1e3:.2f} ms, peft lora {times['peft lora'] * 1e3:.2f} ms, "
-          f"ratio {ratio:.2f}x; launches per step amole {host['launches']['amole']}, "
-          f"peft lora {host['launches']['peft lora']}")
+          f"ratio {ratio:.2f}x")
+    keys = ("aten", "triton", "launches", "allocs", "syncs")
+    print("fwd + bwd of that step:")
+    print(bc.table([[n] + [c[k] for k in keys] for n, c in host["counts"].items()], ["model"] + list(keys)))
     row = {"device": bc.device_name("cpu"), "T": args.tokens, "D": args.dim, "overwrite check": int(run)}
     for name, c in counts.items():
         row.update({f"{name} {k}": c[k] for k in keys})
     for method, t, d, _, fewest, _ in grids:
         row[f"{method} fewest programs T{t} D{d}"] = fewest
     row.update({"step amole ms": round(times["amole"] * 1e3, 3), "step peft ms": round(times["peft lora"] * 1e3, 3),
-                "step ratio": round(ratio, 3), "step amole launches": host["launches"]["amole"],
-                "step peft launches": host["launches"]["peft lora"]})
+                "step ratio": round(ratio, 3)})
+    for name, c in host["counts"].items():
+        row.update({f"step {name} {k}": c[k] for k in ("launches", "allocs", "syncs")})
     print(f"appended to {bc.append_row('host_overhead', row)}")
 
 
