@@ -1,0 +1,263 @@
+"""What a GPU would see of one adapted site's training forward + backward, counted on a CPU (no GPU needed), per
+method against PEFT's LoRA layer; the host time of a tiny Llama training step with kernel launches stubbed; and
+the programs of every Triton launch over real T x D shapes against the H100's 132 SMs (issue 21).
+
+    python benchmarks/host_overhead.py [--tokens 64 --dim 64] [--steps 30] [--no-run-kernels]
+
+Per site (bf16, E=8 r=4 for adamole / mole, E=1 r=32 for lora, dropout 0.05, x requiring grad, the aux loss's
+gradient included; PEFT: `peft.tuners.lora.Linear` r=32 on the same nn.Linear): kernel-launching ATen ops, Triton
+launches, new allocations, zero-filled allocations a kernel then overwrites entirely, host syncs
+(`benchmarks/_counting.py` says what counts). The Triton path is forced (`kernels="triton"`, TRITON_INTERPRET=1);
+kernels run in the interpreter so that the overwrite check can look at their outputs.
+
+Host-time ratio: a Llama (hidden 64, 4 layers, seq 8, batch 2, bf16) training step, AdaMoLE (`transform`) over
+PEFT LoRA r=32, Triton launches stubbed, process CPU time on one torch thread, alternating (which runs first
+alternates too), the median of the per-pair ratios.
+A stubbed launch costs nothing here, where Triton's Python launch path costs ~10 us per call on a GPU host.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from unittest import mock
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parent.parent))
+from _counting import counting, kernels_interpreted, triton_hooked
+
+import amole_compile as ac
+from amole_compile.model.projection import AdaMoLELinear
+
+import _common as bc
+
+METHODS = ("adamole", "mole", "lora")
+SITES = METHODS + ("peft lora", "frozen linear")
+GRID_SHAPES = ((1024, 512), (1024, 4096), (8192, 512), (8192, 4096))  # (T, D = O)
+SMS = 132  # H100 SXM
+AUX_COEF = 1e-3
+
+
+def method_config(method: str, kernels: str = "triton") -> ac.AdaMoLEConfig:
+    """E=8 r=4 (lora: one expert of rank 32: the same total rank), dropout 0.05."""
+    e, r = (1, 32) if method == "lora" else (8, 4)
+    return ac.AdaMoLEConfig(method=method, num_experts=e, rank=r, dropout=0.05, kernels=kernels)
+
+
+def site(name: str, d: int, dtype: torch.dtype) -> nn.Module:
+    """One adapted d x d projection (train mode, B nonzero) of kind `name` (see SITES)."""
+    base = nn.Linear(d, d, bias=False, dtype=dtype).requires_grad_(False)
+    if name == "frozen linear":
+        return base
+    if name == "peft lora":
+        from peft import LoraConfig
+        from peft.tuners.lora import Linear
+
+        cfg = LoraConfig(r=32, lora_alpha=16, lora_dropout=0.05)
+        layer = Linear(base, "default", config=cfg, r=32, lora_alpha=16, lora_dropout=0.05)
+        nn.init.normal_(layer.lora_B["default"].weight, std=0.01)
+        return layer.train()
+    layer = AdaMoLELinear(base, ("q",), (tuple(range(d)),), method_config(name))
+    nn.init.normal_(layer.group["q"].lora_B, std=0.01)
+    return layer.train()
+
+
+def fwd_bwd(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor):
+    """One training forward + backward of `layer` on x [T, D] with output gradient grad [T, O] (+ the aux loss's
+    gradient, AUX_COEF, where the site records one)."""
+    aux_grad = torch.tensor(AUX_COEF, dtype=torch.float32)
+
+    def run() -> None:
+        x.grad = None
+        for p in layer.parameters():
+            p.grad = None
+        out = layer(x)  # [T, O]
+        group = getattr(layer, "group", None)
+        aux = group["q"].aux if group is not None else None
+        outs, grads = ([out, aux], [grad, aux_grad.to(aux.dtype)]) if aux is not None else ([out], [grad])
+        torch.autograd.backward(outs, grads)
+
+    return run
+
+
+def cpu_triton():
+    """Within: kernels='triton' accepts CPU tensors (TRITON_INTERPRET=1 is read per call). The kernels run only if
+    they were defined under it (`kernels_interpreted()`); otherwise keep their launches stubbed."""
+    from amole_compile.kernels import adapter_triton  # noqa: F401  defined as the session has them, not interpreted
+
+    return mock.patch.dict(os.environ, {"TRITON_INTERPRET": "1"})
+
+
+def count_site(name: str, t: int, d: int, dtype: torch.dtype = torch.bfloat16, run_kernels: bool = True):
+    """-> the `Counter` of one training fwd + bwd of site `name` (after one uncounted warm-up call)."""
+    torch.manual_seed(0)
+    layer = site(name, d, dtype)
+    x = torch.randn(t, d, dtype=dtype, requires_grad=True)  # [T, D]
+    grad = torch.randn(t, d, dtype=dtype)  # [T, O]
+    step = fwd_bwd(layer, x, grad)
+    with cpu_triton():
+        with triton_hooked(None):
+            step()
+        with counting(run_kernels=run_kernels and kernels_interpreted()) as c:
+            step()
+    return c
+
+
+def grid_launches(method: str, t: int, d: int, dtype: torch.dtype = torch.bfloat16) -> list:
+    """The Triton launches (name, grid) of a forward + backward of `method` over x [T, D], D = O, driven on meta
+    tensors through the launchers (nothing computed)."""
+    from amole_compile.kernels import adapter_triton
+
+    cfg = method_config(method)
+    spec, e, k = cfg.spec, cfg.num_experts, cfg.num_experts * cfg.rank
+    kw = dict(device="meta", dtype=dtype)
+    x, base = torch.empty(t, d, **kw), torch.empty(t, d, **kw)  # [T, D], [T, O]
+    a, b = torch.empty(k, d, **kw), torch.empty(d, k, **kw)  # [K, D], [O, K]
+    gate = torch.empty(e, d, **kw) if spec.has_gate else None  # [E, D]
+    thr_w, thr_b = (torch.empty(1, d, **kw), torch.empty(1, **kw)) if spec.has_threshold else (None, None)
+    keep = torch.empty(t, d, device="meta", dtype=torch.bool)  # [T, D]
+    scalars = (method, e, cfg.k, cfg.scale, cfg.threshold_cap, 1 / 0.95)
+    with counting() as c:
+        _, scores, _, za, zr = adapter_triton.adapter_triton(x, keep, a, b, gate, thr_w, thr_b, base, *scalars)
+        adapter_triton.adapter_backward_triton(base, scores if spec.has_gate else None, x, keep, a, b, gate, thr_w,
+                                               thr_b, za, zr, *scalars, True)
+    return c.triton
+
+
+def grid_table() -> list[list]:
+    """Rows (method, T, D, programs per launch, fewest, goal) over GRID_SHAPES."""
+    rows = []
+    for method in METHODS:
+        for t, d in GRID_SHAPES:
+            launches = grid_launches(method, t, d)
+            goal = SMS if t < 8192 else 2 * SMS
+            fewest = min(x.programs for x in launches)
+            rows.append([method, t, d, " ".join(f"{x.name.strip('_')}={x.programs}" for x in launches), fewest, goal])
+    return rows
+
+
+def tiny_llama(dtype: torch.dtype) -> nn.Module:
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    cfg = LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=172, num_hidden_layers=4,
+                      num_attention_heads=2, num_key_value_heads=2)
+    return AutoModelForCausalLM.from_config(cfg).to(dtype)
+
+
+def train_step(model: nn.Module, ids: torch.Tensor):
+    """-> (step: forward with labels (AdaMoLE's loss holds its aux term), backward, AdamW, zero_grad;
+    fwd_bwd: the forward and backward alone)."""
+    model.train()
+    # foreach: one op per group of tensors, as the CUDA default (CPU's default is a loop per parameter)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, foreach=True)
+
+    def fwd_bwd() -> None:
+        model(input_ids=ids, labels=ids).loss.backward()
+
+    def step() -> None:
+        fwd_bwd()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step, fwd_bwd
+
+
+def step_models(dtype: torch.dtype = torch.bfloat16) -> tuple[dict, torch.Tensor]:
+    """{"amole": (step, fwd_bwd), "peft lora": ...} on copies of one tiny Llama, and the batch [2, 8]."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    base = tiny_llama(dtype)
+    ids = torch.randint(0, 1000, (2, 8))
+    amole = ac.transform(copy.deepcopy(base), method_config("adamole"))
+    lora = get_peft_model(copy.deepcopy(base), LoraConfig(r=32, lora_alpha=16, lora_dropout=0.05,
+                                                          target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    return {"amole": train_step(amole, ids), "peft lora": train_step(lora, ids)}, ids
+
+
+def host_ratio(steps: int, warmup: int = 3) -> dict:
+    """Median process CPU time per step of each contender (one thread, launches stubbed); the launches and syncs
+    of its forward + backward (AdamW's `.item()`s read CPU step counters, no device sync on a GPU)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.set_flush_denormal(True)  # stubbed kernels leave garbage, which must not hit slow denormal paths
+    try:
+        with cpu_triton():
+            fns, _ = step_models()
+        counts = {}
+        with cpu_triton(), triton_hooked(None):
+            for k, (step, fwd_bwd) in fns.items():
+                step()
+                with counting() as c:
+                    fwd_bwd()
+                step()  # (the counted fwd_bwd's gradients are dropped by this step's zero_grad)
+                counts[k] = c.summary()
+            times, ratio = paired(fns["amole"][0], fns["peft lora"][0], steps, warmup)
+    finally:
+        torch.set_num_threads(threads)
+    return {"times": {"amole": times[0], "peft lora": times[1]}, "ratio": ratio, "counts": counts}
+
+
+def paired(a, b, steps: int, warmup: int) -> tuple[tuple[float, float], float]:
+    """Process CPU seconds of a and b, alternating which runs first -> ((median a, median b), median of a / b)."""
+    for _ in range(warmup):
+        a(), b()
+    ta, tb = [], []
+    for i in range(steps):
+        for fn, out in ((a, ta), (b, tb)) if i % 2 == 0 else ((b, tb), (a, ta)):
+            t = time.process_time()
+            fn()
+            out.append(time.process_time() - t)
+    med = statistics.median
+    return (med(ta), med(tb)), med(x / y for x, y in zip(ta, tb, strict=True))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tokens", type=int, default=64, help="T of the per-site counts")
+    ap.add_argument("--dim", type=int, default=64, help="D = O of the per-site counts")
+    ap.add_argument("--steps", type=int, default=30, help="timed steps of the host-time ratio")
+    ap.add_argument("--no-run-kernels", action="store_true", help="stub the kernels (no overwrite check)")
+    args = ap.parse_args()
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton defines the kernels: they run on CPU tensors
+    run = not args.no_run_kernels and kernels_interpreted()
+    counts = {name: count_site(name, args.tokens, args.dim, run_kernels=run).summary() for name in SITES}
+    keys = ("aten", "triton", "launches", "allocs", "zeroed_to_kernel", "overwritten", "syncs")
+    peft = counts["peft lora"]["launches"]
+    print(f"one site's training fwd + bwd, bf16, T={args.tokens} D=O={args.dim}, aux grad included "
+          f"(overwrite check {'on' if run else 'off'})")
+    print(bc.table([[n] + [c[k] for k in keys] + [f"{c['launches'] - peft:+d}"] for n, c in counts.items()],
+                   ["site"] + list(keys) + ["launches - peft"]))
+    grids = grid_table()
+    print(f"\nTriton programs per launch (fwd + bwd, bf16; H100: {SMS} SMs)")
+    print(bc.table(grids, ["method", "T", "D=O", "programs per launch", "fewest", "goal"]))
+    host = host_ratio(args.steps)
+    times, ratio = host["times"], host["ratio"]
+    print(f"\ntiny Llama training step (h64, 4 layers, seq 8, batch 2, bf16), launches stubbed, process CPU time, "
+          f"1 thread: amole {times['amole'] * 1e3:.2f} ms, peft lora {times['peft lora'] * 1e3:.2f} ms, "
+          f"median ratio {ratio:.2f}x")
+    keys = ("aten", "triton", "launches", "allocs", "syncs")
+    print("fwd + bwd of that step:")
+    print(bc.table([[n] + [c[k] for k in keys] for n, c in host["counts"].items()], ["model"] + list(keys)))
+    row = {"device": bc.device_name("cpu"), "T": args.tokens, "D": args.dim, "overwrite check": int(run)}
+    for name, c in counts.items():
+        row.update({f"{name} {k}": c[k] for k in keys})
+    for method, t, d, _, fewest, _ in grids:
+        row[f"{method} fewest programs T{t} D{d}"] = fewest
+    row.update({"step amole ms": round(times["amole"] * 1e3, 3), "step peft ms": round(times["peft lora"] * 1e3, 3),
+                "step ratio": round(ratio, 3)})
+    for name, c in host["counts"].items():
+        row.update({f"step {name} {k}": c[k] for k in ("launches", "allocs", "syncs")})
+    print(f"appended to {bc.append_row('host_overhead', row)}")
+
+
+if __name__ == "__main__":
+    main()

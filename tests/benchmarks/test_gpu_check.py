@@ -1,0 +1,27 @@
+"""`benchmarks/gpu_check.py --cpu-smoke` runs end to end on CPU (tiny shapes, eager): the GPU check cannot crash
+for a reason a CPU could have caught. No figure is checked."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_cpu_smoke_runs_and_writes_its_results(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("OUT", "AMOLE_KERNELS")}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--cpu-smoke", "--out",
+                           str(tmp_path)], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "gpu_check.json").read_text())
+    layer = [r["contender"] for r in result["rows"] if r["section"] == "layer"]
+    assert layer == ["frozen linear", "+ lora32", "+ amole triton", "+ amole torch"]
+    train = [r for r in result["rows"] if r["section"] == "train"]
+    assert [r["mode"] for r in train] == ["eager", "eager"] and all(r["tokens/s"] > 0 for r in train)
+    assert not [n for n in result["notes"] if "failed" in n], result["notes"]
+    assert (tmp_path / "gpu_check.csv").read_text().count("\n") == 1 + len(result["rows"])

@@ -1,0 +1,97 @@
+"""What a GPU would see of one adapted site's training forward + backward (`benchmarks/host_overhead.py`, counted
+on a CPU): launches, allocations and host syncs per method against PEFT's LoRA layer, and the Triton grids'
+programs at real shapes. Counts, not times: deterministic.
+
+EXPECTED holds the counts measured on 2026-12-05 (commit e6ccd5a's op) as upper bounds (grids: lower bounds), so
+that a regression fails; lower them as the op gets leaner. GOALS are issue 21's targets; those not met yet are
+strict xfails, which fail once met: then move the case out of NOT_MET.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+import host_overhead as ho
+from _counting import counting, kernels_interpreted
+
+# Per site, bf16, T = D = O = 64, E=8 r=4 (lora: E=1 r=32), dropout 0.05, aux gradient included.
+EXPECTED = {
+    "adamole": {"aten": 41, "triton": 4, "launches": 45, "allocs": 48, "overwritten": 2, "syncs": 0},
+    "mole": {"aten": 41, "triton": 4, "launches": 45, "allocs": 47, "overwritten": 1, "syncs": 0},
+    "lora": {"aten": 33, "triton": 4, "launches": 37, "allocs": 34, "overwritten": 0, "syncs": 0},
+}
+PEFT = {"launches": 14, "allocs": 15, "syncs": 0}  # peft.tuners.lora.Linear r=32: the baseline of the goals
+# Fewest programs of any Triton launch of a fwd + bwd, per (T, D = O), bf16: the same for every method today.
+EXPECTED_FEWEST = {(1024, 512): 16, (1024, 4096): 16, (8192, 512): 64, (8192, 4096): 128}
+
+SMS = 132  # H100
+GOALS = {  # (the method's counts, PEFT's) -> met?
+    "launches": lambda c, peft: c["launches"] <= peft["launches"] + 2,
+    "overwritten": lambda c, peft: c["overwritten"] == 0,  # no allocation whose contents a kernel overwrites
+    "syncs": lambda c, peft: c["syncs"] == 0,
+}
+GRID_GOAL = {1024: SMS, 8192: 2 * SMS}  # fewest programs per launch at T
+NOT_MET = {("launches", m) for m in ho.METHODS} | {("overwritten", "adamole"), ("overwritten", "mole")} | {
+    ("grid", m) for m in ho.METHODS}
+_XFAIL = pytest.mark.xfail(strict=True, reason="issue 21: op not yet lean")
+
+
+@pytest.fixture(scope="module")
+def counts() -> dict:
+    return {name: ho.count_site(name, 64, 64).summary() for name in ho.SITES}
+
+
+@pytest.mark.parametrize("method", ho.METHODS)
+def test_counts_do_not_regress(counts, method):
+    got = counts[method]
+    for key, bound in EXPECTED[method].items():
+        if key == "overwritten" and not kernels_interpreted():
+            continue  # the kernels can only run (and be checked) under TRITON_INTERPRET=1
+        assert got[key] <= bound, f"{method}: {key} {got[key]} > {bound} (today's count); got {got}"
+
+
+def test_peft_baseline(counts):
+    got = counts["peft lora"]
+    assert {k: got[k] for k in PEFT} == PEFT, got
+    assert counts["frozen linear"]["launches"] == 2  # mm forward, mm for grad_x
+
+
+@pytest.mark.parametrize(("goal", "method"), [
+    pytest.param(g, m, marks=_XFAIL if (g, m) in NOT_MET else ()) for g in sorted(GOALS) for m in ho.METHODS])
+def test_goal(counts, goal, method):
+    if goal == "overwritten" and not kernels_interpreted():
+        pytest.skip("the overwrite check runs the kernels under TRITON_INTERPRET=1")
+    assert GOALS[goal](counts[method], counts["peft lora"]), (goal, counts[method], counts["peft lora"])
+
+
+@pytest.mark.parametrize("method", ho.METHODS)
+def test_grids_do_not_regress(method):
+    for (t, d), fewest in EXPECTED_FEWEST.items():
+        got = min(x.programs for x in ho.grid_launches(method, t, d))
+        assert got >= fewest, f"{method} T={t} D={d}: fewest programs {got} < {fewest}"
+
+
+@pytest.mark.parametrize("method", [pytest.param(m, marks=_XFAIL if ("grid", m) in NOT_MET else ())
+                                    for m in ho.METHODS])
+def test_grid_goal(method):
+    for t, d in EXPECTED_FEWEST:
+        launches = ho.grid_launches(method, t, d)
+        assert min(x.programs for x in launches) >= GRID_GOAL[t], [(x.name, x.programs) for x in launches]
+
+
+def test_counter_rules():
+    """Views and bare allocations launch nothing; CPU dropout counts as CUDA's one fused kernel; .item() syncs."""
+    x = torch.randn(8, 4, requires_grad=True)
+    with counting() as c:
+        y = x.reshape(32).view(4, 8).t()  # views: nothing
+        torch.empty(3)  # an allocation, not a launch
+        z = torch.nn.functional.dropout(y, 0.5, training=True)  # 1
+        z.sum().item()  # sum: 1, a sync
+    assert c.launch_ops == ["native_dropout", "sum"], c.ops
+    assert c.syncs == ["_local_scalar_dense"]
+    assert len(c.allocs) == 4  # empty, the mask, the dropped output, the sum
