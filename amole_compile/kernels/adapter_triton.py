@@ -337,6 +337,18 @@ def adapter_backward_triton(grad_out, grad_scores, x, drop_mask, lora_a, lora_b,
     return grad_x, grad_a, grad_b.to(lora_b.dtype), grad_gate, grad_thr_w, grad_tb
 
 
+# Programs a launch should have at least, where the work allows: two per SM of an H100 (132 SMs).
+MIN_PROGRAMS = 264
+
+
+def _t_split(t: int, blk: Blocks, programs: int) -> tuple[int, int]:
+    """How many T splits the weight-gradient kernel sums over, and the rows of each (a multiple of BT): at least
+    `blk.split_t`, and enough that `programs` per split reach MIN_PROGRAMS, up to one BT block per split."""
+    want = max(blk.split_t, triton.cdiv(MIN_PROGRAMS, programs))
+    rows = max(blk.bt, t // want // blk.bt * blk.bt)
+    return triton.cdiv(t, rows), rows
+
+
 _REDUCE = Blocks(1, 256, num_warps=4, num_stages=1)  # _bwd_reduce_kernel: 256 elements per program
 
 
@@ -347,14 +359,12 @@ def _weight_grads(gza, gzr, gtb, x, drop_mask, lora_a, gate_w, thr_w, e, r, er, 
     t, d = x.shape
     k = e * r
     blk = choose("bwd_weight", geo["E_P"] * geo["R_P"], x.dtype)
-    split = min(blk.split_t, triton.cdiv(t, blk.bt))
-    rows = triton.cdiv(triton.cdiv(t, split), blk.bt) * blk.bt
-    split = triton.cdiv(t, rows)
+    k_p = geo["E_P"] * geo["R_P"]
+    bk = min(blk.bk or k_p, k_p)
+    split, rows = _t_split(t, blk, triton.cdiv(d, blk.bd) * (k_p // bk))
     ga = x.new_empty(split, k, d, dtype=torch.float32)
     gr = x.new_empty(split, max(er, 1), d, dtype=torch.float32)
     keep, has_keep = _keep(drop_mask, x)
-    k_p = geo["E_P"] * geo["R_P"]
-    bk = min(blk.bk or k_p, k_p)
     _launch(_bwd_weight_kernel, (triton.cdiv(d, blk.bd), split, k_p // bk),
             (gza, gzr, x, keep, ga, gr, t, d, e, r, er, drop_scale, rows),
             dict(HAS_KEEP=has_keep, **_modes(x.dtype), BT=blk.bt, BD=blk.bd, BK=bk, **geo), blk)
