@@ -52,9 +52,9 @@ def _csv_list(text: str, kind=str) -> tuple:
 
 def _describe(spec) -> str:
     c = spec.consts
-    bd = "BO" if "BO" in c else "BD"
-    blk = f"BT={c['BT']} {bd}={c[bd]} w={spec.num_warps} s={spec.num_stages}"
-    return f"{spec.name:<18} {spec.case.label():<38} K_P={c['E_P'] * c['R_P']:<5} {blk}"
+    blk = " ".join(f"{k}={c[k]}" for k in ("BT", "BD", "BO", "BLOCK") if k in c)
+    k_p = c["E_P"] * c["R_P"] if "E_P" in c else "-"
+    return f"{spec.name:<18} {spec.case.label():<38} K_P={k_p:<5} {blk} w={spec.num_warps} s={spec.num_stages}"
 
 
 def run_matrix(args) -> int:

@@ -28,7 +28,7 @@ from torch.library import wrap_triton
 
 from .adapter_torch import adapter_backward_torch, adapter_torch, up_project
 from .backend import traced
-from .blocks import choose, padded_columns
+from .blocks import Blocks, choose, padded_columns
 from .methods import method_spec
 from .routing_triton import ADAMOLE_CODE, LORA_CODE, gate_and_threshold, route, route_backward
 
@@ -167,6 +167,30 @@ def _bwd_weight_kernel(gza_ptr, gzr_ptr, x_ptr, keep_ptr, ga_ptr, gr_ptr, T, D, 
 
 
 @triton.jit
+def _bwd_reduce_kernel(ga_ptr, gr_ptr, gtb_ptr, grad_a_ptr, grad_g_ptr, grad_tw_ptr, grad_tb_ptr,
+                       SPLIT, KD, ED, ERD, GR_STRIDE, N_TB, BLOCK: tl.constexpr):
+    """The weight-gradient kernel's float32 partials [SPLIT, ...] summed over the T splits and written in each
+    gradient's dtype: element i of [grad_A (KD); grad_Wg (ED); grad_wt (ERD - ED)] per lane. Program 0 also sums
+    the route kernel's N_TB per-block partials of the threshold bias's gradient (N_TB 0: none)."""
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # [BLOCK] flat index
+    j = i - KD  # the router rows' flat index
+    in_a, in_r = i < KD, (j >= 0) & (j < ERD)
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in range(SPLIT):
+        acc += tl.load(ga_ptr + s * KD + i, mask=in_a, other=0.0)
+        acc += tl.load(gr_ptr + s * GR_STRIDE + j, mask=in_r, other=0.0)
+    tl.store(grad_a_ptr + i, acc.to(grad_a_ptr.dtype.element_ty), mask=in_a)
+    tl.store(grad_g_ptr + j, acc.to(grad_g_ptr.dtype.element_ty), mask=in_r & (j < ED))
+    tl.store(grad_tw_ptr + (j - ED), acc.to(grad_tw_ptr.dtype.element_ty), mask=in_r & (j >= ED))
+    if (tl.program_id(0) == 0) & (N_TB > 0):
+        tb = tl.zeros((BLOCK,), dtype=tl.float32)
+        for t0 in range(0, N_TB, BLOCK):
+            it = t0 + tl.arange(0, BLOCK)
+            tb += tl.load(gtb_ptr + it, mask=it < N_TB, other=0.0)
+        tl.store(grad_tb_ptr, tl.sum(tb, axis=0).to(grad_tb_ptr.dtype.element_ty))
+
+
+@triton.jit
 def _bwd_input_kernel(gza_ptr, gzr_ptr, a_ptr, rw_ptr, keep_ptr, gx_ptr, T, D, E, R, ER, drop_scale,
                       HAS_KEEP: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, BT: tl.constexpr,
                       BD: tl.constexpr, E_P: tl.constexpr, R_P: tl.constexpr, G_P: tl.constexpr):
@@ -208,22 +232,24 @@ def _geometry(e: int, r: int, er: int) -> dict[str, int]:
     return {"E_P": e_p, "R_P": padded_columns(e, r) // e_p, "G_P": max(16, 1 << max(0, (max(er, 1) - 1).bit_length()))}
 
 
-def _pad_rows(a: torch.Tensor, e: int, r: int, geo: dict) -> torch.Tensor:
-    """[E*R, D] -> [E_P*R_P, D] with expert e's rows at e*R_P."""
-    d = a.shape[-1]
-    return torch.nn.functional.pad(a.reshape(e, r, d), (0, 0, 0, geo["R_P"] - r, 0, geo["E_P"] - e)).reshape(-1, d)
+def _padded(w: torch.Tensor, e: int, r: int, geo: dict, rows: bool) -> torch.Tensor:
+    """A [K, D] (rows) or B [O, K] -> padded to K_P rows / columns, expert e's at e * R_P; w itself (no copy)
+    when K = K_P, as with E and R powers of two and E * R >= 16."""
+    if (geo["E_P"], geo["R_P"]) == (e, r):
+        return w.contiguous()
+    pad = torch.nn.functional.pad
+    if rows:  # [E*R, D] -> [E_P*R_P, D]
+        return pad(w.reshape(e, r, -1), (0, 0, 0, geo["R_P"] - r, 0, geo["E_P"] - e)).reshape(-1, w.shape[-1])
+    return pad(w.reshape(w.shape[0], e, r), (0, geo["R_P"] - r, 0, geo["E_P"] - e)).reshape(w.shape[0], -1)
 
 
-def _pad_cols_t(b: torch.Tensor, e: int, r: int, geo: dict) -> torch.Tensor:
-    """[O, E*R] -> [O, E_P*R_P] contiguous."""
-    o = b.shape[0]
-    return torch.nn.functional.pad(b.reshape(o, e, r), (0, geo["R_P"] - r, 0, geo["E_P"] - e)).reshape(o, -1)
-
-
-def _router(gate_w, thr_w, x: torch.Tensor, g_p: int) -> torch.Tensor:
-    parts = [t for t in (gate_w, thr_w) if t is not None]
-    rw = torch.cat(parts, 0) if parts else x.new_zeros(0, x.shape[1])
-    return torch.nn.functional.pad(rw.to(x.dtype), (0, 0, 0, g_p - rw.shape[0])).contiguous()
+def _weights(x, lora_a, gate_w, thr_w, thr_b, e: int, r: int, geo: dict) -> tuple:
+    """(A padded [K_P, D], [Wg; wt] padded [G_P, D], bt) as the kernels read them, in x's dtype (a no-op when they
+    are already); x itself stands in for an absent threshold bias (read, never used: ER <= E)."""
+    parts = [w for w in (gate_w, thr_w) if w is not None]
+    rw = torch.cat(parts, 0) if parts else x.new_zeros(0, x.shape[1])  # [Er, D]
+    rw = torch.nn.functional.pad(rw.to(x.dtype), (0, 0, 0, geo["G_P"] - rw.shape[0]))  # [G_P, D]
+    return _padded(lora_a.to(x.dtype), e, r, geo, rows=True), rw, x if thr_b is None else thr_b
 
 
 def _modes(dtype: torch.dtype) -> dict:
@@ -257,9 +283,6 @@ def adapter_triton(x, drop_mask, lora_a, lora_b, gate_w, thr_w, thr_b, base, met
     r, er = k // e, _er(method, e)
     geo = _geometry(e, r, er)
     x = x.contiguous()
-    a_pad = _pad_rows(lora_a.to(x.dtype), e, r, geo).contiguous()
-    rw = _router(gate_w, thr_w, x, geo["G_P"])
-    thr = thr_b if thr_b is not None else x.new_zeros(1)
     za, h = x.new_empty(t, k), x.new_empty(t, k)
     zr = x.new_empty(t, max(er, 1), dtype=torch.float32)
     scores = x.new_empty(t, e, dtype=torch.float32)
@@ -267,10 +290,11 @@ def adapter_triton(x, drop_mask, lora_a, lora_b, gate_w, thr_w, thr_b, base, met
     keep, has_keep = _keep(drop_mask, x)
     blk = choose("fwd", geo["E_P"] * geo["R_P"], x.dtype)
     _launch(_fwd_kernel, (triton.cdiv(t, blk.bt),),
-            (x, keep, a_pad, rw, thr, za, h, zr, scores, sel, t, d, e, r, er, scale, max_threshold, drop_scale),
+            (x, keep, *_weights(x, lora_a, gate_w, thr_w, thr_b, e, r, geo), za, h, zr, scores, sel, t, d, e, r, er,
+             scale, max_threshold, drop_scale),
             dict(METHOD=method_spec(method).code, TOP_K=max(top_k, 1), HAS_KEEP=has_keep, **_modes(x.dtype),
                  BT=blk.bt, BD=blk.bd, **geo), blk)
-    return up_project(h, lora_b, base), scores, sel.bool(), za, zr[:, :er].contiguous()
+    return up_project(h, lora_b, base), scores, sel.bool(), za, zr[:, :er]
 
 
 def adapter_backward_triton(grad_out, grad_scores, x, drop_mask, lora_a, lora_b, gate_w, thr_w, thr_b, za, zr,
@@ -285,49 +309,70 @@ def adapter_backward_triton(grad_out, grad_scores, x, drop_mask, lora_a, lora_b,
     geo = _geometry(e, r, er)
     k_p = geo["E_P"] * geo["R_P"]
     x, grad_out = x.contiguous(), grad_out.contiguous()
-    zr_buf = zr.contiguous() if er else x.new_zeros(t, 1, dtype=torch.float32)
-    thr = thr_b if thr_b is not None else x.new_zeros(1)
-    gs = grad_scores.contiguous() if grad_scores is not None else zr_buf
+    a, rw, thr_bias = _weights(x, lora_a, gate_w, thr_w, thr_b, e, r, geo)
     blk = choose("bwd_route", k_p, x.dtype)
     n_t = triton.cdiv(t, blk.bt)
     gza, h = x.new_empty(t, k), x.new_empty(t, k)
-    gzr = x.new_zeros(t, max(er, 1))
-    gtb = x.new_zeros(n_t, dtype=torch.float32)
+    gzr = x.new_empty(t, max(er, 1))
+    gtb = x.new_empty(n_t, dtype=torch.float32)  # the threshold bias's gradient per block of tokens
+    zr = zr.contiguous() if er else gtb  # (LoRA: a float32 placeholder, never read)
+    gs = grad_scores.contiguous() if grad_scores is not None else zr
     _launch(_bwd_route_kernel, (n_t,),
-            (grad_out, _pad_cols_t(lora_b.to(x.dtype), e, r, geo).contiguous(), za.contiguous(), zr_buf, thr, gs,
-             gza, gzr, h, gtb, t, o, e, r, er, scale, max_threshold),
+            (grad_out, _padded(lora_b.to(x.dtype), e, r, geo, rows=False), za.contiguous(), zr, thr_bias, gs, gza,
+             gzr, h, gtb, t, o, e, r, er, scale, max_threshold),
             dict(METHOD=method_spec(method).code, TOP_K=max(top_k, 1), HAS_GS=grad_scores is not None,
                  **_modes(x.dtype), BT=blk.bt, BO=blk.bd, **geo), blk)
     grad_b = grad_out.t() @ h  # [O, K]
-    grad_a, grad_rw = _weight_grads(gza, gzr, x, drop_mask, e, r, er, drop_scale, geo)
+    grads = _weight_grads(gza, gzr, gtb if thr_b is not None else None, x, drop_mask, lora_a, gate_w, thr_w, e, r,
+                          er, drop_scale, geo)
     grad_x = x.new_empty(0)
     if need_grad_x:
         grad_x = x.new_empty(t, d)
         keep, has_keep = _keep(drop_mask, x)
         blk = choose("bwd_input", k_p, x.dtype)
         _launch(_bwd_input_kernel, (triton.cdiv(t, blk.bt), triton.cdiv(d, blk.bd)),
-                (gza, gzr, _pad_rows(lora_a.to(x.dtype), e, r, geo).contiguous(),
-                 _router(gate_w, thr_w, x, geo["G_P"]), keep, grad_x, t, d, e, r, er, drop_scale),
+                (gza, gzr, a, rw, keep, grad_x, t, d, e, k // e, er, drop_scale),
                 dict(HAS_KEEP=has_keep, **_modes(x.dtype), BT=blk.bt, BD=blk.bd, **geo), blk)
-    n_gate = 0 if gate_w is None else gate_w.shape[0]
-    grad_tb = gtb.sum().reshape(1).to(x.dtype) if thr_b is not None else x.new_empty(0)
-    return (grad_x, grad_a.to(lora_a.dtype), grad_b.to(lora_b.dtype), grad_rw[:n_gate].clone(),
-            grad_rw[n_gate:].clone(), grad_tb)
+    grad_a, grad_gate, grad_thr_w, grad_tb = grads
+    return grad_x, grad_a, grad_b.to(lora_b.dtype), grad_gate, grad_thr_w, grad_tb
 
 
-def _weight_grads(gza, gzr, x, drop_mask, e, r, er, drop_scale, geo):
-    """grad_A [K, D] and grad_[Wg; wt] [Er, D], split over T into partial sums."""
+# Programs a launch should have at least, where the work allows: two per SM of an H100 (132 SMs).
+MIN_PROGRAMS = 264
+
+
+def _t_split(t: int, blk: Blocks, programs: int) -> tuple[int, int]:
+    """How many T splits the weight-gradient kernel sums over, and the rows of each (a multiple of BT): at least
+    `blk.split_t`, and enough that `programs` per split reach MIN_PROGRAMS, up to one BT block per split."""
+    want = max(blk.split_t, triton.cdiv(MIN_PROGRAMS, programs))
+    rows = max(blk.bt, t // want // blk.bt * blk.bt)
+    return triton.cdiv(t, rows), rows
+
+
+_REDUCE = Blocks(1, 256, num_warps=4, num_stages=1)  # _bwd_reduce_kernel: 256 elements per program
+
+
+def _weight_grads(gza, gzr, gtb, x, drop_mask, lora_a, gate_w, thr_w, e, r, er, drop_scale, geo):
+    """-> (grad_A [K, D] in A's dtype, grad_Wg [E, D], grad_wt [1, D], grad_bt [1]; in x's dtype, [0, ...] when
+    absent): float32 partial sums over T splits (`_bwd_weight_kernel`), then summed (`_bwd_reduce_kernel`, which
+    also sums the threshold bias's per-block partials `gtb`)."""
     t, d = x.shape
+    k = e * r
     blk = choose("bwd_weight", geo["E_P"] * geo["R_P"], x.dtype)
-    split = min(blk.split_t, triton.cdiv(t, blk.bt))
-    rows = triton.cdiv(triton.cdiv(t, split), blk.bt) * blk.bt
-    split = triton.cdiv(t, rows)
-    ga = x.new_empty(split, e * r, d, dtype=torch.float32)
-    gr = x.new_empty(split, max(er, 1), d, dtype=torch.float32)
-    keep, has_keep = _keep(drop_mask, x)
     k_p = geo["E_P"] * geo["R_P"]
     bk = min(blk.bk or k_p, k_p)
+    split, rows = _t_split(t, blk, triton.cdiv(d, blk.bd) * (k_p // bk))
+    ga = x.new_empty(split, k, d, dtype=torch.float32)
+    gr = x.new_empty(split, max(er, 1), d, dtype=torch.float32)
+    keep, has_keep = _keep(drop_mask, x)
     _launch(_bwd_weight_kernel, (triton.cdiv(d, blk.bd), split, k_p // bk),
             (gza, gzr, x, keep, ga, gr, t, d, e, r, er, drop_scale, rows),
             dict(HAS_KEEP=has_keep, **_modes(x.dtype), BT=blk.bt, BD=blk.bd, BK=bk, **geo), blk)
-    return ga.sum(0), gr[:, :er].sum(0).to(x.dtype)
+    out = (x.new_empty(k, d, dtype=lora_a.dtype), x.new_empty(0 if gate_w is None else gate_w.shape[0], d),
+           x.new_empty(0 if thr_w is None else 1, d), x.new_empty(0 if gtb is None else 1))
+    n_gate = out[1].shape[0]
+    _launch(_bwd_reduce_kernel, (triton.cdiv((k + er) * d, _REDUCE.bd),),
+            (ga, gr, ga if gtb is None else gtb, *(v if v.numel() else ga for v in out), split, k * d, n_gate * d,
+             er * d, max(er, 1) * d, 0 if gtb is None else gtb.numel()),
+            dict(BLOCK=_REDUCE.bd), _REDUCE)
+    return out
