@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from ..config import AdaMoLEConfig
 from ..kernels import AdapterArgs, adapter, register
 from ..kernels.mixed_torch import SiteWeights
+from .aux import aux_loss
 from .tokens import real_tokens
 
 
@@ -159,7 +160,11 @@ class ExpertSet(nn.Module):
         recomputing = _recomputing()
         if self.training and self.gate is not None and (tokens is not None or scores.shape[0] > 0):
             # computed in the recompute too: checkpointing checks that it saves the same tensors
-            value = self.num_experts * (_token_mean(mask.to(scores.dtype), tokens) * _token_mean(scores, tokens)).sum()
+            if tokens is None:
+                value = aux_loss(scores, mask, self.num_experts)
+            else:  # a mixed batch: the means over this site's own rows' tokens
+                value = self.num_experts * (_token_mean(mask.to(scores.dtype), tokens)
+                                            * _token_mean(scores, tokens)).sum()
             if not recomputing:
                 self._fwd_aux = value
                 if torch.is_grad_enabled():
