@@ -103,7 +103,7 @@ def expert_stats(model: nn.Module, adapter_name: str | None = None) -> ExpertSta
     sites, passes = [], set()
     for name, group in adapter_groups(model, adapter_name):
         for role, site in group.items():
-            passes.add(site.stat_passes)
+            passes.add(getattr(site, "stat_passes", "all"))
             n = int(site.stat_tokens.item())
             hist = site.stat_active.double()
             sel = site.stat_selected.double()

@@ -188,7 +188,8 @@ class ExpertSet(nn.Module):
         """Does this forward add to the statistics (tracked, not exporting, a pass `stat_passes` names)?"""
         if not self.track_stats or torch.compiler.is_exporting():
             return False
-        return self.stat_passes == "all" or (self.stat_passes == "train") == self.training
+        passes = getattr(self, "stat_passes", "all")  # a site pickled before the setting counted every pass
+        return passes == "all" or (passes == "train") == self.training
 
     def _count(self, mask: Tensor, tokens: Tensor | None) -> None:
         # In place (`+=` would re-assign the module attribute), and by index_add_ so that no size of a
