@@ -294,7 +294,7 @@ def adapter_triton(x, drop_mask, lora_a, lora_b, gate_w, thr_w, thr_b, base, met
              scale, max_threshold, drop_scale),
             dict(METHOD=method_spec(method).code, TOP_K=max(top_k, 1), HAS_KEEP=has_keep, **_modes(x.dtype),
                  BT=blk.bt, BD=blk.bd, **geo), blk)
-    return up_project(h, lora_b, base), scores, sel.bool(), za, zr[:, :er]
+    return up_project(h, lora_b, base), scores, sel.view(torch.bool), za, zr[:, :er]  # sel holds 0 / 1: no cast
 
 
 def adapter_backward_triton(grad_out, grad_scores, x, drop_mask, lora_a, lora_b, gate_w, thr_w, thr_b, za, zr,

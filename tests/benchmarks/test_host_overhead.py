@@ -23,9 +23,9 @@ from _counting import counting, kernels_interpreted
 
 # Per site, bf16, T = D = O = 64, E=8 r=4 (lora: E=1 r=32), dropout 0.05, aux gradient included.
 EXPECTED = {
-    "adamole": {"aten": 18, "triton": 5, "launches": 23, "allocs": 33, "overwritten": 0, "syncs": 0},
-    "mole": {"aten": 18, "triton": 5, "launches": 23, "allocs": 31, "overwritten": 0, "syncs": 0},
-    "lora": {"aten": 12, "triton": 5, "launches": 17, "allocs": 23, "overwritten": 0, "syncs": 0},
+    "adamole": {"aten": 17, "triton": 5, "launches": 22, "allocs": 32, "overwritten": 0, "syncs": 0},
+    "mole": {"aten": 17, "triton": 5, "launches": 22, "allocs": 30, "overwritten": 0, "syncs": 0},
+    "lora": {"aten": 11, "triton": 5, "launches": 16, "allocs": 22, "overwritten": 0, "syncs": 0},
 }
 PEFT = {"launches": 14, "allocs": 15, "syncs": 0}  # peft.tuners.lora.Linear r=32: the baseline of the goals
 # Fewest programs of any Triton launch of a fwd + bwd, per (T, D = O), bf16 (the fewest of the three methods).
@@ -38,7 +38,7 @@ GOALS = {  # (the method's counts, PEFT's) -> met?
     "syncs": lambda c, peft: c["syncs"] == 0,
 }
 GRID_GOAL = {1024: SMS, 8192: 2 * SMS}  # fewest programs per launch at T
-NOT_MET = {("launches", m) for m in ho.METHODS} | {("grid", m) for m in ho.METHODS}
+NOT_MET = {("launches", "adamole"), ("launches", "mole")} | {("grid", m) for m in ho.METHODS}
 _XFAIL = pytest.mark.xfail(strict=True, reason="issue 21: op not yet lean")
 
 
