@@ -64,6 +64,24 @@ def append_row(name: str, row: dict) -> Path:
     return path
 
 
+def site_fwd_bwd(layer: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor, aux_coef: float = 1e-3):
+    """-> a function running one training forward + backward of an adapted `layer` on x [T, D] with output
+    gradient grad [T, O], plus the aux loss's gradient (`aux_coef`) where the site (role "q") records one."""
+    aux_grad = torch.tensor(aux_coef, dtype=torch.float32)
+
+    def run() -> None:
+        x.grad = None
+        for p in layer.parameters():
+            p.grad = None
+        out = layer(x)  # [T, O]
+        group = getattr(layer, "group", None)
+        aux = group["q"].aux if group is not None else None
+        outs, grads = ([out, aux], [grad, aux_grad.to(aux.dtype)]) if aux is not None else ([out], [grad])
+        torch.autograd.backward(outs, grads)
+
+    return run
+
+
 def sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()

@@ -96,23 +96,6 @@ def layer_contenders(d: int, device: str, dtype: torch.dtype) -> dict:
     return {k: v.train() for k, v in out.items()}
 
 
-def fwd_bwd(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor):
-    """fwd + bwd of x [T, D] with output grad [T, O], and the aux loss's gradient where the site records one."""
-    def run() -> None:
-        x.grad = None
-        for p in layer.parameters():
-            p.grad = None
-        out = layer(x)  # [T, O]
-        group = getattr(layer, "group", None)
-        aux = group["q"].aux if group is not None else None
-        if aux is None:
-            out.backward(grad)
-        else:
-            torch.autograd.backward([out, aux * 1e-3], [grad, None])
-
-    return run
-
-
 def host_ms(fn, device: str, reps: int) -> float:
     """Median ms to issue fn (no sync inside the timed span)."""
     times = []
@@ -157,7 +140,7 @@ def layer_size(d: int, t: int, device: str, dtype, steps: int) -> list[dict]:
     torch.manual_seed(0)
     x = torch.randn(t, d, device=device, dtype=dtype, requires_grad=True)  # [T, D]
     grad = torch.randn(t, d, device=device, dtype=dtype)  # [T, O]
-    fns = {k: fwd_bwd(v, x, grad) for k, v in layer_contenders(d, device, dtype).items()}
+    fns = {k: bc.site_fwd_bwd(v, x, grad) for k, v in layer_contenders(d, device, dtype).items()}
     wall = bc.interleaved(fns, steps, 3, device)
     rows = []
     for name, fn in fns.items():

@@ -70,24 +70,6 @@ def site(name: str, d: int, dtype: torch.dtype) -> nn.Module:
     return layer.train()
 
 
-def fwd_bwd(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor):
-    """One training forward + backward of `layer` on x [T, D] with output gradient grad [T, O] (+ the aux loss's
-    gradient, AUX_COEF, where the site records one)."""
-    aux_grad = torch.tensor(AUX_COEF, dtype=torch.float32)
-
-    def run() -> None:
-        x.grad = None
-        for p in layer.parameters():
-            p.grad = None
-        out = layer(x)  # [T, O]
-        group = getattr(layer, "group", None)
-        aux = group["q"].aux if group is not None else None
-        outs, grads = ([out, aux], [grad, aux_grad.to(aux.dtype)]) if aux is not None else ([out], [grad])
-        torch.autograd.backward(outs, grads)
-
-    return run
-
-
 def cpu_triton():
     """Within: kernels='triton' accepts CPU tensors (TRITON_INTERPRET=1 is read per call). The kernels run only if
     they were defined under it (`kernels_interpreted()`); otherwise keep their launches stubbed."""
@@ -102,7 +84,7 @@ def count_site(name: str, t: int, d: int, dtype: torch.dtype = torch.bfloat16, r
     layer = site(name, d, dtype)
     x = torch.randn(t, d, dtype=dtype, requires_grad=True)  # [T, D]
     grad = torch.randn(t, d, dtype=dtype)  # [T, O]
-    step = fwd_bwd(layer, x, grad)
+    step = bc.site_fwd_bwd(layer, x, grad, AUX_COEF)
     with cpu_triton():
         with triton_hooked(None):
             step()

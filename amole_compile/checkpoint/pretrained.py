@@ -101,7 +101,7 @@ def save_pretrained(self: nn.Module, save_directory, is_main_process: bool = Tru
 
     dest = Path(save_directory)
     if _trainer_checkpoint():
-        return _save_referencing_base(self, dest, adapters) if is_main_process else None
+        return _save_referencing_base(self, dest, base, adapters) if is_main_process else None
     if not is_main_process or dest.is_file():  # other ranks only join transformers' collectives; a file: its error
         return save_base(save_directory)
     return _save_staged(self, dest, save_base, adapters)
@@ -130,12 +130,13 @@ def _trainer_checkpoint(depth: int = 16) -> bool:
         del frame
 
 
-def _save_referencing_base(model: nn.Module, dest: Path, adapters: dict[str, torch.Tensor]) -> None:
-    """A Trainer checkpoint: the adapters with a reference to the base (`base_ref.reference`) in the manifest,
-    committed last, after the empty `model.safetensors` marker that the Trainer's resume looks for."""
+def _save_referencing_base(model: nn.Module, dest: Path, base: dict[str, torch.Tensor],
+                           adapters: dict[str, torch.Tensor]) -> None:
+    """A Trainer checkpoint: the adapters with a reference to the base (`base_ref.reference` of the base state
+    dict `base`) in the manifest, committed last, after the empty `model.safetensors` marker that the Trainer's
+    resume looks for."""
     from safetensors.torch import save_file
 
-    base, _ = split_state(model, model.state_dict())
     ref = reference(model, base)
     dest.mkdir(parents=True, exist_ok=True)
     with folder_lock(dest):

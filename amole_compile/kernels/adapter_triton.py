@@ -331,7 +331,7 @@ def adapter_backward_triton(grad_out, grad_scores, x, drop_mask, lora_a, lora_b,
         keep, has_keep = _keep(drop_mask, x)
         blk = choose("bwd_input", k_p, x.dtype)
         _launch(_bwd_input_kernel, (triton.cdiv(t, blk.bt), triton.cdiv(d, blk.bd)),
-                (gza, gzr, a, rw, keep, grad_x, t, d, e, k // e, er, drop_scale),
+                (gza, gzr, a, rw, keep, grad_x, t, d, e, r, er, drop_scale),
                 dict(HAS_KEEP=has_keep, **_modes(x.dtype), BT=blk.bt, BD=blk.bd, **geo), blk)
     grad_a, grad_gate, grad_thr_w, grad_tb = grads
     return grad_x, grad_a, grad_b.to(lora_b.dtype), grad_gate, grad_thr_w, grad_tb
