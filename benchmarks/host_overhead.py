@@ -108,9 +108,10 @@ def grid_launches(method: str, t: int, d: int, dtype: torch.dtype = torch.bfloat
     keep = torch.empty(t, d, device="meta", dtype=torch.bool)  # [T, D]
     scalars = (method, e, cfg.k, cfg.scale, cfg.threshold_cap, 1 / 0.95)
     with counting() as c:
-        _, scores, _, za, zr = adapter_triton.adapter_triton(x, keep, a, b, gate, thr_w, thr_b, base, *scalars)
-        adapter_triton.adapter_backward_triton(base, scores if spec.has_gate else None, x, keep, a, b, gate, thr_w,
-                                               thr_b, za, zr, *scalars, True)
+        _, scores, _, za, zr, aux, sums = adapter_triton.adapter_triton(x, keep, a, b, gate, thr_w, thr_b, base,
+                                                                         *scalars, spec.has_gate)
+        adapter_triton.adapter_backward_triton(base, None, x, keep, a, b, gate, thr_w, thr_b, za, zr, *scalars, True,
+                                               aux if spec.has_gate else None, sums)
     return c.triton
 
 

@@ -47,7 +47,7 @@ def make_site(method: str, seed: int, sizes: dict = SIZES) -> ExpertSet:
 
 def torch_form(site: ExpertSet, x: Tensor, base: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """x [T, D], base [T, O] -> the op's torch path: (out, scores, mask)."""
-    out, scores, mask, _, _ = adapter(*site.op_args(x, None, base)._replace(kernels="torch"))
+    out, scores, mask, *_ = adapter(*site.op_args(x, None, base)._replace(kernels="torch"))
     return out, scores, mask
 
 
@@ -67,7 +67,7 @@ def _near_tie(site: ExpertSet, x: Tensor) -> Tensor:
     """x [T, D] -> [T] bool: tokens with a routing decision within MARGIN of a tie (the op's own scores and
     logits: a = p - tau for adamole, the gap between the k-th and (k+1)-th logits for mole)."""
     with torch.no_grad():
-        _, scores, _, _, zr = adapter(*site.op_args(x, None, None)._replace(kernels="torch"))
+        _, scores, _, _, zr, *_ = adapter(*site.op_args(x, None, None)._replace(kernels="torch"))
     if site.method == "adamole":
         return (scores.abs() < MARGIN).any(-1)
     if site.method == "mole" and site.top_k < site.num_experts:
@@ -80,7 +80,7 @@ def triton_form(site: ExpertSet, x: Tensor, base: Tensor) -> tuple[Tensor, Tenso
     """The op with kernels='triton' (on CUDA, else in Triton's interpreter), results on CPU."""
     on_dev = copy.deepcopy(site).to(DEVICE)
     args = on_dev.op_args(x.to(DEVICE), None, base.to(DEVICE))._replace(kernels="triton")
-    out, scores, mask, _, _ = adapter(*args)
+    out, scores, mask, *_ = adapter(*args)
     return out.cpu(), scores.cpu(), mask.cpu()
 
 

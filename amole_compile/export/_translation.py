@@ -263,6 +263,12 @@ def _skip(a: AdapterArgs):
 
 # ---- the translations the exporter calls ----------------------------------------------------------------
 
+def _no_aux(x):
+    """The op's aux outputs when the aux loss is not computed (every inference forward): two empty tensors."""
+    empty = op.Constant(value=ir.tensor(np.zeros((0,), dtype=_route_dtype(x.dtype).numpy())))
+    return empty, op.Identity(empty)
+
+
 def _translation(body, name: str):
     """`body(AdapterArgs)` as a translation of amole::adapter. The exporter matches the node's arguments on the
     translation's explicit, annotated parameters (typing.get_type_hints, inspect.signature), so they are written
@@ -271,10 +277,14 @@ def _translation(body, name: str):
     def translation(
         x: TX, drop_mask: TMask | None, lora_a: TX, lora_b: TX, gate_w: TX | None, thr_w: TX | None,
         thr_b: TX | None, base: TBase | None, method: str, num_experts: int, top_k: int, scale: float,
-        max_threshold: float, drop_scale: float, kernels: str,
+        max_threshold: float, drop_scale: float, kernels: str, with_aux: bool = False,
     ):
-        return body(AdapterArgs(x, drop_mask, lora_a, lora_b, gate_w, thr_w, thr_b, base, method, num_experts,
-                                top_k, scale, max_threshold, drop_scale, kernels))
+        if with_aux:
+            raise ValueError("amole::adapter with with_aux=True (a training-mode forward) has no ONNX translation: "
+                             "export the model in eval mode")
+        a = AdapterArgs(x, drop_mask, lora_a, lora_b, gate_w, thr_w, thr_b, base, method, num_experts, top_k,
+                        scale, max_threshold, drop_scale, kernels)
+        return (*body(a), *_no_aux(x))
 
     translation.__name__ = translation.__qualname__ = name
     translation.__doc__ = body.__doc__

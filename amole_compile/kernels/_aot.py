@@ -113,10 +113,11 @@ def _drive(case: Case) -> list:
     top_k = min(2, e) if spec.uses_top_k else 0
     scalars = (case.method, e, top_k, 2.0, 1.0 / e, 1.0 / 0.95)
     with record_launches() as launches:
-        _, scores, _, za, zr = adapter_triton.adapter_triton(x, mask, a, b, gate, thr_w, thr_b, base, *scalars)
+        _, scores, _, za, zr, aux, sums = adapter_triton.adapter_triton(x, mask, a, b, gate, thr_w, thr_b, base,
+                                                                         *scalars, True)  # a training forward
         grad_scores = scores if spec.has_gate else None
         adapter_triton.adapter_backward_triton(base, grad_scores, x, mask, a, b, gate, thr_w, thr_b, za, zr,
-                                               *scalars, True)
+                                               *scalars, True, aux if aux.numel() else None, sums)
     return launches
 
 

@@ -16,6 +16,9 @@ Er router rows (`MethodSpec.router_rows`: E + 1 for adamole, gate rows then the 
     w  = route(zr)                [T, E]       `routing_torch.route`
     h  = scale * w_e * za_e       [T, K]       expert e's block scaled by its weight
     out = base + h B^T            [T, O]
+    aux = E / T^2 * dot(sum_t mask, sum_t scores)   []   the load-balancing loss (`with_aux`, a method with a gate):
+                                  E * sum_e mean_t(mask) mean_t(scores); `aux_sums` [2, E] holds E / T^2 * sum_t mask
+                                  (d aux / d scores[t, e], the same for every t) and sum_t scores
 """
 
 from __future__ import annotations
@@ -78,21 +81,54 @@ def up_project(h: Tensor, lora_b: Tensor, base: Tensor | None) -> Tensor:
     return base + (h @ lora_b.t()).to(base.dtype)
 
 
+def wants_aux(with_aux: bool, gate_w: Tensor | None, t: int) -> bool:
+    """Is the aux loss computed: asked for, a method with a gate, and at least one token."""
+    return with_aux and gate_w is not None and t > 0
+
+
+def aux_loss(scores: Tensor, mask: Tensor, num_experts: int) -> tuple[Tensor, Tensor]:
+    """scores [T, E] float, mask [T, E] bool (T > 0) -> (aux [], aux_sums [2, E]); see the module doc."""
+    t = scores.shape[0]
+    sums = torch.stack([mask.sum(0, dtype=scores.dtype) * (num_experts / (t * t)), scores.sum(0)])  # [2, E]
+    return torch.dot(sums[0], sums[1]), sums
+
+
+def no_aux(x: Tensor) -> tuple[Tensor, Tensor]:
+    """The aux outputs when none is computed: two empty tensors (no launch)."""
+    return x.new_empty(0, dtype=route_dtype(x.dtype)), x.new_empty(0, dtype=route_dtype(x.dtype))
+
+
 def adapter_torch(x: Tensor, drop_mask: Tensor | None, lora_a: Tensor, lora_b: Tensor, gate_w: Tensor | None,
                   thr_w: Tensor | None, thr_b: Tensor | None, base: Tensor | None, method: str, num_experts: int,
-                  top_k: int, scale: float, max_threshold: float, drop_scale: float):
-    """Plain-torch forward of the dense formulation (the ground truth of the Triton kernels)."""
+                  top_k: int, scale: float, max_threshold: float, drop_scale: float, with_aux: bool = False):
+    """Plain-torch forward of the dense formulation (the ground truth of the Triton kernels)
+    -> (out, scores, mask, za, zr, aux, aux_sums)."""
     za, zr = _down(x, drop_mask, drop_scale, lora_a, router_weight(gate_w, thr_w, x))
     w, scores, mask = route(zr, thr_b, method, num_experts, top_k, max_threshold)
     h = _scaled_h(za, w, scale)
     out = up_project(h, lora_b, base)
-    return out, scores.to(zr.dtype), mask, za, zr
+    scores = scores.to(zr.dtype)
+    aux = aux_loss(scores, mask, num_experts) if wants_aux(with_aux, gate_w, x.shape[0]) else no_aux(x)
+    return out, scores, mask, za, zr, *aux
+
+
+def scores_grad(grad_scores: Tensor | None, grad_aux: Tensor | None, aux_sums: Tensor | None,
+                t: int) -> Tensor | None:
+    """The gradient reaching the scores [T, E]: grad_scores's, plus the aux loss's grad_aux * aux_sums[0] (the
+    same row for every token)."""
+    if grad_aux is None or aux_sums is None or aux_sums.numel() == 0:
+        return grad_scores
+    g = (grad_aux * aux_sums[0]).expand(t, -1)  # [T, E]
+    return g if grad_scores is None else grad_scores + g
 
 
 def adapter_backward_torch(grad_out, grad_scores, x, drop_mask, lora_a, lora_b, gate_w, thr_w, thr_b, za, zr,
-                           method, num_experts, top_k, scale, max_threshold, drop_scale, need_grad_x):
-    """Plain-torch backward: grads for x, A, B, gate, threshold weight and bias."""
+                           method, num_experts, top_k, scale, max_threshold, drop_scale, need_grad_x,
+                           grad_aux=None, aux_sums=None):
+    """Plain-torch backward: grads for x, A, B, gate, threshold weight and bias (`grad_aux`: the aux loss's
+    gradient, with the forward's `aux_sums`)."""
     t, k = za.shape
+    grad_scores = scores_grad(grad_scores, grad_aux, aux_sums, t)
     fwd = routing(zr, thr_b, method, num_experts, top_k, max_threshold)  # routed once, for h and the backward
     w = fwd.w
     h = _scaled_h(za, w, scale)

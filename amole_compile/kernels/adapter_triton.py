@@ -5,8 +5,11 @@ Legend: T tokens, D in dims, O out dims, E experts, R rank, K = E * R, Er router
 Expert e's rank-r row sits at padded row e * R_P + r, so a [BT, K_P] tile reshapes to [BT, E_P, R_P].
 
 forward   _fwd_kernel         x·[A; Wg; wt]ᵀ in one pass over x (dropout applied to the A part only), then the
-                              routing epilogue -> za, h = scale·w·za, zr, scores, mask.   out = base + h Bᵀ (addmm)
+                              routing epilogue -> za, h = scale·w·za, zr, scores, mask, and (HAS_AUX) the block's
+                              column sums of mask·E/T² and scores.   out = base + h Bᵀ (addmm); the aux loss is
+                              the dot of the summed column sums (2 ATen launches, docs in `adapter_torch.py`)
 backward  _bwd_route_kernel   grad_h = grad_out·B, recomputed routing, -> grad_za, grad_zr, grad of the threshold bias
+                              (the scores' gradient plus, HAS_AUX, the aux loss's: grad_aux·E/T²·sum_t mask)
           _bwd_weight_kernel  grad_A = grad_zaᵀ·xd and grad_[Wg; wt] = grad_zrᵀ·x in one pass over x (split over T,
                               and over K in chunks of BK columns when K_P is large)
           _bwd_input_kernel   grad_x = (grad_za·A)·mask + grad_zr·[Wg; wt]
@@ -26,7 +29,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from .adapter_torch import adapter_backward_torch, adapter_torch, up_project
+from .adapter_torch import adapter_backward_torch, adapter_torch, no_aux, up_project, wants_aux
 from .backend import traced
 from .blocks import Blocks, choose, padded_columns
 from .methods import method_spec
@@ -44,6 +47,15 @@ def _ld(ptr, mask, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _router_ptrs(g_ptr, t_ptr, gp, D, NG, ER):
+    """The router's rows read unpadded, as row pointers [G_P] and their mask: rows < NG of the gate [NG, D], row NG
+    (when ER > NG) the threshold weight [1, D], nothing beyond. Made once per program; each D chunk is then one
+    load `_ld(rows[:, None] + rd[None, :], ok[:, None] & (rd[None, :] < D))`: no stacked, padded copy of the router
+    is made per call."""
+    return tl.where(gp < NG, g_ptr + gp * D, t_ptr), gp < ER
+
+
+@triton.jit
 def _pad_cols(E, R, E_P: tl.constexpr, R_P: tl.constexpr, start=0, BK: tl.constexpr = 0):
     """Padded columns [start, start + BK) (all E_P * R_P when BK is 0) -> (real column in [0, K), valid)."""
     if BK == 0:
@@ -55,9 +67,10 @@ def _pad_cols(E, R, E_P: tl.constexpr, R_P: tl.constexpr, start=0, BK: tl.conste
 
 
 @triton.jit
-def _fwd_kernel(x_ptr, keep_ptr, a_ptr, rw_ptr, thr_b_ptr, za_ptr, h_ptr, zr_ptr, scores_ptr, sel_ptr,
-                T, D, E, R, ER, scale, cap, drop_scale,
-                METHOD: tl.constexpr, TOP_K: tl.constexpr, HAS_KEEP: tl.constexpr, PRECISION: tl.constexpr,
+def _fwd_kernel(x_ptr, keep_ptr, a_ptr, rw_ptr, thr_b_ptr, za_ptr, h_ptr, zr_ptr, scores_ptr, sel_ptr, parts_ptr,
+                T, D, E, R, ER, scale, cap, drop_scale, aux_scale,
+                METHOD: tl.constexpr, TOP_K: tl.constexpr, HAS_KEEP: tl.constexpr, HAS_AUX: tl.constexpr,
+                PRECISION: tl.constexpr,
                 UPCAST: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, E_P: tl.constexpr, R_P: tl.constexpr,
                 G_P: tl.constexpr):
     rt = tl.program_id(0) * BT + tl.arange(0, BT)
@@ -89,12 +102,17 @@ def _fwd_kernel(x_ptr, keep_ptr, a_ptr, rw_ptr, thr_b_ptr, za_ptr, h_ptr, zr_ptr
     eo = (rt[:, None] < T) & (ecol[None, :] < E)
     tl.store(scores_ptr + rt[:, None] * E + ecol[None, :], scores, mask=eo)
     tl.store(sel_ptr + rt[:, None] * E + ecol[None, :], m.to(tl.int8), mask=eo)
+    if HAS_AUX:  # this block's column sums [E]: of mask·E/T² (row 0) and of scores (row 1)
+        part = parts_ptr + tl.program_id(0) * 2 * E + ecol
+        tl.store(part, tl.sum(tl.where(eo & m, aux_scale, 0.0), axis=0), mask=ecol < E)
+        tl.store(part + E, tl.sum(tl.where(eo, scores, 0.0), axis=0), mask=ecol < E)
 
 
 @triton.jit
-def _bwd_route_kernel(go_ptr, b_ptr, za_ptr, zr_ptr, thr_b_ptr, gs_ptr, gza_ptr, gzr_ptr, h_ptr, gtb_ptr,
-                      T, N_OUT, E, R, ER, scale, cap,
-                      METHOD: tl.constexpr, TOP_K: tl.constexpr, HAS_GS: tl.constexpr, PRECISION: tl.constexpr,
+def _bwd_route_kernel(go_ptr, b_ptr, za_ptr, zr_ptr, thr_b_ptr, gs_ptr, gaux_ptr, sums_ptr, gza_ptr, gzr_ptr, h_ptr,
+                      gtb_ptr, T, N_OUT, E, R, ER, scale, cap,
+                      METHOD: tl.constexpr, TOP_K: tl.constexpr, HAS_GS: tl.constexpr, HAS_AUX: tl.constexpr,
+                      PRECISION: tl.constexpr,
                       UPCAST: tl.constexpr, BT: tl.constexpr, BO: tl.constexpr, E_P: tl.constexpr,
                       R_P: tl.constexpr, G_P: tl.constexpr):
     pid = tl.program_id(0)
@@ -127,6 +145,9 @@ def _bwd_route_kernel(go_ptr, b_ptr, za_ptr, zr_ptr, thr_b_ptr, gs_ptr, gza_ptr,
         gs = tl.zeros((BT, E_P), dtype=tl.float32)
         if HAS_GS:
             gs = tl.load(gs_ptr + rt[:, None] * E + ecol[None, :], mask=eo, other=0.0).to(tl.float32)
+        if HAS_AUX:  # d aux / d scores[t, e] = grad_aux · E/T² · sum_t mask[:, e], the same for every t
+            w_aux = tl.load(sums_ptr + ecol, mask=ecol < E, other=0.0).to(tl.float32)  # [E_P]
+            gs += tl.where(eo, tl.load(gaux_ptr).to(tl.float32) * w_aux[None, :], 0.0)
         g_logits, g_u = route_backward(grad_w, gs, w, m, p, sig, s, cap, E, METHOD, E_P)
         g_u = tl.where(rt < T, g_u, 0.0)
         tl.store(gzr_ptr + rt[:, None] * ER + ecol[None, :], g_logits.to(gzr_ptr.dtype.element_ty), mask=eo)
@@ -191,7 +212,7 @@ def _bwd_reduce_kernel(ga_ptr, gr_ptr, gtb_ptr, grad_a_ptr, grad_g_ptr, grad_tw_
 
 
 @triton.jit
-def _bwd_input_kernel(gza_ptr, gzr_ptr, a_ptr, rw_ptr, keep_ptr, gx_ptr, T, D, E, R, ER, drop_scale,
+def _bwd_input_kernel(gza_ptr, gzr_ptr, a_ptr, g_ptr, t_ptr, keep_ptr, gx_ptr, T, D, E, R, NG, ER, drop_scale,
                       HAS_KEEP: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, BT: tl.constexpr,
                       BD: tl.constexpr, E_P: tl.constexpr, R_P: tl.constexpr, G_P: tl.constexpr):
     rt = tl.program_id(0) * BT + tl.arange(0, BT)
@@ -202,7 +223,8 @@ def _bwd_input_kernel(gza_ptr, gzr_ptr, a_ptr, rw_ptr, keep_ptr, gx_ptr, T, D, E
     gza = _ld(gza_ptr + rt[:, None] * (E * R) + col[None, :], (rt[:, None] < T) & ok[None, :], UPCAST)
     gzr = _ld(gzr_ptr + rt[:, None] * ER + gp[None, :], (rt[:, None] < T) & (gp[None, :] < ER), UPCAST)
     a = _ld(a_ptr + kp[:, None] * D + rd[None, :], rd[None, :] < D, UPCAST)  # [K_P, BD]
-    g = _ld(rw_ptr + gp[:, None] * D + rd[None, :], rd[None, :] < D, UPCAST)  # [G_P, BD]
+    g_rows, g_ok = _router_ptrs(g_ptr, t_ptr, gp, D, NG, ER)
+    g = _ld(g_rows[:, None] + rd[None, :], g_ok[:, None] & (rd[None, :] < D), UPCAST)  # [G_P, BD]
     io = (rt[:, None] < T) & (rd[None, :] < D)
     gx = tl.dot(gza, a, input_precision=PRECISION)
     if HAS_KEEP:
@@ -214,17 +236,24 @@ def _bwd_input_kernel(gza_ptr, gzr_ptr, a_ptr, rw_ptr, keep_ptr, gx_ptr, T, D, E
 
 # ---- launchers ------------------------------------------------------------------------------------------------
 
+def _cdiv(a: int, b: int) -> int:
+    """ceil(a / b) (`triton.cdiv` is a constexpr function: ~10x the host time per call)."""
+    return -(-a // b)
+
+
 # When a list (`aot.record_launches()`), launches are appended to it instead of run, with the GPU's modes
 # (no bf16 upcast): how the AOT compile matrix gets the exact specialisations the launchers produce.
 _recorder: list | None = None
 
 
-def _launch(kernel, grid: tuple, args: tuple, consts: dict, blocks) -> None:
-    """Run `kernel` over `grid` (positional runtime args, keyword constexprs) with `blocks`' warps and stages."""
+def _launch(kernel, grid: tuple, args: tuple, consts: dict, blocks, wrap: bool) -> None:
+    """Run `kernel` over `grid` (positional runtime args, keyword constexprs) with `blocks`' warps and stages;
+    `wrap`: the call is being traced (`backend.traced`, asked once per op call), so launch via `wrap_triton`."""
     if _recorder is not None:
         _recorder.append((kernel, grid, args, consts, blocks))
         return
-    _launcher(kernel, args[0])[grid](*args, **consts, num_warps=blocks.num_warps, num_stages=blocks.num_stages)
+    fn = wrap_triton(kernel) if wrap else kernel
+    fn[grid](*args, **consts, num_warps=blocks.num_warps, num_stages=blocks.num_stages)
 
 
 def _geometry(e: int, r: int, er: int) -> dict[str, int]:
@@ -244,12 +273,23 @@ def _padded(w: torch.Tensor, e: int, r: int, geo: dict, rows: bool) -> torch.Ten
 
 
 def _weights(x, lora_a, gate_w, thr_w, thr_b, e: int, r: int, geo: dict) -> tuple:
-    """(A padded [K_P, D], [Wg; wt] padded [G_P, D], bt) as the kernels read them, in x's dtype (a no-op when they
-    are already); x itself stands in for an absent threshold bias (read, never used: ER <= E)."""
+    """(A padded [K_P, D], Wg [NG, D], wt [1, D], bt, NG) as the kernels read them, in x's dtype (a no-op when
+    they are already): the router unpadded (`_router_ptrs`); x stands in for an absent tensor (never read)."""
+    def own(w):
+        return x if w is None else w.to(x.dtype).contiguous()
+
+    n_gate = 0 if gate_w is None else gate_w.shape[0]
+    return (_padded(lora_a.to(x.dtype), e, r, geo, rows=True), own(gate_w), own(thr_w), x if thr_b is None else thr_b,
+            n_gate)
+
+
+def _stacked_router(x, gate_w, thr_w, geo: dict) -> torch.Tensor:
+    """[Wg; wt] stacked and zero-padded to [G_P, D] in x's dtype, as the forward kernel reads it (2 launches). The
+    forward reads it padded: reading the rows unpadded (`_router_ptrs`) left 16 B stacks in the fp32 forward's AOT
+    builds at K_P 64 (sm_90, 128 registers), where the backward's input kernel fits."""
     parts = [w for w in (gate_w, thr_w) if w is not None]
     rw = torch.cat(parts, 0) if parts else x.new_zeros(0, x.shape[1])  # [Er, D]
-    rw = torch.nn.functional.pad(rw.to(x.dtype), (0, 0, 0, geo["G_P"] - rw.shape[0]))  # [G_P, D]
-    return _padded(lora_a.to(x.dtype), e, r, geo, rows=True), rw, x if thr_b is None else thr_b
+    return torch.nn.functional.pad(rw.to(x.dtype), (0, 0, 0, geo["G_P"] - rw.shape[0]))  # [G_P, D]
 
 
 def _modes(dtype: torch.dtype) -> dict:
@@ -267,18 +307,13 @@ def _keep(drop_mask, x):
     return (drop_mask.contiguous(), True) if drop_mask is not None else (x, False)
 
 
-def _launcher(kernel, x: torch.Tensor):
-    """`kernel` itself in eager mode; `wrap_triton(kernel)` when the call is being traced."""
-    return wrap_triton(kernel) if traced(x) else kernel
-
-
 def adapter_triton(x, drop_mask, lora_a, lora_b, gate_w, thr_w, thr_b, base, method, num_experts, top_k, scale,
-                   max_threshold, drop_scale):
+                   max_threshold, drop_scale, with_aux=False):
     """Triton forward with the same contract as `adapter_torch.adapter_torch`."""
     t, d = x.shape
     if t == 0:
         return adapter_torch(x, drop_mask, lora_a, lora_b, gate_w, thr_w, thr_b, base, method, num_experts,
-                             top_k, scale, max_threshold, drop_scale)
+                             top_k, scale, max_threshold, drop_scale, with_aux)
     e, k = num_experts, lora_a.shape[0]
     r, er = k // e, _er(method, e)
     geo = _geometry(e, r, er)
@@ -289,50 +324,62 @@ def adapter_triton(x, drop_mask, lora_a, lora_b, gate_w, thr_w, thr_b, base, met
     sel = x.new_empty(t, e, dtype=torch.int8)
     keep, has_keep = _keep(drop_mask, x)
     blk = choose("fwd", geo["E_P"] * geo["R_P"], x.dtype)
-    _launch(_fwd_kernel, (triton.cdiv(t, blk.bt),),
-            (x, keep, *_weights(x, lora_a, gate_w, thr_w, thr_b, e, r, geo), za, h, zr, scores, sel, t, d, e, r, er,
-             scale, max_threshold, drop_scale),
-            dict(METHOD=method_spec(method).code, TOP_K=max(top_k, 1), HAS_KEEP=has_keep, **_modes(x.dtype),
-                 BT=blk.bt, BD=blk.bd, **geo), blk)
-    return up_project(h, lora_b, base), scores, sel.view(torch.bool), za, zr[:, :er]  # sel holds 0 / 1: no cast
+    n_t, has_aux = _cdiv(t, blk.bt), wants_aux(with_aux, gate_w, t)
+    parts = x.new_empty(n_t if has_aux else 0, 2, e, dtype=torch.float32)  # [blocks, 2, E] column sums
+    a, _, _, tb, _ = _weights(x, lora_a, gate_w, thr_w, thr_b, e, r, geo)
+    _launch(_fwd_kernel, (n_t,),
+            (x, keep, a, _stacked_router(x, gate_w, thr_w, geo), tb, za, h, zr, scores, sel,
+             parts if has_aux else scores, t, d, e, r, er, scale, max_threshold, drop_scale, e / (t * t)),
+            dict(METHOD=method_spec(method).code, TOP_K=max(top_k, 1), HAS_KEEP=has_keep, HAS_AUX=has_aux,
+                 **_modes(x.dtype), BT=blk.bt, BD=blk.bd, **geo), blk, traced(x))
+    aux = no_aux(x)
+    if has_aux:
+        sums = parts.sum(0)  # [2, E]
+        aux = torch.dot(sums[0], sums[1]), sums
+    # sel holds 0 / 1: viewed as bool, no cast
+    return up_project(h, lora_b, base), scores, sel.view(torch.bool), za, zr[:, :er], *aux
 
 
 def adapter_backward_triton(grad_out, grad_scores, x, drop_mask, lora_a, lora_b, gate_w, thr_w, thr_b, za, zr,
-                            method, num_experts, top_k, scale, max_threshold, drop_scale, need_grad_x):
+                            method, num_experts, top_k, scale, max_threshold, drop_scale, need_grad_x,
+                            grad_aux=None, aux_sums=None):
     """Triton backward with the same contract as `adapter_torch.adapter_backward_torch`."""
     t, d = x.shape
     if t == 0:
         return adapter_backward_torch(grad_out, grad_scores, x, drop_mask, lora_a, lora_b, gate_w, thr_w, thr_b, za,
-                                      zr, method, num_experts, top_k, scale, max_threshold, drop_scale, need_grad_x)
+                                      zr, method, num_experts, top_k, scale, max_threshold, drop_scale, need_grad_x,
+                                      grad_aux, aux_sums)
     e, k = num_experts, lora_a.shape[0]
     r, er, o = k // e, _er(method, e), lora_b.shape[0]
     geo = _geometry(e, r, er)
     k_p = geo["E_P"] * geo["R_P"]
-    x, grad_out = x.contiguous(), grad_out.contiguous()
-    a, rw, thr_bias = _weights(x, lora_a, gate_w, thr_w, thr_b, e, r, geo)
+    x, grad_out, wrap = x.contiguous(), grad_out.contiguous(), traced(x)
+    a, g, tw, thr_bias, n_gate = _weights(x, lora_a, gate_w, thr_w, thr_b, e, r, geo)
     blk = choose("bwd_route", k_p, x.dtype)
-    n_t = triton.cdiv(t, blk.bt)
+    n_t = _cdiv(t, blk.bt)
     gza, h = x.new_empty(t, k), x.new_empty(t, k)
     gzr = x.new_empty(t, max(er, 1))
     gtb = x.new_empty(n_t, dtype=torch.float32)  # the threshold bias's gradient per block of tokens
     zr = zr.contiguous() if er else gtb  # (LoRA: a float32 placeholder, never read)
     gs = grad_scores.contiguous() if grad_scores is not None else zr
+    has_aux = grad_aux is not None and aux_sums is not None and aux_sums.numel() > 0 and er > 0
     _launch(_bwd_route_kernel, (n_t,),
-            (grad_out, _padded(lora_b.to(x.dtype), e, r, geo, rows=False), za.contiguous(), zr, thr_bias, gs, gza,
-             gzr, h, gtb, t, o, e, r, er, scale, max_threshold),
+            (grad_out, _padded(lora_b.to(x.dtype), e, r, geo, rows=False), za.contiguous(), zr, thr_bias, gs,
+             grad_aux if has_aux else zr, aux_sums if has_aux else zr, gza, gzr, h, gtb, t, o, e, r, er, scale,
+             max_threshold),
             dict(METHOD=method_spec(method).code, TOP_K=max(top_k, 1), HAS_GS=grad_scores is not None,
-                 **_modes(x.dtype), BT=blk.bt, BO=blk.bd, **geo), blk)
+                 HAS_AUX=has_aux, **_modes(x.dtype), BT=blk.bt, BO=blk.bd, **geo), blk, wrap)
     grad_b = grad_out.t() @ h  # [O, K]
     grads = _weight_grads(gza, gzr, gtb if thr_b is not None else None, x, drop_mask, lora_a, gate_w, thr_w, e, r,
-                          er, drop_scale, geo)
+                          er, drop_scale, geo, wrap)
     grad_x = x.new_empty(0)
     if need_grad_x:
         grad_x = x.new_empty(t, d)
         keep, has_keep = _keep(drop_mask, x)
         blk = choose("bwd_input", k_p, x.dtype)
-        _launch(_bwd_input_kernel, (triton.cdiv(t, blk.bt), triton.cdiv(d, blk.bd)),
-                (gza, gzr, a, rw, keep, grad_x, t, d, e, r, er, drop_scale),
-                dict(HAS_KEEP=has_keep, **_modes(x.dtype), BT=blk.bt, BD=blk.bd, **geo), blk)
+        _launch(_bwd_input_kernel, (_cdiv(t, blk.bt), _cdiv(d, blk.bd)),
+                (gza, gzr, a, g, tw, keep, grad_x, t, d, e, r, n_gate, er, drop_scale),
+                dict(HAS_KEEP=has_keep, **_modes(x.dtype), BT=blk.bt, BD=blk.bd, **geo), blk, wrap)
     grad_a, grad_gate, grad_thr_w, grad_tb = grads
     return grad_x, grad_a, grad_b.to(lora_b.dtype), grad_gate, grad_thr_w, grad_tb
 
@@ -344,15 +391,20 @@ MIN_PROGRAMS = 264
 def _t_split(t: int, blk: Blocks, programs: int) -> tuple[int, int]:
     """How many T splits the weight-gradient kernel sums over, and the rows of each (a multiple of BT): at least
     `blk.split_t`, and enough that `programs` per split reach MIN_PROGRAMS, up to one BT block per split."""
-    want = max(blk.split_t, triton.cdiv(MIN_PROGRAMS, programs))
+    want = max(blk.split_t, _cdiv(MIN_PROGRAMS, programs))
     rows = max(blk.bt, t // want // blk.bt * blk.bt)
-    return triton.cdiv(t, rows), rows
+    return _cdiv(t, rows), rows
 
 
-_REDUCE = Blocks(1, 256, num_warps=4, num_stages=1)  # _bwd_reduce_kernel: 256 elements per program
+def _reduce_blocks(n: int) -> Blocks:
+    """_bwd_reduce_kernel over n elements: 256 per program, fewer (down to 32) until the grid has MIN_PROGRAMS."""
+    block = 256
+    while block > 32 and _cdiv(n, block) < MIN_PROGRAMS:
+        block //= 2
+    return Blocks(1, block, num_warps=max(1, block // 64), num_stages=1)
 
 
-def _weight_grads(gza, gzr, gtb, x, drop_mask, lora_a, gate_w, thr_w, e, r, er, drop_scale, geo):
+def _weight_grads(gza, gzr, gtb, x, drop_mask, lora_a, gate_w, thr_w, e, r, er, drop_scale, geo, wrap):
     """-> (grad_A [K, D] in A's dtype, grad_Wg [E, D], grad_wt [1, D], grad_bt [1]; in x's dtype, [0, ...] when
     absent): float32 partial sums over T splits (`_bwd_weight_kernel`), then summed (`_bwd_reduce_kernel`, which
     also sums the threshold bias's per-block partials `gtb`)."""
@@ -361,18 +413,19 @@ def _weight_grads(gza, gzr, gtb, x, drop_mask, lora_a, gate_w, thr_w, e, r, er, 
     blk = choose("bwd_weight", geo["E_P"] * geo["R_P"], x.dtype)
     k_p = geo["E_P"] * geo["R_P"]
     bk = min(blk.bk or k_p, k_p)
-    split, rows = _t_split(t, blk, triton.cdiv(d, blk.bd) * (k_p // bk))
+    split, rows = _t_split(t, blk, _cdiv(d, blk.bd) * (k_p // bk))
     ga = x.new_empty(split, k, d, dtype=torch.float32)
     gr = x.new_empty(split, max(er, 1), d, dtype=torch.float32)
     keep, has_keep = _keep(drop_mask, x)
-    _launch(_bwd_weight_kernel, (triton.cdiv(d, blk.bd), split, k_p // bk),
+    _launch(_bwd_weight_kernel, (_cdiv(d, blk.bd), split, k_p // bk),
             (gza, gzr, x, keep, ga, gr, t, d, e, r, er, drop_scale, rows),
-            dict(HAS_KEEP=has_keep, **_modes(x.dtype), BT=blk.bt, BD=blk.bd, BK=bk, **geo), blk)
+            dict(HAS_KEEP=has_keep, **_modes(x.dtype), BT=blk.bt, BD=blk.bd, BK=bk, **geo), blk, wrap)
     out = (x.new_empty(k, d, dtype=lora_a.dtype), x.new_empty(0 if gate_w is None else gate_w.shape[0], d),
            x.new_empty(0 if thr_w is None else 1, d), x.new_empty(0 if gtb is None else 1))
     n_gate = out[1].shape[0]
-    _launch(_bwd_reduce_kernel, (triton.cdiv((k + er) * d, _REDUCE.bd),),
+    red = _reduce_blocks((k + er) * d)
+    _launch(_bwd_reduce_kernel, (_cdiv((k + er) * d, red.bd),),
             (ga, gr, ga if gtb is None else gtb, *(v if v.numel() else ga for v in out), split, k * d, n_gate * d,
              er * d, max(er, 1) * d, 0 if gtb is None else gtb.numel()),
-            dict(BLOCK=_REDUCE.bd), _REDUCE)
+            dict(BLOCK=red.bd), red, wrap)
     return out

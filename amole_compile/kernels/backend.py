@@ -9,6 +9,7 @@ why when the tensor is on a CUDA device (where 'auto' would have picked Triton),
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import warnings
@@ -22,13 +23,19 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 ENV_VAR = "AMOLE_KERNELS"
 
 
+@functools.cache
+def _triton_installed() -> bool:
+    """Is the 'triton' package importable (asked once: `find_spec` walks sys.path, ~10 us a call)?"""
+    return importlib.util.find_spec("triton") is not None
+
+
 def triton_usable(x: torch.Tensor, explicit: bool = False) -> tuple[bool, str]:
     """Can the Triton kernels run on x? -> (ok, reason when not).
 
     'auto' (explicit=False) picks Triton only for CUDA tensors. An explicit request also accepts CPU tensors
     when TRITON_INTERPRET=1 (Triton's interpreter: how CI runs the kernels).
     """
-    if importlib.util.find_spec("triton") is None:
+    if not _triton_installed():
         return False, "the 'triton' package is not installed (pip install 'amole-compile[triton]')"
     if x.dtype not in SUPPORTED_DTYPES:
         return False, f"dtype {x.dtype} is not supported by the Triton kernels (float32, bfloat16, float16)"

@@ -9,9 +9,11 @@ traces through it, while `torch.export` keeps `amole.adapter` as one node (which
 The ops register on first use (`register()`, called by `adapter()` and by whoever emits op nodes): the
 `triton_op` decorator imports triton and torch._inductor, which `import amole_compile` must not.
 
-Outputs: (out [T, O], scores [T, E], mask [T, E] bool, za [T, K], zr [T, Er]); routing (zr, scores) is float32
-(float64 for float64 inputs). `za` and `zr` are saved for the backward, which recomputes the cheap routing
-instead of storing it. Legend as in `adapter_torch.py`.
+Outputs: (out [T, O], scores [T, E], mask [T, E] bool, za [T, K], zr [T, Er], aux [], aux_sums [2, E]); routing
+(zr, scores, aux) is float32 (float64 for float64 inputs). `za` and `zr` are saved for the backward, which
+recomputes the cheap routing instead of storing it. `aux` is the site's load-balancing loss when `with_aux` asks
+for it (a method with a gate, T > 0; otherwise `aux` and `aux_sums` are empty): computed by the op, its gradient
+reaches the scores inside the backward, with no [T, E] tensor of its own. Legend as in `adapter_torch.py`.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ class AdapterArgs(NamedTuple):
     max_threshold: float
     drop_scale: float  # 1 / (1 - dropout)
     kernels: str
+    with_aux: bool = False  # compute the aux loss (training forwards of a method with a gate)
 
 
 def _use_triton(kernels: str, x: Tensor, num_experts: int, lora_a: Tensor) -> bool:
@@ -65,11 +68,12 @@ def _use_triton(kernels: str, x: Tensor, num_experts: int, lora_a: Tensor) -> bo
 def _adapter_impl(
     x: Tensor, drop_mask: Tensor | None, lora_a: Tensor, lora_b: Tensor, gate_w: Tensor | None,
     thr_w: Tensor | None, thr_b: Tensor | None, base: Tensor | None, method: str, num_experts: int,
-    top_k: int, scale: float, max_threshold: float, drop_scale: float, kernels: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """AdaMoLE / MoLE / LoRA adapter on x [T, D] -> (out [T, O], scores, mask, za, zr); see module doc."""
+    top_k: int, scale: float, max_threshold: float, drop_scale: float, kernels: str, with_aux: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """AdaMoLE / MoLE / LoRA adapter on x [T, D] -> (out [T, O], scores, mask, za, zr, aux, aux_sums); see module
+    doc."""
     args = (x, drop_mask, lora_a, lora_b, gate_w, thr_w, thr_b, base, method, num_experts, top_k, scale,
-            max_threshold, drop_scale)
+            max_threshold, drop_scale, with_aux)
     if _use_triton(kernels, x, num_experts, lora_a):
         from .adapter_triton import adapter_triton
 
@@ -81,11 +85,13 @@ def _adapter_backward_impl(
     grad_out: Tensor, grad_scores: Tensor | None, x: Tensor, drop_mask: Tensor | None, lora_a: Tensor,
     lora_b: Tensor, gate_w: Tensor | None, thr_w: Tensor | None, thr_b: Tensor | None, za: Tensor,
     zr: Tensor, method: str, num_experts: int, top_k: int, scale: float, max_threshold: float,
-    drop_scale: float, need_grad_x: bool, kernels: str,
+    drop_scale: float, need_grad_x: bool, kernels: str, grad_aux: Tensor | None = None,
+    aux_sums: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Grads (x, A, B, gate, threshold weight, threshold bias); empty tensors for absent parameters."""
+    """Grads (x, A, B, gate, threshold weight, threshold bias); empty tensors for absent parameters. `grad_aux`
+    (the aux loss's gradient, []) with the forward's `aux_sums` adds the aux loss's share to the scores'."""
     args = (grad_out, grad_scores, x, drop_mask, lora_a, lora_b, gate_w, thr_w, thr_b, za, zr, method,
-            num_experts, top_k, scale, max_threshold, drop_scale, need_grad_x)
+            num_experts, top_k, scale, max_threshold, drop_scale, need_grad_x, grad_aux, aux_sums)
     if _use_triton(kernels, x, num_experts, lora_a):
         from .adapter_triton import adapter_backward_triton
 
@@ -98,20 +104,23 @@ _N_TENSORS = AdapterArgs._fields.index("base") + 1  # the tensor arguments come 
 
 def _setup_context(ctx, inputs, output):
     a = AdapterArgs(*inputs)
-    ctx.save_for_backward(a.x, a.drop_mask, a.lora_a, a.lora_b, a.gate_w, a.thr_w, a.thr_b, output[3], output[4])
+    ctx.save_for_backward(a.x, a.drop_mask, a.lora_a, a.lora_b, a.gate_w, a.thr_w, a.thr_b, output[3], output[4],
+                          output[6])
     ctx.scalars = inputs[_N_TENSORS:]
     ctx.has_base = a.base is not None
 
 
-def _backward(ctx, grad_out, grad_scores, _grad_mask, _grad_za, _grad_zr, backward_op=None):
-    x, drop_mask, lora_a, lora_b, gate_w, thr_w, thr_b, za, zr = ctx.saved_tensors
-    method, e, k, scale, cap, drop_scale, kernels = ctx.scalars
+def _backward(ctx, grad_out, grad_scores, _grad_mask, _grad_za, _grad_zr, grad_aux, _grad_sums, backward_op=None):
+    x, drop_mask, lora_a, lora_b, gate_w, thr_w, thr_b, za, zr, aux_sums = ctx.saved_tensors
+    method, e, k, scale, cap, drop_scale, kernels = ctx.scalars[:7]
     if grad_out is None:
         grad_out = x.new_zeros(x.shape[0], lora_b.shape[0])
+    if aux_sums.numel() == 0:
+        grad_aux = None
     need_x = ctx.needs_input_grad[0]
     gx, ga, gb, gg, gtw, gtb = (backward_op or torch.ops.amole.adapter_backward)(
         grad_out.to(x.dtype).contiguous(), grad_scores, x, drop_mask, lora_a, lora_b, gate_w, thr_w, thr_b, za, zr,
-        method, e, k, scale, cap, drop_scale, need_x, kernels)
+        method, e, k, scale, cap, drop_scale, need_x, kernels, grad_aux, None if grad_aux is None else aux_sums)
     return (gx if need_x else None, None, ga, gb, gg if gate_w is not None else None,
             gtw if thr_w is not None else None, gtb if thr_b is not None else None,
             grad_out if ctx.has_base else None) + (None,) * len(ctx.scalars)
@@ -143,7 +152,7 @@ class _EagerAdapter(torch.autograd.Function):
     def forward(ctx, *inputs):
         out = _adapter_impl(*inputs)
         _setup_context(ctx, inputs, out)
-        ctx.mark_non_differentiable(out[2], out[3], out[4])
+        ctx.mark_non_differentiable(out[2], out[3], out[4], out[6])
         ctx.set_materialize_grads(False)
         return out
 
@@ -154,14 +163,14 @@ class _EagerAdapter(torch.autograd.Function):
 
 def adapter(x: Tensor, drop_mask: Tensor | None, lora_a: Tensor, lora_b: Tensor, gate_w: Tensor | None,
             thr_w: Tensor | None, thr_b: Tensor | None, base: Tensor | None, method: str, num_experts: int,
-            top_k: int, scale: float, max_threshold: float, drop_scale: float, kernels: str):
+            top_k: int, scale: float, max_threshold: float, drop_scale: float, kernels: str, with_aux: bool = False):
     """The adapter op on x [T, D]; arguments as `_adapter_impl`. A traced call (compile, export) records
     `torch.ops.amole.adapter` (registered on first use); an eager call runs the same implementation and autograd
     formula directly, without the custom-op dispatch."""
     if _registered is None:
         register()
     args = (x, drop_mask, lora_a, lora_b, gate_w, thr_w, thr_b, base, method, num_experts, top_k, scale,
-            max_threshold, drop_scale, kernels)
+            max_threshold, drop_scale, kernels, with_aux)
     if traced(x):
         return torch.ops.amole.adapter(*args)
     return _EagerAdapter.apply(*args)

@@ -15,7 +15,6 @@ from torch import Tensor, nn
 from ..config import AdaMoLEConfig
 from ..kernels import AdapterArgs, adapter, register
 from ..kernels.mixed_torch import SiteWeights
-from .aux import aux_loss
 from .tokens import real_tokens
 
 
@@ -29,11 +28,15 @@ def linear_features(layer: nn.Module) -> tuple[int, int] | None:
     return None
 
 
-def keep_mask(x: Tensor, p: float | Tensor) -> Tensor:
+def keep_mask(x: Tensor, p: float | Tensor, one_launch: bool = False) -> Tensor:
     """A bool dropout keep-mask shaped like x: each element kept with probability 1 - p (p a float, or a tensor
-    that broadcasts against x). Drawn as float32 uniforms >= p whatever x's dtype: a bf16 or fp16 draw would
-    quantise p to its few mantissa bits (0.05 becomes 13/256 in bf16). On CPU this is 1.5-2x faster than
-    `bernoulli_` into a bool tensor."""
+    that broadcasts against x). Never drawn in x's dtype: a bf16 or fp16 draw would quantise p to its few
+    mantissa bits (0.05 becomes 13/256 in bf16).
+    `one_launch` (a float p): `bernoulli_` straight into a bool tensor, one kernel on a GPU (float32 uniforms),
+    where float32 uniforms >= p take two launches and a [T, D] float32 temporary; on CPU, where launches cost
+    nothing, the uniforms are 1.5-2x faster, so the torch path (CPU) draws them."""
+    if one_launch and isinstance(p, float):
+        return torch.empty(x.shape, device=x.device, dtype=torch.bool).bernoulli_(1.0 - p)
     return torch.rand(x.shape, device=x.device, dtype=torch.float32) >= p
 
 
@@ -115,17 +118,23 @@ class ExpertSet(nn.Module):
         """x [T, D] -> the site's shared dropout keep-mask [T, D] (None when not dropping)."""
         if not self.training or self.dropout == 0:
             return None
-        return keep_mask(x, self.dropout)
+        return keep_mask(x, self.dropout, one_launch=x.device.type != "cpu" or self.kernels == "triton")
 
-    def op_args(self, x, drop_mask, base, tensor=getattr) -> AdapterArgs:
+    def wants_aux(self) -> bool:
+        """Does this forward compute the aux loss (training mode, a method with a gate)?"""
+        return self.training and self.gate is not None
+
+    def op_args(self, x, drop_mask, base, tensor=getattr, with_aux=None) -> AdapterArgs:
         """The op's arguments for this site on x with `drop_mask` and `base` (tensors, or graph nodes on the graph
-        path, whose `tensor(self, name)` gives the node reading parameter `name`; absent parameters stay None)."""
+        path, whose `tensor(self, name)` gives the node reading parameter `name`; absent parameters stay None).
+        `with_aux`: compute the aux loss (default `wants_aux()`; a graph node on the graph path)."""
         def t(name: str):
             return None if getattr(self, name) is None else tensor(self, name)
 
         return AdapterArgs(x, drop_mask, t("lora_A"), t("lora_B"), t("gate"), t("threshold_weight"),
                            t("threshold_bias"), base, self.method, self.num_experts, self.top_k, self.scale,
-                           self.max_threshold, 1.0 / (1.0 - self.dropout), self.kernels)
+                           self.max_threshold, 1.0 / (1.0 - self.dropout), self.kernels,
+                           self.wants_aux() if with_aux is None else with_aux)
 
     def weights(self) -> SiteWeights:
         """This site as one slot of a mixed batch's stack (`kernels/mixed_torch.py`); dropout only in training."""
@@ -136,8 +145,8 @@ class ExpertSet(nn.Module):
     def forward(self, x: Tensor, base: Tensor | None = None, lead: tuple[int, ...] | None = None) -> Tensor:
         """x [T, D] (adapter dtype) -> base + delta [T, O] (or delta when base is None). `lead`: the leading
         shape x had before it was flattened ((B, S): the statistics then count the real tokens only)."""
-        out, scores, mask, _, _ = adapter(*self.op_args(x, self.drop_mask(x), base))
-        self.record(scores, mask, lead=lead)
+        out, scores, mask, _, _, aux, _ = adapter(*self.op_args(x, self.drop_mask(x), base))
+        self.record(scores, mask, lead=lead, aux=aux)
         return out
 
     def __getstate__(self) -> dict:
@@ -148,7 +157,8 @@ class ExpertSet(nn.Module):
         return state
 
     def record(self, scores: Tensor, mask: Tensor, tokens: Tensor | None = None,
-               counts: tuple[Tensor, Tensor, Tensor] | None = None, lead: tuple[int, ...] | None = None) -> None:
+               counts: tuple[Tensor, Tensor, Tensor] | None = None, lead: tuple[int, ...] | None = None,
+               aux: Tensor | None = None) -> None:
         """Keep this forward's aux loss (training mode, a router, at least one token) as `forward_aux`, and as
         `aux` when gradients are on: a forward with gradients off (an evaluation or metrics pass inside a
         training step) never replaces the aux of the forward being trained. Activation checkpointing's
@@ -156,12 +166,15 @@ class ExpertSet(nn.Module):
         checkpointing recomputes), for the passes `stat_passes` names. `tokens` [T] bool: only those tokens are
         this site's (a mixed batch); `counts`: this site's statistics counted by the caller (tokens [], selected
         [E], active [E + 1]); `lead`: the input's leading shape, whose padding tokens are not counted
-        (`tokens.real_tokens`)."""
+        (`tokens.real_tokens`); `aux`: the aux loss the op computed (`with_aux`), required without `tokens`."""
         recomputing = _recomputing()
         if self.training and self.gate is not None and (tokens is not None or scores.shape[0] > 0):
             # computed in the recompute too: checkpointing checks that it saves the same tensors
             if tokens is None:
-                value = aux_loss(scores, mask, self.num_experts)
+                if aux is None or aux.numel() != 1:
+                    raise RuntimeError("record: a training forward of a site with a gate needs the op's aux loss "
+                                       "(call the op with with_aux=site.wants_aux())")
+                value = aux
             else:  # a mixed batch: the means over this site's own rows' tokens
                 value = self.num_experts * (_token_mean(mask.to(scores.dtype), tokens)
                                             * _token_mean(scores, tokens)).sum()

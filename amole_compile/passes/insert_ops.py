@@ -3,9 +3,10 @@
 Pattern:        a linear-like node (`linear`, Conv1D `addmm`, or a call to an nn.Linear / Conv1D module) whose
                 weight belongs to a planned `Target` (a module's `weight`, or a bare parameter); every call of
                 it is rewritten, a call reading a slice of the weight's output lines getting those columns.
-Replacement:    y = proj(x)  ->  per role: mask = site.drop_mask(x2); r = torch.ops.amole.adapter(x2, mask, ...);
-                site.record(r[1], r[2]); then y' = y + the role deltas placed in their columns (or, for a single
-                role owning every column, the op adds itself to y). Users of y read y'. Every inserted node has
+Replacement:    y = proj(x)  ->  per role: mask = site.drop_mask(x2); r = torch.ops.amole.adapter(x2, mask, ...,
+                site.wants_aux()); site.record(r[1], r[2], aux=r[5]); then y' = y + the role deltas placed in
+                their columns (or, for a single role owning every column, the op adds itself to y). Users of y
+                read y'. Every inserted node has
                 `meta["amole"] = {"module": ..., "role": ...}`. Parameters live in `gm._amole.<module>`, a
                 `ProjectionAdapters` holding one `AdapterGroup` named "default", so adapter names match the
                 nn.Module path. (One adapter per graph: a second named adapter is refused.)
@@ -36,10 +37,16 @@ def site_drop_mask(site: ExpertSet, x: torch.Tensor) -> torch.Tensor | None:
     return site.drop_mask(x)
 
 
-def site_record(site: ExpertSet, scores: torch.Tensor, mask: torch.Tensor, x: torch.Tensor | None = None) -> None:
-    """Graph-node helper: record the site's aux loss and expert statistics (x: the projection's input, whose
-    leading shape says which tokens are padding)."""
-    site.record(scores, mask, lead=None if x is None else x.shape[:-1])
+def site_wants_aux(site: ExpertSet) -> bool:
+    """Graph-node helper: does this forward compute the site's aux loss (read at run time: the training mode)?"""
+    return site.wants_aux()
+
+
+def site_record(site: ExpertSet, scores: torch.Tensor, mask: torch.Tensor, x: torch.Tensor | None = None,
+                aux: torch.Tensor | None = None) -> None:
+    """Graph-node helper: record the site's aux loss (computed by the op) and expert statistics (x: the
+    projection's input, whose leading shape says which tokens are padding)."""
+    site.record(scores, mask, lead=None if x is None else x.shape[:-1], aux=aux)
 
 
 class _Emitter:
@@ -60,10 +67,11 @@ class _Emitter:
 
         site_node = self("get_attr", path, (), role)
         mask = self("call_function", site_drop_mask, (site_node, x2), role)
-        args = tuple(site.op_args(x2, mask, base, tensor=attr))  # parameters read by get_attr nodes
+        with_aux = self("call_function", site_wants_aux, (site_node,), role)
+        args = tuple(site.op_args(x2, mask, base, tensor=attr, with_aux=with_aux))  # parameters: get_attr nodes
         res = self("call_function", torch.ops.amole.adapter.default, args, role)
-        out, scores, m = (self("call_function", operator.getitem, (res, i), role) for i in range(3))
-        self("call_function", site_record, (site_node, scores, m, x), role)
+        out, scores, m, aux = (self("call_function", operator.getitem, (res, i), role) for i in (0, 1, 2, 5))
+        self("call_function", site_record, (site_node, scores, m, x, aux), role)
         return out
 
 

@@ -60,7 +60,7 @@ def routing(model, input_ids: torch.Tensor, mask: torch.Tensor) -> list[tuple[to
 
     def hook(site, args, _out):
         x = args[0][real]
-        _, scores, m, _, zr = adapter(x, None, site.lora_A, site.lora_B, site.gate, site.threshold_weight,
+        _, scores, m, _, zr, *_ = adapter(x, None, site.lora_A, site.lora_B, site.gate, site.threshold_weight,
                                       site.threshold_bias, None, site.method, site.num_experts, site.top_k,
                                       site.scale, site.max_threshold, 1.0, "torch")
         if site.method == "adamole":

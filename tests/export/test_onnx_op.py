@@ -14,7 +14,7 @@ T, D, OUT, E, R = 16, 12, 10, 4, 2  # tokens, in dims, out dims, experts, rank
 
 
 class OneSite(torch.nn.Module):
-    """x [T, D], drop mask, base [T, OUT] -> the op's five outputs."""
+    """x [T, D], drop mask, base [T, OUT] -> the op's seven outputs (no aux loss: an inference forward)."""
 
     def __init__(self, method: str, seed: int) -> None:
         super().__init__()
@@ -58,8 +58,8 @@ def test_op_outputs_match_torch(method, dropout, with_base, masking, tmp_path):
         assert 0 < int(want[2].sum()) < want[2].numel() and want[1].abs().min() > 1e-6  # masked, no ties
     feeds = [a for a in args if a is not None]
     got = sess.run(None, {n: a.numpy() for n, a in zip(names, feeds, strict=True)})
-    assert len(got) == 5
-    for name, w, o in zip(("out", "scores", "mask", "za", "zr"), want, got, strict=True):
+    assert len(got) == 7
+    for name, w, o in zip(("out", "scores", "mask", "za", "zr", "aux", "aux_sums"), want, got, strict=True):
         assert tuple(o.shape) == tuple(w.shape), name
         if w.dtype == torch.bool:
             assert (torch.from_numpy(o) == w).all(), name
@@ -81,3 +81,10 @@ def test_translations_take_the_op_schema_in_order():
     for masking in ("dense", "skip"):
         (fn,) = translation_table(masking).values()
         assert tuple(inspect.signature(fn).parameters) == op_schema, masking
+
+
+def test_a_training_forward_is_refused_by_name():
+    """The aux loss is a training output: a node asking for it has no translation, and says so."""
+    (fn,) = translation_table("dense").values()
+    with pytest.raises(ValueError, match="with_aux=True.*eval mode"):
+        fn(None, None, None, None, None, None, None, None, "adamole", 4, 0, 1.0, 0.3, 1.0, "torch", True)

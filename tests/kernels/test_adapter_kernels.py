@@ -76,25 +76,28 @@ def make(method="adamole", e=4, r=4, t=37, d=45, o=29, dtype=torch.float32, thr_
     return {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in args.items()}
 
 
-def run_both(args, dtype, need_grad_x=True, seed=1):
-    fwd_args = tuple(args.values())
+def run_both(args, dtype, need_grad_x=True, seed=1, with_aux=True):
+    """Forward and backward on both paths, the aux loss computed (methods with a gate) and given a gradient."""
+    fwd_args = (*args.values(), with_aux)
     ref, tri = adapter_torch(*fwd_args), adapter_triton(*fwd_args)
     g = torch.Generator().manual_seed(seed)
     grad_out = torch.randn(ref[0].shape, generator=g).to(DEVICE, dtype)
     grad_scores = torch.randn(ref[1].shape, generator=g).to(DEVICE) if args["method"] != "lora" else None
+    grad_aux = torch.randn((), generator=g).to(DEVICE) if ref[5].numel() else None
     common = (args["x"], args["drop_mask"], args["lora_a"], args["lora_b"], args["gate_w"], args["thr_w"],
               args["thr_b"])
     tail = (args["method"], args["num_experts"], args["top_k"], args["scale"], args["max_threshold"],
             args["drop_scale"], need_grad_x)
-    ref_b = adapter_backward_torch(grad_out, grad_scores, *common, ref[3], ref[4], *tail)
-    tri_b = adapter_backward_triton(grad_out, grad_scores, *common, ref[3], ref[4], *tail)
+    ref_b = adapter_backward_torch(grad_out, grad_scores, *common, ref[3], ref[4], *tail, grad_aux, ref[6])
+    tri_b = adapter_backward_triton(grad_out, grad_scores, *common, ref[3], ref[4], *tail, grad_aux, ref[6])
     return ref, tri, ref_b, tri_b
 
 
 def check(args, dtype=torch.float32):
     ref, tri, ref_b, tri_b = run_both(args, dtype)
     assert torch.equal(tri[2], ref[2]), "expert masks differ"
-    for name, a, b in zip(("out", "scores", "mask", "za", "zr"), tri, ref, strict=True):
+    assert (ref[5].numel() == 1) == (args["method"] != "lora" and args["x"].shape[0] > 0)
+    for name, a, b in zip(("out", "scores", "mask", "za", "zr", "aux", "aux_sums"), tri, ref, strict=True):
         assert a.shape == b.shape and a.dtype == b.dtype, f"{name}: {a.shape}/{a.dtype} vs {b.shape}/{b.dtype}"
         if name != "mask" and b.numel():
             _close(a, b, dtype, name)
@@ -167,13 +170,15 @@ def test_opcheck_triton_ops(method):
     for k in ("x", "lora_a", "lora_b", "gate_w", "thr_w", "thr_b", "base"):
         if args[k] is not None:
             args[k] = args[k].clone().requires_grad_()
-    torch.library.opcheck(ops.adapter, (*args.values(), "triton"), atol=1e-4, rtol=1e-4)
-    out = ops.adapter(*args.values(), "triton")
+    for with_aux in (False, True):
+        torch.library.opcheck(ops.adapter, (*args.values(), "triton", with_aux), atol=1e-4, rtol=1e-4)
+    out = ops.adapter(*args.values(), "triton", True)
+    aux = (torch.randn_like(out[5]), out[6].detach()) if method != "lora" else (None, None)
     bwd = (torch.randn_like(out[0]), torch.randn_like(out[1]) if method != "lora" else None, args["x"].detach(),
            args["drop_mask"], *(None if args[k] is None else args[k].detach()
                                 for k in ("lora_a", "lora_b", "gate_w", "thr_w", "thr_b")),
            out[3].detach(), out[4].detach(), method, args["num_experts"], args["top_k"], 2.0, args["max_threshold"],
-           args["drop_scale"], True, "triton")
+           args["drop_scale"], True, "triton", *aux)
     torch.library.opcheck(ops.adapter_backward, bwd, atol=1e-4, rtol=1e-4)
 
 

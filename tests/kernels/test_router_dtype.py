@@ -49,7 +49,7 @@ def reference(s: ExpertSet, x: torch.Tensor):
     """The same (half-valued) weights and input in float64: (out, scores, mask)."""
     ref = ExpertSet(D, OUT, s_config(s), dtype=torch.float64)
     ref.load_state_dict({k: v.double() for k, v in s.state_dict().items()})
-    out, scores, mask, _, _ = adapter(*ref.op_args(x.double(), None, None)._replace(kernels="torch"))
+    out, scores, mask, *_ = adapter(*ref.op_args(x.double(), None, None)._replace(kernels="torch"))
     return out, scores, mask
 
 
@@ -62,7 +62,7 @@ def forms(s: ExpertSet, x: torch.Tensor, kernels: str):
     if kernels == "mixed":
         delta, scores, mask = mixed_adapter(x[None], torch.zeros(1, dtype=torch.long), stack_sites([s.weights()]))
         return delta[0], scores[0, :, :E], mask[0, :, :E]
-    out, scores, mask, _, _ = adapter(*s.op_args(x, None, None)._replace(kernels=kernels))
+    out, scores, mask, *_ = adapter(*s.op_args(x, None, None)._replace(kernels=kernels))
     return out, scores, mask
 
 
