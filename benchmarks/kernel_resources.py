@@ -29,7 +29,7 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, 
 
 sys.path.insert(0, str(Path(__file__).parent))
 from amole_compile.kernels import _aot as aot
-from amole_compile.kernels import adapter_triton, blocks
+from amole_compile.kernels import blocks
 
 import _common as bc
 
@@ -50,10 +50,15 @@ def _csv_list(text: str, kind=str) -> tuple:
     return tuple(kind(v) for v in text.split(",") if v)
 
 
+def _k_p(consts: dict) -> int:
+    """The padded adapter columns of a build (0 for the reduce kernel)."""
+    return consts.get("K_P") or consts.get("E_P", 0) * consts.get("R_P", 0)
+
+
 def _describe(spec) -> str:
     c = spec.consts
     blk = " ".join(f"{k}={c[k]}" for k in ("BT", "BD", "BO", "BLOCK") if k in c)
-    k_p = c["E_P"] * c["R_P"] if "E_P" in c else "-"
+    k_p = _k_p(c) or "-"
     return f"{spec.name:<18} {spec.case.label():<38} K_P={k_p:<5} {blk} w={spec.num_warps} s={spec.num_stages}"
 
 
@@ -95,9 +100,9 @@ def _search_group(key: tuple) -> tuple:
     """First candidate of blocks.CANDIDATES that fits every case of one (kernel, K_P, dtype) row on every arch."""
     kernel, k_p, dtype_name, archs, matrix = key
     for cand in blocks.CANDIDATES[(kernel, blocks.dtype_class(aot.DTYPES[dtype_name]))]:
-        adapter_triton.choose = lambda k, kp, dt, cand=cand: cand  # every launch of the driven cases uses cand
+        blocks.choose = lambda k, kp, dt, cand=cand: cand  # every launch of the driven cases uses cand
         specs = [s for s in aot.specialisations(matrix) if s.name == f"_{kernel}_kernel"
-                 and s.consts["E_P"] * s.consts["R_P"] == k_p]
+                 and _k_p(s.consts) == k_p]
         fails = []
         for spec in specs:
             for arch in archs:

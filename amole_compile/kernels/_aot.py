@@ -1,6 +1,6 @@
 """Ahead-of-time compiles of the Triton kernels for real GPU targets, on a machine without a GPU.
 
-The specialisations come from the launchers themselves: `record_launches()` makes `adapter_triton._launch`
+The specialisations come from the launchers themselves: `record_launches()` makes `triton_common.launch`
 record (kernel, grid, args, constexprs, blocks) instead of running, and `specialisations()` drives the forward
 and backward launchers on tiny CPU tensors over a matrix of dtypes, methods, E, R and dropout. `compile_launch()`
 binds a recorded launch the way Triton's JIT does (its own binder: signature, alignment/divisibility attributes,
@@ -28,7 +28,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import create_function_from_signature
 
-from . import adapter_triton
+from . import adapter_triton, triton_common
 from .methods import method_spec
 
 # Per-block opt-in shared memory (bytes): A100 (sm_80) 163 KB, H100 (sm_90) 227 KB (CUDA programming guide).
@@ -37,7 +37,9 @@ ARCHS = (80, 90)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 EXPERTS = (1, 2, 4, 8, 16)
 RANKS = (1, 4, 8, 16, 32, 64)
-SHAPE = {"t": 33, "d": 96, "o": 80}  # odd T, D and O multiples of 16 as in real models
+# Odd T, D and O multiples of 16 as in real models; T twice: few tokens (16 tokens per program and the splits over
+# D and O, `triton_common.split_tiles`) and enough for the table's tiles to fill MIN_PROGRAMS programs.
+SHAPES = ({"t": 33, "d": 96, "o": 80}, {"t": 64 * 264 + 7, "d": 96, "o": 80})
 _CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 
 
@@ -82,11 +84,11 @@ class Spec:
 def record_launches():
     """Within: the launchers record their launches into the yielded list instead of running them."""
     launches: list = []
-    old, adapter_triton._recorder = adapter_triton._recorder, launches
+    old, triton_common.recorder = triton_common.recorder, launches
     try:
         yield launches
     finally:
-        adapter_triton._recorder = old
+        triton_common.recorder = old
 
 
 def cases(dtypes=tuple(DTYPES), methods=("adamole", "mole", "lora"), experts=EXPERTS, ranks=RANKS,
@@ -101,9 +103,14 @@ def cases(dtypes=tuple(DTYPES), methods=("adamole", "mole", "lora"), experts=EXP
 
 
 def _drive(case: Case) -> list:
-    """Run the forward and backward launchers of `case` on tiny CPU tensors, recording their launches."""
+    """Run the forward and backward launchers of `case` on small CPU tensors of each of SHAPES, recording their
+    launches."""
+    return [launch for shape in SHAPES for launch in _drive_shape(case, **shape)]
+
+
+def _drive_shape(case: Case, t: int, d: int, o: int) -> list:
     dtype, spec = DTYPES[case.dtype], method_spec(case.method)
-    t, d, o, e, r = SHAPE["t"], SHAPE["d"], SHAPE["o"], case.e, case.r
+    e, r = case.e, case.r
     x = torch.zeros(t, d, dtype=dtype)
     gate = torch.zeros(e, d, dtype=dtype) if spec.has_gate else None
     thr_w = torch.zeros(1, d, dtype=dtype) if spec.has_threshold else None

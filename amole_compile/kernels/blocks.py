@@ -2,6 +2,8 @@
 
 Legend: K_P = E_P * R_P padded adapter columns (E_P = pow2(E), R_P = pow2(R), K_P >= 16); BT tokens per program,
 BD the chunk of D (of O in the route-backward kernel), SPLIT_T partial sums over T in the weight-gradient kernel.
+A row gives the largest tile; where its grid would be short of MIN_PROGRAMS, the launchers take 16 tokens per
+program and split D or O (`triton_common.few_tokens`, `split_tiles`), and the AOT matrix builds both.
 `TABLE` is what `benchmarks/kernel_resources.py --search` finds: for each row the first of `CANDIDATES` that
 compiles for sm_80 and sm_90 without spilling registers and within the shared memory a block may opt into;
 `benchmarks/kernel_resources.py` checks the whole matrix against it.
@@ -63,35 +65,40 @@ DEFAULT = Blocks(32, 64, 4)
 # what the larger configurations before it ran into.
 B = Blocks
 TABLE: dict[tuple[str, str], tuple[tuple[int, Blocks], ...]] = {
-    # x·[A; Wg; wt]ᵀ with the routing epilogue; accumulator [BT, K_P] fp32
+    # x·[A; Wg; wt]ᵀ over a split of D (partial sums; the routing is the finishing kernel's); accumulator
+    # [BT, K_P] fp32. Searched 2026-12-05 for the split kernel, over both token counts of `_aot.SHAPES` (the
+    # table's tile, and 16 tokens per program): the stage counts and warps step around 8-16 B stacks ptxas leaves
     ("fwd", "fp32"): (
-        (16, B(32, 32, 4)),  # BD 64 spills at K_P 16 (the FMA dot holds a [.., BD] operand slice per thread)
-        (32, B(32, 32, 8)),  # 4 warps leave an 8 B stack on sm_90 at 1, 2 and 3 stages (lora R = 32, dropout)
-        (64, B(32, 32, 4, num_stages=3)),  # 2 stages: 8-16 B stack on sm_90 (mole / lora, E·R = 64)
-        (128, B(32, 32, 4, num_stages=1)),  # 2 and 3 stages: 8 B stack; 8 warps: 16 B on sm_90 (E 8, R 16)
-        (256, B(32, 32, 4)),  # 8 warps: 8 B stack (adamole E 8 R 32 on sm_90, E 16 R 16 on sm_80)
-        (512, B(32, 32, 8)),  # 4 warps spill at K_P 512 (456 B): 8 warps halve the accumulator
-        # BT 32 spills 400 B even with 8 warps; BD 32 spills 8 B on sm_80 (255 registers); BD 16 fits at 244-254
-        # registers (at the ceiling: a K split of the forward is the way past this); 16 warps cap at 128 and spill
-        (1024, B(16, 16, 8)),
+        (16, B(32, 32, 4, num_stages=3)),  # BD 64 spills 80-104 B at K_P 16; 2 stages: 8 B stack
+        (32, B(32, 64, 4, num_stages=3)),  # 2 stages: 8 B stack
+        (64, B(32, 32, 8)),  # BD 64 at 4 warps leaves 8-16 B stacks at every stage count
+        (128, B(32, 32, 4, num_stages=1)),
+        (256, B(32, 32, 4, num_stages=3)),
+        (512, B(16, 16, 8)),
+        (1024, B(16, 32, 8)),
     ),
     ("fwd", "16bit"): (
-        (128, B(64, 64, 4)),  # tensor-core layouts: 64 tokens fit up to K_P 128
-        (256, B(32, 64, 4)),  # BT 64 spills 192 B at K_P 256
-        (512, B(16, 64, 8)),  # BT 32 spills at K_P 512 (480 B with BD 64, 48 B with BD 32)
-        (1024, B(16, 32, 8)),  # BD 64 spills 168 B at K_P 1024
+        (16, B(64, 64, 4, num_stages=1)),  # 2 and 3 stages: 8 B stack
+        (32, B(64, 64, 4)),
+        (64, B(64, 64, 4, num_stages=3)),  # 2 stages: 8 B stack
+        (128, B(64, 64, 4)),
+        (256, B(32, 64, 4)),  # BT 64 spills at K_P 256
+        (512, B(16, 64, 8)),
+        (1024, B(16, 32, 8)),  # BD 64 spills at K_P 1024
     ),
-    # grad_h = grad_out·B and the routing backward; accumulator [BT, K_P] fp32, loop over O in BO = bd
+    # grad_h = grad_out·B over a split of O (partial sums; the routing backward is the finishing kernel's);
+    # accumulator [BT, K_P] fp32; searched 2026-12-05 as the forward
     ("bwd_route", "fp32"): (
-        (64, B(32, 64, 4)),
-        (256, B(32, 32, 4)),  # BO 64 spills from K_P 128
+        (32, B(32, 64, 4)),
+        (64, B(32, 64, 4, num_stages=1)),  # 2 stages: 8 B stack on sm_80 (lora R = 64)
+        (128, B(32, 32, 4, num_stages=1)),  # BO 64 spills from K_P 128
+        (256, B(32, 32, 4)),
         (512, B(32, 32, 8)),  # 4 warps spill at K_P 512
-        (1024, B(16, 32, 8)),  # BT 32 spills 504 B even with 8 warps
+        (1024, B(16, 32, 8)),  # BT 32 spills even with 8 warps
     ),
     ("bwd_route", "16bit"): (
-        (64, B(64, 64, 4)),
-        (256, B(32, 64, 4)),  # BT 64 spills from K_P 128
-        (512, B(16, 64, 8, num_stages=3)),  # BT 32 spills from K_P 512; 2 stages leave 8 B on sm_90 (E 8, R 64)
+        (256, B(64, 64, 4)),
+        (512, B(32, 64, 4)),  # BT 64 spills at K_P 512
         (1024, B(16, 64, 8)),
     ),
     # grad_A = grad_zaᵀ·xd over a T split; accumulator [K_P, BD] (or [BK, BD] with a K split)

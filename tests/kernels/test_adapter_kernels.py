@@ -135,7 +135,7 @@ def test_dtypes(method, dtype):
     check(make(method, e=4, r=4, dtype=dtype), dtype)
 
 
-@pytest.mark.parametrize("t,d,o", [(1, 16, 16), (33, 100, 7), (65, 17, 130), (128, 64, 64)])
+@pytest.mark.parametrize("t,d,o", [(1, 16, 16), (33, 100, 7), (65, 17, 130), (128, 64, 64), (20, 300, 290)])
 def test_odd_shapes(t, d, o):
     check(make("adamole", e=4, r=4, t=t, d=d, o=o))
 

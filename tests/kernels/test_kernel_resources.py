@@ -19,14 +19,15 @@ import pytest
 import torch
 from test_adapter_kernels import check, make
 
-from amole_compile.kernels import adapter_triton, blocks, register
+from amole_compile.kernels import blocks, register, triton_common
 
 ROOT = Path(__file__).resolve().parents[2]
 
 # One op configuration per K_P (16 .. 1024), both dtype classes, each arch, and the builds that left a small stack
 # before the table's stage-count rows (2026-12-04: fp32 fwd at K_P 32 / 128 / 256 and bwd_weight at 128 on sm_90,
-# 16-bit bwd_weight at K_P 16 on sm_80 and bwd_route at 512 on sm_90); 5 kernels each (the 4 of the table and
-# the weight gradients' reduce): 65 builds.
+# 16-bit bwd_weight at K_P 16 on sm_80 and bwd_route at 512 on sm_90); per case the 7 kernels as few tokens launch
+# them (16 tokens per program, splits over D and O, the finishing kernels, the reduce), and the 4 tiled kernels
+# again with the table's tiles (`_aot.SHAPES`).
 SUBSET = [("float32", "adamole", 4, 4, True, 90), ("bfloat16", "mole", 8, 4, False, 80),
           ("float16", "adamole", 8, 8, True, 90), ("float32", "lora", 1, 64, True, 80),
           ("bfloat16", "adamole", 16, 16, True, 90), ("float32", "mole", 16, 32, False, 90),
@@ -57,7 +58,8 @@ def test_kernels_compile_without_spills_for_sm80_and_sm90():
                           env=env, cwd=ROOT, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     builds = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(builds) == 5 * len(SUBSET)
+    # per case: 7 kernels at few tokens, and the 4 with the table's tiles again at many (some builds coincide)
+    assert 7 * len(SUBSET) <= len(builds) <= 11 * len(SUBSET), len(builds)
     bad = [b for b in builds if b[-1]]
     assert not bad, "\n".join(f"sm_{b[2]} {b[0]} {b[1]}: REG {b[3]} SHARED {b[4]}: {b[-1]}" for b in bad)
 
@@ -74,7 +76,7 @@ def _table_configs():
                          if isinstance(v, blocks.Blocks) else f"{v[0]}-{v[1]}-{v[2]}")
 def test_each_block_configuration_matches_the_torch_path(monkeypatch, blk, where):
     """Every configuration of the table, forced on all four kernels (the interpreter ignores warps/stages)."""
-    monkeypatch.setattr(adapter_triton, "choose", lambda kernel, k_p, dtype: blk)
+    monkeypatch.setattr(blocks, "choose", lambda kernel, k_p, dtype: blk)
     check(make("adamole", e=4, r=4, t=70, d=80, o=72))
 
 
@@ -112,7 +114,7 @@ def test_shapes_beyond_the_limits_fall_back_or_raise(monkeypatch):
 def test_explicit_triton_through_the_op_raises_before_any_launch(monkeypatch):
     args = make("adamole", e=32, r=1, t=8, d=16, o=8, thr_state="active")
     launches: list = []
-    monkeypatch.setattr(adapter_triton, "_recorder", launches)
+    monkeypatch.setattr(triton_common, "recorder", launches)
     with pytest.raises(RuntimeError, match="limit of 16"):
         register().adapter(*args.values(), "triton")
     assert launches == []

@@ -1,0 +1,157 @@
+"""What the Triton kernels of the op share: device helpers (loads, padded columns, the router's rows), and the
+launchers' plumbing (launch or record, geometry, padding, modes, and the tiling that fills the GPU).
+
+Legend: T tokens, D in dims, O out dims, E experts, R rank, K = E * R, Er router rows (E + 1 adamole, E mole,
+0 lora). Padded: E_P = pow2(E), R_P = pow2(R) (so K_P = E_P * R_P >= 16), G_P = max(16, pow2(Er)).
+Expert e's rank-r row sits at padded row e * R_P + r, so a [BT, K_P] tile reshapes to [BT, E_P, R_P].
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import wrap_triton
+
+from . import blocks
+from .blocks import Blocks, padded_columns
+from .methods import method_spec
+
+# Programs a launch should have at least, where the work allows: two per SM of an H100 (132 SMs).
+MIN_PROGRAMS = 264
+# Tokens per program of the finishing (routing) kernels: no dot product there, so few tokens per program give
+# cdiv(T, 4) programs (256 at T = 1024) and little register use.
+FINISH_BT = 4
+
+
+@triton.jit
+def _ld(ptr, mask, UPCAST: tl.constexpr):
+    """Load (zeros where masked); UPCAST turns bfloat16 into float32 at once (Triton's interpreter has no bf16
+    arithmetic, so CI runs the bf16 path this way; on a GPU UPCAST is off and bf16 feeds the tensor cores)."""
+    v = tl.load(ptr, mask=mask, other=0.0)
+    if UPCAST:
+        v = v.to(tl.float32)
+    return v
+
+
+@triton.jit
+def _router_ptrs(g_ptr, t_ptr, gp, D, NG, ER):
+    """The router's rows read unpadded, as row pointers [G_P] and their mask: rows < NG of the gate [NG, D], row NG
+    (when ER > NG) the threshold weight [1, D], nothing beyond. Made once per program; each D chunk is then one
+    load `_ld(rows[:, None] + rd[None, :], ok[:, None] & (rd[None, :] < D))`: no stacked, padded copy of the router
+    is made per call."""
+    return tl.where(gp < NG, g_ptr + gp * D, t_ptr), gp < ER
+
+
+@triton.jit
+def _pad_cols(E, R, E_P: tl.constexpr, R_P: tl.constexpr, start=0, BK: tl.constexpr = 0):
+    """Padded columns [start, start + BK) (all E_P * R_P when BK is 0) -> (real column in [0, K), valid)."""
+    if BK == 0:
+        kp = tl.arange(0, E_P * R_P)
+    else:
+        kp = start + tl.arange(0, BK)
+    e, r = kp // R_P, kp % R_P
+    return e * R + r, (e < E) & (r < R)
+
+
+@triton.jit
+def _sum_splits(ws_ptr, S, T, rt, N: tl.constexpr, BT: tl.constexpr):
+    """The float32 partial sums ws [S, T, N] of rows rt, summed over the S splits -> [BT, N]."""
+    cols = tl.arange(0, N)
+    acc = tl.zeros((BT, N), dtype=tl.float32)
+    for s in range(S):
+        acc += tl.load(ws_ptr + (s * T + rt[:, None]) * N + cols[None, :], mask=rt[:, None] < T, other=0.0)
+    return acc
+
+
+# ---- launchers' plumbing -------------------------------------------------------------------------------------
+
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) (`triton.cdiv` is a constexpr function: ~10x the host time per call)."""
+    return -(-a // b)
+
+
+# When a list (`aot.record_launches()`), launches are appended to it instead of run, with the GPU's modes
+# (no bf16 upcast): how the AOT compile matrix gets the exact specialisations the launchers produce.
+recorder: list | None = None
+
+
+def launch(kernel, grid: tuple, args: tuple, consts: dict, blk: Blocks, wrap: bool) -> None:
+    """Run `kernel` over `grid` (positional runtime args, keyword constexprs) with `blk`'s warps and stages;
+    `wrap`: the call is being traced (`backend.traced`, asked once per op call), so launch via `wrap_triton`."""
+    if recorder is not None:
+        recorder.append((kernel, grid, args, consts, blk))
+        return
+    fn = wrap_triton(kernel) if wrap else kernel
+    fn[grid](*args, **consts, num_warps=blk.num_warps, num_stages=blk.num_stages)
+
+
+def geometry(e: int, r: int, er: int) -> dict[str, int]:
+    """The padded sizes the kernels take as constexprs: E_P, R_P (K_P = E_P * R_P) and G_P."""
+    e_p = 1 << max(0, (e - 1).bit_length())
+    return {"E_P": e_p, "R_P": padded_columns(e, r) // e_p, "G_P": max(16, 1 << max(0, (max(er, 1) - 1).bit_length()))}
+
+
+def padded(w: torch.Tensor, e: int, r: int, geo: dict, rows: bool) -> torch.Tensor:
+    """A [K, D] (rows) or B [O, K] -> padded to K_P rows / columns, expert e's at e * R_P; w itself (no copy)
+    when K = K_P, as with E and R powers of two and E * R >= 16."""
+    if (geo["E_P"], geo["R_P"]) == (e, r):
+        return w.contiguous()
+    pad = torch.nn.functional.pad
+    if rows:  # [E*R, D] -> [E_P*R_P, D]
+        return pad(w.reshape(e, r, -1), (0, 0, 0, geo["R_P"] - r, 0, geo["E_P"] - e)).reshape(-1, w.shape[-1])
+    return pad(w.reshape(w.shape[0], e, r), (0, geo["R_P"] - r, 0, geo["E_P"] - e)).reshape(w.shape[0], -1)
+
+
+def weights(x, lora_a, gate_w, thr_w, thr_b, e: int, r: int, geo: dict) -> tuple:
+    """(A padded [K_P, D], Wg [NG, D], wt [1, D], bt, NG) as the kernels read them, in x's dtype (a no-op when
+    they are already): the router unpadded (`_router_ptrs`); x stands in for an absent tensor (never read)."""
+    def own(w):
+        return x if w is None else w.to(x.dtype).contiguous()
+
+    n_gate = 0 if gate_w is None else gate_w.shape[0]
+    return (padded(lora_a.to(x.dtype), e, r, geo, rows=True), own(gate_w), own(thr_w), x if thr_b is None else thr_b,
+            n_gate)
+
+
+def modes(dtype: torch.dtype) -> dict:
+    """tl.dot input precision and UPCAST: exact fp32 dots; bf16 upcast to fp32 under Triton's interpreter."""
+    upcast = dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1" and recorder is None
+    return {"PRECISION": "ieee" if dtype == torch.float32 or upcast else "tf32", "UPCAST": upcast}
+
+
+def router_rows(method: str, e: int) -> int:
+    """Er: the router's rows for `method` with E experts."""
+    return method_spec(method).router_rows(e)
+
+
+def keep_arg(drop_mask, x):
+    """The dropout keep-mask as the kernels read it (bool, loaded as int1), or a placeholder pointer."""
+    return (drop_mask.contiguous(), True) if drop_mask is not None else (x, False)
+
+
+def few_tokens(blk: Blocks, programs: int) -> Blocks:
+    """`blk` with 16 tokens per program when its grid (`programs` at blk.bt) is short of MIN_PROGRAMS: the two
+    token widths the AOT matrix builds (the table's, and 16, the least a tl.dot takes)."""
+    return replace(blk, bt=16) if programs < MIN_PROGRAMS and blk.bt > 16 else blk
+
+
+def split_tiles(kernel: str, k_p: int, dtype: torch.dtype, t: int, span: int) -> tuple[Blocks, int, int]:
+    """Tiling of a kernel that sums over `span` (D or O) for T tokens -> (blocks, splits S, columns per split):
+    the table's tile (`blocks.choose`), 16 tokens per program when that grid is short, and the span split in S
+    parts (partial sums, then a finishing kernel) until cdiv(T, BT) x S reaches MIN_PROGRAMS, at least BD
+    columns per part."""
+    blk = blocks.choose(kernel, k_p, dtype)
+    blk = few_tokens(blk, cdiv(t, blk.bt))
+    n_t = cdiv(t, blk.bt)
+    want = max(1, min(cdiv(MIN_PROGRAMS, n_t), cdiv(span, blk.bd)))
+    per = cdiv(cdiv(span, want), blk.bd) * blk.bd
+    return blk, cdiv(span, per), per
+
+
+def finish_blocks(k_p: int) -> Blocks:
+    """The finishing kernels' launch: FINISH_BT tokens, warps by the [FINISH_BT, K_P] tile."""
+    return Blocks(FINISH_BT, 0, num_warps=1 if k_p <= 64 else 2 if k_p <= 256 else 4, num_stages=1)
