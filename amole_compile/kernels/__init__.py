@@ -4,7 +4,9 @@
     routing_torch.py   the routing math in plain torch (forward and backward)
     adapter_torch.py   the op's torch path: dense formulation, forward and backward (the kernels' ground truth)
     routing_triton.py  the routing math as Triton device functions
-    adapter_triton.py  the Triton kernels and their launchers
+    adapter_triton.py  the forward's Triton kernels and launcher (split over D, then a routing kernel)
+    adapter_triton_bwd.py  the backward's Triton kernels and launcher
+    triton_common.py   what the kernels share: device helpers, launch plumbing, tiling that fills the GPU
     backend.py         the `kernels` setting -> torch or triton for a call
     op.py              `torch.ops.amole.adapter` (+ backward): registration on first use, autograd
     mixed_torch.py     mixed batches: stacked adapters, each row routed by routing_torch's per-method functions

@@ -22,9 +22,12 @@ from .methods import method_spec
 
 # Programs a launch should have at least, where the work allows: two per SM of an H100 (132 SMs).
 MIN_PROGRAMS = 264
-# Tokens per program of the finishing (routing) kernels: no dot product there, so few tokens per program give
-# cdiv(T, 4) programs (256 at T = 1024) and little register use.
+# Tokens per program of the finishing (routing) kernels, by K_P: no dot product there, so few tokens per program
+# give cdiv(T, 4) programs (256 at T = 1024) and little register use. K_P 512 takes 2: at 4, ptxas left an 8 B
+# stack in the forward's at E 8 R 64 on sm_80 (56 registers); at 2 everywhere, others elsewhere (AOT matrix,
+# 2026-12-05: both rows below build without a stack on sm_80 and sm_90).
 FINISH_BT = 4
+FINISH_BT_BY_K_P = {512: 2}
 
 
 @triton.jit
@@ -153,5 +156,6 @@ def split_tiles(kernel: str, k_p: int, dtype: torch.dtype, t: int, span: int) ->
 
 
 def finish_blocks(k_p: int) -> Blocks:
-    """The finishing kernels' launch: FINISH_BT tokens, warps by the [FINISH_BT, K_P] tile."""
-    return Blocks(FINISH_BT, 0, num_warps=1 if k_p <= 64 else 2 if k_p <= 256 else 4, num_stages=1)
+    """The finishing kernels' launch: FINISH_BT tokens (FINISH_BT_BY_K_P), warps by the [BT, K_P] tile."""
+    bt = FINISH_BT_BY_K_P.get(k_p, FINISH_BT)
+    return Blocks(bt, 0, num_warps=1 if k_p <= 64 else 2 if k_p <= 256 else 4, num_stages=1)

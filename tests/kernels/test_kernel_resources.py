@@ -80,9 +80,10 @@ def test_each_block_configuration_matches_the_torch_path(monkeypatch, blk, where
     check(make("adamole", e=4, r=4, t=70, d=80, o=72))
 
 
-@pytest.mark.parametrize("method,e,r", [("adamole", 16, 64), ("mole", 16, 8), ("lora", 1, 64)])
+@pytest.mark.parametrize("method,e,r", [("adamole", 16, 64), ("mole", 16, 8), ("lora", 1, 64), ("adamole", 8, 64)])
 def test_largest_experts_by_rank(method, e, r):
-    """K_P = 1024 (the kernels' limit) and the table's own configuration for it."""
+    """K_P = 1024 (the kernels' limit) and the table's own configuration for it; K_P 512, whose finishing kernels
+    take 2 tokens per program."""
     check(make(method, e=e, r=r, t=20, d=40, o=24))
 
 
