@@ -15,6 +15,8 @@ backward  _bwd_route_kernel        program (T block, O split): grad_h = grad_out
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -251,6 +253,7 @@ def _t_split(t: int, blk: Blocks, programs: int) -> tuple[int, int]:
     return cdiv(t, rows), rows
 
 
+@functools.lru_cache(maxsize=1024)
 def _reduce_blocks(n: int) -> Blocks:
     """_bwd_reduce_kernel over n elements: 256 per program, fewer (down to 32) until the grid has MIN_PROGRAMS."""
     block = 256

@@ -8,6 +8,7 @@ Expert e's rank-r row sits at padded row e * R_P + r, so a [BT, K_P] tile reshap
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import replace
 
@@ -136,6 +137,7 @@ def keep_arg(drop_mask, x):
     return (drop_mask.contiguous(), True) if drop_mask is not None else (x, False)
 
 
+@functools.lru_cache(maxsize=1024)  # pure; `dataclasses.replace` costs ~5 us a call
 def few_tokens(blk: Blocks, programs: int) -> Blocks:
     """`blk` with 16 tokens per program when its grid (`programs` at blk.bt) is short of MIN_PROGRAMS: the two
     token widths the AOT matrix builds (the table's, and 16, the least a tl.dot takes)."""
@@ -155,6 +157,7 @@ def split_tiles(kernel: str, k_p: int, dtype: torch.dtype, t: int, span: int) ->
     return blk, cdiv(span, per), per
 
 
+@functools.lru_cache(maxsize=64)
 def finish_blocks(k_p: int) -> Blocks:
     """The finishing kernels' launch: FINISH_BT tokens (FINISH_BT_BY_K_P), warps by the [BT, K_P] tile."""
     bt = FINISH_BT_BY_K_P.get(k_p, FINISH_BT)
