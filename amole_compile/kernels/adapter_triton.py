@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .adapter_torch import adapter_torch, no_aux, up_project, wants_aux
+from .adapter_torch import adapter_torch, no_aux, router_weight, up_project, wants_aux
 from .adapter_triton_bwd import adapter_backward_triton  # noqa: F401  (the op's Triton path: both directions)
 from .backend import traced
 from .methods import method_spec
@@ -35,9 +35,9 @@ from .triton_common import (
     keep_arg,
     launch,
     modes,
+    padded,
     router_rows,
     split_tiles,
-    weights,
 )
 
 
@@ -109,8 +109,7 @@ def _stacked_router(x, gate_w, thr_w, g_p: int, wrap: bool) -> torch.Tensor:
     parts = [w.to(x.dtype) for w in (gate_w, thr_w) if w is not None]
     n_pad, d = g_p - sum(w.shape[0] for w in parts), x.shape[1]
     if wrap:
-        rw = torch.cat(parts, 0) if parts else x.new_zeros(0, d)  # [Er, D]
-        return torch.nn.functional.pad(rw, (0, 0, 0, n_pad))
+        return torch.nn.functional.pad(router_weight(gate_w, thr_w, x).to(x.dtype), (0, 0, 0, n_pad))
     key = (x.device, x.dtype, n_pad, d)
     zeros = _ZERO_ROWS.get(key)
     if zeros is None:
@@ -134,7 +133,8 @@ def adapter_triton(x, drop_mask, lora_a, lora_b, gate_w, thr_w, thr_b, base, met
     blk, splits, per = split_tiles("fwd", k_p, x.dtype, t, d)
     wsa = x.new_empty(splits, t, k_p, dtype=torch.float32)  # [S, T, K_P] partial sums over D
     wsr = x.new_empty(splits, t, g_p, dtype=torch.float32)  # [S, T, G_P]
-    a, _, _, tb, _ = weights(x, lora_a, gate_w, thr_w, thr_b, e, r, geo)
+    a = padded(lora_a.to(x.dtype), e, r, geo, rows=True)  # [K_P, D]
+    tb = x if thr_b is None else thr_b  # (x: a placeholder, never read)
     rw = _stacked_router(x, gate_w, thr_w, g_p, wrap)
     launch(_fwd_kernel, (cdiv(t, blk.bt), splits), (x, keep, a, rw, wsa, wsr, t, d, drop_scale, per),
            dict(HAS_KEEP=has_keep, **modes(x.dtype), BT=blk.bt, BD=blk.bd, K_P=k_p, G_P=g_p), blk, wrap)
