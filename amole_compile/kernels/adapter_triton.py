@@ -20,25 +20,13 @@ import torch
 import triton
 import triton.language as tl
 
+from . import blocks
 from .adapter_torch import adapter_torch, no_aux, router_weight, up_project, wants_aux
 from .adapter_triton_bwd import adapter_backward_triton  # noqa: F401  (the op's Triton path: both directions)
 from .backend import traced
-from .methods import method_spec
+from .plans import forward_plan
 from .routing_triton import gate_and_threshold, route
-from .triton_common import (
-    _ld,
-    _pad_cols,
-    _sum_splits,
-    cdiv,
-    finish_blocks,
-    geometry,
-    keep_arg,
-    launch,
-    modes,
-    padded,
-    router_rows,
-    split_tiles,
-)
+from .triton_common import _ld, _pad_cols, _sum_splits, keep_arg, launch, padded, upcast
 
 
 @triton.jit
@@ -118,40 +106,37 @@ def _stacked_router(x, gate_w, thr_w, g_p: int, wrap: bool) -> torch.Tensor:
 
 
 def adapter_triton(x, drop_mask, lora_a, lora_b, gate_w, thr_w, thr_b, base, method, num_experts, top_k, scale,
-                   max_threshold, drop_scale, with_aux=False):
-    """Triton forward with the same contract as `adapter_torch.adapter_torch`."""
+                   max_threshold, drop_scale, with_aux=False, wrap=None):
+    """Triton forward with the same contract as `adapter_torch.adapter_torch`; `wrap`: the call is traced
+    (`backend.traced(x)` when None)."""
     t, d = x.shape
     if t == 0:
         return adapter_torch(x, drop_mask, lora_a, lora_b, gate_w, thr_w, thr_b, base, method, num_experts,
                              top_k, scale, max_threshold, drop_scale, with_aux)
-    e, k = num_experts, lora_a.shape[0]
-    r, er = k // e, router_rows(method, e)
-    geo = geometry(e, r, er)
-    k_p, g_p = geo["E_P"] * geo["R_P"], geo["G_P"]
-    x, wrap = x.contiguous(), traced(x)
+    x = x.contiguous()
+    wrap = traced(x) if wrap is None else wrap
     keep, has_keep = keep_arg(drop_mask, x)
-    blk, splits, per = split_tiles("fwd", k_p, x.dtype, t, d)
-    wsa = x.new_empty(splits, t, k_p, dtype=torch.float32)  # [S, T, K_P] partial sums over D
-    wsr = x.new_empty(splits, t, g_p, dtype=torch.float32)  # [S, T, G_P]
-    a = padded(lora_a.to(x.dtype), e, r, geo, rows=True)  # [K_P, D]
-    tb = x if thr_b is None else thr_b  # (x: a placeholder, never read)
-    rw = _stacked_router(x, gate_w, thr_w, g_p, wrap)
-    launch(_fwd_kernel, (cdiv(t, blk.bt), splits), (x, keep, a, rw, wsa, wsr, t, d, drop_scale, per),
-           dict(HAS_KEEP=has_keep, **modes(x.dtype), BT=blk.bt, BD=blk.bd, K_P=k_p, G_P=g_p), blk, wrap)
+    p = forward_plan(t, d, num_experts, lora_a.shape[0], method, top_k, x.dtype, has_keep,
+                     wants_aux(with_aux, gate_w, t), upcast(x.dtype), blocks.choose)
+    f32 = torch.float32
+    wsa = x.new_empty(p.splits, t, p.k_p, dtype=f32)  # [S, T, K_P] partial sums over D
+    wsr = x.new_empty(p.splits, t, p.g_p, dtype=f32)  # [S, T, G_P]
+    a = padded(lora_a.to(x.dtype), num_experts, p.r, p.geo, rows=True)  # [K_P, D]
+    rw = _stacked_router(x, gate_w, thr_w, p.g_p, wrap)
+    launch(_fwd_kernel, p.main, (x, keep, a, rw, wsa, wsr, t, d, drop_scale, p.per), wrap)
+    k = lora_a.shape[0]
     za, h = x.new_empty(t, k), x.new_empty(t, k)
-    zr = x.new_empty(t, max(er, 1), dtype=torch.float32)
-    scores = x.new_empty(t, e, dtype=torch.float32)
-    sel = x.new_empty(t, e, dtype=torch.int8)
-    fin = finish_blocks(k_p)
-    n_f, has_aux = cdiv(t, fin.bt), wants_aux(with_aux, gate_w, t)
-    parts = x.new_empty(n_f if has_aux else 0, 2, e, dtype=torch.float32)  # [blocks, 2, E] column sums
-    launch(_fwd_finish_kernel, (n_f,),
-           (wsa, wsr, tb, za, h, zr, scores, sel, parts if has_aux else scores, t, e, r, er, splits, scale,
-            max_threshold, e / (t * t)),
-           dict(METHOD=method_spec(method).code, TOP_K=max(top_k, 1), HAS_AUX=has_aux, BT=fin.bt, **geo), fin, wrap)
-    aux = no_aux(x)
-    if has_aux:
+    zr = x.new_empty(t, max(p.er, 1), dtype=f32)
+    scores = x.new_empty(t, num_experts, dtype=f32)
+    sel = x.new_empty(t, num_experts, dtype=torch.int8)
+    parts = x.new_empty(p.n_f, 2, num_experts, dtype=f32) if p.has_aux else scores  # [blocks, 2, E] column sums
+    launch(_fwd_finish_kernel, p.finish,
+           (wsa, wsr, x if thr_b is None else thr_b, za, h, zr, scores, sel, parts, t, num_experts, p.r, p.er,
+            p.splits, scale, max_threshold, p.aux_scale), wrap)
+    if p.has_aux:
         sums = parts.sum(0)  # [2, E]
         aux = torch.dot(sums[0], sums[1]), sums
+    else:
+        aux = no_aux(x)
     # sel holds 0 / 1: viewed as bool, no cast
-    return up_project(h, lora_b, base), scores, sel.view(torch.bool), za, zr[:, :er], *aux
+    return up_project(h, lora_b, base), scores, sel.view(torch.bool), za, zr[:, :p.er], *aux

@@ -15,8 +15,6 @@ backward  _bwd_route_kernel        program (T block, O split): grad_h = grad_out
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
@@ -24,27 +22,9 @@ import triton.language as tl
 from . import blocks
 from .adapter_torch import adapter_backward_torch
 from .backend import traced
-from .blocks import Blocks
-from .methods import method_spec
+from .plans import backward_plan
 from .routing_triton import ADAMOLE_CODE, LORA_CODE, gate_and_threshold, route, route_backward
-from .triton_common import (
-    MIN_PROGRAMS,
-    _ld,
-    _pad_cols,
-    _router_ptrs,
-    _sum_splits,
-    cdiv,
-    few_tokens,
-    finish_blocks,
-    geometry,
-    keep_arg,
-    launch,
-    modes,
-    padded,
-    router_rows,
-    split_tiles,
-    weights,
-)
+from .triton_common import _ld, _pad_cols, _router_ptrs, _sum_splits, keep_arg, launch, padded, upcast, weights
 
 
 @triton.jit
@@ -187,104 +167,72 @@ def _bwd_input_kernel(gza_ptr, gzr_ptr, a_ptr, g_ptr, t_ptr, keep_ptr, gx_ptr, T
 
 def adapter_backward_triton(grad_out, grad_scores, x, drop_mask, lora_a, lora_b, gate_w, thr_w, thr_b, za, zr,
                             method, num_experts, top_k, scale, max_threshold, drop_scale, need_grad_x,
-                            grad_aux=None, aux_sums=None):
-    """Triton backward with the same contract as `adapter_torch.adapter_backward_torch`."""
+                            grad_aux=None, aux_sums=None, wrap=None):
+    """Triton backward with the same contract as `adapter_torch.adapter_backward_torch`; `wrap` as in the
+    forward's launcher."""
     t, d = x.shape
     if t == 0:
         return adapter_backward_torch(grad_out, grad_scores, x, drop_mask, lora_a, lora_b, gate_w, thr_w, thr_b, za,
                                       zr, method, num_experts, top_k, scale, max_threshold, drop_scale, need_grad_x,
                                       grad_aux, aux_sums)
-    e, k = num_experts, lora_a.shape[0]
-    r, er = k // e, router_rows(method, e)
-    geo = geometry(e, r, er)
-    k_p = geo["E_P"] * geo["R_P"]
-    x, grad_out, wrap = x.contiguous(), grad_out.contiguous(), traced(x)
-    gza, h, gzr, gtb = _route(grad_out, grad_scores, lora_b, za, zr, thr_b, grad_aux, aux_sums, method, e, r, er,
-                              top_k, scale, max_threshold, geo, wrap)
+    x, grad_out = x.contiguous(), grad_out.contiguous()
+    wrap = traced(x) if wrap is None else wrap
+    keep, has_keep = keep_arg(drop_mask, x)
+    has_aux = grad_aux is not None and aux_sums is not None and aux_sums.numel() > 0 and gate_w is not None
+    p = backward_plan(t, d, grad_out.shape[1], num_experts, lora_a.shape[0], method, top_k, x.dtype, has_keep,
+                      grad_scores is not None, has_aux, 0 if gate_w is None else gate_w.shape[0], need_grad_x,
+                      upcast(x.dtype), blocks.choose)
+    gza, h, gzr, gtb = _route(p, grad_out, grad_scores, lora_b, za, zr, thr_b, grad_aux if has_aux else None,
+                              aux_sums, num_experts, scale, max_threshold, wrap)
     grad_b = grad_out.t() @ h  # [O, K]
-    grads = _weight_grads(gza, gzr, gtb if thr_b is not None else None, x, drop_mask, lora_a, gate_w, thr_w, e, r,
-                          er, drop_scale, geo, wrap)
-    grad_x = x.new_empty(0)
+    grads = _weight_grads(p, gza, gzr, gtb if thr_b is not None else None, x, keep, lora_a, thr_w, num_experts,
+                          drop_scale, wrap)
     if need_grad_x:
         grad_x = x.new_empty(t, d)
-        a, g, tw, _, n_gate = weights(x, lora_a, gate_w, thr_w, thr_b, e, r, geo)
-        keep, has_keep = keep_arg(drop_mask, x)
-        blk = blocks.choose("bwd_input", k_p, x.dtype)
-        blk = few_tokens(blk, cdiv(t, blk.bt) * cdiv(d, blk.bd))
-        launch(_bwd_input_kernel, (cdiv(t, blk.bt), cdiv(d, blk.bd)),
-               (gza, gzr, a, g, tw, keep, grad_x, t, d, e, r, n_gate, er, drop_scale),
-               dict(HAS_KEEP=has_keep, **modes(x.dtype), BT=blk.bt, BD=blk.bd, **geo), blk, wrap)
+        a, g, tw, _, n_gate = weights(x, lora_a, gate_w, thr_w, thr_b, num_experts, p.r, p.geo)
+        launch(_bwd_input_kernel, p.input, (gza, gzr, a, g, tw, keep, grad_x, t, d, num_experts, p.r, n_gate, p.er,
+                                            drop_scale), wrap)
+    else:
+        grad_x = x.new_empty(0)
     grad_a, grad_gate, grad_thr_w, grad_tb = grads
     return grad_x, grad_a, grad_b.to(lora_b.dtype), grad_gate, grad_thr_w, grad_tb
 
 
-def _route(grad_out, grad_scores, lora_b, za, zr, thr_b, grad_aux, aux_sums, method, e, r, er, top_k, scale,
-           max_threshold, geo, wrap):
-    """grad_h in O splits, then the routing backward -> (grad_za [T, K], h [T, K], grad_zr [T, Er], the threshold
-    bias's gradient per block of tokens [blocks] float32)."""
+def _route(p, grad_out, grad_scores, lora_b, za, zr, thr_b, grad_aux, aux_sums, e, scale, max_threshold, wrap):
+    """grad_h in O splits, then the routing backward (`grad_aux` None: no aux term) -> (grad_za [T, K], h [T, K],
+    grad_zr [T, Er], the threshold bias's gradient per block of tokens [blocks] float32)."""
     t, o = grad_out.shape
-    k_p, x = geo["E_P"] * geo["R_P"], grad_out
-    blk, splits, per = split_tiles("bwd_route", k_p, x.dtype, t, o)
-    wsg = x.new_empty(splits, t, k_p, dtype=torch.float32)  # [S, T, K_P] partial sums of grad_h over O
-    launch(_bwd_route_kernel, (cdiv(t, blk.bt), splits),
-           (grad_out, padded(lora_b.to(x.dtype), e, r, geo, rows=False), wsg, t, o, per),
-           dict(**modes(x.dtype), BT=blk.bt, BO=blk.bd, K_P=k_p), blk, wrap)
-    fin = finish_blocks(k_p)
-    n_f = cdiv(t, fin.bt)
-    gza, h = x.new_empty(t, e * r), x.new_empty(t, e * r)
-    gzr = x.new_empty(t, max(er, 1))
-    gtb = x.new_empty(n_f, dtype=torch.float32)  # the threshold bias's gradient per block of tokens
-    zr = zr.contiguous() if er else gtb  # (LoRA: a float32 placeholder, never read)
+    x = grad_out
+    wsg = x.new_empty(p.o_splits, t, p.route.constexprs["K_P"], dtype=torch.float32)  # [S, T, K_P] grad_h parts
+    launch(_bwd_route_kernel, p.route, (grad_out, padded(lora_b.to(x.dtype), e, p.r, p.geo, rows=False), wsg, t, o,
+                                        p.o_per), wrap)
+    k = e * p.r
+    gza, h = x.new_empty(t, k), x.new_empty(t, k)
+    gzr = x.new_empty(t, max(p.er, 1))
+    gtb = x.new_empty(p.n_f, dtype=torch.float32)  # the threshold bias's gradient per block of tokens
+    zr = zr.contiguous() if p.er else gtb  # (LoRA: a float32 placeholder, never read)
     gs = grad_scores.contiguous() if grad_scores is not None else zr
-    has_aux = grad_aux is not None and aux_sums is not None and aux_sums.numel() > 0 and er > 0
-    launch(_bwd_route_finish_kernel, (n_f,),
+    has_aux = grad_aux is not None
+    launch(_bwd_route_finish_kernel, p.route_finish,
            (wsg, za.contiguous(), zr, x if thr_b is None else thr_b, gs, grad_aux if has_aux else zr,
-            aux_sums if has_aux else zr, gza, gzr, h, gtb, t, e, r, er, splits, scale, max_threshold),
-           dict(METHOD=method_spec(method).code, TOP_K=max(top_k, 1), HAS_GS=grad_scores is not None,
-                HAS_AUX=has_aux, BT=fin.bt, **geo), fin, wrap)
+            aux_sums if has_aux else zr, gza, gzr, h, gtb, t, e, p.r, p.er, p.o_splits, scale, max_threshold), wrap)
     return gza, h, gzr, gtb
 
 
-def _t_split(t: int, blk: Blocks, programs: int) -> tuple[int, int]:
-    """How many T splits the weight-gradient kernel sums over, and the rows of each (a multiple of BT): at least
-    `blk.split_t`, and enough that `programs` per split reach MIN_PROGRAMS, up to one BT block per split."""
-    want = max(blk.split_t, cdiv(MIN_PROGRAMS, programs))
-    rows = max(blk.bt, t // want // blk.bt * blk.bt)
-    return cdiv(t, rows), rows
-
-
-@functools.lru_cache(maxsize=1024)
-def _reduce_blocks(n: int) -> Blocks:
-    """_bwd_reduce_kernel over n elements: 256 per program, fewer (down to 32) until the grid has MIN_PROGRAMS."""
-    block = 256
-    while block > 32 and cdiv(n, block) < MIN_PROGRAMS:
-        block //= 2
-    return Blocks(1, block, num_warps=max(1, block // 64), num_stages=1)
-
-
-def _weight_grads(gza, gzr, gtb, x, drop_mask, lora_a, gate_w, thr_w, e, r, er, drop_scale, geo, wrap):
+def _weight_grads(p, gza, gzr, gtb, x, keep, lora_a, thr_w, e, drop_scale, wrap):
     """-> (grad_A [K, D] in A's dtype, grad_Wg [E, D], grad_wt [1, D], grad_bt [1]; in x's dtype, [0, ...] when
     absent): float32 partial sums over T splits (`_bwd_weight_kernel`), then summed (`_bwd_reduce_kernel`, which
     also sums the threshold bias's per-block partials `gtb`)."""
     t, d = x.shape
-    k, k_p = e * r, geo["E_P"] * geo["R_P"]
-    blk = blocks.choose("bwd_weight", k_p, x.dtype)
-    bk = min(blk.bk or k_p, k_p)
-    per_split = cdiv(d, blk.bd) * (k_p // bk)
-    blk = few_tokens(blk, per_split * cdiv(t, blk.bt))
-    split, rows = _t_split(t, blk, per_split)
-    ga = x.new_empty(split, k, d, dtype=torch.float32)
-    gr = x.new_empty(split, max(er, 1), d, dtype=torch.float32)
-    keep, has_keep = keep_arg(drop_mask, x)
-    launch(_bwd_weight_kernel, (cdiv(d, blk.bd), split, k_p // bk),
-           (gza, gzr, x, keep, ga, gr, t, d, e, r, er, drop_scale, rows),
-           dict(HAS_KEEP=has_keep, **modes(x.dtype), BT=blk.bt, BD=blk.bd, BK=bk, **geo), blk, wrap)
-    out = (x.new_empty(k, d, dtype=lora_a.dtype), x.new_empty(0 if gate_w is None else gate_w.shape[0], d),
-           x.new_empty(0 if thr_w is None else 1, d), x.new_empty(0 if gtb is None else 1))
-    n_gate = out[1].shape[0]
-    red = _reduce_blocks((k + er) * d)
-    launch(_bwd_reduce_kernel, (cdiv((k + er) * d, red.bd),),
-           (ga, gr, ga if gtb is None else gtb, *(v if v.numel() else ga for v in out), split, k * d, n_gate * d,
-            er * d, max(er, 1) * d, 0 if gtb is None else gtb.numel()),
-           dict(BLOCK=red.bd), red, wrap)
+    k = lora_a.shape[0]
+    ga = x.new_empty(p.t_splits, k, d, dtype=torch.float32)
+    gr = x.new_empty(p.t_splits, max(p.er, 1), d, dtype=torch.float32)
+    launch(_bwd_weight_kernel, p.weight, (gza, gzr, x, keep, ga, gr, t, d, e, p.r, p.er, drop_scale, p.t_rows),
+           wrap)
+    out = (x.new_empty(k, d, dtype=lora_a.dtype), x.new_empty(p.n_gate, d), x.new_empty(0 if thr_w is None else 1, d),
+           x.new_empty(0 if gtb is None else 1))
+    kd, gd, erd, stride = p.reduce_sizes
+    launch(_bwd_reduce_kernel, p.reduce,
+           (ga, gr, ga if gtb is None else gtb, *(v if v.numel() else ga for v in out), p.t_splits, kd, gd, erd,
+            stride, 0 if gtb is None else gtb.numel()), wrap)
     return out

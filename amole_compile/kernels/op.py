@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from .adapter_torch import adapter_backward_torch, adapter_torch
-from .backend import resolve_kernels, traced
+from .backend import ENV_VAR, resolve_kernels, traced
 
 _LIB = "amole"
 _registered: SimpleNamespace | None = None
@@ -100,6 +100,7 @@ def _adapter_backward_impl(
 
 
 _N_TENSORS = AdapterArgs._fields.index("base") + 1  # the tensor arguments come first, then the scalars
+_KERNELS = AdapterArgs._fields.index("kernels")
 
 
 def _setup_context(ctx, inputs, output):
@@ -141,16 +142,39 @@ def register() -> SimpleNamespace:
     return _registered
 
 
+_EAGER_CHOICE: dict = {}  # (kernels, AMOLE_KERNELS, TRITON_INTERPRET, device type, dtype, E, K) -> Triton?
+
+
+def _eager_triton(kernels: str, x: Tensor, num_experts: int, k: int) -> bool:
+    """`_use_triton` for an eager call (no fake tensors), remembered per setting, environment, device type, dtype,
+    E and K: `resolve_kernels` costs ~10 us, twice per site and step. A miss asks it (its one-time warning, or
+    its error for an impossible `kernels='triton'`, which is not remembered)."""
+    env = os.environ
+    key = (kernels, env.get(ENV_VAR), env.get("TRITON_INTERPRET"), x.device.type, x.dtype, num_experts, k)
+    choice = _EAGER_CHOICE.get(key)
+    if choice is None:
+        choice = _EAGER_CHOICE[key] = resolve_kernels(kernels, x, num_experts, k // max(num_experts, 1)) == "triton"
+    return choice
+
+
 class _EagerAdapter(torch.autograd.Function):
     """The op's forward and backward without the `torch.library` dispatch, for plain eager calls.
 
     Same implementation and the same autograd formula as the registered op; measured on an H100, the custom-op
-    dispatch cost about 1.1 ms of host time per call, more than the adapter's kernels take on the GPU.
+    dispatch cost about 1.1 ms of host time per call, more than the adapter's kernels take on the GPU. The
+    call is known not to be traced, so neither direction asks again.
     """
 
     @staticmethod
     def forward(ctx, *inputs):
-        out = _adapter_impl(*inputs)
+        a = AdapterArgs(*inputs)
+        args = (*inputs[:_KERNELS], a.with_aux)
+        if _eager_triton(a.kernels, a.x, a.num_experts, a.lora_a.shape[0]):
+            from .adapter_triton import adapter_triton
+
+            out = adapter_triton(*args, wrap=False)
+        else:
+            out = adapter_torch(*args)
         _setup_context(ctx, inputs, out)
         ctx.mark_non_differentiable(out[2], out[3], out[4], out[6])
         ctx.set_materialize_grads(False)
@@ -158,7 +182,20 @@ class _EagerAdapter(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        return _backward(ctx, *grads, backward_op=_adapter_backward_impl)
+        return _backward(ctx, *grads, backward_op=_eager_backward)
+
+
+def _eager_backward(grad_out, grad_scores, x, drop_mask, lora_a, lora_b, gate_w, thr_w, thr_b, za, zr, method,
+                    num_experts, top_k, scale, max_threshold, drop_scale, need_grad_x, kernels, grad_aux=None,
+                    aux_sums=None):
+    """`_adapter_backward_impl` for an eager call."""
+    args = (grad_out, grad_scores, x, drop_mask, lora_a, lora_b, gate_w, thr_w, thr_b, za, zr, method,
+            num_experts, top_k, scale, max_threshold, drop_scale, need_grad_x, grad_aux, aux_sums)
+    if _eager_triton(kernels, x, num_experts, lora_a.shape[0]):
+        from .adapter_triton_bwd import adapter_backward_triton
+
+        return adapter_backward_triton(*args, wrap=False)
+    return adapter_backward_torch(*args)
 
 
 def adapter(x: Tensor, drop_mask: Tensor | None, lora_a: Tensor, lora_b: Tensor, gate_w: Tensor | None,

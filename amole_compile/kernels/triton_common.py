@@ -83,14 +83,15 @@ def cdiv(a: int, b: int) -> int:
 recorder: list | None = None
 
 
-def launch(kernel, grid: tuple, args: tuple, consts: dict, blk: Blocks, wrap: bool) -> None:
-    """Run `kernel` over `grid` (positional runtime args, keyword constexprs) with `blk`'s warps and stages;
-    `wrap`: the call is being traced (`backend.traced`, asked once per op call), so launch via `wrap_triton`."""
+def launch(kernel, plan, args: tuple, wrap: bool) -> None:
+    """Run `kernel` as `plan` (a `plans.Launch`: grid, constexprs, warps and stages) with positional runtime
+    `args`; `wrap`: the call is being traced (`backend.traced`, asked once per op call), so launch via
+    `wrap_triton`."""
     if recorder is not None:
-        recorder.append((kernel, grid, args, consts, blk))
+        recorder.append((kernel, plan.grid, args, plan.constexprs, plan.blk))
         return
     fn = wrap_triton(kernel) if wrap else kernel
-    fn[grid](*args, **consts, num_warps=blk.num_warps, num_stages=blk.num_stages)
+    fn[plan.grid](*args, **plan.kwargs)
 
 
 def geometry(e: int, r: int, er: int) -> dict[str, int]:
@@ -121,10 +122,10 @@ def weights(x, lora_a, gate_w, thr_w, thr_b, e: int, r: int, geo: dict) -> tuple
             n_gate)
 
 
-def modes(dtype: torch.dtype) -> dict:
-    """tl.dot input precision and UPCAST: exact fp32 dots; bf16 upcast to fp32 under Triton's interpreter."""
-    upcast = dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1" and recorder is None
-    return {"PRECISION": "ieee" if dtype == torch.float32 or upcast else "tf32", "UPCAST": upcast}
+def upcast(dtype: torch.dtype) -> bool:
+    """UPCAST: bf16 loads upcast to fp32 under Triton's interpreter (it has no bf16 arithmetic); never for the
+    AOT recorder, which records the GPU's specialisations."""
+    return dtype == torch.bfloat16 and recorder is None and os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def router_rows(method: str, e: int) -> int:
@@ -144,12 +145,13 @@ def few_tokens(blk: Blocks, programs: int) -> Blocks:
     return replace(blk, bt=16) if programs < MIN_PROGRAMS and blk.bt > 16 else blk
 
 
-def split_tiles(kernel: str, k_p: int, dtype: torch.dtype, t: int, span: int) -> tuple[Blocks, int, int]:
+def split_tiles(kernel: str, k_p: int, dtype: torch.dtype, t: int, span: int,
+                choose=None) -> tuple[Blocks, int, int]:
     """Tiling of a kernel that sums over `span` (D or O) for T tokens -> (blocks, splits S, columns per split):
     the table's tile (`blocks.choose`), 16 tokens per program when that grid is short, and the span split in S
     parts (partial sums, then a finishing kernel) until cdiv(T, BT) x S reaches MIN_PROGRAMS, at least BD
-    columns per part."""
-    blk = blocks.choose(kernel, k_p, dtype)
+    columns per part. `choose`: the tile table (default `blocks.choose`)."""
+    blk = (choose or blocks.choose)(kernel, k_p, dtype)
     blk = few_tokens(blk, cdiv(t, blk.bt))
     n_t = cdiv(t, blk.bt)
     want = max(1, min(cdiv(MIN_PROGRAMS, n_t), cdiv(span, blk.bd)))
