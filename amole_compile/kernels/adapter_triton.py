@@ -26,7 +26,7 @@ from .adapter_triton_bwd import adapter_backward_triton  # noqa: F401  (the op's
 from .backend import traced
 from .plans import forward_plan
 from .routing_triton import gate_and_threshold, route
-from .triton_common import _ld, _pad_cols, _sum_splits, keep_arg, launch, padded, upcast
+from .triton_common import _ld, _pad_cols, _sum_splits, as_dtype, keep_arg, launch, padded, upcast
 
 
 @triton.jit
@@ -94,7 +94,7 @@ def _stacked_router(x, gate_w, thr_w, g_p: int, wrap: bool) -> torch.Tensor:
     call pads instead: no cached tensor in a graph). The forward reads the router padded: reading its rows
     unpadded (`_router_ptrs`, as the input-gradient kernel does) spilled registers in the AOT builds (a 32 B stack
     at 255 registers, bf16 K_P 256 on sm_90)."""
-    parts = [w.to(x.dtype) for w in (gate_w, thr_w) if w is not None]
+    parts = [as_dtype(w, x.dtype) for w in (gate_w, thr_w) if w is not None]
     n_pad, d = g_p - sum(w.shape[0] for w in parts), x.shape[1]
     if wrap:
         return torch.nn.functional.pad(router_weight(gate_w, thr_w, x).to(x.dtype), (0, 0, 0, n_pad))
@@ -121,7 +121,7 @@ def adapter_triton(x, drop_mask, lora_a, lora_b, gate_w, thr_w, thr_b, base, met
     f32 = torch.float32
     wsa = x.new_empty(p.splits, t, p.k_p, dtype=f32)  # [S, T, K_P] partial sums over D
     wsr = x.new_empty(p.splits, t, p.g_p, dtype=f32)  # [S, T, G_P]
-    a = padded(lora_a.to(x.dtype), num_experts, p.r, p.geo, rows=True)  # [K_P, D]
+    a = padded(as_dtype(lora_a, x.dtype), num_experts, p.r, p.geo, rows=True)  # [K_P, D]
     rw = _stacked_router(x, gate_w, thr_w, p.g_p, wrap)
     launch(_fwd_kernel, p.main, (x, keep, a, rw, wsa, wsr, t, d, drop_scale, p.per), wrap)
     k = lora_a.shape[0]

@@ -24,7 +24,18 @@ from .adapter_torch import adapter_backward_torch
 from .backend import traced
 from .plans import backward_plan
 from .routing_triton import ADAMOLE_CODE, LORA_CODE, gate_and_threshold, route, route_backward
-from .triton_common import _ld, _pad_cols, _router_ptrs, _sum_splits, keep_arg, launch, padded, upcast, weights
+from .triton_common import (
+    _ld,
+    _pad_cols,
+    _router_ptrs,
+    _sum_splits,
+    as_dtype,
+    keep_arg,
+    launch,
+    padded,
+    upcast,
+    weights,
+)
 
 
 @triton.jit
@@ -195,7 +206,7 @@ def adapter_backward_triton(grad_out, grad_scores, x, drop_mask, lora_a, lora_b,
     else:
         grad_x = x.new_empty(0)
     grad_a, grad_gate, grad_thr_w, grad_tb = grads
-    return grad_x, grad_a, grad_b.to(lora_b.dtype), grad_gate, grad_thr_w, grad_tb
+    return grad_x, grad_a, as_dtype(grad_b, lora_b.dtype), grad_gate, grad_thr_w, grad_tb
 
 
 def _route(p, grad_out, grad_scores, lora_b, za, zr, thr_b, grad_aux, aux_sums, e, scale, max_threshold, wrap):
@@ -204,8 +215,8 @@ def _route(p, grad_out, grad_scores, lora_b, za, zr, thr_b, grad_aux, aux_sums, 
     t, o = grad_out.shape
     x = grad_out
     wsg = x.new_empty(p.o_splits, t, p.route.constexprs["K_P"], dtype=torch.float32)  # [S, T, K_P] grad_h parts
-    launch(_bwd_route_kernel, p.route, (grad_out, padded(lora_b.to(x.dtype), e, p.r, p.geo, rows=False), wsg, t, o,
-                                        p.o_per), wrap)
+    b = padded(as_dtype(lora_b, x.dtype), e, p.r, p.geo, rows=False)  # [O, K_P]
+    launch(_bwd_route_kernel, p.route, (grad_out, b, wsg, t, o, p.o_per), wrap)
     k = e * p.r
     gza, h = x.new_empty(t, k), x.new_empty(t, k)
     gzr = x.new_empty(t, max(p.er, 1))

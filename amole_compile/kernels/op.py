@@ -119,8 +119,10 @@ def _backward(ctx, grad_out, grad_scores, _grad_mask, _grad_za, _grad_zr, grad_a
     if aux_sums.numel() == 0:
         grad_aux = None
     need_x = ctx.needs_input_grad[0]
+    if grad_out.dtype != x.dtype:
+        grad_out = grad_out.to(x.dtype)
     gx, ga, gb, gg, gtw, gtb = (backward_op or torch.ops.amole.adapter_backward)(
-        grad_out.to(x.dtype).contiguous(), grad_scores, x, drop_mask, lora_a, lora_b, gate_w, thr_w, thr_b, za, zr,
+        grad_out.contiguous(), grad_scores, x, drop_mask, lora_a, lora_b, gate_w, thr_w, thr_b, za, zr,
         method, e, k, scale, cap, drop_scale, need_x, kernels, grad_aux, None if grad_aux is None else aux_sums)
     return (gx if need_x else None, None, ga, gb, gg if gate_w is not None else None,
             gtw if thr_w is not None else None, gtb if thr_b is not None else None,

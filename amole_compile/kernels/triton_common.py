@@ -111,15 +111,20 @@ def padded(w: torch.Tensor, e: int, r: int, geo: dict, rows: bool) -> torch.Tens
     return pad(w.reshape(w.shape[0], e, r), (0, geo["R_P"] - r, 0, geo["E_P"] - e)).reshape(w.shape[0], -1)
 
 
+def as_dtype(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """w in `dtype` (w itself when it is: `Tensor.to` costs ~1 us of host time even then)."""
+    return w if w.dtype == dtype else w.to(dtype)
+
+
 def weights(x, lora_a, gate_w, thr_w, thr_b, e: int, r: int, geo: dict) -> tuple:
     """(A padded [K_P, D], Wg [NG, D], wt [1, D], bt, NG) as the kernels read them, in x's dtype (a no-op when
     they are already): the router unpadded (`_router_ptrs`); x stands in for an absent tensor (never read)."""
     def own(w):
-        return x if w is None else w.to(x.dtype).contiguous()
+        return x if w is None else as_dtype(w, x.dtype).contiguous()
 
     n_gate = 0 if gate_w is None else gate_w.shape[0]
-    return (padded(lora_a.to(x.dtype), e, r, geo, rows=True), own(gate_w), own(thr_w), x if thr_b is None else thr_b,
-            n_gate)
+    a = padded(as_dtype(lora_a, x.dtype), e, r, geo, rows=True)
+    return a, own(gate_w), own(thr_w), x if thr_b is None else thr_b, n_gate
 
 
 def upcast(dtype: torch.dtype) -> bool:

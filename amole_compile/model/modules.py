@@ -129,7 +129,8 @@ class ExpertSet(nn.Module):
         path, whose `tensor(self, name)` gives the node reading parameter `name`; absent parameters stay None).
         `with_aux`: compute the aux loss (default `wants_aux()`; a graph node on the graph path)."""
         def t(name: str):
-            return None if getattr(self, name) is None else tensor(self, name)
+            value = getattr(self, name)
+            return value if value is None or tensor is getattr else tensor(self, name)
 
         return AdapterArgs(x, drop_mask, t("lora_A"), t("lora_B"), t("gate"), t("threshold_weight"),
                            t("threshold_bias"), base, self.method, self.num_experts, self.top_k, self.scale,
@@ -179,14 +180,11 @@ class ExpertSet(nn.Module):
                 value = self.num_experts * (_token_mean(mask.to(scores.dtype), tokens)
                                             * _token_mean(scores, tokens)).sum()
             if not recomputing:
-                self._fwd_aux = value
-                if torch.is_grad_enabled():
-                    self._aux = value
+                self.keep_aux(value, torch.is_grad_enabled())
         elif not recomputing:
-            if self._fwd_aux is not None:
-                self._fwd_aux = None
-            if torch.is_grad_enabled() and self._aux is not None:
-                self._aux = None
+            grad = torch.is_grad_enabled()
+            if self._fwd_aux is not None or (grad and self._aux is not None):
+                self.keep_aux(None, grad)
         if self.counting() and not recomputing:
             if counts is None:
                 real = None if lead is None else real_tokens(lead)
@@ -219,8 +217,22 @@ class ExpertSet(nn.Module):
 
     def clear_aux(self) -> None:
         """Forget the recorded aux loss (e.g. before a capture, so that it has no side effect)."""
-        self._aux = None
-        self._fwd_aux = None
+        self.keep_aux(None, True)
+
+    def keep_aux(self, value: Tensor | None, grad: bool) -> None:
+        """This forward's aux loss is `value` (None: none); with `grad` (gradients on) it is also the `aux` read
+        later. Plain instance attributes, written past `nn.Module.__setattr__` (which looks for a parameter,
+        buffer or submodule of the name first, ~10x the host time: three times per site and step); under
+        torch.compile as attributes, which dynamo records as side effects."""
+        if torch.compiler.is_compiling():
+            self._fwd_aux = value
+            if grad:
+                self._aux = value
+            return
+        state = self.__dict__
+        state["_fwd_aux"] = value
+        if grad:
+            state["_aux"] = value
 
     def reset_stats(self) -> None:
         """Zero the expert statistics counters."""
@@ -289,7 +301,10 @@ class AdapterGroup(nn.ModuleDict):
         return y + delta.view_as(y).to(y.dtype)
 
     def _add_to(self, x: Tensor, y: Tensor, autocast: bool = False) -> Tensor:
-        xa = x.reshape(-1, self.in_features).to(self.adapter_dtype)  # [T, D]
+        xa = x.reshape(-1, self.in_features)  # [T, D]
+        dtype = self.adapter_dtype
+        if xa.dtype != dtype:
+            xa = xa.to(dtype)
         lead = x.shape[:-1]  # (B, S) for a model's hidden states: the statistics skip their padding
         if self.fused_base():
             site = self[self.roles[0]]
