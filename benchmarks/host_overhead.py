@@ -137,7 +137,7 @@ def tiny_llama(dtype: torch.dtype) -> nn.Module:
 
 def train_step(model: nn.Module, ids: torch.Tensor):
     """-> (step: forward with labels (AdaMoLE's loss holds its aux term), backward, AdamW, zero_grad;
-    fwd_bwd: the forward and backward alone)."""
+    fwd_bwd: the forward and backward alone; passes: forward, backward and zero_grad, the step without AdamW)."""
     model.train()
     # foreach: one op per group of tensors, as the CUDA default (CPU's default is a loop per parameter)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, foreach=True)
@@ -150,11 +150,15 @@ def train_step(model: nn.Module, ids: torch.Tensor):
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    return step, fwd_bwd
+    def passes() -> None:
+        fwd_bwd()
+        opt.zero_grad(set_to_none=True)
+
+    return step, fwd_bwd, passes
 
 
 def step_models(dtype: torch.dtype = torch.bfloat16) -> tuple[dict, torch.Tensor]:
-    """{"amole": (step, fwd_bwd), "peft lora": ...} on copies of one tiny Llama, and the batch [2, 8]."""
+    """{"amole": (step, fwd_bwd, passes), "peft lora": ...} on copies of one tiny Llama, and the batch [2, 8]."""
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(0)
@@ -167,8 +171,10 @@ def step_models(dtype: torch.dtype = torch.bfloat16) -> tuple[dict, torch.Tensor
 
 
 def host_ratio(steps: int, warmup: int = 3) -> dict:
-    """Median process CPU time per step of each contender (one thread, launches stubbed); the launches and syncs
-    of its forward + backward (AdamW's `.item()`s read CPU step counters, no device sync on a GPU)."""
+    """Median process CPU time per step of each contender (one thread, launches stubbed), and of the step without
+    AdamW (`passes`: on a CPU each foreach op loops over its tensors, 5 per AdaMoLE site against PEFT's 2, where a
+    GPU's multi-tensor kernels take them in a few launches); the launches and syncs of its forward + backward
+    (AdamW's `.item()`s read CPU step counters, no device sync on a GPU)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     torch.set_flush_denormal(True)  # stubbed kernels leave garbage, which must not hit slow denormal paths
@@ -177,16 +183,18 @@ def host_ratio(steps: int, warmup: int = 3) -> dict:
             fns, _ = step_models()
         counts = {}
         with cpu_triton(), triton_hooked(None):
-            for k, (step, fwd_bwd) in fns.items():
+            for k, (step, fwd_bwd, _) in fns.items():
                 step()
                 with counting() as c:
                     fwd_bwd()
                 step()  # (the counted fwd_bwd's gradients are dropped by this step's zero_grad)
                 counts[k] = c.summary()
             times, ratio = paired(fns["amole"][0], fns["peft lora"][0], steps, warmup)
+            pass_times, pass_ratio = paired(fns["amole"][2], fns["peft lora"][2], steps, warmup)
     finally:
         torch.set_num_threads(threads)
-    return {"times": {"amole": times[0], "peft lora": times[1]}, "ratio": ratio, "counts": counts}
+    return {"times": {"amole": times[0], "peft lora": times[1]}, "ratio": ratio, "counts": counts,
+            "passes": {"amole": pass_times[0], "peft lora": pass_times[1]}, "passes ratio": pass_ratio}
 
 
 def paired(a, b, steps: int, warmup: int) -> tuple[tuple[float, float], float]:
@@ -227,6 +235,9 @@ def main() -> None:
     print(f"\ntiny Llama training step (h64, 4 layers, seq 8, batch 2, bf16), launches stubbed, process CPU time, "
           f"1 thread: amole {times['amole'] * 1e3:.2f} ms, peft lora {times['peft lora'] * 1e3:.2f} ms, "
           f"median ratio {ratio:.2f}x")
+    passes = host["passes"]
+    print(f"the same without AdamW (forward, backward, zero_grad): amole {passes['amole'] * 1e3:.2f} ms, "
+          f"peft lora {passes['peft lora'] * 1e3:.2f} ms, median ratio {host['passes ratio']:.2f}x")
     keys = ("aten", "triton", "launches", "allocs", "syncs")
     print("fwd + bwd of that step:")
     print(bc.table([[n] + [c[k] for k in keys] for n, c in host["counts"].items()], ["model"] + list(keys)))
@@ -236,7 +247,8 @@ def main() -> None:
     for method, t, d, _, fewest, _ in grids:
         row[f"{method} fewest programs T{t} D{d}"] = fewest
     row.update({"step amole ms": round(times["amole"] * 1e3, 3), "step peft ms": round(times["peft lora"] * 1e3, 3),
-                "step ratio": round(ratio, 3)})
+                "step ratio": round(ratio, 3), "passes amole ms": round(passes["amole"] * 1e3, 3),
+                "passes peft ms": round(passes["peft lora"] * 1e3, 3), "passes ratio": round(host["passes ratio"], 3)})
     for name, c in host["counts"].items():
         row.update({f"step {name} {k}": c[k] for k in ("launches", "allocs", "syncs")})
     print(f"appended to {bc.append_row('host_overhead', row)}")

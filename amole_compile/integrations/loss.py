@@ -66,9 +66,7 @@ def pre_forward(module: nn.Module, args, kwargs) -> None:
     tokens.enter(kwargs.get("attention_mask") if len(args) < 2 else _argument(module, "attention_mask", args, kwargs))
     grad = torch.is_grad_enabled()
     for site in _sites(module):
-        site._fwd_aux = None
-        if grad:
-            site._aux = None  # a forward with gradients off keeps the aux of the last one with gradients on
+        site.keep_aux(None, grad)  # a forward with gradients off keeps the aux of the last one with gradients on
 
 
 def post_forward(module: nn.Module, args, kwargs, output):
@@ -77,7 +75,7 @@ def post_forward(module: nn.Module, args, kwargs, output):
     sites = _sites(module)
     values = [s._fwd_aux for s in sites if s._fwd_aux is not None]
     for s in sites:
-        s._fwd_aux = None  # summed below: no graph stays on the modules for this
+        s.keep_aux(None, False)  # summed below: no graph stays on the modules for this
     if not module.training or not isinstance(output, (Mapping, tuple)) or not values:
         return None
     aux = torch.stack(values).sum()
