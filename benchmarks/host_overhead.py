@@ -12,7 +12,7 @@ kernels run in the interpreter so that the overwrite check can look at their out
 
 Host-time ratio: a Llama (hidden 64, 4 layers, seq 8, batch 2, bf16) training step, AdaMoLE (`transform`) over
 PEFT LoRA r=32, Triton launches stubbed, process CPU time on one torch thread, alternating (which runs first
-alternates too), the median of the per-pair ratios.
+alternates too), the median of the per-pair ratios; and the same without AdamW (forward, backward, zero_grad).
 A stubbed launch costs nothing here, where Triton's Python launch path costs ~10 us per call on a GPU host.
 """
 
