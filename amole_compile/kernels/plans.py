@@ -3,13 +3,13 @@ constexprs, warps, workspace shapes), worked out once per distinct call and then
 
 A site runs the same shapes step after step, so an eager call's host time goes to allocations and launches
 only (issue 21: on a GPU, host time is what the kernels wait for). The plans are pure functions of their
-arguments (`functools.lru_cache`); the tile table's `blocks.choose` is one of them, so code that swaps it (the
-AOT search in `benchmarks/kernel_resources.py`, tests) gets plans of its own. Legend as in `triton_common.py`.
+arguments, cached (`triton_common.cache_sizes`: a symbolic size under torch.compile(dynamic=True) is worked out
+uncached); the tile table's `blocks.choose` is one of them, so code that swaps it (the AOT search in
+`benchmarks/kernel_resources.py`, tests) gets plans of its own. Legend as in `triton_common.py`.
 """
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -17,7 +17,7 @@ import torch
 
 from .blocks import Blocks
 from .methods import method_spec
-from .triton_common import MIN_PROGRAMS, cdiv, few_tokens, finish_blocks, geometry, split_tiles
+from .triton_common import MIN_PROGRAMS, cache_sizes, cdiv, few_tokens, finish_blocks, geometry, split_tiles
 
 
 @dataclass(frozen=True, eq=False)
@@ -58,7 +58,7 @@ class ForwardPlan:
     finish: Launch
 
 
-@functools.lru_cache(maxsize=1024)
+@cache_sizes(maxsize=1024)
 def forward_plan(t: int, d: int, e: int, k: int, method: str, top_k: int, dtype: torch.dtype, has_keep: bool,
                  has_aux: bool, upcast: bool, choose: Callable) -> ForwardPlan:
     """The forward's plan (T > 0); `choose`: the tile table (`blocks.choose`)."""
@@ -96,7 +96,7 @@ class BackwardPlan:
     input: Launch | None  # None when x needs no gradient
 
 
-@functools.lru_cache(maxsize=1024)
+@cache_sizes(maxsize=1024)
 def backward_plan(t: int, d: int, o: int, e: int, k: int, method: str, top_k: int, dtype: torch.dtype,
                   has_keep: bool, has_gs: bool, has_aux: bool, n_gate: int, need_x: bool, upcast: bool,
                   choose: Callable) -> BackwardPlan:

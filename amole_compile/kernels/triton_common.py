@@ -143,7 +143,24 @@ def keep_arg(drop_mask, x):
     return (drop_mask.contiguous(), True) if drop_mask is not None else (x, False)
 
 
-@functools.lru_cache(maxsize=1024)  # pure; `dataclasses.replace` costs ~5 us a call
+def cache_sizes(maxsize: int):
+    """`functools.lru_cache` for a pure function of sizes and flags, except a call with a `torch.SymInt` (a size
+    traced symbolically, as under torch.compile(dynamic=True), is unhashable): that one is worked out uncached,
+    keeping the size symbolic."""
+    def wrap(fn):
+        cached = functools.lru_cache(maxsize=maxsize)(fn)
+
+        @functools.wraps(fn)
+        def call(*args):
+            return fn(*args) if torch.SymInt in map(type, args) else cached(*args)
+
+        call.cache_info, call.cache_clear = cached.cache_info, cached.cache_clear
+        return call
+
+    return wrap
+
+
+@cache_sizes(maxsize=1024)  # pure; `dataclasses.replace` costs ~5 us a call
 def few_tokens(blk: Blocks, programs: int) -> Blocks:
     """`blk` with 16 tokens per program when its grid (`programs` at blk.bt) is short of MIN_PROGRAMS: the two
     token widths the AOT matrix builds (the table's, and 16, the least a tl.dot takes)."""

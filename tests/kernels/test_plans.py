@@ -80,3 +80,24 @@ def test_recorded_launches_are_the_plans(method, e, r, need_x):
                               blocks.choose)
     want = [fwd.main, fwd.finish, bwd.route, bwd.route_finish, bwd.weight, bwd.reduce] + ([bwd.input] * need_x)
     assert [(g, c, blk) for _, g, _, c, blk in launches] == [(w.grid, w.constexprs, w.blk) for w in want]
+
+
+def test_symbolic_token_counts_trace_through_the_launchers():
+    """torch.compile(dynamic=True) traces the Triton path with T a SymInt (a GPU's graph: wrap_triton): the plans
+    (and the cached tile helpers) cannot hash it and are worked out uncached, with T symbolic in the grids."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    e, r, d, o = 8, 4, 96, 80
+
+    def fwd_bwd(x, a, b, gate, tw, tb, go):
+        out = adapter_triton(x, None, a, b, gate, tw, tb, None, "adamole", e, 0, 1.0, 1.0, 1.0, True)
+        grads = adapter_backward_triton(go, None, x, None, a, b, gate, tw, tb, out[3], out[4], "adamole", e, 0, 1.0,
+                                        1.0, 1.0, True, out[5], out[6])
+        return out[0], grads[0]
+
+    args = (torch.randn(40, d), torch.randn(e * r, d), torch.randn(o, e * r), torch.randn(e, d), torch.randn(1, d),
+            torch.randn(1), torch.randn(40, o))
+    with _aot.record_launches() as launches:
+        make_fx(fwd_bwd, tracing_mode="symbolic")(*args)
+    assert len(launches) == 7
+    assert any(isinstance(n, torch.SymInt) for _, grid, _, _, _ in launches for n in grid)  # T stayed symbolic
