@@ -25,7 +25,7 @@ from .integrations import patches
 from .integrations.foreign import check_not_adapted_elsewhere
 from .kernels import register as register_op
 from .model.batch import check_unused, mixed_batch, row_ids
-from .model.modules import ExpertSet
+from .model.modules import expert_sets
 from .model.state import (
     activate,
     active_adapter,
@@ -181,7 +181,7 @@ def aux_loss(model: nn.Module) -> torch.Tensor:
     adds `coef * aux_loss(model)` itself transforms with `aux_loss_coef=0`. Each site holds its value until the
     next training forward with gradients on (docs/training.md, "The aux loss's lifetime").
     """
-    losses = [m.aux for m in model.modules() if isinstance(m, ExpertSet) and m.aux is not None]
+    losses = [m.aux for m in expert_sets(model) if m.aux is not None]
     if losses:
         return torch.stack(losses).sum()
     device = next((p.device for p in model.parameters()), torch.device("cpu"))

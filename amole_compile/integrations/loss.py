@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from ..model import tokens
-from ..model.modules import ExpertSet
+from ..model.modules import ExpertSet, expert_sets
 from ..model.state import state_of
 
 
@@ -56,7 +56,7 @@ def set_aux_coef(model: nn.Module, coef: float) -> None:
 
 # ---- aux loss -----------------------------------------------------------------------------------------------------
 def _sites(module: nn.Module) -> list[ExpertSet]:
-    return [m for m in module.modules() if isinstance(m, ExpertSet)]
+    return expert_sets(module)
 
 
 def pre_forward(module: nn.Module, args, kwargs) -> None:

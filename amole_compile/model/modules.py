@@ -245,6 +245,24 @@ class ExpertSet(nn.Module):
         return self._aux
 
 
+def expert_sets(model: nn.Module) -> list[ExpertSet]:
+    """The sites in `model`, in `model.modules()` order (each once). Eager calls walk the `_modules` dicts with
+    an explicit stack, ~3x faster than `modules()` (which builds every prefix string): the loss hooks walk the
+    model twice per forward. Under torch.compile, `modules()` (what dynamo knows how to trace)."""
+    if torch.compiler.is_compiling():
+        return [m for m in model.modules() if isinstance(m, ExpertSet)]
+    sites, seen, stack = [], set(), [model]
+    while stack:
+        m = stack.pop()
+        if id(m) in seen:
+            continue
+        seen.add(id(m))
+        if isinstance(m, ExpertSet):
+            sites.append(m)
+        stack.extend(c for c in reversed(m._modules.values()) if c is not None)
+    return sites
+
+
 class AdapterGroup(nn.ModuleDict):
     """One named adapter on one projection: an `ExpertSet` per role (`group[role]`), each writing its role's
     output columns (all of them for an unfused projection; a slice or a strided set for fused QKV).

@@ -404,3 +404,18 @@ def test_aux_loss_without_sites_is_a_zero_scalar():
     for model in (torch.nn.Linear(3, 3), torch.nn.Module()):
         z = aux_loss(model)
         assert z.shape == () and z.item() == 0.0
+
+
+def test_expert_sets_walk_is_modules_order_once_each():
+    """The loss hooks' fast walk finds the sites `model.modules()` finds, in that order, a shared one once."""
+    from amole_compile import transform
+    from amole_compile.model.modules import expert_sets
+
+    from models import build
+
+    model = transform(build("llama"), AdaMoLEConfig(num_experts=4, rank=2))
+    want = [m for m in model.modules() if isinstance(m, ExpertSet)]
+    assert expert_sets(model) == want and len(want) == 8
+    outer = torch.nn.ModuleList([model, torch.nn.Linear(2, 2), model.model.layers[0]])  # shared: seen once
+    assert expert_sets(outer) == [m for m in outer.modules() if isinstance(m, ExpertSet)] == want
+    assert expert_sets(torch.nn.Linear(2, 2)) == []
