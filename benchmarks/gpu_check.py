@@ -13,6 +13,11 @@ train   Llama h2048, 8 layers, 16 heads, intermediate 5632, vocab 32000, seq 102
         when peft is missing), eager, torch.compile and torch.compile(mode="reduce-overhead") of each decoder layer
         (`--whole-model`: of the whole loss): tokens/s.
 
+launch  host µs per launch, back to back without a sync: one of the op's Triton kernels through `kernel[grid]`
+        (Triton's Python dispatch, as the eager op launches them), and an ATen op on the same tensor. A site
+        launches 7 Triton kernels a training step: this says what launching them without the Python dispatch
+        (AOT-compiled kernels behind a C++ op) would save per site.
+
 Each section has a time guard: what would overrun the budget is skipped with a note. Writes gpu_check.json and
 gpu_check.csv (this run's rows) to benchmarks/results/ and to $OUT when set; appends to results/gpu_check_rows.csv.
 """
@@ -148,6 +153,41 @@ def layer_size(d: int, t: int, device: str, dtype, steps: int) -> list[dict]:
         rows.append({"section": "layer", "D": d, "T": t, "contender": name, "wall ms": wall[name] * 1e3,
                      "host ms": host_ms(fn, device, steps), "cuda ms": cuda_ms, "kernels": kernels,
                      "x lora32": wall[name] / wall["+ lora32"]})
+    return rows
+
+
+# ---- launch path -------------------------------------------------------------------------------------------------
+
+def launch_section(device: str, budget: Budget, reps: int) -> list[dict]:
+    """Host µs per launch (median of 5 rounds of `reps` back-to-back calls): the op's reduce kernel through
+    `kernel[grid]` against `torch.add(out=)` on the same [n] float32 tensor."""
+    if not budget.allows(10, "launch"):
+        return []
+    from amole_compile.kernels.adapter_triton_bwd import _bwd_reduce_kernel
+
+    n = 4096 if device.startswith("cuda") else 256
+    src, dst = torch.zeros(n, device=device), torch.empty(n, device=device)  # [n] float32
+
+    def triton_launch() -> None:  # grad_A = the one split of `src`; no router rows, no threshold bias
+        _bwd_reduce_kernel[(n // 256,)](src, src, src, dst, src, src, src, 1, n, 0, 0, 1, 0, BLOCK=256,
+                                        num_warps=4, num_stages=1)
+
+    def aten_launch() -> None:
+        torch.add(src, src, out=dst)
+
+    rows = []
+    for name, fn in (("triton kernel[grid]", triton_launch), ("aten add", aten_launch)):
+        for _ in range(3):
+            fn()
+        bc.sync(device)
+        rounds = []
+        for _ in range(5):
+            t = time.perf_counter()
+            for _ in range(reps):
+                fn()
+            rounds.append((time.perf_counter() - t) / reps)
+            bc.sync(device)
+        rows.append({"section": "launch", "contender": name, "host us per launch": sorted(rounds)[2] * 1e6})
     return rows
 
 
@@ -294,7 +334,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on CPU, eager only (CI)")
     ap.add_argument("--budget", type=float, default=270, help="seconds for the whole run (sections skip past it)")
-    ap.add_argument("--sections", default="layer,train")
+    ap.add_argument("--sections", default="launch,layer,train")
     ap.add_argument("--modes", default=None, help="train modes (default eager,compile,reduce-overhead; smoke: eager)")
     ap.add_argument("--steps", type=int, default=None, help="timed steps (default 20 layer / 5 train; smoke 2)")
     ap.add_argument("--whole-model", action="store_true", help="compile the whole loss, not each decoder layer")
@@ -311,6 +351,8 @@ def main() -> None:
     sections = args.sections.split(",")
     dtype = torch.bfloat16
     rows, spent = [], {}
+    if "launch" in sections:
+        rows += launch_section(device, budget, 20 if args.cpu_smoke else 500)
     if "layer" in sections:
         t0 = time.perf_counter()
         rows += layer_section(shapes["layer"], device, dtype, budget, args.steps or (2 if args.cpu_smoke else 20))
@@ -322,7 +364,7 @@ def main() -> None:
     result = {"device": bc.device_name(device), "commit": bc.commit(), **bc.versions(), "llama": shapes["llama"],
               "compile": "whole loss" if args.whole_model else "per decoder layer",
               "rows": rows, "notes": budget.notes, "seconds": args.budget - budget.left(), "section seconds": spent}
-    for section in ("layer", "train"):
+    for section in ("launch", "layer", "train"):
         part = [r for r in rows if r["section"] == section]
         if part:
             keys = [k for k in part[0] if k != "section"]

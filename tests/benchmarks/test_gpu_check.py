@@ -19,6 +19,9 @@ def test_cpu_smoke_runs_and_writes_its_results(tmp_path):
                            str(tmp_path)], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / "gpu_check.json").read_text())
+    launch = [r for r in result["rows"] if r["section"] == "launch"]
+    assert [r["contender"] for r in launch] == ["triton kernel[grid]", "aten add"]
+    assert all(r["host us per launch"] > 0 for r in launch)
     layer = [r["contender"] for r in result["rows"] if r["section"] == "layer"]
     assert layer == ["frozen linear", "+ lora32", "+ amole triton", "+ amole torch"]
     train = [r for r in result["rows"] if r["section"] == "train"]
