@@ -23,7 +23,7 @@ from torch import nn
 
 from .config import ROLES
 from .files import atomic_write
-from .model.modules import PASSES, ExpertSet
+from .model.modules import PASSES, expert_sets
 from .model.state import adapter_groups
 
 
@@ -119,7 +119,7 @@ def reset_expert_stats(model: nn.Module, passes: str | None = None) -> None:
     default of a new site; "train"; or "all") sets which forwards they count from now on (None: unchanged)."""
     if passes is not None and passes not in PASSES:
         raise ValueError(f"passes must be one of {PASSES}, got {passes!r}")
-    for site in (m for m in model.modules() if isinstance(m, ExpertSet)):
+    for site in expert_sets(model):
         site.reset_stats()
         if passes is not None:
             site.stat_passes = passes

@@ -86,12 +86,11 @@ def export_graph(model: nn.Module, make_spec: Callable[[], GraphSpec], dest: Pat
 @contextlib.contextmanager
 def eval_mode(model: nn.Module):
     """Eval mode (no dropout, no aux-loss bookkeeping) for the export; every module's mode restored after."""
-    from ..model.modules import ExpertSet
+    from ..model.modules import expert_sets
 
     modes = {m: m.training for m in model.modules()}
-    for m in model.modules():
-        if isinstance(m, ExpertSet):
-            m.clear_aux()  # the eval forward would clear it; clearing it here keeps the capture side-effect free
+    for m in expert_sets(model):
+        m.clear_aux()  # the eval forward would clear it; clearing it here keeps the capture side-effect free
     model.eval()
     try:
         yield

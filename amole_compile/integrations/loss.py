@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from ..model import tokens
-from ..model.modules import ExpertSet, expert_sets
+from ..model.modules import expert_sets
 from ..model.state import state_of
 
 
@@ -55,24 +55,20 @@ def set_aux_coef(model: nn.Module, coef: float) -> None:
 
 
 # ---- aux loss -----------------------------------------------------------------------------------------------------
-def _sites(module: nn.Module) -> list[ExpertSet]:
-    return expert_sets(module)
-
-
 def pre_forward(module: nn.Module, args, kwargs) -> None:
     """Forget the last forward's per-forward aux (and, with gradients on, the aux `aux_loss` reads); put the
     forward's attention mask in the call's context (the expert statistics count its real tokens only:
     `model/tokens.py`)."""
     tokens.enter(kwargs.get("attention_mask") if len(args) < 2 else _argument(module, "attention_mask", args, kwargs))
     grad = torch.is_grad_enabled()
-    for site in _sites(module):
+    for site in expert_sets(module):
         site.keep_aux(None, grad)  # a forward with gradients off keeps the aux of the last one with gradients on
 
 
 def post_forward(module: nn.Module, args, kwargs, output):
     """Put this forward's aux loss into the output's loss (see the module doc); clear the per-forward values."""
     tokens.leave()
-    sites = _sites(module)
+    sites = expert_sets(module)
     values = [s._fwd_aux for s in sites if s._fwd_aux is not None]
     for s in sites:
         s.keep_aux(None, False)  # summed below: no graph stays on the modules for this

@@ -200,8 +200,8 @@ def adapter_backward_triton(grad_out, grad_scores, x, drop_mask, lora_a, lora_b,
                           drop_scale, wrap)
     if need_grad_x:
         grad_x = x.new_empty(t, d)
-        a, g, tw, _, n_gate = weights(x, lora_a, gate_w, thr_w, thr_b, num_experts, p.r, p.geo)
-        launch(_bwd_input_kernel, p.input, (gza, gzr, a, g, tw, keep, grad_x, t, d, num_experts, p.r, n_gate, p.er,
+        a, g, tw = weights(x, lora_a, gate_w, thr_w, num_experts, p.r, p.geo)
+        launch(_bwd_input_kernel, p.input, (gza, gzr, a, g, tw, keep, grad_x, t, d, num_experts, p.r, p.n_gate, p.er,
                                             drop_scale), wrap)
     else:
         grad_x = x.new_empty(0)

@@ -74,11 +74,7 @@ def _adapter_impl(
     doc."""
     args = (x, drop_mask, lora_a, lora_b, gate_w, thr_w, thr_b, base, method, num_experts, top_k, scale,
             max_threshold, drop_scale, with_aux)
-    if _use_triton(kernels, x, num_experts, lora_a):
-        from .adapter_triton import adapter_triton
-
-        return adapter_triton(*args)
-    return adapter_torch(*args)
+    return _forward_on(_use_triton(kernels, x, num_experts, lora_a), args)
 
 
 def _adapter_backward_impl(
@@ -92,10 +88,26 @@ def _adapter_backward_impl(
     (the aux loss's gradient, []) with the forward's `aux_sums` adds the aux loss's share to the scores'."""
     args = (grad_out, grad_scores, x, drop_mask, lora_a, lora_b, gate_w, thr_w, thr_b, za, zr, method,
             num_experts, top_k, scale, max_threshold, drop_scale, need_grad_x, grad_aux, aux_sums)
-    if _use_triton(kernels, x, num_experts, lora_a):
-        from .adapter_triton import adapter_backward_triton
+    return _backward_on(_use_triton(kernels, x, num_experts, lora_a), args)
 
-        return adapter_backward_triton(*args)
+
+def _forward_on(triton: bool, args: tuple, wrap: bool | None = None):
+    """The forward on the Triton path (`wrap`: the call is traced; None: it asks) or the torch path; `args` in
+    `adapter_torch`'s order."""
+    if triton:
+        from .adapter_triton import adapter_triton
+
+        return adapter_triton(*args, wrap=wrap)
+    return adapter_torch(*args)
+
+
+def _backward_on(triton: bool, args: tuple, wrap: bool | None = None):
+    """The backward on the Triton path or the torch path, as `_forward_on`; `args` in
+    `adapter_backward_torch`'s order."""
+    if triton:
+        from .adapter_triton_bwd import adapter_backward_triton
+
+        return adapter_backward_triton(*args, wrap=wrap)
     return adapter_backward_torch(*args)
 
 
@@ -170,13 +182,8 @@ class _EagerAdapter(torch.autograd.Function):
     @staticmethod
     def forward(ctx, *inputs):
         a = AdapterArgs(*inputs)
-        args = (*inputs[:_KERNELS], a.with_aux)
-        if _eager_triton(a.kernels, a.x, a.num_experts, a.lora_a.shape[0]):
-            from .adapter_triton import adapter_triton
-
-            out = adapter_triton(*args, wrap=False)
-        else:
-            out = adapter_torch(*args)
+        out = _forward_on(_eager_triton(a.kernels, a.x, a.num_experts, a.lora_a.shape[0]),
+                          (*inputs[:_KERNELS], a.with_aux), wrap=False)
         _setup_context(ctx, inputs, out)
         ctx.mark_non_differentiable(out[2], out[3], out[4], out[6])
         ctx.set_materialize_grads(False)
@@ -193,11 +200,7 @@ def _eager_backward(grad_out, grad_scores, x, drop_mask, lora_a, lora_b, gate_w,
     """`_adapter_backward_impl` for an eager call."""
     args = (grad_out, grad_scores, x, drop_mask, lora_a, lora_b, gate_w, thr_w, thr_b, za, zr, method,
             num_experts, top_k, scale, max_threshold, drop_scale, need_grad_x, grad_aux, aux_sums)
-    if _eager_triton(kernels, x, num_experts, lora_a.shape[0]):
-        from .adapter_triton_bwd import adapter_backward_triton
-
-        return adapter_backward_triton(*args, wrap=False)
-    return adapter_backward_torch(*args)
+    return _backward_on(_eager_triton(kernels, x, num_experts, lora_a.shape[0]), args, wrap=False)
 
 
 def adapter(x: Tensor, drop_mask: Tensor | None, lora_a: Tensor, lora_b: Tensor, gate_w: Tensor | None,

@@ -17,7 +17,16 @@ import torch
 
 from .blocks import Blocks
 from .methods import method_spec
-from .triton_common import MIN_PROGRAMS, cache_sizes, cdiv, few_tokens, finish_blocks, geometry, split_tiles
+from .triton_common import (
+    MIN_PROGRAMS,
+    cache_sizes,
+    cdiv,
+    few_tokens,
+    finish_blocks,
+    geometry,
+    router_rows,
+    split_tiles,
+)
 
 
 @dataclass(frozen=True, eq=False)
@@ -58,13 +67,19 @@ class ForwardPlan:
     finish: Launch
 
 
+def _sizes(e: int, k: int, method: str) -> tuple[int, int, dict, int]:
+    """(R, Er, geometry, K_P) for E experts of K = E * R columns."""
+    r, er = k // e, router_rows(method, e)
+    geo = geometry(e, r, er)
+    return r, er, geo, geo["E_P"] * geo["R_P"]
+
+
 @cache_sizes(maxsize=1024)
 def forward_plan(t: int, d: int, e: int, k: int, method: str, top_k: int, dtype: torch.dtype, has_keep: bool,
                  has_aux: bool, upcast: bool, choose: Callable) -> ForwardPlan:
     """The forward's plan (T > 0); `choose`: the tile table (`blocks.choose`)."""
-    r, er = k // e, method_spec(method).router_rows(e)
-    geo = geometry(e, r, er)
-    k_p, g_p = geo["E_P"] * geo["R_P"], geo["G_P"]
+    r, er, geo, k_p = _sizes(e, k, method)
+    g_p = geo["G_P"]
     blk, splits, per = split_tiles("fwd", k_p, dtype, t, d, choose)
     main = Launch((cdiv(t, blk.bt), splits),
                   dict(HAS_KEEP=has_keep, **_modes(dtype, upcast), BT=blk.bt, BD=blk.bd, K_P=k_p, G_P=g_p), blk)
@@ -101,9 +116,8 @@ def backward_plan(t: int, d: int, o: int, e: int, k: int, method: str, top_k: in
                   has_keep: bool, has_gs: bool, has_aux: bool, n_gate: int, need_x: bool, upcast: bool,
                   choose: Callable) -> BackwardPlan:
     """The backward's plan (T > 0); `n_gate`: the gate's rows (0 without one)."""
-    r, er = k // e, method_spec(method).router_rows(e)
-    geo = geometry(e, r, er)
-    k_p, modes = geo["E_P"] * geo["R_P"], _modes(dtype, upcast)
+    r, er, geo, k_p = _sizes(e, k, method)
+    modes = _modes(dtype, upcast)
     blk, o_splits, o_per = split_tiles("bwd_route", k_p, dtype, t, o, choose)
     route = Launch((cdiv(t, blk.bt), o_splits), dict(**modes, BT=blk.bt, BO=blk.bd, K_P=k_p), blk)
     fin = finish_blocks(k_p)

@@ -116,15 +116,13 @@ def as_dtype(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return w if w.dtype == dtype else w.to(dtype)
 
 
-def weights(x, lora_a, gate_w, thr_w, thr_b, e: int, r: int, geo: dict) -> tuple:
-    """(A padded [K_P, D], Wg [NG, D], wt [1, D], bt, NG) as the kernels read them, in x's dtype (a no-op when
-    they are already): the router unpadded (`_router_ptrs`); x stands in for an absent tensor (never read)."""
+def weights(x, lora_a, gate_w, thr_w, e: int, r: int, geo: dict) -> tuple:
+    """(A padded [K_P, D], Wg [NG, D], wt [1, D]) as the kernels read them, in x's dtype (a no-op when they are
+    already): the router unpadded (`_router_ptrs`); x stands in for an absent tensor (never read)."""
     def own(w):
         return x if w is None else as_dtype(w, x.dtype).contiguous()
 
-    n_gate = 0 if gate_w is None else gate_w.shape[0]
-    a = padded(as_dtype(lora_a, x.dtype), e, r, geo, rows=True)
-    return a, own(gate_w), own(thr_w), x if thr_b is None else thr_b, n_gate
+    return padded(as_dtype(lora_a, x.dtype), e, r, geo, rows=True), own(gate_w), own(thr_w)
 
 
 def upcast(dtype: torch.dtype) -> bool:
