@@ -82,6 +82,9 @@ def traced(x: torch.Tensor) -> bool:
     and `wrap_triton` are what must appear; in plain eager mode the op and the kernels are called directly."""
     if torch.compiler.is_compiling() or torch.compiler.is_exporting():
         return True
+    if type(x) is torch.Tensor and not (torch._C._len_torch_dispatch_stack()
+                                        or torch._ops._len_torch_dispatch_stack_pre_dispatch()):
+        return False  # a plain tensor and no dispatch mode (a proxy mode is one): ~0.3 us against ~3 below
     from torch._subclasses.fake_tensor import is_fake
     from torch.fx.experimental.proxy_tensor import get_proxy_mode
 

@@ -18,6 +18,7 @@ reaches the scores inside the backward, with no [T, E] tensor of its own. Legend
 
 from __future__ import annotations
 
+import inspect
 import os
 from types import SimpleNamespace
 from typing import NamedTuple
@@ -181,38 +182,69 @@ class _EagerAdapter(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, *inputs):
+        x = inputs[0]
+        ctx.x_shape = None if x.dim() == 2 else x.shape  # x [..., D]: flattened here, where no view is recorded
+        if ctx.x_shape is not None:
+            inputs = _flat(inputs)
         a = AdapterArgs(*inputs)
-        out = _forward_on(_eager_triton(a.kernels, a.x, a.num_experts, a.lora_a.shape[0]),
-                          (*inputs[:_KERNELS], a.with_aux), wrap=False)
+        ctx.triton = _eager_triton(a.kernels, a.x, a.num_experts, a.lora_a.shape[0])  # the backward's too
+        out = _forward_on(ctx.triton, (*inputs[:_KERNELS], a.with_aux), wrap=False)
         _setup_context(ctx, inputs, out)
+        if ctx.x_shape is not None:
+            out = (out[0].view(*ctx.x_shape[:-1], out[0].shape[1]), *out[1:])
         ctx.mark_non_differentiable(out[2], out[3], out[4], out[6])
         ctx.set_materialize_grads(False)
         return out
 
     @staticmethod
-    def backward(ctx, *grads):
-        return _backward(ctx, *grads, backward_op=_eager_backward)
+    def backward(ctx, grad_out, *grads):
+        shape, op = ctx.x_shape, _EAGER_BACKWARD[ctx.triton]
+        if shape is None:
+            return _backward(ctx, grad_out, *grads, backward_op=op)
+        if grad_out is not None:
+            grad_out = grad_out.reshape(-1, grad_out.shape[-1])  # [T, O]
+        gx, *rest = _backward(ctx, grad_out, *grads, backward_op=op)
+        if ctx.has_base and rest[6] is not None:
+            rest[6] = rest[6].reshape(*shape[:-1], rest[6].shape[-1])
+        return (None if gx is None else gx.reshape(shape), *rest)
 
 
-def _eager_backward(grad_out, grad_scores, x, drop_mask, lora_a, lora_b, gate_w, thr_w, thr_b, za, zr, method,
-                    num_experts, top_k, scale, max_threshold, drop_scale, need_grad_x, kernels, grad_aux=None,
-                    aux_sums=None):
-    """`_adapter_backward_impl` for an eager call."""
-    args = (grad_out, grad_scores, x, drop_mask, lora_a, lora_b, gate_w, thr_w, thr_b, za, zr, method,
-            num_experts, top_k, scale, max_threshold, drop_scale, need_grad_x, grad_aux, aux_sums)
-    return _backward_on(_eager_triton(kernels, x, num_experts, lora_a.shape[0]), args, wrap=False)
+def _flat(inputs: tuple) -> tuple:
+    """The op's arguments with x [..., D], the keep-mask [..., D] and base [..., O] flattened to [T, D] / [T, O]."""
+    x, mask, base = inputs[0], inputs[1], inputs[_N_TENSORS - 1]
+    d = x.shape[-1]
+    x2 = x.reshape(-1, d)
+    return (x2, None if mask is None else mask.reshape(x2.shape), *inputs[2:_N_TENSORS - 1],
+            None if base is None else base.reshape(-1, base.shape[-1]), *inputs[_N_TENSORS:])
+
+
+def _eager_backward(triton: bool):
+    """`_adapter_backward_impl` for an eager call whose forward chose `triton` (or the torch path)."""
+    def backward(*args):  # amole.adapter_backward's arguments; `kernels` (decided already) is dropped
+        return _backward_on(triton, args[:_BWD_KERNELS] + args[_BWD_KERNELS + 1:], wrap=False)
+
+    return backward
+
+
+_BWD_KERNELS = list(inspect.signature(_adapter_backward_impl).parameters).index("kernels")
+_EAGER_BACKWARD = {True: _eager_backward(True), False: _eager_backward(False)}
 
 
 def adapter(x: Tensor, drop_mask: Tensor | None, lora_a: Tensor, lora_b: Tensor, gate_w: Tensor | None,
             thr_w: Tensor | None, thr_b: Tensor | None, base: Tensor | None, method: str, num_experts: int,
             top_k: int, scale: float, max_threshold: float, drop_scale: float, kernels: str, with_aux: bool = False):
-    """The adapter op on x [T, D]; arguments as `_adapter_impl`. A traced call (compile, export) records
-    `torch.ops.amole.adapter` (registered on first use); an eager call runs the same implementation and autograd
-    formula directly, without the custom-op dispatch."""
+    """The adapter op on x [..., D] (drop_mask [..., D], base [..., O]: out [..., O]; the routing outputs are per
+    token, [T, ...] with T the leading dims' product); other arguments as `_adapter_impl`. A traced call (compile,
+    export) records `torch.ops.amole.adapter` (registered on first use) on x flattened to [T, D]; an eager call
+    runs the same implementation and autograd formula directly, without the custom-op dispatch, and flattens
+    inside, where the views cost no autograd nodes."""
     if _registered is None:
         register()
     args = (x, drop_mask, lora_a, lora_b, gate_w, thr_w, thr_b, base, method, num_experts, top_k, scale,
             max_threshold, drop_scale, kernels, with_aux)
-    if traced(x):
+    if not traced(x):
+        return _EagerAdapter.apply(*args)
+    if x.dim() == 2:
         return torch.ops.amole.adapter(*args)
-    return _EagerAdapter.apply(*args)
+    out = torch.ops.amole.adapter(*_flat(args))
+    return (out[0].view(*x.shape[:-1], out[0].shape[1]), *out[1:])

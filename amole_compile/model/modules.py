@@ -144,8 +144,8 @@ class ExpertSet(nn.Module):
                            self.dropout if self.training else 0.0)
 
     def forward(self, x: Tensor, base: Tensor | None = None, lead: tuple[int, ...] | None = None) -> Tensor:
-        """x [T, D] (adapter dtype) -> base + delta [T, O] (or delta when base is None). `lead`: the leading
-        shape x had before it was flattened ((B, S): the statistics then count the real tokens only)."""
+        """x [..., D] (adapter dtype) -> base + delta [..., O] (or delta when base is None). `lead`: x's leading
+        shape before any flattening ((B, S): the statistics then count the real tokens only; None: all)."""
         out, scores, mask, _, _, aux, _ = adapter(*self.op_args(x, self.drop_mask(x), base))
         self.record(scores, mask, lead=lead, aux=aux)
         return out
@@ -319,19 +319,17 @@ class AdapterGroup(nn.ModuleDict):
         return y + delta.view_as(y).to(y.dtype)
 
     def _add_to(self, x: Tensor, y: Tensor, autocast: bool = False) -> Tensor:
-        xa = x.reshape(-1, self.in_features)  # [T, D]
+        # x [..., D] and y [..., O] go to the sites unflattened: the op flattens them where no view is recorded
         dtype = self.adapter_dtype
-        if xa.dtype != dtype:
-            xa = xa.to(dtype)
+        xa = x if x.dtype == dtype else x.to(dtype)
         lead = x.shape[:-1]  # (B, S) for a model's hidden states: the statistics skip their padding
         if self.fused_base():
             site = self[self.roles[0]]
-            base = y.reshape(-1, self.out_features)
-            if autocast and base.dtype != xa.dtype:  # the projection ran in the autocast dtype
-                return site(xa, base=base.to(xa.dtype), lead=lead).view_as(y).to(y.dtype)
-            return site(xa, base=base, lead=lead).view_as(y)
-        deltas = [site(xa, lead=lead) for site in self.values()]  # each [T, O_role]
-        return y + combine_deltas(deltas, self.column_gather, self.n_unadapted).view_as(y).to(y.dtype)
+            if autocast and y.dtype != xa.dtype:  # the projection ran in the autocast dtype
+                return site(xa, base=y.to(xa.dtype), lead=lead).to(y.dtype)
+            return site(xa, base=y, lead=lead)
+        deltas = [site(xa, lead=lead) for site in self.values()]  # each [..., O_role]
+        return y + combine_deltas(deltas, self.column_gather, self.n_unadapted).to(y.dtype)
 
 
 PASSES = ("eval", "train", "all")  # the forwards a site's statistics may count (`ExpertSet.stat_passes`)

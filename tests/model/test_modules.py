@@ -371,7 +371,7 @@ def test_model_aux_loss_is_the_sum_over_sites():
     fresh = aux_loss(model)
     assert fresh.shape == () and fresh.item() == 0.0
     inputs = {}
-    hooks = [m.register_forward_hook(lambda mod, args, out, n=n: inputs.__setitem__(n, args[0].detach()))
+    hooks = [m.register_forward_hook(lambda mod, args, out, n=n: inputs.__setitem__(n, args[0].detach().flatten(0, -2)))
              for n, m in sites]
     model.eval()  # (explicitly: the new adapter modules' own mode is tested in test_swap_modules)
     model(input_ids=ids())
