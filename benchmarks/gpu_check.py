@@ -11,7 +11,9 @@ layer   D x T = 4096 x 8192 and 1024 x 2048, bf16: frozen linear, + LoRA(32) (pl
 train   Llama h2048, 8 layers, 16 heads, intermediate 5632, vocab 32000, seq 1024, batch 4, bf16 (from LlamaConfig,
         no download): AdaMoLE (transform, E=8 r=4 on q, k, v, o) against PEFT LoRA r=32 (or a plain-torch LoRA
         when peft is missing), eager, torch.compile and torch.compile(mode="reduce-overhead") of each decoder layer
-        (`--whole-model`: of the whole loss): tokens/s.
+        (`--whole-model`: of the whole loss): tokens/s. Compiled, AdaMoLE also runs its torch path
+        (kernels="torch", fused by inductor): "amole" against "amole torch path" is the measurement that sets
+        which path a compiled 'auto' call takes on a GPU (`amole_compile.kernels.backend.COMPILED_AUTO`).
 
 launch  host µs per launch, back to back without a sync: one of the op's Triton kernels through `kernel[grid]`
         (Triton's Python dispatch, as the eager op launches them), and an ATen op on the same tensor. A site
@@ -244,7 +246,8 @@ def train_step(model: nn.Module, ids: torch.Tensor, mode: str, whole: bool = Fal
     return step
 
 
-MODE_NEED_S = {"eager": 20, "compile": 90, "reduce-overhead": 90}  # both contenders, compile included (a guess)
+MODE_NEED_S = {"eager": 20, "compile": 120, "reduce-overhead": 90}  # all contenders, compiles included (a guess)
+TORCH_PATH = "amole torch path"  # compile mode's third contender: AdaMoLE with kernels="torch"
 
 
 def train_section(shape: dict, device: str, dtype, budget: Budget, modes, steps: int, whole: bool) -> list[dict]:
@@ -274,7 +277,10 @@ def train_mode(base, ids, mode: str, device: str, steps: int, tokens: int, whole
     interleaved timed steps."""
     torch.manual_seed(0)
     lora, lora_name = lora_model(base)
-    models = {"amole": ac.transform(copy.deepcopy(base), amole_config()), lora_name: lora}
+    models = {"amole": ac.transform(copy.deepcopy(base), amole_config())}
+    if mode == "compile":  # inductor's own fusion of the op's torch path: what decides backend.COMPILED_AUTO
+        models[TORCH_PATH] = ac.transform(copy.deepcopy(base), amole_config("torch"))
+    models[lora_name] = lora
     fns = {k: train_step(m, ids, mode, whole) for k, m in models.items()}
     warm = {k: warm_up(fn, 1 if mode == "eager" else 3) for k, fn in fns.items()}
     times = bc.interleaved(fns, steps, 1, device)

@@ -19,6 +19,11 @@ import torch
 from .blocks import unsupported
 
 KERNELS = ("auto", "torch", "triton")
+# The path a traced (torch.compile) 'auto' call takes on a GPU: "triton" (the op's kernels, as user-defined Triton
+# kernels in inductor's graph) or "torch" (the torch path, which inductor fuses itself). Set by a measurement:
+# `benchmarks/gpu_check.py`'s "train compile" rows, "amole" (kernels) against "amole torch path", at the real
+# fine-tuning shape. Not yet measured on a GPU (no device lent to issue 21 so far): the kernels until then.
+COMPILED_AUTO = "triton"
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 ENV_VAR = "AMOLE_KERNELS"
 

@@ -26,6 +26,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from . import backend
 from .adapter_torch import adapter_backward_torch, adapter_torch
 from .backend import ENV_VAR, resolve_kernels, traced
 
@@ -58,12 +59,18 @@ class AdapterArgs(NamedTuple):
 def _use_triton(kernels: str, x: Tensor, num_experts: int, lora_a: Tensor) -> bool:
     """Triton for this call? Decided before any launch (`resolve_kernels`: dtype, device, E and rank within the
     kernels' limits). Under TRITON_INTERPRET=1 kernels run eagerly and cannot be traced, so a traced call (fake
-    tensors: torch.compile, opcheck's fake checks) takes the torch path, which computes the same."""
+    tensors: torch.compile, opcheck's fake checks) takes the torch path, which computes the same. A traced 'auto'
+    call takes the path `backend.COMPILED_AUTO` names (the measured faster one under inductor)."""
     if resolve_kernels(kernels, x, num_experts, lora_a.shape[0] // max(num_experts, 1)) != "triton":
         return False
-    from torch._subclasses.fake_tensor import is_fake
+    if not traced(x):
+        return True
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        from torch._subclasses.fake_tensor import is_fake
 
-    return not (os.environ.get("TRITON_INTERPRET") == "1" and is_fake(x))
+        if is_fake(x):
+            return False
+    return backend.COMPILED_AUTO == "triton" or (os.environ.get(ENV_VAR, kernels) or "auto") != "auto"
 
 
 def _adapter_impl(

@@ -9,16 +9,23 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_cpu_smoke_runs_and_writes_its_results(tmp_path):
+def smoke(out: Path, *args: str) -> dict:
+    """Run `gpu_check.py --cpu-smoke *args` -> its JSON result."""
     env = {k: v for k, v in os.environ.items() if k not in ("OUT", "AMOLE_KERNELS")}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--cpu-smoke", "--out",
-                           str(tmp_path)], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+                           str(out), *args], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads((tmp_path / "gpu_check.json").read_text())
+    return json.loads((out / "gpu_check.json").read_text())
+
+
+def test_cpu_smoke_runs_and_writes_its_results(tmp_path):
+    result = smoke(tmp_path)
     launch = [r for r in result["rows"] if r["section"] == "launch"]
     assert [r["contender"] for r in launch] == ["triton kernel[grid]", "aten add"]
     assert all(r["host us per launch"] > 0 for r in launch)
@@ -28,3 +35,13 @@ def test_cpu_smoke_runs_and_writes_its_results(tmp_path):
     assert [r["mode"] for r in train] == ["eager", "eager"] and all(r["tokens/s"] > 0 for r in train)
     assert not [n for n in result["notes"] if "failed" in n], result["notes"]
     assert (tmp_path / "gpu_check.csv").read_text().count("\n") == 1 + len(result["rows"])
+
+
+@pytest.mark.slow
+def test_compiled_training_rows_hold_the_torch_path_contender(tmp_path):
+    """Compiled, AdaMoLE runs on its kernels and on its torch path (the measurement behind
+    `backend.COMPILED_AUTO`), beside LoRA."""
+    result = smoke(tmp_path, "--sections", "train", "--modes", "compile")
+    train = [(r["mode"], r["contender"]) for r in result["rows"] if r["section"] == "train"]
+    assert [c for _, c in train][:2] == ["amole", "amole torch path"] and len(train) == 3, train
+    assert {m for m, _ in train} == {"compile"} and not result["notes"], result["notes"]

@@ -206,3 +206,28 @@ def test_interpreter_is_what_ci_runs():
         assert os.environ.get("TRITON_INTERPRET") == "1"
         assert resolve_kernels("triton", torch.zeros(2, 4)) == "triton"
         assert resolve_kernels("auto", torch.zeros(2, 4)) == "torch"  # auto never picks the interpreter
+
+
+@pytest.mark.parametrize("measured", ["triton", "torch"])
+def test_a_compiled_auto_call_takes_the_measured_path(monkeypatch, measured):
+    """Traced, 'auto' takes `backend.COMPILED_AUTO` (where the kernels could run: a GPU, stood in for here); an
+    explicit 'triton' (argument or AMOLE_KERNELS) and every eager call take the kernels whatever it says."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from amole_compile.kernels import backend, op
+
+    monkeypatch.setattr(backend, "COMPILED_AUTO", measured)
+    monkeypatch.setattr(op, "resolve_kernels", lambda *a: "triton")  # as on a GPU
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.delenv("AMOLE_KERNELS", raising=False)
+    x, a = torch.zeros(3, 8), torch.zeros(8, 8)
+
+    def picks(kernels: str) -> tuple[bool, bool]:
+        seen = []
+        make_fx(lambda t: seen.append(op._use_triton(kernels, t, 4, a)) or t + 1)(x)
+        return seen[0], op._use_triton(kernels, x, 4, a)  # (traced, eager)
+
+    assert picks("auto") == (measured == "triton", True)
+    assert picks("triton") == (True, True)
+    monkeypatch.setenv("AMOLE_KERNELS", "triton")
+    assert picks("auto") == (True, True)
