@@ -59,7 +59,7 @@ def routing(model, input_ids: torch.Tensor, mask: torch.Tensor) -> list[tuple[to
     found, real = [], mask.reshape(-1).bool()
 
     def hook(site, args, _out):
-        x = args[0][real]
+        x = args[0].reshape(-1, args[0].shape[-1])[real]  # [T, D]: a site takes x [..., D]
         _, scores, m, _, zr, *_ = adapter(x, None, site.lora_A, site.lora_B, site.gate, site.threshold_weight,
                                       site.threshold_bias, None, site.method, site.num_experts, site.top_k,
                                       site.scale, site.max_threshold, 1.0, "torch")
