@@ -60,10 +60,15 @@ def _on_gpu(x: torch.Tensor) -> bool:
     return x.device.type == "cuda"
 
 
+def requested_kernels(requested: str) -> str:
+    """The `kernels` setting in force: AMOLE_KERNELS when set, else `requested` ('' reads as 'auto')."""
+    return os.environ.get(ENV_VAR, requested) or "auto"
+
+
 def resolve_kernels(requested: str, x: torch.Tensor, num_experts: int = 1, rank: int = 1) -> str:
     """The `kernels` setting ('auto' | 'torch' | 'triton'; AMOLE_KERNELS overrides) -> 'torch' or 'triton' for a
     call on x [T, D] with E experts of rank R."""
-    choice = os.environ.get(ENV_VAR, requested) or "auto"
+    choice = requested_kernels(requested)
     if choice not in KERNELS:
         raise ValueError(f"{ENV_VAR} must be one of {', '.join(KERNELS)}; got {choice!r}")
     if choice == "torch":

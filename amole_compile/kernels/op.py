@@ -27,8 +27,8 @@ import torch
 from torch import Tensor
 
 from . import backend
-from .adapter_torch import adapter_backward_torch, adapter_torch
-from .backend import ENV_VAR, resolve_kernels, traced
+from .adapter_torch import adapter_backward_torch, adapter_torch, as_dtype
+from .backend import ENV_VAR, requested_kernels, resolve_kernels, traced
 
 _LIB = "amole"
 _registered: SimpleNamespace | None = None
@@ -70,7 +70,7 @@ def _use_triton(kernels: str, x: Tensor, num_experts: int, lora_a: Tensor) -> bo
 
         if is_fake(x):
             return False
-    return backend.COMPILED_AUTO == "triton" or (os.environ.get(ENV_VAR, kernels) or "auto") != "auto"
+    return backend.COMPILED_AUTO == "triton" or requested_kernels(kernels) != "auto"
 
 
 def _adapter_impl(
@@ -119,7 +119,8 @@ def _backward_on(triton: bool, args: tuple, wrap: bool | None = None):
     return adapter_backward_torch(*args)
 
 
-_N_TENSORS = AdapterArgs._fields.index("base") + 1  # the tensor arguments come first, then the scalars
+_BASE = AdapterArgs._fields.index("base")
+_N_TENSORS = _BASE + 1  # the tensor arguments come first, then the scalars
 _KERNELS = AdapterArgs._fields.index("kernels")
 
 
@@ -139,8 +140,7 @@ def _backward(ctx, grad_out, grad_scores, _grad_mask, _grad_za, _grad_zr, grad_a
     if aux_sums.numel() == 0:
         grad_aux = None
     need_x = ctx.needs_input_grad[0]
-    if grad_out.dtype != x.dtype:
-        grad_out = grad_out.to(x.dtype)
+    grad_out = as_dtype(grad_out, x.dtype)
     gx, ga, gb, gg, gtw, gtb = (backward_op or torch.ops.amole.adapter_backward)(
         grad_out.contiguous(), grad_scores, x, drop_mask, lora_a, lora_b, gate_w, thr_w, thr_b, za, zr,
         method, e, k, scale, cap, drop_scale, need_x, kernels, grad_aux, None if grad_aux is None else aux_sums)
@@ -198,7 +198,7 @@ class _EagerAdapter(torch.autograd.Function):
         out = _forward_on(ctx.triton, (*inputs[:_KERNELS], a.with_aux), wrap=False)
         _setup_context(ctx, inputs, out)
         if ctx.x_shape is not None:
-            out = (out[0].view(*ctx.x_shape[:-1], out[0].shape[1]), *out[1:])
+            out = _unflat(out, ctx.x_shape)
         ctx.mark_non_differentiable(out[2], out[3], out[4], out[6])
         ctx.set_materialize_grads(False)
         return out
@@ -210,19 +210,25 @@ class _EagerAdapter(torch.autograd.Function):
             return _backward(ctx, grad_out, *grads, backward_op=op)
         if grad_out is not None:
             grad_out = grad_out.reshape(-1, grad_out.shape[-1])  # [T, O]
-        gx, *rest = _backward(ctx, grad_out, *grads, backward_op=op)
-        if ctx.has_base and rest[6] is not None:
-            rest[6] = rest[6].reshape(*shape[:-1], rest[6].shape[-1])
-        return (None if gx is None else gx.reshape(shape), *rest)
+        out = list(_backward(ctx, grad_out, *grads, backward_op=op))  # in the op's argument order
+        gx, gbase = out[0], out[_BASE]
+        out[0] = None if gx is None else gx.reshape(shape)
+        out[_BASE] = None if gbase is None else gbase.reshape(*shape[:-1], gbase.shape[-1])
+        return tuple(out)
 
 
 def _flat(inputs: tuple) -> tuple:
     """The op's arguments with x [..., D], the keep-mask [..., D] and base [..., O] flattened to [T, D] / [T, O]."""
-    x, mask, base = inputs[0], inputs[1], inputs[_N_TENSORS - 1]
+    x, mask, base = inputs[0], inputs[1], inputs[_BASE]
     d = x.shape[-1]
     x2 = x.reshape(-1, d)
-    return (x2, None if mask is None else mask.reshape(x2.shape), *inputs[2:_N_TENSORS - 1],
+    return (x2, None if mask is None else mask.reshape(x2.shape), *inputs[2:_BASE],
             None if base is None else base.reshape(-1, base.shape[-1]), *inputs[_N_TENSORS:])
+
+
+def _unflat(out: tuple, x_shape: torch.Size) -> tuple:
+    """The op's outputs with out [T, O] viewed as [..., O] for x [..., D]; the routing outputs stay per token."""
+    return (out[0].view(*x_shape[:-1], out[0].shape[1]), *out[1:])
 
 
 def _eager_backward(triton: bool):
@@ -253,5 +259,4 @@ def adapter(x: Tensor, drop_mask: Tensor | None, lora_a: Tensor, lora_b: Tensor,
         return _EagerAdapter.apply(*args)
     if x.dim() == 2:
         return torch.ops.amole.adapter(*args)
-    out = torch.ops.amole.adapter(*_flat(args))
-    return (out[0].view(*x.shape[:-1], out[0].shape[1]), *out[1:])
+    return _unflat(torch.ops.amole.adapter(*_flat(args)), x.shape)

@@ -18,6 +18,7 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from . import blocks
+from .adapter_torch import as_dtype
 from .blocks import Blocks, padded_columns
 from .methods import method_spec
 
@@ -109,11 +110,6 @@ def padded(w: torch.Tensor, e: int, r: int, geo: dict, rows: bool) -> torch.Tens
     if rows:  # [E*R, D] -> [E_P*R_P, D]
         return pad(w.reshape(e, r, -1), (0, 0, 0, geo["R_P"] - r, 0, geo["E_P"] - e)).reshape(-1, w.shape[-1])
     return pad(w.reshape(w.shape[0], e, r), (0, geo["R_P"] - r, 0, geo["E_P"] - e)).reshape(w.shape[0], -1)
-
-
-def as_dtype(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """w in `dtype` (w itself when it is: `Tensor.to` costs ~1 us of host time even then)."""
-    return w if w.dtype == dtype else w.to(dtype)
 
 
 def weights(x, lora_a, gate_w, thr_w, e: int, r: int, geo: dict) -> tuple:

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from ..config import AdaMoLEConfig
 from ..kernels import AdapterArgs, adapter, register
+from ..kernels.adapter_torch import as_dtype
 from ..kernels.mixed_torch import SiteWeights
 from .tokens import real_tokens
 
@@ -321,7 +322,7 @@ class AdapterGroup(nn.ModuleDict):
     def _add_to(self, x: Tensor, y: Tensor, autocast: bool = False) -> Tensor:
         # x [..., D] and y [..., O] go to the sites unflattened: the op flattens them where no view is recorded
         dtype = self.adapter_dtype
-        xa = x if x.dtype == dtype else x.to(dtype)
+        xa = as_dtype(x, dtype)
         lead = x.shape[:-1]  # (B, S) for a model's hidden states: the statistics skip their padding
         if self.fused_base():
             site = self[self.roles[0]]
