@@ -16,9 +16,9 @@ train   Llama h2048, 8 layers, 16 heads, intermediate 5632, vocab 32000, seq 102
         which path a compiled 'auto' call takes on a GPU (`amole_compile.kernels.backend.COMPILED_AUTO`).
 
 launch  host µs per launch, back to back without a sync: one of the op's Triton kernels through `kernel[grid]`
-        (Triton's Python dispatch, as the eager op launches them), and an ATen op on the same tensor. A site
-        launches 7 Triton kernels a training step: this says what launching them without the Python dispatch
-        (AOT-compiled kernels behind a C++ op) would save per site.
+        (Triton's Python dispatch: `JITFunction.run`), the same through a kept build (`kernels/direct.py`, as
+        the eager op launches them once warm), and an ATen op on the same tensor. A site launches 7 Triton
+        kernels a training step.
 
 Each section has a time guard: what would overrun the budget is skipped with a note. Writes gpu_check.json and
 gpu_check.csv (this run's rows) to benchmarks/results/ and to $OUT when set; appends to results/gpu_check_rows.csv.
@@ -162,10 +162,14 @@ def layer_size(d: int, t: int, device: str, dtype, steps: int) -> list[dict]:
 
 def launch_section(device: str, budget: Budget, reps: int) -> list[dict]:
     """Host µs per launch (median of 5 rounds of `reps` back-to-back calls): the op's reduce kernel through
-    `kernel[grid]` against `torch.add(out=)` on the same [n] float32 tensor."""
+    `kernel[grid]` and through a kept build (`kernels/direct.py`), against `torch.add(out=)` on the same [n]
+    float32 tensor."""
     if not budget.allows(10, "launch"):
         return []
+    from amole_compile.kernels import triton_common
     from amole_compile.kernels.adapter_triton_bwd import _bwd_reduce_kernel
+    from amole_compile.kernels.blocks import Blocks
+    from amole_compile.kernels.plans import Launch
 
     n = 4096 if device.startswith("cuda") else 256
     src, dst = torch.zeros(n, device=device), torch.empty(n, device=device)  # [n] float32
@@ -174,11 +178,18 @@ def launch_section(device: str, budget: Budget, reps: int) -> list[dict]:
         _bwd_reduce_kernel[(n // 256,)](src, src, src, dst, src, src, src, 1, n, 0, 0, 1, 0, BLOCK=256,
                                         num_warps=4, num_stages=1)
 
+    plan = Launch((n // 256,), {"BLOCK": 256}, Blocks(bt=1, bd=256, num_warps=4, num_stages=1))
+    args = (src, src, src, dst, src, src, src, 1, n, 0, 0, 1, 0)
+
+    def kept_build() -> None:  # as the eager op launches: a kept build after the first (`direct`; not interpreted)
+        triton_common.launch(_bwd_reduce_kernel, plan, args, wrap=False)
+
     def aten_launch() -> None:
         torch.add(src, src, out=dst)
 
     rows = []
-    for name, fn in (("triton kernel[grid]", triton_launch), ("aten add", aten_launch)):
+    for name, fn in (("triton kernel[grid]", triton_launch), ("triton kept build", kept_build),
+                     ("aten add", aten_launch)):
         for _ in range(3):
             fn()
         bc.sync(device)

@@ -13,7 +13,10 @@ kernels run in the interpreter so that the overwrite check can look at their out
 Host-time ratio: a Llama (hidden 64, 4 layers, seq 8, batch 2, bf16) training step, AdaMoLE (`transform`) over
 PEFT LoRA r=32, Triton launches stubbed, process CPU time on one torch thread, alternating (which runs first
 alternates too), the median of the per-pair ratios; and the same without AdamW (forward, backward, zero_grad).
-A stubbed launch costs nothing here, where Triton's Python launch path costs ~10 us per call on a GPU host.
+A stubbed launch costs nothing there. Then the step again with each stubbed launch charged the host work of
+Triton's dispatch (`_counting.Dispatch`: `JITFunction.run`'s binder and cache key for a CUDA target), launched
+through `JITFunction.run` every time, and through `kernels/direct.py`'s kept builds (issue 21: "compiled kernels
+launched without Triton's Python dispatch").
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).parent.parent))
 from _counting import counting, kernels_interpreted, triton_hooked
 
 import amole_compile as ac
+from amole_compile.kernels import direct
 from amole_compile.model.projection import AdaMoLELinear
 
 import _common as bc
@@ -191,10 +195,16 @@ def host_ratio(steps: int, warmup: int = 3) -> dict:
                 counts[k] = c.summary()
             times, ratio = paired(fns["amole"][0], fns["peft lora"][0], steps, warmup)
             pass_times, pass_ratio = paired(fns["amole"][2], fns["peft lora"][2], steps, warmup)
+        dispatch = {}
+        with cpu_triton(), triton_hooked(None, dispatch=True):
+            for name, on in (("JITFunction.run", False), ("direct", True)):
+                with mock.patch.object(direct, "ENABLED", on):
+                    dispatch[name] = paired(fns["amole"][0], fns["peft lora"][0], steps, warmup)
     finally:
         torch.set_num_threads(threads)
     return {"times": {"amole": times[0], "peft lora": times[1]}, "ratio": ratio, "counts": counts,
-            "passes": {"amole": pass_times[0], "peft lora": pass_times[1]}, "passes ratio": pass_ratio}
+            "passes": {"amole": pass_times[0], "peft lora": pass_times[1]}, "passes ratio": pass_ratio,
+            "dispatch": dispatch}
 
 
 def paired(a, b, steps: int, warmup: int) -> tuple[tuple[float, float], float]:
@@ -238,6 +248,9 @@ def main() -> None:
     passes = host["passes"]
     print(f"the same without AdamW (forward, backward, zero_grad): amole {passes['amole'] * 1e3:.2f} ms, "
           f"peft lora {passes['peft lora'] * 1e3:.2f} ms, median ratio {host['passes ratio']:.2f}x")
+    for name, ((amole, peft), r) in host["dispatch"].items():
+        print(f"with Triton's dispatch charged, launched through {name}: amole {amole * 1e3:.2f} ms, "
+              f"peft lora {peft * 1e3:.2f} ms, median ratio {r:.2f}x")
     keys = ("aten", "triton", "launches", "allocs", "syncs")
     print("fwd + bwd of that step:")
     print(bc.table([[n] + [c[k] for k in keys] for n, c in host["counts"].items()], ["model"] + list(keys)))
@@ -249,6 +262,9 @@ def main() -> None:
     row.update({"step amole ms": round(times["amole"] * 1e3, 3), "step peft ms": round(times["peft lora"] * 1e3, 3),
                 "step ratio": round(ratio, 3), "passes amole ms": round(passes["amole"] * 1e3, 3),
                 "passes peft ms": round(passes["peft lora"] * 1e3, 3), "passes ratio": round(host["passes ratio"], 3)})
+    for name, ((amole, _), r) in host["dispatch"].items():
+        row.update({f"step dispatch {name} amole ms": round(amole * 1e3, 3),
+                    f"step dispatch {name} ratio": round(r, 3)})
     for name, c in host["counts"].items():
         row.update({f"step {name} {k}": c[k] for k in ("launches", "allocs", "syncs")})
     print(f"appended to {bc.append_row('host_overhead', row)}")

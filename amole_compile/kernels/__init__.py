@@ -7,6 +7,7 @@
     adapter_triton.py  the forward's Triton kernels and launcher (split over D, then a routing kernel)
     adapter_triton_bwd.py  the backward's Triton kernels and launcher
     triton_common.py   what the kernels share: device helpers, launch plumbing, tiling that fills the GPU
+    direct.py          launches through kept builds, without Triton's Python dispatch per call
     plans.py           launch plans: each distinct call's tiles, grids and constexprs, worked out once
     backend.py         the `kernels` setting -> torch or triton for a call
     op.py              `torch.ops.amole.adapter` (+ backward): registration on first use, autograd

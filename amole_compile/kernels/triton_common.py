@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from . import blocks
+from . import blocks, direct
 from .adapter_torch import as_dtype
 from .blocks import Blocks, padded_columns
 from .methods import method_spec
@@ -87,12 +87,16 @@ recorder: list | None = None
 def launch(kernel, plan, args: tuple, wrap: bool) -> None:
     """Run `kernel` as `plan` (a `plans.Launch`: grid, constexprs, warps and stages) with positional runtime
     `args`; `wrap`: the call is being traced (`backend.traced`, asked once per op call), so launch via
-    `wrap_triton`."""
+    `wrap_triton`; otherwise through `direct` (no Triton Python dispatch once the build is known)."""
     if recorder is not None:
         recorder.append((kernel, plan.grid, args, plan.constexprs, plan.blk))
         return
-    fn = wrap_triton(kernel) if wrap else kernel
-    fn[plan.grid](*args, **plan.kwargs)
+    if wrap:
+        wrap_triton(kernel)[plan.grid](*args, **plan.kwargs)
+    elif direct.takes(kernel):
+        direct.launch(kernel, plan, args)
+    else:
+        kernel[plan.grid](*args, **plan.kwargs)
 
 
 def geometry(e: int, r: int, er: int) -> dict[str, int]:

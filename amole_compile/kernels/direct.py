@@ -1,0 +1,98 @@
+"""Kernel launches without Triton's Python dispatch (issue 21).
+
+Every `kernel[grid](*args)` runs `JITFunction.run` on the host: a binder that specialises each argument, a cache
+key built from that specialisation and `str` of the options, a lookup, and then the launch of the build found.
+Measured with a CUDA backend on this repo's kernels, the binder and the key alone cost about as much host time as
+the rest of a site's launcher (`benchmarks/host_overhead.py`, "Triton dispatch"); a site makes 7 such launches per
+training step.
+
+Here a launch's first call still goes through `JITFunction.run`, which compiles (or finds) the build and returns
+it. The build is kept under a key of our own, and later launches with the same key call it directly,
+`build[grid](*args, *constexprs)`, with the arguments `JITFunction.run` passes it: the runtime ones, then the
+constexprs in signature order. The key:
+- the kernel and the plan's `Launch` (plans are cached: the same object for the same sizes and flags), which fix
+  the constexprs, num_warps and num_stages;
+- the current device (Triton keeps builds per device);
+- per argument: a tensor's dtype and whether its address is 16-byte aligned (Triton's pointer specialisation);
+  an int's or bool's type and value (Triton specialises ints on == 1, divisibility by 16 and the i32 / i64 / u64
+  range, all fixed by the value); anything else's type (floats are not specialised).
+
+This is at least as fine as Triton's own specialisation, so a kept build is the one Triton would launch for these
+arguments; `tests/kernels/test_direct.py` checks that against Triton's binder for a CUDA target.
+
+Relies on `JITFunction.run` returning the build it launched and on `CompiledKernel.__getitem__(grid)` (triton
+3.6.0 and 3.9.0 checked: the same code in both). AMOLE_DIRECT_LAUNCH=0 launches through `JITFunction.run`
+every time. Not used when the call is traced (inductor launches the kernels itself) or under Triton's
+interpreter; a test or benchmark that hooks `JITFunction.run` turns it off (`benchmarks/_counting.py`), or has its
+stub return a stand-in build.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from triton.runtime.jit import JITFunction
+
+ENABLED = os.environ.get("AMOLE_DIRECT_LAUNCH", "1") != "0"
+MAX_BUILDS = 4096  # kept builds; past it the table starts over (a build is only a handle: Triton keeps its own)
+
+KINDS: tuple = (JITFunction,)  # kernel types whose builds are kept (the host-time benchmark adds its stand-in)
+
+_builds: dict = {}  # (id(kernel), Launch, device, arg_key) -> (build, constexpr values after the runtime args)
+_device = None  # the active driver's get_current_device, bound at first use
+
+
+def arg_key(args: tuple) -> tuple:
+    """The runtime arguments' specialisation, at least as fine as Triton's (see the module doc)."""
+    return tuple([(a.dtype, not a.data_ptr() & 15) if isinstance(a, torch.Tensor)
+                  else (type(a), a) if type(a) in (int, bool) else type(a) for a in args])
+
+
+def current_device() -> int:
+    """The device Triton launches on (its driver's current device)."""
+    global _device
+    if _device is None:
+        from triton.runtime.driver import driver
+
+        _device = driver.active.get_current_device
+    return _device()
+
+
+def takes(kernel) -> bool:
+    """Is `kernel` launched through here (on, and a kernel Triton builds for a GPU: not interpreted)?"""
+    return ENABLED and type(kernel) in KINDS
+
+
+def launch(kernel, plan, args: tuple) -> None:
+    """`kernel[plan.grid](*args, **plan.kwargs)`, through a kept build when there is one."""
+    key = (id(kernel), plan, current_device(), arg_key(args))  # id: a JITFunction hashes its source key
+    kept = _builds.get(key)
+    if kept is not None:
+        build, tail = kept
+        build[plan.grid](*args, *tail)
+        return
+    build = kernel[plan.grid](*args, **plan.kwargs)
+    if build is not None:  # None: a hooked run (tests, benchmarks) launched nothing we could keep
+        if len(_builds) >= MAX_BUILDS:
+            _builds.clear()
+        _builds[key] = (build, constexpr_tail(kernel, plan, args))
+
+
+def constexpr_tail(kernel, plan, args: tuple) -> tuple:
+    """The values `JITFunction.run` passes its build after the runtime `args`: the signature's remaining
+    parameters (all constexprs), from the plan or their defaults."""
+    if not isinstance(kernel, JITFunction):  # a stand-in kind: its function's signature
+        kernel = JITFunction(kernel.fn)
+    bound = kernel.signature.bind(*args, **plan.constexprs)
+    bound.apply_defaults()
+    values = tuple(bound.arguments.values())
+    late = [p.name for p in kernel.params[len(args):] if not p.is_constexpr]
+    if late or any(p.is_constexpr for p in kernel.params[:len(args)]):
+        raise TypeError(f"{kernel.fn.__name__}: runtime arguments must come before the constexprs, got {late}")
+    return values[len(args):]
+
+
+def clear() -> None:
+    """Forget the kept builds (tests)."""
+    _builds.clear()

@@ -1,0 +1,182 @@
+"""Launches without Triton's Python dispatch (`kernels/direct.py`), checked against Triton itself on a CPU:
+- the key is at least as fine as the specialisation Triton's binder gives for a CUDA target, so a kept build is
+  the one `JITFunction.run` would launch;
+- a kept build gets exactly the arguments `JITFunction.run` passes (binder's bound values), for every kernel the
+  launchers make;
+- the first launch goes through `JITFunction.run`, later ones with the same key call the kept build; a new
+  alignment, dtype, device or plan goes through `JITFunction.run` again.
+
+The session's kernels are interpreted (TRITON_INTERPRET=1); JIT functions are made here from their Python
+functions, and `run` is replaced by a stand-in (no GPU: nothing is compiled).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from triton.backends.compiler import GPUTarget
+from triton.compiler import make_backend
+from triton.runtime.jit import JITFunction, create_function_from_signature
+
+from amole_compile.kernels import _aot as aot
+from amole_compile.kernels import direct, triton_common
+from amole_compile.kernels.blocks import Blocks
+from amole_compile.kernels.plans import Launch
+
+BACKEND = make_backend(GPUTarget("cuda", 90, 32))
+
+
+def _probe(p, i, f, b):  # a kernel's parameters of each runtime kind (never compiled)
+    pass
+
+
+PROBE = JITFunction(_probe)
+PROBE_BINDER = create_function_from_signature(PROBE.signature, PROBE.params, BACKEND)
+
+
+def triton_spec(p, i, f, b) -> list:
+    """Triton's specialisation of each argument, for a CUDA sm_90 target."""
+    _, spec, _ = PROBE_BINDER(p, i, f, b)
+    return [tuple(s) if isinstance(s, (tuple, list)) else s for s in spec]
+
+
+def tensors() -> list[torch.Tensor]:
+    """Tensors of several dtypes at 16-byte aligned and unaligned addresses."""
+    out = []
+    for dtype in (torch.bfloat16, torch.float16, torch.float32, torch.int8, torch.bool, torch.int64):
+        base = torch.zeros(64, dtype=dtype)
+        out += [base, base[1:], base[8:], base[16:], base[3:]]
+    return out
+
+
+INTS = [0, 1, 2, 3, 15, 16, 17, 32, 48, -1, -16, 2**31 - 16, 2**31 - 1, 2**31, 2**32, 2**63 - 16, 2**63,
+        2**64 - 16]
+FLOATS = [0.0, 1.0, 0.5, 16.0, -3.25, 1e30]
+
+
+def assert_function_of_key(values: list, position: int) -> None:
+    """Arguments with equal `arg_key` have equal Triton specialisations at `position` of the probe."""
+    seen: dict = {}
+    fill = [torch.zeros(4), 0, 0.0, False]
+    for v in values:
+        args = fill[:position] + [v] + fill[position + 1:]
+        key, spec = direct.arg_key((v,)), triton_spec(*args)[position]
+        assert seen.setdefault(key, spec) == spec, (v, key, seen[key], spec)
+
+
+def test_key_is_at_least_as_fine_as_tritons_specialisation():
+    pool = tensors() + INTS + FLOATS + [True, False]
+    for position in range(4):  # each kind of parameter, given every kind of value
+        assert_function_of_key(pool, position)
+    # the check has teeth: Triton tells these apart, so a key of type only would fail it
+    assert triton_spec(torch.zeros(4), 1, 0.0, False)[1] != triton_spec(torch.zeros(4), 2, 0.0, False)[1]
+    assert triton_spec(torch.zeros(4), 16, 0.0, False)[1] != triton_spec(torch.zeros(4), 17, 0.0, False)[1]
+    aligned, unaligned = torch.zeros(8), torch.zeros(8)[1:]
+    assert triton_spec(aligned, 0, 0.0, False)[0] != triton_spec(unaligned, 0, 0.0, False)[0]
+    assert direct.arg_key((aligned,)) != direct.arg_key((unaligned,))
+    assert direct.arg_key((1,)) != direct.arg_key((True,)) != direct.arg_key((1.0,))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(-(2**63), 2**64 - 1), min_size=2, max_size=6))
+def test_ints_of_one_key_specialise_alike(values):
+    assert_function_of_key(values, 1)
+
+
+def _recorded() -> list[tuple[JITFunction, aot.Spec]]:
+    """One launch of each kernel as the launchers make it (bf16 AdaMoLE with dropout and aux; fp32 LoRA), as
+    (a JIT function of the kernel, the recorded launch)."""
+    out = {}
+    for case in (aot.Case("bfloat16", "adamole", 8, 4, True), aot.Case("float32", "lora", 1, 8, False)):
+        for spec in aot.specialisations([case]):
+            out.setdefault(spec.kernel.fn.__name__, (JITFunction(spec.kernel.fn), spec))
+    return list(out.values())
+
+
+def _plan(spec: aot.Spec, grid=(1, 1, 1)) -> Launch:
+    return Launch(grid, spec.consts, Blocks(bt=16, bd=16, num_warps=spec.num_warps, num_stages=spec.num_stages))
+
+
+def test_a_kept_build_gets_what_jit_run_passes_for_every_kernel():
+    recorded = _recorded()
+    names = {k.fn.__name__ for k, _ in recorded}
+    assert len(names) == 7, names  # forward 2, backward 5
+    for kernel, spec in recorded:
+        binder = create_function_from_signature(kernel.signature, kernel.params, BACKEND)
+        kwargs = {**spec.consts, "num_warps": spec.num_warps, "num_stages": spec.num_stages}
+        bound, _, _ = binder(*spec.args, **kwargs)
+        plan = _plan(spec)
+        ours = (*spec.args, *direct.constexpr_tail(kernel, plan, spec.args))
+        theirs = tuple(bound.values())
+        assert len(ours) == len(theirs), kernel.fn.__name__
+        assert all(a is b or a == b for a, b in zip(ours, theirs, strict=True)), kernel.fn.__name__
+
+
+class FakeBuild:
+    """Stands in for a CompiledKernel: `build[grid](*args)` records the launch."""
+
+    def __init__(self, calls: list) -> None:
+        self.calls = calls
+
+    def __getitem__(self, grid):
+        return lambda *args: self.calls.append(("build", grid, args))
+
+
+@pytest.fixture
+def fake_kernel(monkeypatch):
+    """(a JIT function whose `run` records and returns a FakeBuild, its plan, its args, the calls)."""
+    kernel, spec = next(r for r in _recorded() if r[0].fn.__name__ == "_fwd_kernel")
+    calls: list = []
+    build = FakeBuild(calls)
+
+    def run(*args, grid, warmup, **kwargs):
+        calls.append(("run", grid, args))
+        return build
+
+    monkeypatch.setattr(kernel, "run", run, raising=False)
+    monkeypatch.setattr(direct, "_device", lambda: 0)
+    monkeypatch.setattr(direct, "ENABLED", True)
+    direct.clear()
+    yield kernel, _plan(spec, (5, 1, 1)), spec.args, calls
+    direct.clear()
+
+
+def test_first_launch_goes_through_jit_run_later_ones_call_the_build(fake_kernel, monkeypatch):
+    kernel, plan, args, calls = fake_kernel
+    tail = direct.constexpr_tail(kernel, plan, args)
+    for _ in range(3):
+        triton_common.launch(kernel, plan, args, wrap=False)
+    assert [c[0] for c in calls] == ["run", "build", "build"]
+    assert calls[1] == ("build", (5, 1, 1), (*args, *tail))
+    # what changes the key goes through JITFunction.run again: an unaligned tensor, another dtype, device, plan
+    x = args[0]
+    unaligned = torch.zeros(x.numel() + 1, dtype=x.dtype)[1:].view_as(x)
+    other_dtype = x.float() if x.dtype != torch.float32 else x.half()
+    for changed in ((unaligned, *args[1:]), (other_dtype, *args[1:])):
+        calls.clear()
+        triton_common.launch(kernel, plan, changed, wrap=False)
+        triton_common.launch(kernel, plan, changed, wrap=False)
+        assert [c[0] for c in calls] == ["run", "build"]
+    calls.clear()
+    monkeypatch.setattr(direct, "_device", lambda: 1)
+    triton_common.launch(kernel, plan, args, wrap=False)
+    triton_common.launch(kernel, Launch(plan.grid, plan.constexprs, plan.blk), args, wrap=False)
+    assert [c[0] for c in calls] == ["run", "run"]
+
+
+def test_off_hooked_or_traced_launches_go_through_jit_run(fake_kernel, monkeypatch):
+    kernel, plan, args, calls = fake_kernel
+    monkeypatch.setattr(direct, "ENABLED", False)
+    for _ in range(2):
+        triton_common.launch(kernel, plan, args, wrap=False)
+    assert [c[0] for c in calls] == ["run", "run"] and not direct._builds
+    monkeypatch.setattr(direct, "ENABLED", True)
+    calls.clear()
+    monkeypatch.setattr(kernel, "run", lambda *a, grid, warmup, **k: calls.append(("hooked", grid, a)))
+    for _ in range(2):  # a hooked run returns no build: nothing is kept
+        triton_common.launch(kernel, plan, args, wrap=False)
+    assert [c[0] for c in calls] == ["hooked", "hooked"] and not direct._builds
+    interpreted = aot.specialisations([aot.Case("float32", "lora", 1, 8, False)])[0].kernel
+    assert not direct.takes(interpreted)  # the session's kernels, interpreted: never kept
