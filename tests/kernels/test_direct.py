@@ -12,6 +12,8 @@ functions, and `run` is replaced by a stand-in (no GPU: nothing is compiled).
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -178,5 +180,36 @@ def test_off_hooked_or_traced_launches_go_through_jit_run(fake_kernel, monkeypat
     for _ in range(2):  # a hooked run returns no build: nothing is kept
         triton_common.launch(kernel, plan, args, wrap=False)
     assert [c[0] for c in calls] == ["hooked", "hooked"] and not direct._builds
-    interpreted = aot.specialisations([aot.Case("float32", "lora", 1, 8, False)])[0].kernel
-    assert not direct.takes(interpreted)  # the session's kernels, interpreted: never kept
+    session_kernel = aot.specialisations([aot.Case("float32", "lora", 1, 8, False)])[0].kernel
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    assert direct.takes(session_kernel) is not interpreted  # the interpreter's kernels: never kept
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="a kept build's own launch needs a GPU (the prepared device command runs this file)")
+def test_kept_builds_compute_what_jit_run_computes_on_a_gpu(monkeypatch):
+    """On CUDA: a fwd + bwd launched through `JITFunction.run` every time, then warm through kept builds (no
+    `run` call at all), give bit-identical outputs and gradients (the same builds, deterministic kernels)."""
+    from test_adapter_kernels import make, run_both
+
+    runs = []
+    real_run = JITFunction.run
+
+    def counted(self, *args, **kwargs):
+        runs.append(self)
+        return real_run(self, *args, **kwargs)
+
+    monkeypatch.setattr(JITFunction, "run", counted)
+    direct.clear()
+    for dtype in (torch.float32, torch.bfloat16):
+        args = make("adamole", e=8, r=4, dtype=dtype)
+        with monkeypatch.context() as m:
+            m.setattr(direct, "ENABLED", False)
+            _, jit, _, jit_b = run_both(args, dtype)
+        run_both(args, dtype)  # keeps the builds
+        runs.clear()
+        _, kept, _, kept_b = run_both(args, dtype)
+        assert runs == [] and direct._builds, "a warm call went through JITFunction.run"
+        for a, b in zip((*jit, *jit_b), (*kept, *kept_b), strict=True):
+            assert torch.equal(a, b)
+    direct.clear()
