@@ -8,8 +8,8 @@ training step.
 
 Here a launch's first call still goes through `JITFunction.run`, which compiles (or finds) the build and returns
 it. The build is kept under a key of our own, and later launches with the same key call it directly,
-`build[grid](*args, *constexprs)`, with the arguments `JITFunction.run` passes it: the runtime ones, then the
-constexprs in signature order. The key:
+`build[grid](*args, *constexprs)`, with what `JITFunction.run` passes it: the grid padded to 3 dims, the runtime
+arguments, then the constexprs in signature order. The key:
 - the kernel and the plan's `Launch` (plans are cached: the same object for the same sizes and flags), which fix
   the constexprs, num_warps and num_stages;
 - the current device (Triton keeps builds per device);
@@ -39,7 +39,7 @@ MAX_BUILDS = 4096  # kept builds; past it the table starts over (a build is only
 
 KINDS: tuple = (JITFunction,)  # kernel types whose builds are kept (the host-time benchmark adds its stand-in)
 
-_builds: dict = {}  # (id(kernel), Launch, device, arg_key) -> (build, constexpr values after the runtime args)
+_builds: dict = {}  # (id(kernel), Launch, device, arg_key) -> (build, 3-d grid, constexprs after the runtime args)
 _device = None  # the active driver's get_current_device, bound at first use
 
 
@@ -69,14 +69,15 @@ def launch(kernel, plan, args: tuple) -> None:
     key = (id(kernel), plan, current_device(), arg_key(args))  # id: a JITFunction hashes its source key
     kept = _builds.get(key)
     if kept is not None:
-        build, tail = kept
-        build[plan.grid](*args, *tail)
+        build, grid, tail = kept
+        build[grid](*args, *tail)
         return
     build = kernel[plan.grid](*args, **plan.kwargs)
     if build is not None:  # None: a hooked run (tests, benchmarks) launched nothing we could keep
         if len(_builds) >= MAX_BUILDS:
             _builds.clear()
-        _builds[key] = (build, constexpr_tail(kernel, plan, args))
+        grid = (*plan.grid, *(1,) * (3 - len(plan.grid)))  # a build's launcher reads 3 grid dims; run pads them
+        _builds[key] = (build, grid, constexpr_tail(kernel, plan, args))
 
 
 def constexpr_tail(kernel, plan, args: tuple) -> tuple:

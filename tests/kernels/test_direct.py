@@ -13,6 +13,9 @@ functions, and `run` is replaced by a stand-in (no GPU: nothing is compiled).
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -213,3 +216,57 @@ def test_kept_builds_compute_what_jit_run_computes_on_a_gpu(monkeypatch):
         for a, b in zip((*jit, *jit_b), (*kept, *kept_b), strict=True):
             assert torch.equal(a, b)
     direct.clear()
+
+
+class _FakeDriver:
+    """Triton's active driver, as far as a build's launcher asks it (no GPU here)."""
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device):
+        return 1234
+
+
+@pytest.mark.slow
+def test_a_real_build_is_launched_as_jit_run_launches_it():
+    """A real `CompiledKernel` (compiled for sm_90 on this CPU), kept and called the way `direct.launch` calls it,
+    reaches its C launcher with exactly what `JITFunction.run` gives it: grid padded to 3 dims, stream, function,
+    packed metadata, launch metadata, hooks, the bound arguments. Plans' 1-D grids included (a build's launcher
+    reads grid[0..2] unpadded). In a subprocess: this session's Triton runs its interpreter, which cannot
+    compile."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import test_direct; " \
+             "test_direct.real_build_check(); print('ok')"
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+
+
+def real_build_check() -> None:
+    """The body of the test above, with the kernels compiled (not interpreted)."""
+    from triton import knobs
+    from triton.runtime.driver import driver
+
+    kernel, spec = next(r for r in _recorded() if r[0].fn.__name__ == "_bwd_reduce_kernel")
+    build = aot.compile_launch(aot.Spec(kernel, spec.args, spec.consts, spec.num_warps, spec.num_stages,
+                                        spec.case), 90)
+    launched: list = []
+    build.module, build.function, build._module_pid = object(), "function-handle", -1  # "loaded"; never unloaded
+    build._run = lambda *a: launched.append(a)
+    driver.set_active(_FakeDriver())
+    kernel.run = lambda *a, grid, warmup, **k: build  # JITFunction.run returns the build it launched
+    direct._device = lambda: 0
+    direct.clear()
+    plan = _plan(spec, grid=(7,))
+    binder = create_function_from_signature(kernel.signature, kernel.params, BACKEND)
+    bound, _, _ = binder(*spec.args, **plan.kwargs)
+    assert direct.takes(kernel)
+    triton_common.launch(kernel, plan, spec.args, wrap=False)  # through (the stand-in for) JITFunction.run
+    assert launched == []
+    triton_common.launch(kernel, plan, spec.args, wrap=False)  # the kept build
+    (call,) = launched
+    assert call[:6] == (7, 1, 1, 1234, "function-handle", build.packed_metadata), call[:6]
+    metadata = build.launch_metadata((7, 1, 1), 1234, *bound.values())  # as JITFunction.run makes it
+    assert type(call[6]) is type(metadata)  # (None without a launch hook; triton 3.9 has a hook chain)
+    assert call[7:9] == (knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook)
+    assert all(a is b or a == b for a, b in zip(call[9:], bound.values(), strict=True))
