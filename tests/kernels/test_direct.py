@@ -16,6 +16,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -219,7 +220,14 @@ def test_kept_builds_compute_what_jit_run_computes_on_a_gpu(monkeypatch):
 
 
 class _FakeDriver:
-    """Triton's active driver, as far as a build's launcher asks it (no GPU here)."""
+    """Triton's active driver, as far as JITFunction.run, a build's loading and its launcher ask it: the builds are
+    compiled for real (sm_90), the launcher records its call instead of launching (no GPU here)."""
+
+    def __init__(self) -> None:
+        self.launched: list = []
+        self.utils = SimpleNamespace(get_device_properties=lambda device: {"max_shared_mem": 232448},
+                                     load_binary=lambda *a: ("module", "function-handle", 32, 0, 1024),
+                                     unload_module=lambda module: None)
 
     def get_current_device(self):
         return 0
@@ -227,14 +235,20 @@ class _FakeDriver:
     def get_current_stream(self, device):
         return 1234
 
+    def get_current_target(self):
+        return GPUTarget("cuda", 90, 32)
+
+    def launcher_cls(self, src, metadata):
+        return lambda *args: self.launched.append(args)
+
 
 @pytest.mark.slow
 def test_a_real_build_is_launched_as_jit_run_launches_it():
-    """A real `CompiledKernel` (compiled for sm_90 on this CPU), kept and called the way `direct.launch` calls it,
-    reaches its C launcher with exactly what `JITFunction.run` gives it: grid padded to 3 dims, stream, function,
-    packed metadata, launch metadata, hooks, the bound arguments. Plans' 1-D grids included (a build's launcher
-    reads grid[0..2] unpadded). In a subprocess: this session's Triton runs its interpreter, which cannot
-    compile."""
+    """A kernel's first launch through the real `JITFunction.run` (which compiles it for sm_90 on this CPU) and its
+    second through the kept build reach the build's C launcher with the same arguments: grid padded to 3 dims,
+    stream, function, packed metadata, launch metadata, hooks, the bound arguments; for a plan's 1-D grid (a build's
+    launcher reads grid[0..2] unpadded) and a 2-D one. In a subprocess: this session's Triton runs its interpreter,
+    which cannot compile."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     script = f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import test_direct; " \
              "test_direct.real_build_check(); print('ok')"
@@ -244,29 +258,22 @@ def test_a_real_build_is_launched_as_jit_run_launches_it():
 
 def real_build_check() -> None:
     """The body of the test above, with the kernels compiled (not interpreted)."""
-    from triton import knobs
     from triton.runtime.driver import driver
 
-    kernel, spec = next(r for r in _recorded() if r[0].fn.__name__ == "_bwd_reduce_kernel")
-    build = aot.compile_launch(aot.Spec(kernel, spec.args, spec.consts, spec.num_warps, spec.num_stages,
-                                        spec.case), 90)
-    launched: list = []
-    build.module, build.function, build._module_pid = object(), "function-handle", -1  # "loaded"; never unloaded
-    build._run = lambda *a: launched.append(a)
-    driver.set_active(_FakeDriver())
-    kernel.run = lambda *a, grid, warmup, **k: build  # JITFunction.run returns the build it launched
-    direct._device = lambda: 0
+    fake = _FakeDriver()
+    driver.set_active(fake)
+    direct._device = fake.get_current_device
     direct.clear()
-    plan = _plan(spec, grid=(7,))
-    binder = create_function_from_signature(kernel.signature, kernel.params, BACKEND)
-    bound, _, _ = binder(*spec.args, **plan.kwargs)
-    assert direct.takes(kernel)
-    triton_common.launch(kernel, plan, spec.args, wrap=False)  # through (the stand-in for) JITFunction.run
-    assert launched == []
-    triton_common.launch(kernel, plan, spec.args, wrap=False)  # the kept build
-    (call,) = launched
-    assert call[:6] == (7, 1, 1, 1234, "function-handle", build.packed_metadata), call[:6]
-    metadata = build.launch_metadata((7, 1, 1), 1234, *bound.values())  # as JITFunction.run makes it
-    assert type(call[6]) is type(metadata)  # (None without a launch hook; triton 3.9 has a hook chain)
-    assert call[7:9] == (knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook)
-    assert all(a is b or a == b for a, b in zip(call[9:], bound.values(), strict=True))
+    for name, grid in (("_bwd_reduce_kernel", (7,)), ("_fwd_kernel", (3, 2))):
+        kernel, spec = next(r for r in _recorded() if r[0].fn.__name__ == name)
+        plan = _plan(spec, grid)
+        assert direct.takes(kernel)
+        for _ in range(3):  # JITFunction.run, then the kept build twice
+            triton_common.launch(kernel, plan, spec.args, wrap=False)
+        assert len(direct._builds) == 1 + (name == "_fwd_kernel")
+        first, *kept = fake.launched
+        assert first[:3] == (*grid, *(1,) * (3 - len(grid))) and len(kept) == 2
+        for call in kept:
+            assert len(call) == len(first) and type(call[6]) is type(first[6])  # launch metadata: made per call
+            assert all(a is b or a == b for i, (a, b) in enumerate(zip(call, first, strict=True)) if i != 6)
+        fake.launched.clear()
