@@ -13,9 +13,10 @@ arguments, then the constexprs in signature order. The key:
 - the kernel and the plan's `Launch` (plans are cached: the same object for the same sizes and flags), which fix
   the constexprs, num_warps and num_stages;
 - the current device (Triton keeps builds per device);
-- per argument: a tensor's dtype and whether its address is 16-byte aligned (Triton's pointer specialisation);
-  an int's or bool's type and value (Triton specialises ints on == 1, divisibility by 16 and the i32 / i64 / u64
-  range, all fixed by the value); anything else's type (floats are not specialised).
+- the tensors' dtypes and whether their addresses are 16-byte aligned (Triton's pointer specialisation);
+- the scalars' values and types (Triton specialises ints on == 1, divisibility by 16 and the i32 / i64 / u64
+  range, all fixed by the value, and does not specialise floats; the type tells True from 1 and 1.0).
+Every kernel takes its tensors first (`*_ptr`), then its scalars, then its constexprs.
 
 This is at least as fine as Triton's own specialisation, so a kept build is the one Triton would launch for these
 arguments; `tests/kernels/test_direct.py` checks that against Triton's binder for a CUDA target.
@@ -29,7 +30,10 @@ stub return a stand-in build.
 
 from __future__ import annotations
 
+import inspect
 import os
+from functools import reduce
+from operator import attrgetter, or_
 
 import torch
 from triton.runtime.jit import JITFunction
@@ -41,12 +45,30 @@ KINDS: tuple = (JITFunction,)  # kernel types whose builds are kept (the host-ti
 
 _builds: dict = {}  # (id(kernel), Launch, device, arg_key) -> (build, 3-d grid, constexprs after the runtime args)
 _device = None  # the active driver's get_current_device, bound at first use
+_pointers: dict = {}  # id(kernel) -> its leading pointer parameters (`pointer_count`)
+_data_ptr, _dtype = torch.Tensor.data_ptr, attrgetter("dtype")
 
 
-def arg_key(args: tuple) -> tuple:
-    """The runtime arguments' specialisation, at least as fine as Triton's (see the module doc)."""
-    return tuple([(a.dtype, not a.data_ptr() & 15) if isinstance(a, torch.Tensor)
-                  else (type(a), a) if type(a) in (int, bool) else type(a) for a in args])
+def arg_key(args: tuple, n_ptr: int) -> tuple:
+    """The specialisation of runtime `args` (`n_ptr` tensors, then scalars), at least as fine as Triton's (see the
+    module doc): the tensors' dtypes and 16-byte alignment (one flag when all are aligned), the scalars' values and
+    types. Built with C-level maps: it runs per launch."""
+    tensors, scalars = args[:n_ptr], args[n_ptr:]
+    ptrs = list(map(_data_ptr, tensors))
+    aligned = True if not reduce(or_, ptrs, 0) & 15 else tuple([not p & 15 for p in ptrs])
+    return tuple(map(_dtype, tensors)), aligned, scalars, tuple(map(type, scalars))
+
+
+def pointer_count(kernel) -> int:
+    """How many leading parameters of `kernel` are pointers (named `*_ptr`: tensors); the rest are scalars and
+    constexprs (checked for every kernel by `tests/kernels/test_direct.py`)."""
+    n = _pointers.get(id(kernel))
+    if n is None:
+        names = list(inspect.signature(kernel.fn).parameters)
+        n = _pointers[id(kernel)] = next((i for i, name in enumerate(names) if not name.endswith("_ptr")), len(names))
+        if any(name.endswith("_ptr") for name in names[n:]):
+            raise TypeError(f"{kernel.fn.__name__}: pointer parameters must come first")
+    return n
 
 
 def current_device() -> int:
@@ -66,7 +88,8 @@ def takes(kernel) -> bool:
 
 def launch(kernel, plan, args: tuple) -> None:
     """`kernel[plan.grid](*args, **plan.kwargs)`, through a kept build when there is one."""
-    key = (id(kernel), plan, current_device(), arg_key(args))  # id: a JITFunction hashes its source key
+    # id(kernel): a JITFunction's own hash reads its source key under a lock
+    key = (id(kernel), plan, current_device(), arg_key(args, pointer_count(kernel)))
     kept = _builds.get(key)
     if kept is not None:
         build, grid, tail = kept

@@ -34,7 +34,7 @@ from amole_compile.kernels.plans import Launch
 BACKEND = make_backend(GPUTarget("cuda", 90, 32))
 
 
-def _probe(p, i, f, b):  # a kernel's parameters of each runtime kind (never compiled)
+def _probe(p_ptr, q_ptr, s, t):  # a kernel's runtime parameters: pointers first, then scalars (never compiled)
     pass
 
 
@@ -42,10 +42,10 @@ PROBE = JITFunction(_probe)
 PROBE_BINDER = create_function_from_signature(PROBE.signature, PROBE.params, BACKEND)
 
 
-def triton_spec(p, i, f, b) -> list:
-    """Triton's specialisation of each argument, for a CUDA sm_90 target."""
-    _, spec, _ = PROBE_BINDER(p, i, f, b)
-    return [tuple(s) if isinstance(s, (tuple, list)) else s for s in spec]
+def triton_spec(*args) -> tuple:
+    """Triton's specialisation of the probe's arguments, for a CUDA sm_90 target."""
+    _, spec, _ = PROBE_BINDER(*args)
+    return tuple(tuple(s) if isinstance(s, (tuple, list)) else s for s in spec)
 
 
 def tensors() -> list[torch.Tensor]:
@@ -60,35 +60,55 @@ def tensors() -> list[torch.Tensor]:
 INTS = [0, 1, 2, 3, 15, 16, 17, 32, 48, -1, -16, 2**31 - 16, 2**31 - 1, 2**31, 2**32, 2**63 - 16, 2**63,
         2**64 - 16]
 FLOATS = [0.0, 1.0, 0.5, 16.0, -3.25, 1e30]
+SCALARS = INTS + FLOATS + [True, False]
 
 
-def assert_function_of_key(values: list, position: int) -> None:
-    """Arguments with equal `arg_key` have equal Triton specialisations at `position` of the probe."""
+def assert_key_decides(arg_lists) -> None:
+    """Argument lists of the probe with equal `arg_key` have equal Triton specialisations."""
     seen: dict = {}
-    fill = [torch.zeros(4), 0, 0.0, False]
-    for v in values:
-        args = fill[:position] + [v] + fill[position + 1:]
-        key, spec = direct.arg_key((v,)), triton_spec(*args)[position]
-        assert seen.setdefault(key, spec) == spec, (v, key, seen[key], spec)
+    for args in arg_lists:
+        key, spec = direct.arg_key(tuple(args), direct.pointer_count(PROBE)), triton_spec(*args)
+        assert seen.setdefault(key, spec) == spec, (args, key, seen[key], spec)
 
 
 def test_key_is_at_least_as_fine_as_tritons_specialisation():
-    pool = tensors() + INTS + FLOATS + [True, False]
-    for position in range(4):  # each kind of parameter, given every kind of value
-        assert_function_of_key(pool, position)
-    # the check has teeth: Triton tells these apart, so a key of type only would fail it
-    assert triton_spec(torch.zeros(4), 1, 0.0, False)[1] != triton_spec(torch.zeros(4), 2, 0.0, False)[1]
-    assert triton_spec(torch.zeros(4), 16, 0.0, False)[1] != triton_spec(torch.zeros(4), 17, 0.0, False)[1]
-    aligned, unaligned = torch.zeros(8), torch.zeros(8)[1:]
-    assert triton_spec(aligned, 0, 0.0, False)[0] != triton_spec(unaligned, 0, 0.0, False)[0]
-    assert direct.arg_key((aligned,)) != direct.arg_key((unaligned,))
-    assert direct.arg_key((1,)) != direct.arg_key((True,)) != direct.arg_key((1.0,))
+    assert direct.pointer_count(PROBE) == 2
+    pool = tensors()
+    assert_key_decides([a, b, 0, 0.0] for a in pool for b in pool)  # both tensors: dtypes, each's alignment
+    assert_key_decides([pool[0], pool[0], v, w] for v in SCALARS for w in SCALARS)  # scalars of every kind
+    # the check has teeth: Triton tells these apart, so a key that did not would fail it
+    t = torch.zeros(8)
+    for a, b in ((1, 2), (16, 17), (1, True), (1, 1.0), (2**31 - 1, 2**31)):
+        assert triton_spec(t, t, a, 0) != triton_spec(t, t, b, 0)
+        assert direct.arg_key((t, t, a, 0), 2) != direct.arg_key((t, t, b, 0), 2)
+    assert triton_spec(t, t[1:], 0, 0) != triton_spec(t, t[4:], 0, 0) != triton_spec(t[1:], t[4:], 0, 0)
 
 
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.integers(-(2**63), 2**64 - 1), min_size=2, max_size=6))
 def test_ints_of_one_key_specialise_alike(values):
-    assert_function_of_key(values, 1)
+    t = torch.zeros(4)
+    assert_key_decides([t, t, v, 0] for v in values)
+
+
+def test_every_kernel_takes_its_tensors_first():
+    """`pointer_count`'s convention, over the launches of every method, dtype and dropout setting: the `*_ptr`
+    arguments are tensors and come first, the rest are ints, floats or bools."""
+    cases = [aot.Case(dt, m, e, 4, p) for dt in ("bfloat16", "float32") for m, e in (("adamole", 8), ("mole", 4),
+                                                                                      ("lora", 1)) for p in (0, 1)]
+    seen = set()
+    for spec in aot.specialisations(cases):
+        n = direct.pointer_count(spec.kernel)
+        assert all(isinstance(a, torch.Tensor) for a in spec.args[:n]), spec.kernel.fn.__name__
+        assert all(type(a) in (int, float, bool) for a in spec.args[n:]), spec.kernel.fn.__name__
+        seen.add(spec.kernel.fn.__name__)
+    assert len(seen) == 7
+
+    def bad(x_ptr, n, y_ptr):
+        pass
+
+    with pytest.raises(TypeError, match="pointer parameters must come first"):
+        direct.pointer_count(JITFunction(bad))
 
 
 def _recorded() -> list[tuple[JITFunction, aot.Spec]]:
