@@ -166,8 +166,6 @@ def _patched_run(orig):
         counter = _active[-1]
         if counter is None:  # stubbed
             return None
-        if isinstance(counter, Dispatch):  # stubbed, charged Triton's dispatch
-            return counter.launch(self, args, kwargs)
 
         def go():
             return orig(self, *args, grid=grid, warmup=warmup, **kwargs)
@@ -188,12 +186,10 @@ def _kernel_classes() -> list:
 
 
 @contextlib.contextmanager
-def triton_hooked(counter: Counter | None, dispatch: bool = False):
+def triton_hooked(counter: Counter | None):
     """Within: Triton launches report to `counter` (recorded, run when `counter.run_kernels`), or are skipped
     entirely when `counter` is None (stubbed: no recording, for host-time measurements). Every launch goes
-    through the hooked `run` (`kernels/direct.py` keeps no builds), unless `dispatch`: then a stubbed launch
-    costs what Triton's dispatch costs on a GPU host (`Dispatch`) and returns a stand-in build, which `direct`
-    keeps and calls (doing nothing) where it is on. Yields `counter`, or the `Dispatch`."""
+    through the hooked `run`: `kernels/direct.py` keeps no builds meanwhile."""
     from amole_compile.kernels import direct
 
     saved = []
@@ -201,66 +197,15 @@ def triton_hooked(counter: Counter | None, dispatch: bool = False):
         if not getattr(cls.run, "_amole_counting", False):
             saved.append((cls, cls.run))
             cls.run = _patched_run(cls.run)
-    old = direct.ENABLED, direct.KINDS, direct._device, direct._builds.copy()
-    if dispatch:
-        direct.KINDS = tuple(_kernel_classes())
-        direct._device = lambda: 0
-    else:
-        direct.ENABLED = False
-    direct.clear()
-    _active.append(Dispatch() if dispatch else counter)
+    enabled, direct.ENABLED = direct.ENABLED, False
+    _active.append(counter)
     try:
-        yield _active[-1]
+        yield counter
     finally:
         _active.pop()
-        direct.ENABLED, direct.KINDS, direct._device = old[:3]
-        direct.clear()
-        direct._builds.update(old[3])
+        direct.ENABLED = enabled
         for cls, orig in saved:
             cls.run = orig
-
-
-class Dispatch:
-    """The host work of `JITFunction.run` before it launches a build (triton 3.6 / 3.9): the option knobs, the
-    binder's per-argument specialisation (`native_specialize_impl`) for a CUDA sm_90 target, the cache key and its
-    lookup. What it shares with a kept build's call (device and stream lookups, launch metadata, the C launcher)
-    is charged to neither: a stubbed launch of either kind costs only what the two paths do differently."""
-
-    def __init__(self) -> None:
-        from triton.backends.compiler import GPUTarget
-        from triton.compiler import make_backend
-
-        self.backend = make_backend(GPUTarget("cuda", 90, 32))
-        self.binders: dict = {}  # id(kernel) -> (binder, key cache, build cache)
-        self.runs = 0  # launches that went through JITFunction.run
-
-    def launch(self, kernel, args, kwargs):
-        from triton import knobs
-        from triton.runtime.jit import JITFunction, compute_cache_key, create_function_from_signature
-
-        self.runs += 1
-        kwargs["debug"] = kwargs.get("debug", False) or knobs.runtime.debug
-        kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
-        entry = self.binders.get(id(kernel))
-        if entry is None:
-            jit = kernel if isinstance(kernel, JITFunction) else JITFunction(kernel.fn)
-            entry = self.binders[id(kernel)] = (
-                create_function_from_signature(jit.signature, jit.params, self.backend), {}, {})
-        binder, key_cache, builds = entry
-        _, specialization, options = binder(*args, **kwargs)
-        key = compute_cache_key(key_cache, specialization, options)
-        return builds.setdefault(key, _StandInBuild())
-
-
-class _StandInBuild:
-    """A build that launches nothing: `build[grid](*args)`."""
-
-    def __getitem__(self, grid):
-        return _nothing
-
-
-def _nothing(*args) -> None:
-    return None
 
 
 @contextlib.contextmanager

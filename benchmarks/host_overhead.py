@@ -13,18 +13,20 @@ kernels run in the interpreter so that the overwrite check can look at their out
 Host-time ratio: a Llama (hidden 64, 4 layers, seq 8, batch 2, bf16) training step, AdaMoLE (`transform`) over
 PEFT LoRA r=32, Triton launches stubbed, process CPU time on one torch thread, alternating (which runs first
 alternates too), the median of the per-pair ratios; and the same without AdamW (forward, backward, zero_grad).
-A stubbed launch costs nothing there. Then the step again with each stubbed launch charged the host work of
-Triton's dispatch (`_counting.Dispatch`: `JITFunction.run`'s binder and cache key for a CUDA target), launched
-through `JITFunction.run` every time, and through `kernels/direct.py`'s kept builds (issue 21: "compiled kernels
-launched without Triton's Python dispatch").
+A stubbed launch costs nothing there. Then the step again in a subprocess with the kernels compiled for sm_90 and
+Triton's own host path run up to its C launcher (`_triton_host.py`: the driver stood in for), launched through
+`JITFunction.run` every time, and through `kernels/direct.py`'s kept builds (issue 21: "compiled kernels launched
+without Triton's Python dispatch").
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -195,16 +197,56 @@ def host_ratio(steps: int, warmup: int = 3) -> dict:
                 counts[k] = c.summary()
             times, ratio = paired(fns["amole"][0], fns["peft lora"][0], steps, warmup)
             pass_times, pass_ratio = paired(fns["amole"][2], fns["peft lora"][2], steps, warmup)
-        dispatch = {}
-        with cpu_triton(), triton_hooked(None, dispatch=True):
-            for name, on in (("JITFunction.run", False), ("direct", True)):
-                with mock.patch.object(direct, "ENABLED", on):
-                    dispatch[name] = paired(fns["amole"][0], fns["peft lora"][0], steps, warmup)
     finally:
         torch.set_num_threads(threads)
     return {"times": {"amole": times[0], "peft lora": times[1]}, "ratio": ratio, "counts": counts,
             "passes": {"amole": pass_times[0], "peft lora": pass_times[1]}, "passes ratio": pass_ratio,
-            "dispatch": dispatch}
+            "triton host path": triton_host_path(steps, warmup)}
+
+
+def triton_host_path(steps: int, warmup: int = 3) -> dict:
+    """The step ratio again with Triton's own host path run (`_triton_host.py`: the driver stood in for, its C
+    launcher not run), in a subprocess whose kernels are compiled (for sm_90): launched through `JITFunction.run`
+    every time, and through kept builds (`kernels/direct.py`). -> {"JITFunction.run": [[amole s, peft s], ratio],
+    "direct": ..., "runs": JITFunction.run calls of a cold step, the next step, and a step with direct off}."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, __file__, "--triton-host-path", str(steps), str(warmup)], env=env,
+                          capture_output=True, text=True, timeout=1200)
+    if proc.returncode:
+        raise RuntimeError(f"the Triton host path measurement failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _triton_host_path_here(steps: int, warmup: int) -> dict:
+    from _triton_host import use_stand_in_driver
+    from triton.runtime.jit import JITFunction
+
+    use_stand_in_driver()
+    torch.set_num_threads(1)
+    torch.set_flush_denormal(True)
+    with cpu_triton():
+        fns, _ = step_models()
+    step, peft = fns["amole"][0], fns["peft lora"][0]
+    runs: list = []
+    run = JITFunction.run
+
+    def counted(self, *args, **kwargs):
+        runs.append(self)
+        return run(self, *args, **kwargs)
+
+    with cpu_triton():
+        with mock.patch.object(JITFunction, "run", counted):
+            counts = []
+            for on in (True, True, False):  # cold, warm, and warm with kept builds off
+                runs.clear()
+                with mock.patch.object(direct, "ENABLED", on):
+                    step()
+                counts.append(len(runs))
+        out = {"runs": dict(zip(("cold", "warm", "off"), counts, strict=True))}
+        for name, on in (("JITFunction.run", False), ("direct", True)):
+            with mock.patch.object(direct, "ENABLED", on):
+                out[name] = paired(step, peft, steps, warmup)
+    return out
 
 
 def paired(a, b, steps: int, warmup: int) -> tuple[tuple[float, float], float]:
@@ -227,7 +269,12 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=64, help="D = O of the per-site counts")
     ap.add_argument("--steps", type=int, default=30, help="timed steps of the host-time ratio")
     ap.add_argument("--no-run-kernels", action="store_true", help="stub the kernels (no overwrite check)")
+    ap.add_argument("--triton-host-path", nargs=2, type=int, metavar=("STEPS", "WARMUP"),
+                    help=argparse.SUPPRESS)  # internal: `triton_host_path`'s subprocess
     args = ap.parse_args()
+    if args.triton_host_path:
+        print(json.dumps(_triton_host_path_here(*args.triton_host_path)))
+        return
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton defines the kernels: they run on CPU tensors
     run = not args.no_run_kernels and kernels_interpreted()
     counts = {name: count_site(name, args.tokens, args.dim, run_kernels=run).summary() for name in SITES}
@@ -248,9 +295,12 @@ def main() -> None:
     passes = host["passes"]
     print(f"the same without AdamW (forward, backward, zero_grad): amole {passes['amole'] * 1e3:.2f} ms, "
           f"peft lora {passes['peft lora'] * 1e3:.2f} ms, median ratio {host['passes ratio']:.2f}x")
-    for name, ((amole, peft), r) in host["dispatch"].items():
-        print(f"with Triton's dispatch charged, launched through {name}: amole {amole * 1e3:.2f} ms, "
-              f"peft lora {peft * 1e3:.2f} ms, median ratio {r:.2f}x")
+    triton_path = host["triton host path"]
+    for name in ("JITFunction.run", "direct"):
+        (amole, peft), r = triton_path[name]
+        print(f"with Triton's host path run (driver stood in for), launched through {name}: amole "
+              f"{amole * 1e3:.2f} ms, peft lora {peft * 1e3:.2f} ms, median ratio {r:.2f}x")
+    print(f"JITFunction.run calls per step: {triton_path['runs']}")
     keys = ("aten", "triton", "launches", "allocs", "syncs")
     print("fwd + bwd of that step:")
     print(bc.table([[n] + [c[k] for k in keys] for n, c in host["counts"].items()], ["model"] + list(keys)))
@@ -262,9 +312,10 @@ def main() -> None:
     row.update({"step amole ms": round(times["amole"] * 1e3, 3), "step peft ms": round(times["peft lora"] * 1e3, 3),
                 "step ratio": round(ratio, 3), "passes amole ms": round(passes["amole"] * 1e3, 3),
                 "passes peft ms": round(passes["peft lora"] * 1e3, 3), "passes ratio": round(host["passes ratio"], 3)})
-    for name, ((amole, _), r) in host["dispatch"].items():
-        row.update({f"step dispatch {name} amole ms": round(amole * 1e3, 3),
-                    f"step dispatch {name} ratio": round(r, 3)})
+    for name in ("JITFunction.run", "direct"):
+        (amole, _), r = triton_path[name]
+        row.update({f"step triton path {name} amole ms": round(amole * 1e3, 3),
+                    f"step triton path {name} ratio": round(r, 3)})
     for name, c in host["counts"].items():
         row.update({f"step {name} {k}": c[k] for k in ("launches", "allocs", "syncs")})
     print(f"appended to {bc.append_row('host_overhead', row)}")

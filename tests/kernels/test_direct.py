@@ -16,7 +16,6 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -239,29 +238,6 @@ def test_kept_builds_compute_what_jit_run_computes_on_a_gpu(monkeypatch):
     direct.clear()
 
 
-class _FakeDriver:
-    """Triton's active driver, as far as JITFunction.run, a build's loading and its launcher ask it: the builds are
-    compiled for real (sm_90), the launcher records its call instead of launching (no GPU here)."""
-
-    def __init__(self) -> None:
-        self.launched: list = []
-        self.utils = SimpleNamespace(get_device_properties=lambda device: {"max_shared_mem": 232448},
-                                     load_binary=lambda *a: ("module", "function-handle", 32, 0, 1024),
-                                     unload_module=lambda module: None)
-
-    def get_current_device(self):
-        return 0
-
-    def get_current_stream(self, device):
-        return 1234
-
-    def get_current_target(self):
-        return GPUTarget("cuda", 90, 32)
-
-    def launcher_cls(self, src, metadata):
-        return lambda *args: self.launched.append(args)
-
-
 @pytest.mark.slow
 def test_a_real_build_is_launched_as_jit_run_launches_it():
     """A kernel's first launch through the real `JITFunction.run` (which compiles it for sm_90 on this CPU) and its
@@ -278,11 +254,10 @@ def test_a_real_build_is_launched_as_jit_run_launches_it():
 
 def real_build_check() -> None:
     """The body of the test above, with the kernels compiled (not interpreted)."""
-    from triton.runtime.driver import driver
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    from _triton_host import use_stand_in_driver
 
-    fake = _FakeDriver()
-    driver.set_active(fake)
-    direct._device = fake.get_current_device
+    stand_in = use_stand_in_driver(record=True)
     direct.clear()
     for name, grid in (("_bwd_reduce_kernel", (7,)), ("_fwd_kernel", (3, 2))):
         kernel, spec = next(r for r in _recorded() if r[0].fn.__name__ == name)
@@ -291,9 +266,9 @@ def real_build_check() -> None:
         for _ in range(3):  # JITFunction.run, then the kept build twice
             triton_common.launch(kernel, plan, spec.args, wrap=False)
         assert len(direct._builds) == 1 + (name == "_fwd_kernel")
-        first, *kept = fake.launched
+        first, *kept = stand_in.launched
         assert first[:3] == (*grid, *(1,) * (3 - len(grid))) and len(kept) == 2
         for call in kept:
             assert len(call) == len(first) and type(call[6]) is type(first[6])  # launch metadata: made per call
             assert all(a is b or a == b for i, (a, b) in enumerate(zip(call, first, strict=True)) if i != 6)
-        fake.launched.clear()
+        stand_in.launched.clear()
