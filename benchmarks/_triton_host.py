@@ -35,7 +35,7 @@ class StandInDriver:
     def __init__(self, record: bool = False) -> None:
         self.launches, self.record, self.launched = 0, record, []
         self.utils = SimpleNamespace(get_device_properties=lambda device: {"max_shared_mem": 232448},
-                                     load_binary=lambda *a: (None, 0, 32, 0, 1024),
+                                     load_binary=lambda *a: (self, 0, 32, 0, 1024),  # a module: loaded once
                                      unload_module=lambda module: None)
 
     def get_current_device(self) -> int:
