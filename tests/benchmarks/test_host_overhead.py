@@ -103,6 +103,7 @@ def test_counter_rules():
     assert len(c.allocs) == 4  # empty, the mask, the dropped output, the sum
 
 
+@pytest.mark.slow
 def test_warm_launches_skip_tritons_dispatch():
     """With Triton's own host path run (the kernels compiled for sm_90, the driver stood in for: `_triton_host.py`),
     a warm training step of the tiny Llama launches every kernel through a kept build (`kernels/direct.py`): no
