@@ -1,10 +1,10 @@
 """Kernel launches without Triton's Python dispatch (issue 21).
 
-Every `kernel[grid](*args)` runs `JITFunction.run` on the host: a binder that specialises each argument, a cache
-key built from that specialisation and `str` of the options, a lookup, and then the launch of the build found.
-Measured with a CUDA backend on this repo's kernels, the binder and the key alone cost about as much host time as
-the rest of a site's launcher (`benchmarks/host_overhead.py`, "Triton dispatch"); a site makes 7 such launches per
-training step.
+Every `kernel[grid](*args)` runs `JITFunction.run` on the host: option knobs, a binder that specialises each
+argument, a cache key built from that specialisation and `str` of the options, a lookup, then the launch of the
+build found. A site makes 7 such launches per training step. Run up to Triton's C launcher on a CPU
+(`benchmarks/_triton_host.py`), they took the tiny Llama step of `benchmarks/host_overhead.py` from 1.54x PEFT
+LoRA (launches free) to 1.81-1.85x; through kept builds it is 1.62-1.65x.
 
 Here a launch's first call still goes through `JITFunction.run`, which compiles (or finds) the build and returns
 it. The build is kept under a key of our own, and later launches with the same key call it directly,
@@ -24,8 +24,8 @@ arguments; `tests/kernels/test_direct.py` checks that against Triton's binder fo
 Relies on `JITFunction.run` returning the build it launched and on `CompiledKernel.__getitem__(grid)` (triton
 3.6.0 and 3.9.0 checked: the same code in both). AMOLE_DIRECT_LAUNCH=0 launches through `JITFunction.run`
 every time. Not used when the call is traced (inductor launches the kernels itself) or under Triton's
-interpreter; a test or benchmark that hooks `JITFunction.run` turns it off (`benchmarks/_counting.py`), or has its
-stub return a stand-in build.
+interpreter; a test or benchmark that hooks `JITFunction.run` to count launches turns it off
+(`benchmarks/_counting.py`).
 """
 
 from __future__ import annotations
@@ -40,8 +40,6 @@ from triton.runtime.jit import JITFunction
 
 ENABLED = os.environ.get("AMOLE_DIRECT_LAUNCH", "1") != "0"
 MAX_BUILDS = 4096  # kept builds; past it the table starts over (a build is only a handle: Triton keeps its own)
-
-KINDS: tuple = (JITFunction,)  # kernel types whose builds are kept (the host-time benchmark adds its stand-in)
 
 _builds: dict = {}  # (id(kernel), Launch, device, arg_key) -> (build, 3-d grid, constexprs after the runtime args)
 _device = None  # the active driver's get_current_device, bound at first use
@@ -83,7 +81,7 @@ def current_device() -> int:
 
 def takes(kernel) -> bool:
     """Is `kernel` launched through here (on, and a kernel Triton builds for a GPU: not interpreted)?"""
-    return ENABLED and type(kernel) in KINDS
+    return ENABLED and type(kernel) is JITFunction
 
 
 def launch(kernel, plan, args: tuple) -> None:
@@ -106,8 +104,6 @@ def launch(kernel, plan, args: tuple) -> None:
 def constexpr_tail(kernel, plan, args: tuple) -> tuple:
     """The values `JITFunction.run` passes its build after the runtime `args`: the signature's remaining
     parameters (all constexprs), from the plan or their defaults."""
-    if not isinstance(kernel, JITFunction):  # a stand-in kind: its function's signature
-        kernel = JITFunction(kernel.fn)
     bound = kernel.signature.bind(*args, **plan.constexprs)
     bound.apply_defaults()
     values = tuple(bound.arguments.values())
