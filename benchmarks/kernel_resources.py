@@ -1,5 +1,5 @@
 """Registers, shared memory and spills of every Triton kernel specialisation the launchers produce, compiled ahead
-of time for sm_80 (A100) and sm_90 (H100) on this machine (no GPU needed): `amole_compile/kernels/aot.py`.
+of time for sm_80 (A100) and sm_90 (H100) on this machine (no GPU needed): `amole_compile/kernels/_aot.py`.
 
     python benchmarks/kernel_resources.py [--dtypes float32,bfloat16,float16] [--methods adamole,mole,lora]
                                           [--experts 1,2,4,8,16] [--ranks 1,4,8,16,32,64] [--archs 80,90]
