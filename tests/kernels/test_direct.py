@@ -191,6 +191,19 @@ def test_first_launch_goes_through_jit_run_later_ones_call_the_build(fake_kernel
     assert [c[0] for c in calls] == ["run", "run"]
 
 
+def test_a_full_table_starts_over(fake_kernel, monkeypatch):
+    kernel, plan, args, calls = fake_kernel
+    monkeypatch.setattr(direct, "MAX_BUILDS", 2)
+    plans = [Launch(plan.grid, plan.constexprs, plan.blk) for _ in range(3)]
+    for p in plans:  # the third build finds the table full: it starts over with that one
+        triton_common.launch(kernel, p, args, wrap=False)
+    assert len(direct._builds) == 1 and [c[0] for c in calls] == ["run"] * 3
+    calls.clear()
+    for p in plans[::-1]:
+        triton_common.launch(kernel, p, args, wrap=False)
+    assert [c[0] for c in calls] == ["build", "run", "run"]
+
+
 def test_off_hooked_or_traced_launches_go_through_jit_run(fake_kernel, monkeypatch):
     kernel, plan, args, calls = fake_kernel
     monkeypatch.setattr(direct, "ENABLED", False)
