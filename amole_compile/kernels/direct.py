@@ -21,6 +21,9 @@ Every kernel takes its tensors first (`*_ptr`), then its scalars, then its const
 This is at least as fine as Triton's own specialisation, so a kept build is the one Triton would launch for these
 arguments; `tests/kernels/test_direct.py` checks that against Triton's binder for a CUDA target.
 
+A kept build skips what else `JITFunction.run` checks per call: that the globals a kernel reads have not changed
+since its build (ours read only the method codes, constants) and the debug knob (read when the build is made).
+
 Relies on `JITFunction.run` returning the build it launched and on `CompiledKernel.__getitem__(grid)` (triton
 3.6.0 and 3.9.0 checked: the same code in both). AMOLE_DIRECT_LAUNCH=0 launches through `JITFunction.run`
 every time. Not used when the call is traced (inductor launches the kernels itself) or under Triton's
