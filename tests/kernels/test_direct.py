@@ -256,8 +256,9 @@ def test_a_real_build_is_launched_as_jit_run_launches_it():
     """A kernel's first launch through the real `JITFunction.run` (which compiles it for sm_90 on this CPU) and its
     second through the kept build reach the build's C launcher with the same arguments: grid padded to 3 dims,
     stream, function, packed metadata, launch metadata, hooks, the bound arguments; for a plan's 1-D grid (a build's
-    launcher reads grid[0..2] unpadded) and a 2-D one. In a subprocess: this session's Triton runs its interpreter,
-    which cannot compile."""
+    launcher reads grid[0..2] unpadded) and a 2-D one. And the kernels read no global but constants (a kept build
+    skips JITFunction.run's check of them). In a subprocess: this session's Triton runs its interpreter, which
+    cannot compile."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     script = f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import test_direct; " \
              "test_direct.real_build_check(); print('ok')"
@@ -285,3 +286,10 @@ def real_build_check() -> None:
             assert len(call) == len(first) and type(call[6]) is type(first[6])  # launch metadata: made per call
             assert all(a is b or a == b for i, (a, b) in enumerate(zip(call, first, strict=True)) if i != 6)
         stand_in.launched.clear()
+    # a kept build skips JITFunction.run's per-call check that the globals a kernel reads are unchanged since its
+    # build: the kernels may read only constants (the method codes)
+    for kernel, _ in _recorded():
+        kernel.cache_key  # noqa: B018  (works out used_global_vals)
+        names = {name for name, _ in kernel.used_global_vals}
+        assert names <= {"ADAMOLE_CODE", "LORA_CODE"}, (kernel.fn.__name__, names)
+
