@@ -7,7 +7,7 @@ step, AdaMoLE against LoRA, each contender side by side in one run.
 layer   D x T = 4096 x 8192 and 1024 x 2048, bf16: frozen linear, + LoRA(32) (plain torch), + AdaMoLE (E=8 r=4,
         dropout 0.05) on the Triton path and on the torch path (`AdaMoLEConfig.kernels`). Per contender: wall ms
         (median, synchronised), host enqueue ms (issuing fwd + bwd, no sync), the torch profiler's CUDA ms and
-        kernel count for one fwd + bwd.
+        kernel count for one fwd + bwd, and its 8 costliest kernels by name (which to tune first).
 train   Llama h2048, 8 layers, 16 heads, intermediate 5632, vocab 32000, seq 1024, batch 4, bf16 (from LlamaConfig,
         no download): AdaMoLE (transform, E=8 r=4 on q, k, v, o) against PEFT LoRA r=32 (or a plain-torch LoRA
         when peft is missing), eager, torch.compile and torch.compile(mode="reduce-overhead") of each decoder layer
@@ -115,10 +115,11 @@ def host_ms(fn, device: str, reps: int) -> float:
     return sorted(times)[len(times) // 2] * 1e3
 
 
-def profiled(fn, device: str) -> tuple[float | None, int | None]:
-    """(CUDA ms, kernels) of one call under torch.profiler; (None, None) on CPU."""
+def profiled(fn, device: str) -> tuple[float | None, int | None, str | None]:
+    """(CUDA ms, kernels, the costliest kernels as "name=µs ...") of one call under torch.profiler; Nones on
+    CPU. The breakdown says which of the op's kernels to tune first."""
     if not device.startswith("cuda"):
-        return None, None
+        return None, None, None
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -126,7 +127,16 @@ def profiled(fn, device: str) -> tuple[float | None, int | None]:
         fn()
         bc.sync(device)
     kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
-    return sum(e.time_range.elapsed_us() for e in kernels) / 1e3, len(kernels)
+    return sum(e.time_range.elapsed_us() for e in kernels) / 1e3, len(kernels), top_kernels(kernels)
+
+
+def top_kernels(events, n: int = 8) -> str:
+    """The n kernels of most CUDA time, by name (summed over launches): "name=µs ..." (names cut to 40)."""
+    by_name: dict[str, float] = {}
+    for e in events:
+        by_name[e.name] = by_name.get(e.name, 0.0) + e.time_range.elapsed_us()
+    top = sorted(by_name.items(), key=lambda kv: -kv[1])[:n]
+    return " ".join(f"{name[:40].replace(' ', '_')}={us:.0f}" for name, us in top)
 
 
 def layer_section(sizes, device: str, dtype, budget: Budget, steps: int) -> list[dict]:
@@ -151,10 +161,10 @@ def layer_size(d: int, t: int, device: str, dtype, steps: int) -> list[dict]:
     wall = bc.interleaved(fns, steps, 3, device)
     rows = []
     for name, fn in fns.items():
-        cuda_ms, kernels = profiled(fn, device)
+        cuda_ms, kernels, top = profiled(fn, device)
         rows.append({"section": "layer", "D": d, "T": t, "contender": name, "wall ms": wall[name] * 1e3,
                      "host ms": host_ms(fn, device, steps), "cuda ms": cuda_ms, "kernels": kernels,
-                     "x lora32": wall[name] / wall["+ lora32"]})
+                     "x lora32": wall[name] / wall["+ lora32"], "top kernels us": top})
     return rows
 
 
@@ -384,8 +394,11 @@ def main() -> None:
     for section in ("launch", "layer", "train"):
         part = [r for r in rows if r["section"] == section]
         if part:
-            keys = [k for k in part[0] if k != "section"]
+            keys = [k for k in part[0] if k not in ("section", "top kernels us")]
             print(bc.table([[fmt(r.get(k)) for k in keys] for r in part], keys), "\n")
+    for r in rows:
+        if r.get("top kernels us"):
+            print(f"costliest kernels, layer {r['D']}x{r['T']} {r['contender']} (µs): {r['top kernels us']}")
     for note in budget.notes:
         print("note:", note)
     print(f"{result['device']}, {result['seconds']:.0f} s; wrote", ", ".join(map(str, write(result, rows, args.out))))

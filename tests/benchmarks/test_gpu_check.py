@@ -45,3 +45,19 @@ def test_compiled_training_rows_hold_the_torch_path_contender(tmp_path):
     train = [(r["mode"], r["contender"]) for r in result["rows"] if r["section"] == "train"]
     assert [c for _, c in train][:2] == ["amole", "amole torch path"] and len(train) == 3, train
     assert {m for m, _ in train} == {"compile"} and not result["notes"], result["notes"]
+
+
+def test_top_kernels_sums_launches_by_name_and_keeps_the_costliest():
+    """The layer rows' breakdown on a GPU (profiler events stood in for): per kernel name, its launches summed."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from types import SimpleNamespace
+
+    from gpu_check import top_kernels
+
+    def event(name: str, us: float):
+        return SimpleNamespace(name=name, time_range=SimpleNamespace(elapsed_us=lambda: us))
+
+    events = [event("_fwd_kernel", 10.0), event("sm90 gemm bf16", 100.0), event("_fwd_kernel", 5.0),
+              event("_bwd_input_kernel", 1.0)]
+    assert top_kernels(events) == "sm90_gemm_bf16=100 _fwd_kernel=15 _bwd_input_kernel=1"
+    assert top_kernels(events, n=1) == "sm90_gemm_bf16=100"
