@@ -7,6 +7,7 @@ Legend: T tokens, D in_features, O out_features (of the role), E experts, R rank
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -311,12 +312,9 @@ class AdapterGroup(nn.ModuleDict):
     def add_role(self, role: str, x: Tensor, y: Tensor) -> Tensor:
         """x [..., D], y [..., O_role] (this projection's output columns of `role`, in order) -> y + that role's
         delta (autocast as in `add_to`)."""
-        site = self[role]
-        if torch.is_autocast_enabled(x.device.type):
-            with torch.autocast(x.device.type, enabled=False):
-                delta = site(x.reshape(-1, self.in_features).to(self.adapter_dtype), lead=x.shape[:-1])
-        else:
-            delta = site(x.reshape(-1, self.in_features).to(self.adapter_dtype), lead=x.shape[:-1])
+        autocast = torch.is_autocast_enabled(x.device.type)
+        with torch.autocast(x.device.type, enabled=False) if autocast else contextlib.nullcontext():
+            delta = self[role](as_dtype(x, self.adapter_dtype), lead=x.shape[:-1])  # [..., O_role]; the op flattens
         return y + delta.view_as(y).to(y.dtype)
 
     def _add_to(self, x: Tensor, y: Tensor, autocast: bool = False) -> Tensor:
