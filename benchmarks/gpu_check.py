@@ -184,12 +184,12 @@ def launch_section(device: str, budget: Budget, reps: int) -> list[dict]:
     n = 4096 if device.startswith("cuda") else 256
     src, dst = torch.zeros(n, device=device), torch.empty(n, device=device)  # [n] float32
 
-    def triton_launch() -> None:  # grad_A = the one split of `src`; no router rows, no threshold bias
-        _bwd_reduce_kernel[(n // 256,)](src, src, src, dst, src, src, src, 1, n, 0, 0, 1, 0, BLOCK=256,
-                                        num_warps=4, num_stages=1)
-
+    # grad_A = the one split of `src`; no router rows, no threshold bias
     plan = Launch((n // 256,), {"BLOCK": 256}, Blocks(bt=1, bd=256, num_warps=4, num_stages=1))
     args = (src, src, src, dst, src, src, src, 1, n, 0, 0, 1, 0)
+
+    def triton_launch() -> None:  # Triton's own dispatch every call
+        _bwd_reduce_kernel[plan.grid](*args, **plan.kwargs)
 
     def kept_build() -> None:  # as the eager op launches: a kept build after the first (`direct`; not interpreted)
         triton_common.launch(_bwd_reduce_kernel, plan, args, wrap=False)
