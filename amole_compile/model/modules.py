@@ -306,7 +306,7 @@ class AdapterGroup(nn.ModuleDict):
         """
         if torch.is_autocast_enabled(x.device.type):
             with torch.autocast(x.device.type, enabled=False):
-                return self._add_to(x.to(self.adapter_dtype), y, autocast=True)
+                return self._add_to(x, y, autocast=True)  # _add_to casts x to the adapters' dtype
         return self._add_to(x, y)
 
     def add_role(self, role: str, x: Tensor, y: Tensor) -> Tensor:
