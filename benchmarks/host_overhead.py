@@ -40,7 +40,6 @@ sys.path.insert(0, str(Path(__file__).parent.parent))
 from _counting import counting, kernels_interpreted, triton_hooked
 
 import amole_compile as ac
-from amole_compile.kernels import direct
 from amole_compile.model.projection import AdaMoLELinear
 
 import _common as bc
@@ -220,6 +219,9 @@ def triton_host_path(steps: int, warmup: int = 3) -> dict:
 def _triton_host_path_here(steps: int, warmup: int) -> dict:
     from _triton_host import use_stand_in_driver
     from triton.runtime.jit import JITFunction
+
+    from amole_compile.kernels import direct  # here: importing triton before main sets TRITON_INTERPRET would
+    # define triton.language's own jit functions uninterpreted, and the interpreted kernels could not call them
 
     use_stand_in_driver()
     torch.set_num_threads(1)

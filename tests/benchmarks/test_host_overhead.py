@@ -10,6 +10,7 @@ met yet are strict xfails, which fail once met: then move the case out of NOT_ME
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -110,3 +111,17 @@ def test_warm_launches_skip_tritons_dispatch():
     `JITFunction.run` call; with kept builds off, one per launch. The cold step compiles each distinct build once."""
     runs = ho.triton_host_path(steps=2, warmup=1)["runs"]
     assert runs == {"cold": EXPECTED_STEP_BUILDS, "warm": 0, "off": EXPECTED_STEP_TRITON}
+
+
+def test_importing_the_script_imports_no_triton():
+    """`host_overhead.py` sets TRITON_INTERPRET=1 in main, before triton is imported: triton.language's own jit
+    functions (tl.zeros...) are interpreted only if triton is first imported after that, and the interpreted
+    kernels cannot call them otherwise. So importing the script must not import triton."""
+    import subprocess
+
+    bench = Path(__file__).resolve().parents[2] / "benchmarks"
+    code = f"import sys; sys.path.insert(0, {str(bench)!r}); import host_overhead; print('triton' in sys.modules)"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == "False"
