@@ -23,10 +23,11 @@ import importlib
 
 _NAMES = {"KERNELS": "backend", "SUPPORTED_DTYPES": "backend", "resolve_kernels": "backend",
           "triton_usable": "backend", "METHODS": "methods", "MethodSpec": "methods", "method_spec": "methods",
-          "AdapterArgs": "op", "adapter": "op", "register": "op"}
+          "AdapterArgs": "op", "adapter": "op", "adapter_linear": "op", "register": "op",
+          "traced": "backend"}
 
-__all__ = ["KERNELS", "METHODS", "SUPPORTED_DTYPES", "AdapterArgs", "MethodSpec", "adapter", "method_spec",
-           "register", "resolve_kernels", "triton_usable"]
+__all__ = ["KERNELS", "METHODS", "SUPPORTED_DTYPES", "AdapterArgs", "MethodSpec", "adapter", "adapter_linear",
+           "method_spec", "register", "resolve_kernels", "traced", "triton_usable"]
 
 
 def __getattr__(name: str):

@@ -77,12 +77,13 @@ def as_dtype(w: Tensor, dtype: torch.dtype) -> Tensor:
     return w if w.dtype == dtype else w.to(dtype)
 
 
-def up_project(h: Tensor, lora_b: Tensor, base: Tensor | None) -> Tensor:
-    """h [T, K] -> base + h B^T [T, O] (in base's dtype when given)."""
+def up_project(h: Tensor, lora_b: Tensor, base: Tensor | None, own_base: bool = False) -> Tensor:
+    """h [T, K] -> base + h B^T [T, O] (in base's dtype when given; added into base itself when `own_base`: a
+    tensor the caller made for this, such as the frozen projection's output in `op.adapter_linear`)."""
     if base is None:
         return h @ lora_b.t()
     if base.dtype == h.dtype:
-        return torch.addmm(base, h, lora_b.t())
+        return base.addmm_(h, lora_b.t()) if own_base else torch.addmm(base, h, lora_b.t())
     return base + (h @ lora_b.t()).to(base.dtype)
 
 
@@ -105,13 +106,14 @@ def no_aux(x: Tensor) -> tuple[Tensor, Tensor]:
 
 def adapter_torch(x: Tensor, drop_mask: Tensor | None, lora_a: Tensor, lora_b: Tensor, gate_w: Tensor | None,
                   thr_w: Tensor | None, thr_b: Tensor | None, base: Tensor | None, method: str, num_experts: int,
-                  top_k: int, scale: float, max_threshold: float, drop_scale: float, with_aux: bool = False):
+                  top_k: int, scale: float, max_threshold: float, drop_scale: float, with_aux: bool = False,
+                  own_base: bool = False):
     """Plain-torch forward of the dense formulation (the ground truth of the Triton kernels)
-    -> (out, scores, mask, za, zr, aux, aux_sums)."""
+    -> (out, scores, mask, za, zr, aux, aux_sums); `own_base`: out may be base itself (`up_project`)."""
     za, zr = _down(x, drop_mask, drop_scale, lora_a, router_weight(gate_w, thr_w, x))
     w, scores, mask = route(zr, thr_b, method, num_experts, top_k, max_threshold)
     h = _scaled_h(za, w, scale)
-    out = up_project(h, lora_b, base)
+    out = up_project(h, lora_b, base, own_base)
     scores = scores.to(zr.dtype)
     aux = aux_loss(scores, mask, num_experts) if wants_aux(with_aux, gate_w, x.shape[0]) else no_aux(x)
     return out, scores, mask, za, zr, *aux

@@ -106,13 +106,13 @@ def _stacked_router(x, gate_w, thr_w, g_p: int, wrap: bool) -> torch.Tensor:
 
 
 def adapter_triton(x, drop_mask, lora_a, lora_b, gate_w, thr_w, thr_b, base, method, num_experts, top_k, scale,
-                   max_threshold, drop_scale, with_aux=False, wrap=None):
-    """Triton forward with the same contract as `adapter_torch.adapter_torch`; `wrap`: the call is traced
-    (`backend.traced(x)` when None)."""
+                   max_threshold, drop_scale, with_aux=False, wrap=None, own_base=False):
+    """Triton forward with the same contract as `adapter_torch.adapter_torch` (`own_base` too); `wrap`: the call
+    is traced (`backend.traced(x)` when None)."""
     t, d = x.shape
     if t == 0:
         return adapter_torch(x, drop_mask, lora_a, lora_b, gate_w, thr_w, thr_b, base, method, num_experts,
-                             top_k, scale, max_threshold, drop_scale, with_aux)
+                             top_k, scale, max_threshold, drop_scale, with_aux, own_base)
     x = x.contiguous()
     wrap = traced(x) if wrap is None else wrap
     keep, has_keep = keep_arg(drop_mask, x)
@@ -139,4 +139,4 @@ def adapter_triton(x, drop_mask, lora_a, lora_b, gate_w, thr_w, thr_b, base, met
     else:
         aux = no_aux(x)
     # sel holds 0 / 1: viewed as bool, no cast
-    return up_project(h, lora_b, base), scores, sel.view(torch.bool), za, zr[:, :p.er], *aux
+    return up_project(h, lora_b, base, own_base), scores, sel.view(torch.bool), za, zr[:, :p.er], *aux

@@ -99,14 +99,14 @@ def _adapter_backward_impl(
     return _backward_on(_use_triton(kernels, x, num_experts, lora_a), args)
 
 
-def _forward_on(triton: bool, args: tuple, wrap: bool | None = None):
+def _forward_on(triton: bool, args: tuple, wrap: bool | None = None, own_base: bool = False):
     """The forward on the Triton path (`wrap`: the call is traced; None: it asks) or the torch path; `args` in
-    `adapter_torch`'s order."""
+    `adapter_torch`'s order (`own_base`: the output may be base itself)."""
     if triton:
         from .adapter_triton import adapter_triton
 
-        return adapter_triton(*args, wrap=wrap)
-    return adapter_torch(*args)
+        return adapter_triton(*args, wrap=wrap, own_base=own_base)
+    return adapter_torch(*args, own_base=own_base)
 
 
 def _backward_on(triton: bool, args: tuple, wrap: bool | None = None):
@@ -124,16 +124,20 @@ _N_TENSORS = _BASE + 1  # the tensor arguments come first, then the scalars
 _KERNELS = AdapterArgs._fields.index("kernels")
 
 
-def _setup_context(ctx, inputs, output):
+def _setup_context(ctx, inputs, output, extra: tuple = ()):
+    """Save what the backward reads (`extra`: more tensors, saved after the op's own ten)."""
     a = AdapterArgs(*inputs)
     ctx.save_for_backward(a.x, a.drop_mask, a.lora_a, a.lora_b, a.gate_w, a.thr_w, a.thr_b, output[3], output[4],
-                          output[6])
+                          output[6], *extra)
     ctx.scalars = inputs[_N_TENSORS:]
     ctx.has_base = a.base is not None
 
 
-def _backward(ctx, grad_out, grad_scores, _grad_mask, _grad_za, _grad_zr, grad_aux, _grad_sums, backward_op=None):
-    x, drop_mask, lora_a, lora_b, gate_w, thr_w, thr_b, za, zr, aux_sums = ctx.saved_tensors
+def _backward(ctx, grad_out, grad_scores, _grad_mask, _grad_za, _grad_zr, grad_aux, _grad_sums, backward_op=None,
+              saved: tuple | None = None):
+    """The op's gradients in its argument order; `saved`: `ctx.saved_tensors`, when the caller read them."""
+    saved = ctx.saved_tensors if saved is None else saved
+    x, drop_mask, lora_a, lora_b, gate_w, thr_w, thr_b, za, zr, aux_sums = saved[:10]
     method, e, k, scale, cap, drop_scale, kernels = ctx.scalars[:7]
     if grad_out is None:
         grad_out = x.new_zeros(x.shape[0], lora_b.shape[0])
@@ -189,32 +193,73 @@ class _EagerAdapter(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, *inputs):
-        x = inputs[0]
-        ctx.x_shape = None if x.dim() == 2 else x.shape  # x [..., D]: flattened here, where no view is recorded
-        if ctx.x_shape is not None:
-            inputs = _flat(inputs)
-        a = AdapterArgs(*inputs)
-        ctx.triton = _eager_triton(a.kernels, a.x, a.num_experts, a.lora_a.shape[0])  # the backward's too
-        out = _forward_on(ctx.triton, (*inputs[:_KERNELS], a.with_aux), wrap=False)
-        _setup_context(ctx, inputs, out)
-        if ctx.x_shape is not None:
-            out = _unflat(out, ctx.x_shape)
-        ctx.mark_non_differentiable(out[2], out[3], out[4], out[6])
-        ctx.set_materialize_grads(False)
-        return out
+        return _eager_forward(ctx, inputs)
 
     @staticmethod
     def backward(ctx, grad_out, *grads):
-        shape, op = ctx.x_shape, _EAGER_BACKWARD[ctx.triton]
-        if shape is None:
-            return _backward(ctx, grad_out, *grads, backward_op=op)
-        if grad_out is not None:
-            grad_out = grad_out.reshape(-1, grad_out.shape[-1])  # [T, O]
-        out = list(_backward(ctx, grad_out, *grads, backward_op=op))  # in the op's argument order
-        gx, gbase = out[0], out[_BASE]
-        out[0] = None if gx is None else gx.reshape(shape)
-        out[_BASE] = None if gbase is None else gbase.reshape(*shape[:-1], gbase.shape[-1])
-        return tuple(out)
+        return _eager_grads(ctx, grad_out, grads)
+
+
+class _EagerLinearAdapter(torch.autograd.Function):
+    """`_EagerAdapter` with the frozen projection folded in (`adapter_linear`); inputs: the op's arguments (base
+    None), then the projection's weight [O, D] and bias [O] (or None), neither requiring grad.
+
+    Forward: base = F.linear(x, W, b), then the adapter's up-projection added into it in place (Unsloth's
+    `matmul_lora`: `out.addmm_`). Backward: the adapter's grad x [T, D], then grad_out W added into it in place.
+    A separate projection node would make a second [T, D] gradient that autograd then sums: on a GPU, one more
+    launch and three [T, D] passes over memory per site. Saves W for the backward (its version is checked, as
+    the projection's own node would)."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        *args, w, b = inputs
+        args[_BASE] = torch.nn.functional.linear(args[0], w, b)  # [..., O] the frozen projection
+        return _eager_forward(ctx, tuple(args), own_base=True, extra=(w,))
+
+    @staticmethod
+    def backward(ctx, grad_out, *grads):
+        saved = ctx.saved_tensors
+        out = list(_eager_grads(ctx, grad_out, grads, saved))
+        gx, w = out[0], saved[-1]
+        if gx is not None and grad_out is not None:
+            d = gx.shape[-1]
+            flat = gx.view(-1, d) if gx.is_contiguous() else gx.reshape(-1, d).contiguous()  # [T, D], ours
+            flat.addmm_(as_dtype(grad_out.reshape(-1, grad_out.shape[-1]), flat.dtype), w)  # + grad_out [T, O] W
+            out[0] = flat.view(gx.shape)
+        out[_BASE] = None  # base was made here
+        return (*out, None, None)
+
+
+def _eager_forward(ctx, inputs: tuple, own_base: bool = False, extra: tuple = ()):
+    """The eager Functions' forward: the op's arguments `inputs` (x [..., D]) -> its outputs; `own_base`: base
+    is the caller's to add into; `extra`: more tensors to save."""
+    x = inputs[0]
+    ctx.x_shape = None if x.dim() == 2 else x.shape  # x [..., D]: flattened here, where no view is recorded
+    if ctx.x_shape is not None:
+        inputs = _flat(inputs)
+    a = AdapterArgs(*inputs)
+    ctx.triton = _eager_triton(a.kernels, a.x, a.num_experts, a.lora_a.shape[0])  # the backward's too
+    out = _forward_on(ctx.triton, (*inputs[:_KERNELS], a.with_aux), wrap=False, own_base=own_base)
+    _setup_context(ctx, inputs, out, extra)
+    if ctx.x_shape is not None:
+        out = _unflat(out, ctx.x_shape)
+    ctx.mark_non_differentiable(out[2], out[3], out[4], out[6])
+    ctx.set_materialize_grads(False)
+    return out
+
+
+def _eager_grads(ctx, grad_out, grads: tuple, saved: tuple | None = None) -> tuple:
+    """The eager Functions' backward: the op's gradients in its argument order, x's and base's in their shapes."""
+    shape, op = ctx.x_shape, _EAGER_BACKWARD[ctx.triton]
+    if shape is None:
+        return _backward(ctx, grad_out, *grads, backward_op=op, saved=saved)
+    if grad_out is not None:
+        grad_out = grad_out.reshape(-1, grad_out.shape[-1])  # [T, O]
+    out = list(_backward(ctx, grad_out, *grads, backward_op=op, saved=saved))  # in the op's argument order
+    gx, gbase = out[0], out[_BASE]
+    out[0] = None if gx is None else gx.reshape(shape)
+    out[_BASE] = None if gbase is None else gbase.reshape(*shape[:-1], gbase.shape[-1])
+    return tuple(out)
 
 
 def _flat(inputs: tuple) -> tuple:
@@ -260,3 +305,12 @@ def adapter(x: Tensor, drop_mask: Tensor | None, lora_a: Tensor, lora_b: Tensor,
     if x.dim() == 2:
         return torch.ops.amole.adapter(*args)
     return _unflat(torch.ops.amole.adapter(*_flat(args)), x.shape)
+
+
+def adapter_linear(args: AdapterArgs, weight: Tensor, bias: Tensor | None):
+    """The adapter op added to a frozen projection it computes itself: `adapter` on `args` (base None) with base
+    = F.linear(x, weight [O, D], bias [O]), as one autograd node (`_EagerLinearAdapter`). Eager calls only (the
+    caller checks: not traced, weight and bias plain tensors not requiring grad, in x's dtype and device)."""
+    if _registered is None:
+        register()
+    return _EagerLinearAdapter.apply(*args, weight, bias)

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import AdaMoLEConfig
-from ..kernels import AdapterArgs, adapter, register
+from ..kernels import AdapterArgs, adapter, adapter_linear, register
 from ..kernels.adapter_torch import as_dtype
 from ..kernels.mixed_torch import SiteWeights
 from .tokens import real_tokens
@@ -145,10 +145,14 @@ class ExpertSet(nn.Module):
                            self.method, self.num_experts, self.top_k, self.scale, self.max_threshold,
                            self.dropout if self.training else 0.0)
 
-    def forward(self, x: Tensor, base: Tensor | None = None, lead: tuple[int, ...] | None = None) -> Tensor:
+    def forward(self, x: Tensor, base: Tensor | None = None, lead: tuple[int, ...] | None = None,
+                linear: tuple[Tensor, Tensor | None] | None = None) -> Tensor:
         """x [..., D] (adapter dtype) -> base + delta [..., O] (or delta when base is None). `lead`: x's leading
-        shape before any flattening ((B, S): the statistics then count the real tokens only; None: all)."""
-        out, scores, mask, _, _, aux, _ = adapter(*self.op_args(x, self.drop_mask(x), base))
+        shape before any flattening ((B, S): the statistics then count the real tokens only; None: all).
+        `linear`: (weight [O, D], bias [O] or None) of a frozen projection whose output the op computes as base
+        (an eager call with the checks of `op.adapter_linear`)."""
+        args = self.op_args(x, self.drop_mask(x), base)
+        out, scores, mask, _, _, aux, _ = adapter(*args) if linear is None else adapter_linear(args, *linear)
         self.record(scores, mask, lead=lead, aux=aux)
         return out
 

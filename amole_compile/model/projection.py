@@ -14,8 +14,9 @@ import torch
 from torch import Tensor, nn
 
 from ..config import AdaMoLEConfig
+from ..kernels import traced
 from .mixed import current_rows, mixed_add
-from .modules import AdapterGroup, linear_features
+from .modules import AdapterGroup, ExpertSet, linear_features
 
 
 def new_group(layer: nn.Module, weight: Tensor, in_features: int, out_features: int, roles: tuple[str, ...],
@@ -142,5 +143,43 @@ class AdaMoLELinear(ProjectionAdapters, Swapped):
         return f"active={self.active!r}"
 
     def forward(self, x: Tensor) -> Tensor:
-        """x [..., D] -> base_layer(x) + the adapters' deltas [..., O]."""
+        """x [..., D] -> base_layer(x) + the adapters' deltas [..., O]; computed by the site's op where
+        `folding_site` finds one (one autograd node)."""
+        site = self.folding_site(x)
+        if site is not None:
+            base = self.base_layer
+            return site(x, lead=x.shape[:-1], linear=(base.weight, base.bias))
         return self.add_to(x, self.base_layer(x))
+
+    def folding_site(self, x: Tensor) -> ExpertSet | None:
+        """The site whose op can compute the frozen projection too (`op.adapter_linear`: x's gradient summed in
+        one addmm, no second node), or None where the projection must run as itself: a traced call, a mixed
+        batch, no single site owning every column, x not in the adapter's dtype or on the weight's device,
+        autocast, a base layer that is anything but a plain nn.Linear with frozen weights and no hooks, or an
+        `add_to` shadowed on the instance (the check pass's marker: the call must reach it)."""
+        if traced(x) or current_rows(self) is not None or "add_to" in self.__dict__:
+            return None
+        group = self.group
+        if group is None or not group.fused_base() or not plain_frozen_linear(self.base_layer):
+            return None
+        site = group[group.roles[0]]
+        w = self.base_layer.weight
+        if x.dtype != w.dtype or site.lora_A.dtype != w.dtype or x.device != w.device:
+            return None
+        return None if torch.is_autocast_enabled(x.device.type) else site
+
+
+def plain_frozen_linear(layer: nn.Module) -> bool:
+    """Is `layer` exactly an nn.Linear, its weight and bias plain parameters that need no gradient, with no hook
+    of its own or global one, and no instance-level forward (accelerate's hooks replace `forward`)? Then
+    F.linear(x, weight, bias) is all its call would do."""
+    if type(layer) is not nn.Linear or "forward" in layer.__dict__ or _has_hooks(layer):
+        return False
+    return all(p is None or (type(p) is nn.Parameter and not p.requires_grad) for p in (layer.weight, layer.bias))
+
+
+def _has_hooks(layer: nn.Module) -> bool:
+    g = torch.nn.modules.module
+    return bool(layer._forward_hooks or layer._forward_pre_hooks or layer._backward_hooks
+                or layer._backward_pre_hooks or g._global_forward_hooks or g._global_forward_pre_hooks
+                or g._global_backward_hooks or g._global_backward_pre_hooks)

@@ -88,8 +88,11 @@ def _node_types(t: torch.Tensor) -> collections.Counter:
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 def test_a_site_records_one_autograd_node(dropout):
     """An adapted projection on [B, S, D] adds one node to the frozen projection's autograd graph (the op's, which
-    takes the projection's output as its base) and one AccumulateGrad per parameter: no view, cast or add."""
+    takes the projection's output as its base) and one AccumulateGrad per parameter: no view, cast or add. (A
+    plain frozen nn.Linear folds into the op instead: `tests/model/test_projection.py`; a forward hook on it
+    keeps it a module of its own, as here.)"""
     lin = torch.nn.Linear(24, 20).requires_grad_(False)
+    lin.register_forward_hook(lambda m, args, out: None)
     site = AdaMoLELinear(lin, ("q",), (tuple(range(20)),), AdaMoLEConfig(num_experts=4, rank=2, dropout=dropout))
     x = torch.randn(3, 5, 24, requires_grad=True)
     extra = _node_types(site(x)) - _node_types(lin(x))
