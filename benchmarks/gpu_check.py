@@ -5,7 +5,8 @@ step, AdaMoLE against LoRA, each contender side by side in one run.
     python benchmarks/gpu_check.py --cpu-smoke         # tiny shapes on CPU (CI: the script does not crash)
 
 layer   D x T = 4096 x 8192 and 1024 x 2048, bf16: frozen linear, + LoRA(32) (plain torch), + AdaMoLE (E=8 r=4,
-        dropout 0.05) on the Triton path and on the torch path (`AdaMoLEConfig.kernels`). Per contender: wall ms
+        dropout 0.05) on the Triton path and on the torch path (`AdaMoLEConfig.kernels`), and the Triton path
+        without the fold of the frozen projection into the op ("unfolded": its gain). Per contender: wall ms
         (median, synchronised), host enqueue ms (issuing fwd + bwd, no sync), the torch profiler's CUDA ms and
         kernel count for one fwd + bwd, and its 8 costliest kernels by name (which to tune first).
 train   Llama h2048, 8 layers, 16 heads, intermediate 5632, vocab 32000, seq 1024, batch 4, bf16 (from LlamaConfig,
@@ -87,6 +88,22 @@ class LoraLinear(nn.Module):
         return self.base_layer(x) + self.lora_B(self.lora_A(self.drop(x))) * self.scale
 
 
+class Unfolded(nn.Module):
+    """An AdaMoLE layer run without the fold (`AdaMoLELinear.folding_site`): the projection as its own module,
+    then `add_to`: two autograd nodes, and x's two gradients summed by autograd. The fold's gain, side by side."""
+
+    def __init__(self, layer: AdaMoLELinear) -> None:
+        super().__init__()
+        self.layer = layer
+
+    @property
+    def group(self):
+        return self.layer.group
+
+    def forward(self, x):
+        return self.layer.add_to(x, self.layer.base_layer(x))
+
+
 def amole_config(kernels: str = "auto") -> ac.AdaMoLEConfig:
     return ac.AdaMoLEConfig(num_experts=8, rank=4, dropout=0.05, kernels=kernels)
 
@@ -100,6 +117,7 @@ def layer_contenders(d: int, device: str, dtype: torch.dtype) -> dict:
         layer = AdaMoLELinear(base, ("q",), (tuple(range(d)),), amole_config(kernels))
         nn.init.normal_(layer.group["q"].lora_B, std=0.01)
         out[f"+ amole {kernels}"] = layer
+    out["+ amole triton unfolded"] = Unfolded(out["+ amole triton"])
     return {k: v.train() for k, v in out.items()}
 
 

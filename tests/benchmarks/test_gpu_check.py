@@ -30,7 +30,7 @@ def test_cpu_smoke_runs_and_writes_its_results(tmp_path):
     assert [r["contender"] for r in launch] == ["triton kernel[grid]", "triton kept build", "aten add"]
     assert all(r["host us per launch"] > 0 for r in launch)
     layer = [r["contender"] for r in result["rows"] if r["section"] == "layer"]
-    assert layer == ["frozen linear", "+ lora32", "+ amole triton", "+ amole torch"]
+    assert layer == ["frozen linear", "+ lora32", "+ amole triton", "+ amole torch", "+ amole triton unfolded"]
     train = [r for r in result["rows"] if r["section"] == "train"]
     assert [r["mode"] for r in train] == ["eager", "eager"] and all(r["tokens/s"] > 0 for r in train)
     assert not [n for n in result["notes"] if "failed" in n], result["notes"]
