@@ -175,14 +175,17 @@ class AdaMoLELinear(ProjectionAdapters, Swapped):
 
 def plain_frozen_linear(layer: nn.Module) -> bool:
     """Is `layer` exactly an nn.Linear, its weight and bias plain parameters that need no gradient, with no hook
-    of its own or global one, and no instance-level forward (accelerate's hooks replace `forward`)? Then
-    F.linear(x, weight, bias) is all its call would do."""
-    if type(layer) is not nn.Linear or "forward" in layer.__dict__ or _has_hooks(layer):
+    of its own or global one, and no instance-level forward (accelerate's hooks replace `forward`) or weight?
+    Then F.linear(x, weight, bias) is all its call would do."""
+    if type(layer) is not nn.Linear or _has_hooks(layer) or not _INSTANCE_NAMES.isdisjoint(layer.__dict__):
         return False
     params = layer._parameters
     w, b = params.get("weight"), params.get("bias")
     return (type(w) is nn.Parameter and not w.requires_grad
             and (b is None or (type(b) is nn.Parameter and not b.requires_grad)))
+
+
+_INSTANCE_NAMES = frozenset(("forward", "weight", "bias"))  # on the instance, these shadow nn.Linear's own
 
 
 def _has_hooks(layer: nn.Module) -> bool:

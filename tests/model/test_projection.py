@@ -191,6 +191,22 @@ def test_what_does_not_fold_runs_the_projection_itself(case):
             handle.remove()
 
 
+@pytest.mark.parametrize("as_parameter", [True, False])
+def test_functional_call_weights_reach_the_fold(as_parameter):
+    """torch.func.functional_call swaps the base weight for the call: a frozen Parameter folds, a plain tensor runs
+    the projection itself; either way the output is the swapped weight's."""
+    layer = _layer(dropout=0.0).eval()
+    x = torch.randn(2, 3, 24, device=DEVICE)
+    w2 = torch.randn(20, 24, device=DEVICE)
+    want = layer.add_to(x, nn.functional.linear(x, w2, layer.base_layer.bias))
+    given = nn.Parameter(w2, requires_grad=False) if as_parameter else w2
+    folded = []
+    layer.register_forward_pre_hook(lambda m, args: folded.append(m.folding_site(args[0]) is not None))
+    out = torch.func.functional_call(layer, {"base_layer.weight": given}, (x,))
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+    assert folded == [as_parameter]
+
+
 def test_no_fold_under_autocast_or_another_adapter_dtype():
     layer = _layer(dtype=torch.float32)
     x = torch.randn(2, 3, 24, device=DEVICE)
