@@ -161,7 +161,20 @@ def _unfoldable():
         w = layer.base_layer.weight
         layer.base_layer.weight = nn.Parameter(w.detach().as_subclass(Marked), requires_grad=False)
 
-    return {"forward pre-hook": _with_hook("pre"), "forward hook": _with_hook("post"),
+    def patched_class(layer):
+        seen = []
+        original = nn.Linear.forward
+
+        def forward(self, x):
+            seen.append(1)
+            return original(self, x)
+
+        layer._test_undo = lambda: setattr(nn.Linear, "forward", original)
+        nn.Linear.forward = forward
+        return seen
+
+    return {"forward pre-hook": _with_hook("pre"), "nn.Linear.forward patched": patched_class,
+            "forward hook": _with_hook("post"),
             "backward hook": _with_hook("backward"), "instance forward": _with_hook("instance forward"),
             "global hook": _global_hook, "trained weight": trained_weight, "trained bias": trained_bias,
             "subclass": subclass, "weight subclass": subclass_weight}
@@ -189,6 +202,9 @@ def test_what_does_not_fold_runs_the_projection_itself(case):
         handle = getattr(layer, "_test_handle", None)
         if handle is not None:
             handle.remove()
+        undo = layer.__dict__.get("_test_undo")
+        if undo is not None:
+            undo()
 
 
 @pytest.mark.parametrize("as_parameter", [True, False])
