@@ -176,9 +176,10 @@ class AdaMoLELinear(ProjectionAdapters, Swapped):
 def plain_frozen_linear(layer: nn.Module) -> bool:
     """Is `layer` exactly an nn.Linear, its weight and bias plain parameters that need no gradient, with no hook
     of its own or global one, no instance-level forward (accelerate's hooks replace `forward`) or weight, and
-    nn.Linear.forward itself not patched (as some libraries do, process-wide)? Then F.linear(x, weight, bias) is
-    all its call would do."""
-    if (type(layer) is not nn.Linear or nn.Linear.forward is not _LINEAR_FORWARD or _has_hooks(layer)
+    nn.Linear.forward and F.linear themselves not patched (as some libraries do, process-wide: the fold computes
+    the projection's gradient itself)? Then F.linear(x, weight, bias) is all its call would do."""
+    if (type(layer) is not nn.Linear or nn.Linear.forward is not _LINEAR_FORWARD
+            or torch.nn.functional.linear is not _F_LINEAR or _has_hooks(layer)
             or not _INSTANCE_NAMES.isdisjoint(layer.__dict__)):
         return False
     params = layer._parameters
@@ -188,7 +189,7 @@ def plain_frozen_linear(layer: nn.Module) -> bool:
 
 
 _INSTANCE_NAMES = frozenset(("forward", "weight", "bias"))  # on the instance, these shadow nn.Linear's own
-_LINEAR_FORWARD = nn.Linear.forward  # torch's own; a patched one must run
+_LINEAR_FORWARD, _F_LINEAR = nn.Linear.forward, torch.nn.functional.linear  # torch's own; a patched one must run
 
 
 def _has_hooks(layer: nn.Module) -> bool:

@@ -161,19 +161,22 @@ def _unfoldable():
         w = layer.base_layer.weight
         layer.base_layer.weight = nn.Parameter(w.detach().as_subclass(Marked), requires_grad=False)
 
-    def patched_class(layer):
-        seen = []
-        original = nn.Linear.forward
+    def patched(owner, name):
+        def make(layer):
+            seen = []
+            original = getattr(owner, name)
 
-        def forward(self, x):
-            seen.append(1)
-            return original(self, x)
+            def wrapper(*args, **kwargs):
+                seen.append(1)
+                return original(*args, **kwargs)
 
-        layer._test_undo = lambda: setattr(nn.Linear, "forward", original)
-        nn.Linear.forward = forward
-        return seen
+            layer._test_undo = lambda: setattr(owner, name, original)
+            setattr(owner, name, wrapper)
+            return seen
+        return make
 
-    return {"forward pre-hook": _with_hook("pre"), "nn.Linear.forward patched": patched_class,
+    return {"forward pre-hook": _with_hook("pre"), "nn.Linear.forward patched": patched(nn.Linear, "forward"),
+            "F.linear patched": patched(nn.functional, "linear"),
             "forward hook": _with_hook("post"),
             "backward hook": _with_hook("backward"), "instance forward": _with_hook("instance forward"),
             "global hook": _global_hook, "trained weight": trained_weight, "trained bias": trained_bias,
