@@ -89,7 +89,7 @@ class LoraLinear(nn.Module):
 
 
 class Unfolded(nn.Module):
-    """An AdaMoLE layer run without the fold (`AdaMoLELinear.folding_site`): the projection as its own module,
+    """An AdaMoLE layer run without the fold (`AdaMoLELinear.folding_group`): the projection as its own module,
     then `add_to`: two autograd nodes, and x's two gradients summed by autograd. The fold's gain, side by side."""
 
     def __init__(self, layer: AdaMoLELinear) -> None:

@@ -82,7 +82,7 @@ def _adapter_impl(
     doc."""
     args = (x, drop_mask, lora_a, lora_b, gate_w, thr_w, thr_b, base, method, num_experts, top_k, scale,
             max_threshold, drop_scale, with_aux)
-    return _forward_on(_use_triton(kernels, x, num_experts, lora_a), args)
+    return forward_on(_use_triton(kernels, x, num_experts, lora_a), args)
 
 
 def _adapter_backward_impl(
@@ -99,7 +99,7 @@ def _adapter_backward_impl(
     return _backward_on(_use_triton(kernels, x, num_experts, lora_a), args)
 
 
-def _forward_on(triton: bool, args: tuple, wrap: bool | None = None, own_base: bool = False):
+def forward_on(triton: bool, args: tuple, wrap: bool | None = None, own_base: bool = False):
     """The forward on the Triton path (`wrap`: the call is traced; None: it asks) or the torch path; `args` in
     `adapter_torch`'s order (`own_base`: the output may be base itself)."""
     if triton:
@@ -110,7 +110,7 @@ def _forward_on(triton: bool, args: tuple, wrap: bool | None = None, own_base: b
 
 
 def _backward_on(triton: bool, args: tuple, wrap: bool | None = None):
-    """The backward on the Triton path or the torch path, as `_forward_on`; `args` in
+    """The backward on the Triton path or the torch path, as `forward_on`; `args` in
     `adapter_backward_torch`'s order."""
     if triton:
         from .adapter_triton_bwd import adapter_backward_triton
@@ -124,33 +124,45 @@ _N_TENSORS = _BASE + 1  # the tensor arguments come first, then the scalars
 _KERNELS = AdapterArgs._fields.index("kernels")
 
 
-def _setup_context(ctx, inputs, output, extra: tuple = ()):
-    """Save what the backward reads (`extra`: more tensors, saved after the op's own ten)."""
+def _setup_context(ctx, inputs, output):
     a = AdapterArgs(*inputs)
     ctx.save_for_backward(a.x, a.drop_mask, a.lora_a, a.lora_b, a.gate_w, a.thr_w, a.thr_b, output[3], output[4],
-                          output[6], *extra)
+                          output[6])
     ctx.scalars = inputs[_N_TENSORS:]
     ctx.has_base = a.base is not None
 
 
-def _backward(ctx, grad_out, grad_scores, _grad_mask, _grad_za, _grad_zr, grad_aux, _grad_sums, backward_op=None,
-              saved: tuple | None = None):
-    """The op's gradients in its argument order; `saved`: `ctx.saved_tensors`, when the caller read them."""
-    saved = ctx.saved_tensors if saved is None else saved
-    x, drop_mask, lora_a, lora_b, gate_w, thr_w, thr_b, za, zr, aux_sums = saved[:10]
-    method, e, k, scale, cap, drop_scale, kernels = ctx.scalars[:7]
+def _backward(ctx, grad_out, grad_scores, _grad_mask, _grad_za, _grad_zr, grad_aux, _grad_sums, backward_op=None):
+    saved = ctx.saved_tensors
+    grad_out = grad_out_of(grad_out, saved)
+    gx, *grads = site_grads(saved, ctx.scalars, ctx.needs_input_grad[0], grad_out, grad_scores, grad_aux,
+                            backward_op or torch.ops.amole.adapter_backward)
+    return (gx, None, *grads, grad_out if ctx.has_base else None) + (None,) * len(ctx.scalars)
+
+
+def grad_out_of(grad_out: Tensor | None, saved: tuple) -> Tensor:
+    """The output's gradient [T, O] in x's dtype (zeros when the output was not used); `saved` as `site_grads`."""
+    x, lora_b = saved[0], saved[3]
     if grad_out is None:
-        grad_out = x.new_zeros(x.shape[0], lora_b.shape[0])
+        return x.new_zeros(x.shape[0], lora_b.shape[0])
+    return as_dtype(grad_out, x.dtype)
+
+
+def site_grads(saved: tuple, scalars: tuple, need_x: bool, grad_out: Tensor, grad_scores: Tensor | None,
+               grad_aux: Tensor | None, backward_op) -> tuple:
+    """One site's gradients (x, A, B, gate, threshold weight, threshold bias; None for x when not `need_x` and
+    for absent parameters) from its ten saved tensors (x [T, D], the keep-mask, A, B, gate, threshold weight and
+    bias, za, zr, aux_sums), the op's scalars (method ... kernels, in the op's order) and `grad_out_of`'s
+    gradient; `backward_op` takes `amole.adapter_backward`'s arguments."""
+    x, drop_mask, lora_a, lora_b, gate_w, thr_w, thr_b, za, zr, aux_sums = saved
+    method, e, k, scale, cap, drop_scale, kernels = scalars[:7]
     if aux_sums.numel() == 0:
         grad_aux = None
-    need_x = ctx.needs_input_grad[0]
-    grad_out = as_dtype(grad_out, x.dtype)
-    gx, ga, gb, gg, gtw, gtb = (backward_op or torch.ops.amole.adapter_backward)(
+    gx, ga, gb, gg, gtw, gtb = backward_op(
         grad_out.contiguous(), grad_scores, x, drop_mask, lora_a, lora_b, gate_w, thr_w, thr_b, za, zr,
         method, e, k, scale, cap, drop_scale, need_x, kernels, grad_aux, None if grad_aux is None else aux_sums)
-    return (gx if need_x else None, None, ga, gb, gg if gate_w is not None else None,
-            gtw if thr_w is not None else None, gtb if thr_b is not None else None,
-            grad_out if ctx.has_base else None) + (None,) * len(ctx.scalars)
+    return (gx if need_x else None, ga, gb, gg if gate_w is not None else None,
+            gtw if thr_w is not None else None, gtb if thr_b is not None else None)
 
 
 def register() -> SimpleNamespace:
@@ -171,7 +183,7 @@ def register() -> SimpleNamespace:
 _EAGER_CHOICE: dict = {}  # (kernels, AMOLE_KERNELS, TRITON_INTERPRET, device type, dtype, E, K) -> Triton?
 
 
-def _eager_triton(kernels: str, x: Tensor, num_experts: int, k: int) -> bool:
+def eager_triton(kernels: str, x: Tensor, num_experts: int, k: int) -> bool:
     """`_use_triton` for an eager call (no fake tensors), remembered per setting, environment, device type, dtype,
     E and K: `resolve_kernels` costs ~10 us, twice per site and step. A miss asks it (its one-time warning, or
     its error for an impossible `kernels='triton'`, which is not remembered)."""
@@ -200,47 +212,16 @@ class _EagerAdapter(torch.autograd.Function):
         return _eager_grads(ctx, grad_out, grads)
 
 
-class _EagerLinearAdapter(torch.autograd.Function):
-    """`_EagerAdapter` with the frozen projection folded in (`adapter_linear`); inputs: the op's arguments (base
-    None), then the projection's weight [O, D] and bias [O] (or None), neither requiring grad.
-
-    Forward: base = F.linear(x, W, b), then the adapter's up-projection added into it in place (Unsloth's
-    `matmul_lora`: `out.addmm_`). Backward: the adapter's grad x [T, D], then grad_out W added into it in place.
-    A separate projection node would make a second [T, D] gradient that autograd then sums: on a GPU, one more
-    launch and three [T, D] passes over memory per site. Saves W for the backward (its version is checked, as
-    the projection's own node would)."""
-
-    @staticmethod
-    def forward(ctx, *inputs):
-        *args, w, b = inputs
-        args[_BASE] = torch.nn.functional.linear(args[0], w, b)  # [..., O] the frozen projection
-        return _eager_forward(ctx, tuple(args), own_base=True, extra=(w,))
-
-    @staticmethod
-    def backward(ctx, grad_out, *grads):
-        saved = ctx.saved_tensors
-        out = list(_eager_grads(ctx, grad_out, grads, saved))
-        gx, w = out[0], saved[-1]
-        if gx is not None and grad_out is not None:
-            d = gx.shape[-1]
-            flat = gx.view(-1, d) if gx.is_contiguous() else gx.reshape(-1, d).contiguous()  # [T, D], ours
-            flat.addmm_(as_dtype(grad_out.reshape(-1, grad_out.shape[-1]), flat.dtype), w)  # + grad_out [T, O] W
-            out[0] = flat.view(gx.shape)
-        out[_BASE] = None  # base was made here
-        return (*out, None, None)
-
-
-def _eager_forward(ctx, inputs: tuple, own_base: bool = False, extra: tuple = ()):
-    """The eager Functions' forward: the op's arguments `inputs` (x [..., D]) -> its outputs; `own_base`: base
-    is the caller's to add into; `extra`: more tensors to save."""
+def _eager_forward(ctx, inputs: tuple):
+    """`_EagerAdapter`'s forward: the op's arguments `inputs` (x [..., D]) -> its outputs."""
     x = inputs[0]
     ctx.x_shape = None if x.dim() == 2 else x.shape  # x [..., D]: flattened here, where no view is recorded
     if ctx.x_shape is not None:
         inputs = _flat(inputs)
     a = AdapterArgs(*inputs)
-    ctx.triton = _eager_triton(a.kernels, a.x, a.num_experts, a.lora_a.shape[0])  # the backward's too
-    out = _forward_on(ctx.triton, (*inputs[:_KERNELS], a.with_aux), wrap=False, own_base=own_base)
-    _setup_context(ctx, inputs, out, extra)
+    ctx.triton = eager_triton(a.kernels, a.x, a.num_experts, a.lora_a.shape[0])  # the backward's too
+    out = forward_on(ctx.triton, (*inputs[:_KERNELS], a.with_aux), wrap=False)
+    _setup_context(ctx, inputs, out)
     if ctx.x_shape is not None:
         out = _unflat(out, ctx.x_shape)
     ctx.mark_non_differentiable(out[2], out[3], out[4], out[6])
@@ -248,14 +229,14 @@ def _eager_forward(ctx, inputs: tuple, own_base: bool = False, extra: tuple = ()
     return out
 
 
-def _eager_grads(ctx, grad_out, grads: tuple, saved: tuple | None = None) -> tuple:
-    """The eager Functions' backward: the op's gradients in its argument order, x's and base's in their shapes."""
-    shape, op = ctx.x_shape, _EAGER_BACKWARD[ctx.triton]
+def _eager_grads(ctx, grad_out, grads: tuple) -> tuple:
+    """`_EagerAdapter`'s backward: the op's gradients in its argument order, x's and base's in their shapes."""
+    shape, op = ctx.x_shape, EAGER_BACKWARD[ctx.triton]
     if shape is None:
-        return _backward(ctx, grad_out, *grads, backward_op=op, saved=saved)
+        return _backward(ctx, grad_out, *grads, backward_op=op)
     if grad_out is not None:
         grad_out = grad_out.reshape(-1, grad_out.shape[-1])  # [T, O]
-    out = list(_backward(ctx, grad_out, *grads, backward_op=op, saved=saved))  # in the op's argument order
+    out = list(_backward(ctx, grad_out, *grads, backward_op=op))  # in the op's argument order
     gx, gbase = out[0], out[_BASE]
     out[0] = None if gx is None else gx.reshape(shape)
     out[_BASE] = None if gbase is None else gbase.reshape(*shape[:-1], gbase.shape[-1])
@@ -285,7 +266,7 @@ def _eager_backward(triton: bool):
 
 
 _BWD_KERNELS = list(inspect.signature(_adapter_backward_impl).parameters).index("kernels")
-_EAGER_BACKWARD = {True: _eager_backward(True), False: _eager_backward(False)}
+EAGER_BACKWARD = {True: _eager_backward(True), False: _eager_backward(False)}  # the forward chose Triton?
 
 
 def adapter(x: Tensor, drop_mask: Tensor | None, lora_a: Tensor, lora_b: Tensor, gate_w: Tensor | None,
@@ -305,12 +286,3 @@ def adapter(x: Tensor, drop_mask: Tensor | None, lora_a: Tensor, lora_b: Tensor,
     if x.dim() == 2:
         return torch.ops.amole.adapter(*args)
     return _unflat(torch.ops.amole.adapter(*_flat(args)), x.shape)
-
-
-def adapter_linear(args: AdapterArgs, weight: Tensor, bias: Tensor | None):
-    """The adapter op added to a frozen projection it computes itself: `adapter` on `args` (base None) with base
-    = F.linear(x, weight [O, D], bias [O]), as one autograd node (`_EagerLinearAdapter`). Eager calls only (the
-    caller checks: not traced, weight and bias plain tensors not requiring grad, in x's dtype and device)."""
-    if _registered is None:
-        register()
-    return _EagerLinearAdapter.apply(*args, weight, bias)

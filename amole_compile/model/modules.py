@@ -145,14 +145,10 @@ class ExpertSet(nn.Module):
                            self.method, self.num_experts, self.top_k, self.scale, self.max_threshold,
                            self.dropout if self.training else 0.0)
 
-    def forward(self, x: Tensor, base: Tensor | None = None, lead: tuple[int, ...] | None = None,
-                linear: tuple[Tensor, Tensor | None] | None = None) -> Tensor:
+    def forward(self, x: Tensor, base: Tensor | None = None, lead: tuple[int, ...] | None = None) -> Tensor:
         """x [..., D] (adapter dtype) -> base + delta [..., O] (or delta when base is None). `lead`: x's leading
-        shape before any flattening ((B, S): the statistics then count the real tokens only; None: all).
-        `linear`: (weight [O, D], bias [O] or None) of a frozen projection whose output the op computes as base
-        (an eager call with the checks of `op.adapter_linear`)."""
-        args = self.op_args(x, self.drop_mask(x), base)
-        out, scores, mask, _, _, aux, _ = adapter(*args) if linear is None else adapter_linear(args, *linear)
+        shape before any flattening ((B, S): the statistics then count the real tokens only; None: all)."""
+        out, scores, mask, _, _, aux, _ = adapter(*self.op_args(x, self.drop_mask(x), base))
         self.record(scores, mask, lead=lead, aux=aux)
         return out
 
@@ -294,6 +290,11 @@ class AdapterGroup(nn.ModuleDict):
         """The dtype the adapters compute in."""
         return next(iter(self.values())).lora_A.dtype
 
+    def columns_in_order(self) -> bool:
+        """Do the roles write columns 0..O-1 in role order, in contiguous blocks (an unfused projection, or a fused
+        one laid out q | k | v)? Then each role's delta can be added into its block of the output in place."""
+        return self._whole
+
     def fused_base(self) -> bool:
         """Does a single site own every column, so the op adds it to the projection's output itself?"""
         return self._whole and len(self.roles) == 1
@@ -312,6 +313,17 @@ class AdapterGroup(nn.ModuleDict):
             with torch.autocast(x.device.type, enabled=False):
                 return self._add_to(x, y, autocast=True)  # _add_to casts x to the adapters' dtype
         return self._add_to(x, y)
+
+    def add_linear(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        """x [..., D] -> F.linear(x, weight, bias) + every role's delta [..., O], in one autograd node
+        (`kernels.op_linear`; the caller checks that the fold applies: `AdaMoLELinear.folding_group`). Each site
+        draws its dropout mask and records its statistics and aux as its own forward does, in role order."""
+        sites = list(self.values())
+        y, outs = adapter_linear([s.op_args(x, s.drop_mask(x), None) for s in sites], weight, bias)
+        lead = x.shape[:-1]
+        for site, (scores, mask, _, _, aux, _) in zip(sites, outs, strict=True):
+            site.record(scores, mask, lead=lead, aux=aux)
+        return y
 
     def add_role(self, role: str, x: Tensor, y: Tensor) -> Tensor:
         """x [..., D], y [..., O_role] (this projection's output columns of `role`, in order) -> y + that role's

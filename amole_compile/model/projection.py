@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from ..config import AdaMoLEConfig
 from ..kernels import traced
 from .mixed import current_rows, mixed_add
-from .modules import AdapterGroup, ExpertSet, linear_features
+from .modules import AdapterGroup, linear_features
 
 
 def new_group(layer: nn.Module, weight: Tensor, in_features: int, out_features: int, roles: tuple[str, ...],
@@ -143,34 +143,35 @@ class AdaMoLELinear(ProjectionAdapters, Swapped):
         return f"active={self.active!r}"
 
     def forward(self, x: Tensor) -> Tensor:
-        """x [..., D] -> base_layer(x) + the adapters' deltas [..., O]; computed by the site's op where
-        `folding_site` finds one (one autograd node)."""
-        site = self.folding_site(x)
-        if site is not None:
+        """x [..., D] -> base_layer(x) + the adapters' deltas [..., O]; computed by one folded op where
+        `folding_group` finds the adapter can take the projection in."""
+        group = self.folding_group(x)
+        if group is not None:
             params = self._modules["base_layer"]._parameters
-            return site(x, lead=x.shape[:-1], linear=(params["weight"], params["bias"]))
+            return group.add_linear(x, params["weight"], params["bias"])
         return self.add_to(x, self.base_layer(x))
 
-    def folding_site(self, x: Tensor) -> ExpertSet | None:
-        """The site whose op can compute the frozen projection too (`op.adapter_linear`: x's gradient summed in
-        one addmm, no second node), or None where the projection must run as itself: a traced call, a mixed
-        batch, no single site owning every column, x not in the adapter's dtype or on the weight's device,
-        autocast, a base layer that is anything but a plain nn.Linear with frozen weights and no hooks, or an
-        `add_to` shadowed on the instance (the check pass's marker: the call must reach it). Asked per call, so
-        it reads modules' dicts directly (`nn.Module.__getattr__` costs ~0.5 us a name; this is ~4 us)."""
+    def folding_group(self, x: Tensor) -> AdapterGroup | None:
+        """The active adapter, where one op can compute the frozen projection too (`AdapterGroup.add_linear`: x's
+        gradients summed in one addmm, no second node, a fused projection's deltas added into its output in
+        place), or None where the projection must run as itself: a traced call, a mixed batch, roles not owning
+        contiguous column blocks in order (an interleaved fused layout), x not in the adapter's dtype or on the
+        weight's device, autocast, a base layer that is anything but a plain nn.Linear with frozen weights and
+        no hooks, a site with hooks or a forward of its own, or an `add_to` shadowed on the instance (the check
+        pass's marker: the call must reach it). Asked per call, so it reads modules' dicts directly
+        (`nn.Module.__getattr__` costs ~0.5 us a name)."""
         if traced(x) or current_rows(self) is not None or "add_to" in self.__dict__:
             return None
         group = self.group
-        if group is None or not group.fused_base():
+        if group is None or not group.columns_in_order() or not plain_frozen_linear(self._modules["base_layer"]):
             return None
-        base = self._modules["base_layer"]
-        if not plain_frozen_linear(base):
+        w, device = self._modules["base_layer"]._parameters["weight"], x.device
+        if x.dtype != w.dtype or device != w.device:
             return None
-        site = group[group.roles[0]]
-        w, device = base._parameters["weight"], x.device
-        if x.dtype != w.dtype or site._parameters["lora_A"].dtype != w.dtype or device != w.device:
-            return None
-        return None if torch.is_autocast_enabled(device.type) else site
+        for site in group._modules.values():
+            if site._parameters["lora_A"].dtype != w.dtype or _has_hooks(site) or "forward" in site.__dict__:
+                return None
+        return None if torch.is_autocast_enabled(device.type) else group
 
 
 def plain_frozen_linear(layer: nn.Module) -> bool:
