@@ -384,3 +384,18 @@ def test_a_model_trains_the_same_folded(arch, monkeypatch):
         torch.testing.assert_close(g, ref[name], rtol=1e-4, atol=1e-6 * ref[name].abs().max().item(),
                                    msg=lambda m, n=name: f"{n}: {m}")
 
+
+
+@pytest.mark.parametrize("shape", [(0, 24), (2, 0, 24), (24,)])
+def test_fold_of_empty_and_one_dimensional_inputs(shape):
+    """No tokens, or a single vector: the folded call gives the unfolded call's output and gradients."""
+    for layer in (_layer(), _fused(_blocks(12, 6, 6))):
+        x = torch.randn(*shape, device=DEVICE, requires_grad=True)
+        assert layer.folding_group(x) is layer.group
+        out, _, grads, gx = _run(layer, x, unfolded=False)
+        ref, _, ref_grads, ref_gx = _run(layer, x, unfolded=True)
+        assert out.shape == ref.shape == (*shape[:-1], layer.out_features) and gx.shape == x.shape
+        torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(gx, ref_gx, rtol=1e-5, atol=1e-6)
+        for name, g in grads.items():
+            torch.testing.assert_close(g, ref_grads[name], rtol=1e-6, atol=1e-7)
