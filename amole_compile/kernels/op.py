@@ -205,42 +205,32 @@ class _EagerAdapter(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, *inputs):
-        return _eager_forward(ctx, inputs)
+        x = inputs[0]
+        ctx.x_shape = None if x.dim() == 2 else x.shape  # x [..., D]: flattened here, where no view is recorded
+        if ctx.x_shape is not None:
+            inputs = _flat(inputs)
+        a = AdapterArgs(*inputs)
+        ctx.triton = eager_triton(a.kernels, a.x, a.num_experts, a.lora_a.shape[0])  # the backward's too
+        out = forward_on(ctx.triton, (*inputs[:_KERNELS], a.with_aux), wrap=False)
+        _setup_context(ctx, inputs, out)
+        if ctx.x_shape is not None:
+            out = _unflat(out, ctx.x_shape)
+        ctx.mark_non_differentiable(out[2], out[3], out[4], out[6])
+        ctx.set_materialize_grads(False)
+        return out
 
     @staticmethod
     def backward(ctx, grad_out, *grads):
-        return _eager_grads(ctx, grad_out, grads)
-
-
-def _eager_forward(ctx, inputs: tuple):
-    """`_EagerAdapter`'s forward: the op's arguments `inputs` (x [..., D]) -> its outputs."""
-    x = inputs[0]
-    ctx.x_shape = None if x.dim() == 2 else x.shape  # x [..., D]: flattened here, where no view is recorded
-    if ctx.x_shape is not None:
-        inputs = _flat(inputs)
-    a = AdapterArgs(*inputs)
-    ctx.triton = eager_triton(a.kernels, a.x, a.num_experts, a.lora_a.shape[0])  # the backward's too
-    out = forward_on(ctx.triton, (*inputs[:_KERNELS], a.with_aux), wrap=False)
-    _setup_context(ctx, inputs, out)
-    if ctx.x_shape is not None:
-        out = _unflat(out, ctx.x_shape)
-    ctx.mark_non_differentiable(out[2], out[3], out[4], out[6])
-    ctx.set_materialize_grads(False)
-    return out
-
-
-def _eager_grads(ctx, grad_out, grads: tuple) -> tuple:
-    """`_EagerAdapter`'s backward: the op's gradients in its argument order, x's and base's in their shapes."""
-    shape, op = ctx.x_shape, EAGER_BACKWARD[ctx.triton]
-    if shape is None:
-        return _backward(ctx, grad_out, *grads, backward_op=op)
-    if grad_out is not None:
-        grad_out = grad_out.reshape(-1, grad_out.shape[-1])  # [T, O]
-    out = list(_backward(ctx, grad_out, *grads, backward_op=op))  # in the op's argument order
-    gx, gbase = out[0], out[_BASE]
-    out[0] = None if gx is None else gx.reshape(shape)
-    out[_BASE] = None if gbase is None else gbase.reshape(*shape[:-1], gbase.shape[-1])
-    return tuple(out)
+        shape, op = ctx.x_shape, EAGER_BACKWARD[ctx.triton]
+        if shape is None:
+            return _backward(ctx, grad_out, *grads, backward_op=op)
+        if grad_out is not None:
+            grad_out = grad_out.reshape(-1, grad_out.shape[-1])  # [T, O]
+        out = list(_backward(ctx, grad_out, *grads, backward_op=op))  # in the op's argument order
+        gx, gbase = out[0], out[_BASE]
+        out[0] = None if gx is None else gx.reshape(shape)
+        out[_BASE] = None if gbase is None else gbase.reshape(*shape[:-1], gbase.shape[-1])
+        return tuple(out)
 
 
 def _flat(inputs: tuple) -> tuple:

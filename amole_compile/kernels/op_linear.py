@@ -8,8 +8,8 @@ backward sums the sites' x gradients into the first and adds grad_y W into it in
 Unfolded, the projection's own node and each site's node gave autograd S + 1 x gradients [T, D] to sum, and a
 fused projection's deltas were concatenated and added to y: on a GPU, launches and whole [T, D] / [T, O] passes
 over memory per site. Same forward and backward per site as `op._EagerAdapter` (`op.forward_on`,
-`op.site_grads`), so the outputs and parameter gradients are those of the unfolded path bit for bit; x's gradient
-is rounded once per sum instead of per add.
+`op.site_grads`): the routing outputs and parameter gradients are the unfolded path's bit for bit, and so is a
+single site's output. A fused projection's output and x's gradient are rounded once per sum instead of per add.
 
 Legend: T tokens (x's leading dims flattened), D in features, O out features, O_s a site's columns, S sites.
 """
