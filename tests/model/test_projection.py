@@ -399,3 +399,14 @@ def test_fold_of_empty_and_one_dimensional_inputs(shape):
         torch.testing.assert_close(gx, ref_gx, rtol=1e-5, atol=1e-6)
         for name, g in grads.items():
             torch.testing.assert_close(g, ref_grads[name], rtol=1e-6, atol=1e-7)
+
+
+def test_a_global_hook_registry_torch_no_longer_has_reads_as_hooked(monkeypatch):
+    """The fold reads torch's private registries of global hooks; were one renamed away, it would not fold
+    (rather than miss a hook)."""
+    layer = _layer()
+    x = torch.randn(2, 24, device=DEVICE)
+    assert layer.folding_group(x) is layer.group
+    monkeypatch.delattr(nn.modules.module, "_global_forward_hooks")
+    assert layer.folding_group(x) is None
+
