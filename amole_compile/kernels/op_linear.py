@@ -26,6 +26,7 @@ from .op import _N_TENSORS, EAGER_BACKWARD, AdapterArgs, eager_triton, forward_o
 
 _PER_SITE = 6  # the tensors each site passes (keep-mask, A, B, gate, threshold weight, threshold bias)
 _OUTS = 6  # the outputs each site returns (scores, mask, za, zr, aux, aux_sums)
+_SAVED = 9  # the tensors saved per site: its six inputs, then za, zr and aux_sums
 
 
 def adapter_linear(sites: Sequence[AdapterArgs], weight: Tensor, bias: Tensor | None) -> tuple[Tensor, list]:
@@ -83,7 +84,7 @@ class _EagerLinearAdapter(torch.autograd.Function):
         g2 = None if grad_y is None else grad_y.reshape(-1, grad_y.shape[-1])  # [T, O]
         gx, flat, c0 = None, [], 0
         for s, n in enumerate(sizes):
-            site = (x2, *saved[2 + 9 * s: 11 + 9 * s])
+            site = (x2, *saved[2 + _SAVED * s: 2 + _SAVED * (s + 1)])
             go = grad_out_of(None if g2 is None else g2[:, c0:c0 + n], site)  # [T, O_s]
             gxs, *params = site_grads(site, scalars[s], need_x, go, grads[_OUTS * s], grads[_OUTS * s + 4],
                                       EAGER_BACKWARD[ctx.triton[s]])

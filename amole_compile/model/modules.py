@@ -297,7 +297,7 @@ class AdapterGroup(nn.ModuleDict):
 
     def fused_base(self) -> bool:
         """Does a single site own every column, so the op adds it to the projection's output itself?"""
-        return self._whole and len(self.roles) == 1
+        return self.columns_in_order() and len(self.roles) == 1
 
     def extra_repr(self) -> str:
         """The adapted roles, for `repr`."""

@@ -162,14 +162,14 @@ class AdaMoLELinear(ProjectionAdapters, Swapped):
         (`nn.Module.__getattr__` costs ~0.5 us a name)."""
         if traced(x) or current_rows(self) is not None or "add_to" in self.__dict__:
             return None
-        group = self.group
-        if group is None or not group.columns_in_order() or not plain_frozen_linear(self._modules["base_layer"]):
+        group, base = self.group, self._modules["base_layer"]
+        if group is None or not group.columns_in_order() or not plain_frozen_linear(base):
             return None
-        w, device = self._modules["base_layer"]._parameters["weight"], x.device
+        w, device = base._parameters["weight"], x.device
         if x.dtype != w.dtype or device != w.device:
             return None
-        for site in group._modules.values():
-            if site._parameters["lora_A"].dtype != w.dtype or _has_hooks(site) or "forward" in site.__dict__:
+        for site in group._modules.values():  # (global hooks: checked with the base layer's)
+            if site._parameters["lora_A"].dtype != w.dtype or _own_hooks(site) or "forward" in site.__dict__:
                 return None
         return None if torch.is_autocast_enabled(device.type) else group
 
@@ -194,11 +194,18 @@ _LINEAR_FORWARD, _F_LINEAR = nn.Linear.forward, torch.nn.functional.linear  # to
 
 
 def _has_hooks(layer: nn.Module) -> bool:
-    """Does a call of `layer` run any hook: its own, or a global one? torch's registries of global hooks are
-    private names (read only): one a later torch drops reads as hooked, so the fold never skips a hook it
-    cannot see."""
-    if layer._forward_hooks or layer._forward_pre_hooks or layer._backward_hooks or layer._backward_pre_hooks:
-        return True
+    """Does a call of `layer` run any hook: its own, or a global one?"""
+    return _own_hooks(layer) or _global_hooks()
+
+
+def _own_hooks(layer: nn.Module) -> bool:
+    return bool(layer._forward_hooks or layer._forward_pre_hooks or layer._backward_hooks
+                or layer._backward_pre_hooks)
+
+
+def _global_hooks() -> bool:
+    """Is a global module hook registered? torch's registries of them are private names (read only): one a later
+    torch drops reads as hooked, so the fold never skips a hook it cannot see."""
     g = torch.nn.modules.module
     try:
         return bool(g._global_forward_hooks or g._global_forward_pre_hooks or g._global_backward_hooks
