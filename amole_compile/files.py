@@ -19,6 +19,7 @@ also when the writer is killed at any point; the next write removes what a kille
     staged_folder(dest)              a temporary folder beside `dest`, for `move_files` / `move_folder`
     move_files(src, dest)            the files of a staged folder into an existing folder, one rename each
     atomic_folder(dest)              a whole folder, swapped in for an earlier folder of that name
+    swap_folder(src, dest, keep)     a staged folder swapped in for an earlier one, the entries it keeps carried
 
 An exception while writing leaves the destination as it was and no temporaries behind. A kill leaves the old
 content or the new (folder swaps are atomic where the OS can exchange two paths: Linux renameat2, macOS
@@ -295,6 +296,86 @@ def move_folder(src: str | os.PathLike, dest: str | os.PathLike) -> Path:
         _move_aside(src, dest)
     _fsync(dest.parent)
     return dest
+
+
+def swap_folder(src: str | os.PathLike, dest: str | os.PathLike, keep: Callable[[str], bool]) -> bool:
+    """Make the staged folder `src` the existing folder `dest` in one step, carrying over the entries of `dest`
+    that `src` lacks and `keep(name)` selects: their files as second names (hard links: the same files, modes
+    untouched), folders rebuilt likewise, symbolic links as links. Then the folders are exchanged (`_exchange`;
+    elsewhere `move_folder`'s move aside), and what appeared in `dest` meanwhile moves across before the earlier
+    folder goes. False, with `dest` untouched and `src` as it was, where the file system has no hard links,
+    `dest` holds something else than files, folders and links, or the process works in `dest`: the caller then
+    places the files one by one."""
+    src, dest = Path(src), Path(dest)
+    if _holds_cwd(dest):  # exchanged, the process would work in the removed earlier folder
+        return False
+    _finish(*[p for p in src.rglob("*") if p.is_file() and not p.is_symlink()])  # before any second name is in
+    names = [n for n in sorted(os.listdir(dest)) if keep(n) and not os.path.lexists(src / n)]
+    carried: list[str] = []
+    try:
+        for name in names:
+            carried.append(name)
+            _carry(dest / name, src / name)
+    except _NoLinks:
+        for name in carried:
+            _unlink_tree(src / name)
+        return False
+    if not _exchange(src, dest):
+        _move_aside(src, dest)
+        return True
+    _fsync(dest.parent)
+    _settle(src, dest, set(carried), {n for n in os.listdir(src) if not keep(n)})  # `src`: the earlier folder
+    return True
+
+
+def _holds_cwd(folder: Path) -> bool:
+    """Is the process's working directory `folder` or inside it?"""
+    cwd, real = os.getcwd(), os.path.realpath(folder)
+    return cwd == real or cwd.startswith(real.rstrip(os.sep) + os.sep)
+
+
+class _NoLinks(Exception):
+    """An entry cannot be carried over as a second name."""
+
+
+def _carry(old: Path, new: Path) -> None:
+    """`new` becomes another name of `old`: a hard link of a file, a folder of such links, a copy of a link."""
+    if old.is_symlink():
+        os.symlink(os.readlink(old), new)
+    elif old.is_dir():
+        os.mkdir(new)
+        shutil.copymode(old, new)
+        for name in sorted(os.listdir(old)):
+            _carry(old / name, new / name)
+    elif old.is_file():
+        try:
+            os.link(old, new)
+        except OSError as exc:
+            raise _NoLinks(str(old)) from exc
+    else:  # a socket, a pipe, a device: no second name for these
+        raise _NoLinks(str(old))
+
+
+def _unlink_tree(path: Path) -> None:
+    """Remove `path` (a carried second name; the first names stay)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif os.path.lexists(path):
+        os.unlink(path)
+
+
+def _settle(old: Path, new: Path, carried: set[str] | None, dropped: set[str] = frozenset()) -> None:
+    """After the exchange: entries of the earlier folder `old` that the new folder `new` lacks and that were not
+    `dropped` on purpose appeared while the save ran, and move across, also inside the `carried` folders (None:
+    all of `old` was carried); then `old` goes."""
+    for name in sorted(os.listdir(old)):
+        there = new / name
+        both = (old / name).is_dir() and there.is_dir() and not (old / name).is_symlink() and not there.is_symlink()
+        if both and (carried is None or name in carried):
+            _settle(old / name, there, None)
+        elif not os.path.lexists(there) and name not in dropped:
+            os.replace(old / name, there)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _move_aside(src: Path, dest: Path) -> None:

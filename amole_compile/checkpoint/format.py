@@ -114,7 +114,7 @@ def write_adapters(model: nn.Module, path: str | os.PathLike, state: dict[str, t
         _commit(out, meta | {"adapters": entries}, tensors)
         clean_leftovers(out, WEIGHTS_FILE)  # staging folders of writers before the manifest
         legacy = out / LEGACY_CONFIG_FILE
-        if legacy.is_file() and _is_ours(legacy):
+        if legacy.is_file() and is_ours(legacy):
             legacy.unlink()  # an old config of ours would make from_pretrained take the directory for a PEFT adapter
     return out
 
@@ -145,7 +145,7 @@ def refuse_foreign(out: Path) -> None:
     """FileExistsError when `out` holds an `amole_config.json` that is not ours, or an `adapters.safetensors`
     that no config of ours names and whose keys are not adapter keys: a save would replace someone's file."""
     config, weights = out / CONFIG_FILE, out / WEIGHTS_FILE
-    if config.exists() and not _is_ours(config):
+    if config.exists() and not is_ours(config):
         raise FileExistsError(f"{config} exists and is not an amole_compile config: not replaced (save elsewhere, "
                               "or pass overwrite=True to replace it)")
     if weights.exists() and not has_adapters(out) and not _adapter_keys_only(weights):
@@ -180,7 +180,8 @@ def _others(out: Path, names: list[str], overwrite: bool) -> tuple[dict, dict[st
             saved_active(data))
 
 
-def _is_ours(file: Path) -> bool:
+def is_ours(file: Path) -> bool:
+    """Is `file` a config of ours (JSON with our `format`)?"""
     try:
         data = json.loads(file.read_text())
     except (OSError, ValueError):
@@ -191,7 +192,7 @@ def _is_ours(file: Path) -> bool:
 def has_adapters(path: Path) -> bool:
     """Does directory `path` hold adapters in our format (current or legacy file name)?"""
     return (path / CONFIG_FILE).is_file() or ((path / LEGACY_CONFIG_FILE).is_file()
-                                              and _is_ours(path / LEGACY_CONFIG_FILE))
+                                              and is_ours(path / LEGACY_CONFIG_FILE))
 
 
 # ---- read -------------------------------------------------------------------------------------------------------

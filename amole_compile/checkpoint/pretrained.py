@@ -30,15 +30,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..files import atomic_write, folder_lock, move_files, move_folder, staged_folder
+from ..files import atomic_write, folder_lock, move_files, staged_folder, swap_folder
 from ..integrations.distributed import full_tensor, unwrap
 from ..model.projection import ProjectionAdapters
 from ..model.state import GRAPH_PREFIX, adapter_state, key_prefixes, state_of, swapped
 from .base_ref import check_same_base, reference
 from .format import (
     CONFIG_FILE,
+    LEGACY_CONFIG_FILE,
     WEIGHTS_FILE,
     has_adapters,
+    is_ours,
     read_adapter_tensors,
     read_config_json,
     refuse_foreign,
@@ -99,7 +101,7 @@ def save_pretrained(self: nn.Module, save_directory, is_main_process: bool = Tru
             return type(self).save_pretrained(self, directory, is_main_process=is_main_process, state_dict=base,
                                               **kwargs)
 
-    dest = Path(save_directory)
+    dest = Path(os.path.abspath(save_directory))  # "." has no name to stage beside
     if _trainer_checkpoint():
         return _save_referencing_base(self, dest, base, adapters) if is_main_process else None
     if not is_main_process or dest.is_file():  # other ranks only join transformers' collectives; a file: its error
@@ -147,40 +149,68 @@ def _save_referencing_base(model: nn.Module, dest: Path, base: dict[str, torch.T
 
 
 def _save_staged(model: nn.Module, dest: Path, save_base, adapters: dict[str, torch.Tensor]):
-    """transformers writes the base into a temporary folder beside `dest`. A new or empty `dest` is then swapped
-    for the finished folder (adapters included) in one step. Into an earlier save, each file of the base is
-    renamed into place (index files last), the adapters are committed (`format.write_adapters`) and shards of
-    the earlier base that the new one does not have are removed, as transformers would."""
+    """transformers writes the base into a temporary folder beside `dest`, and the adapters go beside it. The
+    finished folder is then swapped for `dest` in one step (`files.swap_folder`), also over an earlier save: the
+    entries of `dest` this save does not replace are carried over (second
+    names, not copies), except the earlier adapters and the earlier base's weight files that the new base
+    replaces (`_replaced`). Where the swap cannot be made (no hard links; `dest` is the working directory),
+    each file is renamed into place instead (index files last), the adapters are committed after them, and the
+    replaced files are removed."""
     dest.mkdir(parents=True, exist_ok=True)
     with staged_folder(dest) as tmp, folder_lock(dest):
         refuse_foreign(dest)
         out = save_base(tmp)
-        if not any(dest.iterdir()):
-            write_adapters(model, tmp, adapters)
-            move_folder(tmp, dest)
-            return out
-        written = move_files(tmp, dest, last=lambda name: name.endswith(".index.json"))
-        write_adapters(model, dest, adapters)
-        _remove_stale_shards(dest, written)
+        write_adapters(model, tmp, adapters)
+        written = sorted(os.listdir(tmp))
+        dropped = _replaced(dest, written)
+        if not swap_folder(tmp, dest, keep=lambda name: name not in dropped):
+            for name in (CONFIG_FILE, WEIGHTS_FILE):
+                os.unlink(tmp / name)  # committed below, after the base
+            move_files(tmp, dest, last=lambda name: name.endswith(".index.json"))
+            write_adapters(model, dest, adapters)
+            _remove_replaced(dest, written)
     return out
 
 
 _SHARD = re.compile(r"(?P<prefix>.*?)-\d{5}-of-\d{5}")
+# what killed writes of our adapter files leave: commit_pair's versioned weights, staging folders
+_LEFTOVER = re.compile(r"adapters\.[0-9a-f]{16}\.safetensors"
+                       r"|\.(amole_config\.json|adapters\.safetensors)\.[a-z0-9_]{8}\.tmp")
 
 
-def _remove_stale_shards(dest: Path, written: list[str]) -> None:
-    """Remove the weight shards (`model-00001-of-00003.safetensors`) of `dest` that this save did not write,
-    for the weight file names it wrote (transformers' own clean-up, which it ran on the empty temporary folder)."""
+def _replaced(dest: Path, written: list[str]) -> set[str]:
+    """The entries of an earlier save `dest` that a save writing `written` drops: the weight shards
+    (`model-00001-of-00003.safetensors`) of the weight files it wrote that it did not write itself
+    (transformers' own clean-up), the unsharded form of a weights file it wrote sharded and the other way
+    round, our earlier adapter files (a legacy config only where it is ours) and what killed writes of them
+    left."""
     def stem(name: str) -> str | None:
         bare = name.replace(".bin", "").replace(".safetensors", "")
         found = _SHARD.fullmatch(bare)
         return found["prefix"] if found else (bare if bare != name else None)
 
     prefixes = {stem(n) for n in written if n != WEIGHTS_FILE} - {None}
+    out = {CONFIG_FILE, WEIGHTS_FILE} | ({LEGACY_CONFIG_FILE} if is_ours(dest / LEGACY_CONFIG_FILE) else set())
+    # the other form of a weights file it wrote: an earlier unsharded file that a loader would read before the
+    # new index (transformers keeps it), or an earlier index beside a new unsharded file
+    out |= {n.removesuffix(".index.json") if n.endswith(".index.json") else f"{n}.index.json"
+            for n in written if n != WEIGHTS_FILE and n.endswith((".safetensors", ".bin", ".index.json"))
+            and not _SHARD.fullmatch(n.replace(".bin", "").replace(".safetensors", ""))} - set(written)
     for entry in os.scandir(dest):
         found = _SHARD.fullmatch(entry.name.replace(".bin", "").replace(".safetensors", ""))
-        if found and found["prefix"] in prefixes and entry.name not in written and entry.is_file():
-            os.unlink(entry.path)
+        if (found and found["prefix"] in prefixes and entry.name not in written and entry.is_file()) \
+                or _LEFTOVER.fullmatch(entry.name):
+            out.add(entry.name)
+    return out
+
+
+def _remove_replaced(dest: Path, written: list[str]) -> None:
+    """Remove the earlier base's files that this save replaces (`_replaced`), where the earlier save was not
+    swapped out whole."""
+    for name in _replaced(dest, written) - {CONFIG_FILE, WEIGHTS_FILE, LEGACY_CONFIG_FILE}:
+        path = dest / name
+        if path.is_file():
+            os.unlink(path)
 
 
 @contextlib.contextmanager

@@ -124,21 +124,47 @@ def test_save_adapters_killed_at_each_step_reads_old_or_new(case, tmp_path):
     torch.testing.assert_close(logits(loaded.eval(), x), logits(new_model.eval(), x), rtol=0, atol=0)
 
 
+USER_FILES = {"tokenizer.json": "{}", "checkpoint-1/trainer_state.json": '{"step": 1}'}  # not the save's own
+
+
+def with_user_files(folder):
+    """What `folder_seen` sees, and the files of USER_FILES that are there (text and mode)."""
+    seen = folder_seen(folder)
+    user = {n: ((folder / n).read_text(), (folder / n).stat().st_mode) for n in USER_FILES if (folder / n).exists()}
+    return seen, user
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["new_folder", "earlier_save"])
+@pytest.mark.parametrize("case", ["new_folder", "earlier_save", "earlier_save_other_base"])
 def test_save_pretrained_killed_at_each_step_reads_old_or_new(case, tmp_path):
-    """save_pretrained into a new folder (a Trainer checkpoint) and over an earlier save of the same base with
-    other adapters: from_pretrained + load_adapters see the old folder or the new one, at every step."""
+    """save_pretrained into a new folder (a Trainer checkpoint), over an earlier save of the same base with other
+    adapters, and over an earlier save of another base (weights and adapters both differ, so a folder mixing the
+    two saves could not pass for either): from_pretrained + load_adapters see the old folder or the new one at
+    every step, and the user's own files in the folder (a tokenizer, a checkpoint folder) are there throughout."""
     import transformers as tf
 
     (tmp_path / "ref" / "empty").mkdir(parents=True)
     pristine = None
-    if case == "earlier_save":
+    listing = sorted([*OURS, "config.json", "generation_config.json", "model.safetensors"])
+    if case != "new_folder":
         pristine = tmp_path / "old"
         adapted(2, seed=1).save_pretrained(pristine)
-    new_model = adapted(3, seed=2)
-    listing = sorted([*OURS, "config.json", "generation_config.json", "model.safetensors"])
-    dest = check_each_kill(tmp_path, pristine, new_model.save_pretrained, folder_seen, listing)
+        for name, text in USER_FILES.items():
+            (pristine / name).parent.mkdir(exist_ok=True)
+            (pristine / name).write_text(text)
+        os.chmod(pristine / "tokenizer.json", 0o600)
+        listing = sorted([*listing, "tokenizer.json", "checkpoint-1"])
+    base = None
+    if case == "earlier_save_other_base":
+        torch.manual_seed(0)
+        base = build("llama")
+        with torch.no_grad():
+            for p in base.parameters():
+                p.add_(torch.randn_like(p) * 0.01)
+    new_model = adapted(3, seed=2, base=base)
+    dest = check_each_kill(tmp_path, pristine, new_model.save_pretrained, with_user_files, listing)
     loaded = ac.load_adapters(tf.AutoModelForCausalLM.from_pretrained(dest), dest)
     x = ids(1, 6)
     torch.testing.assert_close(logits(loaded.eval(), x), logits(new_model.eval(), x), rtol=0, atol=0)
+    if pristine is not None:
+        assert with_user_files(dest)[1] == with_user_files(pristine)[1]
