@@ -16,10 +16,7 @@ also when the writer is killed at any point; the next write removes what a kille
     atomic_files(*paths)             several files of one folder, each renamed into place in the order given
     commit_pair(head, body, ...)     a file and the file it names (`m.onnx` naming `m.onnx.data`,
                                      `amole_config.json` naming `adapters.safetensors`): the old pair or the new
-    staged_folder(dest)              a temporary folder beside `dest`, for `move_files` / `move_folder`
-    move_files(src, dest)            the files of a staged folder into an existing folder, one rename each
-    atomic_folder(dest)              a whole folder, swapped in for an earlier folder of that name
-    swap_folder(src, dest, keep)     a staged folder swapped in for an earlier one, the entries it keeps carried
+    folders.py                       whole folders: staged beside the destination, swapped in in one step
 
 An exception while writing leaves the destination as it was and no temporaries behind. A kill leaves the old
 content or the new (folder swaps are atomic where the OS can exchange two paths: Linux renameat2, macOS
@@ -104,20 +101,48 @@ def clean_leftovers(folder: str | os.PathLike, *names: str) -> None:
             shutil.rmtree(entry.path, ignore_errors=True)
 
 
+def staging_of(name: str, dest: str | os.PathLike) -> bool:
+    """Is `name` a staging folder of `dest` (`.<dest name>.XXXXXXXX.tmp`: a live write's, or a killed one's)?"""
+    found = _STAGED.fullmatch(name)
+    return found is not None and found["name"] == Path(dest).name
+
+
 @contextlib.contextmanager
 def _staging(dest: Path) -> Iterator[Path]:
-    """Under the lock of `dest`'s folder (leftovers of `dest` removed first): a new temporary folder
-    `.<name>.XXXXXXXX.tmp` beside `dest`, removed with its contents on exit."""
-    with folder_lock(dest.parent) as locked:
+    """Under the lock of the folder that holds `dest` (leftovers of `dest` removed first): a new temporary folder
+    `.<name>.XXXXXXXX.tmp` beside `dest`, removed with its contents on exit. Beside a mount point (a container's
+    volume) renames could not reach `dest`: the temporary folder is then made inside it."""
+    home = dest if mount_point(dest) else dest.parent
+    with folder_lock(home) as locked:
         if locked:
-            clean_leftovers(dest.parent, dest.name)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+            clean_leftovers(home, dest.name)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=home))
         _LIVE.add(str(tmp))
         try:
             yield tmp
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
             _LIVE.discard(str(tmp))
+
+
+MOUNTINFO = Path("/proc/self/mountinfo")  # Linux: every mount point of this process, bind mounts included
+
+
+def mount_point(folder: str | os.PathLike) -> bool:
+    """Is `folder` a mount point? No rename crosses one, and none replaces it (a Docker volume's root, a bind
+    mount, which `os.path.ismount` misses where both sides are one file system)."""
+    if not os.path.isdir(folder) or os.path.islink(folder):
+        return False
+    if os.path.ismount(folder):
+        return True
+    try:
+        lines = MOUNTINFO.read_text().splitlines()
+    except OSError:
+        return False
+    real = os.path.realpath(folder)
+    octal = re.compile(r"\\([0-7]{3})")  # mountinfo writes a space as \040
+    return any(len(f) > 4 and octal.sub(lambda m: chr(int(m[1], 8)), f[4]) == real
+               for f in (line.split() for line in lines))
 
 
 # ---- placing files --------------------------------------------------------------------------------------------
@@ -242,175 +267,3 @@ def commit_pair(head: str | os.PathLike, body: str | os.PathLike, write: Callabl
         _fsync(head.parent)
         remove_versions(body)
     return head
-
-
-# ---- folders --------------------------------------------------------------------------------------------------
-def move_files(src: str | os.PathLike, dest: str | os.PathLike, last: Callable[[str], bool] = lambda n: False
-               ) -> list[str]:
-    """Rename every entry of folder `src` into the existing folder `dest` (files one atomic rename each, replacing
-    files of the same name; folders swapped in whole), those `last(name)` selects after the others. Returns the
-    names moved."""
-    src, dest = Path(src), Path(dest)
-    names = sorted(os.listdir(src), key=lambda n: (last(n), n))
-    _finish(*[src / n for n in names if (src / n).is_file()])
-    for name in names:
-        if (src / name).is_dir():
-            move_folder(src / name, dest / name)
-        else:
-            _place(src / name, dest / name)
-    _fsync(dest)
-    return names
-
-
-@contextlib.contextmanager
-def staged_folder(dest: str | os.PathLike) -> Iterator[Path]:
-    """Under the lock of `dest`'s parent: an empty temporary folder named like `dest` (in `.<name>.XXXXXXXX.tmp`
-    beside it), removed on exit; the caller places its contents (`move_files`, `move_folder`)."""
-    dest = Path(dest)
-    with _staging(dest) as tmp:
-        folder = tmp / dest.name
-        folder.mkdir()
-        yield folder
-
-
-@contextlib.contextmanager
-def atomic_folder(dest: str | os.PathLike) -> Iterator[Path]:
-    """Write a folder all or nothing: yields an empty temporary folder; when the block succeeds it replaces
-    `dest` whole (`move_folder`)."""
-    with staged_folder(dest) as folder:
-        yield folder
-        move_folder(folder, dest)
-
-
-def move_folder(src: str | os.PathLike, dest: str | os.PathLike) -> Path:
-    """Rename the folder `src` (its files finished first, as `atomic_files` does) onto `dest`. An earlier `dest`
-    is exchanged with `src` in one step where the OS can (`_exchange`), then removed; elsewhere it is first moved
-    aside (into a temporary folder beside it), put back if the rename fails and removed once it succeeded."""
-    src, dest = Path(src), Path(dest)
-    _finish(*[p for p in src.rglob("*") if p.is_file() and not p.is_symlink()])
-    if not dest.exists():
-        os.replace(src, dest)
-    elif _exchange(src, dest):
-        shutil.rmtree(src, ignore_errors=True)  # `src` now names the earlier folder
-    else:
-        _move_aside(src, dest)
-    _fsync(dest.parent)
-    return dest
-
-
-def swap_folder(src: str | os.PathLike, dest: str | os.PathLike, keep: Callable[[str], bool]) -> bool:
-    """Make the staged folder `src` the existing folder `dest` in one step, carrying over the entries of `dest`
-    that `src` lacks and `keep(name)` selects: their files as second names (hard links: the same files, modes
-    untouched), folders rebuilt likewise, symbolic links as links. Then the folders are exchanged (`_exchange`;
-    elsewhere `move_folder`'s move aside), and what appeared in `dest` meanwhile moves across before the earlier
-    folder goes. False, with `dest` untouched and `src` as it was, where the file system has no hard links,
-    `dest` holds something else than files, folders and links, or the process works in `dest`: the caller then
-    places the files one by one."""
-    src, dest = Path(src), Path(dest)
-    if _holds_cwd(dest):  # exchanged, the process would work in the removed earlier folder
-        return False
-    _finish(*[p for p in src.rglob("*") if p.is_file() and not p.is_symlink()])  # before any second name is in
-    names = [n for n in sorted(os.listdir(dest)) if keep(n) and not os.path.lexists(src / n)]
-    carried: list[str] = []
-    try:
-        for name in names:
-            carried.append(name)
-            _carry(dest / name, src / name)
-    except _NoLinks:
-        for name in carried:
-            _unlink_tree(src / name)
-        return False
-    if not _exchange(src, dest):
-        _move_aside(src, dest)
-        return True
-    _fsync(dest.parent)
-    _settle(src, dest, set(carried), {n for n in os.listdir(src) if not keep(n)})  # `src`: the earlier folder
-    return True
-
-
-def _holds_cwd(folder: Path) -> bool:
-    """Is the process's working directory `folder` or inside it?"""
-    cwd, real = os.getcwd(), os.path.realpath(folder)
-    return cwd == real or cwd.startswith(real.rstrip(os.sep) + os.sep)
-
-
-class _NoLinks(Exception):
-    """An entry cannot be carried over as a second name."""
-
-
-def _carry(old: Path, new: Path) -> None:
-    """`new` becomes another name of `old`: a hard link of a file, a folder of such links, a copy of a link."""
-    if old.is_symlink():
-        os.symlink(os.readlink(old), new)
-    elif old.is_dir():
-        os.mkdir(new)
-        shutil.copymode(old, new)
-        for name in sorted(os.listdir(old)):
-            _carry(old / name, new / name)
-    elif old.is_file():
-        try:
-            os.link(old, new)
-        except OSError as exc:
-            raise _NoLinks(str(old)) from exc
-    else:  # a socket, a pipe, a device: no second name for these
-        raise _NoLinks(str(old))
-
-
-def _unlink_tree(path: Path) -> None:
-    """Remove `path` (a carried second name; the first names stay)."""
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    elif os.path.lexists(path):
-        os.unlink(path)
-
-
-def _settle(old: Path, new: Path, carried: set[str] | None, dropped: set[str] = frozenset()) -> None:
-    """After the exchange: entries of the earlier folder `old` that the new folder `new` lacks and that were not
-    `dropped` on purpose appeared while the save ran, and move across, also inside the `carried` folders (None:
-    all of `old` was carried); then `old` goes."""
-    for name in sorted(os.listdir(old)):
-        there = new / name
-        both = (old / name).is_dir() and there.is_dir() and not (old / name).is_symlink() and not there.is_symlink()
-        if both and (carried is None or name in carried):
-            _settle(old / name, there, None)
-        elif not os.path.lexists(there) and name not in dropped:
-            os.replace(old / name, there)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def _move_aside(src: Path, dest: Path) -> None:
-    with _staging(dest) as aside:
-        old = aside / dest.name
-        os.replace(dest, old)
-        try:
-            os.replace(src, dest)
-        except BaseException:
-            os.replace(old, dest)
-            raise
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Swap the paths `a` and `b` atomically (Linux renameat2 RENAME_EXCHANGE, macOS renamex_np RENAME_SWAP).
-    False where the platform or file system cannot; other errors raise."""
-    import ctypes
-    import errno
-
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-    except OSError:
-        return False
-    linux, mac = getattr(libc, "renameat2", None), getattr(libc, "renamex_np", None)
-    if linux is not None:
-        linux.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-        done = linux(-100, os.fsencode(a), -100, os.fsencode(b), 2)  # AT_FDCWD, RENAME_EXCHANGE
-    elif mac is not None:
-        mac.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_uint]
-        done = mac(os.fsencode(a), os.fsencode(b), 2)  # RENAME_SWAP
-    else:
-        return False
-    if done == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
-        return False
-    raise OSError(err, os.strerror(err), str(a), None, str(b))

@@ -43,7 +43,7 @@ class _Steps:
 
 def _install(kill_at: int) -> None:
     """In the child: count every file-system step of the writer; the step `kill_at` ends the process."""
-    from amole_compile import files
+    from amole_compile import folders
 
     steps = _Steps(kill_at)
     real_open = builtins.open
@@ -62,7 +62,7 @@ def _install(kill_at: int) -> None:
 
     for module, name in [(os, "replace"), (os, "rename"), (os, "link"), (os, "unlink"), (os, "remove"),
                          (os, "rmdir"), (os, "mkdir"), (os, "chmod"), (tempfile, "mkdtemp"),
-                         (shutil, "copyfile"), (files, "_exchange")]:
+                         (shutil, "copyfile"), (folders, "_exchange")]:
         if hasattr(module, name):
             setattr(module, name, before(getattr(module, name)))
 

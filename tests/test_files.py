@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from amole_compile import files
+from amole_compile import files, folders
 
 
 class Boom(Exception):
@@ -71,7 +71,7 @@ def test_atomic_files_takes_distinct_names_in_one_folder(tmp_path):
 
 
 def test_atomic_folder_writes_a_new_folder(tmp_path):
-    with files.atomic_folder(tmp_path / "out") as tmp:
+    with folders.atomic_folder(tmp_path / "out") as tmp:
         assert tmp.name == "out" and tmp.parent.parent == tmp_path and not list(tmp.iterdir())
         (tmp / "a.txt").write_text("a")
     assert _names(tmp_path) == ["out"] and _names(tmp_path / "out") == ["a.txt"]
@@ -80,7 +80,7 @@ def test_atomic_folder_writes_a_new_folder(tmp_path):
 def test_atomic_folder_replaces_an_earlier_folder_whole(tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "old.txt").write_text("old")
-    with files.atomic_folder(tmp_path / "out") as tmp:
+    with folders.atomic_folder(tmp_path / "out") as tmp:
         (tmp / "new.txt").write_text("new")
     assert _names(tmp_path) == ["out"] and _names(tmp_path / "out") == ["new.txt"]
 
@@ -90,7 +90,7 @@ def test_atomic_folder_failure_keeps_the_old_folder(tmp_path, existing):
     if existing:
         (tmp_path / "out").mkdir()
         (tmp_path / "out" / "old.txt").write_text("old")
-    with pytest.raises(Boom), files.atomic_folder(tmp_path / "out") as tmp:
+    with pytest.raises(Boom), folders.atomic_folder(tmp_path / "out") as tmp:
         (tmp / "new.txt").write_text("new")
         raise Boom
     assert _names(tmp_path) == (["out"] if existing else [])
@@ -100,7 +100,7 @@ def test_atomic_folder_failure_keeps_the_old_folder(tmp_path, existing):
 
 def test_move_folder_puts_the_old_folder_back_when_the_rename_fails(tmp_path, monkeypatch):
     """Where the OS cannot exchange two paths, the old folder is moved aside first and put back on failure."""
-    monkeypatch.setattr(files, "_exchange", lambda a, b: False)
+    monkeypatch.setattr(folders, "_exchange", lambda a, b: False)
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "old.txt").write_text("old")
     (tmp_path / "new").mkdir()
@@ -113,7 +113,7 @@ def test_move_folder_puts_the_old_folder_back_when_the_rename_fails(tmp_path, mo
 
     monkeypatch.setattr(files.os, "replace", failing)
     with pytest.raises(OSError, match="rename failed"):
-        files.move_folder(tmp_path / "new", tmp_path / "out")
+        folders.move_folder(tmp_path / "new", tmp_path / "out")
     assert _names(tmp_path) == ["new", "out"] and _names(tmp_path / "out") == ["old.txt"]
 
 
@@ -205,9 +205,9 @@ def test_move_folder_exchanges_in_one_step(tmp_path, monkeypatch):
     (tmp_path / "new").mkdir()
     (tmp_path / "new" / "new.txt").write_text("new")
     monkeypatch.setattr(files.os, "replace", lambda s, d: pytest.fail(f"renamed {s} -> {d}"))
-    if not files._exchange(tmp_path / "new", tmp_path / "new"):
+    if not folders._exchange(tmp_path / "new", tmp_path / "new"):
         pytest.skip("this OS / file system cannot exchange two paths")
-    files.move_folder(tmp_path / "new", tmp_path / "out")
+    folders.move_folder(tmp_path / "new", tmp_path / "out")
     assert _names(tmp_path) == ["out"] and _names(tmp_path / "out") == ["new.txt"]
 
 
@@ -220,7 +220,7 @@ def test_files_get_the_mode_the_umask_gives(tmp_path, umask):
     before = os.umask(umask)
     try:
         files.atomic_write(tmp_path / "a.safetensors", lambda tmp: save_file({}, tmp))  # safetensors makes 0600
-        with files.atomic_folder(tmp_path / "out") as out:
+        with folders.atomic_folder(tmp_path / "out") as out:
             save_file({}, str(out / "b.safetensors"))
     finally:
         os.umask(before)

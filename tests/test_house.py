@@ -133,7 +133,7 @@ def test_only_the_api_imports_the_verbs():
 
 def test_the_root_holds_the_verbs_and_shared_leaves_only():
     root = sorted(p.name for p in PKG.glob("*.py"))
-    assert root == ["__init__.py", "config.py", "core.py", "files.py", "stats.py"], root
+    assert root == ["__init__.py", "config.py", "core.py", "files.py", "folders.py", "stats.py"], root
     subpackages = sorted(p.name for p in PKG.iterdir() if (p / "__init__.py").is_file())
     assert subpackages == ["checkpoint", "cli", "export", "integrations", "kernels", "model", "passes"]
 

@@ -30,7 +30,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..files import atomic_write, folder_lock, move_files, staged_folder, swap_folder
+from ..files import atomic_write, folder_lock
+from ..folders import move_files, staged_folder, swap_folder
 from ..integrations.distributed import full_tensor, unwrap
 from ..model.projection import ProjectionAdapters
 from ..model.state import GRAPH_PREFIX, adapter_state, key_prefixes, state_of, swapped

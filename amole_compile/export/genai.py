@@ -11,10 +11,10 @@
     tokenizer files        copied from the tokenizer directory (or saved from a tokenizer object) when given
 
 The steps: check the folder (`check_out_dir`) and snapshot the adapters to serve; then, in a temporary folder
-beside `out_dir` (`files.atomic_folder`): the decoder graph through the export pipeline (`_pipeline.export_graph`,
+beside `out_dir` (`folders.atomic_folder`): the decoder graph through the export pipeline (`_pipeline.export_graph`,
 the first adapter active, its tensors as inputs, zero defaults as the edit), genai_config.json from the exported
 graph's names and shapes, the adapter files, the tokenizer files; the finished folder is then swapped for
-`out_dir` in one step (`files.move_folder`), so a reader sees the old folder or the new one and a failed export
+`out_dir` in one step (`folders.move_folder`), so a reader sees the old folder or the new one and a failed export
 leaves no partial folder. onnxruntime-genai itself is not needed to export (only
 onnxruntime's `AdapterFormat`).
 """
@@ -35,7 +35,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..files import atomic_folder, atomic_write
+from ..files import atomic_write, mount_point, staging_of
+from ..folders import atomic_folder
 from ._graphs import GraphSpec, decoder_spec
 from ._pipeline import GraphOptions, export_graph
 
@@ -336,18 +337,22 @@ def _search(model: nn.Module, context: int) -> dict:
 # ---- files ----------------------------------------------------------------------------------------
 
 def check_out_dir(out_dir: str | os.PathLike) -> Path:
-    """The output folder: its parent exists and is writable; an existing folder must be empty or an earlier
-    genai export (it is replaced), never a file or an unrelated folder."""
+    """The output folder: its parent exists, and it is writable where the export is staged (beside the folder,
+    inside a mount point); an existing folder must be empty (but for staging folders killed exports left) or an
+    earlier genai export (it is replaced), never a file or an unrelated folder."""
     dest = Path(out_dir).expanduser().absolute()
     if dest.exists() and not dest.is_dir():
         raise NotADirectoryError(f"genai output {dest} is a file; give a folder name")
-    if dest.is_dir() and any(dest.iterdir()) and not (dest / CONFIG_FILE).is_file():
+    held = [e for e in dest.iterdir() if not staging_of(e.name, dest)] if dest.is_dir() else []
+    if held and not (dest / CONFIG_FILE).is_file():
         raise FileExistsError(f"genai output folder {dest} exists and holds no {CONFIG_FILE}: give a new or "
                               "empty folder (an earlier genai export is replaced)")
     if not dest.parent.is_dir():
         raise FileNotFoundError(f"genai output's parent folder {dest.parent} does not exist")
-    if not os.access(dest.parent, os.W_OK):
-        raise PermissionError(f"genai output's parent folder {dest.parent} is not writable")
+    home = dest if mount_point(dest) else dest.parent  # where the export is staged (inside a mounted volume)
+    if not os.access(home, os.W_OK):
+        raise PermissionError(f"genai output's {'folder' if home == dest else 'parent folder'} {home} is not "
+                              "writable")
     return dest
 
 

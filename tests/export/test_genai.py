@@ -17,7 +17,7 @@ import onnx  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 
 import amole_compile as ac  # noqa: E402
-from amole_compile import cli, files  # noqa: E402
+from amole_compile import cli, folders  # noqa: E402
 from amole_compile.export import genai  # noqa: E402
 from amole_compile.model.modules import ExpertSet  # noqa: E402
 from amole_compile.model.state import adapter_state  # noqa: E402
@@ -193,7 +193,7 @@ def test_an_earlier_export_is_replaced_whole(tmp_path):
     (dest / "old.onnx_adapter").write_text("old")
     (tmp / "genai_config.json").write_text('{"new": 1}')
     assert genai.check_out_dir(dest) == dest
-    files.move_folder(tmp, dest)
+    folders.move_folder(tmp, dest)
     assert [p.name for p in tmp_path.iterdir()] == ["served"]
     assert [p.name for p in dest.iterdir()] == ["genai_config.json"]
     assert "new" in (dest / "genai_config.json").read_text()
