@@ -1,0 +1,86 @@
+"""The loss hooks (`integrations/loss.py`) walk the model once per eager forward: the forward hook reuses the
+sites the pre-hook found, also when forwards nest or one raised, and the aux loss they sum is the same."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import amole_compile as ac
+from amole_compile.integrations import loss
+from amole_compile.model.modules import ExpertSet
+
+from models import build, ids
+
+CFG = ac.AdaMoLEConfig(num_experts=2, rank=2, aux_loss_coef=0.5)
+
+
+class Boom(Exception):
+    pass
+
+
+@pytest.fixture
+def walks(monkeypatch):
+    """The models `expert_sets` walked, in order."""
+    seen = []
+    real = loss.expert_sets
+
+    def counted(module):
+        seen.append(module)
+        return real(module)
+
+    monkeypatch.setattr(loss, "expert_sets", counted)
+    yield seen
+    loss._WALKED.set(())
+
+
+def summed_aux(model) -> torch.Tensor:
+    return torch.stack([m.aux for m in model.modules() if isinstance(m, ExpertSet)]).sum()
+
+
+def test_one_walk_per_forward_and_the_same_aux(walks):
+    torch.manual_seed(0)
+    model = ac.transform(build("llama"), CFG).train()
+    x = ids(2, 6)
+    walks.clear()  # (transform's own check forward walked it once)
+    out = model(input_ids=x, labels=x)
+    assert len(walks) == 1 and walks[0] is model
+    torch.testing.assert_close(out.aux_loss, summed_aux(model), rtol=0, atol=0)
+    assert loss._WALKED.get() == ()
+
+
+def test_a_forward_that_raised_leaves_no_stale_sites(walks):
+    """A forward that raised never ran its forward hook: the next forward of the model replaces its entry, and
+    sums its own aux."""
+    torch.manual_seed(0)
+    model = ac.transform(build("llama"), CFG).train()
+    x = ids(2, 6)
+    def boom(*_):
+        raise Boom
+
+    handle = model.model.layers[1].register_forward_pre_hook(boom)
+    with pytest.raises(Boom):
+        model(input_ids=x, labels=x)
+    handle.remove()
+    assert len(loss._WALKED.get()) == 1  # the raised forward's entry
+    out = model(input_ids=x, labels=x)
+    torch.testing.assert_close(out.aux_loss, summed_aux(model), rtol=0, atol=0)
+    assert loss._WALKED.get() == ()
+
+
+def test_nested_forwards_each_sum_their_own_sites(walks):
+    """Forwards of two transformed models, one inside the other: each forward hook sums its own model's sites,
+    from the pre-hook's walk (the hooks called as torch calls them)."""
+    torch.manual_seed(0)
+    a, b = (ac.transform(build("llama"), CFG).train() for _ in range(2))
+    x = ids(2, 6)
+    walks.clear()
+    loss.pre_forward(a, (), {"input_ids": x})
+    loss.pre_forward(b, (), {"input_ids": x})
+    out_b = b.model(input_ids=x)  # the inner models run: their sites record their aux
+    out_a = a.model(input_ids=x)
+    inner = loss.post_forward(b, (), {}, {"loss": out_b.last_hidden_state.sum()})
+    outer = loss.post_forward(a, (), {}, {"loss": out_a.last_hidden_state.sum()})
+    assert [id(m) for m in walks] == [id(a), id(b)] and loss._WALKED.get() == ()
+    torch.testing.assert_close(inner["aux_loss"], summed_aux(b), rtol=0, atol=0)
+    torch.testing.assert_close(outer["aux_loss"], summed_aux(a), rtol=0, atol=0)
