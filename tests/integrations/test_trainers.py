@@ -343,3 +343,24 @@ def test_trl_reference_model_after_a_training_step():
             if n.endswith("lora_B"):
                 p.add_(0.1)
         torch.testing.assert_close(ref(input_ids=x).logits, before, rtol=0, atol=0)
+
+
+def test_save_model_into_the_output_folder_keeps_its_checkpoints(tmp_path):
+    """`trainer.save_model()` writes the model into the output folder that holds the run's checkpoints
+    (`save_pretrained`, swapped in whole): the checkpoint folders come along as the same files, and a run
+    resumes from one of them afterwards."""
+    import os
+
+    model = adapted(seed=0)
+    args = tf.TrainingArguments(**_common(tmp_path, max_steps=2, save_steps=1, save_strategy="steps"))
+    trainer = tf.Trainer(model=model, args=args, train_dataset=LMData(16))
+    trainer.train()
+    ckpt = tmp_path / "checkpoint-1"
+    before = {p.name: (p.stat().st_ino, p.read_bytes()) for p in ckpt.iterdir() if p.is_file()}
+    trainer.save_model()
+    assert {"checkpoint-1", "checkpoint-2", "config.json", "model.safetensors", "amole_config.json",
+            "adapters.safetensors"} <= set(os.listdir(tmp_path))
+    assert {p.name: (p.stat().st_ino, p.read_bytes()) for p in ckpt.iterdir() if p.is_file()} == before
+    resumed = tf.Trainer(model=adapted(seed=1), args=args, train_dataset=LMData(16))
+    resumed.train(resume_from_checkpoint=str(ckpt))
+    assert resumed.state.global_step == 2
