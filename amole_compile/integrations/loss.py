@@ -96,30 +96,32 @@ def post_forward(module: nn.Module, args, kwargs, output):
 
 
 # The sites the pre-hook found, for the forward hook of the same eager forward: one walk of the model per forward
-# (~1 us a module) instead of two. A stack, as forwards nest; the model is held weakly. Under torch.compile
-# (which cannot trace a ContextVar) both hooks walk, at trace time only.
+# (~1 us a module) instead of two. A stack, as forwards nest; the model is held weakly. The forward hook runs
+# also when the forward raises (`always_call`), so entries pair up; one left by a path that skipped it (a
+# compiled forward that raised) goes when its model's next forward, or an outer one, leaves. Under
+# torch.compile (which cannot trace a ContextVar) both hooks walk, at trace time only.
 _WALKED: contextvars.ContextVar[tuple[tuple[weakref.ref, list], ...]] = contextvars.ContextVar("amole_walked",
                                                                                              default=())
 
 
 def _entering(module: nn.Module) -> list:
-    """The sites of `module`, remembered for `_leaving` (a forward of it that raised never left: replaced)."""
+    """The sites of `module`, remembered for `_leaving`."""
     sites = expert_sets(module)
     if not torch.compiler.is_compiling():
-        stack = _WALKED.get()
-        if stack and stack[-1][0]() is module:
-            stack = stack[:-1]
+        stack = tuple(e for e in _WALKED.get() if e[0]() is not None and e[0]() is not module)  # none stale
         _WALKED.set((*stack, (weakref.ref(module), sites)))
     return sites
 
 
 def _leaving(module: nn.Module) -> list:
-    """The sites `_entering` found for this forward of `module` (walked again where it has no entry)."""
+    """The sites `_entering` found for this forward of `module` (the entries above it, left by forwards that
+    never left, go too); walked again where it has no entry."""
     if not torch.compiler.is_compiling():
         stack = _WALKED.get()
-        if stack and stack[-1][0]() is module:
-            _WALKED.set(stack[:-1])
-            return stack[-1][1]
+        for i in range(len(stack) - 1, -1, -1):
+            if stack[i][0]() is module:
+                _WALKED.set(stack[:i])
+                return stack[i][1]
     return expert_sets(module)
 
 

@@ -49,7 +49,7 @@ class Patch:
 # ---- the rows' install / remove -----------------------------------------------------------------------------
 def _hooks(model: nn.Module) -> bool:
     model.register_forward_pre_hook(pre_forward, with_kwargs=True)
-    model.register_forward_hook(post_forward, with_kwargs=True)
+    model.register_forward_hook(post_forward, with_kwargs=True, always_call=True)  # also when the forward raises
     return True
 
 
@@ -58,6 +58,7 @@ def _unhook(model: nn.Module, _token) -> None:
         for key in [k for k, h in hooks.items() if h is fn]:
             del hooks[key]
             model._forward_hooks_with_kwargs.pop(key, None)
+            model._forward_hooks_always_called.pop(key, None)
             model._forward_pre_hooks_with_kwargs.pop(key, None)
 
 

@@ -3,6 +3,8 @@ sites the pre-hook found, also when forwards nest or one raised, and the aux los
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 
@@ -43,18 +45,22 @@ def test_one_walk_per_forward_and_the_same_aux(walks):
     model = ac.transform(build("llama"), CFG).train()
     x = ids(2, 6)
     walks.clear()  # (transform's own check forward walked it once)
+    before = loss._WALKED.get()
     out = model(input_ids=x, labels=x)
     assert len(walks) == 1 and walks[0] is model
     torch.testing.assert_close(out.aux_loss, summed_aux(model), rtol=0, atol=0)
-    assert loss._WALKED.get() == ()
+    assert loss._WALKED.get() == before
 
 
 def test_a_forward_that_raised_leaves_no_stale_sites(walks):
-    """A forward that raised never ran its forward hook: the next forward of the model replaces its entry, and
-    sums its own aux."""
+    """The forward hook runs also when the forward raises: the entry goes, the sites' per-forward aux is
+    cleared, and the next forward sums its own aux. An entry a forward left anyway (here: put there by hand, as
+    a compiled forward that raised would) goes when an outer forward leaves, and a dead model's at once."""
     torch.manual_seed(0)
     model = ac.transform(build("llama"), CFG).train()
     x = ids(2, 6)
+    before = loss._WALKED.get()
+
     def boom(*_):
         raise Boom
 
@@ -62,10 +68,21 @@ def test_a_forward_that_raised_leaves_no_stale_sites(walks):
     with pytest.raises(Boom):
         model(input_ids=x, labels=x)
     handle.remove()
-    assert len(loss._WALKED.get()) == 1  # the raised forward's entry
+    assert loss._WALKED.get() == before
+    assert all(m._fwd_aux is None for m in model.modules() if isinstance(m, ExpertSet))
     out = model(input_ids=x, labels=x)
     torch.testing.assert_close(out.aux_loss, summed_aux(model), rtol=0, atol=0)
-    assert loss._WALKED.get() == ()
+    other = torch.nn.Linear(2, 2)  # another model
+    loss._entering(model)
+    loss._entering(other)  # never left
+    assert loss._leaving(model) is not None and loss._WALKED.get() == before
+    loss._entering(other)
+    del other
+    walks.clear()  # (the fixture held it)
+    gc.collect()
+    loss._entering(model)  # the dead model's entry goes
+    assert [e[0]() for e in loss._WALKED.get()[len(before):]] == [model]
+    loss._leaving(model)
 
 
 def test_nested_forwards_each_sum_their_own_sites(walks):
@@ -75,12 +92,13 @@ def test_nested_forwards_each_sum_their_own_sites(walks):
     a, b = (ac.transform(build("llama"), CFG).train() for _ in range(2))
     x = ids(2, 6)
     walks.clear()
+    before = loss._WALKED.get()
     loss.pre_forward(a, (), {"input_ids": x})
     loss.pre_forward(b, (), {"input_ids": x})
     out_b = b.model(input_ids=x)  # the inner models run: their sites record their aux
     out_a = a.model(input_ids=x)
     inner = loss.post_forward(b, (), {}, {"loss": out_b.last_hidden_state.sum()})
     outer = loss.post_forward(a, (), {}, {"loss": out_a.last_hidden_state.sum()})
-    assert [id(m) for m in walks] == [id(a), id(b)] and loss._WALKED.get() == ()
+    assert [id(m) for m in walks] == [id(a), id(b)] and loss._WALKED.get() == before
     torch.testing.assert_close(inner["aux_loss"], summed_aux(b), rtol=0, atol=0)
     torch.testing.assert_close(outer["aux_loss"], summed_aux(a), rtol=0, atol=0)
