@@ -218,14 +218,20 @@ def versioned(body: Path, token: str | None = None) -> Path:
     return body.with_name(f"{stem}.{token}.{ext}" if dot else f"{body.name}.{token}")
 
 
+def version_of(name: str, body: str | os.PathLike) -> bool:
+    """Is `name` a versioned copy of `body` (`versioned`)?"""
+    body = Path(body).name
+    stem, dot, ext = body.rpartition(".")
+    pattern = (re.escape(stem) + r"\.[0-9a-f]{16}\." + re.escape(ext) if dot else
+               re.escape(body) + r"\.[0-9a-f]{16}")
+    return re.fullmatch(pattern, name) is not None
+
+
 def remove_versions(body: Path) -> None:
     """Remove every versioned copy of `body` (`versioned`) in its folder: what `commit_pair` leaves until its end,
     and killed writes leave for good."""
-    stem, dot, ext = body.name.rpartition(".")
-    pattern = re.compile(re.escape(stem) + r"\.[0-9a-f]{16}\." + re.escape(ext) if dot else
-                         re.escape(body.name) + r"\.[0-9a-f]{16}")
     for entry in os.scandir(body.parent):
-        if pattern.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
+        if version_of(entry.name, body) and entry.is_file(follow_symlinks=False):
             os.unlink(entry.path)
 
 

@@ -41,8 +41,9 @@ def move_files(src: str | os.PathLike, dest: str | os.PathLike, last: Callable[[
 
 @contextlib.contextmanager
 def staged_folder(dest: str | os.PathLike) -> Iterator[Path]:
-    """Under the lock of `dest`'s parent: an empty temporary folder named like `dest` (in `.<name>.XXXXXXXX.tmp`
-    beside it), removed on exit; the caller places its contents (`move_files`, `move_folder`)."""
+    """Under the lock of the folder that holds `dest`: an empty temporary folder named like `dest` (in
+    `.<name>.XXXXXXXX.tmp` beside it, inside it for a mount point: `files._staging`), removed on exit; the
+    caller places its contents (`move_files`, `move_folder`, `swap_folder`)."""
     dest = Path(dest)
     with _staging(dest) as tmp:
         folder = tmp / dest.name
@@ -68,7 +69,7 @@ def move_folder(src: str | os.PathLike, dest: str | os.PathLike) -> Path:
     if mount_point(dest):  # not replaceable: its entries are (`staged_folder` staged `src` inside it)
         _refill(src, dest)
         return dest
-    _finish(*[p for p in src.rglob("*") if p.is_file() and not p.is_symlink()])
+    _finish_tree(src)
     if not dest.exists():
         os.replace(src, dest)
     elif _exchange(src, dest):
@@ -90,7 +91,7 @@ def swap_folder(src: str | os.PathLike, dest: str | os.PathLike, keep: Callable[
     src, dest = Path(src), Path(dest)
     if _holds_cwd(dest) or mount_point(dest):  # the process would work in the removed folder; no swap there
         return False
-    _finish(*[p for p in src.rglob("*") if p.is_file() and not p.is_symlink()])  # before any second name is in
+    _finish_tree(src)  # before any second name is in
     names = [n for n in sorted(os.listdir(dest)) if keep(n) and not os.path.lexists(src / n)]
     carried: list[str] = []
     try:
@@ -107,6 +108,11 @@ def swap_folder(src: str | os.PathLike, dest: str | os.PathLike, keep: Callable[
     _fsync(dest.parent)
     _settle(src, dest, set(carried), {n for n in os.listdir(src) if not keep(n)})  # `src`: the earlier folder
     return True
+
+
+def _finish_tree(src: Path) -> None:
+    """`files._finish` every file under the staged folder `src` (not the links)."""
+    _finish(*[p for p in src.rglob("*") if p.is_file() and not p.is_symlink()])
 
 
 def _refill(src: Path, dest: Path) -> None:
