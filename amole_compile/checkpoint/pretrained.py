@@ -22,7 +22,6 @@ import contextvars
 import inspect
 import logging
 import os
-import re
 import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -30,18 +29,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..files import atomic_write, folder_lock, staging_of, version_of
-from ..folders import move_files, staged_folder, swap_folder
+from ..files import atomic_write, folder_lock
 from ..integrations.distributed import full_tensor, unwrap
 from ..model.projection import ProjectionAdapters
 from ..model.state import GRAPH_PREFIX, adapter_state, key_prefixes, state_of, swapped
 from .base_ref import check_same_base, reference
+from .folder import save_staged
 from .format import (
     CONFIG_FILE,
-    LEGACY_CONFIG_FILE,
-    WEIGHTS_FILE,
     has_adapters,
-    is_ours,
     read_adapter_tensors,
     read_config_json,
     refuse_foreign,
@@ -89,7 +85,7 @@ def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def save_pretrained(self: nn.Module, save_directory, is_main_process: bool = True, state_dict=None, **kwargs):
     """`save_pretrained` of a transformed model: the base model as transformers saves it (original key names,
     loadable by `from_pretrained`) plus the adapters in `amole_config.json` / `adapters.safetensors`, as one
-    transaction (`_save_staged`)."""
+    transaction (`folder.save_staged`)."""
     if state_dict is None:
         state_dict = self.state_dict()
     base, adapters = split_state(self, state_dict)
@@ -107,7 +103,7 @@ def save_pretrained(self: nn.Module, save_directory, is_main_process: bool = Tru
         return _save_referencing_base(self, dest, base, adapters) if is_main_process else None
     if not is_main_process or dest.is_file():  # other ranks only join transformers' collectives; a file: its error
         return save_base(save_directory)
-    return _save_staged(self, dest, save_base, adapters)
+    return save_staged(self, dest, save_base, adapters)
 
 
 MARKER = "adapters only: the base is referenced in amole_config.json (`base`), see amole_compile.checkpoint.base_ref"
@@ -147,73 +143,6 @@ def _save_referencing_base(model: nn.Module, dest: Path, base: dict[str, torch.T
         atomic_write(dest / SAFE_WEIGHTS, lambda tmp: save_file({}, tmp, metadata={"format": "pt",
                                                                                    "amole_compile": MARKER}))
         write_adapters(model, dest, adapters, base=ref)
-
-
-def _save_staged(model: nn.Module, dest: Path, save_base, adapters: dict[str, torch.Tensor]):
-    """transformers writes the base into a temporary folder beside `dest`, and the adapters go beside it. The
-    finished folder is then swapped for `dest` in one step (`folders.swap_folder`), also over an earlier save:
-    the entries of `dest` this save does not replace are carried over (second names, not copies), except the
-    earlier adapters and the earlier base's weight files that the new base replaces (`_replaced`). Where the
-    swap cannot be made (no hard links; `dest` is the working directory or a mount point), each file is renamed
-    into place instead (index files last), the adapters are committed after them, and the replaced files are
-    removed."""
-    dest.mkdir(parents=True, exist_ok=True)
-    with staged_folder(dest) as tmp, folder_lock(dest):
-        refuse_foreign(dest)
-        out = save_base(tmp)
-        write_adapters(model, tmp, adapters)
-        dropped = _replaced(dest, sorted(os.listdir(tmp)))
-        if not swap_folder(tmp, dest, keep=lambda name: name not in dropped):
-            for name in (CONFIG_FILE, WEIGHTS_FILE):
-                os.unlink(tmp / name)  # committed below, after the base
-            move_files(tmp, dest, last=lambda name: name.endswith(".index.json"))
-            write_adapters(model, dest, adapters)
-            _remove_replaced(dest, dropped)
-    return out
-
-
-_SHARD = re.compile(r"(?P<prefix>.*?)-\d{5}-of-\d{5}")
-
-
-def _bare(name: str) -> str:
-    """A weights file's name without its format suffixes: `model-00001-of-00002.safetensors` ->
-    `model-00001-of-00002`."""
-    return name.replace(".bin", "").replace(".safetensors", "")
-
-
-def _replaced(dest: Path, written: list[str]) -> set[str]:
-    """The entries of an earlier save `dest` that a save writing `written` drops: the weight shards
-    (`model-00001-of-00003.safetensors`) of the weight files it wrote that it did not write itself
-    (transformers' own clean-up), the unsharded form of a weights file it wrote sharded and the other way
-    round, our earlier adapter files (a legacy config only where it is ours) and what killed writes of them
-    left (versioned weights, staging folders)."""
-    def stem(name: str) -> str | None:
-        found = _SHARD.fullmatch(_bare(name))
-        return found["prefix"] if found else (_bare(name) if _bare(name) != name else None)
-
-    prefixes = {stem(n) for n in written if n != WEIGHTS_FILE} - {None}
-    out = {CONFIG_FILE, WEIGHTS_FILE} | ({LEGACY_CONFIG_FILE} if is_ours(dest / LEGACY_CONFIG_FILE) else set())
-    # the other form of a weights file it wrote: an earlier unsharded file that a loader would read before the
-    # new index (transformers keeps it), or an earlier index beside a new unsharded file
-    out |= {n.removesuffix(".index.json") if n.endswith(".index.json") else f"{n}.index.json"
-            for n in written if n != WEIGHTS_FILE and n.endswith((".safetensors", ".bin", ".index.json"))
-            and not _SHARD.fullmatch(_bare(n))} - set(written)
-    for entry in os.scandir(dest):
-        found = _SHARD.fullmatch(_bare(entry.name))
-        if (found and found["prefix"] in prefixes and entry.name not in written and entry.is_file()) \
-                or version_of(entry.name, WEIGHTS_FILE) or staging_of(entry.name, CONFIG_FILE) \
-                or staging_of(entry.name, WEIGHTS_FILE):
-            out.add(entry.name)
-    return out
-
-
-def _remove_replaced(dest: Path, dropped: set[str]) -> None:
-    """Remove the earlier base's files among `dropped` (`_replaced`), where the earlier save was not swapped out
-    whole (our adapter files were committed anew)."""
-    for name in dropped - {CONFIG_FILE, WEIGHTS_FILE, LEGACY_CONFIG_FILE}:
-        path = dest / name
-        if path.is_file():
-            os.unlink(path)
 
 
 @contextlib.contextmanager
