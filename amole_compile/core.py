@@ -43,6 +43,7 @@ from .model.state import (
 )
 from .passes.check_calls import check_adapters_run
 from .passes.discover import discover
+from .passes.find_rows import find_rows
 from .passes.insert_ops import insert_ops, remove_ops
 from .passes.reach import DeadAdapterError
 from .passes.select_targets import NoAttentionFound
@@ -150,6 +151,7 @@ def rewrite(model: nn.Module, selected: list[Target], config: AdaMoLEConfig, nam
                 drop(model, name)
                 patches.detach(model, record, keep=installed)
             raise
+        log.info(find_rows(model, example_inputs).summary())
     activate(model, name)
     return report
 
@@ -229,7 +231,9 @@ def batch_adapters(model: nn.Module, rows: Sequence[str | int | None]) -> Iterat
     The rows belong to this call: they are kept in a `contextvars.ContextVar` (under torch.compile, per
     thread), so other threads and tasks are not affected, and nothing is left when the block exits. In a mixed
     batch each row gathers its adapter's weights: one batched computation whatever the mix, and no shape that
-    depends on it, so torch.compile does not recompile when the mix changes (docs/adapters.md)."""
+    depends on it, so torch.compile does not recompile when the mix changes (docs/adapters.md). The rows are the
+    dimension of each projection's input that transform found holding them (`passes/find_rows.py`: [S, B, D] in
+    a seq-first model); a projection where none does raises ValueError, naming it."""
     if isinstance(rows, (str, torch.Tensor)) or not isinstance(rows, Sequence):
         raise TypeError(f"batch_adapters takes a list of adapter names (or None) per row, got {type(rows).__name__}")
     ids = row_ids(model, rows)

@@ -23,12 +23,17 @@ def adapted(arch="llama", names=("a", "b", "c", "d")):
     model = build(arch)
     for i, name in enumerate(names):
         ac.transform(model, CFGS[name], adapter_name=name)
-        g = torch.Generator().manual_seed(i)
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                if f".adapters.{name}." in n:
-                    p.copy_(torch.randn(p.shape, generator=g) * (0.2 if n.endswith("lora_B") else 1.0))
+        randomize(model, name, seed=i)
     return model.eval()
+
+
+def randomize(model, name, seed, b_scale=0.2):
+    """Adapter `name`'s weights drawn at random (seeded), so that adapters differ and a wrong one shows."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if f".adapters.{name}." in n:
+                p.copy_(torch.randn(p.shape, generator=g) * (b_scale if n.endswith("lora_B") else 1.0))
 
 
 def per_row(model, x, rows, **kw):

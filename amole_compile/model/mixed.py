@@ -9,6 +9,9 @@ forward sees its own thread's rows (per thread, not per asyncio task, for compil
 
 The math per row is `kernels/mixed_torch.py`'s: one gathered computation whatever the mix.
 
+The rows are the dimension of x that `passes/find_rows.py` found holding them at transform (the projection's
+`batch_dim`: 1 in a seq-first model's [S, B, D]); where none was found, a mixed batch raises its reason.
+
 Legend: B rows, S tokens per row, T = B * S, D in_features, O out_features, E experts.
 """
 
@@ -34,6 +37,19 @@ class RoleRows(NamedTuple):
     sites: tuple[ExpertSet, ...]  # the adapters having this role here, in slot order
     lut: Tensor  # [N + 1] long: model-wide adapter index + 1 (0 = none) -> local slot (len(sites) = none)
     cache: dict  # the stacked weights, kept across no-grad eager forwards (generate) while they are unchanged
+
+
+class BatchDim(NamedTuple):
+    """Where a projection's input holds the batch's rows (`passes/find_rows.py` finds it at transform)."""
+
+    dim: int | None  # x's dimension holding the rows (row-major: a flattened [B * S] too), or None: not found
+    ndim: int  # x's dimensions when it was found
+    why: str  # dim None: why not (a mixed batch raises it)
+    name: str = ""  # the projection
+
+
+UNKNOWN = BatchDim(None, 0, "it was adapted without example inputs to find it by (a forward of them shows where "
+                            "its input holds the batch's rows); transform with example_inputs=")
 
 
 class MixedRows(NamedTuple):
@@ -102,17 +118,35 @@ def mixed_rows(proj: nn.Module, order: tuple[str, ...], ids: Tensor) -> MixedRow
 # ---- the forward ----------------------------------------------------------------------------------------------
 def mixed_add(proj: nn.Module, x: Tensor, y: Tensor, mixed: MixedRows, role: str | None = None) -> Tensor:
     """x [..., D], y [..., O] -> y + each row's adapter delta (`role`: y [..., O_role] holds that role's
-    columns only, and gets that role's delta)."""
-    ids = _row_ids(mixed.ids, x)
+    columns only, and gets that role's delta). The rows are x's dimension `proj.batch_dim`."""
     roles = mixed.roles if role is None else tuple(r for r in mixed.roles if r[0] == role)
     if not roles:
         return y
+    k = _batch_dim(proj, x)
+    if k:  # rows first: x [B', ..., D], y [B', ..., O]
+        x, y = x.movedim(k, 0), y.movedim(k, 0)
+    ids = _row_ids(mixed.ids, x)
     dtype = roles[0][1].sites[0].lora_A.dtype
     with torch.autocast(x.device.type, enabled=False):
         xs = x.reshape(ids.shape[0], -1, proj.in_features).to(dtype)  # [B, S, D]
         deltas = [_role_delta(proj.training, xs, ids, rows) for _, rows in roles]  # each [B, S, O_role]
         full = deltas[0] if role is not None else combine_deltas(deltas, mixed.gather, mixed.n_rest)
-        return y + full.reshape(y.shape).to(y.dtype)
+        out = y + full.reshape(y.shape).to(y.dtype)
+    return out.movedim(0, k) if k else out
+
+
+def _batch_dim(proj: nn.Module, x: Tensor) -> int:
+    """The dimension of x holding the batch's rows; ValueError where it is not known (never a guess)."""
+    found = getattr(proj, "batch_dim", None) or UNKNOWN
+    where = f"projection {found.name!r}" if found.name else "a projection"
+    if found.dim is None:
+        raise ValueError(f"a mixed batch cannot run {where}: it is not known which dimension of its input holds "
+                         f"the batch's rows: {found.why}")
+    if x.dim() != found.ndim:
+        raise ValueError(f"a mixed batch cannot run {where}: its input has {x.dim()} dimensions "
+                         f"{tuple(x.shape)}, where the example inputs gave it {found.ndim} with the batch's rows in "
+                         f"dimension {found.dim}")
+    return found.dim
 
 
 def _role_delta(training: bool, xs: Tensor, ids: Tensor, rows: RoleRows) -> Tensor:

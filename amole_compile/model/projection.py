@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from ..config import AdaMoLEConfig
 from ..kernels import traced
-from .mixed import current_rows, mixed_add
+from .mixed import BatchDim, current_rows, mixed_add
 from .modules import AdapterGroup, linear_features
 
 
@@ -37,6 +37,7 @@ class ProjectionAdapters(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.adapters = nn.ModuleDict()
         self.active: str | None = None
+        self.batch_dim: BatchDim | None = None  # where x holds the batch's rows (passes/find_rows.py)
 
     @property
     def group(self) -> AdapterGroup | None:

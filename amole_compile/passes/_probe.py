@@ -34,6 +34,14 @@ def _cpu(value: object) -> object:
     return value
 
 
+def _shape(node: fx.Node, val: torch.Tensor) -> tuple[int, ...]:
+    """The example shape of `node`; ProbeFailed where a size depends on values (an MoE's routed tokens: the
+    capture left it symbolic)."""
+    if not all(isinstance(d, int) for d in val.shape):
+        raise ProbeFailed(f"{node.name} has a size that depends on values: {tuple(val.shape)}")
+    return tuple(val.shape)
+
+
 class Probe:
     """`f(sources) -> target`: the ops between the projection nodes `sources` and `target`, runnable."""
 
@@ -49,8 +57,7 @@ class Probe:
         self._gen = torch.Generator().manual_seed(0)
 
     def random(self, source: fx.Node) -> torch.Tensor:
-        val = meta_value(source)
-        return torch.randn(tuple(val.shape), generator=self._gen) * SCALE
+        return torch.randn(_shape(source, meta_value(source)), generator=self._gen) * SCALE
 
     def _fill(self, node: fx.Node) -> object:
         if node not in self._fills:
@@ -61,7 +68,7 @@ class Probe:
             elif isinstance(val, torch.Tensor):
                 if not val.dtype.is_floating_point:
                     raise ProbeFailed(f"no value for the integer tensor {node.name}")
-                self._fills[node] = torch.randn(tuple(val.shape), generator=self._gen)
+                self._fills[node] = torch.randn(_shape(node, val), generator=self._gen)
             else:
                 self._fills[node] = val
         return self._fills[node]

@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
-from torch import nn
+from torch import Tensor, nn
 
 from ..model.projection import ProjectionAdapters
 from ..model.state import projections
@@ -30,11 +30,11 @@ from .reach import DeadAdapterError
 
 
 @contextlib.contextmanager
-def _marked(holders: dict[str, ProjectionAdapters], ran: set[str]) -> Iterator[None]:
-    """For the block, each holder's `add_to` / `add_role` notes its name in `ran` and returns y unchanged."""
+def marked(holders: dict[str, ProjectionAdapters], note: Callable[[str, Tensor], object]) -> Iterator[None]:
+    """For the block, each holder's `add_to` / `add_role` calls `note(its name, x)` and returns y unchanged."""
     for name, holder in holders.items():
-        holder.__dict__["add_to"] = lambda x, y, _n=name: (ran.add(_n), y)[1]
-        holder.__dict__["add_role"] = lambda role, x, y, _n=name: (ran.add(_n), y)[1]
+        holder.__dict__["add_to"] = lambda x, y, _n=name: (note(_n, x), y)[1]
+        holder.__dict__["add_role"] = lambda role, x, y, _n=name: (note(_n, x), y)[1]
     try:
         yield
     finally:
@@ -57,7 +57,7 @@ def adapters_not_run(model: nn.Module, modules: list[str], example_inputs=None) 
         return None
     ran: set[str] = set()
     try:
-        with _marked(holders, ran):
+        with marked(holders, lambda name, x: ran.add(name)):
             probe_forward(model, args, kwargs)
     except Exception as exc:
         first = str(exc).splitlines()[0] if str(exc) else ""

@@ -92,6 +92,46 @@ def test_mlp_roles_on_an_all_moe_model():
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
 
+class _RoutedMoE(torch.nn.Module):
+    """Hand-written: attention, then 2-D expert Linears fed the tokens an argmax router sends them
+    (`nonzero`: sizes the capture leaves symbolic)."""
+
+    def __init__(self, d=32, heads=4, vocab=50):
+        super().__init__()
+        lin = torch.nn.Linear
+        self.heads, self.emb, self.head = heads, torch.nn.Embedding(vocab, d), lin(d, vocab)
+        self.q, self.k, self.v, self.o, self.router = lin(d, d), lin(d, d), lin(d, d), lin(d, d), lin(d, 2)
+        self.ups = torch.nn.ModuleList(lin(d, 2 * d) for _ in range(2))
+        self.downs = torch.nn.ModuleList(lin(2 * d, d) for _ in range(2))
+
+    def forward(self, tokens):
+        h = self.emb(tokens)
+        b, s, d = h.shape
+
+        def split(t):
+            return t.reshape(b, s, self.heads, d // self.heads).transpose(1, 2)
+
+        a = torch.nn.functional.scaled_dot_product_attention(split(self.q(h)), split(self.k(h)), split(self.v(h)))
+        h = (h + self.o(a.transpose(1, 2).reshape(b, s, d))).reshape(b * s, d)
+        choice, out = self.router(h).argmax(-1), torch.zeros_like(h)
+        for e in range(2):
+            idx = (choice == e).nonzero().squeeze(-1)
+            out = out.index_add(0, idx, self.downs[e](torch.nn.functional.gelu(self.ups[e](h[idx]))))
+        return self.head(h + out).reshape(b, s, -1)
+
+
+def test_experts_fed_routed_tokens_are_an_moe_not_a_crash():
+    # the probe took the capture's symbolic sizes for an example shape: RuntimeError "SymIntArrayRef expected to
+    # contain only concrete integers" from inside find_mlp
+    model = _RoutedMoE()
+    example = (torch.randint(0, 50, (2, 8)),)
+    with pytest.raises(ValueError, match="every feed-forward block is a mixture of experts"):
+        ac.transform(model, ac.AdaMoLEConfig(roles="all"), example_inputs=example)
+    assert not ac.core.is_transformed(model)
+    plan = ac.plan(model, ac.AdaMoLEConfig(), example_inputs=example)
+    assert [t.module for t in plan.targets] == ["q", "k", "v", "o"]
+
+
 @pytest.mark.parametrize("arch", ["llama", "phi3"])
 def test_transform_save_load_and_stats(arch, tmp_path):
     x = ids(2, 8, seed=1)

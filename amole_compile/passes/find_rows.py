@@ -1,0 +1,161 @@
+"""Find pass: which dimension of each adapted projection's input holds the rows of the model's batch, so that in
+a mixed batch (`batch_adapters`, the ONNX export's `adapter_ids`) each row gets its own adapter.
+
+Pattern:        every adapted projection (`model/state.projections`) and the example inputs discovery used; the
+                batch is dimension 0 of the model's inputs (the rows `batch_adapters` names).
+Replacement:    none. Three forwards in eval mode without gradients (`capture.probe_forward`), with every
+                holder's `add_to` / `add_role` shadowed by a marker (`check_calls.marked`) that records its input
+                and returns the projection's output unchanged: of the first row of each batched input, of the
+                second row, and of both (the first twice where there is one row). An input whose size differs
+                between the two rows depends on their values (an MoE's experts get the tokens routed to them):
+                no dimension holds the rows. Else the dimension of x [..., D] that grows
+                from 1 to 2 is the batch (`[B, S, D]`, a seq-first `[S, B, D]`, ...). A dimension that grows
+                from c to 2c holds the rows flattened with c tokens each: row-major (`[B * S, D]`, the row's c
+                tokens together) is the batch's dimension, as each row's tokens are contiguous; token-major
+                (`[S * B, D]`, the rows interleaved) is not one. Which of the two the values tell: the one-row
+                run's x must equal the two-row run's first row read that way, and not the other way.
+Preconditions:  the rows of the batch are computed independently (eval mode: no batch statistics).
+Invariants:     the model's parameters, buffers and flags are as before; each holder gets `batch_dim`, a
+                `BatchDim` with the dimension, or None and the reason (a mixed batch then raises it: it never
+                guesses). Where no inputs can be had or a forward fails, every holder gets None and why.
+Why:            a projection need not see its batch in dimension 0: a seq-first model (nn.Transformer's
+                default layout) feeds [S, B, D]. Taking dimension 0 for the batch there gave rows the wrong
+                adapters, silently.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten, tree_map
+
+from ..model.mixed import BatchDim
+from ..model.projection import ProjectionAdapters
+from ..model.state import projections
+from .capture import CaptureError, example_args, probe_forward
+from .check_calls import marked
+
+TOL = {torch.float32: 1e-3, torch.float64: 1e-6}  # relative to the larger |x|; any other dtype (bf16, fp16): 5e-2
+LOW_TOL = 5e-2
+
+
+@dataclasses.dataclass
+class RowsReport:
+    """What the pass found: per projection, its `BatchDim`."""
+
+    found: dict[str, BatchDim] = dataclasses.field(default_factory=dict)
+
+    @property
+    def matched(self) -> int:
+        """Projections whose batch dimension was found."""
+        return sum(b.dim is not None for b in self.found.values())
+
+    def summary(self) -> str:
+        """One line: how many projections' batch dimension was found."""
+        return f"find_rows: the batch dimension of {self.matched} of {len(self.found)} projection(s) found"
+
+
+def find_rows(model: nn.Module, example_inputs=None) -> RowsReport:
+    """Set `batch_dim` on every adapted projection of `model` not found by an earlier call (see the module
+    doc) -> the report (of those)."""
+    holders = {n: h for n, h in projections(model) if getattr(h, "batch_dim", None) is None or h.batch_dim.dim is None}
+    report = RowsReport()
+    if not holders:
+        return report
+    try:
+        one, other, two = (_run(model, holders, inputs) for inputs in _row_inputs(model, example_inputs))
+    except Exception as exc:  # the forward failed, or no inputs: nothing can be told
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        unknown = BatchDim(None, 0, f"no forward of example inputs could show it ({first})")
+        one = other = two = None
+    for name, holder in holders.items():
+        found = unknown if one is None else \
+            _layout(one[0].get(name, []), other[0].get(name, []), two[0].get(name, []), one[1] and two[1])
+        holder.batch_dim = report.found[name] = found._replace(name=name)
+    return report
+
+
+def _row_inputs(model: nn.Module, example_inputs) -> tuple[tuple, tuple, tuple]:
+    """The example inputs with their first row, their second row (the first if they have one), and both: every
+    tensor whose dimension 0 is the batch (that of the first tensor input) is cut to those rows."""
+    args, kwargs = example_args(model, example_inputs)
+    leaves = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor) and t.dim() > 0]
+    if not leaves:
+        raise CaptureError("the example inputs hold no tensor with a batch dimension")
+    batch = leaves[0].shape[0]
+    picks = [[0], [min(1, batch - 1)], [0, min(1, batch - 1)]]
+
+    def rows(pick: list[int]):
+        def cut(t: object) -> object:
+            if not isinstance(t, Tensor) or t.dim() == 0 or t.shape[0] != batch:
+                return t
+            return t[pick[0]:pick[0] + 1] if len(pick) == 1 else t[pick]
+        return tree_map(cut, (args, kwargs))
+    return tuple(rows(p) for p in picks)
+
+
+def _run(model: nn.Module, holders: dict[str, ProjectionAdapters], inputs) -> tuple[dict[str, list[Tensor]], bool]:
+    """One forward -> each holder's inputs, call by call, and whether they hold values (not fake, not meta)."""
+    seen: dict[str, list[Tensor]] = {}
+    with marked(holders, lambda name, x: seen.setdefault(name, []).append(x.detach())):
+        how = probe_forward(model, *inputs)
+    real = how == "real" and all(x.device.type != "meta" for xs in seen.values() for x in xs)
+    return seen, real
+
+
+def _layout(ones: list[Tensor], others: list[Tensor], twos: list[Tensor], real: bool) -> BatchDim:
+    """The batch dimension of a projection from its inputs, call by call, with the first row (`ones`), the
+    second row (`others`) and both (`twos`)."""
+    if not ones or len(ones) != len(twos):
+        return BatchDim(None, 0, f"it ran {len(ones)} time(s) in a forward of one row and {len(twos)} in one of "
+                                 "two rows")
+    if [x.shape for x in ones] != [x.shape for x in others]:
+        return BatchDim(None, ones[0].dim(), "its input's size depends on the row's values (tokens dispatched by "
+                                             "value, as to an MoE's experts), so no dimension holds the rows")
+    found = {_call_layout(x1, x2, real) for x1, x2 in zip(ones, twos, strict=True)}
+    dims = {f for f in found if isinstance(f, int)}
+    if len(found) == 1 and dims:
+        return BatchDim(dims.pop(), ones[0].dim(), "")
+    whys = sorted(f for f in found if isinstance(f, str))
+    why = whys[0] if whys else f"its calls hold the batch in different dimensions ({sorted(dims)})"
+    return BatchDim(None, ones[0].dim(), why)
+
+
+def _call_layout(x1: Tensor, x2: Tensor, real: bool) -> int | str:
+    """One call's input with one row (x1) and with two (x2) -> the batch's dimension, or why there is none."""
+    shapes = f"its input is {tuple(x1.shape)} for one row and {tuple(x2.shape)} for two"
+    if x1.dim() != x2.dim():
+        return shapes
+    grew = [k for k in range(x1.dim() - 1) if x1.shape[k] != x2.shape[k]]
+    if not grew:
+        return f"its input does not grow with the batch ({shapes}): the rows share it"
+    k = grew[0]
+    if len(grew) > 1 or x2.shape[k] != 2 * x1.shape[k]:
+        return f"{shapes}: no one dimension holds the rows"
+    c = x1.shape[k]  # the tokens of one row in dimension k
+    if not real:
+        return k if c == 1 else f"{shapes}, rows flattened with other dimensions; only a forward on real values " \
+                                "can tell how (the example forward ran on fake tensors or the meta device)"
+    first = x2.unflatten(k, (2, c)).select(k, 0)  # row 0, if the rows are row-major in dimension k
+    interleaved = x2.unflatten(k, (c, 2)).select(k + 1, 0)  # row 0, if they are token-major
+    major, minor = _same(first, x1), c > 1 and _same(interleaved, x1)
+    if major and not minor:
+        return k
+    if minor and not major:
+        return (f"{shapes}: dimension {k} holds the rows interleaved, token by token (a flattened "
+                "[tokens x batch]), so no dimension holds a row's tokens together")
+    if major:
+        return f"{shapes}: the rows' tokens are all alike, so it cannot be told how the rows are flattened"
+    return f"{shapes}: the first row's input changes when a second row is added (rows not computed independently)"
+
+
+def _same(a: Tensor, b: Tensor) -> bool:
+    """a == b up to the rounding of their dtype (a two-row matmul may round otherwise than a one-row one)."""
+    if a.shape != b.shape:
+        return False
+    tol = TOL.get(b.dtype, LOW_TOL)
+    a, b = a.double(), b.double()
+    scale = max(a.abs().max().item(), b.abs().max().item(), 1e-12)
+    return (a - b).abs().max().item() <= tol * scale
