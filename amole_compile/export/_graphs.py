@@ -115,7 +115,7 @@ def positions_from_mask(mask: torch.Tensor, length: int) -> torch.Tensor:
 
 
 def _example_ids(model: nn.Module, batch: int, seq: int) -> torch.Tensor:
-    vocab = int(getattr(model.config, "vocab_size", 2) or 2)
+    vocab = int(getattr(getattr(model, "config", None), "vocab_size", 2) or 2)  # a plain module: ids 1
     return torch.arange(batch * seq, dtype=torch.long).reshape(batch, seq) % max(vocab - 1, 1) + 1
 
 
