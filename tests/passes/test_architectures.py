@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 
 import amole_compile as ac
+from amole_compile.model.state import projections
+from amole_compile.passes.capture import synthesize_inputs
 
 from models import MATRIX, build_matrix
 
@@ -139,14 +141,18 @@ def test_plan_lists_each_block():
 
 
 def test_transform_keeps_outputs_at_init():
-    """A few families end to end: adapted, the model computes exactly what the base model does."""
+    """A few families end to end: adapted, the model computes exactly what the base model does, and each
+    projection's batch dimension is found (`passes/find_rows.py`)."""
     for arch in ("falcon_mqa", "deepseek_v3_mla", "qwen3_next_gated", "whisper", "clip"):
         model = build_matrix(arch)
-        inputs = ac.passes.capture.synthesize_inputs(model)
+        inputs = synthesize_inputs(model)
         with torch.no_grad():
             ref = model(**inputs)
             ac.transform(model, ac.AdaMoLEConfig(num_experts=2, rank=2, dropout=0.0))
             got = model(**inputs)
+        # every projection holds the batch's rows in dimension 0, encoder-decoder and two-tower included
+        assert {n: h.batch_dim.dim for n, h in projections(model)} == dict.fromkeys(
+            (n for n, _ in projections(model)), 0), arch
         for a, b in zip(ref.to_tuple(), got.to_tuple(), strict=True):
             if isinstance(a, torch.Tensor):
                 torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
