@@ -105,8 +105,10 @@ def _no_mlp_but_moe(model_name: str, report: PassReport, absent: list[str], have
     if not routers:
         return
     blocks = list(dict.fromkeys(r.rpartition(".")[0] or r for r in routers))
+    why = (f"MoE expert weights stored as 3-D parameters are skipped, only 2-D projections can be adapted "
+           f"({'; '.join(experts)})" if experts else "its experts are not adapted (each gets the tokens the router "
+           "sends it, so none is a feed-forward of every token)")
     raise ValueError(
         f"{model_name}: roles {tuple(absent)} were asked for, but every feed-forward block is a mixture of experts "
-        f"({', '.join(blocks)}): MoE expert weights stored as 3-D parameters are skipped, only 2-D projections "
-        f"can be adapted ({'; '.join(experts) or 'no stacked experts found'}), and routers are never adapted. "
+        f"({', '.join(blocks)}): {why}, and routers are never adapted. "
         f"Adaptable here: {len(report.targets)} projection(s) with roles {tuple(have)}")

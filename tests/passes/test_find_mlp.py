@@ -125,7 +125,8 @@ def test_experts_fed_routed_tokens_are_an_moe_not_a_crash():
     # contain only concrete integers" from inside find_mlp
     model = _RoutedMoE()
     example = (torch.randint(0, 50, (2, 8)),)
-    with pytest.raises(ValueError, match="every feed-forward block is a mixture of experts"):
+    with pytest.raises(ValueError, match=r"every feed-forward block is a mixture of experts \(router\): its experts "
+                                         r"are not adapted \(each gets the tokens the router sends it"):
         ac.transform(model, ac.AdaMoLEConfig(roles="all"), example_inputs=example)
     assert not ac.core.is_transformed(model)
     plan = ac.plan(model, ac.AdaMoLEConfig(), example_inputs=example)
