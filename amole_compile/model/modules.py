@@ -145,11 +145,13 @@ class ExpertSet(nn.Module):
                            self.method, self.num_experts, self.top_k, self.scale, self.max_threshold,
                            self.dropout if self.training else 0.0)
 
-    def forward(self, x: Tensor, base: Tensor | None = None, lead: tuple[int, ...] | None = None) -> Tensor:
+    def forward(self, x: Tensor, base: Tensor | None = None, lead: tuple[int, ...] | None = None,
+                rows: int = 0) -> Tensor:
         """x [..., D] (adapter dtype) -> base + delta [..., O] (or delta when base is None). `lead`: x's leading
-        shape before any flattening ((B, S): the statistics then count the real tokens only; None: all)."""
+        shape before any flattening ((B, S), or (S, B) with `rows` 1: the statistics then count the real tokens
+        only; None: all)."""
         out, scores, mask, _, _, aux, _ = adapter(*self.op_args(x, self.drop_mask(x), base))
-        self.record(scores, mask, lead=lead, aux=aux)
+        self.record(scores, mask, lead=lead, aux=aux, rows=rows)
         return out
 
     def __getstate__(self) -> dict:
@@ -161,7 +163,7 @@ class ExpertSet(nn.Module):
 
     def record(self, scores: Tensor, mask: Tensor, tokens: Tensor | None = None,
                counts: tuple[Tensor, Tensor, Tensor] | None = None, lead: tuple[int, ...] | None = None,
-               aux: Tensor | None = None) -> None:
+               aux: Tensor | None = None, rows: int = 0) -> None:
         """Keep this forward's aux loss (training mode, a router, at least one token) as `forward_aux`, and as
         `aux` when gradients are on: a forward with gradients off (an evaluation or metrics pass inside a
         training step) never replaces the aux of the forward being trained. Activation checkpointing's
@@ -169,7 +171,8 @@ class ExpertSet(nn.Module):
         checkpointing recomputes), for the passes `stat_passes` names. `tokens` [T] bool: only those tokens are
         this site's (a mixed batch); `counts`: this site's statistics counted by the caller (tokens [], selected
         [E], active [E + 1]); `lead`: the input's leading shape, whose padding tokens are not counted
-        (`tokens.real_tokens`); `aux`: the aux loss the op computed (`with_aux`), required without `tokens`."""
+        (`tokens.real_tokens`, `rows` saying which of its dimensions holds the batch); `aux`: the aux loss the
+        op computed (`with_aux`), required without `tokens`."""
         recomputing = _recomputing()
         if self.training and self.gate is not None and (tokens is not None or scores.shape[0] > 0):
             # computed in the recompute too: checkpointing checks that it saves the same tensors
@@ -189,7 +192,7 @@ class ExpertSet(nn.Module):
                 self.keep_aux(None, grad)
         if self.counting() and not recomputing:
             if counts is None:
-                real = None if lead is None else real_tokens(lead)
+                real = None if lead is None else real_tokens(lead, rows)
                 self._count(mask, real if tokens is None else tokens if real is None else tokens & real)
             else:
                 with torch.no_grad():
@@ -271,6 +274,8 @@ class AdapterGroup(nn.ModuleDict):
     `add_to(x, y)` adds them to the projection's output.
     """
 
+    rows_dim = 0  # x's dimension holding the batch, for the statistics' padding: 0, 1 (seq-first), -1 (neither)
+
     def __init__(self, in_features: int, out_features: int, roles: tuple[str, ...],
                  columns: tuple[tuple[int, ...], ...], config: AdaMoLEConfig, dtype: torch.dtype,
                  device: torch.device | str | None) -> None:
@@ -322,7 +327,7 @@ class AdapterGroup(nn.ModuleDict):
         y, outs = adapter_linear([s.op_args(x, s.drop_mask(x), None) for s in sites], weight, bias)
         lead = x.shape[:-1]
         for site, (scores, mask, _, _, aux, _) in zip(sites, outs, strict=True):
-            site.record(scores, mask, lead=lead, aux=aux)
+            site.record(scores, mask, lead=lead, aux=aux, rows=self.rows_dim)
         return y
 
     def add_role(self, role: str, x: Tensor, y: Tensor) -> Tensor:
@@ -330,7 +335,8 @@ class AdapterGroup(nn.ModuleDict):
         delta (autocast as in `add_to`)."""
         autocast = torch.is_autocast_enabled(x.device.type)
         with torch.autocast(x.device.type, enabled=False) if autocast else contextlib.nullcontext():
-            delta = self[role](as_dtype(x, self.adapter_dtype), lead=x.shape[:-1])  # [..., O_role]; the op flattens
+            xa = as_dtype(x, self.adapter_dtype)
+            delta = self[role](xa, lead=x.shape[:-1], rows=self.rows_dim)  # [..., O_role]; the op flattens
         return y + delta.view_as(y).to(y.dtype)
 
     def _add_to(self, x: Tensor, y: Tensor, autocast: bool = False) -> Tensor:
@@ -341,9 +347,9 @@ class AdapterGroup(nn.ModuleDict):
         if self.fused_base():
             site = self[self.roles[0]]
             if autocast and y.dtype != xa.dtype:  # the projection ran in the autocast dtype
-                return site(xa, base=y.to(xa.dtype), lead=lead).to(y.dtype)
-            return site(xa, base=y, lead=lead)
-        deltas = [site(xa, lead=lead) for site in self.values()]  # each [..., O_role]
+                return site(xa, base=y.to(xa.dtype), lead=lead, rows=self.rows_dim).to(y.dtype)
+            return site(xa, base=y, lead=lead, rows=self.rows_dim)
+        deltas = [site(xa, lead=lead, rows=self.rows_dim) for site in self.values()]  # each [..., O_role]
         return y + combine_deltas(deltas, self.column_gather, self.n_unadapted).to(y.dtype)
 
 

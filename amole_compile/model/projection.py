@@ -37,7 +37,26 @@ class ProjectionAdapters(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.adapters = nn.ModuleDict()
         self.active: str | None = None
-        self.batch_dim: BatchDim | None = None  # where x holds the batch's rows (passes/find_rows.py)
+        self.batch_dim = None  # where x holds the batch's rows (passes/find_rows.py)
+
+    @property
+    def batch_dim(self) -> BatchDim | None:
+        """Which dimension of this projection's input holds the batch's rows (None: not looked for yet)."""
+        return self.__dict__.get("_batch_dim")
+
+    @batch_dim.setter
+    def batch_dim(self, found: BatchDim | None) -> None:
+        self.__dict__["_batch_dim"] = found
+        for group in self.adapters.values():
+            group.rows_dim = self._rows_dim()
+
+    def _rows_dim(self) -> int:
+        """The adapters' `rows_dim`: the statistics' (B, S) or (S, B) reading of a 3-D input (0 where not found,
+        as before; -1 for any other layout: every token counts)."""
+        found = self.batch_dim
+        if found is None or found.dim is None:
+            return 0
+        return found.dim if found.ndim == 3 and found.dim in (0, 1) else -1
 
     @property
     def group(self) -> AdapterGroup | None:
@@ -49,6 +68,7 @@ class ProjectionAdapters(nn.Module):
         if name in self.adapters:
             raise ValueError(f"adapter {name!r} exists already")
         self.adapters[name] = group.train(self.training)
+        group.rows_dim = self._rows_dim()
 
     def remove(self, name: str) -> None:
         """Drop adapter `name` (and stop running it if it was active)."""

@@ -57,20 +57,24 @@ class SeqFirst(nn.Module):
 
 
 class MHASeqFirst(nn.Module):
-    """nn.MultiheadAttention with its default batch_first=False, then an MLP on [S, B, D]."""
+    """nn.MultiheadAttention with its default batch_first=False, then an MLP on [S, B, D] (batch-first
+    throughout with `batch_first=True`); `attention_mask` [B, S] marks padding."""
 
-    def __init__(self) -> None:
+    def __init__(self, batch_first: bool = False) -> None:
         super().__init__()
+        self.batch_first = batch_first
         self.emb = nn.Embedding(V, D)
-        self.attn = nn.MultiheadAttention(D, H)
+        self.attn = nn.MultiheadAttention(D, H, batch_first=batch_first)
         self.up, self.down = nn.Linear(D, 4 * D), nn.Linear(4 * D, D)
         self.head = nn.Linear(D, V)
 
-    def forward(self, tokens):
-        h = self.emb(tokens).transpose(0, 1)  # [S, B, D]
-        h = h + self.attn(h, h, h, need_weights=False)[0]
+    def forward(self, tokens, attention_mask=None):
+        pad = None if attention_mask is None else attention_mask == 0
+        h = self.emb(tokens)
+        h = h if self.batch_first else h.transpose(0, 1)  # [S, B, D]
+        h = h + self.attn(h, h, h, key_padding_mask=pad, need_weights=False)[0]
         h = h + self.down(F.relu(self.up(h)))
-        return self.head(h).transpose(0, 1)
+        return self.head(h) if self.batch_first else self.head(h).transpose(0, 1)
 
 
 def _adapted(model, names=("a", "b")):
@@ -252,3 +256,22 @@ def test_an_input_sized_by_the_rows_values_has_no_batch_dim():
     assert found.dim is None and "depends on the row's values" in found.why
     assert _layout([row0], [row0 + 1], [torch.cat([row0, row0 + 1])], True).dim == 0
     assert "ran 1 time(s) in a forward of one row and 2" in _layout([row0], [row0], [row0, row0], True).why
+
+
+def test_seq_first_statistics_skip_padding_as_the_batch_first_twin_does():
+    # B = S: read as [B, S], an [S, B] input's padding mask fitted and counted the wrong tokens, silently
+    models = []
+    for batch_first in (False, True):
+        torch.manual_seed(0)
+        models.append(_adapted(MHASeqFirst(batch_first), names=("a",)))
+    seq_first, twin = models
+    assert {n: h.batch_dim.dim for n, h in projections(seq_first)}["up"] == 1
+    x = ids(3, 3, seed=8) % V
+    mask = torch.tensor([[1, 1, 1], [0, 1, 1], [0, 0, 1]])
+    with torch.no_grad():
+        for model in models:
+            ac.reset_expert_stats(model)
+            model(x, attention_mask=mask)
+    got, want = (ac.expert_stats(m).to_dict()["sites"] for m in models)
+    assert [s["tokens"] for s in got] == [s["tokens"] for s in want] == [int(mask.sum())] * len(want)
+    assert got == want
