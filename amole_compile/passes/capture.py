@@ -252,14 +252,14 @@ def _record(model: nn.Module, blocks: list[tuple[str, nn.Module]], args: tuple, 
 REAL_PROBE_PARAMS = 300_000_000  # on CPU, a real forward of a model this small costs less than a fake one
 
 
-def probe_forward(model: nn.Module, args: tuple, kwargs: dict) -> str:
+def probe_forward(model: nn.Module, args: tuple, kwargs: dict, prefer: str = "") -> str:
     """One forward of the example inputs in eval mode (every module's own flag restored after), without
     gradients -> how it ran, "real" or "fake". On fake tensors (shapes only, no compute) when a real forward
     would cost more: on fake tensors each op costs ~0.3 ms of dispatch (240 ms for an 8-layer h512 Llama, whose
     real forward of 2 x 8 tokens takes 44 ms on one CPU thread), so a model on CPU of up to `REAL_PROBE_PARAMS`
     parameters, or on a GPU or the meta device, runs for real (on one CPU thread). Whichever fails (quantized
     layers under fake tensors, data-dependent ops on meta) falls back to the other; failing both ways raises the
-    real error."""
+    real error. `prefer` ("real" or "fake"): try that way first (how an earlier forward of the model ran)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     first = next(model.parameters(), None)
@@ -268,6 +268,7 @@ def probe_forward(model: nn.Module, args: tuple, kwargs: dict) -> str:
     failed: dict[str, Exception] = {}
     with eval_mode(model), torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        real_first = prefer == "real" if prefer else real_first
         for how in ("real", "fake") if real_first else ("fake", "real"):
             try:
                 _run(model, args, kwargs, how == "fake", FakeTensorMode)

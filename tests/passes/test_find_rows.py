@@ -275,3 +275,25 @@ def test_seq_first_statistics_skip_padding_as_the_batch_first_twin_does():
     got, want = (ac.expert_stats(m).to_dict()["sites"] for m in models)
     assert [s["tokens"] for s in got] == [s["tokens"] for s in want] == [int(mask.sum())] * len(want)
     assert got == want
+
+
+def test_identical_blocks_run_once_and_share_the_layout():
+    model = build("llama")
+    ac.transform(model, ac.AdaMoLEConfig(roles="all"))
+    layers = model.model.layers
+    assert len(layers) > 1
+    for _, holder in projections(model):
+        holder.batch_dim = None
+    calls = [0] * len(layers)
+    hooks = [layer.self_attn.register_forward_hook(lambda *a, i=i: calls.__setitem__(i, calls[i] + 1))
+             for i, layer in enumerate(layers)]
+    try:
+        report = find_rows(model)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert calls == [3] + [0] * (len(layers) - 1)  # three forwards; the later layers return layer 0's output
+    assert report.matched == len(report.found) == len(projections(model))
+    assert set(_dims(model).values()) == {0}
+    assert all(isinstance(layer.forward, type(layers[0].forward)) and "forward" not in layer.__dict__
+               for layer in layers)  # the wrappers are gone
