@@ -46,6 +46,7 @@ class ProjectionAdapters(nn.Module):
 
     @batch_dim.setter
     def batch_dim(self, found: BatchDim | None) -> None:
+        """Set it, and each adapter's `rows_dim` with it."""
         self.__dict__["_batch_dim"] = found
         for group in self.adapters.values():
             group.rows_dim = self._rows_dim()

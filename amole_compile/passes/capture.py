@@ -177,7 +177,9 @@ def _items(name: str, container: nn.Module) -> list[tuple[str, nn.Module]]:
     return out
 
 
-def _signature(block: nn.Module, args: tuple, kwargs: dict) -> tuple:
+def block_signature(block: nn.Module, args: tuple, kwargs: dict) -> tuple:
+    """What identical blocks share: class, parameter names and shapes, the tensor inputs' shapes and dtypes,
+    and the other inputs' values."""
     def sig(v: object) -> object:
         if isinstance(v, torch.Tensor):
             return ("T", tuple(v.shape), str(v.dtype))
@@ -221,23 +223,18 @@ def _record(model: nn.Module, blocks: list[tuple[str, nn.Module]], args: tuple, 
         def forward(*a, _name=name, _block=block, _orig=block.forward, **kw):
             seen.setdefault(_name, (a, dict(kw)))
             calls[_name] = calls.get(_name, 0) + 1
-            key = _signature(_block, a, kw)
+            key = block_signature(_block, a, kw)
             if key not in outputs:
                 outputs[key] = _orig(*a, **kw)
             return outputs[key]
-        saved.append((block, "forward" in block.__dict__, block.__dict__.get("forward")))
-        block.forward = forward
+        saved.append(wrap_forward(block, forward))
     mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
     try:
         with eval_mode(model), torch.no_grad(), warnings.catch_warnings(), mode:
             warnings.simplefilter("ignore")
             model(*args, **kwargs)
     finally:
-        for block, had, fwd in saved:
-            if had:
-                block.forward = fwd
-            else:
-                del block.forward
+        unwrap_forwards(saved)
     if not fake:
         return seen
 
@@ -247,6 +244,22 @@ def _record(model: nn.Module, blocks: list[tuple[str, nn.Module]], args: tuple, 
         return v
 
     return {name: tree_map(real, inputs) for name, inputs in seen.items()}
+
+
+def wrap_forward(block: nn.Module, forward) -> tuple[nn.Module, bool, object]:
+    """Set `forward` on the instance `block` -> what `unwrap_forwards` needs to put its own back."""
+    saved = (block, "forward" in block.__dict__, block.__dict__.get("forward"))
+    block.forward = forward
+    return saved
+
+
+def unwrap_forwards(saved: list[tuple[nn.Module, bool, object]]) -> None:
+    """Undo `wrap_forward`s: an instance-level forward the block had before is put back, else removed."""
+    for block, had, fwd in saved:
+        if had:
+            block.forward = fwd
+        else:
+            del block.forward
 
 
 REAL_PROBE_PARAMS = 300_000_000  # on CPU, a real forward of a model this small costs less than a fake one
@@ -318,7 +331,7 @@ def capture_blocks(model: nn.Module, example_inputs=None, depth: int = 4) -> lis
             for child, mod in module.named_children() if level < depth else ():
                 visit(f"{name}.{child}", f"{like}.{child}", mod, level + 1)
             return
-        key = _signature(module, *inputs[like])
+        key = block_signature(module, *inputs[like])
         group = groups.get(key)
         if group is None:
             group = groups[key] = BlockCapture([name])

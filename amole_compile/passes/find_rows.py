@@ -40,7 +40,15 @@ from torch.utils._pytree import tree_flatten, tree_map
 from ..model.mixed import BatchDim
 from ..model.projection import ProjectionAdapters
 from ..model.state import projections
-from .capture import CaptureError, _signature, example_args, find_blocks, probe_forward
+from .capture import (
+    CaptureError,
+    block_signature,
+    example_args,
+    find_blocks,
+    probe_forward,
+    unwrap_forwards,
+    wrap_forward,
+)
 from .check_calls import marked
 
 TOL = {torch.float32: 1e-3, torch.float64: 1e-6}  # relative to the larger |x|; any other dtype (bf16, fp16): 5e-2
@@ -106,30 +114,25 @@ def _copied(name: str, copies: dict[str, str]) -> str | None:
 @contextlib.contextmanager
 def _repeats_skipped(model: nn.Module) -> Iterator[dict[str, str]]:
     """Within: a block (`capture.find_blocks`) called like another block before it (the same class, parameter
-    and input shapes: `capture._signature`) returns that block's output without running; the identical layers
-    of a deep model run once (as discovery captures them once). Yields {skipped block: the block that ran}."""
+    and input shapes: `capture.block_signature`) returns that block's output without running: the identical
+    layers of a deep model run once (as discovery captures them once). Yields {skipped block: the block that ran}."""
     copies: dict[str, str] = {}
     ran: dict[tuple, tuple[str, object]] = {}
     saved = []
     for name, block in find_blocks(model):
         def forward(*a, _name=name, _block=block, _orig=block.forward, **kw):
-            key = _signature(_block, a, kw)
+            key = block_signature(_block, a, kw)
             if key in ran and ran[key][0] != _name:  # (a block called again, ALBERT's shared layer, runs)
                 copies[_name] = ran[key][0]
                 return ran[key][1]
             out = _orig(*a, **kw)
             ran.setdefault(key, (_name, out))
             return out
-        saved.append((block, "forward" in block.__dict__, block.__dict__.get("forward")))
-        block.forward = forward
+        saved.append(wrap_forward(block, forward))
     try:
         yield copies
     finally:
-        for block, had, fwd in saved:
-            if had:
-                block.forward = fwd
-            else:
-                del block.forward
+        unwrap_forwards(saved)
 
 
 def _row_inputs(model: nn.Module, example_inputs) -> tuple[tuple[tuple, tuple, tuple], int]:
