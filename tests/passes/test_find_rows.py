@@ -297,3 +297,10 @@ def test_identical_blocks_run_once_and_share_the_layout():
     assert set(_dims(model).values()) == {0}
     assert all(isinstance(layer.forward, type(layers[0].forward)) and "forward" not in layer.__dict__
                for layer in layers)  # the wrappers are gone
+
+
+@pytest.mark.parametrize("ffn,want", [("seq", 1), ("rows", 0)])
+def test_one_row_examples_are_enough(ffn, want):
+    model = SeqFirst(ffn)
+    ac.transform(model, CFG, adapter_name="a", example_inputs=(ids(1, 8) % V,))  # the two-row run: row 0 twice
+    assert _dims(model)["up"] == want
