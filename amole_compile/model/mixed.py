@@ -137,7 +137,7 @@ def mixed_add(proj: nn.Module, x: Tensor, y: Tensor, mixed: MixedRows, role: str
 
 def _batch_dim(proj: nn.Module, x: Tensor) -> int:
     """The dimension of x holding the batch's rows; ValueError where it is not known (never a guess)."""
-    found = getattr(proj, "batch_dim", None) or UNKNOWN
+    found = proj.batch_dim or UNKNOWN
     where = f"projection {found.name!r}" if found.name else "a projection"
     if found.dim is None:
         raise ValueError(f"a mixed batch cannot run {where}: it is not known which dimension of its input holds "

@@ -276,12 +276,11 @@ def probe_forward(model: nn.Module, args: tuple, kwargs: dict, prefer: str = "")
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     first = next(model.parameters(), None)
-    real_first = first is None or first.device.type != "cpu" or \
+    real_first = prefer == "real" if prefer else first is None or first.device.type != "cpu" or \
         sum(p.numel() for p in model.parameters()) <= REAL_PROBE_PARAMS
     failed: dict[str, Exception] = {}
     with eval_mode(model), torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        real_first = prefer == "real" if prefer else real_first
         for how in ("real", "fake") if real_first else ("fake", "real"):
             try:
                 _run(model, args, kwargs, how == "fake", FakeTensorMode)

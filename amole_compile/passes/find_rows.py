@@ -75,7 +75,7 @@ def find_rows(model: nn.Module, example_inputs=None) -> RowsReport:
     """Set `batch_dim` on every adapted projection of `model` not found by an earlier call (see the module
     doc) -> the report (of those)."""
     every = dict(projections(model))  # all marked in each run: no adapter computes, whichever is active
-    holders = {n: h for n, h in every.items() if getattr(h, "batch_dim", None) is None or h.batch_dim.dim is None}
+    holders = {n: h for n, h in every.items() if h.batch_dim is None or h.batch_dim.dim is None}
     report = RowsReport()
     if not holders:
         return report
@@ -88,18 +88,27 @@ def find_rows(model: nn.Module, example_inputs=None) -> RowsReport:
             two = _run(model, every, runs[2], one[2])
     except Exception as exc:  # the forward failed, or no inputs: nothing can be told
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        unknown = BatchDim(None, 0, f"no forward of example inputs could show it ({first})")
-        one = None
-    for name in holders:
-        if one is not None and _copied(name, copies) is None:
-            report.found[name] = _layout(one[0].get(name, []), other[0].get(name, []), two[0].get(name, []),
-                                         one[1] and two[1])._replace(name=name)
+        found = dict.fromkeys(holders, BatchDim(None, 0, f"no forward of example inputs could show it ({first})"))
+    else:
+        found = _layouts(holders, every, (one, other, two), copies)
     for name, holder in holders.items():
-        like = None if one is None else _copied(name, copies)
-        found = unknown if one is None else report.found[name] if like is None else \
-            (report.found.get(like) or every[like].batch_dim or unknown)._replace(name=name)
-        holder.batch_dim = report.found[name] = found
+        holder.batch_dim = report.found[name] = found[name]._replace(name=name)
     return report
+
+
+def _layouts(holders: dict[str, ProjectionAdapters], every: dict[str, ProjectionAdapters], runs: tuple,
+             copies: dict[str, str]) -> dict[str, BatchDim]:
+    """Each of `holders`' layout from the runs' recordings (one row, the other row, both); one in a skipped block
+    takes that of the same projection in the block that ran (`_copied`)."""
+    one, other, two = runs
+    own = {n: _layout(one[0].get(n, []), other[0].get(n, []), two[0].get(n, []), one[1] and two[1])
+           for n in holders if _copied(n, copies) is None}
+    out = {}
+    for name in holders:
+        like = _copied(name, copies)
+        out[name] = own[name] if like is None else own.get(like) or every[like].batch_dim or \
+            BatchDim(None, 0, f"its block ran as {like}'s, whose layout is not known")
+    return out
 
 
 def _copied(name: str, copies: dict[str, str]) -> str | None:
