@@ -254,8 +254,11 @@ def wrap_forward(block: nn.Module, forward) -> tuple[nn.Module, bool, object]:
 
 
 def unwrap_forwards(saved: list[tuple[nn.Module, bool, object]]) -> None:
-    """Undo `wrap_forward`s: an instance-level forward the block had before is put back, else removed."""
-    for block, had, fwd in saved:
+    """Undo `wrap_forward`s, the last first: an instance-level forward the block had before is put back, else
+    removed. A module shared by several blocks (one activation instance in every layer) is wrapped once per
+    block, each wrapper over the last; undone first to last, the first undo's removal would be undone by the
+    second's put-back, leaving a wrapper (and its cached outputs) on the model."""
+    for block, had, fwd in reversed(saved):
         if had:
             block.forward = fwd
         else:

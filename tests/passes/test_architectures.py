@@ -119,7 +119,10 @@ def expected(arch: str) -> list[tuple[str, dict[str, tuple[int, ...]]]]:
 @pytest.mark.parametrize("arch", sorted(MATRIX))
 def test_architecture(arch):
     model = build_matrix(arch)
+    before = {n: set(m.__dict__) for n, m in model.named_modules(remove_duplicate=False)}
     plan = ac.plan(model)
+    # plan leaves the model as it was: no module keeps an attribute its passes set (a recording wrapper)
+    assert {n: set(m.__dict__) for n, m in model.named_modules(remove_duplicate=False)} == before
     got = [(t.module, {r: t.columns(r) for r in t.roles}) for t in plan.targets]
     assert got == expected(arch), plan.describe()
     for t in plan.targets:  # every role of a target owns disjoint columns
