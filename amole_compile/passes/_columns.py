@@ -23,7 +23,7 @@ import operator
 import torch
 from torch import fx
 
-from ._fx import META_ARGS, is_view, meta_value, op_name
+from ._fx import META_ARGS, concrete_shape, is_view, meta_value, op_name
 
 NONE = -1  # "no column of this projection"
 MAX_ALTERNATIVES = 4  # distinct index tensors kept side by side for one node (rotary keeps 2)
@@ -43,8 +43,7 @@ class ColumnsUnknown(Exception):
 
 
 def _shape(node: object) -> tuple[int, ...] | None:
-    val = meta_value(node)
-    return tuple(int(s) for s in val.shape) if isinstance(val, torch.Tensor) else None
+    return concrete_shape(meta_value(node))
 
 
 class _Unknown(Exception):
@@ -59,10 +58,19 @@ def _fill(node: object, constant) -> object:
     if isinstance(val, torch.Tensor):
         if not val.dtype.is_floating_point and not val.dtype.is_complex:
             raise _Unknown(node.name)
-        return torch.full(tuple(int(s) for s in val.shape), NONE, dtype=torch.long)
+        return torch.full(_known_shape(node, val), NONE, dtype=torch.long)
     if isinstance(val, (list, tuple)) and val and all(isinstance(v, torch.Tensor) for v in val):
-        return type(val)(torch.full(tuple(int(s) for s in v.shape), NONE, dtype=torch.long) for v in val)
+        return type(val)(torch.full(_known_shape(node, v), NONE, dtype=torch.long) for v in val)
+    if isinstance(val, torch.SymInt):  # a size that depends on values
+        raise _Unknown(node.name)
     return val
+
+
+def _known_shape(node: object, val: torch.Tensor) -> tuple[int, ...]:
+    shape = concrete_shape(val)
+    if shape is None:  # a size that depends on values
+        raise _Unknown(getattr(node, "name", str(node)))
+    return shape
 
 
 def _is_pointwise(node: fx.Node) -> bool:

@@ -207,7 +207,7 @@ class ParamNames:
         """The shape of a parameter node: its example value (ExportedProgram) or the GraphModule's tensor."""
         val = meta_value(node)
         if isinstance(val, torch.Tensor):
-            return tuple(int(s) for s in val.shape)
+            return concrete_shape(val)
         if node.op == "get_attr" and self.gm is not None:
             try:
                 return tuple(self.gm.get_parameter(str(node.target)).shape)
@@ -355,13 +355,32 @@ def walk(start: fx.Node, step: Callable[[fx.Node], list[fx.Node]], stop: Callabl
 
 
 def meta_value(node: object) -> object:
-    """A node's example value (FakeTensor / SymInt made concrete) or the literal itself."""
+    """A node's example value (FakeTensor / SymInt made concrete) or the literal itself. A SymInt that depends
+    on values (unbacked: an MoE's count of routed tokens) has no concrete value and stays a SymInt."""
     if not isinstance(node, fx.Node):
         return node
     val = node.meta.get("val", node.meta.get("example_value"))
     if isinstance(val, torch.SymInt):
-        return int(val)
+        n = concrete_int(val)
+        return val if n is None else n
     return val
+
+
+def concrete_int(v: int | torch.SymInt) -> int | None:
+    """An int, or a SymInt's example value; None where it depends on values (no hint to read)."""
+    try:
+        return int(v)
+    except RuntimeError:  # GuardOnDataDependentSymNode, whose class torch keeps private
+        return None
+
+
+def concrete_shape(val: object) -> tuple[int, ...] | None:
+    """A tensor value's (a FakeTensor's) shape as ints; None for a non-tensor or a size that depends on values
+    (the capture left it symbolic, unbacked: reading it as an int would raise from inside torch)."""
+    if not isinstance(val, torch.Tensor):
+        return None
+    dims = tuple(concrete_int(s) for s in val.shape)
+    return None if None in dims else dims
 
 
 class GraphView:

@@ -15,7 +15,7 @@ import operator
 import torch
 from torch import fx
 
-from ._fx import meta_value, walk
+from ._fx import concrete_shape, meta_value, walk
 
 AFFINE_TOL = 1e-2  # relative deviation below which a response counts as affine (bf16 casts on the way stay below)
 SCALE = 2.0  # inputs ~ N(0, SCALE²): activations are far from affine at this scale
@@ -37,9 +37,10 @@ def _cpu(value: object) -> object:
 def _shape(node: fx.Node, val: torch.Tensor) -> tuple[int, ...]:
     """The example shape of `node`; ProbeFailed where a size depends on values (an MoE's routed tokens: the
     capture left it symbolic)."""
-    if not all(isinstance(d, int) for d in val.shape):
+    shape = concrete_shape(val)
+    if shape is None:
         raise ProbeFailed(f"{node.name} has a size that depends on values: {tuple(val.shape)}")
-    return tuple(val.shape)
+    return shape
 
 
 class Probe:
@@ -69,6 +70,8 @@ class Probe:
                 if not val.dtype.is_floating_point:
                     raise ProbeFailed(f"no value for the integer tensor {node.name}")
                 self._fills[node] = torch.randn(_shape(node, val), generator=self._gen)
+            elif isinstance(val, torch.SymInt):
+                raise ProbeFailed(f"{node.name} is a size that depends on values")
             else:
                 self._fills[node] = val
         return self._fills[node]

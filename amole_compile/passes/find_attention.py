@@ -28,7 +28,20 @@ import dataclasses
 from torch import fx
 
 from ._columns import ColumnsUnknown, role_columns
-from ._fx import MATMUL_OPS, SDPA_OPS, SOFTMAX_OPS, GraphView, LinearCall, ParamNames, meta_value, op_name, walk
+from ._fx import (
+    MATMUL_OPS,
+    SDPA_OPS,
+    SOFTMAX_OPS,
+    GraphView,
+    LinearCall,
+    ParamNames,
+    concrete_shape,
+    is_view,
+    meta_value,
+    op_name,
+    walk,
+)
+from ._routing import EXPERTS_NOTE, ROUTER_NOTE, carries_values, router_calls
 from .targets import PassReport, Skip, Target, compress
 
 ROLE_ORDER = ("q", "k", "v", "o")  # attention roles (feed-forward roles: find_mlp.py)
@@ -44,8 +57,7 @@ class Anchor:
 
 
 def _shape(node: object) -> tuple[int, ...] | None:
-    val = meta_value(node)
-    return tuple(int(s) for s in val.shape) if hasattr(val, "shape") else None
+    return concrete_shape(meta_value(node))
 
 
 def _operands(node: fx.Node) -> list[fx.Node]:
@@ -180,24 +192,40 @@ def find_attention(g: GraphView) -> tuple[list[Target], PassReport]:
         entry.paths.setdefault(role, []).append((call, tensor, cone))
 
     is_proj = lambda n: g.projection(n) is not None  # noqa: E731
+    routers = router_calls(g)
+    back = lambda n: [a for a in g.flow.inputs(n) if carries_values(a)]  # noqa: E731
+    ahead = lambda n: [u for u in g.users(n) if carries_values(u)]  # noqa: E731
+
+    def not_routers(procs: list[fx.Node]) -> list[fx.Node]:
+        """The projections reached forward, less the routers (reported): where the real o is no projection (MoE
+        experts), the first one downstream can be the next MoE's router, whose values are decisions."""
+        for p in procs:
+            if p in routers and p not in seen_routers:
+                seen_routers.add(p)
+                report.skipped.append(Skip(routers[p].module, "router_reached", f"reached from role o, but "
+                                           f"{ROUTER_NOTE}"))
+        return [p for p in procs if p not in routers]
+
+    seen_routers: set[fx.Node] = set()
     for anchor in anchors:
         for role, tensors in anchor.inputs.items():
-            hits = []
+            hits, seen = [], set()
             for tensor in tensors:
                 if is_proj(tensor):
                     hits.append((tensor, {tensor}))
                     add(g.projection(tensor), role, tensor, {tensor})
                     continue
-                procs, cone = walk(tensor, g.flow.inputs, is_proj)
+                procs, cone = walk(tensor, back, is_proj)
                 for p in procs:
                     add(g.projection(p), role, tensor, cone)
                 hits += procs
+                seen |= cone
             if not hits:
-                report.skipped.append(Skip(anchor.node.name, "no_projection", f"no projection found for role {role}"))
-        procs, _ = walk(anchor.out, g.users, is_proj)
-        procs = [p for p in procs if g.projection(p).node is not anchor.out]
+                report.skipped.append(_none_found(anchor, role, seen, g))
+        procs, seen = walk(anchor.out, ahead, is_proj)
+        procs = not_routers([p for p in procs if g.projection(p).node is not anchor.out])
         if not procs:
-            report.skipped.append(Skip(anchor.node.name, "no_projection", "no projection found for role o"))
+            report.skipped.append(_none_found(anchor, "o", seen, g))
         for p in procs[:1]:
             add(g.projection(p), "o", None, set())
     order = g.flow.order
@@ -208,3 +236,29 @@ def find_attention(g: GraphView) -> tuple[list[Target], PassReport]:
             targets.append(Target(module, roles, slices, *entry.features))
     report.targets = targets
     return targets, report
+
+
+def _none_found(anchor: Anchor, role: str, seen: set[fx.Node], g: GraphView) -> Skip:
+    """No projection computes `role`: say so, naming the 3-D parameter (stacked experts) that the walk's nodes
+    read where there is one (JetMoE's mixture-of-attention experts compute q and o): the one read nearest the
+    attention (the last read before it for q, k, v; the first after it for o)."""
+    order = g.flow.order
+    found = []
+    for n in g.graph.nodes:
+        name = g.params(n)
+        shape = g.params.shape(n) if name is not None else None
+        if shape is not None and len(shape) == 3:
+            at = [order[r] for r in _readers(n, seen)]
+            if at:
+                found.append((min(at) if role == "o" else -max(at), name, list(shape)))
+    if found:
+        _, name, shape = min(found)
+        return Skip(name, "moe_experts", f"computes role {role}: {EXPERTS_NOTE} {shape}; only 2-D projections can "
+                    "be adapted")
+    return Skip(anchor.node.name, "no_projection", f"no projection found for role {role}")
+
+
+def _readers(param: fx.Node, nodes: set[fx.Node]) -> list[fx.Node]:
+    """The `nodes` that read the parameter node, directly or through views of it (an expert's `W[e]`)."""
+    readers, _ = walk(param, lambda n: list(n.users), lambda n: n in nodes or not is_view(n))
+    return [r for r in readers if r in nodes]

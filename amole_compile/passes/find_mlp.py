@@ -23,16 +23,13 @@ Invariants:     the graph is not modified; no projection with an attention role 
 
 from __future__ import annotations
 
-import torch
 from torch import fx
 
 from ._columns import ColumnsUnknown, role_columns
-from ._fx import LinearCall, meta_value, walk
+from ._fx import LinearCall, walk
 from ._probe import Probe, ProbeFailed
+from ._routing import EXPERTS_NOTE, ROUTER_NOTE, router_calls
 from .targets import Skip, Target, compress
-
-ROUTER_NOTE = "an MoE router (top-k / argmax indices are derived from its output); routers are never adapted"
-EXPERTS_NOTE = "MoE experts stored as a 3-D parameter"
 
 
 def find_mlp(g, attention: set[str]) -> tuple[list[Target], list[Skip]]:
@@ -119,23 +116,9 @@ def _split(g, probe: Probe, call: LinearCall) -> tuple[list[int], list[int]] | N
     return None
 
 
-def _is_index(node: fx.Node) -> bool:
-    val = meta_value(node)
-    return isinstance(val, torch.Tensor) and not (val.dtype.is_floating_point or val.dtype.is_complex
-                                                  or val.dtype == torch.bool)
-
-
 def _routers(g, attention: set[str]) -> list[LinearCall]:
-    """Projections whose scores become indices (top-k, argmax, sort: an integer tensor derived from them)."""
-    out = []
-    for node in g.graph.nodes:
-        call = g.projection(node)
-        if call is None or call.module in attention:
-            continue
-        _, reach = walk(node, g.users, lambda n: g.projection(n) is not None)
-        if any(_is_index(n) for n in reach):
-            out.append(call)
-    return out
+    """The router calls (`_routing.routers`) of modules without an attention role."""
+    return [call for call in router_calls(g).values() if call.module not in attention]
 
 
 def _experts(g, widths: set[int]) -> list[Skip]:

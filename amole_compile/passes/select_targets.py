@@ -18,7 +18,7 @@ from __future__ import annotations
 import re
 
 from ..config import MLP_ROLES, ROLES, AdaMoLEConfig
-from .find_mlp import EXPERTS_NOTE
+from ._routing import EXPERTS_NOTE
 from .reach import UNREACHABLE, DeadAdapterError
 from .targets import PassReport, Skip, Target
 

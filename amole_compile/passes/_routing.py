@@ -1,0 +1,48 @@
+"""What routing looks like in a captured graph, for the discovery passes: which tensors carry decisions rather
+than values, and which projections are routers.
+
+- An integer tensor holds positions or counts (indices, top-k selections, tokens per expert), a bool tensor
+  holds decisions (masks). A projection's values never reach an attention role through one, so the role walks
+  (`find_attention`) do not step along them: JetMoE's q, computed by routed experts, is not its router's.
+- A router is a projection from whose output an integer tensor is derived, and used, before any other
+  projection (its scores become the indices of a top-k / argmax / sort selection: an MoE gate, a
+  mixture-of-attention gate). An integer output nothing reads is no selection: attention with sinks takes
+  `max(dim)`, whose indices go unused. A router is never a feed-forward role (`find_mlp`), nor the o that
+  `find_attention` reaches downstream where the real o is no projection (MoE experts); both report it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import fx
+
+from ._fx import meta_value, walk
+
+EXPERTS_NOTE = "MoE experts stored as a 3-D parameter"
+ROUTER_NOTE = "an MoE router (top-k / argmax indices are derived from its output); routers are never adapted"
+
+
+def is_index(node: fx.Node) -> bool:
+    """Is the node's example value an integer tensor (indices, counts)?"""
+    val = meta_value(node)
+    return isinstance(val, torch.Tensor) and not (val.dtype.is_floating_point or val.dtype.is_complex
+                                                  or val.dtype == torch.bool)
+
+
+def carries_values(node: fx.Node) -> bool:
+    """Can the node's values be an activation: not an integer or bool tensor (unknown values count as can)?"""
+    val = meta_value(node)
+    return not isinstance(val, torch.Tensor) or val.dtype.is_floating_point or val.dtype.is_complex
+
+
+def router_calls(g) -> dict[fx.Node, object]:
+    """{projection node: its `LinearCall`} for every projection call of the graph view `g` that is a router."""
+    out = {}
+    for node in g.graph.nodes:
+        call = g.projection(node)
+        if call is None:
+            continue
+        _, reach = walk(node, g.users, lambda n: g.projection(n) is not None)
+        if any(is_index(n) and n.users for n in reach):  # (not an unused `max(dim).indices`: gpt-oss sinks)
+            out[node] = call
+    return out
