@@ -16,7 +16,8 @@ SOFTMAX_OPS = frozenset({"softmax", "_softmax", "_safe_softmax", "log_softmax"})
 MATMUL_OPS = frozenset({"matmul", "bmm", "einsum", "baddbmm", "mm"})
 SDPA_OPS = frozenset({"scaled_dot_product_attention", "_scaled_dot_product_flash_attention",
                       "_scaled_dot_product_efficient_attention", "_scaled_dot_product_attention_math",
-                      "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu"})
+                      "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu",
+                      "flex_attention"})  # (q, k, v, ...) first; the fused kernels and flex return (out, lse, ...)
 # Arguments that carry only metadata (dtype, shape, device), by op and position: not data edges.
 META_ARGS = {
     "type_as": {1}, "expand_as": {1}, "view_as": {1}, "reshape_as": {1}, "to": {1},

@@ -69,7 +69,8 @@ def synthesize_inputs(model: nn.Module) -> dict[str, Any]:
     kwargs: dict[str, Any] = {}
     vocab = _sub(config, "text_config", "vocab_size") if config is not None else None
     if isinstance(vocab, int):
-        seq = min(_SEQ, _sub(config, "text_config", "max_position_embeddings") or _SEQ)
+        limit = _sub(config, "text_config", "max_position_embeddings")  # XLNet: -1, no limit
+        seq = min(_SEQ, limit) if isinstance(limit, int) and limit > 0 else _SEQ
         ids = (torch.arange(_BATCH * seq) % max(vocab - 1, 1) + 1).reshape(_BATCH, seq).to(device)
         if main == "input_ids" or _accepts(model, "input_ids") and hasattr(config, "text_config"):
             kwargs["input_ids"] = ids
@@ -128,9 +129,19 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _export(module: nn.Module, args: tuple, kwargs: dict) -> torch.export.ExportedProgram:
-    with warnings.catch_warnings():
+    """With gradients on, as the model trains (a forward may branch on it: torch's inference fast paths); where
+    that fails, without them: an op may refuse a forward whose backward it lacks (flex attention on CPU).
+    torch.compile'd functions inside run as plain Python, which export traces."""
+    with warnings.catch_warnings(), torch.compiler.set_stance("force_eager"):
         warnings.simplefilter("ignore")
-        return torch.export.export(module, args, kwargs, strict=False)
+        try:
+            return torch.export.export(module, args, kwargs, strict=False)
+        except Exception as exc:
+            try:
+                with torch.no_grad():
+                    return torch.export.export(module, args, kwargs, strict=False)
+            except Exception:
+                raise exc from None
 
 
 def capture(model: nn.Module, example_inputs: tuple | dict | None = None) -> torch.export.ExportedProgram:
@@ -212,7 +223,7 @@ def record_block_inputs(model: nn.Module, blocks: list[tuple[str, nn.Module]], a
 
 def _record(model: nn.Module, blocks: list[tuple[str, nn.Module]], args: tuple, kwargs: dict,
             fake: bool, calls: dict[str, int]) -> dict[str, tuple[tuple, dict]]:
-    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+    from torch._subclasses.fake_tensor import FakeTensor
     from torch.utils._pytree import tree_map
 
     seen: dict[str, tuple[tuple, dict]] = {}
@@ -228,7 +239,7 @@ def _record(model: nn.Module, blocks: list[tuple[str, nn.Module]], args: tuple, 
                 outputs[key] = _orig(*a, **kw)
             return outputs[key]
         saved.append(wrap_forward(block, forward))
-    mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
+    mode = fake_tensors() if fake else contextlib.nullcontext()
     try:
         with eval_mode(model), torch.no_grad(), warnings.catch_warnings(), mode:
             warnings.simplefilter("ignore")
@@ -276,7 +287,6 @@ def probe_forward(model: nn.Module, args: tuple, kwargs: dict, prefer: str = "")
     parameters, or on a GPU or the meta device, runs for real (on one CPU thread). Whichever fails (quantized
     layers under fake tensors, data-dependent ops on meta) falls back to the other; failing both ways raises the
     real error. `prefer` ("real" or "fake"): try that way first (how an earlier forward of the model ran)."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
 
     first = next(model.parameters(), None)
     real_first = prefer == "real" if prefer else first is None or first.device.type != "cpu" or \
@@ -286,16 +296,28 @@ def probe_forward(model: nn.Module, args: tuple, kwargs: dict, prefer: str = "")
         warnings.simplefilter("ignore")
         for how in ("real", "fake") if real_first else ("fake", "real"):
             try:
-                _run(model, args, kwargs, how == "fake", FakeTensorMode)
+                _run(model, args, kwargs, how == "fake")
                 return how
             except Exception as exc:
                 failed[how] = exc
     raise failed["real"]
 
 
-def _run(model: nn.Module, args: tuple, kwargs: dict, fake: bool, mode) -> None:
+@contextlib.contextmanager
+def fake_tensors():
+    """Within: a `FakeTensorMode` (shapes only, non-fake inputs allowed), with torch.compile'd functions run as
+    plain Python (`set_stance("force_eager")`, which leaves their caches alone). Compiled code (inductor's
+    kernels, as in transformers' flex-attention block mask) reads data pointers, and on fake tensors that
+    crashed the process (a segmentation fault inside `plan`)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with torch.compiler.set_stance("force_eager"), FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        yield mode
+
+
+def _run(model: nn.Module, args: tuple, kwargs: dict, fake: bool) -> None:
     if fake:
-        with _quiet_export(), mode(allow_non_fake_inputs=True):
+        with _quiet_export(), fake_tensors():
             model(*args, **kwargs)
         return
     threads = torch.get_num_threads()

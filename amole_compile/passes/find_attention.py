@@ -36,12 +36,11 @@ from ._fx import (
     LinearCall,
     ParamNames,
     concrete_shape,
-    is_view,
     meta_value,
     op_name,
     walk,
 )
-from ._routing import EXPERTS_NOTE, ROUTER_NOTE, carries_values, router_calls
+from ._routing import ROUTER_NOTE, WIDE_NOTE, carries_values, router_calls, wide_param_readers
 from .targets import PassReport, Skip, Target, compress
 
 ROLE_ORDER = ("q", "k", "v", "o")  # attention roles (feed-forward roles: find_mlp.py)
@@ -119,6 +118,14 @@ def _eager_anchor(softmax: fx.Node, g: GraphView) -> Anchor | None:
     return Anchor(softmax, {"q": [q for q, _ in pairs], "k": [k for _, k in pairs], "v": values}, pv)
 
 
+def _first_output(node: fx.Node) -> fx.Node:
+    """The attention output of an op that returns a tuple (out, logsumexp, ...: flex attention, the fused SDPA
+    kernels): its `getitem(node, 0)`; the node itself when it returns one tensor (or nothing reads item 0)."""
+    if not isinstance(meta_value(node), (tuple, list)):
+        return node
+    return next((u for u in node.users if op_name(u) == "getitem" and u.args[1:2] == (0,)), node)
+
+
 def find_anchors(graph: fx.Graph, params: ParamNames | None = None, g: GraphView | None = None) -> list[Anchor]:
     """Every attention computation in the graph, in graph order."""
     g = g or GraphView(graph, params or ParamNames(None))
@@ -126,7 +133,7 @@ def find_anchors(graph: fx.Graph, params: ParamNames | None = None, g: GraphView
     for node in graph.nodes:
         name = op_name(node)
         if name in SDPA_OPS and len(node.args) >= 3 and all(isinstance(a, fx.Node) for a in node.args[:3]):
-            anchors.append(Anchor(node, {r: [node.args[i]] for i, r in enumerate("qkv")}, node))
+            anchors.append(Anchor(node, {r: [node.args[i]] for i, r in enumerate("qkv")}, _first_output(node)))
         elif name in SOFTMAX_OPS:
             anchor = _eager_anchor(node, g)
             if anchor is not None:
@@ -192,13 +199,14 @@ def find_attention(g: GraphView) -> tuple[list[Target], PassReport]:
         entry.paths.setdefault(role, []).append((call, tensor, cone))
 
     is_proj = lambda n: g.projection(n) is not None  # noqa: E731
-    routers = router_calls(g)
+    routers, wide = router_calls(g), wide_param_readers(g)
+    stop = lambda n: is_proj(n) or n in wide  # noqa: E731
     back = lambda n: [a for a in g.flow.inputs(n) if carries_values(a)]  # noqa: E731
     ahead = lambda n: [u for u in g.users(n) if carries_values(u)]  # noqa: E731
 
     def not_routers(procs: list[fx.Node]) -> list[fx.Node]:
-        """The projections reached forward, less the routers (reported): where the real o is no projection (MoE
-        experts), the first one downstream can be the next MoE's router, whose values are decisions."""
+        """The projections reached forward, less the routers (reported): where the real o is no projection, the
+        first one downstream can be the next MoE's router, whose values are decisions."""
         for p in procs:
             if p in routers and p not in seen_routers:
                 seen_routers.add(p)
@@ -209,23 +217,20 @@ def find_attention(g: GraphView) -> tuple[list[Target], PassReport]:
     seen_routers: set[fx.Node] = set()
     for anchor in anchors:
         for role, tensors in anchor.inputs.items():
-            hits, seen = [], set()
+            hits, blocked = [], []
             for tensor in tensors:
-                if is_proj(tensor):
-                    hits.append((tensor, {tensor}))
-                    add(g.projection(tensor), role, tensor, {tensor})
-                    continue
-                procs, cone = walk(tensor, back, is_proj)
+                reached, cone = ([tensor], {tensor}) if stop(tensor) else walk(tensor, back, stop)
+                procs = [p for p in reached if is_proj(p)]
                 for p in procs:
                     add(g.projection(p), role, tensor, cone)
                 hits += procs
-                seen |= cone
+                blocked += [p for p in reached if p in wide]
             if not hits:
-                report.skipped.append(_none_found(anchor, role, seen, g))
-        procs, seen = walk(anchor.out, ahead, is_proj)
-        procs = not_routers([p for p in procs if g.projection(p).node is not anchor.out])
+                report.skipped.append(_none_found(anchor, role, blocked, wide))
+        reached, _ = walk(anchor.out, ahead, stop)
+        procs = not_routers([p for p in reached if is_proj(p) and g.projection(p).node is not anchor.out])
         if not procs:
-            report.skipped.append(_none_found(anchor, "o", seen, g))
+            report.skipped.append(_none_found(anchor, "o", [p for p in reached if p in wide], wide))
         for p in procs[:1]:
             add(g.projection(p), "o", None, set())
     order = g.flow.order
@@ -238,27 +243,11 @@ def find_attention(g: GraphView) -> tuple[list[Target], PassReport]:
     return targets, report
 
 
-def _none_found(anchor: Anchor, role: str, seen: set[fx.Node], g: GraphView) -> Skip:
-    """No projection computes `role`: say so, naming the 3-D parameter (stacked experts) that the walk's nodes
-    read where there is one (JetMoE's mixture-of-attention experts compute q and o): the one read nearest the
-    attention (the last read before it for q, k, v; the first after it for o)."""
-    order = g.flow.order
-    found = []
-    for n in g.graph.nodes:
-        name = g.params(n)
-        shape = g.params.shape(n) if name is not None else None
-        if shape is not None and len(shape) == 3:
-            at = [order[r] for r in _readers(n, seen)]
-            if at:
-                found.append((min(at) if role == "o" else -max(at), name, list(shape)))
-    if found:
-        _, name, shape = min(found)
-        return Skip(name, "moe_experts", f"computes role {role}: {EXPERTS_NOTE} {shape}; only 2-D projections can "
-                    "be adapted")
+def _none_found(anchor: Anchor, role: str, blocked: list[fx.Node], wide: dict) -> Skip:
+    """No projection computes `role`: say so, naming the parameter of 3 or more dimensions that does where the walk
+    stopped at one (`blocked`, nearest first: JetMoE's expert q and o, XLNet's per-head q, k, v and o)."""
+    if blocked:
+        name, shape = wide[blocked[0]]
+        return Skip(name, "param_3d", f"computes role {role}: {WIDE_NOTE} {shape}; only 2-D projections can be "
+                    "adapted")
     return Skip(anchor.node.name, "no_projection", f"no projection found for role {role}")
-
-
-def _readers(param: fx.Node, nodes: set[fx.Node]) -> list[fx.Node]:
-    """The `nodes` that read the parameter node, directly or through views of it (an expert's `W[e]`)."""
-    readers, _ = walk(param, lambda n: list(n.users), lambda n: n in nodes or not is_view(n))
-    return [r for r in readers if r in nodes]

@@ -57,6 +57,7 @@ SKIP_REASONS = {
     "columns_unknown": "a fused projection whose columns for a role could not be worked out",
     "columns_shared": "a role whose columns all belong to another role of the same projection",
     "moe_router": "an MoE router (indices are derived from its scores): never adapted",
+    "param_3d": "a role computed by a parameter of more than 2 dimensions (stacked experts, per-head weights)",
     "router_reached": "a router reached from an attention role (its values are decisions): never given the role",
     "moe_experts": "MoE experts stored as a 3-D parameter: not a linear, cannot be wrapped",
     "include": "a projection whose name does not match AdaMoLEConfig.include",

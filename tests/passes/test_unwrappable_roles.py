@@ -1,11 +1,13 @@
-"""Attention whose projections are routed experts (JetMoE's mixture of attention heads: q and o are 3-D expert
-parameters fed the tokens a router picks; k and v one plain projection).
+"""Roles computed by something no adapter can wrap, reported as such and never given to the next projection along.
+
+JetMoE (mixture of attention heads): q and o are 3-D expert parameters fed the tokens a router picks; k and v one
+plain projection.
 
 Before: `plan` crashed inside torch (GuardOnDataDependentSymNode, reading a routed size as an int), and with that
 fixed alone it named the attention router q and the next MoE's router o (no error, the wrong modules adapted).
 Now: the walks from an attention role do not step along integer or bool tensors (`_routing.carries_values`),
-a router is never the o found downstream, and the roles the experts compute are reported with the parameter
-that computes them.
+the walks stop at a product by a parameter of more than 2 dimensions (the experts) and report it as computing
+the role, and a router is never the o found downstream.
 """
 
 from __future__ import annotations
@@ -38,12 +40,11 @@ def test_plan_finds_k_v_and_says_who_computes_q_and_o():
     got = [(t.module, t.roles) for t in plan.targets]
     assert got == [(f"model.layers.{i}.self_attention.kv_proj", ("k", "v")) for i in range(2)]
     skipped = {(s.module, s.reason): s.detail for s in plan.report.skipped}
-    for i in range(2):
+    for i in range(2):  # the walks stop at the experts' products, and say so
         attn = f"model.layers.{i}.self_attention.experts"
-        assert skipped[(f"{attn}.input_linear.weight", "moe_experts")].startswith("computes role q: MoE experts")
-        assert skipped[(f"{attn}.output_linear.weight", "moe_experts")].startswith("computes role o: MoE experts")
-        # the next MoE's router, first downstream of the attention, is reported, never made o
-        assert "an MoE router" in skipped[(f"model.layers.{i}.mlp.router.layer", "router_reached")]
+        assert skipped[(f"{attn}.input_linear.weight", "param_3d")].startswith(
+            "computes role q: a parameter of more than 2 dimensions (stacked experts, or per-head weights) [4, 32, 64]")
+        assert skipped[(f"{attn}.output_linear.weight", "param_3d")].startswith("computes role o: a parameter")
     assert all("router" not in t.module for t in plan.targets)
 
 
@@ -51,7 +52,7 @@ def test_default_roles_raise_naming_the_experts():
     model = jetmoe()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ValueError, match=r"roles \('q', 'o'\) were asked for, but its architecture has \('k', 'v'\)"
-                       r".*input_linear\.weight: computes role q: MoE experts stored as a 3-D parameter"):
+                       r".*input_linear\.weight: computes role q: a parameter of more than 2 dimensions"):
         ac.transform(model, ac.AdaMoLEConfig())
     assert not ac.is_transformed(model)
     after = model.state_dict()
@@ -88,3 +89,18 @@ def test_a_size_that_depends_on_values_is_not_read_as_an_int():
         known = torch.empty(3, 4)
     assert concrete_shape(t) is None and concrete_shape(known) == (3, 4) and concrete_shape(1) is None
     del mode
+
+
+def test_xlnet_per_head_weights_are_named_not_passed_over():
+    """XLNet's q, k, v and o are [d_model, heads, head_dim] parameters used through einsum. Before: `plan` could not
+    build its example inputs (max_position_embeddings is -1, "no limit"); the walk from the attention output
+    passed the o einsum and would have called the feed-forward's first Linear o."""
+    cfg = tf.XLNetConfig(vocab_size=VOCAB, d_model=64, n_layer=2, n_head=4, d_inner=128)
+    assert cfg.max_position_embeddings == -1
+    model = tf.XLNetLMHeadModel(cfg).eval()
+    with pytest.raises(ac.NoAttentionFound) as info:
+        ac.plan(model, ac.AdaMoLEConfig())
+    msg = str(info.value)
+    assert "found 2 attention site(s) but no projection feeding them" in msg
+    assert "transformer.layer.0.rel_attn.q: computes role q: a parameter of more than 2 dimensions" in msg
+    assert "[64, 4, 16]" in msg and "layer_1" not in msg
