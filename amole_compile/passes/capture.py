@@ -239,7 +239,7 @@ def _record(model: nn.Module, blocks: list[tuple[str, nn.Module]], args: tuple, 
                 outputs[key] = _orig(*a, **kw)
             return outputs[key]
         saved.append(wrap_forward(block, forward))
-    mode = fake_tensors() if fake else contextlib.nullcontext()
+    mode = fake_tensors() if fake else torch.compiler.set_stance("force_eager")  # (see probe_forward)
     try:
         with eval_mode(model), torch.no_grad(), warnings.catch_warnings(), mode:
             warnings.simplefilter("ignore")
@@ -286,13 +286,15 @@ def probe_forward(model: nn.Module, args: tuple, kwargs: dict, prefer: str = "")
     real forward of 2 x 8 tokens takes 44 ms on one CPU thread), so a model on CPU of up to `REAL_PROBE_PARAMS`
     parameters, or on a GPU or the meta device, runs for real (on one CPU thread). Whichever fails (quantized
     layers under fake tensors, data-dependent ops on meta) falls back to the other; failing both ways raises the
-    real error. `prefer` ("real" or "fake"): try that way first (how an earlier forward of the model ran)."""
+    real error. `prefer` ("real" or "fake"): try that way first (how an earlier forward of the model ran).
+    torch.compile'd functions inside run as plain Python (the same values; nothing compiled for a probe, and no
+    compiled kernel that is wrong on this device, as flex attention's on CPU, misleads `find_rows`)."""
 
     first = next(model.parameters(), None)
     real_first = prefer == "real" if prefer else first is None or first.device.type != "cpu" or \
         sum(p.numel() for p in model.parameters()) <= REAL_PROBE_PARAMS
     failed: dict[str, Exception] = {}
-    with eval_mode(model), torch.no_grad(), warnings.catch_warnings():
+    with eval_mode(model), torch.no_grad(), torch.compiler.set_stance("force_eager"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for how in ("real", "fake") if real_first else ("fake", "real"):
             try:

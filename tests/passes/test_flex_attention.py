@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 import amole_compile as ac
+from amole_compile.model.state import projections
 
 from models import build, ids
 
@@ -34,6 +35,9 @@ def test_flex_attention_llama_is_found_and_keeps_its_outputs():
     assert [(t.module, t.roles, t.slices) for t in ac.plan(flex, CFG).targets] == want
     ac.transform(flex, CFG)
     assert len(ac.targets(flex)) == len(want) == 8
+    # find_rows' forwards run the compiled flex kernel as plain Python: its CPU build's NaNs made o_proj's rows
+    # look dependent (a mixed batch then raised)
+    assert {h.batch_dim.dim for _, h in projections(flex)} == {0}
     with torch.no_grad(), torch.compiler.set_stance("force_eager"):
         torch.testing.assert_close(flex(input_ids=x).logits, ref, rtol=0, atol=1e-5)
     with torch.no_grad():  # compiled as the model's own forward does: still runs (values: see the module doc)
