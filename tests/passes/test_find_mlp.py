@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers as tf
 
 import amole_compile as ac
 from amole_compile.config import ROLES
 
-from models import build, build_matrix, ids
+from models import VOCAB, build, build_matrix, ids
 
 CFG = dict(num_experts=2, rank=2, dropout=0.0)
 
@@ -168,3 +169,15 @@ def test_onnx_export_with_mlp_roles(tmp_path, monkeypatch):
     lm = ac.OnnxLM(ac.export_onnx(model, tmp_path / "all.onnx"))
     ids_, mask = batch(2, 6, seed=4)
     assert_logits_close(reference_logits(model, ids_, mask), lm.logits(ids_, mask), mask)
+
+
+def test_no_feed_forward_found_says_what_one_looks_like():
+    """BitNet normalises act(gate) * up before down_proj: no elementwise path, so no MLP roles. The error says
+    the rule (it only listed the attention roles found)."""
+    cfg = tf.BitNetConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2)
+    model = tf.BitNetForCausalLM(cfg).eval()
+    with pytest.raises(ValueError, match=r"roles \('gate', 'up', 'down'\) were asked for, but its architecture has "
+                                         r"\('q', 'k', 'v', 'o'\); no feed-forward block was found: a down projection"
+                                         r"'s input must be an elementwise function"):
+        ac.plan(model, ac.AdaMoLEConfig(roles="all"))
