@@ -33,6 +33,7 @@ from onnxscript.onnx_types import BFLOAT16, BOOL, DOUBLE, FLOAT, FLOAT16
 
 from ..kernels.methods import ADAMOLE, MOLE, method_spec
 from ..kernels.op import AdapterArgs
+from ._moe import moe_translations
 
 _Float = Union[FLOAT, FLOAT16, BFLOAT16, DOUBLE]  # noqa: UP007 (onnxscript reads the annotation)
 TX = TypeVar("TX", bound=_Float)  # x and the adapter's parameters
@@ -296,7 +297,8 @@ adapter_skip = _translation(_skip, "adapter_skip")
 
 
 def translation_table(masking: str = "dense") -> dict:
-    """The `custom_translation_table` for torch.onnx.export: {amole::adapter: translation}."""
+    """The `custom_translation_table` for torch.onnx.export: {amole::adapter: translation}, and the base's MoE
+    grouped matmul where transformers registered it (`_moe.py`)."""
     import torch
 
     from ..kernels import register
@@ -306,4 +308,4 @@ def translation_table(masking: str = "dense") -> dict:
     if masking not in MASKING:
         raise ValueError(f"masking must be one of {MASKING}, got {masking!r}")
     fn = adapter_dense if masking == "dense" else adapter_skip
-    return {torch.ops.amole.adapter.default: fn}
+    return {torch.ops.amole.adapter.default: fn, **moe_translations()}
