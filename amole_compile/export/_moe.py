@@ -1,6 +1,7 @@
-"""ONNX translation of the grouped matmul that transformers' MoE experts run on (`transformers::grouped_mm_fallback`,
-its custom op for `torch.nn.functional.grouped_mm` where that is unavailable, as on CPU). Without one, no model with
-such experts (Mixtral, OLMoE, Qwen3-MoE, ...) exported to ONNX, adapted or not: the exporter has no function for it.
+"""ONNX translations of the grouped matmul that transformers' MoE experts run on: `transformers::grouped_mm_fallback`
+(its custom op where `torch.nn.functional.grouped_mm` is unavailable, as for float32 on CPU) and `aten._grouped_mm`
+with offsets (bf16 experts; torch.onnx's own translation refuses offsets). Without them, no model with such experts
+(Mixtral, OLMoE, Qwen3-MoE, ...) exported to ONNX, adapted or not.
 
 Legend: S rows (routed token slots, sorted by expert), D in features, O out features, E experts.
 
@@ -38,13 +39,25 @@ def grouped_mm(input: TX, weight: TX, offs: TI):  # (the op's own argument names
     return op.Squeeze(op.GatherElements(every, pick, axis=0), [0])
 
 
+def aten_grouped_mm(self: TX, mat2: TX, offs: TI | None = None, bias: TX | None = None, out_dtype: int | None = None):
+    """`aten._grouped_mm` in the MoE form (input [S, D], weight [E, D, O], offs [E], no bias, the input's dtype) as
+    `grouped_mm`; any other form raises, naming it."""
+    ranks = tuple(None if v.shape is None else len(v.shape) for v in (self, mat2))
+    if offs is None or bias is not None or ranks != (2, 3) or out_dtype not in (None, self.dtype):
+        raise NotImplementedError(f"aten._grouped_mm has an ONNX translation only in the MoE form (a 2-D input, a "
+                                  f"3-D weight, offsets, no bias, no out_dtype); got ranks {ranks}, offsets "
+                                  f"{offs is not None}, bias {bias is not None}, out_dtype {out_dtype}")
+    return grouped_mm(self, mat2, offs)
+
+
 def moe_translations() -> dict:
     """{op: translation} for the MoE ops this process has registered (transformers registers its op when its MoE
-    integration is imported); {} where none is."""
+    integration is imported), and aten's."""
     import torch
 
+    table = {torch.ops.aten._grouped_mm.default: aten_grouped_mm}
     try:
-        fallback = torch.ops.transformers.grouped_mm_fallback.default
+        table[torch.ops.transformers.grouped_mm_fallback.default] = grouped_mm
     except (AttributeError, RuntimeError):
-        return {}
-    return {fallback: grouped_mm}
+        pass
+    return table

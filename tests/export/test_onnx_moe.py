@@ -58,3 +58,36 @@ def test_kv_cache_graph_decodes_as_generate(mixtral, tmp_path):
         want = mixtral.generate(ids, max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0)
     got = lm.generate(ids.numpy(), max_new_tokens=6)
     np.testing.assert_array_equal(np.asarray(got), want.numpy())
+
+
+def test_bf16_experts_export_through_aten_grouped_mm(tmp_path, monkeypatch):
+    """bf16 experts run on `aten._grouped_mm` with offsets, which torch.onnx's own translation refuses. Ours
+    exports them (the same `grouped_mm` as above, whose numbers that test checks; onnxruntime's CPU provider
+    has no bf16 kernels to run this graph, for any bf16 model)."""
+    import onnx
+
+    from amole_compile.export import _moe
+
+    calls = []
+    real = _moe.grouped_mm
+    monkeypatch.setattr(_moe, "grouped_mm", lambda *a: calls.append(1) or real(*a))
+    cfg = tf.MixtralConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                           max_position_embeddings=64, pad_token_id=0, bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(0)
+    model = tf.MixtralForCausalLM(cfg).to(torch.bfloat16).eval()
+    ac.transform(model, ac.AdaMoLEConfig(num_experts=2, rank=2, dropout=0.0))
+    graph = onnx.load(str(ac.export_onnx(model, tmp_path / "moe_bf16.onnx")))
+    assert len(calls) == 2  # gate_up and down of the one layer's experts
+    assert sum(n.op_type == "GatherElements" for n in graph.graph.node) >= 2
+
+
+def test_other_grouped_mm_forms_are_refused_by_name():
+    from amole_compile.export._moe import aten_grouped_mm
+
+    class V:  # an ir.Value stand-in: shape and dtype
+        def __init__(self, rank):
+            self.shape, self.dtype = (None,) * rank, None
+
+    with pytest.raises(NotImplementedError, match=r"only in the MoE form .* got ranks \(3, 3\), offsets False"):
+        aten_grouped_mm(V(3), V(3))
