@@ -33,7 +33,7 @@ def mixtral():
 
 def test_the_grouped_matmul_is_in_the_table(mixtral):
     """(registered by transformers once its MoE integration is imported, as building the model does)"""
-    assert str(next(iter(moe_translations()))) == "transformers.grouped_mm_fallback.default"
+    assert set(map(str, moe_translations())) == {"transformers.grouped_mm_fallback.default", "aten._grouped_mm.default"}
 
 
 def test_scoring_graph_matches(mixtral, tmp_path):

@@ -163,5 +163,5 @@ def test_feed_forward_by_structure(case):
 
 def test_not_mlps():
     with pytest.raises(ValueError, match=r"NotMLPs: roles \('gate', 'up', 'down'\) were asked for, but its "
-                                         r"architecture has \('q', 'k', 'v', 'o'\)$"):
+                                         r"architecture has \('q', 'k', 'v', 'o'\); no feed-forward block was found"):
         ac.plan(NotMLPs(), ALL, example_inputs=(x_(),))
