@@ -48,8 +48,9 @@ class ProjectionAdapters(nn.Module):
     def batch_dim(self, found: BatchDim | None) -> None:
         """Set it, and each adapter's `rows_dim` with it."""
         self.__dict__["_batch_dim"] = found
+        rows = self._rows_dim()
         for group in self.adapters.values():
-            group.rows_dim = self._rows_dim()
+            group.rows_dim = rows
 
     def _rows_dim(self) -> int:
         """The adapters' `rows_dim`: the statistics' (B, S) or (S, B) reading of a 3-D input (0 where not found,

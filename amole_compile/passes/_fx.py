@@ -392,6 +392,7 @@ class GraphView:
         self.graph, self.params = graph, params
         self.flow = DataFlow(graph)
         self._proj: dict[fx.Node, LinearCall | None] = {}
+        self.memo: dict[str, object] = {}  # what the passes sharing this view derive once (`_routing.router_calls`)
 
     def projection(self, node: fx.Node) -> LinearCall | None:
         """The projection `node` computes (None if it is not one)."""

@@ -40,7 +40,14 @@ def carries_values(node: fx.Node) -> bool:
 
 
 def router_calls(g) -> dict[fx.Node, object]:
-    """{projection node: its `LinearCall`} for every projection call of the graph view `g` that is a router."""
+    """{projection node: its `LinearCall`} for every projection call of the graph view `g` that is a router;
+    found once per view (`find_attention` and `find_mlp` both ask)."""
+    if "routers" not in g.memo:
+        g.memo["routers"] = _routers(g)
+    return g.memo["routers"]
+
+
+def _routers(g) -> dict[fx.Node, object]:
     out = {}
     for node in g.graph.nodes:
         call = g.projection(node)

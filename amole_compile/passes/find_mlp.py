@@ -117,7 +117,7 @@ def _split(g, probe: Probe, call: LinearCall) -> tuple[list[int], list[int]] | N
 
 
 def _routers(g, attention: set[str]) -> list[LinearCall]:
-    """The router calls (`_routing.routers`) of modules without an attention role."""
+    """The router calls (`_routing.router_calls`) of modules without an attention role."""
     return [call for call in router_calls(g).values() if call.module not in attention]
 
 

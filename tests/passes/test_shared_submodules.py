@@ -13,7 +13,7 @@ from torch import nn
 import amole_compile as ac
 from amole_compile.passes.capture import unwrap_forwards, wrap_forward
 
-from models import VOCAB
+from models import VOCAB, ids
 
 B, S, D, H = 2, 5, 16, 2
 CFG = ac.AdaMoLEConfig(num_experts=2, rank=2, dropout=0.0)
@@ -62,10 +62,6 @@ def _instance_forwards(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules(remove_duplicate=False) if "forward" in m.__dict__]
 
 
-def _ids(seed: int) -> torch.Tensor:
-    return torch.randint(0, VOCAB, (B, S), generator=torch.Generator().manual_seed(seed))
-
-
 def test_unwrap_is_last_first():
     """Wrapped twice (two blocks hold it), unwrapped: the module's own forward again; an instance-level forward it
     had before is put back."""
@@ -83,17 +79,17 @@ def test_plan_and_transform_leave_a_shared_module_as_it_was():
     torch.manual_seed(0)
     model = SharedLM().eval()
     assert model.blocks[0].shared is model.blocks[2].shared
-    ids, other = _ids(0), _ids(1)  # other: the same shapes, new values (a cached output would show here)
+    x, other = ids(B, S, 0), ids(B, S, 1)  # other: the same shapes, new values (a cached output would show here)
     with torch.no_grad():
-        ref, ref_other = model(ids), model(other)
-        plan = ac.plan(model, CFG, example_inputs=(ids,))
+        ref, ref_other = model(x), model(other)
+        plan = ac.plan(model, CFG, example_inputs=(x,))
         assert plan.report.blocks, "captured whole: the test must take the block path"
         assert _instance_forwards(model) == []
         torch.testing.assert_close(model(other), ref_other, rtol=0, atol=0)
-        ac.transform(model, CFG, example_inputs=(ids,))
+        ac.transform(model, CFG, example_inputs=(x,))
         assert _instance_forwards(model) == []
         assert len(ac.targets(model)) == 3 * 4  # q, k, v, o of each block
-        torch.testing.assert_close(model(ids), ref, rtol=0, atol=1e-6)
+        torch.testing.assert_close(model(x), ref, rtol=0, atol=1e-6)
         torch.testing.assert_close(model(other), ref_other, rtol=0, atol=1e-6)
 
 
@@ -103,10 +99,10 @@ def test_openai_gpt_keeps_its_outputs():
     torch.manual_seed(0)
     model = tf.OpenAIGPTLMHeadModel(cfg).eval()
     assert model.transformer.h[0].mlp.act is model.transformer.h[1].mlp.act
-    ids = _ids(2)
+    x = ids(B, S, 2)
     with torch.no_grad():
-        ref = model(input_ids=ids).logits
+        ref = model(input_ids=x).logits
         ac.transform(model, CFG)
         assert _instance_forwards(model) == []
         assert len(ac.targets(model)) == 2 * 2  # each layer: fused q | k | v, and o
-        torch.testing.assert_close(model(input_ids=ids).logits, ref, rtol=0, atol=1e-6)
+        torch.testing.assert_close(model(input_ids=x).logits, ref, rtol=0, atol=1e-6)

@@ -19,7 +19,7 @@ import transformers as tf
 import amole_compile as ac
 from amole_compile.passes._fx import concrete_int, concrete_shape
 
-from models import VOCAB
+from models import VOCAB, ids
 
 
 def jetmoe() -> torch.nn.Module:
@@ -28,10 +28,6 @@ def jetmoe() -> torch.nn.Module:
                           max_position_embeddings=64, bos_token_id=0, eos_token_id=0, pad_token_id=0)
     torch.manual_seed(0)
     return tf.JetMoeForCausalLM(cfg).eval()
-
-
-def _ids(seed: int = 0) -> torch.Tensor:
-    return torch.randint(1, VOCAB, (2, 7), generator=torch.Generator().manual_seed(seed))
 
 
 def test_plan_finds_k_v_and_says_who_computes_q_and_o():
@@ -61,14 +57,14 @@ def test_default_roles_raise_naming_the_experts():
 
 def test_k_v_adapters_train_and_keep_outputs_at_init():
     model = jetmoe()
-    ids = _ids()
+    x = ids(2, 7)
     with torch.no_grad():
-        ref = model(input_ids=ids).logits
+        ref = model(input_ids=x).logits
     ac.transform(model, ac.AdaMoLEConfig(num_experts=2, rank=2, roles=("k", "v"), dropout=0.0))
     with torch.no_grad():
-        torch.testing.assert_close(model(input_ids=ids).logits, ref, rtol=0, atol=1e-6)
+        torch.testing.assert_close(model(input_ids=x).logits, ref, rtol=0, atol=1e-6)
     model.train()
-    model(input_ids=ids, labels=ids).loss.backward()
+    model(input_ids=x, labels=x).loss.backward()
     trained = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
     assert trained and all(n.split(".self_attention.")[1].startswith("kv_proj") for n in trained)
     # (lora_A's gradient is zero while B is: a fresh adapter adds exactly 0)
