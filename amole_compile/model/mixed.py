@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from ..kernels.mixed_torch import COL_DROPOUT, Stack, mixed_adapter, stack_sites
-from .modules import ExpertSet, column_gather, combine_deltas, keep_mask
+from .modules import ExpertSet, column_gather, combine_deltas, keep_mask, no_autocast
 from .tokens import real_tokens
 
 
@@ -127,7 +127,7 @@ def mixed_add(proj: nn.Module, x: Tensor, y: Tensor, mixed: MixedRows, role: str
         x, y = x.movedim(k, 0), y.movedim(k, 0)
     ids = _row_ids(mixed.ids, x)
     dtype = roles[0][1].sites[0].lora_A.dtype
-    with torch.autocast(x.device.type, enabled=False):
+    with no_autocast(x.device.type):
         xs = x.reshape(ids.shape[0], -1, proj.in_features).to(dtype)  # [B, S, D]
         deltas = [_role_delta(proj.training, xs, ids, rows) for _, rows in roles]  # each [B, S, O_role]
         full = deltas[0] if role is not None else combine_deltas(deltas, mixed.gather, mixed.n_rest)

@@ -42,6 +42,25 @@ def keep_mask(x: Tensor, p: float | Tensor, one_launch: bool = False) -> Tensor:
     return torch.rand(x.shape, device=x.device, dtype=torch.float32) >= p
 
 
+_AUTOCAST_DEVICES: dict[str, bool] = {}  # device type -> does torch have autocast for it
+
+
+def autocast_on(device_type: str) -> bool:
+    """Is autocast enabled for `device_type`? False for a device type autocast does not exist for (meta, where
+    `torch.is_autocast_enabled` raises): a model moved to the meta device runs for shapes and FLOP counts."""
+    known = _AUTOCAST_DEVICES.get(device_type)
+    if known is None:
+        known = _AUTOCAST_DEVICES[device_type] = torch.amp.is_autocast_available(device_type)
+    return known and torch.is_autocast_enabled(device_type)
+
+
+def no_autocast(device_type: str):
+    """A context that turns autocast off for `device_type` (a null context where there is none: meta)."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def _recomputing() -> bool:
     """Inside autograd's backward, i.e. activation checkpointing re-running the forward (eager only; compiled
     checkpointing does not replay side effects)."""
@@ -314,7 +333,7 @@ class AdapterGroup(nn.ModuleDict):
         Under autocast (e.g. TRL's default bf16=True) the adapters still compute in their own dtype: the op's
         matmuls are not autocast, and its backward would otherwise meet gradients of another dtype.
         """
-        if torch.is_autocast_enabled(x.device.type):
+        if autocast_on(x.device.type):
             with torch.autocast(x.device.type, enabled=False):
                 return self._add_to(x, y, autocast=True)  # _add_to casts x to the adapters' dtype
         return self._add_to(x, y)
@@ -333,8 +352,7 @@ class AdapterGroup(nn.ModuleDict):
     def add_role(self, role: str, x: Tensor, y: Tensor) -> Tensor:
         """x [..., D], y [..., O_role] (this projection's output columns of `role`, in order) -> y + that role's
         delta (autocast as in `add_to`)."""
-        autocast = torch.is_autocast_enabled(x.device.type)
-        with torch.autocast(x.device.type, enabled=False) if autocast else contextlib.nullcontext():
+        with no_autocast(x.device.type) if autocast_on(x.device.type) else contextlib.nullcontext():
             xa = as_dtype(x, self.adapter_dtype)
             delta = self[role](xa, lead=x.shape[:-1], rows=self.rows_dim)  # [..., O_role]; the op flattens
         return y + delta.view_as(y).to(y.dtype)

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from ..config import AdaMoLEConfig
 from ..kernels import traced
 from .mixed import BatchDim, current_rows, mixed_add
-from .modules import AdapterGroup, linear_features
+from .modules import AdapterGroup, autocast_on, linear_features
 
 
 def new_group(layer: nn.Module, weight: Tensor, in_features: int, out_features: int, roles: tuple[str, ...],
@@ -194,7 +194,7 @@ class AdaMoLELinear(ProjectionAdapters, Swapped):
         for site in group._modules.values():  # (global hooks: checked with the base layer's)
             if site._parameters["lora_A"].dtype != w.dtype or _own_hooks(site) or "forward" in site.__dict__:
                 return None
-        return None if torch.is_autocast_enabled(device.type) else group
+        return None if autocast_on(device.type) else group
 
 
 def plain_frozen_linear(layer: nn.Module) -> bool:
