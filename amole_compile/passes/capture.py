@@ -100,15 +100,33 @@ def synthesize_inputs(model: nn.Module) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def eval_mode(model: nn.Module):
-    """Put every submodule in eval mode and restore each one's own flag afterwards."""
+def eval_mode(model: nn.Module, training: bool = False):
+    """Put every submodule in eval mode (`training`: in training mode) and restore each one's own flag
+    afterwards."""
     flags = [(m, m.training) for m in model.modules()]
-    model.eval()
+    model.train(training)
     try:
         yield model
     finally:
         for m, flag in flags:
             m.training = flag
+
+
+@contextlib.contextmanager
+def kept_state(model: nn.Module):
+    """Within, the model's buffers and the random number generators may change (a training-mode forward: batch
+    norm statistics, dropout draws); after, they are as before."""
+    buffers = [(b, b.clone()) for b in model.buffers()]
+    devices = sorted({b.device.index or 0 for b, _ in buffers if b.device.type == "cuda"} |
+                     {p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+    with torch.random.fork_rng(devices=devices):
+        try:
+            yield model
+        finally:
+            with torch.no_grad():
+                for b, copy in buffers:
+                    if b.device.type != "meta":
+                        b.copy_(copy)
 
 
 def example_args(model: nn.Module, example_inputs) -> tuple[tuple, dict]:
@@ -279,9 +297,10 @@ def unwrap_forwards(saved: list[tuple[nn.Module, bool, object]]) -> None:
 REAL_PROBE_PARAMS = 300_000_000  # on CPU, a real forward of a model this small costs less than a fake one
 
 
-def probe_forward(model: nn.Module, args: tuple, kwargs: dict, prefer: str = "") -> str:
-    """One forward of the example inputs in eval mode (every module's own flag restored after), without
-    gradients -> how it ran, "real" or "fake". On fake tensors (shapes only, no compute) when a real forward
+def probe_forward(model: nn.Module, args: tuple, kwargs: dict, prefer: str = "", training: bool = False) -> str:
+    """One forward of the example inputs in eval mode (`training`: in training mode, its buffers and the random
+    generators restored after: `kept_state`; every module's own flag restored after), without gradients -> how
+    it ran, "real" or "fake". On fake tensors (shapes only, no compute) when a real forward
     would cost more: on fake tensors each op costs ~0.3 ms of dispatch (240 ms for an 8-layer h512 Llama, whose
     real forward of 2 x 8 tokens takes 44 ms on one CPU thread), so a model on CPU of up to `REAL_PROBE_PARAMS`
     parameters, or on a GPU or the meta device, runs for real (on one CPU thread). Whichever fails (quantized
@@ -294,7 +313,9 @@ def probe_forward(model: nn.Module, args: tuple, kwargs: dict, prefer: str = "")
     real_first = prefer == "real" if prefer else first is None or first.device.type != "cpu" or \
         sum(p.numel() for p in model.parameters()) <= REAL_PROBE_PARAMS
     failed: dict[str, Exception] = {}
-    with eval_mode(model), torch.no_grad(), torch.compiler.set_stance("force_eager"), warnings.catch_warnings():
+    state = kept_state(model) if training else contextlib.nullcontext()
+    with eval_mode(model, training), state, torch.no_grad(), torch.compiler.set_stance("force_eager"), \
+            warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for how in ("real", "fake") if real_first else ("fake", "real"):
             try:

@@ -1,23 +1,31 @@
-"""Check pass: after the swap, the adapters of every adapted projection must run in a forward of the model.
+"""Check pass: after the swap, the adapters of every adapted projection must run in a forward of the model, in
+eval mode and in training mode.
 
 Pattern:        the projections a rewrite adapted (canonical names, `model/state.projections`) and the example
                 inputs discovery used (the caller's `example_inputs`, or a HF model's synthesised ones).
-Replacement:    none. One forward, in eval mode without gradients (`capture.probe_forward`: for real where
-                that is cheap, else on fake tensors: shapes only), records which projections' adapters were
-                applied (each holder's `add_to` / `add_role`, shadowed for the call by a marker that returns the
-                projection's output unchanged: nothing is computed, counted or recorded); nothing stays on the
-                model.
-Why:            discovery reads the graph a capture traced; at run time a parent may still read a projection's
-                weight directly, a fast path or a flag may skip a module's forward. An adapter there would
-                never run: its output equals the base, it gets no gradient, and nothing would say so.
-Invariants:     the model's parameters, buffers and train / eval flags are as before; returns the projections
-                whose adapters did not run, or None (with a warning) when no inputs can be had or the forward
-                fails, so that the adapters could not be checked.
+Replacement:    none. Two forwards without gradients (`capture.probe_forward`: for real where that is cheap,
+                else on fake tensors: shapes only) record which projections' adapters were applied (each
+                holder's `add_to` / `add_role`, shadowed for the call by a marker that returns the projection's
+                output unchanged: nothing is computed, counted or recorded):
+                - in eval mode: every adapted projection must run;
+                - in training mode (buffers and random generators restored after): a projection whose weight
+                  its parent read (the holder's `weight`) must run too. A parent may use the weight directly in
+                  training only (Gemma3n's AltUp clamps its correction coefficients' weight): the adapter would
+                  change the eval output and never train. A projection neither called nor read there (a layer
+                  dropped at random, LayerDrop) is not reported.
+                Nothing stays on the model.
+Why:            discovery reads the graph a capture traced in eval mode; at run time a parent may still read a
+                projection's weight directly, a fast path or a flag may skip a module's forward. An adapter there
+                would never run: its output equals the base, it gets no gradient, and nothing would say so.
+Invariants:     the model's parameters, buffers, random generators and train / eval flags are as before; returns
+                the projections whose adapters did not run (with the mode), or None (with a warning) when no
+                inputs can be had or the eval forward fails, so that the adapters could not be checked.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import warnings
 from collections.abc import Callable, Iterator
 
@@ -43,9 +51,40 @@ def marked(holders: dict[str, ProjectionAdapters], note: Callable[[str, Tensor],
             holder.__dict__.pop("add_role", None)
 
 
+@contextlib.contextmanager
+def weight_reads(holders: dict[str, ProjectionAdapters], note: Callable[[str], object]) -> Iterator[None]:
+    """For the block, reading the `weight` property of one of `holders` (a parent using the projection's weight
+    itself) calls `note(its name)`; the value read is unchanged. The property is swapped on the holders'
+    classes, so reads of other models' holders (other threads) are not noted."""
+    names = {id(h): n for n, h in holders.items()}
+    swapped = []
+    for cls in {type(h) for h in holders.values()}:
+        prop = inspect.getattr_static(cls, "weight", None)
+        if not isinstance(prop, property):
+            continue
+
+        def read(self, _get=prop.fget):
+            name = names.get(id(self))
+            if name is not None:
+                note(name)
+            return _get(self)
+
+        swapped.append((cls, "weight" in cls.__dict__, prop))
+        cls.weight = property(read, doc=prop.__doc__)
+    try:
+        yield
+    finally:
+        for cls, own, prop in swapped:
+            if own:
+                cls.weight = prop
+            else:
+                del cls.weight
+
+
 def adapters_not_run(model: nn.Module, modules: list[str], example_inputs=None) -> list[str] | None:
-    """The projections among `modules` (canonical names) whose adapters did not run in one forward of the
-    example inputs (None: they could not be checked, and a warning says why)."""
+    """The projections among `modules` (canonical names) whose adapters did not run in one eval-mode forward of
+    the example inputs, then those whose weight a training-mode forward read without running them (named
+    "<name> (in training mode)"); None: they could not be checked, and a warning says why."""
     holders = {n: h for n, h in projections(model) if n in set(modules)}
     if not holders:
         return []
@@ -55,16 +94,32 @@ def adapters_not_run(model: nn.Module, modules: list[str], example_inputs=None) 
         warnings.warn(f"amole_compile could not check that the adapters of {type(model).__name__} run (a forward "
                       f"of example inputs would show it): {exc}", stacklevel=4)
         return None
+    ran = _ran(model, holders, args, kwargs, training=False)
+    if ran is None:
+        return None
+    dead = [n for n in holders if n not in ran]
+    read: set[str] = set()
+    with weight_reads(holders, read.add):
+        ran_training = _ran(model, holders, args, kwargs, training=True)
+    if ran_training is not None:
+        dead += [f"{n} (in training mode)" for n in holders if n in read and n not in ran_training and n in ran]
+    return dead
+
+
+def _ran(model: nn.Module, holders: dict[str, ProjectionAdapters], args: tuple, kwargs: dict,
+         training: bool) -> set[str] | None:
+    """The holders whose adapters ran in one forward (None, with a warning, when the forward failed)."""
     ran: set[str] = set()
     try:
         with marked(holders, lambda name, x: ran.add(name)):
-            probe_forward(model, args, kwargs)
+            probe_forward(model, args, kwargs, training=training)
     except Exception as exc:
         first = str(exc).splitlines()[0] if str(exc) else ""
-        warnings.warn(f"amole_compile could not check that the adapters of {type(model).__name__} run: a forward "
-                      f"of the example inputs failed ({type(exc).__name__}: {first})", stacklevel=4)
+        mode = "a training-mode" if training else "a"
+        warnings.warn(f"amole_compile could not check that the adapters of {type(model).__name__} run: {mode} "
+                      f"forward of the example inputs failed ({type(exc).__name__}: {first})", stacklevel=5)
         return None
-    return [n for n in holders if n not in ran]
+    return ran
 
 
 def check_adapters_run(model: nn.Module, modules: list[str], example_inputs=None) -> None:
@@ -76,7 +131,8 @@ def check_adapters_run(model: nn.Module, modules: list[str], example_inputs=None
     given = "the example inputs given" if example_inputs is not None else "its synthesised example inputs"
     raise DeadAdapterError(
         f"{type(model).__name__}: the adapters of {len(dead)} projection(s) did not run in a forward of {given}, so "
-        f"they would never change the output or get a gradient:\n{listed}\nThe model computes without calling "
-        "their forward: a parent may read the weight directly (as F.multi_head_attention_forward does), or a fast "
-        "path or a flag skips the module. Leave them out with AdaMoLEConfig(exclude=...), or pass example_inputs "
-        "that use them; nothing was changed")
+        f"they would never change the output or get a gradient (those marked 'in training mode' would change the "
+        f"eval output and never train):\n{listed}\nThe model computes without calling their forward: a parent may "
+        "read the weight directly (as F.multi_head_attention_forward does; some parents only in training mode), or "
+        "a fast path or a flag skips the module. Leave them out with AdaMoLEConfig(exclude=...), or pass "
+        "example_inputs that use them; nothing was changed")

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import amole_compile as ac
-from amole_compile.passes.capture import record_block_inputs, synthesize_inputs
+from amole_compile.passes.capture import probe_forward, record_block_inputs, synthesize_inputs
 
 B, S, D, H = 2, 5, 16, 2
 CFG = ac.AdaMoLEConfig(num_experts=2, rank=2, dropout=0.0)
@@ -239,3 +239,64 @@ def test_module_stacks_of_a_block_capture_are_relative_to_the_block():
     linear = next(n for n in ep.graph.nodes if n.op == "call_function" and "linear" in str(n.target))
     paths = [p for p, _ in linear.meta["nn_module_stack"].values()]
     assert paths == ["", "self_attn", "self_attn.q_proj"]
+
+
+class TrainingOnlyRead(nn.Module):
+    """Like Gemma3n's AltUp: in training mode the parent uses o_proj's weight itself (clamped), in eval mode it
+    calls o_proj. Discovery and the eval-mode check see o_proj called; its adapter would change the eval output
+    and never train. A BatchNorm and dropout make the training-mode forward change buffers and draw numbers."""
+
+    def __init__(self):
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(D, D) for _ in range(4))
+        self.norm, self.drop = nn.BatchNorm1d(D), nn.Dropout(0.5)
+
+    def forward(self, x):
+        x = self.drop(self.norm(x.transpose(1, 2)).transpose(1, 2))
+        out = merge(F.scaled_dot_product_attention(heads(self.q_proj(x)), heads(self.k_proj(x)),
+                                                   heads(self.v_proj(x))))
+        if self.training:
+            return F.linear(out, self.o_proj.weight.clamp(-10, 10), self.o_proj.bias)
+        return self.o_proj(out)
+
+
+class LayerDrop(nn.Module):
+    """Like OPT's or fairseq's LayerDrop: in training mode the whole attention is skipped at random (here
+    always). Neither called nor read there, its projections are not reported (o_proj's weight included)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = TrainingOnlyRead()
+
+    def forward(self, x):
+        return x if self.training else self.inner(x)
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_a_weight_read_in_training_mode_only_is_refused(mode):
+    model, x = Outer(TrainingOnlyRead()).train(mode == "train"), _x()
+    plan = ac.plan(model, CFG, example_inputs=(x,))
+    assert "attn.o_proj" in [t.module for t in plan.targets]
+    snap = snapshot(model)
+    with pytest.raises(ac.DeadAdapterError, match=r"adapters of 1 projection\(s\) did not run(.|\n)*'in training "
+                                                  r"mode' would change the eval output and never train(.|\n)*"
+                                                  r"  attn\.o_proj \(in training mode\)\n"):
+        ac.transform(model, CFG, example_inputs=(x,))
+    assert_unchanged(model, snap)  # the batch norm's statistics too
+    ac.transform(model, ac.AdaMoLEConfig(exclude="o_proj", **_small()), example_inputs=(x,))
+    assert [t.module for t in ac.targets(model)] == ["attn.q_proj", "attn.k_proj", "attn.v_proj"]
+
+
+def test_layers_dropped_in_training_are_not_reported():
+    model, x = Outer(LayerDrop()).eval(), _x()
+    ac.transform(model, CFG, example_inputs=(x,))
+    assert len(ac.targets(model)) == 4
+
+
+@pytest.mark.parametrize("how", ["real", "fake"])
+def test_a_training_mode_probe_keeps_buffers_and_random_state(how):
+    model, x = Outer(TrainingOnlyRead()).eval(), _x()
+    snap, rng = snapshot(model), torch.get_rng_state()
+    assert probe_forward(model, (x,), {}, prefer=how, training=True) == how
+    assert_unchanged(model, snap)
+    assert torch.equal(torch.get_rng_state(), rng)
