@@ -10,6 +10,8 @@ Pattern:        a projection D (`_fx.as_linear`, not an attention projection) wh
                   side through an activation): G gate, U up (`act(G x) * (U x)`, `g.sigmoid() * g * u`, ...);
                 - one projection whose columns split into the two sides of a product (Phi-3's `gate_up_proj`):
                   each side's columns by index replay (`_columns.py`), gate the side f is not affine in.
+                A feed-forward maps the hidden state back to its width: D's output is as wide as each source's
+                input (Gemma3n's AltUp coefficients, 64 -> 4 -> tanh -> 16, are not one).
                 An MoE router is a projection from whose output an integer tensor is derived (its scores become
                 the indices of a top-k / argmax / sort selection); stacked experts are 3-D parameters whose
                 leading dimension is a router's number of outputs.
@@ -44,7 +46,7 @@ def find_mlp(g, attention: set[str]) -> tuple[list[Target], list[Skip]]:
         down = g.projection(node)
         if down is None or down.module in taken or down.features is None:
             continue
-        roles = _feed_forward(g, down, taken)
+        roles = _feed_forward(g, down, taken, notes)
         if not roles:
             continue
         for call, rs in roles:  # each call's columns -> its parameter's output lines
@@ -66,12 +68,15 @@ def _sources(g, down: LinearCall) -> list[fx.Node]:
     return list(dict.fromkeys(hits))
 
 
-def _feed_forward(g, down: LinearCall, taken: set[str]) -> list[tuple[LinearCall, dict[str, list[int]]]] | None:
-    """[(projection, {role: columns})] feeding D as an MLP, or None."""
+def _feed_forward(g, down: LinearCall, taken: set[str],
+                  notes: list[Skip]) -> list[tuple[LinearCall, dict[str, list[int]]]] | None:
+    """[(projection, {role: columns})] feeding D as an MLP, or None (with a note in `notes` when the ops between
+    could not be probed: an MLP on rows picked by a mask, X-MOD's language adapters)."""
     sources = _sources(g, down)
     calls = [g.projection(s) for s in sources]
-    if not calls or any(c.module in taken or c.features is None for c in calls):
-        return None
+    if not calls or any(c.module in taken or c.features is None or c.features[0] != down.features[1]
+                        for c in calls):
+        return None  # (not hidden -> hidden: not a feed-forward)
     probe = Probe(g, sources, down.input)
     try:
         if not probe.elementwise():
@@ -79,7 +84,9 @@ def _feed_forward(g, down: LinearCall, taken: set[str]) -> list[tuple[LinearCall
         if len(sources) == 1:
             return _single(g, probe, calls[0])
         affine = {s: probe.affine(s) for s in sources}
-    except ProbeFailed:
+    except ProbeFailed as exc:
+        notes.append(Skip(down.module, "probe_failed", f"fed by {', '.join(c.module for c in calls)}, through ops "
+                          f"that could not be probed ({exc}): not known to be a feed-forward's"))
         return None
     if all(affine.values()) or not any(affine.values()):
         return None  # no activation (bilinear), or no plain side

@@ -91,8 +91,8 @@ def check_found(model_name: str, report: PassReport, selected: list[Target], con
     if absent:
         skipped = f" (skipped: {'; '.join(map(str, report.skipped[:3]))})" if report.skipped else ""
         rule = MLP_RULE if not set(MLP_ROLES) & set(have) and set(absent) & set(MLP_ROLES) else ""
-        raise ValueError(f"{model_name}: roles {tuple(absent)} were asked for, but its architecture has "
-                         f"{tuple(have)}{skipped}{rule}")
+        raise ValueError(f"{model_name}: roles {tuple(absent)} were asked for, but only {tuple(have)} were "
+                         f"found{skipped}{rule}")
     if not selected:
         raise NoAttentionFound(f"{model_name}: every projection was filtered out by roles={config.roles}, "
                                f"include={config.include!r}, exclude={config.exclude!r}")
@@ -100,7 +100,9 @@ def check_found(model_name: str, report: PassReport, selected: list[Target], con
 
 MLP_RULE = ("; no feed-forward block was found: a down projection's input must be an elementwise function of the "
             "projections behind it (act(gate x) * (up x), or act(up x)), with no norm, reduction or matmul between "
-            "(e.g. a norm on the product, as BitNet's sub-norm before down_proj)")
+            "(e.g. a norm on the product, as BitNet's sub-norm before down_proj), its output as wide as their input, "
+            "and each side of the product one projection (not a sum of two, as Zamba2's gate_up_proj plus its "
+            "per-layer adapter)")
 
 
 def _no_mlp_but_moe(model_name: str, report: PassReport, absent: list[str], have: list[str]) -> None:

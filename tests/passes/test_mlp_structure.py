@@ -162,6 +162,48 @@ def test_feed_forward_by_structure(case):
 
 
 def test_not_mlps():
-    with pytest.raises(ValueError, match=r"NotMLPs: roles \('gate', 'up', 'down'\) were asked for, but its "
-                                         r"architecture has \('q', 'k', 'v', 'o'\); no feed-forward block was found"):
+    with pytest.raises(ValueError, match=r"NotMLPs: roles \('gate', 'up', 'down'\) were asked for, but "
+                                         r"only \('q', 'k', 'v', 'o'\) were found; no feed-forward block was found"):
         ac.plan(NotMLPs(), ALL, example_inputs=(x_(),))
+
+
+class WithCoefficients(TwoMatrix):
+    """A Mish MLP, and beside it a pair like Gemma3n's AltUp coefficients: D -> 4 -> tanh -> 9, the 9 outputs
+    mixing three copies of the hidden state. The pair has an activation but does not map the hidden state back to
+    its width: not a feed-forward."""
+
+    def __init__(self):
+        super().__init__(mish)
+        self.router, self.coefs = nn.Linear(D, 4, bias=False), nn.Linear(4, 9, bias=False)
+
+    def ffn(self, x):
+        c = self.coefs(torch.tanh(self.router(x))).view(B, S, 3, 3)  # [B, S, 3, 3]
+        copies = torch.stack([x, 2 * x, -x], -1)  # [B, S, D, 3]
+        mixed = (copies[..., None, :] * c[:, :, None]).sum(-1).mean(-1)  # [B, S, D]
+        return super().ffn(x) + mixed
+
+
+def test_coefficient_pairs_are_not_feed_forwards():
+    model = WithCoefficients()
+    plan = ac.plan(model, ALL, example_inputs=(x_(),))
+    assert found(plan) == ATTN + [("fc1", {"up": full(F_)}), ("fc2", {"down": full(D)})], plan.describe()
+
+
+class MaskedRows(TwoMatrix):
+    """X-MOD's language adapters: the MLP runs on the rows a mask picks (a size that depends on values)."""
+
+    def __init__(self):
+        super().__init__(mish)
+
+    def ffn(self, x):
+        out = torch.zeros_like(x)
+        keep = x[..., 0] > 0  # [B, S]
+        out[keep] = super().ffn(x[keep])
+        return out
+
+
+def test_an_mlp_the_probe_cannot_run_is_named_not_dropped():
+    with pytest.raises(ValueError, match=r"only \('q', 'k', 'v', 'o'\) were found \(skipped: fc2: fed by fc1, "
+                                         r"through ops that could not be probed \(.*depends on values.*\): not "
+                                         r"known to be a feed-forward's\)"):
+        ac.plan(MaskedRows(), ALL, example_inputs=(x_(),))
