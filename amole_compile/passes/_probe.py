@@ -23,7 +23,13 @@ BUMPS = 6  # elements moved one at a time by the elementwise test
 
 
 class ProbeFailed(Exception):
-    """An op on the path could not be run on probe values (an integer input we have no value for, ...)."""
+    """An op on the path could not be run on probe values (an integer input we have no value for, ...).
+    `sized_by_values`: because a size on the path depends on values (rows picked by a mask, an MoE's routed
+    tokens), not because of what the ops compute."""
+
+    def __init__(self, message: str, sized_by_values: bool = False) -> None:
+        super().__init__(message)
+        self.sized_by_values = sized_by_values
 
 
 def _cpu(value: object) -> object:
@@ -39,7 +45,7 @@ def _shape(node: fx.Node, val: torch.Tensor) -> tuple[int, ...]:
     capture left it symbolic)."""
     shape = concrete_shape(val)
     if shape is None:
-        raise ProbeFailed(f"{node.name} has a size that depends on values: {tuple(val.shape)}")
+        raise ProbeFailed(f"{node.name} has a size that depends on values: {tuple(val.shape)}", True)
     return shape
 
 
@@ -71,7 +77,7 @@ class Probe:
                     raise ProbeFailed(f"no value for the integer tensor {node.name}")
                 self._fills[node] = torch.randn(_shape(node, val), generator=self._gen)
             elif isinstance(val, torch.SymInt):
-                raise ProbeFailed(f"{node.name} is a size that depends on values")
+                raise ProbeFailed(f"{node.name} is a size that depends on values", True)
             else:
                 self._fills[node] = val
         return self._fills[node]

@@ -71,7 +71,8 @@ def _sources(g, down: LinearCall) -> list[fx.Node]:
 def _feed_forward(g, down: LinearCall, taken: set[str],
                   notes: list[Skip]) -> list[tuple[LinearCall, dict[str, list[int]]]] | None:
     """[(projection, {role: columns})] feeding D as an MLP, or None (with a note in `notes` when the ops between
-    could not be probed: an MLP on rows picked by a mask, X-MOD's language adapters)."""
+    could not be probed for a size that depends on values: an MLP on rows picked by a mask, X-MOD's language
+    adapters)."""
     sources = _sources(g, down)
     calls = [g.projection(s) for s in sources]
     if not calls or any(c.module in taken or c.features is None or c.features[0] != down.features[1]
@@ -85,8 +86,9 @@ def _feed_forward(g, down: LinearCall, taken: set[str],
             return _single(g, probe, calls[0])
         affine = {s: probe.affine(s) for s in sources}
     except ProbeFailed as exc:
-        notes.append(Skip(down.module, "probe_failed", f"fed by {', '.join(c.module for c in calls)}, through ops "
-                          f"that could not be probed ({exc}): not known to be a feed-forward's"))
+        if exc.sized_by_values:  # (not ops the probe cannot run, as a Mamba mixer's integer masks: no MLP there)
+            notes.append(Skip(down.module, "probe_failed", f"fed by {', '.join(c.module for c in calls)}, through "
+                              f"ops that could not be probed ({exc}): not known to be a feed-forward's"))
         return None
     if all(affine.values()) or not any(affine.values()):
         return None  # no activation (bilinear), or no plain side

@@ -65,8 +65,8 @@ SKIP_REASONS = {
     "not_captured": "a block that did not export (its submodules may have been captured instead)",
     "read_outside": "a module whose weight another module's forward reads: an adapter swapped in would never run",
     "bare_parameter": "a projection weight that is no module's `weight` (F.linear(x, self.wq)): not swappable",
-    "probe_failed": "a projection fed by others whose ops between could not be probed (a size that depends on "
-                    "values): not known to be a feed-forward's",
+    "probe_failed": "a projection fed by others through ops with a size that depends on values (rows a mask "
+                    "picks), which could not be probed: not known to be a feed-forward's",
 }
 
 
