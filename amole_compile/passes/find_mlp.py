@@ -10,8 +10,9 @@ Pattern:        a projection D (`_fx.as_linear`, not an attention projection) wh
                   side through an activation): G gate, U up (`act(G x) * (U x)`, `g.sigmoid() * g * u`, ...);
                 - one projection whose columns split into the two sides of a product (Phi-3's `gate_up_proj`):
                   each side's columns by index replay (`_columns.py`), gate the side f is not affine in.
-                A feed-forward maps the hidden state back to its width: D's output is as wide as each source's
-                input (Gemma3n's AltUp coefficients, 64 -> 4 -> tanh -> 16, are not one).
+                A feed-forward maps the hidden state back to its width: its sides are the sources whose input is
+                as wide as D's output (Gemma3n's AltUp coefficients, 64 -> 4 -> tanh -> 16, have none); a source
+                of another width (Zamba2's low-rank adapter added to its gate_up_proj) is held fixed.
                 An MoE router is a projection from whose output an integer tensor is derived (its scores become
                 the indices of a top-k / argmax / sort selection); stacked experts are 3-D parameters whose
                 leading dimension is a router's number of outputs.
@@ -75,8 +76,13 @@ def _feed_forward(g, down: LinearCall, taken: set[str],
     adapters)."""
     sources = _sources(g, down)
     calls = [g.projection(s) for s in sources]
-    if not calls or any(c.module in taken or c.features is None or c.features[0] != down.features[1]
-                        for c in calls):
+    if not calls or any(c.module in taken or c.features is None for c in calls):
+        return None
+    # the sides read the hidden state D writes back; a projection of something narrower beside them (Zamba2's
+    # per-layer low-rank adapter added to gate_up_proj) is held fixed, as any other input
+    calls = [c for c in calls if c.features[0] == down.features[1]]
+    sources = [c.node for c in calls]
+    if not calls:
         return None  # (not hidden -> hidden: not a feed-forward)
     probe = Probe(g, sources, down.input)
     try:

@@ -100,9 +100,8 @@ def check_found(model_name: str, report: PassReport, selected: list[Target], con
 
 MLP_RULE = ("; no feed-forward block was found: a down projection's input must be an elementwise function of the "
             "projections behind it (act(gate x) * (up x), or act(up x)), with no norm, reduction or matmul between "
-            "(e.g. a norm on the product, as BitNet's sub-norm before down_proj), its output as wide as their input, "
-            "and each side of the product one projection (not a sum of two, as Zamba2's gate_up_proj plus its "
-            "per-layer adapter)")
+            "(e.g. a norm on the product, as BitNet's sub-norm before down_proj), and its output as wide as their "
+            "input")
 
 
 def _no_mlp_but_moe(model_name: str, report: PassReport, absent: list[str], have: list[str]) -> None:

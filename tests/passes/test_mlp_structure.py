@@ -80,6 +80,20 @@ class FusedGateSecond(Block):
         return self.wo(up * erf_gelu(gate))
 
 
+class FusedWithAdapter(Block):
+    """Zamba2: a fused gate_up projection plus a per-layer low-rank path of its own (D -> 4 -> 2F) added to it
+    before the split. The low-rank path reads a narrower input than the hidden state: held fixed, not a side."""
+
+    def __init__(self):
+        super().__init__()
+        self.wi, self.wo = nn.Linear(D, 2 * F_), nn.Linear(F_, D)
+        self.lr_a, self.lr_b = nn.Linear(D, 4, bias=False), nn.Linear(4, 2 * F_, bias=False)
+
+    def ffn(self, x):
+        gate, up = (self.wi(x) + self.lr_b(self.lr_a(x))).chunk(2, dim=-1)
+        return self.wo(F.gelu(gate) * up)
+
+
 class ScaledUp(Block):
     """A gated MLP whose plain side is scaled and shifted (still affine: up), gate through squared ReLU."""
 
@@ -134,6 +148,8 @@ CASES = {
                                      ("w2", {"down": full(D)})]),
     "fused_gate_second": (FusedGateSecond, [("wi", {"gate": tuple(range(F_, 2 * F_)), "up": full(F_)}),
                                             ("wo", {"down": full(D)})]),
+    "fused_with_adapter": (FusedWithAdapter, [("wi", {"gate": full(F_), "up": tuple(range(F_, 2 * F_))}),
+                                              ("wo", {"down": full(D)})]),
     "scaled_up": (ScaledUp, [("g", {"gate": full(F_)}), ("u", {"up": full(F_)}), ("d", {"down": full(D)})]),
     "max_routed": (MaxRouted, [("ups.0", {"up": full(F_)}), ("downs.0", {"down": full(D)}),
                                ("ups.1", {"up": full(F_)}), ("downs.1", {"down": full(D)})]),
