@@ -130,16 +130,39 @@ def kept_state(model: nn.Module):
 
 
 def example_args(model: nn.Module, example_inputs) -> tuple[tuple, dict]:
-    """example_inputs (None: synthesised) -> (args, kwargs)."""
+    """example_inputs (None: synthesised) -> (args, kwargs), with `use_cache=False` where the forward takes it and
+    they do not say (`_without_cache`)."""
     if example_inputs is None:
         return (), synthesize_inputs(model)
     if isinstance(example_inputs, dict):
-        return (), dict(example_inputs)
-    if isinstance(example_inputs, (tuple, list)):
-        return tuple(example_inputs), {}
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,), {}
-    raise TypeError(f"example_inputs must be a tuple, a dict or a tensor, got {type(example_inputs).__name__}")
+        args, kwargs = (), dict(example_inputs)
+    elif isinstance(example_inputs, (tuple, list)):
+        args, kwargs = tuple(example_inputs), {}
+    elif isinstance(example_inputs, torch.Tensor):
+        args, kwargs = (example_inputs,), {}
+    else:
+        raise TypeError(f"example_inputs must be a tuple, a dict or a tensor, got {type(example_inputs).__name__}")
+    return args, _without_cache(model, args, kwargs)
+
+
+def _without_cache(model: nn.Module, args: tuple, kwargs: dict) -> dict:
+    """kwargs, plus use_cache=False where the forward names a `use_cache` parameter (or takes **kwargs and has a
+    config with `use_cache`, as Hugging Face models) that neither `args` nor `kwargs` set. A cache object handed
+    to the blocks does not export: T5's, Whisper's and BART's decoders and a multimodal model's language model
+    were split into pieces holding no attention, and got no adapters, silently. Discovery needs no cache."""
+    if "use_cache" in kwargs:
+        return kwargs
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return kwargs
+    names = [p.name for p in params]
+    if "use_cache" in names:
+        given = names.index("use_cache") < len(args)
+    else:
+        hf = hasattr(getattr(model, "config", None), "use_cache")
+        given = not (hf and any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params))
+    return kwargs if given else {**kwargs, "use_cache": False}
 
 
 def _first_line(exc: BaseException) -> str:

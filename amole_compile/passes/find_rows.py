@@ -80,20 +80,39 @@ def find_rows(model: nn.Module, example_inputs=None) -> RowsReport:
     if not holders:
         return report
     try:
-        runs, batch = _row_inputs(model, example_inputs)
-        with _repeats_skipped(model) as copies:  # (the same blocks skipped in each run: their values agree)
-            one = _run(model, every, runs[0], "")
-            # the second row alone tells sizes set by values; shapes-only forwards cannot run such ops at all
-            other = _run(model, every, runs[1], one[2]) if batch > 1 and one[1] else one
-            two = _run(model, every, runs[2], one[2])
+        found = _layouts(holders, every, *_three_runs(model, every, example_inputs))
     except Exception as exc:  # the forward failed, or no inputs: nothing can be told
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        found = dict.fromkeys(holders, BatchDim(None, 0, f"no forward of example inputs could show it ({first})"))
-    else:
-        found = _layouts(holders, every, (one, other, two), copies)
+        found = _synthesised_instead(model, holders, every, example_inputs, exc)
     for name, holder in holders.items():
         holder.batch_dim = report.found[name] = found[name]._replace(name=name)
     return report
+
+
+def _three_runs(model: nn.Module, every: dict[str, ProjectionAdapters], example_inputs) -> tuple[tuple, dict]:
+    """The forwards of the first row, the second, and both (see the module doc) -> (their records, the copied
+    blocks)."""
+    runs, batch = _row_inputs(model, example_inputs)
+    with _repeats_skipped(model) as copies:  # (the same blocks skipped in each run: their values agree)
+        one = _run(model, every, runs[0], "")
+        # the second row alone tells sizes set by values; shapes-only forwards cannot run such ops at all
+        other = _run(model, every, runs[1], one[2]) if batch > 1 and one[1] else one
+        two = _run(model, every, runs[2], one[2])
+    return (one, other, two), copies
+
+
+def _synthesised_instead(model: nn.Module, holders: dict[str, ProjectionAdapters],
+                         every: dict[str, ProjectionAdapters], example_inputs, exc: Exception) -> dict[str, BatchDim]:
+    """After the given example inputs' forwards failed (`exc`): the rows from synthesised ones where the model can
+    make them (a Hugging Face model). Qwen2-VL's images are one tensor of every image's patches: cut to one row,
+    the inputs disagreed, and no projection's rows could be told, the language model's included. Projections
+    those inputs do not reach (its vision tower) say so. Else every holder gets None and why."""
+    if example_inputs is not None:
+        try:
+            return _layouts(holders, every, *_three_runs(model, every, None))
+        except Exception:  # (the given inputs' failure is the one to name)
+            pass
+    first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return dict.fromkeys(holders, BatchDim(None, 0, f"no forward of example inputs could show it ({first})"))
 
 
 def _layouts(holders: dict[str, ProjectionAdapters], every: dict[str, ProjectionAdapters], runs: tuple,
