@@ -14,6 +14,7 @@ twin (`integrations/quantized.py`); a model another adapter library has adapted 
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections import Counter
 
 from torch import fx, nn
@@ -21,6 +22,7 @@ from torch import fx, nn
 from ..config import MLP_ROLES, ROLES, AdaMoLEConfig
 from ..integrations import quantized
 from ..integrations.foreign import check_not_adapted_elsewhere
+from ..model.modules import linear_features
 from ._fx import GraphView, ParamNames
 from .capture import CaptureError, capture, capture_blocks, find_blocks
 from .find_attention import find_attention
@@ -38,11 +40,33 @@ def discover(model: nn.Module, config: AdaMoLEConfig, example_inputs=None, refus
         twin = discover(quantized.twin(model), config, example_inputs, refuse)  # quantized layers do not trace
         return Plan(type(model).__name__, list(twin.targets), twin.report)
     found, report = analyse(model, example_inputs, mlp=any(r in MLP_ROLES for r in config.roles))
+    _warn_unanalysed(model, report)
     selected = select_targets(found, config, report)
     check_found(type(model).__name__, report, selected, config)
     if refuse:
         check_reachable(type(model).__name__, report, config)
     return Plan(type(model).__name__, list(selected), report)
+
+
+def _warn_unanalysed(model: nn.Module, report: PassReport) -> None:
+    """Warn, naming them, about modules that did not export (`not_captured`), hold two or more projections of
+    their own, and had none found inside: their projections get no adapters, and only `plan(...).describe()`
+    said so (Qwen2-VL's vision attention, whose `cu_seqlens` split depends on values). An MoE block that does not
+    export holds one projection of its own, its router, and is not named."""
+    modules = dict(model.named_modules())
+    found = [t.module for t in report.targets]
+    unseen, why = [], ""
+    for skip in report.skipped:
+        module = modules.get(skip.module) if skip.reason == "not_captured" else None
+        if module is None or sum(linear_features(c) is not None for c in module.children()) < 2:
+            continue
+        if not any(t == skip.module or t.startswith(skip.module + ".") for t in found):
+            unseen.append(skip.module)
+            why = why or skip.detail.partition("(")[2].partition(":")[0]  # the error's type
+    if unseen:
+        listed = ", ".join(unseen[:4]) + (f" and {len(unseen) - 4} more" if len(unseen) > 4 else "")
+        warnings.warn(f"amole_compile: {len(unseen)} module(s) of {type(model).__name__} did not export for "
+                      f"analysis ({why}), so the projections inside get no adapters: {listed}", stacklevel=3)
 
 
 def find_targets(graph: fx.Graph, params: ParamNames, mlp: bool = False,

@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import transformers as tf
@@ -92,3 +94,27 @@ def test_rows_of_a_model_whose_images_are_one_tensor():
         with torch.no_grad():
             alone = model(**inputs).logits
         torch.testing.assert_close(mixed[row], alone[row], rtol=0, atol=1e-5)
+
+
+def test_attention_that_does_not_export_is_named_in_a_warning():
+    """Qwen2-VL's vision attention splits by `cu_seqlens` (a size that depends on values) and does not export: its
+    qkv and proj get no adapters, which only the plan's description said. Now a warning names it (and the
+    language model is adapted as before)."""
+    model = _qwen2_vl()
+    with pytest.warns(UserWarning, match=r"2 module\(s\) of Qwen2VLForConditionalGeneration did not export for "
+                                         r"analysis \(GuardOnDataDependentSymNode\), so the projections inside get no "
+                                         r"adapters: model\.visual\.blocks\.0\.attn, model\.visual\.blocks\.1\.attn$"):
+        plan = ac.plan(model, ATTN, example_inputs=_images(3))
+    assert len(plan.targets) == 8 and all(t.module.startswith("model.language_model.") for t in plan.targets)
+
+
+@pytest.mark.parametrize("name", ["mixtral_moe", "dbrx_moe", "qwen3_moe"])
+def test_an_moe_block_that_does_not_export_is_not_named(name):
+    """An MoE block's expert dispatch does not export either; it holds one projection of its own (the router),
+    which is never adapted: no warning."""
+    from models import build_matrix
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        targets = ac.plan(build_matrix(name), ATTN).targets  # (DBRX's whole blocks split, its fused Wqkv)
+    assert len(targets) == (4 if name == "dbrx_moe" else 8)
