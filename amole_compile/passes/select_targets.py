@@ -74,8 +74,10 @@ def check_reachable(model_name: str, report: PassReport, config: AdaMoLEConfig) 
 def check_found(model_name: str, report: PassReport, selected: list[Target], config: AdaMoLEConfig) -> None:
     """Raise `NoAttentionFound` when discovery or selection left nothing to adapt, `ValueError` for roles the
     architecture lacks; `DeadAdapterError` instead when selected projections no adapter would reach are why."""
-    if report.anchors == 0:
+    if report.anchors == 0 and any(r not in MLP_ROLES for r in config.roles):
         raise NoAttentionFound(f"no attention found in {model_name}: searched the captured graph for {SEARCHED}")
+    if report.anchors == 0 and not report.targets:  # feed-forward roles only: a model without attention may do
+        raise ValueError(f"{model_name}: roles {tuple(config.roles)} were asked for, but none was found{MLP_RULE}")
     dead = [s for s in report.skipped if s.reason in UNREACHABLE]
     have = [r for r in ROLES if any(r in t.roles for t in report.targets) or any(r in s.roles for s in dead)]
     absent = [r for r in config.roles if r not in have]

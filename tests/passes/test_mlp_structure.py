@@ -223,3 +223,37 @@ def test_an_mlp_the_probe_cannot_run_is_named_not_dropped():
                                          r"through ops that could not be probed \(.*depends on values.*\): not "
                                          r"known to be a feed-forward's\)"):
         ac.plan(MaskedRows(), ALL, example_inputs=(x_(),))
+
+
+class GatedStack(nn.Module):
+    """No attention at all: residual gated MLPs (an MLP-Mixer's channel blocks, a state-space model's MLPs)."""
+
+    def __init__(self, gated=True):
+        super().__init__()
+        self.gated = gated
+        self.layers = nn.ModuleList(nn.ModuleDict(dict(g=nn.Linear(D, F_), u=nn.Linear(D, F_), d=nn.Linear(F_, D)))
+                                    for _ in range(2))
+
+    def forward(self, x):
+        for m in self.layers:
+            h = F.silu(m["g"](x)) * m["u"](x) if self.gated else m["g"](x) * m["u"](x)  # else bilinear: no MLP
+            x = x + m["d"](h)
+        return x
+
+
+def test_feed_forward_roles_on_a_model_without_attention():
+    """Feed-forward roles alone need no attention (NoAttentionFound was raised before the feed-forwards were
+    looked at); attention roles still raise it, and no feed-forward found says what one looks like."""
+    mlp = ac.AdaMoLEConfig(roles="mlp", num_experts=2, rank=2, dropout=0.0)
+    model = GatedStack()
+    plan = ac.plan(model, mlp, example_inputs=(x_(),))
+    assert found(plan) == [(f"layers.{i}.{m}", {r: full(F_ if m != "d" else D)})
+                           for i in range(2) for m, r in (("g", "gate"), ("u", "up"), ("d", "down"))]
+    ref = model(x_())
+    ac.transform(model, mlp, example_inputs=(x_(),))
+    torch.testing.assert_close(model(x_()), ref, rtol=0, atol=1e-6)
+    with pytest.raises(ac.NoAttentionFound, match="no attention found in GatedStack"):
+        ac.plan(GatedStack(), ALL, example_inputs=(x_(),))
+    with pytest.raises(ValueError, match=r"GatedStack: roles \('gate', 'up', 'down'\) were asked for, but none was "
+                                         r"found; no feed-forward block was found"):
+        ac.plan(GatedStack(gated=False), mlp, example_inputs=(x_(),))
