@@ -2,7 +2,9 @@
 
 Pattern:        an attention core — `scaled_dot_product_attention(q, k, v, ...)`, or eager attention: a score
                 product of two activations (`matmul` / `bmm` / `baddbmm` / `einsum`) -> any ops -> softmax ->
-                any ops -> a value product. From each operand the pass walks back along data edges (`DataFlow`:
+                any ops -> a value product (score products behind the softmax: those whose last two sizes are
+                the probabilities', or all of them where none is: banded sliding-window attention, Longformer's
+                and LED's [B, S, H, 2w + 1]). From each operand the pass walks back along data edges (`DataFlow`:
                 tensor arguments that carry data, in-place writes into buffers included, metadata-only
                 arguments such as `type_as`'s second or `new_empty`'s template excluded) through any op that
                 is not a projection, to the nearest projections; the role is the operand's (query or key side
@@ -110,9 +112,10 @@ def _eager_anchor(softmax: fx.Node, g: GraphView) -> Anchor | None:
         return None
     hits, _ = walk(softmax, g.flow.inputs, lambda n: g.projection(n) is not None or op_name(n) in MATMUL_OPS)
     want = _shape(probs[0])
-    scores = [h for h in hits if g.projection(h) is None
-              and (want is None or _shape(h) is None or sorted(_shape(h)[-2:]) == sorted(want[-2:]))]
-    pairs = [qk for qk in (_query_key(h, _softmax_axis(softmax)) for h in scores) if qk is not None]
+    products = [h for h in hits if g.projection(h) is None]
+    scores = [h for h in products
+              if want is None or _shape(h) is None or sorted(_shape(h)[-2:]) == sorted(want[-2:])]
+    pairs = [qk for qk in (_query_key(h, _softmax_axis(softmax)) for h in scores or products) if qk is not None]
     if not pairs:
         return None
     return Anchor(softmax, {"q": [q for q, _ in pairs], "k": [k for _, k in pairs], "v": values}, pv)

@@ -293,3 +293,31 @@ def test_no_attention_found():
     assert "JustMLP" in msg and "scaled_dot_product_attention" in msg and "softmax" in msg
     assert isinstance(info.value, ValueError)
     assert type(model.fc1) is nn.Linear and all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_banded_sliding_window_attention():
+    """LED's encoder (Longformer's attention): scores are computed in overlapping chunks and laid out as a band,
+    probabilities [B, S, H, 2w + 1], so no score product had the probabilities' last two sizes and the encoder got
+    no adapters, with no note. When no product behind the softmax matches those sizes, all of them are taken;
+    the encoder's query, key, value and output are found, the global-attention projections (unused without a
+    global mask) are not."""
+    import transformers as tf
+
+    cfg = tf.AutoConfig.for_model("led", vocab_size=128, d_model=64, encoder_layers=2, decoder_layers=2,
+                                  encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=128,
+                                  decoder_ffn_dim=128, max_encoder_position_embeddings=64,
+                                  max_decoder_position_embeddings=64, attention_window=[4, 4], pad_token_id=0,
+                                  bos_token_id=1, eos_token_id=2, decoder_start_token_id=2)
+    torch.manual_seed(0)
+    model = tf.AutoModelForSeq2SeqLM.from_config(cfg).eval()
+    x = ids(3, 8)
+    inputs = dict(input_ids=x, decoder_input_ids=x[:, :5])
+    plan = ac.plan(model, ac.AdaMoLEConfig(), example_inputs=inputs)
+    encoder = [(t.module.removeprefix("led.encoder.layers.0.self_attn."), t.roles) for t in plan.targets
+               if t.module.startswith("led.encoder.layers.0.")]
+    assert encoder == [("longformer_self_attn.query", ("q",)), ("longformer_self_attn.key", ("k",)),
+                       ("longformer_self_attn.value", ("v",)), ("output", ("o",))]
+    assert len(plan.targets) == 24
+    ref = model(**inputs).logits
+    ac.transform(model, ac.AdaMoLEConfig(num_experts=2, rank=2), example_inputs=inputs)
+    torch.testing.assert_close(model(**inputs).logits, ref, rtol=0, atol=1e-5)
