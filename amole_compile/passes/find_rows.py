@@ -213,6 +213,9 @@ def _layout(ones: list[Tensor], others: list[Tensor], twos: list[Tensor], real: 
         return BatchDim(dims.pop(), ones[0].dim(), "")
     whys = sorted(f for f in found if isinstance(f, str))
     why = whys[0] if whys else f"its calls hold the batch in different dimensions ({sorted(dims)})"
+    if whys and dims:  # (DeBERTa's query_proj also projects the relative positions, which every row shares)
+        why = (f"of its {len(ones)} calls in a forward, some hold the batch in dimension {sorted(dims)[0]} and "
+               f"another does not: {why}")
     return BatchDim(None, ones[0].dim(), why)
 
 

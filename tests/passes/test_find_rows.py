@@ -207,6 +207,17 @@ def test_call_layout_cases(x1, x2, real, want):
     assert got == want if isinstance(want, int) else want in got
 
 
+def test_a_projection_also_run_on_a_shared_tensor_says_which_calls_hold_rows():
+    """DeBERTa's query_proj projects the hidden states [B, S, D] and the relative positions [1, P, D], which every
+    row shares: the reason names both kinds of call, not only the shared one."""
+    x1, x2 = torch.randn(1, 8, 4), torch.randn(1, 8, 4)
+    pos = torch.randn(1, 6, 4)
+    got = _layout([x1, pos], [x2, pos], [torch.cat([x1, x2]), pos], True)
+    assert got.dim is None
+    assert got.why.startswith("of its 2 calls in a forward, some hold the batch in dimension 0 and another does "
+                              "not: its input does not grow with the batch")
+
+
 def test_call_layout_values_tell_row_major_interleaved_alike_and_dependent():
     row0, row1 = torch.randn(8, 4), torch.randn(8, 4)
     assert _call_layout(row0, torch.cat([row0, row1]), True) == 0
