@@ -42,16 +42,10 @@ def keep_mask(x: Tensor, p: float | Tensor, one_launch: bool = False) -> Tensor:
     return torch.rand(x.shape, device=x.device, dtype=torch.float32) >= p
 
 
-_AUTOCAST_DEVICES: dict[str, bool] = {}  # device type -> does torch have autocast for it
-
-
 def autocast_on(device_type: str) -> bool:
     """Is autocast enabled for `device_type`? False for a device type autocast does not exist for (meta, where
     `torch.is_autocast_enabled` raises): a model moved to the meta device runs for shapes and FLOP counts."""
-    known = _AUTOCAST_DEVICES.get(device_type)
-    if known is None:
-        known = _AUTOCAST_DEVICES[device_type] = torch.amp.is_autocast_available(device_type)
-    return known and torch.is_autocast_enabled(device_type)
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
 
 
 def no_autocast(device_type: str):
@@ -352,7 +346,8 @@ class AdapterGroup(nn.ModuleDict):
     def add_role(self, role: str, x: Tensor, y: Tensor) -> Tensor:
         """x [..., D], y [..., O_role] (this projection's output columns of `role`, in order) -> y + that role's
         delta (autocast as in `add_to`)."""
-        with no_autocast(x.device.type) if autocast_on(x.device.type) else contextlib.nullcontext():
+        autocast = autocast_on(x.device.type)
+        with torch.autocast(x.device.type, enabled=False) if autocast else contextlib.nullcontext():
             xa = as_dtype(x, self.adapter_dtype)
             delta = self[role](xa, lead=x.shape[:-1], rows=self.rows_dim)  # [..., O_role]; the op flattens
         return y + delta.view_as(y).to(y.dtype)

@@ -100,7 +100,7 @@ def synthesize_inputs(model: nn.Module) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def eval_mode(model: nn.Module, training: bool = False):
+def in_mode(model: nn.Module, training: bool = False):
     """Put every submodule in eval mode (`training`: in training mode) and restore each one's own flag
     afterwards."""
     flags = [(m, m.training) for m in model.modules()]
@@ -188,7 +188,7 @@ def _export(module: nn.Module, args: tuple, kwargs: dict) -> torch.export.Export
 def capture(model: nn.Module, example_inputs: tuple | dict | None = None) -> torch.export.ExportedProgram:
     """model -> ExportedProgram (non-strict, not decomposed)."""
     args, kwargs = example_args(model, example_inputs)
-    with eval_mode(model):
+    with in_mode(model):
         try:
             return _export(model, args, kwargs)
         except Exception as exc:
@@ -282,7 +282,7 @@ def _record(model: nn.Module, blocks: list[tuple[str, nn.Module]], args: tuple, 
         saved.append(wrap_forward(block, forward))
     mode = fake_tensors() if fake else torch.compiler.set_stance("force_eager")  # (see probe_forward)
     try:
-        with eval_mode(model), torch.no_grad(), warnings.catch_warnings(), mode:
+        with in_mode(model), torch.no_grad(), warnings.catch_warnings(), mode:
             warnings.simplefilter("ignore")
             model(*args, **kwargs)
     finally:
@@ -337,7 +337,7 @@ def probe_forward(model: nn.Module, args: tuple, kwargs: dict, prefer: str = "",
         sum(p.numel() for p in model.parameters()) <= REAL_PROBE_PARAMS
     failed: dict[str, Exception] = {}
     state = kept_state(model) if training else contextlib.nullcontext()
-    with eval_mode(model, training), state, torch.no_grad(), torch.compiler.set_stance("force_eager"), \
+    with in_mode(model, training), state, torch.no_grad(), torch.compiler.set_stance("force_eager"), \
             warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for how in ("real", "fake") if real_first else ("fake", "real"):
@@ -418,7 +418,7 @@ def capture_blocks(model: nn.Module, example_inputs=None, depth: int = 4) -> lis
             for child, mod in module.named_children():
                 visit(f"{name}.{child}", f"{recorded[key]}.{child}", mod, level + 1)
 
-    with eval_mode(model), _quiet_export():
+    with in_mode(model), _quiet_export():
         for name, block in blocks:
             visit(name, name, block, 0)
     return list(groups.values())

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from ..model.projection import ProjectionAdapters
 from ..model.state import projections
-from .capture import CaptureError, example_args, probe_forward
+from .capture import CaptureError, _first_line, example_args, probe_forward
 from .reach import DeadAdapterError
 
 
@@ -114,10 +114,9 @@ def _ran(model: nn.Module, holders: dict[str, ProjectionAdapters], args: tuple, 
         with marked(holders, lambda name, x: ran.add(name)):
             probe_forward(model, args, kwargs, training=training)
     except Exception as exc:
-        first = str(exc).splitlines()[0] if str(exc) else ""
         mode = "a training-mode" if training else "a"
         warnings.warn(f"amole_compile could not check that the adapters of {type(model).__name__} run: {mode} "
-                      f"forward of the example inputs failed ({type(exc).__name__}: {first})", stacklevel=5)
+                      f"forward of the example inputs failed ({_first_line(exc)})", stacklevel=5)
         return None
     return ran
 
