@@ -44,6 +44,7 @@ from .model.state import (
 from .passes.check_calls import check_adapters_run
 from .passes.discover import discover
 from .passes.find_rows import find_rows
+from .passes.find_siblings import link_siblings
 from .passes.insert_ops import insert_ops, remove_ops
 from .passes.reach import DeadAdapterError
 from .passes.select_targets import NoAttentionFound
@@ -142,8 +143,9 @@ def rewrite(model: nn.Module, selected: list[Target], config: AdaMoLEConfig, nam
         installed = len(record.undo) if record is not None else 0
         if record is not None:
             patches.attach(model, record)  # a first adapter's rows; a later one's that apply now (attention)
+        calls: list = []
         try:
-            check_adapters_run(model, [t.module for t in selected], example_inputs)
+            check_adapters_run(model, [t.module for t in selected], example_inputs, calls)
         except DeadAdapterError:
             if first:
                 untransform(model)
@@ -151,6 +153,7 @@ def rewrite(model: nn.Module, selected: list[Target], config: AdaMoLEConfig, nam
                 drop(model, name)
                 patches.detach(model, record, keep=installed)
             raise
+        link_siblings(model, calls)
         log.info(find_rows(model, example_inputs).summary())
     activate(model, name)
     return report

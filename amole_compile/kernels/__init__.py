@@ -11,7 +11,7 @@
     plans.py           launch plans: each distinct call's tiles, grids and constexprs, worked out once
     backend.py         the `kernels` setting -> torch or triton for a call
     op.py              `torch.ops.amole.adapter` (+ backward): registration on first use, autograd
-    op_linear.py       eager: the op with a frozen projection folded in (one autograd node per projection)
+    op_linear.py       eager: the op with frozen projections folded in (one autograd node for those sharing x)
     mixed_torch.py     mixed batches: stacked adapters, each row routed by routing_torch's per-method functions
 
 Tensors and scalars in, tensors out. Importing this package imports nothing (each name loads its module on
@@ -24,10 +24,12 @@ import importlib
 
 _NAMES = {"KERNELS": "backend", "SUPPORTED_DTYPES": "backend", "resolve_kernels": "backend",
           "triton_usable": "backend", "METHODS": "methods", "MethodSpec": "methods", "method_spec": "methods",
-          "AdapterArgs": "op", "adapter": "op", "adapter_linear": "op_linear", "register": "op",
+          "AdapterArgs": "op", "adapter": "op", "adapter_linear": "op_linear", "adapter_linears": "op_linear",
+          "register": "op",
           "traced": "backend"}
 
 __all__ = ["KERNELS", "METHODS", "SUPPORTED_DTYPES", "AdapterArgs", "MethodSpec", "adapter", "adapter_linear",
+           "adapter_linears",
            "method_spec", "register", "resolve_kernels", "traced", "triton_usable"]
 
 

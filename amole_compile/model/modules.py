@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import AdaMoLEConfig
-from ..kernels import AdapterArgs, adapter, adapter_linear, register
+from ..kernels import AdapterArgs, adapter, adapter_linears, register
 from ..kernels.adapter_torch import as_dtype
 from ..kernels.mixed_torch import SiteWeights
 from .tokens import real_tokens
@@ -336,12 +336,15 @@ class AdapterGroup(nn.ModuleDict):
         """x [..., D] -> F.linear(x, weight, bias) + every role's delta [..., O], in one autograd node
         (`kernels.op_linear`; the caller checks that the fold applies: `AdaMoLELinear.folding_group`). Each site
         draws its dropout mask and records its statistics and aux as its own forward does, in role order."""
-        sites = list(self.values())
-        y, outs = adapter_linear([s.op_args(x, s.drop_mask(x), None) for s in sites], weight, bias)
-        lead = x.shape[:-1]
-        for site, (scores, mask, _, _, aux, _) in zip(sites, outs, strict=True):
-            site.record(scores, mask, lead=lead, aux=aux, rows=self.rows_dim)
+        (y, outs), = add_linears(x, [(self, weight, bias)])
+        self.record_outs(x, outs)
         return y
+
+    def record_outs(self, x: Tensor, outs: list) -> None:
+        """Record each site's statistics and aux from its op outputs `outs` (`add_linears`) on x [..., D]."""
+        lead = x.shape[:-1]
+        for site, (scores, mask, _, _, aux, _) in zip(self.values(), outs, strict=True):
+            site.record(scores, mask, lead=lead, aux=aux, rows=self.rows_dim)
 
     def add_role(self, role: str, x: Tensor, y: Tensor) -> Tensor:
         """x [..., D], y [..., O_role] (this projection's output columns of `role`, in order) -> y + that role's
@@ -364,6 +367,15 @@ class AdapterGroup(nn.ModuleDict):
             return site(xa, base=y, lead=lead, rows=self.rows_dim)
         deltas = [site(xa, lead=lead, rows=self.rows_dim) for site in self.values()]  # each [..., O_role]
         return y + combine_deltas(deltas, self.column_gather, self.n_unadapted).to(y.dtype)
+
+
+def add_linears(x: Tensor, folds: list[tuple[AdapterGroup, Tensor, Tensor | None]]) -> list[tuple[Tensor, list]]:
+    """x [..., D] -> per (group, weight, bias): (F.linear(x, weight, bias) + its roles' deltas [..., O], its sites'
+    op outputs), all in one autograd node (`kernels.op_linear.adapter_linears`): projections that read the same x,
+    as an attention block's q, k and v. The sites draw their dropout masks in order; nothing is recorded (the
+    caller records each group's outputs with `AdapterGroup.record_outs`)."""
+    projections = [([s.op_args(x, s.drop_mask(x), None) for s in g.values()], w, b) for g, w, b in folds]
+    return adapter_linears(projections)
 
 
 PASSES = ("eval", "train", "all")  # the forwards a site's statistics may count (`ExpertSet.stat_passes`)

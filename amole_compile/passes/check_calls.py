@@ -81,11 +81,15 @@ def weight_reads(holders: dict[str, ProjectionAdapters], note: Callable[[str], o
                 del cls.weight
 
 
-def adapters_not_run(model: nn.Module, modules: list[str], example_inputs=None) -> list[str] | None:
+def adapters_not_run(model: nn.Module, modules: list[str], example_inputs=None,
+                     calls: list | None = None) -> list[str] | None:
     """The projections among `modules` (canonical names) whose adapters did not run in one eval-mode forward of
     the example inputs, then those whose weight a training-mode forward read without running them (named
-    "<name> (in training mode)"); None: they could not be checked, and a warning says why."""
-    holders = {n: h for n, h in projections(model) if n in set(modules)}
+    "<name> (in training mode)"); None: they could not be checked, and a warning says why. `calls`: a list that
+    gets each adapted projection's calls in the eval-mode forward, (name, the tensor it was called on), in order
+    (`find_siblings.link_siblings`)."""
+    every = dict(projections(model))
+    holders = {n: h for n, h in every.items() if n in set(modules)}
     if not holders:
         return []
     try:
@@ -94,7 +98,7 @@ def adapters_not_run(model: nn.Module, modules: list[str], example_inputs=None) 
         warnings.warn(f"amole_compile could not check that the adapters of {type(model).__name__} run (a forward "
                       f"of example inputs would show it): {exc}", stacklevel=4)
         return None
-    ran = _ran(model, holders, args, kwargs, training=False)
+    ran = _ran(model, every if calls is not None else holders, args, kwargs, training=False, calls=calls)
     if ran is None:
         return None
     dead = [n for n in holders if n not in ran]
@@ -107,13 +111,22 @@ def adapters_not_run(model: nn.Module, modules: list[str], example_inputs=None) 
 
 
 def _ran(model: nn.Module, holders: dict[str, ProjectionAdapters], args: tuple, kwargs: dict,
-         training: bool) -> set[str] | None:
-    """The holders whose adapters ran in one forward (None, with a warning, when the forward failed)."""
+         training: bool, calls: list | None = None) -> set[str] | None:
+    """The holders whose adapters ran in one forward (None, with a warning, when the forward failed); `calls` (a
+    list) gets (name, x) for each call."""
     ran: set[str] = set()
+
+    def note(name: str, x: Tensor) -> None:
+        ran.add(name)
+        if calls is not None:
+            calls.append((name, x))
+
     try:
-        with marked(holders, lambda name, x: ran.add(name)):
+        with marked(holders, note):
             probe_forward(model, args, kwargs, training=training)
     except Exception as exc:
+        if calls is not None:
+            calls.clear()  # a forward cut short tells no sibling sets
         mode = "a training-mode" if training else "a"
         warnings.warn(f"amole_compile could not check that the adapters of {type(model).__name__} run: {mode} "
                       f"forward of the example inputs failed ({_first_line(exc)})", stacklevel=5)
@@ -121,9 +134,10 @@ def _ran(model: nn.Module, holders: dict[str, ProjectionAdapters], args: tuple, 
     return ran
 
 
-def check_adapters_run(model: nn.Module, modules: list[str], example_inputs=None) -> None:
-    """Raise `DeadAdapterError` naming each projection among `modules` whose adapters did not run."""
-    dead = adapters_not_run(model, modules, example_inputs)
+def check_adapters_run(model: nn.Module, modules: list[str], example_inputs=None, calls: list | None = None) -> None:
+    """Raise `DeadAdapterError` naming each projection among `modules` whose adapters did not run; `calls` as
+    `adapters_not_run`'s."""
+    dead = adapters_not_run(model, modules, example_inputs, calls)
     if not dead:
         return
     listed = "\n".join(f"  {n}" for n in dead)

@@ -1,0 +1,56 @@
+"""Find pass: adapted projections that read the same input in a forward (an attention block's separate q, k and v
+projections), linked so that the first one called computes all of them in one op (issue 21: one launch for q, k
+and v, which share x).
+
+Pattern:        the calls of every adapted projection in one eval-mode forward of the example inputs (the check
+                pass's, `check_calls.adapters_not_run`), each with the tensor it was called on. Projections called
+                on one tensor object are siblings when each of them is an `AdaMoLELinear` called once on it, and
+                every call of each of them was on a tensor shared with exactly the same projections (a shared
+                layer called per block, as ALBERT's, still qualifies; a projection called on its own anywhere does
+                not).
+Replacement:    none in the graph: each sibling gets `_siblings`, the tuple of its set in call order (the order
+                their dropout masks are drawn in); projections not in a set lose it.
+Preconditions:  the forward ran (a forward that fails links nothing).
+Invariants:     numbers are the same linked or not. At run time a projection folds its siblings only where each of
+                them would fold on its own (`AdaMoLELinear.folding_group`), and a sibling takes the held result only
+                for the same x object at the same version, gradient mode, active adapter and training mode
+                (`projection._Held`); anything else computes afresh. A call order that differs at run time costs
+                only the held work.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import Tensor, nn
+
+from ..model.projection import AdaMoLELinear
+from ..model.state import projections
+
+
+def link_siblings(model: nn.Module, calls: Sequence[tuple[str, Tensor]]) -> list[tuple[str, ...]]:
+    """Link the sibling sets found in `calls` ((projection name, the tensor it was called on), in call order,
+    the tensors alive) on `model`'s holders (see the module doc) -> the sets, by name."""
+    holders = dict(projections(model))
+    by_input: dict[int, list[str]] = {}
+    for name, x in calls:
+        by_input.setdefault(id(x), []).append(name)
+    seen: dict[str, set[tuple[str, ...]]] = {}  # projection -> the sets of names it was called with
+    for names in by_input.values():
+        for name in names:
+            seen.setdefault(name, set()).add(tuple(names))
+    sets = {next(iter(s)) for s in seen.values() if len(s) == 1}
+    linked = [names for names in sorted(sets) if _qualifies(names, holders, seen)]
+    for holder in holders.values():
+        holder.__dict__.pop("_siblings", None)
+    for names in linked:
+        group = tuple(holders[n] for n in names)
+        for holder in group:
+            holder.__dict__["_siblings"] = group
+    return linked
+
+
+def _qualifies(names: tuple[str, ...], holders: dict, seen: dict) -> bool:
+    """Two or more distinct `AdaMoLELinear`s, each called once per input, every call of each with this set."""
+    return (len(names) > 1 and len(set(names)) == len(names)
+            and all(type(holders.get(n)) is AdaMoLELinear and seen[n] == {names} for n in names))
