@@ -51,9 +51,9 @@ def _fwd_kernel(x_ptr, keep_ptr, a_ptr, rw_ptr, wsa_ptr, wsr_ptr, T, D, drop_sca
     g = g.to(tl.int64)  # the sites' offsets as 64-bit scalars; per element 32-bit, as for one site
     a_ptr += g * W_GS
     rw_ptr += g * W_GS
-    keep_ptr += g * T * D
-    wsa_ptr += (g * S + pid_s) * T * K_P
-    wsr_ptr += (g * S + pid_s) * T * G_P
+    keep_ptr += g * (T * D)
+    wsa_ptr += pid_gs.to(tl.int64) * (T * K_P)  # pid_gs = g * S + pid_s: the partial sums' row [G * S]
+    wsr_ptr += pid_gs.to(tl.int64) * (T * G_P)
     rt = pid_t * BT + tl.arange(0, BT)
     kp = tl.arange(0, K_P)
     gp = tl.arange(0, G_P)
@@ -85,24 +85,24 @@ def _fwd_finish_kernel(wsa_ptr, wsr_ptr, thr_b_ptr, za_ptr, h_ptr, zr_ptr, score
     pid, g = tl.program_id(0), tl.program_id(1).to(tl.int64)
     rt = pid * BT + tl.arange(0, BT)
     gp = tl.arange(0, G_P)
-    acc_a = _sum_splits(wsa_ptr + g * S * T * (E_P * R_P), S, T, rt, E_P * R_P, BT)  # [BT, K_P]
-    acc_r = _sum_splits(wsr_ptr + g * S * T * G_P, S, T, rt, G_P, BT)  # [BT, G_P]
+    acc_a = _sum_splits(wsa_ptr + g * (S * T * (E_P * R_P)), S, T, rt, E_P * R_P, BT)  # [BT, K_P]
+    acc_r = _sum_splits(wsr_ptr + g * (S * T * G_P), S, T, rt, G_P, BT)  # [BT, G_P]
     thr_b = tl.load(thr_b_ptr + g * THR_GS).to(tl.float32)
     logits, u = gate_and_threshold(acc_r, thr_b, E, BT, E_P, G_P)
     w, scores, m, _, _, _ = route(logits, u, cap, E, METHOD, TOP_K, E_P)
     h = tl.reshape(tl.reshape(acc_a, (BT, E_P, R_P)) * (scale * w)[:, :, None], (BT, E_P * R_P))
     col, ok = _pad_cols(E, R, E_P, R_P)
     out = (rt[:, None] < T) & ok[None, :]
-    za_ptr += g * T * (E * R)
-    h_ptr += g * T * (E * R)
+    za_ptr += g * (T * (E * R))
+    h_ptr += g * (T * (E * R))
     tl.store(za_ptr + rt[:, None] * (E * R) + col[None, :], acc_a.to(za_ptr.dtype.element_ty), mask=out)
     tl.store(h_ptr + rt[:, None] * (E * R) + col[None, :], h.to(h_ptr.dtype.element_ty), mask=out)
-    zr_ptr += g * T * ER
+    zr_ptr += g * (T * ER)
     tl.store(zr_ptr + rt[:, None] * ER + gp[None, :], acc_r, mask=(rt[:, None] < T) & (gp[None, :] < ER))
     ecol = tl.arange(0, E_P)
     eo = (rt[:, None] < T) & (ecol[None, :] < E)
-    scores_ptr += g * T * E
-    sel_ptr += g * T * E
+    scores_ptr += g * (T * E)
+    sel_ptr += g * (T * E)
     tl.store(scores_ptr + rt[:, None] * E + ecol[None, :], scores, mask=eo)
     tl.store(sel_ptr + rt[:, None] * E + ecol[None, :], m.to(tl.int8), mask=eo)
     if HAS_AUX:  # this block's column sums [E]: of mask·E/T² (row 0) and of scores (row 1), parts [G, blocks, 2, E]

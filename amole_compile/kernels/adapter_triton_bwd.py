@@ -14,9 +14,10 @@ backward  _bwd_route_kernel        program (T block, O split), one launch per si
                                    float32 partials
           _bwd_reduce_kernel       program (block, site g): those partials summed over the T splits, in each
                                    parameter's dtype, stacked [G, ...] (the per-site results are views)
-          _bwd_input_kernel        grad_x = sum_g (grad_za_g·A_g)·mask_g + grad_zr_g·[Wg_g; wt_g], a loop over the
-                                   sites per (T block, D block) program; for G > 1 it reads the sites' weights from
-                                   one `cat` [A_g padded; Wg_g; wt_g]
+          _bwd_input_kernel        program (T block, D block), one launch per site: grad_x (+)= (grad_za_g·A_g)·mask_g
+                                   + grad_zr_g·[Wg_g; wt_g], site 0 storing, the others adding theirs (ADD). One
+                                   launch looping over the sites held its loop-invariant offsets and masks in
+                                   registers: 255 and spills at BT 64 in the AOT builds (bf16 K_P 256, fp16 K_P 512)
           grad_B_g = grad_out_gᵀ·h_g (a GEMM per site)
 """
 
@@ -71,16 +72,18 @@ def _bwd_route_finish_kernel(wsg_ptr, za_ptr, zr_ptr, thr_b_ptr, gs_ptr, gaux_pt
                              METHOD: tl.constexpr, TOP_K: tl.constexpr, HAS_GS: tl.constexpr, HAS_AUX: tl.constexpr,
                              BT: tl.constexpr, E_P: tl.constexpr, R_P: tl.constexpr, G_P: tl.constexpr):
     """Program (BT tokens, site g): grad_h summed over the O splits, then the routing backward; inputs and outputs
-    stacked [G, ...], the threshold bias at thr_b_ptr + g * THR_GS."""
-    pid, g = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    stacked [G, ...], the threshold bias at thr_b_ptr + g * THR_GS. Site g's [T, ...] rows are addressed as rows
+    g·T + t, in 32 bits (G·T·K < 2³¹): 64-bit pointers bumped per site left 8 B stacks (fp32 K_P 512 on sm_90,
+    K_P 1024 on sm_80) in the AOT builds."""
+    pid, g = tl.program_id(0), tl.program_id(1)
     rt = pid * BT + tl.arange(0, BT)
-    acc = _sum_splits(wsg_ptr + g * S * T * (E_P * R_P), S, T, rt, E_P * R_P, BT)  # grad_h [BT, K_P]
+    rows = g * T + rt  # site g's rows of the stacked [G * T, ...] (32-bit, as one site's rt * K: G·T·K < 2³¹)
+    acc = _sum_splits(wsg_ptr + g.to(tl.int64) * (S * T * (E_P * R_P)), S, T, rt, E_P * R_P, BT)  # grad_h [BT, K_P]
     col, ok = _pad_cols(E, R, E_P, R_P)
     tk = (rt[:, None] < T) & ok[None, :]
-    za = _ld(za_ptr + g * T * (E * R) + rt[:, None] * (E * R) + col[None, :], tk, True)
+    za = _ld(za_ptr + rows[:, None] * (E * R) + col[None, :], tk, True)
     gp = tl.arange(0, G_P)
-    zr_ptr += g * T * ER
-    acc_r = tl.load(zr_ptr + rt[:, None] * ER + gp[None, :], mask=(rt[:, None] < T) & (gp[None, :] < ER), other=0.0)
+    acc_r = tl.load(zr_ptr + rows[:, None] * ER + gp[None, :], mask=(rt[:, None] < T) & (gp[None, :] < ER), other=0.0)
     thr_b = tl.load(thr_b_ptr + g * THR_GS).to(tl.float32)
     logits, u = gate_and_threshold(acc_r, thr_b, E, BT, E_P, G_P)
     w, _, m, p, sig, s = route(logits, u, cap, E, METHOD, TOP_K, E_P)
@@ -88,27 +91,23 @@ def _bwd_route_finish_kernel(wsg_ptr, za_ptr, zr_ptr, thr_b_ptr, gs_ptr, gaux_pt
     za3 = tl.reshape(za, (BT, E_P, R_P))
     gza = tl.reshape(gh3 * (scale * w)[:, :, None], (BT, E_P * R_P))
     h = tl.reshape(za3 * (scale * w)[:, :, None], (BT, E_P * R_P))
-    gza_ptr += g * T * (E * R)
-    h_ptr += g * T * (E * R)
-    tl.store(gza_ptr + rt[:, None] * (E * R) + col[None, :], gza.to(gza_ptr.dtype.element_ty), mask=tk)
-    tl.store(h_ptr + rt[:, None] * (E * R) + col[None, :], h.to(h_ptr.dtype.element_ty), mask=tk)
+    tl.store(gza_ptr + rows[:, None] * (E * R) + col[None, :], gza.to(gza_ptr.dtype.element_ty), mask=tk)
+    tl.store(h_ptr + rows[:, None] * (E * R) + col[None, :], h.to(h_ptr.dtype.element_ty), mask=tk)
     if METHOD != LORA_CODE:
         ecol = tl.arange(0, E_P)
         eo = (rt[:, None] < T) & (ecol[None, :] < E)
         grad_w = scale * tl.sum(gh3 * za3, axis=2)  # [BT, E_P]
         gs = tl.zeros((BT, E_P), dtype=tl.float32)
         if HAS_GS:
-            gs_ptr += g * T * E
-            gs = tl.load(gs_ptr + rt[:, None] * E + ecol[None, :], mask=eo, other=0.0).to(tl.float32)
+            gs = tl.load(gs_ptr + rows[:, None] * E + ecol[None, :], mask=eo, other=0.0).to(tl.float32)
         if HAS_AUX:  # d aux / d scores[t, e] = grad_aux · E/T² · sum_t mask[:, e], the same for every t
             w_aux = tl.load(sums_ptr + g * 2 * E + ecol, mask=ecol < E, other=0.0).to(tl.float32)  # [E_P]
             gs += tl.where(eo, tl.load(gaux_ptr + g).to(tl.float32) * w_aux[None, :], 0.0)
         g_logits, g_u = route_backward(grad_w, gs, w, m, p, sig, s, cap, E, METHOD, E_P)
         g_u = tl.where(rt < T, g_u, 0.0)
-        gzr_ptr += g * T * ER
-        tl.store(gzr_ptr + rt[:, None] * ER + ecol[None, :], g_logits.to(gzr_ptr.dtype.element_ty), mask=eo)
+        tl.store(gzr_ptr + rows[:, None] * ER + ecol[None, :], g_logits.to(gzr_ptr.dtype.element_ty), mask=eo)
         if METHOD == ADAMOLE_CODE:
-            tl.store(gzr_ptr + rt * ER + E, g_u.to(gzr_ptr.dtype.element_ty), mask=rt < T)
+            tl.store(gzr_ptr + rows * ER + E, g_u.to(gzr_ptr.dtype.element_ty), mask=rt < T)
             tl.store(gtb_ptr + g * tl.num_programs(0) + pid, tl.sum(g_u, axis=0))
 
 
@@ -184,36 +183,30 @@ def _bwd_reduce_kernel(ga_ptr, gr_ptr, gtb_ptr, grad_a_ptr, grad_g_ptr, grad_tw_
 
 
 @triton.jit
-def _bwd_input_kernel(gza_ptr, gzr_ptr, a_ptr, g_ptr, t_ptr, keep_ptr, gx_ptr, T, D, E, R, NG, ER, drop_scale, G,
-                      W_GS, HAS_KEEP: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, BT: tl.constexpr,
-                      BD: tl.constexpr, E_P: tl.constexpr, R_P: tl.constexpr, G_P: tl.constexpr):
-    """Program (T block, D block): grad_x summed over the G sites, each ((grad_za·A)·mask + grad_zr·[Wg; wt]);
-    grad_za, grad_zr and the mask stacked [G, ...], site g's A and router rows W_GS elements after site g - 1's."""
+def _bwd_input_kernel(gza_ptr, gzr_ptr, a_ptr, g_ptr, t_ptr, keep_ptr, gx_ptr, T, D, E, R, NG, ER, drop_scale,
+                      HAS_KEEP: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, BT: tl.constexpr,
+                      BD: tl.constexpr, E_P: tl.constexpr, R_P: tl.constexpr, G_P: tl.constexpr, ADD: tl.constexpr):
+    """Program (T block, D block): one site's grad_x = (grad_za·A)·mask + grad_zr·[Wg; wt], stored, or (ADD) added
+    to what gx holds (the sites before it)."""
     rt = tl.program_id(0) * BT + tl.arange(0, BT)
     rd = tl.program_id(1) * BD + tl.arange(0, BD)
     kp = tl.arange(0, E_P * R_P)
     gp = tl.arange(0, G_P)
     col, ok = _pad_cols(E, R, E_P, R_P)
+    gza = _ld(gza_ptr + rt[:, None] * (E * R) + col[None, :], (rt[:, None] < T) & ok[None, :], UPCAST)
+    gzr = _ld(gzr_ptr + rt[:, None] * ER + gp[None, :], (rt[:, None] < T) & (gp[None, :] < ER), UPCAST)
+    a = _ld(a_ptr + kp[:, None] * D + rd[None, :], rd[None, :] < D, UPCAST)  # [K_P, BD]
+    g_rows, g_ok = _router_ptrs(g_ptr, t_ptr, gp, D, NG, ER)
+    g = _ld(g_rows[:, None] + rd[None, :], g_ok[:, None] & (rd[None, :] < D), UPCAST)  # [G_P, BD]
     io = (rt[:, None] < T) & (rd[None, :] < D)
-    acc = tl.zeros((BT, BD), dtype=tl.float32)
-    for _ in range(G):  # the pointers step to the next site at the end of each pass
-        gza = _ld(gza_ptr + rt[:, None] * (E * R) + col[None, :], (rt[:, None] < T) & ok[None, :], UPCAST)
-        gzr = _ld(gzr_ptr + rt[:, None] * ER + gp[None, :], (rt[:, None] < T) & (gp[None, :] < ER), UPCAST)
-        a = _ld(a_ptr + kp[:, None] * D + rd[None, :], rd[None, :] < D, UPCAST)  # [K_P, BD]
-        g_rows, g_ok = _router_ptrs(g_ptr, t_ptr, gp, D, NG, ER)
-        w = _ld(g_rows[:, None] + rd[None, :], g_ok[:, None] & (rd[None, :] < D), UPCAST)  # [G_P, BD]
-        gx = tl.dot(gza, a, input_precision=PRECISION)
-        if HAS_KEEP:
-            keep = tl.load(keep_ptr + rt[:, None] * D + rd[None, :], mask=io, other=0)
-            gx = tl.where(keep != 0, gx * drop_scale, 0.0)
-        acc += tl.dot(gzr, w, gx, input_precision=PRECISION)
-        gza_ptr += T * (E * R)
-        gzr_ptr += T * ER
-        keep_ptr += T * D
-        a_ptr += W_GS
-        g_ptr += W_GS
-        t_ptr += W_GS
-    tl.store(gx_ptr + rt[:, None] * D + rd[None, :], acc.to(gx_ptr.dtype.element_ty), mask=io)
+    gx = tl.dot(gza, a, input_precision=PRECISION)
+    if HAS_KEEP:
+        keep = tl.load(keep_ptr + rt[:, None] * D + rd[None, :], mask=io, other=0)
+        gx = tl.where(keep != 0, gx * drop_scale, 0.0)
+    gx += tl.dot(gzr, g, input_precision=PRECISION)
+    if ADD:
+        gx += tl.load(gx_ptr + rt[:, None] * D + rd[None, :], mask=io, other=0.0).to(tl.float32)
+    tl.store(gx_ptr + rt[:, None] * D + rd[None, :], gx.to(gx_ptr.dtype.element_ty), mask=io)
 
 
 # ---- launcher ---------------------------------------------------------------------------------------------------
@@ -249,9 +242,11 @@ def adapter_backward_triton_group(grad_outs, grad_scores, x, drop_masks, lora_as
     grad_x = x.new_empty(0)
     if need_grad_x:
         grad_x = x.new_empty(t, d)
-        a, g, tw, w_gs = _input_weights(x, lora_as, gate_ws, thr_ws, num_experts, p)
-        launch(_bwd_input_kernel, p.input, (gza, gzr, a, g, tw, keep, grad_x, t, d, num_experts, p.r, p.n_gate, p.er,
-                                            drop_scale, n, w_gs), wrap)
+        for i in range(n):  # site 0 stores, the others add theirs
+            a, g, tw = weights(x, lora_as[i], gate_ws[i], thr_ws[i], num_experts, p.r, p.geo)
+            launch(_bwd_input_kernel, p.input_add if i else p.input,
+                   (gza[i], gzr[i], a, g, tw, keep[i] if has_keep else keep, grad_x, t, d, num_experts, p.r, p.n_gate,
+                    p.er, drop_scale), wrap)
     grad_as, grad_gates, grad_thr_ws, grad_tbs = grads
     return grad_x, grad_as, grad_bs, grad_gates, grad_thr_ws, grad_tbs
 
@@ -334,18 +329,3 @@ def _weight_grads(p, gza, gzr, gtb, x, keep, lora_as, thr_ws, e, drop_scale, wra
             stride, 0 if gtb is None else gtb.shape[1]), wrap)
     grad_as = [as_dtype(v, a.dtype) for v, a in zip(out[0].unbind(0), lora_as, strict=True)]
     return grad_as, *(list(v.unbind(0)) for v in out[1:])
-
-
-def _input_weights(x, lora_as, gate_ws, thr_ws, e: int, p) -> tuple:
-    """-> (A rows, gate rows, threshold row, W_GS): what `_bwd_input_kernel` reads for site g at W_GS * g
-    elements past each pointer, in x's dtype. One site: `weights` (no copy where the dtypes match and K = K_P).
-    G sites: one `cat` of [A_g padded; Wg_g; wt_g] [G * (K_P + Er), D], the three pointers into it."""
-    if len(lora_as) == 1:
-        return (*weights(x, lora_as[0], gate_ws[0], thr_ws[0], e, p.r, p.geo), 0)
-    rows = []
-    for a, gate_w, thr_w in zip(lora_as, gate_ws, thr_ws, strict=True):
-        rows += [padded(as_dtype(a, x.dtype), e, p.r, p.geo, rows=True),
-                 *(as_dtype(w, x.dtype) for w in (gate_w, thr_w) if w is not None)]
-    stacked = torch.cat(rows, 0)  # [G * (K_P + Er), D]
-    k_p = p.route.constexprs["K_P"]
-    return stacked, stacked[k_p:], stacked[k_p + p.n_gate:], (k_p + p.er) * x.shape[1]

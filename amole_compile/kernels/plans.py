@@ -109,7 +109,8 @@ class BackwardPlan:
     reduce: Launch
     reduce_sizes: tuple[int, ...]  # K*D, NG*D, Er*D, max(Er, 1)*D
     n_gate: int
-    input: Launch | None  # None when x needs no gradient
+    input: Launch | None  # None when x needs no gradient; the input-gradient kernel of a group's first site
+    input_add: Launch | None  # of the group's other sites (adding to grad_x); None for one site
 
 
 @cache_sizes(maxsize=1024)
@@ -126,18 +127,20 @@ def backward_plan(t: int, d: int, o: int, e: int, k: int, method: str, top_k: in
     fin = finish_blocks(k_p)
     n_f = cdiv(t, fin.bt)
     route_finish = Launch((n_f, groups), dict(METHOD=method_spec(method).code, TOP_K=max(top_k, 1), HAS_GS=has_gs,
-                                       HAS_AUX=has_aux, BT=fin.bt, **geo), fin)
+                                               HAS_AUX=has_aux, BT=fin.bt, **geo), fin)
     weight, t_splits, t_rows = _weight_launch(t, d, k_p, dtype, has_keep, modes, geo, choose, groups)
     red = reduce_blocks((k + er) * d, groups)
     reduce = Launch((cdiv((k + er) * d, red.bd), groups), dict(BLOCK=red.bd), red)
-    inp = None
+    inp = inp_add = None
     if need_x:
         blk = choose("bwd_input", k_p, dtype)
         blk = few_tokens(blk, cdiv(t, blk.bt) * cdiv(d, blk.bd))
-        inp = Launch((cdiv(t, blk.bt), cdiv(d, blk.bd)), dict(HAS_KEEP=has_keep, **modes, BT=blk.bt, BD=blk.bd, **geo),
-                     blk)
+        consts = dict(HAS_KEEP=has_keep, **modes, BT=blk.bt, BD=blk.bd, **geo)
+        inp = Launch((cdiv(t, blk.bt), cdiv(d, blk.bd)), dict(consts, ADD=False), blk)
+        if groups > 1:
+            inp_add = Launch(inp.grid, dict(consts, ADD=True), blk)
     return BackwardPlan(r, er, geo, o_splits, o_per, n_f, route, route_finish, t_splits, t_rows, weight, reduce,
-                        (k * d, n_gate * d, er * d, max(er, 1) * d), n_gate, inp)
+                        (k * d, n_gate * d, er * d, max(er, 1) * d), n_gate, inp, inp_add)
 
 
 def _weight_launch(t: int, d: int, k_p: int, dtype: torch.dtype, has_keep: bool, modes: dict, geo: dict,
