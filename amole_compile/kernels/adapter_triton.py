@@ -5,8 +5,11 @@ The launchers take a group of G sites (`adapter_triton_group`): sites that share
 (method, E, top-k, scale, cap, dropout scale, aux, dtype; so K) with parameters of their own (A_g, B_g [O_g, K]
 with O_g free, router, dropout mask), such as the q, k and v projections of one attention input, computed in the
 same launches (issue 21: host time per launch). `adapter_triton` is the group of one. Stacked: [G, ...].
+The kernels' GROUPED constexpr (G > 1) keeps the site index out of one site's builds (the constant 0 there: the
+code as before the groups, whose AOT builds had no spills; the group arithmetic made ptxas leave 8-32 B stacks in
+some of them).
 
-forward   _fwd_kernel         program (T block, site g x D split): x·[A_g; Wg_g; wt_g]ᵀ over its columns of D
+forward   _fwd_kernel         program (T block, D split, site g): x·[A_g; Wg_g; wt_g]ᵀ over its columns of D
                               (site g's dropout applied to the A part only) -> float32 partial sums
                               [G, S, T, K_P] and [G, S, T, G_P]
           _fwd_finish_kernel  program (T block, site g): the S partials summed, then the routing epilogue -> za,
@@ -40,23 +43,18 @@ from .triton_common import _ld, _pad_cols, _sum_splits, as_dtype, keep_arg, laun
 
 
 @triton.jit
-def _fwd_kernel(x_ptr, keep_ptr, a_ptr, rw_ptr, wsa_ptr, wsr_ptr, T, D, drop_scale, d_per, S, W_GS,
+def _fwd_kernel(x_ptr, keep_ptr, a_ptr, rw_ptr, wsa_ptr, wsr_ptr, T, D, drop_scale, d_per, S, W_ROWS,
                 HAS_KEEP: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, BT: tl.constexpr,
-                BD: tl.constexpr, K_P: tl.constexpr, G_P: tl.constexpr):
-    """Program (T block, site g x D split of d_per columns) -> its partial sums wsa [G, S, T, K_P],
-    wsr [G, S, T, G_P]; site g's A and router rows are W_GS elements after site g - 1's."""
-    pid_t, pid_gs = tl.program_id(0), tl.program_id(1)
-    g = pid_gs // S
-    pid_s = pid_gs - g * S
-    g = g.to(tl.int64)  # the sites' offsets as 64-bit scalars; per element 32-bit, as for one site
-    a_ptr += g * W_GS
-    rw_ptr += g * W_GS
-    keep_ptr += g * (T * D)
-    wsa_ptr += pid_gs.to(tl.int64) * (T * K_P)  # pid_gs = g * S + pid_s: the partial sums' row [G * S]
-    wsr_ptr += pid_gs.to(tl.int64) * (T * G_P)
+                BD: tl.constexpr, K_P: tl.constexpr, G_P: tl.constexpr, GROUPED: tl.constexpr):
+    """Program (T block, D split of d_per columns, site g) -> its partial sums wsa [G, S, T, K_P],
+    wsr [G, S, T, G_P]; site g's A and router rows are W_ROWS rows after site g - 1's, its dropout mask rows
+    g·T + t of the stacked [G·T, D]. In the loop, rows in 32 bits (G·T·D < 2³¹); the workspaces' site offset in
+    64 bits after it: 64-bit pointers bumped before the loop left 8-32 B stacks in the AOT builds."""
+    pid_t, pid_s, g = tl.program_id(0), tl.program_id(1), tl.program_id(2) * GROUPED
     rt = pid_t * BT + tl.arange(0, BT)
-    kp = tl.arange(0, K_P)
-    gp = tl.arange(0, G_P)
+    rk = g * T + rt  # site g's mask rows
+    kp = g * W_ROWS + tl.arange(0, K_P)  # site g's A rows
+    gp = g * W_ROWS + tl.arange(0, G_P)  # and router rows
     acc_a = tl.zeros((BT, K_P), dtype=tl.float32)  # [BT, K_P]
     acc_r = tl.zeros((BT, G_P), dtype=tl.float32)  # [BT, G_P]
     d_start = pid_s * d_per
@@ -68,43 +66,44 @@ def _fwd_kernel(x_ptr, keep_ptr, a_ptr, rw_ptr, wsa_ptr, wsr_ptr, T, D, drop_sca
         r = _ld(rw_ptr + gp[:, None] * D + rd[None, :], rd[None, :] < D, UPCAST)  # [G_P, BD]
         acc_r += tl.dot(x, tl.trans(r), input_precision=PRECISION)
         if HAS_KEEP:
-            keep = tl.load(keep_ptr + rt[:, None] * D + rd[None, :], mask=io, other=0)
+            keep = tl.load(keep_ptr + rk[:, None] * D + rd[None, :], mask=io, other=0)
             x = tl.where(keep != 0, x * drop_scale, 0.0).to(x.dtype)
         acc_a += tl.dot(x, tl.trans(a), input_precision=PRECISION)
-    tl.store(wsa_ptr + rt[:, None] * K_P + kp[None, :], acc_a, mask=rt[:, None] < T)
-    tl.store(wsr_ptr + rt[:, None] * G_P + gp[None, :], acc_r, mask=rt[:, None] < T)
+    split = g.to(tl.int64) * S + pid_s  # the workspaces' [G * S] index
+    cols = tl.arange(0, K_P)
+    tl.store(wsa_ptr + split * T * K_P + rt[:, None] * K_P + cols[None, :], acc_a, mask=rt[:, None] < T)
+    cols = tl.arange(0, G_P)
+    tl.store(wsr_ptr + split * T * G_P + rt[:, None] * G_P + cols[None, :], acc_r, mask=rt[:, None] < T)
 
 
 @triton.jit
 def _fwd_finish_kernel(wsa_ptr, wsr_ptr, thr_b_ptr, za_ptr, h_ptr, zr_ptr, scores_ptr, sel_ptr, parts_ptr,
                        T, E, R, ER, S, THR_GS, scale, cap, aux_scale,
                        METHOD: tl.constexpr, TOP_K: tl.constexpr, HAS_AUX: tl.constexpr, BT: tl.constexpr,
-                       E_P: tl.constexpr, R_P: tl.constexpr, G_P: tl.constexpr):
+                       E_P: tl.constexpr, R_P: tl.constexpr, G_P: tl.constexpr, GROUPED: tl.constexpr):
     """Program (BT tokens, site g): the partial sums over the D splits, then the routing epilogue; every output
-    stacked [G, ...]; the threshold bias at thr_b_ptr + g * THR_GS (0: one placeholder for all)."""
-    pid, g = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    stacked [G, ...], site g's rows g·T + t in 32 bits (G·T·K < 2³¹; as `_bwd_route_finish_kernel`); the threshold
+    bias at thr_b_ptr + g * THR_GS (0: one placeholder for all)."""
+    pid, g = tl.program_id(0), tl.program_id(1) * GROUPED
     rt = pid * BT + tl.arange(0, BT)
+    rows = g * T + rt
     gp = tl.arange(0, G_P)
-    acc_a = _sum_splits(wsa_ptr + g * (S * T * (E_P * R_P)), S, T, rt, E_P * R_P, BT)  # [BT, K_P]
-    acc_r = _sum_splits(wsr_ptr + g * (S * T * G_P), S, T, rt, G_P, BT)  # [BT, G_P]
+    site = g.to(tl.int64) * S * T
+    acc_a = _sum_splits(wsa_ptr + site * (E_P * R_P), S, T, rt, E_P * R_P, BT)  # [BT, K_P]
+    acc_r = _sum_splits(wsr_ptr + site * G_P, S, T, rt, G_P, BT)  # [BT, G_P]
     thr_b = tl.load(thr_b_ptr + g * THR_GS).to(tl.float32)
     logits, u = gate_and_threshold(acc_r, thr_b, E, BT, E_P, G_P)
     w, scores, m, _, _, _ = route(logits, u, cap, E, METHOD, TOP_K, E_P)
     h = tl.reshape(tl.reshape(acc_a, (BT, E_P, R_P)) * (scale * w)[:, :, None], (BT, E_P * R_P))
     col, ok = _pad_cols(E, R, E_P, R_P)
     out = (rt[:, None] < T) & ok[None, :]
-    za_ptr += g * (T * (E * R))
-    h_ptr += g * (T * (E * R))
-    tl.store(za_ptr + rt[:, None] * (E * R) + col[None, :], acc_a.to(za_ptr.dtype.element_ty), mask=out)
-    tl.store(h_ptr + rt[:, None] * (E * R) + col[None, :], h.to(h_ptr.dtype.element_ty), mask=out)
-    zr_ptr += g * (T * ER)
-    tl.store(zr_ptr + rt[:, None] * ER + gp[None, :], acc_r, mask=(rt[:, None] < T) & (gp[None, :] < ER))
+    tl.store(za_ptr + rows[:, None] * (E * R) + col[None, :], acc_a.to(za_ptr.dtype.element_ty), mask=out)
+    tl.store(h_ptr + rows[:, None] * (E * R) + col[None, :], h.to(h_ptr.dtype.element_ty), mask=out)
+    tl.store(zr_ptr + rows[:, None] * ER + gp[None, :], acc_r, mask=(rt[:, None] < T) & (gp[None, :] < ER))
     ecol = tl.arange(0, E_P)
     eo = (rt[:, None] < T) & (ecol[None, :] < E)
-    scores_ptr += g * (T * E)
-    sel_ptr += g * (T * E)
-    tl.store(scores_ptr + rt[:, None] * E + ecol[None, :], scores, mask=eo)
-    tl.store(sel_ptr + rt[:, None] * E + ecol[None, :], m.to(tl.int8), mask=eo)
+    tl.store(scores_ptr + rows[:, None] * E + ecol[None, :], scores, mask=eo)
+    tl.store(sel_ptr + rows[:, None] * E + ecol[None, :], m.to(tl.int8), mask=eo)
     if HAS_AUX:  # this block's column sums [E]: of mask·E/T² (row 0) and of scores (row 1), parts [G, blocks, 2, E]
         part = parts_ptr + (g * tl.num_programs(0) + pid) * 2 * E + ecol
         tl.store(part, tl.sum(tl.where(eo & m, aux_scale, 0.0), axis=0), mask=ecol < E)
@@ -145,7 +144,7 @@ def _stacked_router(x, gate_w, thr_w, g_p: int, wrap: bool) -> torch.Tensor:
 
 
 def _stacked_weights(x, lora_as, gate_ws, thr_ws, p, e: int, wrap: bool) -> tuple:
-    """-> (A rows, router rows [G_P, D], W_GS): what `_fwd_kernel` reads for site g at W_GS * g elements past
+    """-> (A rows, router rows [G_P, D], W_ROWS): what `_fwd_kernel` reads for site g at W_ROWS * g rows past
     each pointer. One site: A padded [K_P, D] (A itself when K = K_P) and `_stacked_router`. G sites: one `cat`
     of [A_g padded; Wg_g; wt_g; 0] [G * (K_P + G_P), D] for all of them, both pointers into it."""
     if len(lora_as) == 1:
@@ -156,7 +155,7 @@ def _stacked_weights(x, lora_as, gate_ws, thr_ws, p, e: int, wrap: bool) -> tupl
     for a, gate_w, thr_w in zip(lora_as, gate_ws, thr_ws, strict=True):
         rows += [padded(as_dtype(a, x.dtype), e, p.r, p.geo, rows=True), *_router_rows(x, gate_w, thr_w), zeros]
     stacked = torch.cat(rows, 0)  # [G * (K_P + G_P), D]
-    return stacked, stacked[p.k_p:], (p.k_p + p.g_p) * x.shape[1]
+    return stacked, stacked[p.k_p:], p.k_p + p.g_p
 
 
 def _aux(parts, p, x) -> tuple:
@@ -189,8 +188,8 @@ def adapter_triton_group(x, drop_masks, lora_as, lora_bs, gate_ws, thr_ws, thr_b
     f32 = torch.float32
     wsa = x.new_empty(n, p.splits, t, p.k_p, dtype=f32)  # [G, S, T, K_P] partial sums over D
     wsr = x.new_empty(n, p.splits, t, p.g_p, dtype=f32)  # [G, S, T, G_P]
-    a, rw, w_gs = _stacked_weights(x, lora_as, gate_ws, thr_ws, p, num_experts, wrap)
-    launch(_fwd_kernel, p.main, (x, keep, a, rw, wsa, wsr, t, d, drop_scale, p.per, p.splits, w_gs), wrap)
+    a, rw, w_rows = _stacked_weights(x, lora_as, gate_ws, thr_ws, p, num_experts, wrap)
+    launch(_fwd_kernel, p.main, (x, keep, a, rw, wsa, wsr, t, d, drop_scale, p.per, p.splits, w_rows), wrap)
     k = lora_as[0].shape[0]
     za, h = x.new_empty(n, t, k), x.new_empty(n, t, k)
     zr = x.new_empty(n, t, max(p.er, 1), dtype=f32)

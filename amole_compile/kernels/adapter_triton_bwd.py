@@ -70,15 +70,17 @@ def _bwd_route_kernel(go_ptr, b_ptr, wsg_ptr, T, N_OUT, o_per, ws_off, PRECISION
 def _bwd_route_finish_kernel(wsg_ptr, za_ptr, zr_ptr, thr_b_ptr, gs_ptr, gaux_ptr, sums_ptr, gza_ptr, gzr_ptr, h_ptr,
                              gtb_ptr, T, E, R, ER, S, THR_GS, scale, cap,
                              METHOD: tl.constexpr, TOP_K: tl.constexpr, HAS_GS: tl.constexpr, HAS_AUX: tl.constexpr,
-                             BT: tl.constexpr, E_P: tl.constexpr, R_P: tl.constexpr, G_P: tl.constexpr):
+                             BT: tl.constexpr, E_P: tl.constexpr, R_P: tl.constexpr, G_P: tl.constexpr,
+                             GROUPED: tl.constexpr):
     """Program (BT tokens, site g): grad_h summed over the O splits, then the routing backward; inputs and outputs
     stacked [G, ...], the threshold bias at thr_b_ptr + g * THR_GS. Site g's [T, ...] rows are addressed as rows
-    g·T + t, in 32 bits (G·T·K < 2³¹): 64-bit pointers bumped per site left 8 B stacks (fp32 K_P 512 on sm_90,
-    K_P 1024 on sm_80) in the AOT builds."""
-    pid, g = tl.program_id(0), tl.program_id(1)
+    g·T + t, and its partials at g·S·T·K_P, in 32 bits (G·T·K_P < 2³¹; S·T is T, or at most 264·BT when S > 1, as
+    `_sum_splits` assumes for one site): 64-bit offsets left 8 B stacks (fp32 K_P 128 and 512 on sm_90, 1024 on
+    sm_80) in the AOT builds."""
+    pid, g = tl.program_id(0), tl.program_id(1) * GROUPED
     rt = pid * BT + tl.arange(0, BT)
     rows = g * T + rt  # site g's rows of the stacked [G * T, ...] (32-bit, as one site's rt * K: G·T·K < 2³¹)
-    acc = _sum_splits(wsg_ptr + g.to(tl.int64) * (S * T * (E_P * R_P)), S, T, rt, E_P * R_P, BT)  # grad_h [BT, K_P]
+    acc = _sum_splits(wsg_ptr + g * (S * T * (E_P * R_P)), S, T, rt, E_P * R_P, BT)  # grad_h [BT, K_P]
     col, ok = _pad_cols(E, R, E_P, R_P)
     tk = (rt[:, None] < T) & ok[None, :]
     za = _ld(za_ptr + rows[:, None] * (E * R) + col[None, :], tk, True)
@@ -114,17 +116,16 @@ def _bwd_route_finish_kernel(wsg_ptr, za_ptr, zr_ptr, thr_b_ptr, gs_ptr, gaux_pt
 @triton.jit
 def _bwd_weight_kernel(gza_ptr, gzr_ptr, x_ptr, keep_ptr, ga_ptr, gr_ptr, T, D, E, R, ER, drop_scale, rows_per_split,
                        HAS_KEEP: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, BT: tl.constexpr,
-                       BD: tl.constexpr, BK: tl.constexpr, E_P: tl.constexpr, R_P: tl.constexpr, G_P: tl.constexpr):
+                       BD: tl.constexpr, BK: tl.constexpr, E_P: tl.constexpr, R_P: tl.constexpr, G_P: tl.constexpr,
+                       GROUPED: tl.constexpr):
     """Program (D block, T split, site g x K chunk of BK padded columns) -> partials ga [G, splits, K, D],
-    gr [G, splits, Er, D]; the router rows are stored by K chunk 0."""
+    gr [G, splits, Er, D]; the router rows are stored by K chunk 0. Site g's rows of grad_za, grad_zr and the mask
+    are g·T + t in 32 bits (G·T·D < 2³¹), its partials' offset 64-bit after the loop (64-bit pointers bumped before
+    it: 255 registers and a 120 B stack at fp32 K_P 128 on sm_80 in the AOT builds)."""
     pid_d, split, pid_gk = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    g = (pid_gk // (E_P * R_P // BK)).to(tl.int64)
-    pid_k = pid_gk % (E_P * R_P // BK)
-    gza_ptr += g * T * (E * R)
-    gzr_ptr += g * T * ER
-    keep_ptr += g * T * D
-    ga_ptr += g * tl.num_programs(1) * (E * R) * D
-    gr_ptr += g * tl.num_programs(1) * ER * D
+    g = pid_gk // (E_P * R_P // BK) * GROUPED
+    pid_k = pid_gk - g * (E_P * R_P // BK)
+    site_t = g * T  # site g's first row
     rd = pid_d * BD + tl.arange(0, BD)
     col, ok = _pad_cols(E, R, E_P, R_P, pid_k * BK, BK)
     gp = tl.arange(0, G_P)
@@ -136,14 +137,18 @@ def _bwd_weight_kernel(gza_ptr, gzr_ptr, x_ptr, keep_ptr, ga_ptr, gr_ptr, T, D, 
         rt = t0 + tl.arange(0, BT)
         tin = (rt < T) & (rt < t_start + rows_per_split)
         io = tin[:, None] & (rd[None, :] < D)
+        rs = site_t + rt
         x = _ld(x_ptr + rt[:, None] * D + rd[None, :], io, UPCAST)  # [BT, BD]
-        gza = _ld(gza_ptr + rt[:, None] * (E * R) + col[None, :], tin[:, None] & ok[None, :], UPCAST)
-        gzr = _ld(gzr_ptr + rt[:, None] * ER + gp[None, :], tin[:, None] & (gp[None, :] < n_r), UPCAST)
+        gza = _ld(gza_ptr + rs[:, None] * (E * R) + col[None, :], tin[:, None] & ok[None, :], UPCAST)
+        gzr = _ld(gzr_ptr + rs[:, None] * ER + gp[None, :], tin[:, None] & (gp[None, :] < n_r), UPCAST)
         acc_r += tl.dot(tl.trans(gzr), x, input_precision=PRECISION)
         if HAS_KEEP:
-            keep = tl.load(keep_ptr + rt[:, None] * D + rd[None, :], mask=io, other=0)
+            keep = tl.load(keep_ptr + rs[:, None] * D + rd[None, :], mask=io, other=0)
             x = tl.where(keep != 0, x * drop_scale, 0.0).to(x.dtype)
         acc_a += tl.dot(tl.trans(gza), x, input_precision=PRECISION)
+    site = g.to(tl.int64) * tl.num_programs(1) * D  # site g's partials [splits, K, D], [splits, Er, D] follow
+    ga_ptr += site * (E * R)
+    gr_ptr += site * ER
     base = split * D
     tl.store(ga_ptr + (base * (E * R)) + col[:, None] * D + rd[None, :], acc_a, mask=ok[:, None] & (rd[None, :] < D))
     tl.store(gr_ptr + (base * ER) + gp[:, None] * D + rd[None, :], acc_r,
@@ -152,12 +157,12 @@ def _bwd_weight_kernel(gza_ptr, gzr_ptr, x_ptr, keep_ptr, ga_ptr, gr_ptr, T, D, 
 
 @triton.jit
 def _bwd_reduce_kernel(ga_ptr, gr_ptr, gtb_ptr, grad_a_ptr, grad_g_ptr, grad_tw_ptr, grad_tb_ptr,
-                       SPLIT, KD, ED, ERD, GR_STRIDE, N_TB, BLOCK: tl.constexpr):
+                       SPLIT, KD, ED, ERD, GR_STRIDE, N_TB, BLOCK: tl.constexpr, GROUPED: tl.constexpr):
     """Program (BLOCK elements, site g): the weight-gradient kernel's float32 partials [G, SPLIT, ...] summed over
     the T splits and written in each gradient's dtype, stacked [G, ...]: element i of [grad_A (KD); grad_Wg (ED);
     grad_wt (ERD - ED)] per lane. Program (0, g) also sums the route kernel's N_TB per-block partials of the
     threshold bias's gradient [G, N_TB] (N_TB 0: none)."""
-    g = tl.program_id(1).to(tl.int64)
+    g = (tl.program_id(1) * GROUPED).to(tl.int64)
     ga_ptr += g * SPLIT * KD
     gr_ptr += g * SPLIT * GR_STRIDE
     grad_a_ptr += g * KD

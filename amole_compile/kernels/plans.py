@@ -81,12 +81,12 @@ def forward_plan(t: int, d: int, e: int, k: int, method: str, top_k: int, dtype:
     r, er, geo, k_p = _sizes(e, k, method)
     g_p = geo["G_P"]
     blk, splits, per = split_tiles("fwd", k_p, dtype, t, d, choose, groups)
-    main = Launch((cdiv(t, blk.bt), splits * groups),
-                  dict(HAS_KEEP=has_keep, **_modes(dtype, upcast), BT=blk.bt, BD=blk.bd, K_P=k_p, G_P=g_p), blk)
+    main = Launch((cdiv(t, blk.bt), splits, groups), dict(HAS_KEEP=has_keep, **_modes(dtype, upcast), BT=blk.bt,
+                                                         BD=blk.bd, K_P=k_p, G_P=g_p, GROUPED=groups > 1), blk)
     fin = finish_blocks(k_p)
     n_f = cdiv(t, fin.bt)
     finish = Launch((n_f, groups), dict(METHOD=method_spec(method).code, TOP_K=max(top_k, 1), HAS_AUX=has_aux,
-                                         BT=fin.bt, **geo), fin)
+                                         BT=fin.bt, **geo, GROUPED=groups > 1), fin)
     return ForwardPlan(r, er, geo, k_p, g_p, splits, per, n_f, has_aux, e / (t * t), main, finish)
 
 
@@ -127,10 +127,10 @@ def backward_plan(t: int, d: int, o: int, e: int, k: int, method: str, top_k: in
     fin = finish_blocks(k_p)
     n_f = cdiv(t, fin.bt)
     route_finish = Launch((n_f, groups), dict(METHOD=method_spec(method).code, TOP_K=max(top_k, 1), HAS_GS=has_gs,
-                                               HAS_AUX=has_aux, BT=fin.bt, **geo), fin)
+                                               HAS_AUX=has_aux, BT=fin.bt, **geo, GROUPED=groups > 1), fin)
     weight, t_splits, t_rows = _weight_launch(t, d, k_p, dtype, has_keep, modes, geo, choose, groups)
     red = reduce_blocks((k + er) * d, groups)
-    reduce = Launch((cdiv((k + er) * d, red.bd), groups), dict(BLOCK=red.bd), red)
+    reduce = Launch((cdiv((k + er) * d, red.bd), groups), dict(BLOCK=red.bd, GROUPED=groups > 1), red)
     inp = inp_add = None
     if need_x:
         blk = choose("bwd_input", k_p, dtype)
@@ -153,7 +153,7 @@ def _weight_launch(t: int, d: int, k_p: int, dtype: torch.dtype, has_keep: bool,
     blk = few_tokens(blk, per_split * cdiv(t, blk.bt))
     splits, rows = _t_split(t, blk, per_split)
     launch = Launch((cdiv(d, blk.bd), splits, k_p // bk * groups),
-                    dict(HAS_KEEP=has_keep, **modes, BT=blk.bt, BD=blk.bd, BK=bk, **geo), blk)
+                    dict(HAS_KEEP=has_keep, **modes, BT=blk.bt, BD=blk.bd, BK=bk, **geo, GROUPED=groups > 1), blk)
     return launch, splits, rows
 
 

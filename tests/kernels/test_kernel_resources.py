@@ -59,9 +59,9 @@ def test_kernels_compile_without_spills_for_sm80_and_sm90():
     assert proc.returncode == 0, proc.stderr[-3000:]
     builds = json.loads(proc.stdout.strip().splitlines()[-1])
     # per case: 7 kernels at few tokens, and the 4 with the table's tiles again at many (some builds coincide); the
-    # finishing kernels again where one split makes S the constant 1; a group's input-gradient kernel (its loop
-    # over the sites) and reduce kernel (more sites, larger blocks) at both token counts
-    assert 7 * len(SUBSET) <= len(builds) <= 18 * len(SUBSET), len(builds)
+    # finishing kernels again where one split makes S the constant 1; and as much again for a group of sites (the
+    # GROUPED builds, the input-gradient kernel's ADD)
+    assert 7 * len(SUBSET) <= len(builds) <= 26 * len(SUBSET), len(builds)
     bad = [b for b in builds if b[-1]]
     assert not bad, "\n".join(f"sm_{b[2]} {b[0]} {b[1]}: REG {b[3]} SHARED {b[4]}: {b[-1]}" for b in bad)
 
