@@ -48,8 +48,8 @@ def _fwd_kernel(x_ptr, keep_ptr, a_ptr, rw_ptr, wsa_ptr, wsr_ptr, T, D, drop_sca
                 BD: tl.constexpr, K_P: tl.constexpr, G_P: tl.constexpr, GROUPED: tl.constexpr):
     """Program (T block, D split of d_per columns, site g) -> its partial sums wsa [G, S, T, K_P],
     wsr [G, S, T, G_P]; site g's A and router rows are W_ROWS rows after site g - 1's, its dropout mask rows
-    g·T + t of the stacked [G·T, D]. In the loop, rows in 32 bits (G·T·D < 2³¹); the workspaces' site offset in
-    64 bits after it: 64-bit pointers bumped before the loop left 8-32 B stacks in the AOT builds."""
+    g·T + t of the stacked [G·T, D]. Rows in 32 bits (G·T·D and G·S·T·K_P < 2³¹, as `_bwd_route_finish_kernel`):
+    64-bit pointers bumped per site left 8-32 B stacks in the AOT builds."""
     pid_t, pid_s, g = tl.program_id(0), tl.program_id(1), tl.program_id(2) * GROUPED
     rt = pid_t * BT + tl.arange(0, BT)
     rk = g * T + rt  # site g's mask rows
@@ -69,11 +69,9 @@ def _fwd_kernel(x_ptr, keep_ptr, a_ptr, rw_ptr, wsa_ptr, wsr_ptr, T, D, drop_sca
             keep = tl.load(keep_ptr + rk[:, None] * D + rd[None, :], mask=io, other=0)
             x = tl.where(keep != 0, x * drop_scale, 0.0).to(x.dtype)
         acc_a += tl.dot(x, tl.trans(a), input_precision=PRECISION)
-    split = g.to(tl.int64) * S + pid_s  # the workspaces' [G * S] index
-    cols = tl.arange(0, K_P)
-    tl.store(wsa_ptr + split * T * K_P + rt[:, None] * K_P + cols[None, :], acc_a, mask=rt[:, None] < T)
-    cols = tl.arange(0, G_P)
-    tl.store(wsr_ptr + split * T * G_P + rt[:, None] * G_P + cols[None, :], acc_r, mask=rt[:, None] < T)
+    row = (g * S + pid_s) * T + rt[:, None]  # the workspaces' [G * S * T] rows
+    tl.store(wsa_ptr + row * K_P + tl.arange(0, K_P)[None, :], acc_a, mask=rt[:, None] < T)
+    tl.store(wsr_ptr + row * G_P + tl.arange(0, G_P)[None, :], acc_r, mask=rt[:, None] < T)
 
 
 @triton.jit
