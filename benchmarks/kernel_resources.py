@@ -59,7 +59,7 @@ def _describe(spec) -> str:
     c = spec.consts
     blk = " ".join(f"{k}={c[k]}" for k in ("BT", "BD", "BO", "BLOCK") if k in c)
     k_p = _k_p(c) or "-"
-    return f"{spec.name:<18} {spec.case.label():<38} K_P={k_p:<5} {blk} w={spec.num_warps} s={spec.num_stages}"
+    return f"{spec.name:<18} {spec.label():<42} K_P={k_p:<5} {blk} w={spec.num_warps} s={spec.num_stages}"
 
 
 def run_matrix(args) -> int:

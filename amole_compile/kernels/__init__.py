@@ -4,8 +4,9 @@
     routing_torch.py   the routing math in plain torch (forward and backward)
     adapter_torch.py   the op's torch path: dense formulation, forward and backward (the kernels' ground truth)
     routing_triton.py  the routing math as Triton device functions
-    adapter_triton.py  the forward's Triton kernels and launcher (split over D, then a routing kernel)
-    adapter_triton_bwd.py  the backward's Triton kernels and launcher
+    adapter_triton.py  the forward's Triton kernels and launchers (split over D, then a routing kernel; G sites
+                       sharing x in one set of launches, or one)
+    adapter_triton_bwd.py  the backward's Triton kernels and launchers (G sites, or one)
     triton_common.py   what the kernels share: device helpers, launch plumbing, tiling that fills the GPU
     direct.py          launches through kept builds, without Triton's Python dispatch per call
     plans.py           launch plans: each distinct call's tiles, grids and constexprs, worked out once

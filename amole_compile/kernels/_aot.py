@@ -2,7 +2,11 @@
 
 The specialisations come from the launchers themselves: `record_launches()` makes `triton_common.launch`
 record (kernel, grid, args, constexprs, blocks) instead of running, and `specialisations()` drives the forward
-and backward launchers on tiny CPU tensors over a matrix of dtypes, methods, E, R and dropout. `compile_launch()`
+and backward launchers on tiny CPU tensors over a matrix of dtypes, methods, E, R and dropout, for one site and
+for a group of GROUP_OUTS sites (`adapter_triton_group`: the input-gradient kernel's loop over the sites is a
+build of its own, its site count a runtime scalar where one site's is the constant 1). Builds are told apart as
+Triton's JIT tells them: argument types, constexprs, warps, stages, and its specialisation of integer scalars
+(== 1 a constant, divisible by 16). `compile_launch()`
 binds a recorded launch the way Triton's JIT does (its own binder: signature, alignment/divisibility attributes,
 constexprs), compiles it with `triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))` and reads the
 cubin's registers, shared and local memory with `cuobjdump --dump-resource-usage`.
@@ -40,6 +44,9 @@ RANKS = (1, 4, 8, 16, 32, 64)
 # Odd T, D and O multiples of 16 as in real models; T twice: few tokens (16 tokens per program and the splits over
 # D and O, `triton_common.split_tiles`) and enough for the table's tiles to fill MIN_PROGRAMS programs.
 SHAPES = ({"t": 33, "d": 96, "o": 80}, {"t": 64 * 264 + 7, "d": 96, "o": 80})
+# The group the matrix drives besides one site: O per site, as q / k / v under grouped-query attention (O of k and v
+# smaller than q's)
+GROUP_OUTS = (80, 48, 48)
 _CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 
 
@@ -68,16 +75,30 @@ class Spec:
     num_warps: int
     num_stages: int
     case: Case
+    sites: int = 1  # the sites of the launcher call that recorded it
 
     @property
     def name(self) -> str:
         """The kernel's function name."""
         return self.kernel.__name__
 
+    def label(self) -> str:
+        """The case's label, and the sites when a group's launch recorded it."""
+        return self.case.label() + (f" G={self.sites}" if self.sites > 1 else "")
+
     def key(self) -> tuple:
-        """What makes a distinct build: kernel, argument types, constexprs, warps and stages."""
-        types = tuple(str(a.dtype) if isinstance(a, torch.Tensor) else type(a).__name__ for a in self.args)
+        """What makes a distinct build: kernel, argument types and Triton's specialisation of the integer scalars
+        (`_int_spec`), constexprs, warps and stages."""
+        types = tuple(str(a.dtype) if isinstance(a, torch.Tensor) else type(a).__name__ + _int_spec(a)
+                      for a in self.args)
         return (self.name, types, tuple(sorted(self.consts.items())), self.num_warps, self.num_stages)
+
+
+def _int_spec(v) -> str:
+    """How Triton's JIT specialises an integer argument: == 1 a constant, divisible by 16, beyond int32."""
+    if isinstance(v, bool) or not isinstance(v, int):
+        return ""
+    return " 1" if v == 1 else (" D" if v % 16 == 0 else "") + (" i64" if not -2**31 <= v < 2**31 else "")
 
 
 @contextlib.contextmanager
@@ -103,28 +124,42 @@ def cases(dtypes=tuple(DTYPES), methods=("adamole", "mole", "lora"), experts=EXP
 
 
 def _drive(case: Case) -> list:
-    """Run the forward and backward launchers of `case` on small CPU tensors of each of SHAPES, recording their
-    launches."""
-    return [launch for shape in SHAPES for launch in _drive_shape(case, **shape)]
+    """Run the forward and backward launchers of `case` on small CPU tensors of each of SHAPES, for one site and
+    for GROUP_OUTS sites, recording their launches -> [(sites, launches)]."""
+    return [(len(outs), _drive_shape(case, outs, **shape)) for shape in SHAPES for outs in ((shape["o"],), GROUP_OUTS)]
 
 
-def _drive_shape(case: Case, t: int, d: int, o: int) -> list:
+def _drive_shape(case: Case, outs: tuple, t: int, d: int, o: int) -> list:
+    """One training forward + backward of sites of O `outs` (one: the per-site launchers) over x [T, D]."""
+    del o  # the outs say it
     dtype, spec = DTYPES[case.dtype], method_spec(case.method)
-    e, r = case.e, case.r
+    e, r, n = case.e, case.r, len(outs)
     x = torch.zeros(t, d, dtype=dtype)
-    gate = torch.zeros(e, d, dtype=dtype) if spec.has_gate else None
-    thr_w = torch.zeros(1, d, dtype=dtype) if spec.has_threshold else None
-    thr_b = torch.zeros(1, dtype=dtype) if spec.has_threshold else None
-    mask = torch.ones(t, d, dtype=torch.bool) if case.dropout else None
-    a, b, base = torch.zeros(e * r, d, dtype=dtype), torch.zeros(o, e * r, dtype=dtype), torch.zeros(t, o, dtype=dtype)
+
+    def each(*shape, present=True):
+        return [torch.zeros(*shape, dtype=dtype) if present else None for _ in outs]
+
+    gates = each(e, d, present=spec.has_gate)
+    thr_ws, thr_bs = each(1, d, present=spec.has_threshold), each(1, present=spec.has_threshold)
+    masks = torch.ones(n, t, d, dtype=torch.bool) if case.dropout else None
+    a_s, b_s = each(e * r, d), [torch.zeros(v, e * r, dtype=dtype) for v in outs]
+    bases = [torch.zeros(t, v, dtype=dtype) for v in outs]
     top_k = min(2, e) if spec.uses_top_k else 0
     scalars = (case.method, e, top_k, 2.0, 1.0 / e, 1.0 / 0.95)
     with record_launches() as launches:
-        _, scores, _, za, zr, aux, sums = adapter_triton.adapter_triton(x, mask, a, b, gate, thr_w, thr_b, base,
-                                                                         *scalars, True)  # a training forward
-        grad_scores = scores if spec.has_gate else None
-        adapter_triton.adapter_backward_triton(base, grad_scores, x, mask, a, b, gate, thr_w, thr_b, za, zr,
-                                               *scalars, True, aux if aux.numel() else None, sums)
+        if n == 1:
+            mask = None if masks is None else masks[0]
+            _, scores, _, za, zr, aux, sums = adapter_triton.adapter_triton(
+                x, mask, a_s[0], b_s[0], gates[0], thr_ws[0], thr_bs[0], bases[0], *scalars, True)  # training
+            adapter_triton.adapter_backward_triton(bases[0], scores if spec.has_gate else None, x, mask, a_s[0],
+                                                   b_s[0], gates[0], thr_ws[0], thr_bs[0], za, zr, *scalars, True,
+                                                   aux if aux.numel() else None, sums)
+        else:
+            _, scores, _, za, zr, aux, sums = adapter_triton.adapter_triton_group(
+                x, masks, a_s, b_s, gates, thr_ws, thr_bs, bases, *scalars, True)
+            adapter_triton.adapter_backward_triton_group(bases, scores if spec.has_gate else None, x, masks, a_s,
+                                                         b_s, gates, thr_ws, thr_bs, za, zr, *scalars, True,
+                                                         aux if aux.numel() else None, sums)
     return launches
 
 
@@ -132,9 +167,10 @@ def specialisations(matrix: list[Case]) -> list[Spec]:
     """The distinct kernel builds the launchers produce over `matrix` (first case that produced each)."""
     seen: dict[tuple, Spec] = {}
     for case in matrix:
-        for kernel, _grid, args, consts, blk in _drive(case):
-            spec = Spec(kernel, args, consts, blk.num_warps, blk.num_stages, case)
-            seen.setdefault(spec.key(), spec)
+        for sites, launches in _drive(case):
+            for kernel, _grid, args, consts, blk in launches:
+                spec = Spec(kernel, args, consts, blk.num_warps, blk.num_stages, case, sites)
+                seen.setdefault(spec.key(), spec)
     return list(seen.values())
 
 

@@ -51,14 +51,14 @@ def _modes(dtype: torch.dtype, upcast: bool) -> dict:
 
 @dataclass(frozen=True, eq=False)
 class ForwardPlan:
-    """The forward's two launches (`adapter_triton.adapter_triton`) for T tokens of D columns."""
+    """The forward's two launches (`adapter_triton.adapter_triton_group`) for T tokens of D columns, G sites."""
 
     r: int  # rank per expert
     er: int  # router rows
     geo: dict  # E_P, R_P, G_P
     k_p: int
     g_p: int
-    splits: int  # D splits of the main kernel (its partial sums' leading size S)
+    splits: int  # D splits of the main kernel per site (its partial sums [G, S, ...])
     per: int  # columns per split
     n_f: int  # programs of the finishing kernel (and rows of its aux column sums)
     has_aux: bool
@@ -76,23 +76,24 @@ def _sizes(e: int, k: int, method: str) -> tuple[int, int, dict, int]:
 
 @cache_sizes(maxsize=1024)
 def forward_plan(t: int, d: int, e: int, k: int, method: str, top_k: int, dtype: torch.dtype, has_keep: bool,
-                 has_aux: bool, upcast: bool, choose: Callable) -> ForwardPlan:
-    """The forward's plan (T > 0); `choose`: the tile table (`blocks.choose`)."""
+                 has_aux: bool, upcast: bool, choose: Callable, groups: int = 1) -> ForwardPlan:
+    """The forward's plan (T > 0) for `groups` sites in each launch; `choose`: the tile table (`blocks.choose`)."""
     r, er, geo, k_p = _sizes(e, k, method)
     g_p = geo["G_P"]
-    blk, splits, per = split_tiles("fwd", k_p, dtype, t, d, choose)
-    main = Launch((cdiv(t, blk.bt), splits),
-                  dict(HAS_KEEP=has_keep, **_modes(dtype, upcast), BT=blk.bt, BD=blk.bd, K_P=k_p, G_P=g_p), blk)
+    blk, splits, per = split_tiles("fwd", k_p, dtype, t, d, choose, groups)
+    main = Launch((cdiv(t, blk.bt), splits, groups), dict(HAS_KEEP=has_keep, **_modes(dtype, upcast), BT=blk.bt,
+                                                         BD=blk.bd, K_P=k_p, G_P=g_p, GROUPED=groups > 1), blk)
     fin = finish_blocks(k_p)
     n_f = cdiv(t, fin.bt)
-    finish = Launch((n_f,), dict(METHOD=method_spec(method).code, TOP_K=max(top_k, 1), HAS_AUX=has_aux, BT=fin.bt,
-                                 **geo), fin)
+    finish = Launch((n_f, groups), dict(METHOD=method_spec(method).code, TOP_K=max(top_k, 1), HAS_AUX=has_aux,
+                                         BT=fin.bt, **geo, GROUPED=groups > 1), fin)
     return ForwardPlan(r, er, geo, k_p, g_p, splits, per, n_f, has_aux, e / (t * t), main, finish)
 
 
 @dataclass(frozen=True, eq=False)
 class BackwardPlan:
-    """The backward's launches (`adapter_triton_bwd.adapter_backward_triton`) for T tokens, D in, O out."""
+    """The backward's launches (`adapter_triton_bwd.adapter_backward_triton_group`) for T tokens, D in, O out, G
+    sites."""
 
     r: int
     er: int
@@ -108,45 +109,51 @@ class BackwardPlan:
     reduce: Launch
     reduce_sizes: tuple[int, ...]  # K*D, NG*D, Er*D, max(Er, 1)*D
     n_gate: int
-    input: Launch | None  # None when x needs no gradient
+    input: Launch | None  # None when x needs no gradient; the input-gradient kernel of a group's first site
+    input_add: Launch | None  # of the group's other sites (adding to grad_x); None for one site
 
 
 @cache_sizes(maxsize=1024)
 def backward_plan(t: int, d: int, o: int, e: int, k: int, method: str, top_k: int, dtype: torch.dtype,
                   has_keep: bool, has_gs: bool, has_aux: bool, n_gate: int, need_x: bool, upcast: bool,
-                  choose: Callable) -> BackwardPlan:
-    """The backward's plan (T > 0); `n_gate`: the gate's rows (0 without one)."""
+                  choose: Callable, groups: int = 1) -> BackwardPlan:
+    """The backward's plan (T > 0) for `groups` sites, `o` their largest O (the route kernel's launch per site
+    splits every site's O alike: a split past a site's O writes zeros); `n_gate`: the gate's rows (0 without
+    one)."""
     r, er, geo, k_p = _sizes(e, k, method)
     modes = _modes(dtype, upcast)
     blk, o_splits, o_per = split_tiles("bwd_route", k_p, dtype, t, o, choose)
     route = Launch((cdiv(t, blk.bt), o_splits), dict(**modes, BT=blk.bt, BO=blk.bd, K_P=k_p), blk)
     fin = finish_blocks(k_p)
     n_f = cdiv(t, fin.bt)
-    route_finish = Launch((n_f,), dict(METHOD=method_spec(method).code, TOP_K=max(top_k, 1), HAS_GS=has_gs,
-                                       HAS_AUX=has_aux, BT=fin.bt, **geo), fin)
-    weight, t_splits, t_rows = _weight_launch(t, d, k_p, dtype, has_keep, modes, geo, choose)
-    red = reduce_blocks((k + er) * d)
-    reduce = Launch((cdiv((k + er) * d, red.bd),), dict(BLOCK=red.bd), red)
-    inp = None
+    route_finish = Launch((n_f, groups), dict(METHOD=method_spec(method).code, TOP_K=max(top_k, 1), HAS_GS=has_gs,
+                                               HAS_AUX=has_aux, BT=fin.bt, **geo, GROUPED=groups > 1), fin)
+    weight, t_splits, t_rows = _weight_launch(t, d, k_p, dtype, has_keep, modes, geo, choose, groups)
+    red = reduce_blocks((k + er) * d, groups)
+    reduce = Launch((cdiv((k + er) * d, red.bd), groups), dict(BLOCK=red.bd, GROUPED=groups > 1), red)
+    inp = inp_add = None
     if need_x:
         blk = choose("bwd_input", k_p, dtype)
         blk = few_tokens(blk, cdiv(t, blk.bt) * cdiv(d, blk.bd))
-        inp = Launch((cdiv(t, blk.bt), cdiv(d, blk.bd)), dict(HAS_KEEP=has_keep, **modes, BT=blk.bt, BD=blk.bd, **geo),
-                     blk)
+        consts = dict(HAS_KEEP=has_keep, **modes, BT=blk.bt, BD=blk.bd, **geo)
+        inp = Launch((cdiv(t, blk.bt), cdiv(d, blk.bd)), dict(consts, ADD=False), blk)
+        if groups > 1:
+            inp_add = Launch(inp.grid, dict(consts, ADD=True), blk)
     return BackwardPlan(r, er, geo, o_splits, o_per, n_f, route, route_finish, t_splits, t_rows, weight, reduce,
-                        (k * d, n_gate * d, er * d, max(er, 1) * d), n_gate, inp)
+                        (k * d, n_gate * d, er * d, max(er, 1) * d), n_gate, inp, inp_add)
 
 
 def _weight_launch(t: int, d: int, k_p: int, dtype: torch.dtype, has_keep: bool, modes: dict, geo: dict,
-                   choose: Callable) -> tuple[Launch, int, int]:
-    """The weight-gradient kernel: D blocks x T splits x K chunks of BK columns -> (launch, T splits, rows each)."""
+                   choose: Callable, groups: int) -> tuple[Launch, int, int]:
+    """The weight-gradient kernel: D blocks x T splits x (sites x K chunks of BK columns) -> (launch, T splits,
+    rows each)."""
     blk = choose("bwd_weight", k_p, dtype)
     bk = min(blk.bk or k_p, k_p)
-    per_split = cdiv(d, blk.bd) * (k_p // bk)
+    per_split = cdiv(d, blk.bd) * (k_p // bk) * groups
     blk = few_tokens(blk, per_split * cdiv(t, blk.bt))
     splits, rows = _t_split(t, blk, per_split)
-    launch = Launch((cdiv(d, blk.bd), splits, k_p // bk),
-                    dict(HAS_KEEP=has_keep, **modes, BT=blk.bt, BD=blk.bd, BK=bk, **geo), blk)
+    launch = Launch((cdiv(d, blk.bd), splits, k_p // bk * groups),
+                    dict(HAS_KEEP=has_keep, **modes, BT=blk.bt, BD=blk.bd, BK=bk, **geo, GROUPED=groups > 1), blk)
     return launch, splits, rows
 
 
@@ -158,9 +165,10 @@ def _t_split(t: int, blk: Blocks, programs: int) -> tuple[int, int]:
     return cdiv(t, rows), rows
 
 
-def reduce_blocks(n: int) -> Blocks:
-    """_bwd_reduce_kernel over n elements: 256 per program, fewer (down to 32) until the grid has MIN_PROGRAMS."""
+def reduce_blocks(n: int, groups: int = 1) -> Blocks:
+    """_bwd_reduce_kernel over n elements of `groups` sites: 256 per program, fewer (down to 32) until the grid
+    has MIN_PROGRAMS."""
     block = 256
-    while block > 32 and cdiv(n, block) < MIN_PROGRAMS:
+    while block > 32 and cdiv(n, block) * groups < MIN_PROGRAMS:
         block //= 2
     return Blocks(1, block, num_warps=max(1, block // 64), num_stages=1)

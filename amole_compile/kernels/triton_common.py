@@ -125,6 +125,14 @@ def weights(x, lora_a, gate_w, thr_w, e: int, r: int, geo: dict) -> tuple:
     return padded(as_dtype(lora_a, x.dtype), e, r, geo, rows=True), own(gate_w), own(thr_w)
 
 
+def stacked_bias(thr_bs, x) -> tuple:
+    """The threshold biases as the finishing kernels read them -> (pointer, THR_GS): one bias [1] itself, G of them
+    in one `cat` [G]; x as a placeholder (THR_GS 0) when there are none."""
+    if thr_bs[0] is None:
+        return x, 0
+    return (thr_bs[0] if len(thr_bs) == 1 else torch.cat(list(thr_bs))), 1
+
+
 def upcast(dtype: torch.dtype) -> bool:
     """UPCAST: bf16 loads upcast to fp32 under Triton's interpreter (it has no bf16 arithmetic); never for the
     AOT recorder, which records the GPU's specialisations."""
@@ -166,15 +174,15 @@ def few_tokens(blk: Blocks, programs: int) -> Blocks:
 
 
 def split_tiles(kernel: str, k_p: int, dtype: torch.dtype, t: int, span: int,
-                choose=None) -> tuple[Blocks, int, int]:
-    """Tiling of a kernel that sums over `span` (D or O) for T tokens -> (blocks, splits S, columns per split):
-    the table's tile (`blocks.choose`), 16 tokens per program when that grid is short, and the span split in S
-    parts (partial sums, then a finishing kernel) until cdiv(T, BT) x S reaches MIN_PROGRAMS, at least BD
-    columns per part. `choose`: the tile table (default `blocks.choose`)."""
+                choose=None, groups: int = 1) -> tuple[Blocks, int, int]:
+    """Tiling of a kernel that sums over `span` (D or O) for T tokens of `groups` sites in one launch -> (blocks,
+    splits S, columns per split): the table's tile (`blocks.choose`), 16 tokens per program when that grid is
+    short, and the span split in S parts (partial sums, then a finishing kernel) until cdiv(T, BT) x S x groups
+    reaches MIN_PROGRAMS, at least BD columns per part. `choose`: the tile table (default `blocks.choose`)."""
     blk = (choose or blocks.choose)(kernel, k_p, dtype)
-    blk = few_tokens(blk, cdiv(t, blk.bt))
+    blk = few_tokens(blk, cdiv(t, blk.bt) * groups)
     n_t = cdiv(t, blk.bt)
-    want = max(1, min(cdiv(MIN_PROGRAMS, n_t), cdiv(span, blk.bd)))
+    want = max(1, min(cdiv(MIN_PROGRAMS, n_t * groups), cdiv(span, blk.bd)))
     per = cdiv(cdiv(span, want), blk.bd) * blk.bd
     return blk, cdiv(span, per), per
 

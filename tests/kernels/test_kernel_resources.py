@@ -43,7 +43,7 @@ out = []
 for dtype, method, e, r, dropout, arch in json.loads(sys.argv[1]):
     for spec in aot.specialisations([aot.Case(dtype, method, e, r, dropout)]):
         usage = aot.measure(spec, arch)
-        out.append([spec.name, spec.case.label(), arch, usage.registers, usage.shared, usage.local, usage.stack,
+        out.append([spec.name, spec.label(), arch, usage.registers, usage.shared, usage.local, usage.stack,
                     aot.problems(usage, arch)])
 print(json.dumps(out))
 """
@@ -58,8 +58,10 @@ def test_kernels_compile_without_spills_for_sm80_and_sm90():
                           env=env, cwd=ROOT, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     builds = json.loads(proc.stdout.strip().splitlines()[-1])
-    # per case: 7 kernels at few tokens, and the 4 with the table's tiles again at many (some builds coincide)
-    assert 7 * len(SUBSET) <= len(builds) <= 11 * len(SUBSET), len(builds)
+    # per case: 7 kernels at few tokens, and the 4 with the table's tiles again at many (some builds coincide); the
+    # finishing kernels again where one split makes S the constant 1; and as much again for a group of sites (the
+    # GROUPED builds, the input-gradient kernel's ADD)
+    assert 7 * len(SUBSET) <= len(builds) <= 26 * len(SUBSET), len(builds)
     bad = [b for b in builds if b[-1]]
     assert not bad, "\n".join(f"sm_{b[2]} {b[0]} {b[1]}: REG {b[3]} SHARED {b[4]}: {b[-1]}" for b in bad)
 
