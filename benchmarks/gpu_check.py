@@ -203,7 +203,7 @@ def launch_section(device: str, budget: Budget, reps: int) -> list[dict]:
     src, dst = torch.zeros(n, device=device), torch.empty(n, device=device)  # [n] float32
 
     # grad_A = the one split of `src`; no router rows, no threshold bias
-    plan = Launch((n // 256,), {"BLOCK": 256}, Blocks(bt=1, bd=256, num_warps=4, num_stages=1))
+    plan = Launch((n // 256,), {"BLOCK": 256, "GROUPED": False}, Blocks(bt=1, bd=256, num_warps=4, num_stages=1))
     args = (src, src, src, dst, src, src, src, 1, n, 0, 0, 1, 0)
 
     def triton_launch() -> None:  # Triton's own dispatch every call

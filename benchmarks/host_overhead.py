@@ -89,13 +89,42 @@ def count_site(name: str, t: int, d: int, dtype: torch.dtype = torch.bfloat16, r
     layer = site(name, d, dtype)
     x = torch.randn(t, d, dtype=dtype, requires_grad=True)  # [T, D]
     grad = torch.randn(t, d, dtype=dtype)  # [T, O]
-    step = bc.site_fwd_bwd(layer, x, grad, AUX_COEF)
+    return _counted(bc.site_fwd_bwd(layer, x, grad, AUX_COEF), run_kernels)
+
+
+def _counted(step, run_kernels: bool):
+    """The `Counter` of `step()` after one uncounted warm-up call."""
     with cpu_triton():
         with triton_hooked(None):
             step()
         with counting(run_kernels=run_kernels and kernels_interpreted()) as c:
             step()
     return c
+
+
+def count_siblings(name: str, t: int, d: int, dtype: torch.dtype = torch.bfloat16, run_kernels: bool = True):
+    """-> the `Counter` of one training fwd + bwd of three sites of kind `name` called on the same x (an attention
+    block's q, k and v); AdaMoLE's linked as `passes/find_siblings.py` links them (one op for the three)."""
+    torch.manual_seed(0)
+    layers = [site(name, d, dtype) for _ in range(3)]
+    if isinstance(layers[0], AdaMoLELinear):
+        for layer in layers:
+            layer.__dict__["_siblings"] = tuple(layers)
+    x = torch.randn(t, d, dtype=dtype, requires_grad=True)  # [T, D]
+    grads = [torch.randn(t, d, dtype=dtype) for _ in layers]  # [T, O] each
+    aux_grad = torch.tensor(AUX_COEF, dtype=torch.float32)
+
+    def step() -> None:
+        x.grad = None
+        for layer in layers:
+            for p in layer.parameters():
+                p.grad = None
+        outs = [layer(x) for layer in layers]
+        auxes = [layer.group["q"].aux for layer in layers if getattr(layer, "group", None) is not None]
+        auxes = [a for a in auxes if a is not None]
+        torch.autograd.backward(outs + auxes, grads + [aux_grad.to(a.dtype) for a in auxes])
+
+    return _counted(step, run_kernels)
 
 
 def grid_launches(method: str, t: int, d: int, dtype: torch.dtype = torch.bfloat16) -> list:
@@ -286,6 +315,12 @@ def main() -> None:
           f"(overwrite check {'on' if run else 'off'})")
     print(bc.table([[n] + [c[k] for k in keys] + [f"{c['launches'] - peft:+d}"] for n, c in counts.items()],
                    ["site"] + list(keys) + ["launches - peft"]))
+    triples = {name: count_siblings(name, args.tokens, args.dim, run_kernels=run).summary()
+               for name in ("adamole", "peft lora")}
+    peft3 = triples["peft lora"]["launches"]
+    print("\nq, k and v on one x (three sites; AdaMoLE's linked: one op), per site")
+    print(bc.table([[n] + [round(c[k] / 3, 2) for k in keys] + [f"{(c['launches'] - peft3) / 3:+.2f}"]
+                    for n, c in triples.items()], ["sites"] + list(keys) + ["launches - peft"]))
     grids = grid_table()
     print(f"\nTriton programs per launch (fwd + bwd, bf16; H100: {SMS} SMs)")
     print(bc.table(grids, ["method", "T", "D=O", "programs per launch", "fewest", "goal"]))
@@ -309,6 +344,8 @@ def main() -> None:
     row = {"device": bc.device_name("cpu"), "T": args.tokens, "D": args.dim, "overwrite check": int(run)}
     for name, c in counts.items():
         row.update({f"{name} {k}": c[k] for k in keys})
+    for name, c in triples.items():
+        row.update({f"{name} q,k,v per site {k}": round(c[k] / 3, 2) for k in keys})
     for method, t, d, _, fewest, _ in grids:
         row[f"{method} fewest programs T{t} D{d}"] = fewest
     row.update({"step amole ms": round(times["amole"] * 1e3, 3), "step peft ms": round(times["peft lora"] * 1e3, 3),

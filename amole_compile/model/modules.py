@@ -14,9 +14,10 @@ import torch
 from torch import Tensor, nn
 
 from ..config import AdaMoLEConfig
-from ..kernels import AdapterArgs, adapter, adapter_linears, register
+from ..kernels import AdapterArgs, adapter, register
 from ..kernels.adapter_torch import as_dtype
 from ..kernels.mixed_torch import SiteWeights
+from .folding import add_linears
 from .tokens import real_tokens
 
 
@@ -367,15 +368,6 @@ class AdapterGroup(nn.ModuleDict):
             return site(xa, base=y, lead=lead, rows=self.rows_dim)
         deltas = [site(xa, lead=lead, rows=self.rows_dim) for site in self.values()]  # each [..., O_role]
         return y + combine_deltas(deltas, self.column_gather, self.n_unadapted).to(y.dtype)
-
-
-def add_linears(x: Tensor, folds: list[tuple[AdapterGroup, Tensor, Tensor | None]]) -> list[tuple[Tensor, list]]:
-    """x [..., D] -> per (group, weight, bias): (F.linear(x, weight, bias) + its roles' deltas [..., O], its sites'
-    op outputs), all in one autograd node (`kernels.op_linear.adapter_linears`): projections that read the same x,
-    as an attention block's q, k and v. The sites draw their dropout masks in order; nothing is recorded (the
-    caller records each group's outputs with `AdapterGroup.record_outs`)."""
-    projections = [([s.op_args(x, s.drop_mask(x), None) for s in g.values()], w, b) for g, w, b in folds]
-    return adapter_linears(projections)
 
 
 PASSES = ("eval", "train", "all")  # the forwards a site's statistics may count (`ExpertSet.stat_passes`)

@@ -10,16 +10,14 @@ Legend: B rows, S tokens per row, T = B * S, D in_features, O out_features.
 
 from __future__ import annotations
 
-import contextvars
-import dataclasses
-
 import torch
 from torch import Tensor, nn
 
 from ..config import AdaMoLEConfig
 from ..kernels import traced
+from .folding import HELD, Held, add_linears
 from .mixed import BatchDim, current_rows, mixed_add
-from .modules import AdapterGroup, add_linears, autocast_on, linear_features
+from .modules import AdapterGroup, autocast_on, linear_features
 
 
 def new_group(layer: nn.Module, weight: Tensor, in_features: int, out_features: int, roles: tuple[str, ...],
@@ -171,11 +169,11 @@ class AdaMoLELinear(ProjectionAdapters, Swapped):
     def forward(self, x: Tensor) -> Tensor:
         """x [..., D] -> base_layer(x) + the adapters' deltas [..., O]; computed by one folded op where
         `folding_group` finds the adapter can take the projection in, together with its siblings (`siblings`) where
-        they can be folded too: their results are held for their own calls on the same x (`_Held`)."""
+        they can be folded too: their results are held for their own calls on the same x (`Held`)."""
         group = self.folding_group(x)
         if group is None:
             return self.add_to(x, self.base_layer(x))
-        held = _HELD.get()
+        held = HELD.get()
         if held is not None and held.x is x:
             y = held.take(self, x, group)
             if y is not None:
@@ -189,24 +187,27 @@ class AdaMoLELinear(ProjectionAdapters, Swapped):
         return group.add_linear(x, params["weight"], params["bias"])
 
     def _fold_siblings(self, x: Tensor, group: AdapterGroup, siblings: tuple) -> Tensor | None:
-        """Every sibling's projection and adapters on x in one op (None where one of them cannot fold: each then
-        runs alone): this one's output is returned and recorded, the others' held (`_Held`) until their calls."""
-        folds = []
+        """This projection and every sibling that can fold on x (`folding_group`: an active adapter, no hooks...)
+        in one op: this one's output is returned and recorded, the others' held (`Held`) until their calls; a
+        sibling that cannot fold runs alone when called. None where no other sibling can fold."""
+        folds, members = [], []
         for holder in siblings:
             g = group if holder is self else holder.folding_group(x)
-            if g is None:
-                return None
-            params = holder._modules["base_layer"]._parameters
-            folds.append((g, params["weight"], params["bias"]))
+            if g is not None:
+                params = holder._modules["base_layer"]._parameters
+                folds.append((g, params["weight"], params["bias"]))
+                members.append(holder)
+        if len(folds) < 2:
+            return None
         results = add_linears(x, folds)
-        held, mine = _Held(x, x._version, torch.is_grad_enabled(), {}), None
-        for holder, (g, _, _), (y, outs) in zip(siblings, folds, results, strict=True):
+        held, mine = Held(x, x._version, torch.is_grad_enabled(), {}), None
+        for holder, (g, _, _), (y, outs) in zip(members, folds, results, strict=True):
             if holder is self:
                 g.record_outs(x, outs)
                 mine = y
             else:
                 held.results[id(holder)] = (holder, g, g.training, y, outs)
-        _HELD.set(held)
+        HELD.set(held)
         return mine
 
     def folding_group(self, x: Tensor) -> AdapterGroup | None:
@@ -230,37 +231,6 @@ class AdaMoLELinear(ProjectionAdapters, Swapped):
             if site._parameters["lora_A"].dtype != w.dtype or _own_hooks(site) or "forward" in site.__dict__:
                 return None
         return None if autocast_on(device.type) else group
-
-
-@dataclasses.dataclass(eq=False)
-class _Held:
-    """Results computed for siblings ahead of their own calls (`AdaMoLELinear._fold_siblings`): for x at
-    `version` with gradients on or off (`grad`), per holder (by id) (holder, its active group, that group's
-    training mode, y [..., O], the sites' op outputs). One per thread and context (`_HELD`); the next fold of
-    siblings replaces it."""
-
-    x: Tensor
-    version: int
-    grad: bool
-    results: dict
-
-    def take(self, holder: AdaMoLELinear, x: Tensor, group: AdapterGroup) -> Tensor | None:
-        """`holder`'s held y for its call on x (recording its statistics and aux now), or None: none held, or x
-        changed in place since, another gradient mode, another active adapter or training mode. Taken once."""
-        entry = self.results.pop(id(holder), None)
-        if not self.results:
-            _HELD.set(None)
-        if entry is None:
-            return None
-        who, g, training, y, outs = entry
-        if (who is not holder or g is not group or g.training != training or x._version != self.version
-                or torch.is_grad_enabled() != self.grad):
-            return None
-        g.record_outs(x, outs)
-        return y
-
-
-_HELD: contextvars.ContextVar[_Held | None] = contextvars.ContextVar("amole_held_siblings", default=None)
 
 
 def plain_frozen_linear(layer: nn.Module) -> bool:

@@ -233,6 +233,23 @@ def test_another_gradient_mode_computes_afresh():
     torch.testing.assert_close(outs["k"], _unlinked(model).k(x), rtol=1e-6, atol=1e-6)
 
 
+def test_a_sibling_without_an_active_adapter_runs_alone():
+    """Adapter "b" on q and v only, k holding only "a": with "b" active, q's fold takes v, and k runs its base
+    layer (the projection itself) when called."""
+    model = _hand()
+    ac.transform(model, ac.AdaMoLEConfig(num_experts=2, rank=2, dropout=0.0, include=r"^(q|v)$"), adapter_name="b",
+                 example_inputs=(torch.randn(2, 5, 16),))
+    ac.set_active_adapter(model, "b")
+    assert model.k.active is None and model.q.active == "b"
+    folded = []
+    model.q.__dict__["_fold_siblings"] = lambda *a, _f=model.q._fold_siblings: folded.append(_f(*a)) or folded[-1]
+    x = torch.randn(2, 5, 16)
+    got = model(x)
+    assert folded and folded[0] is not None  # q and v in one op
+    model.q.__dict__.pop("_fold_siblings")
+    torch.testing.assert_close(got, _ref(model, x), rtol=1e-6, atol=1e-6)
+
+
 def test_a_second_adapter_switched_between_siblings_computes_afresh():
     model = _hand()
     ac.transform(model, ac.AdaMoLEConfig(num_experts=2, rank=2, dropout=0.0), adapter_name="b",
@@ -251,8 +268,8 @@ def test_a_second_adapter_switched_between_siblings_computes_afresh():
 
 
 def test_hooks_see_the_held_result_or_stop_the_fold():
-    """A hook on k sees k's output (held or not); a hook on k's base layer makes k unfoldable, so q's fold leaves
-    every projection to compute alone."""
+    """A hook on k sees k's output (held or not); a hook on k's base layer makes k unfoldable: q's fold takes v
+    only, and k computes alone."""
     for where in ("holder", "base layer"):
         model = _hand()
         seen = []
