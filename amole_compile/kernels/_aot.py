@@ -3,10 +3,9 @@
 The specialisations come from the launchers themselves: `record_launches()` makes `triton_common.launch`
 record (kernel, grid, args, constexprs, blocks) instead of running, and `specialisations()` drives the forward
 and backward launchers on tiny CPU tensors over a matrix of dtypes, methods, E, R and dropout, for one site and
-for a group of GROUP_OUTS sites (`adapter_triton_group`: the input-gradient kernel's loop over the sites is a
-build of its own, its site count a runtime scalar where one site's is the constant 1). Builds are told apart as
-Triton's JIT tells them: argument types, constexprs, warps, stages, and its specialisation of integer scalars
-(== 1 a constant, divisible by 16). `compile_launch()`
+for a group of GROUP_OUTS sites (`adapter_triton_group`: the kernels' GROUPED builds, and the input-gradient
+kernel's adding variant). Builds are told apart as Triton's JIT tells them: argument types, constexprs, warps,
+stages, and its specialisation of integer scalars (== 1 a constant, divisible by 16). `compile_launch()`
 binds a recorded launch the way Triton's JIT does (its own binder: signature, alignment/divisibility attributes,
 constexprs), compiles it with `triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))` and reads the
 cubin's registers, shared and local memory with `cuobjdump --dump-resource-usage`.

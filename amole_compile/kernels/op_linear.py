@@ -29,7 +29,6 @@ from .adapter_torch import as_dtype
 from .op import _N_TENSORS, EAGER_BACKWARD, AdapterArgs, eager_triton, forward_on, grad_out_of, site_grads
 
 _PER_SITE = 6  # the tensors each site passes (keep-mask, A, B, gate, threshold weight, threshold bias)
-_OUTS = 6  # the outputs each site returns (scores, mask, za, zr, aux, aux_sums)
 
 Projection = tuple[Sequence[AdapterArgs], Tensor, "Tensor | None"]  # (its sites in column order, W, b)
 
@@ -65,7 +64,7 @@ def adapter_linears(projections: Sequence[Projection]) -> list[tuple[Tensor, lis
 
 class _EagerLinearAdapter(torch.autograd.Function):
     """Inputs: x [..., D], meta (per projection: each site's columns O_s and its op scalars), `routing` (a list the
-    forward fills with [ys, each site's six op outputs]), each projection's W [O, D] and b [O] (or None), then
+    forward fills with each site's six op outputs), each projection's W [O, D] and b [O] (or None), then
     each site's six tensors. Outputs (autograd's): each projection's y [..., O], then each site's aux loss (empty
     without one); the routing outputs (scores, mask, za, zr, aux_sums) are handed over in `routing`, outside
     autograd: on this path only the statistics read them (the scores get no gradient). Fewer outputs, less host
