@@ -4,10 +4,13 @@ and v, which share x).
 
 Pattern:        the calls of every adapted projection in one eval-mode forward of the example inputs (the check
                 pass's, `check_calls.adapters_not_run`), each with the tensor it was called on. Projections called
-                on one tensor object are siblings when each of them is an `AdaMoLELinear` called once on it, and
-                every call of each of them was on a tensor shared with exactly the same projections (a shared
-                layer called per block, as ALBERT's, still qualifies; a projection called on its own anywhere does
-                not).
+                one after another on one tensor object (no other adapted projection called between them) are
+                siblings when each of them is an `AdaMoLELinear` called once in that run, and every call of each
+                of them was in such a run with exactly the same projections (a shared layer called per block, as
+                ALBERT's, still qualifies; a projection called on its own anywhere does not).
+                Consecutive, not merely on the same tensor: every decoder layer's cross-attention reads the
+                encoder's output, and one set across layers would draw later layers' dropout masks in the first
+                layer's forward, which activation checkpointing's per-layer recompute could not reproduce.
 Replacement:    none in the graph: each sibling gets `_siblings`, the tuple of its set in call order (the order
                 their dropout masks are drawn in); projections not in a set lose it.
 Preconditions:  the forward ran (a forward that fails links nothing).
@@ -30,13 +33,19 @@ from ..model.state import projections
 
 def link_siblings(model: nn.Module, calls: Sequence[tuple[str, Tensor]]) -> list[tuple[str, ...]]:
     """Link the sibling sets found in `calls` ((projection name, the tensor it was called on), in call order,
-    the tensors alive) on `model`'s holders (see the module doc) -> the sets, by name."""
+    the tensors alive) on `model`'s holders: runs of consecutive calls on one tensor (see the module doc) -> the
+    sets, by name."""
     holders = dict(projections(model))
-    by_input: dict[int, list[str]] = {}
+    runs: list[list[str]] = []  # consecutive calls on one tensor
+    last = None
     for name, x in calls:
-        by_input.setdefault(id(x), []).append(name)
-    seen: dict[str, set[tuple[str, ...]]] = {}  # projection -> the sets of names it was called with
-    for names in by_input.values():
+        if x is last:
+            runs[-1].append(name)
+        else:
+            runs.append([name])
+        last = x
+    seen: dict[str, set[tuple[str, ...]]] = {}  # projection -> the runs of names it was called in
+    for names in runs:
         for name in names:
             seen.setdefault(name, set()).add(tuple(names))
     sets = {next(iter(s)) for s in seen.values() if len(s) == 1}

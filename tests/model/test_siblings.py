@@ -18,6 +18,7 @@ import threading
 import pytest
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 import amole_compile as ac
 from amole_compile.kernels import triton_usable
@@ -295,5 +296,67 @@ def test_linking_rules():
     assert holders["q"]._siblings == (holders["q"], holders["k"])
     assert link_siblings(model, [("q", x), ("k", x), ("q", y)]) == []  # q also called with y alone
     assert link_siblings(model, [("q", x), ("q", x), ("k", x)]) == []  # q twice on x
+    assert link_siblings(model, [("q", x), ("o", y), ("k", x)]) == []  # not one after another
     assert all("_siblings" not in h.__dict__ for h in holders.values())
     assert isinstance(holders["q"], AdaMoLELinear)
+
+
+class _CrossBlock(nn.Module):
+    """A decoder block: q on the hidden states, k and v on the encoder's output `mem` (the same tensor in every
+    block)."""
+
+    def __init__(self, d=16):
+        super().__init__()
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+
+    def forward(self, h, mem):
+        a = torch.softmax(self.q(h) @ self.k(mem).transpose(-1, -2) / 4.0, -1)
+        return h + self.o(a @ self.v(mem))
+
+
+class _Decoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([_CrossBlock(), _CrossBlock()])
+        self.checkpointed = False
+
+    def forward(self, h, mem):
+        for block in self.blocks:
+            h = checkpoint(block, h, mem, use_reentrant=False) if self.checkpointed else block(h, mem)
+        return h
+
+
+def test_cross_attention_links_each_block_and_checkpointing_equals_unlinked():
+    """Every block's k and v read the same encoder output: each block's pair is linked, not all four (one set across
+    blocks would draw block 1's dropout masks in block 0's forward, which the per-block recompute of activation
+    checkpointing could not reproduce: wrong gradients, silently)."""
+    torch.manual_seed(0)
+    model = _Decoder()
+    h, mem = torch.randn(2, 5, 16), torch.randn(2, 7, 16)
+    ac.transform(model, ac.AdaMoLEConfig(num_experts=2, rank=2, dropout=0.3), example_inputs=(h, mem))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("lora_B"):
+                p.normal_(std=0.3)
+    links = {n: tuple(x.rpartition(".")[2] for x in v) for n, v in _named_siblings(model).items()}
+    assert links == {f"blocks.{i}.{r}": ("k", "v") for i in (0, 1) for r in "kv"}
+    twin = _unlinked(model)
+    results = []
+    for m in (model, twin):
+        m.train()
+        m.checkpointed = True
+        torch.manual_seed(5)
+        out = m(h, mem)
+        out.square().sum().backward()
+        results.append((out.detach(), {n: p.grad for n, p in m.named_parameters() if p.grad is not None}))
+    (out, grads), (ref, ref_grads) = results
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    assert grads.keys() == ref_grads.keys() and grads
+    for n in grads:
+        torch.testing.assert_close(grads[n], ref_grads[n], rtol=1e-5, atol=1e-6, msg=lambda m, n=n: f"{n}: {m}")
+
+
+def _named_siblings(model) -> dict[str, tuple[str, ...]]:
+    names = {id(h): n for n, h in projections(model)}
+    return {n: tuple(names[id(s)] for s in h.__dict__["_siblings"]) for n, h in projections(model)
+            if "_siblings" in h.__dict__}
