@@ -32,9 +32,8 @@ def drop_masks(sites: list, x: Tensor) -> list[Tensor | None]:
     """Each site's dropout keep-mask on x [..., D] (`ExpertSet.drop_mask`); where two or more sites drop alike in one
     launch (the same rate, `bernoulli_`), one draw [S, ..., D] for all of them, each site's mask a view of it in
     order (the kernels then read them as one stacked tensor, `kernels.op_linear`)."""
-    rates = {s.dropout for s in sites if s.training and s.dropout > 0}
-    one = x.device.type != "cpu" or all(s.kernels == "triton" for s in sites)
-    if len(sites) > 1 and len(rates) == 1 and one and all(s.training and s.dropout > 0 for s in sites):
+    rates = {s.dropout for s in sites}
+    if len(sites) > 1 and len(rates) == 1 and all(s.drops() and s.one_launch_mask(x) for s in sites):
         draw = torch.empty((len(sites), *x.shape), device=x.device, dtype=torch.bool).bernoulli_(1.0 - rates.pop())
         return list(draw.unbind(0))
     return [s.drop_mask(x) for s in sites]

@@ -132,9 +132,17 @@ class ExpertSet(nn.Module):
 
     def drop_mask(self, x: Tensor) -> Tensor | None:
         """x [T, D] -> the site's shared dropout keep-mask [T, D] (None when not dropping)."""
-        if not self.training or self.dropout == 0:
+        if not self.drops():
             return None
-        return keep_mask(x, self.dropout, one_launch=x.device.type != "cpu" or self.kernels == "triton")
+        return keep_mask(x, self.dropout, one_launch=self.one_launch_mask(x))
+
+    def drops(self) -> bool:
+        """Does this forward draw a dropout mask (training mode, dropout > 0)?"""
+        return self.training and self.dropout > 0
+
+    def one_launch_mask(self, x: Tensor) -> bool:
+        """Is the mask drawn with `bernoulli_` in one launch (`keep_mask`): off the CPU, or for the kernels."""
+        return x.device.type != "cpu" or self.kernels == "triton"
 
     def wants_aux(self) -> bool:
         """Does this forward compute the aux loss (training mode, a method with a gate)?"""

@@ -14,11 +14,11 @@ Pattern:        the calls of every adapted projection in one eval-mode forward o
 Replacement:    none in the graph: each sibling gets `_siblings`, the tuple of its set in call order (the order
                 their dropout masks are drawn in); projections not in a set lose it.
 Preconditions:  the forward ran (a forward that fails links nothing).
-Invariants:     numbers are the same linked or not. At run time a projection folds its siblings only where each of
-                them would fold on its own (`AdaMoLELinear.folding_group`), and a sibling takes the held result only
-                for the same x object at the same version, gradient mode, active adapter and training mode
-                (`projection._Held`); anything else computes afresh. A call order that differs at run time costs
-                only the held work.
+Invariants:     numbers are the same linked or not. At run time the first sibling called folds those of its
+                siblings that would fold on their own (`AdaMoLELinear.folding_group`; the others run alone), and a
+                sibling takes the held result only for the same x object at the same version, gradient mode, active
+                adapter and training mode (`model.folding.Held`); anything else computes afresh. A call order that
+                differs at run time costs only the held work.
 """
 
 from __future__ import annotations
