@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from ..model import tokens
-from ..model.modules import expert_sets
+from ..model.modules import ExpertSet, expert_sets
 from ..model.state import state_of
 
 
@@ -62,9 +62,8 @@ def pre_forward(module: nn.Module, args, kwargs) -> None:
     forward's attention mask in the call's context (the expert statistics count its real tokens only:
     `model/tokens.py`)."""
     tokens.enter(kwargs.get("attention_mask") if len(args) < 2 else _argument(module, "attention_mask", args, kwargs))
-    grad = torch.is_grad_enabled()
-    for site in _entering(module):
-        site.keep_aux(None, grad)  # a forward with gradients off keeps the aux of the last one with gradients on
+    # a forward with gradients off keeps the aux of the last one with gradients on
+    ExpertSet.forget_aux(_entering(module), torch.is_grad_enabled())
 
 
 def post_forward(module: nn.Module, args, kwargs, output):
@@ -72,8 +71,7 @@ def post_forward(module: nn.Module, args, kwargs, output):
     tokens.leave()
     sites = _leaving(module)
     values = [s._fwd_aux for s in sites if s._fwd_aux is not None]
-    for s in sites:
-        s.keep_aux(None, False)  # summed below: no graph stays on the modules for this
+    ExpertSet.forget_aux(sites, False)  # summed below: no graph stays on the modules for this
     if not module.training or not isinstance(output, (Mapping, tuple)) or not values:
         return None
     aux = torch.stack(values).sum()

@@ -158,10 +158,11 @@ def _stacked_weights(x, lora_as, gate_ws, thr_ws, p, e: int, wrap: bool) -> tupl
 
 def _aux(parts, p, x) -> tuple:
     """The aux loss of every site from the finishing kernel's column sums parts [G, blocks, 2, E] -> (aux [G],
-    aux_sums [G, 2, E]): per site the dot of the summed rows (one batched product for all sites)."""
+    aux_sums [G, 2, E]): per site the dot of the summed rows (one batched product for all sites: a site's aux
+    is the same bit for bit whether it runs alone or linked)."""
     if not p.has_aux:
         return no_aux(x)
-    sums = parts.sum(1)  # [G, 2, E]
+    sums = parts[:, 0] if parts.shape[1] == 1 else parts.sum(1)  # [G, 2, E] (one block: its sums, no launch)
     return torch.bmm(sums[:, :1], sums[:, 1:].transpose(1, 2)).view(-1), sums
 
 

@@ -18,7 +18,7 @@ columns, S sites, P projections.
 
 from __future__ import annotations
 
-import functools
+import os
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -26,7 +26,8 @@ import torch
 from torch import Tensor
 
 from .adapter_torch import as_dtype
-from .op import _N_TENSORS, EAGER_BACKWARD, AdapterArgs, eager_triton, forward_on, grad_out_of, site_grads
+from .backend import ENV_VAR
+from .op import EAGER_BACKWARD, AdapterArgs, eager_triton, forward_on, grad_out_of, site_grads
 
 _PER_SITE = 6  # the tensors each site passes (keep-mask, A, B, gate, threshold weight, threshold bias)
 
@@ -36,7 +37,7 @@ Projection = tuple[Sequence[AdapterArgs], Tensor, "Tensor | None"]  # (its sites
 def adapter_linear(sites: Sequence[AdapterArgs], weight: Tensor, bias: Tensor | None) -> tuple[Tensor, list]:
     """y = F.linear(x, weight [O, D], bias [O]) + each site's adapter on its block of columns, in one autograd
     node. `sites`: the op's arguments of each site in column order (x [..., D] shared, base None); their B's rows
-    add up to O. -> (y [..., O], per site (scores, mask, za, zr, aux, aux_sums) as the op returns them).
+    add up to O. -> (y [..., O], per site (scores [T, E], mask [T, E], aux), the routing the statistics read).
 
     Eager calls only; the caller checks that the fold applies (`AdaMoLELinear.folding_group`): not traced,
     weight and bias plain parameters that need no gradient, x and the adapters in the weight's dtype and device.
@@ -46,65 +47,69 @@ def adapter_linear(sites: Sequence[AdapterArgs], weight: Tensor, bias: Tensor | 
 
 def adapter_linears(projections: Sequence[Projection]) -> list[tuple[Tensor, list]]:
     """`adapter_linear` for several projections reading the same x, in one autograd node: one x gradient, the sum
-    of all of theirs. -> per projection (y [..., O], per site its op outputs)."""
-    meta = tuple((tuple(a.lora_b.shape[0] for a in sites), tuple(tuple(a)[_N_TENSORS:] for a in sites))
+    of all of theirs. -> per projection (y [..., O], per site (scores, mask, aux))."""
+    meta = tuple((tuple(a.lora_b.shape[0] for a in sites), tuple(_key(a) for a in sites))
                  for sites, _, _ in projections)
     layers = [t for _, w, b in projections for t in (w, b)]
     flat = [t for sites, _, _ in projections for a in sites
             for t in (a.drop_mask, a.lora_a, a.lora_b, a.gate_w, a.thr_w, a.thr_b)]
-    routing: list = []  # the forward puts each site's op outputs here
+    routing: list = []  # the forward puts each site's (scores, mask) here
     out = _EagerLinearAdapter.apply(projections[0][0][0].x, meta, routing, *layers, *flat)
     n_p, res, i = len(meta), [], 0
     for p, (sizes, _) in enumerate(meta):
-        sites = [(*o[:4], out[n_p + i + s], o[5]) for s, o in enumerate(routing[i:i + len(sizes)])]
-        res.append((out[p], sites))  # (the aux losses as autograd returned them)
+        res.append((out[p], [(*routing[i + s], out[n_p + i + s]) for s in range(len(sizes))]))
         i += len(sizes)
     return res
 
 
+def _key(a: AdapterArgs) -> tuple:
+    """A site's op scalars (method ... with_aux), then what else fixes how it runs: its rank K and which of its
+    keep-mask, gate and threshold weight it has."""
+    return (a.method, a.num_experts, a.top_k, a.scale, a.max_threshold, a.drop_scale, a.kernels, a.with_aux,
+            a.lora_a.shape[0], a.drop_mask is None, a.gate_w is None, a.thr_w is None)
+
+
 class _EagerLinearAdapter(torch.autograd.Function):
-    """Inputs: x [..., D], meta (per projection: each site's columns O_s and its op scalars), `routing` (a list the
-    forward fills with each site's six op outputs), each projection's W [O, D] and b [O] (or None), then
-    each site's six tensors. Outputs (autograd's): each projection's y [..., O], then each site's aux loss (empty
-    without one); the routing outputs (scores, mask, za, zr, aux_sums) are handed over in `routing`, outside
-    autograd: on this path only the statistics read them (the scores get no gradient). Fewer outputs, less host
-    time per call. Saves x, the W's, each site's five parameters and each run's tensors (`_Run`; the projections'
-    own nodes saved x and W: W's version is checked)."""
+    """Inputs: x [..., D], meta (per projection: each site's columns O_s and its `_key`), `routing` (a list the
+    forward fills with each site's (scores, mask)), each projection's W [O, D] and b [O] (or None), then each
+    site's six tensors. Outputs (autograd's): each projection's y [..., O], then each site's aux loss (empty
+    without one); the routing is handed over in `routing`, outside autograd: on this path only the statistics
+    read it (the scores get no gradient). Fewer outputs, less host time per call. Saves x, the W's, each site's
+    five parameters and each run's four tensors (`_Run`; the projections' own nodes saved x and W: W's version
+    is checked)."""
 
     @staticmethod
     def forward(ctx, x, meta, routing, *tensors):
         n_p = len(meta)
         layers, flat = tensors[:2 * n_p], tensors[2 * n_p:]
+        plan = _plan(meta, x)
         x2 = x.reshape(-1, x.shape[-1])  # [T, D]
         ys = [torch.nn.functional.linear(x, layers[2 * p], layers[2 * p + 1]) for p in range(n_p)]  # [..., O] each
-        sites = _sites(meta, flat, [y.view(-1, y.shape[-1]) for y in ys], x2)
-        runs = _runs(x2, sites)
-        outs: list = [None] * len(sites)
-        saved = [x2, *layers[::2], *(t for site in sites for t in site.params)]
-        for run in runs:
-            saved += run.forward(x2, sites, outs)
-        ctx.x_shape, ctx.meta, ctx.runs, ctx.n_sites = x.shape, meta, runs, len(sites)
+        y2s = ys if x.dim() == 2 else [y.view(-1, y.shape[-1]) for y in ys]  # [T, O] each
+        blocks = _blocks(plan.columns, y2s)
+        outs: list = [None] * len(plan.columns)
+        saved = [x2, *layers[::2], *(t for s in range(len(outs)) for t in flat[_PER_SITE * s + 1:_PER_SITE * (s + 1)])]
+        for run in plan.runs:
+            saved += run.forward(x2, flat, blocks, outs)
+        ctx.x_shape, ctx.plan = x.shape, plan
         ctx.save_for_backward(*saved)
         ctx.set_materialize_grads(False)
-        auxes = [o[4] for o in outs]
-        routing[:] = outs
-        return (*ys, *auxes)
+        routing[:] = [o[:2] for o in outs]
+        return (*ys, *(o[2] for o in outs))
 
     @staticmethod
     def backward(ctx, *grads):
-        saved, meta = ctx.saved_tensors, ctx.meta
-        n_p, n_s = len(meta), ctx.n_sites
+        saved, plan = ctx.saved_tensors, ctx.plan
+        n_p, n_s = plan.n_projections, len(plan.columns)
         x2, ws = saved[0], saved[1:1 + n_p]
         params = [saved[1 + n_p + _PARAMS * s: 1 + n_p + _PARAMS * (s + 1)] for s in range(n_s)]
-        run_saved, i = saved[1 + n_p + _PARAMS * n_s:], 0
+        run_saved = saved[1 + n_p + _PARAMS * n_s:]
         g2s = [None if g is None else g.reshape(-1, g.shape[-1]) for g in grads[:n_p]]  # [T, O] each
-        blocks = [None if g2s[p] is None else g2s[p][:, c0:c0 + n] for p, c0, n, _ in _columns(meta)]
+        blocks = _blocks(plan.columns, g2s)
         need_x, gx, flat = ctx.needs_input_grad[0], None, [None] * (_PER_SITE * n_s)
-        for run in ctx.runs:
-            k = run.n_saved
-            gxr = run.backward(x2, params, run_saved[i:i + k], blocks, grads[n_p:], need_x, flat)  # aux grads
+        for i, run in enumerate(plan.runs):
+            gxr = run.backward(x2, params, run_saved[_SAVED * i:_SAVED * (i + 1)], blocks, grads[n_p:], need_x, flat)
             gx = gxr if gx is None else gx.add_(gxr)  # [T, D], ours
-            i += k
         if gx is not None:
             for g2, w in zip(g2s, ws, strict=True):
                 if g2 is not None:
@@ -113,87 +118,87 @@ class _EagerLinearAdapter(torch.autograd.Function):
 
 
 _PARAMS = 5  # the parameters each site saves (A, B, gate, threshold weight, threshold bias)
+_SAVED = 4  # the tensors each run saves (keep-masks, za, zr, aux_sums)
 
 
-class _Site(NamedTuple):
-    """One site in the node: its keep-mask [T, D] or None, its five parameters, its op scalars (method ... with_aux)
-    and its columns of its projection's output, `block` [T, O_s]."""
+class _Plan(NamedTuple):
+    """How a node runs: per site (its projection, first column, columns, whether it owns all of them), and the
+    sites in runs."""
 
-    mask: Tensor | None
-    params: tuple
-    scalars: tuple
-    block: Tensor
+    n_projections: int
+    columns: tuple[tuple[int, int, int, bool], ...]
+    runs: tuple[_Run, ...]
 
 
-@functools.lru_cache(maxsize=256)
-def _columns(meta: tuple) -> tuple[tuple[int, int, int, tuple], ...]:
-    """(projection, first column, columns, op scalars) of every site, in order (a node's meta is the same call
-    after call: worked out once)."""
-    out = []
-    for p, (sizes, scalars) in enumerate(meta):
+_PLANS: dict = {}  # (meta, AMOLE_KERNELS, TRITON_INTERPRET, device type, dtype) -> _Plan
+
+
+def _plan(meta: tuple, x: Tensor) -> _Plan:
+    """The node's `_Plan`, worked out once per meta and the kernel choice's inputs (`op.eager_triton`'s: a node
+    runs the same way call after call)."""
+    env = os.environ
+    key = (meta, env.get(ENV_VAR), env.get("TRITON_INTERPRET"), x.device.type, x.dtype)
+    plan = _PLANS.get(key)
+    if plan is None:
+        if len(_PLANS) > 1024:
+            _PLANS.clear()
+        plan = _PLANS[key] = _make_plan(meta, x)
+    return plan
+
+
+def _make_plan(meta: tuple, x: Tensor) -> _Plan:
+    """Sites on the Triton path with the same `_key` in one run of G sites (the kernels take them in one set of
+    launches); each site on the torch path alone. An impossible `kernels='triton'` raises here, uncached."""
+    columns, runs = [], {}
+    for p, (sizes, keys) in enumerate(meta):
         c0 = 0
-        for n, sc in zip(sizes, scalars, strict=True):
-            out.append((p, c0, n, sc))
+        for n, key in zip(sizes, keys, strict=True):
+            s = len(columns)
+            columns.append((p, c0, n, c0 == 0 and n == sum(sizes)))
             c0 += n
-    return tuple(out)
+            triton = eager_triton(key[6], x, key[1], key[8])
+            runs.setdefault(key if triton else s, (triton, key, []))[2].append(s)
+    return _Plan(len(meta), tuple(columns),
+                 tuple(_Run(triton, tuple(sites), key[:8]) for triton, key, sites in runs.values()))
 
 
-def _sites(meta: tuple, flat: tuple, y2s: list, x2: Tensor) -> list[_Site]:
-    """The node's sites from its inputs, each with its block of its projection's output y2 [T, O]."""
-    sites = []
-    for s, (p, c0, n, scalars) in enumerate(_columns(meta)):
-        i = _PER_SITE * s
-        mask = flat[i]
-        mask = None if mask is None else mask.reshape(x2.shape)  # [T, D]
-        sites.append(_Site(mask, flat[i + 1: i + _PER_SITE], scalars, y2s[p][:, c0:c0 + n]))
-    return sites
+def _blocks(columns: tuple, y2s: list) -> list:
+    """Each site's columns of its projection's y2 [T, O] (or gradient; None stays None): [T, O_s]."""
+    return [y2s[p] if whole or y2s[p] is None else y2s[p][:, c0:c0 + n] for p, c0, n, whole in columns]
 
 
-def _runs(x2: Tensor, sites: list[_Site]) -> list[_Run]:
-    """The sites in runs: those on the Triton path with the same op scalars, rank and dropout (or none) in one run
-    of G sites (the kernels take them in one set of launches); each site on the torch path alone."""
-    runs: dict = {}
-    for s, site in enumerate(sites):
-        method, e, k, scale, cap, drop_scale, kernels, with_aux = site.scalars
-        triton = eager_triton(kernels, x2, e, site.params[0].shape[0])
-        key = (method, e, k, scale, cap, drop_scale, with_aux, site.params[0].shape[0], site.mask is None,
-               site.params[2] is None, site.params[3] is None) if triton else s
-        runs.setdefault(key, _Run(triton, [])).sites.append(s)
-    return list(runs.values())
-
-
-class _Run:
+class _Run(NamedTuple):
     """Sites of the node computed together: G sites on the Triton path (`adapter_triton_group`, one set of
-    launches), or one site on the torch path (`forward_on`, `site_grads`). `sites`: their indices in the node."""
+    launches), or one site on the torch path (`forward_on`, `site_grads`). `sites`: their indices in the node;
+    `scalars`: their op scalars (method ... with_aux)."""
 
-    def __init__(self, triton: bool, sites: list[int]) -> None:
-        self.triton, self.sites, self.n_saved, self.scalars = triton, sites, 0, ()
+    triton: bool
+    sites: tuple[int, ...]
+    scalars: tuple
 
-    def forward(self, x2: Tensor, sites: list[_Site], outs: list) -> list:
-        """Add each site's up-projection into its block, put its six op outputs in `outs` -> the tensors to save."""
-        mine = [sites[s] for s in self.sites]
-        self.scalars = mine[0].scalars
+    def forward(self, x2: Tensor, flat: tuple, blocks: list, outs: list) -> list:
+        """Add each site's up-projection into its block, put its (scores, mask, aux) in `outs` -> the four tensors
+        to save."""
         method, e, k, scale, cap, drop_scale, _, with_aux = self.scalars
-        if self.triton:
-            masks = _stack([site.mask for site in mine])  # [G, T, D] or None
-            params = list(zip(*(site.params for site in mine), strict=True))  # per parameter, G tensors
-            ys, scores, sel, za, zr, aux, sums = _triton()[0](
-                x2, masks, *params, [site.block for site in mine], method, e, k, scale, cap, drop_scale, with_aux,
-                wrap=False, own_base=True)
-            for j, (s, site) in enumerate(zip(self.sites, mine, strict=True)):
-                _into(site.block, ys[j])
-                outs[s] = (scores[j], sel[j], za[j], zr[j], aux[j] if aux.numel() else aux,
-                           sums[j] if sums.numel() else sums)
-            saved = [masks, za, zr, sums]
-        else:
-            site = mine[0]
-            out = forward_on(False, (x2, site.mask, *site.params, site.block, method, e, k, scale, cap, drop_scale,
-                                     with_aux), own_base=True)
-            _into(site.block, out[0])
-            outs[self.sites[0]] = out[1:]
-            saved = [site.mask, out[3], out[4], out[6]]
-        self.n_saved = len(saved)
-        return saved
+        if not self.triton:
+            s = self.sites[0]
+            mask, *params = flat[_PER_SITE * s:_PER_SITE * (s + 1)]
+            mask = None if mask is None else mask.reshape(x2.shape)  # [T, D]
+            out = forward_on(False, (x2, mask, *params, blocks[s], method, e, k, scale, cap, drop_scale, with_aux),
+                             own_base=True)
+            _into(blocks[s], out[0])
+            outs[s] = (out[1], out[2], out[5])
+            return [mask, out[3], out[4], out[6]]
+        masks = _stack([flat[_PER_SITE * s] for s in self.sites], x2)  # [G, T, D] or None
+        params = [[flat[_PER_SITE * s + j] for s in self.sites] for j in range(1, _PER_SITE)]  # per parameter, G
+        ys, scores, sel, za, zr, aux, sums = _triton()[0](
+            x2, masks, *params, [blocks[s] for s in self.sites], method, e, k, scale, cap, drop_scale, with_aux,
+            wrap=False, own_base=True)
+        auxes = aux.unbind(0) if aux.numel() else (aux,) * len(self.sites)
+        for s, y, sc, m, a in zip(self.sites, ys, scores.unbind(0), sel.unbind(0), auxes, strict=True):
+            _into(blocks[s], y)
+            outs[s] = (sc, m, a)
+        return [masks, za, zr, sums]
 
     def backward(self, x2: Tensor, params: list, saved: tuple, blocks: list, aux_grads: tuple, need_x: bool,
                  flat: list) -> Tensor | None:
@@ -243,18 +248,18 @@ def _into(block: Tensor, out: Tensor) -> None:
         block.copy_(out)
 
 
-def _stack(masks: list[Tensor | None]) -> Tensor | None:
-    """G keep-masks [T, D] -> [G, T, D], or None when the sites do not drop: one site's viewed, and masks drawn in
-    one tensor (`model.modules.drop_masks`: its slices in order) read from it, with no copy."""
+def _stack(masks: list[Tensor | None], x2: Tensor) -> Tensor | None:
+    """G keep-masks [..., D] -> [G, T, D] (x2 [T, D]), or None when the sites do not drop: one site's viewed, and
+    masks drawn in one tensor (`model.folding.drop_masks`: its slices in order) read from it, with no copy."""
     if masks[0] is None:
         return None
     if len(masks) == 1:
-        return masks[0].unsqueeze(0)
+        return masks[0].view(1, *x2.shape) if masks[0].is_contiguous() else masks[0].reshape(1, *x2.shape)
     base, step = masks[0]._base, masks[0].numel()
     if (base is not None and base.numel() == step * len(masks) and base.is_contiguous()
             and all(m._base is base and m.data_ptr() == base.data_ptr() + j * step for j, m in enumerate(masks))):
-        return base.view(len(masks), *masks[0].shape)
-    return torch.stack(masks)
+        return base.view(len(masks), *x2.shape)
+    return torch.stack([m.reshape(x2.shape) for m in masks])
 
 
 def _stack_grads(grads: list[Tensor | None], shape: tuple) -> Tensor | None:

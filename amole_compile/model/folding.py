@@ -19,9 +19,9 @@ from ..kernels import adapter_linears
 
 def add_linears(x: Tensor, folds: list) -> list[tuple[Tensor, list]]:
     """x [..., D] -> per (group, weight, bias): (F.linear(x, weight, bias) + its roles' deltas [..., O], its sites'
-    op outputs), all in one autograd node (`kernels.op_linear.adapter_linears`): projections that read the same x,
-    as an attention block's q, k and v. The sites draw their dropout masks in order; nothing is recorded (the
-    caller records each group's outputs with `AdapterGroup.record_outs`)."""
+    (scores, mask, aux)), all in one autograd node (`kernels.op_linear.adapter_linears`): projections that read
+    the same x, as an attention block's q, k and v. The sites draw their dropout masks in order; nothing is
+    recorded (the caller records each group's outputs with `AdapterGroup.record_outs`)."""
     sites = [s for g, _, _ in folds for s in g.values()]
     masks = iter(drop_masks(sites, x))
     projections = [([s.op_args(x, next(masks), None) for s in g.values()], w, b) for g, w, b in folds]
@@ -43,7 +43,7 @@ def drop_masks(sites: list, x: Tensor) -> list[Tensor | None]:
 class Held:
     """Results computed for siblings ahead of their own calls (`AdaMoLELinear._fold_siblings`): for x at
     `version` with gradients on or off (`grad`), per holder (by id) (holder, its active group, that group's
-    training mode, y [..., O], the sites' op outputs). One per thread and context (`HELD`); the next fold of
+    training mode, y [..., O], the sites' (scores, mask, aux)). One per thread and context (`HELD`); the next fold of
     siblings replaces it."""
 
     x: Tensor

@@ -152,8 +152,12 @@ class ExpertSet(nn.Module):
         """The op's arguments for this site on x with `drop_mask` and `base` (tensors, or graph nodes on the graph
         path, whose `tensor(self, name)` gives the node reading parameter `name`; absent parameters stay None).
         `with_aux`: compute the aux loss (default `wants_aux()`; a graph node on the graph path)."""
-        def t(name: str):
-            value = getattr(self, name)
+        params = self._parameters
+
+        def t(name: str):  # the parameter dict first: nn.Module.__getattr__ costs ~0.5 us a name
+            value = params.get(name)
+            if value is None:
+                value = getattr(self, name)  # absent (None), or not a plain parameter (a parametrization)
             return value if value is None or tensor is getattr else tensor(self, name)
 
         return AdapterArgs(x, drop_mask, t("lora_A"), t("lora_B"), t("gate"), t("threshold_weight"),
@@ -261,6 +265,20 @@ class ExpertSet(nn.Module):
         if grad:
             state["_aux"] = value
 
+    @staticmethod
+    def forget_aux(sites: list[ExpertSet], grad: bool) -> None:
+        """`keep_aux(None, grad)` on each of `sites`, asking once whether this runs under torch.compile (the
+        loss hooks clear every site of a model twice per forward)."""
+        if torch.compiler.is_compiling():
+            for site in sites:
+                site.keep_aux(None, grad)
+            return
+        for site in sites:
+            state = site.__dict__
+            state["_fwd_aux"] = None
+            if grad:
+                state["_aux"] = None
+
     def reset_stats(self) -> None:
         """Zero the expert statistics counters."""
         for buf in (self.stat_tokens, self.stat_selected, self.stat_active):
@@ -281,12 +299,12 @@ def expert_sets(model: nn.Module) -> list[ExpertSet]:
     sites, seen, stack = [], set(), [model]
     while stack:
         m = stack.pop()
-        if id(m) in seen:
+        if m is None or id(m) in seen:  # (a None child: a submodule slot set to None)
             continue
         seen.add(id(m))
         if isinstance(m, ExpertSet):
             sites.append(m)
-        stack.extend(c for c in reversed(m._modules.values()) if c is not None)
+        stack.extend(reversed(m._modules.values()))
     return sites
 
 
@@ -350,9 +368,9 @@ class AdapterGroup(nn.ModuleDict):
         return y
 
     def record_outs(self, x: Tensor, outs: list) -> None:
-        """Record each site's statistics and aux from its op outputs `outs` (`add_linears`) on x [..., D]."""
+        """Record each site's statistics and aux from its (scores, mask, aux) `outs` (`add_linears`) on x [..., D]."""
         lead = x.shape[:-1]
-        for site, (scores, mask, _, _, aux, _) in zip(self.values(), outs, strict=True):
+        for site, (scores, mask, aux) in zip(self.values(), outs, strict=True):
             site.record(scores, mask, lead=lead, aux=aux, rows=self.rows_dim)
 
     def add_role(self, role: str, x: Tensor, y: Tensor) -> Tensor:
