@@ -68,20 +68,21 @@ TABLE: dict[tuple[str, str], tuple[tuple[int, Blocks], ...]] = {
     # x·[A; Wg; wt]ᵀ over a split of D (partial sums; the routing is the finishing kernel's); accumulator
     # [BT, K_P] fp32. Searched 2026-12-05 for the split kernel, over both token counts of `_aot.SHAPES` (the
     # table's tile, and 16 tokens per program): the stage counts and warps step around 8-16 B stacks ptxas leaves
+    # Re-searched 2026-12-06 for K_P 16, 128 and 1024, whose grouped builds (G = 3 sites) left 8-16 B stacks
     ("fwd", "fp32"): (
-        (16, B(32, 32, 4, num_stages=3)),  # BD 64 spills 80-104 B at K_P 16; 2 stages: 8 B stack
+        (16, B(32, 32, 8, num_stages=3)),  # BD 64 spills 80-104 B; 4 warps: 8-16 B stacks (one site or three)
         (32, B(32, 64, 4, num_stages=3)),  # 2 stages: 8 B stack
         (64, B(32, 32, 8)),  # BD 64 at 4 warps leaves 8-16 B stacks at every stage count
-        (128, B(32, 32, 4, num_stages=1)),
+        (128, B(32, 32, 8, num_stages=1)),  # 4 warps, and 8 warps at 2-3 stages: 8-16 B stacks
         (256, B(32, 32, 4, num_stages=3)),
         (512, B(16, 16, 8)),
-        (1024, B(16, 32, 8)),
+        (1024, B(16, 16, 8)),  # BD 32: 8 B stack in the grouped build on sm_80
     ),
     ("fwd", "16bit"): (
         (16, B(64, 64, 4, num_stages=1)),  # 2 and 3 stages: 8 B stack
         (32, B(64, 64, 4)),
         (64, B(64, 64, 4, num_stages=3)),  # 2 stages: 8 B stack
-        (128, B(64, 64, 4)),
+        (128, B(64, 64, 4, num_stages=1)),  # 2 / 3 stages: 16 / 8 B stacks in grouped builds (2026-12-06)
         (256, B(32, 64, 4)),  # BT 64 spills at K_P 256
         (512, B(16, 64, 8)),
         (1024, B(16, 32, 8)),  # BD 64 spills at K_P 1024
@@ -108,7 +109,7 @@ TABLE: dict[tuple[str, str], tuple[tuple[int, Blocks], ...]] = {
         (64, B(16, 32, 8)),
         # BT 16 leaves an 8 B stack on sm_90 at K_P 128 (adamole E 16, R 8); BT 32 at 8 warps and 1 stage fits
         (128, B(32, 32, 8, num_stages=1)),
-        (256, B(16, 32, 8)),
+        (256, B(16, 32, 8, num_stages=3)),  # 2 stages: 8 B stack in a grouped build on sm_80 (re-searched 2026-12-06)
         (512, B(16, 16, 8)),  # BD 32 spills at K_P 512
         # every whole-K configuration spills (400 B even at 16 warps): K in chunks of 128 (128 registers; chunks
         # of 256 fit too but at 249 registers, at the ceiling)

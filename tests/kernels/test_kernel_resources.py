@@ -25,13 +25,16 @@ ROOT = Path(__file__).resolve().parents[2]
 
 # One op configuration per K_P (16 .. 1024), both dtype classes, each arch, and the builds that left a small stack
 # before the table's stage-count rows (2026-12-04: fp32 fwd at K_P 32 / 128 / 256 and bwd_weight at 128 on sm_90,
-# 16-bit bwd_weight at K_P 16 on sm_80 and bwd_route at 512 on sm_90); per case the 7 kernels as few tokens launch
-# them (16 tokens per program, splits over D and O, the finishing kernels, the reduce), and the 4 tiled kernels
-# again with the table's tiles (`_aot.SHAPES`).
+# 16-bit bwd_weight at K_P 16 on sm_80 and bwd_route at 512 on sm_90) or, as a group of three sites, before the
+# rows re-searched on 2026-12-06 (fp32 fwd at K_P 16 / 128 / 1024, fp32 bwd_weight at 256, 16-bit fwd at 128);
+# per case the 7 kernels as few tokens launch them (16 tokens per program, splits over D and O, the finishing
+# kernels, the reduce), and the 4 tiled kernels again with the table's tiles (`_aot.SHAPES`).
 SUBSET = [("float32", "adamole", 4, 4, True, 90), ("bfloat16", "mole", 8, 4, False, 80),
           ("float16", "adamole", 8, 8, True, 90), ("float32", "lora", 1, 64, True, 80),
           ("bfloat16", "adamole", 16, 16, True, 90), ("float32", "mole", 16, 32, False, 90),
-          ("float32", "adamole", 16, 64, True, 80),
+          ("float32", "adamole", 16, 64, False, 80), ("float32", "adamole", 16, 1, True, 90),
+          ("float32", "adamole", 2, 64, True, 80), ("float32", "mole", 16, 16, False, 80),
+          ("bfloat16", "adamole", 16, 8, False, 90),
           ("float32", "lora", 1, 32, True, 90), ("float32", "adamole", 8, 16, False, 90),
           ("float32", "adamole", 8, 32, True, 90), ("float32", "adamole", 16, 8, False, 90),
           ("bfloat16", "mole", 16, 1, False, 80), ("float16", "adamole", 8, 64, False, 90)]
