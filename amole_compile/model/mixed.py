@@ -27,7 +27,8 @@ import torch
 from torch import Tensor, nn
 
 from ..kernels.mixed_torch import COL_DROPOUT, Stack, mixed_adapter, stack_sites
-from .modules import ExpertSet, column_gather, combine_deltas, keep_mask, no_autocast
+from .columns import column_gather, combine_deltas
+from .modules import ExpertSet, keep_mask, no_autocast
 from .tokens import real_tokens
 
 

@@ -25,7 +25,8 @@ from torch import fx
 
 from ..config import AdaMoLEConfig
 from ..kernels import register
-from ..model.modules import AdapterGroup, ExpertSet, column_gather, combine_deltas
+from ..model.columns import column_gather, combine_deltas
+from ..model.modules import AdapterGroup, ExpertSet
 from ..model.projection import ProjectionAdapters
 from ..model.state import GRAPH_PREFIX as PREFIX
 from ._fx import ParamNames, as_linear
