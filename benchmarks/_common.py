@@ -67,17 +67,23 @@ def append_row(name: str, row: dict) -> Path:
 def site_fwd_bwd(layer: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor, aux_coef: float = 1e-3):
     """-> a function running one training forward + backward of an adapted `layer` on x [T, D] with output
     gradient grad [T, O], plus the aux loss's gradient (`aux_coef`) where the site (role "q") records one."""
+    return sites_fwd_bwd([layer], x, [grad], aux_coef)
+
+
+def sites_fwd_bwd(layers: list, x: torch.Tensor, grads: list, aux_coef: float = 1e-3):
+    """`site_fwd_bwd` for several `layers` each called on the same x [T, D] (an attention block's q, k and v),
+    grads: each one's output gradient [T, O]; the aux losses are read after all the forwards."""
     aux_grad = torch.tensor(aux_coef, dtype=torch.float32)
 
     def run() -> None:
         x.grad = None
-        for p in layer.parameters():
-            p.grad = None
-        out = layer(x)  # [T, O]
-        group = getattr(layer, "group", None)
-        aux = group["q"].aux if group is not None else None
-        outs, grads = ([out, aux], [grad, aux_grad.to(aux.dtype)]) if aux is not None else ([out], [grad])
-        torch.autograd.backward(outs, grads)
+        for layer in layers:
+            for p in layer.parameters():
+                p.grad = None
+        outs = [layer(x) for layer in layers]  # [T, O] each
+        groups = [getattr(layer, "group", None) for layer in layers]
+        auxes = [a for a in (g["q"].aux for g in groups if g is not None) if a is not None]
+        torch.autograd.backward(outs + auxes, list(grads) + [aux_grad.to(a.dtype) for a in auxes])
 
     return run
 

@@ -112,19 +112,7 @@ def count_siblings(name: str, t: int, d: int, dtype: torch.dtype = torch.bfloat1
             layer.__dict__["_siblings"] = tuple(layers)
     x = torch.randn(t, d, dtype=dtype, requires_grad=True)  # [T, D]
     grads = [torch.randn(t, d, dtype=dtype) for _ in layers]  # [T, O] each
-    aux_grad = torch.tensor(AUX_COEF, dtype=torch.float32)
-
-    def step() -> None:
-        x.grad = None
-        for layer in layers:
-            for p in layer.parameters():
-                p.grad = None
-        outs = [layer(x) for layer in layers]
-        auxes = [layer.group["q"].aux for layer in layers if getattr(layer, "group", None) is not None]
-        auxes = [a for a in auxes if a is not None]
-        torch.autograd.backward(outs + auxes, grads + [aux_grad.to(a.dtype) for a in auxes])
-
-    return _counted(step, run_kernels)
+    return _counted(bc.sites_fwd_bwd(layers, x, grads, AUX_COEF), run_kernels)
 
 
 def grid_launches(method: str, t: int, d: int, dtype: torch.dtype = torch.bfloat16) -> list:

@@ -162,7 +162,7 @@ def _aux(parts, p, x) -> tuple:
     is the same bit for bit whether it runs alone or linked)."""
     if not p.has_aux:
         return no_aux(x)
-    sums = parts[:, 0] if parts.shape[1] == 1 else parts.sum(1)  # [G, 2, E] (one block: its sums, no launch)
+    sums = parts.sum(1)  # [G, 2, E]
     return torch.bmm(sums[:, :1], sums[:, 1:].transpose(1, 2)).view(-1), sums
 
 

@@ -119,6 +119,7 @@ class _EagerLinearAdapter(torch.autograd.Function):
 
 _PARAMS = 5  # the parameters each site saves (A, B, gate, threshold weight, threshold bias)
 _SAVED = 4  # the tensors each run saves (keep-masks, za, zr, aux_sums)
+_SCALARS = 8  # a `_key` starts with the op scalars (method ... with_aux)
 
 
 class _Plan(NamedTuple):
@@ -156,10 +157,11 @@ def _make_plan(meta: tuple, x: Tensor) -> _Plan:
             s = len(columns)
             columns.append((p, c0, n, c0 == 0 and n == sum(sizes)))
             c0 += n
-            triton = eager_triton(key[6], x, key[1], key[8])
+            _, e, _, _, _, _, kernels, _, k = key[:_SCALARS + 1]  # (the op scalars, then the rank K)
+            triton = eager_triton(kernels, x, e, k)
             runs.setdefault(key if triton else s, (triton, key, []))[2].append(s)
     return _Plan(len(meta), tuple(columns),
-                 tuple(_Run(triton, tuple(sites), key[:8]) for triton, key, sites in runs.values()))
+                 tuple(_Run(triton, tuple(sites), key[:_SCALARS]) for triton, key, sites in runs.values()))
 
 
 def _blocks(columns: tuple, y2s: list) -> list:
@@ -254,7 +256,7 @@ def _stack(masks: list[Tensor | None], x2: Tensor) -> Tensor | None:
     if masks[0] is None:
         return None
     if len(masks) == 1:
-        return masks[0].view(1, *x2.shape) if masks[0].is_contiguous() else masks[0].reshape(1, *x2.shape)
+        return masks[0].reshape(1, *x2.shape)
     base, step = masks[0]._base, masks[0].numel()
     if (base is not None and base.numel() == step * len(masks) and base.is_contiguous()
             and all(m._base is base and m.data_ptr() == base.data_ptr() + j * step for j, m in enumerate(masks))):

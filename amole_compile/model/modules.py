@@ -261,6 +261,10 @@ class ExpertSet(nn.Module):
             if grad:
                 self._aux = value
             return
+        self._keep_aux_eager(value, grad)
+
+    def _keep_aux_eager(self, value: Tensor | None, grad: bool) -> None:
+        """`keep_aux` outside torch.compile: the instance dict written directly."""
         state = self.__dict__
         state["_fwd_aux"] = value
         if grad:
@@ -270,15 +274,12 @@ class ExpertSet(nn.Module):
     def forget_aux(sites: list[ExpertSet], grad: bool) -> None:
         """`keep_aux(None, grad)` on each of `sites`, asking once whether this runs under torch.compile (the
         loss hooks clear every site of a model twice per forward)."""
-        if torch.compiler.is_compiling():
-            for site in sites:
-                site.keep_aux(None, grad)
-            return
+        compiling = torch.compiler.is_compiling()
         for site in sites:
-            state = site.__dict__
-            state["_fwd_aux"] = None
-            if grad:
-                state["_aux"] = None
+            if compiling:
+                site.keep_aux(None, grad)
+            else:
+                site._keep_aux_eager(None, grad)
 
     def reset_stats(self) -> None:
         """Zero the expert statistics counters."""
