@@ -29,8 +29,6 @@ from .adapter_torch import as_dtype
 from .backend import ENV_VAR
 from .op import EAGER_BACKWARD, AdapterArgs, eager_triton, forward_on, grad_out_of, site_grads
 
-_PER_SITE = 6  # the tensors each site passes (keep-mask, A, B, gate, threshold weight, threshold bias)
-
 Projection = tuple[Sequence[AdapterArgs], Tensor, "Tensor | None"]  # (its sites in column order, W, b)
 
 
@@ -50,11 +48,11 @@ def adapter_linears(projections: Sequence[Projection]) -> list[tuple[Tensor, lis
     of all of theirs. -> per projection (y [..., O], per site (scores, mask, aux))."""
     meta = tuple((tuple(a.lora_b.shape[0] for a in sites), tuple(_key(a) for a in sites))
                  for sites, _, _ in projections)
-    layers = [t for _, w, b in projections for t in (w, b)]
-    flat = [t for sites, _, _ in projections for a in sites
-            for t in (a.drop_mask, a.lora_a, a.lora_b, a.gate_w, a.thr_w, a.thr_b)]
+    layers = [t for _, w, b in projections for t in (w, b)]  # frozen: no gradient, not autograd inputs
+    masks = [a.drop_mask for sites, _, _ in projections for a in sites]
+    params = [t for sites, _, _ in projections for a in sites for t in (a.lora_a, a.lora_b, a.gate_w, a.thr_w, a.thr_b)]
     routing: list = []  # the forward puts each site's (scores, mask) here
-    out = _EagerLinearAdapter.apply(projections[0][0][0].x, meta, routing, *layers, *flat)
+    out = _EagerLinearAdapter.apply(projections[0][0][0].x, meta, routing, (layers, masks), *params)
     n_p, res, i = len(meta), [], 0
     for p, (sizes, _) in enumerate(meta):
         res.append((out[p], [(*routing[i + s], out[n_p + i + s]) for s in range(len(sizes))]))
@@ -71,26 +69,27 @@ def _key(a: AdapterArgs) -> tuple:
 
 class _EagerLinearAdapter(torch.autograd.Function):
     """Inputs: x [..., D], meta (per projection: each site's columns O_s and its `_key`), `routing` (a list the
-    forward fills with each site's (scores, mask)), each projection's W [O, D] and b [O] (or None), then each
-    site's six tensors. Outputs (autograd's): each projection's y [..., O], then each site's aux loss (empty
-    without one); the routing is handed over in `routing`, outside autograd: on this path only the statistics
-    read it (the scores get no gradient). Fewer outputs, less host time per call. Saves x, the W's, each site's
-    five parameters and each run's four tensors (`_Run`; the projections' own nodes saved x and W: W's version
-    is checked)."""
+    forward fills with each site's (scores, mask)), `frozen` (each projection's W [O, D] and b [O] (or None), and
+    each site's keep-mask (or None): tensors that take no gradient, kept out of autograd's inputs, whose
+    bookkeeping costs host time per tensor), then each site's five parameters. Outputs (autograd's): each
+    projection's y [..., O], then each site's aux loss (empty without one); the routing is handed over in
+    `routing`, outside autograd: on this path only the statistics read it (the scores get no gradient). Fewer
+    outputs, less host time per call. Saves x, the W's, each site's five parameters and each run's four tensors
+    (`_Run`; the projections' own nodes saved x and W: W's version is checked, saved here too)."""
 
     @staticmethod
-    def forward(ctx, x, meta, routing, *tensors):
+    def forward(ctx, x, meta, routing, frozen, *params):
+        layers, masks = frozen
         n_p = len(meta)
-        layers, flat = tensors[:2 * n_p], tensors[2 * n_p:]
         plan = _plan(meta, x)
         x2 = x.reshape(-1, x.shape[-1])  # [T, D]
         ys = [torch.nn.functional.linear(x, layers[2 * p], layers[2 * p + 1]) for p in range(n_p)]  # [..., O] each
         y2s = ys if x.dim() == 2 else [y.view(-1, y.shape[-1]) for y in ys]  # [T, O] each
         blocks = _blocks(plan.columns, y2s)
         outs: list = [None] * len(plan.columns)
-        saved = [x2, *layers[::2], *(t for s in range(len(outs)) for t in flat[_PER_SITE * s + 1:_PER_SITE * (s + 1)])]
+        saved = [x2, *layers[::2], *params]
         for run in plan.runs:
-            saved += run.forward(x2, flat, blocks, outs)
+            saved += run.forward(x2, masks, params, blocks, outs)
         ctx.x_shape, ctx.plan = x.shape, plan
         ctx.save_for_backward(*saved)
         ctx.set_materialize_grads(False)
@@ -106,7 +105,7 @@ class _EagerLinearAdapter(torch.autograd.Function):
         run_saved = saved[1 + n_p + _PARAMS * n_s:]
         g2s = [None if g is None else g.reshape(-1, g.shape[-1]) for g in grads[:n_p]]  # [T, O] each
         blocks = _blocks(plan.columns, g2s)
-        need_x, gx, flat = ctx.needs_input_grad[0], None, [None] * (_PER_SITE * n_s)
+        need_x, gx, flat = ctx.needs_input_grad[0], None, [None] * (_PARAMS * n_s)
         for i, run in enumerate(plan.runs):
             gxr = run.backward(x2, params, run_saved[_SAVED * i:_SAVED * (i + 1)], blocks, grads[n_p:], need_x, flat)
             gx = gxr if gx is None else gx.add_(gxr)  # [T, D], ours
@@ -114,7 +113,7 @@ class _EagerLinearAdapter(torch.autograd.Function):
             for g2, w in zip(g2s, ws, strict=True):
                 if g2 is not None:
                     gx.addmm_(as_dtype(g2, gx.dtype), w)  # + grad_y W: the projection's x gradient
-        return (None if gx is None else gx.reshape(ctx.x_shape), None, None, *(None,) * (2 * n_p), *flat)
+        return (None if gx is None else gx.reshape(ctx.x_shape), None, None, None, *flat)
 
 
 _PARAMS = 5  # the parameters each site saves (A, B, gate, threshold weight, threshold bias)
@@ -178,33 +177,32 @@ class _Run(NamedTuple):
     sites: tuple[int, ...]
     scalars: tuple
 
-    def forward(self, x2: Tensor, flat: tuple, blocks: list, outs: list) -> list:
+    def forward(self, x2: Tensor, masks: list, params: tuple, blocks: list, outs: list) -> list:
         """Add each site's up-projection into its block, put its (scores, mask, aux) in `outs` -> the four tensors
-        to save."""
+        to save. `masks`: each site's keep-mask (or None); `params`: each site's five parameters, in turn."""
         method, e, k, scale, cap, drop_scale, _, with_aux = self.scalars
         if not self.triton:
             s = self.sites[0]
-            mask, *params = flat[_PER_SITE * s:_PER_SITE * (s + 1)]
-            mask = None if mask is None else mask.reshape(x2.shape)  # [T, D]
-            out = forward_on(False, (x2, mask, *params, blocks[s], method, e, k, scale, cap, drop_scale, with_aux),
-                             own_base=True)
+            mask = None if masks[s] is None else masks[s].reshape(x2.shape)  # [T, D]
+            out = forward_on(False, (x2, mask, *params[_PARAMS * s:_PARAMS * (s + 1)], blocks[s], method, e, k,
+                                     scale, cap, drop_scale, with_aux), own_base=True)
             _into(blocks[s], out[0])
             outs[s] = (out[1], out[2], out[5])
             return [mask, out[3], out[4], out[6]]
-        masks = _stack([flat[_PER_SITE * s] for s in self.sites], x2)  # [G, T, D] or None
-        params = [[flat[_PER_SITE * s + j] for s in self.sites] for j in range(1, _PER_SITE)]  # per parameter, G
+        stacked = _stack([masks[s] for s in self.sites], x2)  # [G, T, D] or None
+        per = [[params[_PARAMS * s + j] for s in self.sites] for j in range(_PARAMS)]  # per parameter, G
         ys, scores, sel, za, zr, aux, sums = _triton()[0](
-            x2, masks, *params, [blocks[s] for s in self.sites], method, e, k, scale, cap, drop_scale, with_aux,
+            x2, stacked, *per, [blocks[s] for s in self.sites], method, e, k, scale, cap, drop_scale, with_aux,
             wrap=False, own_base=True)
         auxes = aux.unbind(0) if aux.numel() else (aux,) * len(self.sites)
         for s, y, sc, m, a in zip(self.sites, ys, scores.unbind(0), sel.unbind(0), auxes, strict=True):
             _into(blocks[s], y)
             outs[s] = (sc, m, a)
-        return [masks, za, zr, sums]
+        return [stacked, za, zr, sums]
 
     def backward(self, x2: Tensor, params: list, saved: tuple, blocks: list, aux_grads: tuple, need_x: bool,
                  flat: list) -> Tensor | None:
-        """Each site's parameter gradients into `flat` (the node's inputs' order) -> the run's x gradient [T, D]
+        """Each site's parameter gradients into `flat` (the node's parameters' order) -> the run's x gradient [T, D]
         (None without `need_x`). `params`: each site's five parameters; `blocks`: each site's columns of its
         projection's output gradient (or None); `aux_grads`: each site's aux loss's gradient (or None)."""
         masks, za, zr, sums = saved
@@ -213,7 +211,7 @@ class _Run(NamedTuple):
             site = (x2, masks, *params[s], za, zr, sums)
             gx, *ps = site_grads(site, self.scalars, need_x, grad_out_of(blocks[s], site), None, aux_grads[s],
                                  EAGER_BACKWARD[False])
-            flat[_PER_SITE * s + 1: _PER_SITE * (s + 1)] = ps
+            flat[_PARAMS * s: _PARAMS * (s + 1)] = ps
             return gx
         method, e, k, scale, cap, drop_scale, _, _ = self.scalars
         mine = [params[s] for s in self.sites]
@@ -224,7 +222,7 @@ class _Run(NamedTuple):
             drop_scale, need_x, grad_aux, None if grad_aux is None else sums, wrap=False)
         for j, s in enumerate(self.sites):
             a, b, g, tw, tb = mine[j]
-            flat[_PER_SITE * s + 1: _PER_SITE * (s + 1)] = [
+            flat[_PARAMS * s: _PARAMS * (s + 1)] = [
                 ps[0][j], ps[1][j], None if g is None else ps[2][j], None if tw is None else ps[3][j],
                 None if tb is None else ps[4][j]]
         return gx if need_x else None
