@@ -219,9 +219,12 @@ class AdaMoLELinear(ProjectionAdapters, Swapped):
         no hooks, a site with hooks or a forward of its own, or an `add_to` shadowed on the instance (the check
         pass's marker: the call must reach it). Asked per call, so it reads modules' dicts directly
         (`nn.Module.__getattr__` costs ~0.5 us a name)."""
-        if traced(x) or current_rows(self) is not None or "add_to" in self.__dict__:
+        state = self.__dict__
+        if traced(x) or current_rows(self) is not None or "add_to" in state:
             return None
-        group, base = self.group, self._modules["base_layer"]
+        active, modules = state["active"], self._modules
+        group = None if active is None else modules["adapters"]._modules[active]  # `self.group`, without __getattr__
+        base = modules["base_layer"]
         if group is None or not group.columns_in_order() or not plain_frozen_linear(base):
             return None
         w, device = base._parameters["weight"], x.device
