@@ -1,6 +1,7 @@
 """`kernels/op_linear.py`'s plan of a node (`_plan`): worked out once per meta and kernel choice, and worked out
 again when the choice's inputs change (the AMOLE_KERNELS environment variable, x's dtype), so that a cached plan
-never runs a node on kernels other than those asked for.
+never runs a node on kernels other than those asked for; and the node's autograd inputs (x and the parameters
+only).
 
 Legend: T tokens, D in features, O out features.
 """
@@ -93,3 +94,23 @@ def test_plan_key_holds_the_choice_inputs(monkeypatch):
     assert b is not a and not b.runs[0].triton
     op_linear._plan(meta, x.double())
     assert len(op_linear._PLANS) == 3
+
+
+def test_frozen_tensors_are_not_autograd_inputs():
+    """The folded node's autograd inputs are x and each site's five parameters: the projections' W and b and the
+    keep-masks take no gradient and go outside them (each input costs host time per call). Its gradients are
+    those of the unfolded path (tests/model/test_siblings.py), and W's version is still checked
+    (tests/model/test_projection.py)."""
+    model = _model().train()
+    q = model.model.layers[0].self_attn.q_proj
+    x = torch.randn(2, 6, q.in_features, requires_grad=True)  # [B, S, D]
+    y = q(x)
+    assert type(y.grad_fn).__name__ == "_EagerLinearAdapterBackward"
+    sites = sum(len(p.group) for p in (q, model.model.layers[0].self_attn.k_proj,
+                                       model.model.layers[0].self_attn.v_proj))
+    assert sites == 3  # q, k and v linked in one node
+    inputs = [f for f, _ in y.grad_fn.next_functions]
+    assert len(inputs) == 1 + 5 * sites
+    params = [t for proj in ("q_proj", "k_proj", "v_proj")
+              for t in getattr(model.model.layers[0].self_attn, proj).group.parameters()]
+    assert sum(f is not None for f in inputs) == 1 + len(params)  # x, and every parameter present
