@@ -116,7 +116,7 @@ class _EagerLinearAdapter(torch.autograd.Function):
         return (None if gx is None else gx.reshape(ctx.x_shape), None, None, None, *flat)
 
 
-_PARAMS = 5  # the parameters each site saves (A, B, gate, threshold weight, threshold bias)
+_PARAMS = 5  # the parameters each site passes and saves (A, B, gate, threshold weight, threshold bias)
 _SAVED = 4  # the tensors each run saves (keep-masks, za, zr, aux_sums)
 _SCALARS = 8  # a `_key` starts with the op scalars (method ... with_aux)
 

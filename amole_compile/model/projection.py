@@ -63,8 +63,10 @@ class ProjectionAdapters(nn.Module):
 
     @property
     def group(self) -> AdapterGroup | None:
-        """The active adapter's group (None when no adapter runs here)."""
-        return None if self.active is None else self.adapters[self.active]
+        """The active adapter's group (None when no adapter runs here). Read from the module dicts: it is asked per
+        call (`AdaMoLELinear.folding_group`), and `nn.Module.__getattr__` costs ~0.5 us a name."""
+        active = self.active
+        return None if active is None else self._modules["adapters"]._modules[active]
 
     def add(self, name: str, group: AdapterGroup) -> None:
         """Add adapter `name` (not active until `active` names it)."""
@@ -219,12 +221,9 @@ class AdaMoLELinear(ProjectionAdapters, Swapped):
         no hooks, a site with hooks or a forward of its own, or an `add_to` shadowed on the instance (the check
         pass's marker: the call must reach it). Asked per call, so it reads modules' dicts directly
         (`nn.Module.__getattr__` costs ~0.5 us a name)."""
-        state = self.__dict__
-        if traced(x) or current_rows(self) is not None or "add_to" in state:
+        if traced(x) or current_rows(self) is not None or "add_to" in self.__dict__:
             return None
-        active, modules = state["active"], self._modules
-        group = None if active is None else modules["adapters"]._modules[active]  # `self.group`, without __getattr__
-        base = modules["base_layer"]
+        group, base = self.group, self._modules["base_layer"]
         if group is None or not group.columns_in_order() or not plain_frozen_linear(base):
             return None
         w, device = base._parameters["weight"], x.device
