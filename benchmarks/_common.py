@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import datetime
+import json
 import os
 import platform
 import statistics
@@ -118,3 +119,38 @@ def table(rows: list[list], header: list[str]) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in cols]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+class Budget:
+    """Wall-clock deadline; `left()` seconds remain, `notes` say what was skipped and why."""
+
+    def __init__(self, seconds: float) -> None:
+        self.end, self.notes = time.perf_counter() + seconds, []
+
+    def left(self) -> float:
+        return self.end - time.perf_counter()
+
+    def allows(self, need: float, what: str) -> bool:
+        if self.left() >= need:
+            return True
+        self.notes.append(f"skipped {what}: {self.left():.0f} s left, needs ~{need:.0f} s")
+        return False
+
+
+def write_results(name: str, result: dict, rows: list[dict], out: Path | None) -> list[Path]:
+    """<name>.json (`result`) and <name>.csv (`rows`) into `out` (else benchmarks/results, each row also appended
+    to results/<name>_rows.csv with the device) and into $OUT when set (a lent GPU machine's output folder)."""
+    dirs = [out or RESULTS] + ([Path(os.environ["OUT"])] if os.environ.get("OUT") else [])
+    written = []
+    for d in dirs:
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"{name}.json").write_text(json.dumps(result, indent=1, default=str))
+        fields = list(dict.fromkeys(k for r in rows for k in r))
+        with (d / f"{name}.csv").open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=fields, restval="")
+            w.writeheader()
+            w.writerows(rows)
+        written += [d / f"{name}.json", d / f"{name}.csv"]
+    for r in rows if out is None else []:
+        append_row(f"{name}_rows", {"device": result["device"], **r})
+    return written

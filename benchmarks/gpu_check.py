@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
-import json
 import os
 import sys
 import time
@@ -56,20 +54,7 @@ FULL = {"layer": [(4096, 8192), (1024, 2048)], "llama": dict(hidden=2048, layers
 SMOKE = {"layer": [(64, 64)], "llama": dict(hidden=64, layers=2, heads=2, inter=172, vocab=1000, seq=16, batch=2)}
 
 
-class Budget:
-    """Wall-clock deadline; `left()` seconds remain, `notes` say what was skipped and why."""
-
-    def __init__(self, seconds: float) -> None:
-        self.end, self.notes = time.perf_counter() + seconds, []
-
-    def left(self) -> float:
-        return self.end - time.perf_counter()
-
-    def allows(self, need: float, what: str) -> bool:
-        if self.left() >= need:
-            return True
-        self.notes.append(f"skipped {what}: {self.left():.0f} s left, needs ~{need:.0f} s")
-        return False
+Budget = bc.Budget  # (the wall-clock guard, shared with tune_blocks.py)
 
 
 class LoraLinear(nn.Module):
@@ -355,20 +340,7 @@ def raise_recompile_limits() -> None:
 def write(result: dict, rows: list[dict], out: Path | None) -> list[Path]:
     """gpu_check.json / .csv into `out` (else benchmarks/results, rows appended to results/gpu_check_rows.csv)
     and into $OUT when set."""
-    dirs = [out or bc.RESULTS] + ([Path(os.environ["OUT"])] if os.environ.get("OUT") else [])
-    written = []
-    for d in dirs:
-        d.mkdir(parents=True, exist_ok=True)
-        (d / "gpu_check.json").write_text(json.dumps(result, indent=1, default=str))
-        fields = list(dict.fromkeys(k for r in rows for k in r))
-        with (d / "gpu_check.csv").open("w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=fields, restval="")
-            w.writeheader()
-            w.writerows(rows)
-        written += [d / "gpu_check.json", d / "gpu_check.csv"]
-    for r in rows if out is None else []:
-        bc.append_row("gpu_check_rows", {"device": result["device"], **r})
-    return written
+    return bc.write_results("gpu_check", result, rows, out)
 
 
 def fmt(v) -> str:

@@ -128,21 +128,22 @@ def _drive(case: Case) -> list:
     return [(len(outs), _drive_shape(case, outs, **shape)) for shape in SHAPES for outs in ((shape["o"],), GROUP_OUTS)]
 
 
-def _drive_shape(case: Case, outs: tuple, t: int, d: int, o: int) -> list:
-    """One training forward + backward of sites of O `outs` (one: the per-site launchers) over x [T, D]."""
+def _drive_shape(case: Case, outs: tuple, t: int, d: int, o: int, device: str = "cpu") -> list:
+    """One training forward + backward of sites of O `outs` (one: the per-site launchers) over x [T, D], its
+    tensors on `device` (a GPU's: launches that `benchmarks/tune_blocks.py` replays and times)."""
     del o  # the outs say it
     dtype, spec = DTYPES[case.dtype], method_spec(case.method)
     e, r, n = case.e, case.r, len(outs)
-    x = torch.zeros(t, d, dtype=dtype)
+    x = torch.zeros(t, d, dtype=dtype, device=device)
 
     def each(*shape, present=True):
-        return [torch.zeros(*shape, dtype=dtype) if present else None for _ in outs]
+        return [torch.zeros(*shape, dtype=dtype, device=device) if present else None for _ in outs]
 
     gates = each(e, d, present=spec.has_gate)
     thr_ws, thr_bs = each(1, d, present=spec.has_threshold), each(1, present=spec.has_threshold)
-    masks = torch.ones(n, t, d, dtype=torch.bool) if case.dropout else None
-    a_s, b_s = each(e * r, d), [torch.zeros(v, e * r, dtype=dtype) for v in outs]
-    bases = [torch.zeros(t, v, dtype=dtype) for v in outs]
+    masks = torch.ones(n, t, d, dtype=torch.bool, device=device) if case.dropout else None
+    a_s, b_s = each(e * r, d), [torch.zeros(v, e * r, dtype=dtype, device=device) for v in outs]
+    bases = [torch.zeros(t, v, dtype=dtype, device=device) for v in outs]
     top_k = min(2, e) if spec.uses_top_k else 0
     scalars = (case.method, e, top_k, 2.0, 1.0 / e, 1.0 / 0.95)
     with record_launches() as launches:
