@@ -92,6 +92,20 @@ def count_site(name: str, t: int, d: int, dtype: torch.dtype = torch.bfloat16, r
     return _counted(bc.site_fwd_bwd(layer, x, grad, AUX_COEF), run_kernels)
 
 
+def count_fused(t: int, d: int, dtype: torch.dtype = torch.bfloat16, run_kernels: bool = True):
+    """-> the `Counter` of one training fwd + bwd of a fused q | k | v projection (one nn.Linear d -> 2d, as Phi-3's
+    qkv_proj): AdaMoLE's three roles (d, d/2 and d/2 columns) in the projection's one folded op."""
+    torch.manual_seed(0)
+    base = nn.Linear(d, 2 * d, bias=False, dtype=dtype).requires_grad_(False)
+    cols = (tuple(range(d)), tuple(range(d, d + d // 2)), tuple(range(d + d // 2, 2 * d)))
+    layer = AdaMoLELinear(base, ("q", "k", "v"), cols, method_config("adamole")).train()
+    for role in layer.roles:
+        nn.init.normal_(layer.group[role].lora_B, std=0.01)
+    x = torch.randn(t, d, dtype=dtype, requires_grad=True)  # [T, D]
+    grad = torch.randn(t, 2 * d, dtype=dtype)  # [T, O]
+    return _counted(bc.site_fwd_bwd(layer, x, grad, AUX_COEF), run_kernels)
+
+
 def _counted(step, run_kernels: bool):
     """The `Counter` of `step()` after one uncounted warm-up call."""
     with cpu_triton():

@@ -48,10 +48,11 @@ from .triton_common import (
 
 
 @triton.jit
-def _bwd_route_kernel(go_ptr, b_ptr, wsg_ptr, T, N_OUT, o_per, ws_off, PRECISION: tl.constexpr,
+def _bwd_route_kernel(go_ptr, b_ptr, wsg_ptr, T, N_OUT, LD, o_per, ws_off, PRECISION: tl.constexpr,
                       UPCAST: tl.constexpr, BT: tl.constexpr, BO: tl.constexpr, K_P: tl.constexpr):
     """Program (T block, O split of o_per columns) -> its partial sums of grad_h, wsg [S, T, K_P] at element
-    ws_off (one site's part of the stacked [G, S, T, K_P]); a split past N_OUT writes zeros."""
+    ws_off (one site's part of the stacked [G, S, T, K_P]); a split past N_OUT writes zeros. grad_out's rows are
+    LD apart: a fused projection's column block of its output's gradient is read in place, not copied."""
     pid_t, pid_s = tl.program_id(0), tl.program_id(1)
     rt = pid_t * BT + tl.arange(0, BT)
     kp = tl.arange(0, K_P)
@@ -59,7 +60,7 @@ def _bwd_route_kernel(go_ptr, b_ptr, wsg_ptr, T, N_OUT, o_per, ws_off, PRECISION
     o_start = pid_s * o_per
     for o0 in range(o_start, o_start + o_per, BO):
         ro = o0 + tl.arange(0, BO)
-        go = _ld(go_ptr + rt[:, None] * N_OUT + ro[None, :], (rt[:, None] < T) & (ro[None, :] < N_OUT), UPCAST)
+        go = _ld(go_ptr + rt[:, None] * LD + ro[None, :], (rt[:, None] < T) & (ro[None, :] < N_OUT), UPCAST)
         b = _ld(b_ptr + ro[:, None] * K_P + kp[None, :], ro[:, None] < N_OUT, UPCAST)  # [BO, K_P]
         acc += tl.dot(go, b, input_precision=PRECISION)
     wsg_ptr += ws_off
@@ -231,7 +232,7 @@ def adapter_backward_triton_group(grad_outs, grad_scores, x, drop_masks, lora_as
         return _backward_group_torch(grad_outs, grad_scores, x, drop_masks, lora_as, lora_bs, gate_ws, thr_ws, thr_bs,
                                      za, zr, method, num_experts, top_k, scale, max_threshold, drop_scale,
                                      need_grad_x, grad_aux, aux_sums)
-    x, grad_outs = x.contiguous(), [g.contiguous() for g in grad_outs]
+    x, grad_outs = x.contiguous(), [_rows(g) for g in grad_outs]
     wrap = traced(x) if wrap is None else wrap
     keep, has_keep = keep_arg(drop_masks, x)
     gate_w = gate_ws[0]
@@ -254,6 +255,12 @@ def adapter_backward_triton_group(grad_outs, grad_scores, x, drop_masks, lora_as
                     p.er, drop_scale), wrap)
     grad_as, grad_gates, grad_thr_ws, grad_tbs = grads
     return grad_x, grad_as, grad_bs, grad_gates, grad_thr_ws, grad_tbs
+
+
+def _rows(g):
+    """A site's output gradient [T, O_g] as the route kernel reads it: rows of unit-stride columns, any row stride
+    (a fused projection's column block is read in place; the grad_B GEMM takes it strided too); copied otherwise."""
+    return g if g.stride(-1) == 1 and g.stride(0) >= g.shape[1] else g.contiguous()
 
 
 def adapter_backward_triton(grad_out, grad_scores, x, drop_mask, lora_a, lora_b, gate_w, thr_w, thr_b, za, zr,
@@ -300,7 +307,8 @@ def _route(p, grad_outs, grad_scores, lora_bs, za, zr, thr_bs, grad_aux, aux_sum
     wsg = x.new_empty(n, p.o_splits, t, k_p, dtype=torch.float32)  # [G, S, T, K_P] grad_h parts
     for i, (go, b) in enumerate(zip(grad_outs, lora_bs, strict=True)):
         b = padded(as_dtype(b, x.dtype), e, p.r, p.geo, rows=False)  # [O_g, K_P]
-        launch(_bwd_route_kernel, p.route, (go, b, wsg, t, go.shape[1], p.o_per, i * p.o_splits * t * k_p), wrap)
+        launch(_bwd_route_kernel, p.route, (go, b, wsg, t, go.shape[1], go.stride(0), p.o_per,
+                                            i * p.o_splits * t * k_p), wrap)
     k = e * p.r
     gza, h = x.new_empty(n, t, k), x.new_empty(n, t, k)
     gzr = x.new_empty(n, t, max(p.er, 1))

@@ -215,7 +215,7 @@ class _Run(NamedTuple):
             return gx
         method, e, k, scale, cap, drop_scale, _, _ = self.scalars
         mine = [params[s] for s in self.sites]
-        grad_outs = [grad_out_of(blocks[s], (x2, None, *params[s])).contiguous() for s in self.sites]  # [T, O_s]
+        grad_outs = [grad_out_of(blocks[s], (x2, None, *params[s])) for s in self.sites]  # [T, O_s], maybe strided
         grad_aux = _stack_grads([aux_grads[s] for s in self.sites], ()) if sums.numel() else None  # [G]
         gx, *ps = _triton()[1](
             grad_outs, None, x2, masks, *zip(*mine, strict=True), za, zr, method, e, k, scale, cap,

@@ -177,3 +177,28 @@ def test_launches_of_a_group(counting):
     assert len(one[0]) == 7
     assert sorted(one[1]) == sorted(["cat", "sum", "bmm", "addmm", "mm"]), one[1]
     assert sorted(three[1]) == sorted(["cat"] * 3 + ["sum", "bmm"] + ["addmm"] * 3 + ["mm"] * 3), three[1]
+
+
+def test_column_blocks_of_one_gradient_are_read_in_place(counting):
+    """A fused projection's sites get their output gradients as column blocks of one [T, O] tensor (row stride O):
+    the backward reads them where they are (the route kernel's row stride; grad_B's GEMM takes them strided), with
+    the same results bit for bit as from contiguous copies, and launches no copy."""
+    sites = make_group(SIZES[3], "adamole")
+    x, masks, lora_as, lora_bs, gates, thr_ws, thr_bs, bases, *scalars = group_args(sites)
+    out = adapter_triton_group(x, masks, lora_as, lora_bs, gates, thr_ws, thr_bs, bases, *scalars, True)
+    whole = torch.randn(x.shape[0], sum(SIZES[3]), generator=torch.Generator().manual_seed(2)).to(DEVICE)  # [T, O]
+    blocks = list(whole.split(list(SIZES[3]), dim=1))  # [T, O_g] views, row stride O
+    assert not any(b.is_contiguous() for b in blocks)
+    gaux = out[5].new_ones(len(sites))
+
+    def backward(gos):
+        return adapter_backward_triton_group(gos, None, x, masks, lora_as, lora_bs, gates, thr_ws, thr_bs, out[3],
+                                             out[4], *scalars, True, gaux, out[6])
+
+    want, got = backward([b.contiguous() for b in blocks]), backward(blocks)
+    with counting() as c:  # (kernels stubbed: the launches only)
+        backward(blocks)
+    assert not {"clone", "copy_", "contiguous"} & set(c.launch_ops), c.launch_ops
+    assert torch.equal(got[0], want[0])
+    for a, b in zip(got[1:], want[1:], strict=True):
+        assert all(torch.equal(u, v) for u, v in zip(a, b, strict=True))
