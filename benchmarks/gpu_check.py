@@ -54,9 +54,6 @@ FULL = {"layer": [(4096, 8192), (1024, 2048)], "llama": dict(hidden=2048, layers
 SMOKE = {"layer": [(64, 64)], "llama": dict(hidden=64, layers=2, heads=2, inter=172, vocab=1000, seq=16, batch=2)}
 
 
-Budget = bc.Budget  # (the wall-clock guard, shared with tune_blocks.py)
-
-
 class LoraLinear(nn.Module):
     """PEFT's LoRA layer in plain torch: base(x) + B(A(dropout(x))) * scale."""
 
@@ -142,7 +139,7 @@ def top_kernels(events, n: int = 8) -> str:
     return " ".join(f"{name[:40].replace(' ', '_')}={us:.0f}" for name, us in top)
 
 
-def layer_section(sizes, device: str, dtype, budget: Budget, steps: int) -> list[dict]:
+def layer_section(sizes, device: str, dtype, budget: bc.Budget, steps: int) -> list[dict]:
     rows = []
     for d, t in sizes:
         if not budget.allows(15, f"layer {d}x{t}"):
@@ -173,7 +170,7 @@ def layer_size(d: int, t: int, device: str, dtype, steps: int) -> list[dict]:
 
 # ---- launch path -------------------------------------------------------------------------------------------------
 
-def launch_section(device: str, budget: Budget, reps: int) -> list[dict]:
+def launch_section(device: str, budget: bc.Budget, reps: int) -> list[dict]:
     """Host µs per launch (median of 5 rounds of `reps` back-to-back calls): the op's reduce kernel through
     `kernel[grid]` and through a kept build (`kernels/direct.py`), against `torch.add(out=)` on the same [n]
     float32 tensor."""
@@ -274,7 +271,7 @@ MODE_NEED_S = {"eager": 20, "compile": 120, "reduce-overhead": 90}  # all conten
 TORCH_PATH = "amole torch path"  # compile mode's third contender: AdaMoLE with kernels="torch"
 
 
-def train_section(shape: dict, device: str, dtype, budget: Budget, modes, steps: int, whole: bool) -> list[dict]:
+def train_section(shape: dict, device: str, dtype, budget: bc.Budget, modes, steps: int, whole: bool) -> list[dict]:
     try:
         base = llama(shape, device, dtype)
     except ImportError as e:
@@ -357,7 +354,7 @@ def main() -> None:
     ap.add_argument("--whole-model", action="store_true", help="compile the whole loss, not each decoder layer")
     ap.add_argument("--out", type=Path, default=None, help="write the JSON / CSV here, not into benchmarks/results")
     args = ap.parse_args()
-    budget = Budget(args.budget)
+    budget = bc.Budget(args.budget)
     device = "cpu" if args.cpu_smoke else "cuda"
     if device == "cuda" and not torch.cuda.is_available():
         sys.exit("no CUDA device: run with --cpu-smoke")

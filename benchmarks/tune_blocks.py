@@ -112,7 +112,8 @@ def tune_kernel(kernel: str, case: aot.Case, shapes, groups: int, device: str, b
                    "candidate": _label(cand), "current": cand == current}
             try:
                 fn = replay(launches_with(kernel, cand, case, (d,) * groups, t, d, device))
-                row["registers"], row["spills"] = resources(fn())
+                # a GPU's first call compiles the builds, whose resources it returns; interpreted, there are none
+                row["registers"], row["spills"] = resources(fn()) if device == "cuda" else (None, None)
                 row["ms"] = time_ms(fn, device)
             except Exception as exc:  # a build that fails (shared memory, a compile error): noted, not proposed
                 row["error"] = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__

@@ -92,7 +92,7 @@ EXPECTED_FUSED = {"launches": 28, "allocs": 33, "overwritten": 0, "syncs": 0}
 
 
 def test_fused_q_k_v_counts():
-    """The fused projection's roles launch as linked projections do, with no copy of their gradient blocks."""
+    """A fused q | k | v projection's three roles in its one folded op, with no copy of their gradient blocks."""
     c = ho.count_fused(64, 64)
     got = c.summary()
     for key, bound in EXPECTED_FUSED.items():
