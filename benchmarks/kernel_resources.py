@@ -6,6 +6,10 @@ of time for sm_80 (A100) and sm_90 (H100) on this machine (no GPU needed): `amol
                                           [--jobs 2] [--all-rows]
     python benchmarks/kernel_resources.py --search [--kernels fwd,bwd_route] [--k-p 128,256]  # re-derive blocks.TABLE
 
+--kernels names kernels without their underscores and `_kernel` (fwd, fwd_finish, bwd_route, ...): the matrix
+builds only theirs (default: every kernel), --search searches only their rows (default: the four tiled kernels,
+`blocks.KERNEL_NAMES`).
+
 Prints one row per build that spills or overflows shared memory (every build with --all-rows), then the maximum
 registers and shared memory per kernel and arch, and appends a summary row to results/kernel_resources.csv.
 Exits 1 when a build spills or needs more shared memory than a block may opt into (163 KB sm_80, 227 KB sm_90).
@@ -62,9 +66,26 @@ def _describe(spec) -> str:
     return f"{spec.name:<18} {spec.label():<42} K_P={k_p:<5} {blk} w={spec.num_warps} s={spec.num_stages}"
 
 
+def kernel_name(spec) -> str:
+    """A build's kernel as --kernels names it: `_bwd_route_kernel` -> `bwd_route`."""
+    return spec.name.strip("_").removesuffix("_kernel")
+
+
+def only_kernels(specs: list, names: tuple | None) -> list:
+    """The specialisations of the kernels `names` (None: all); a name no specialisation has raises, listing the
+    names there are (a typo must not build nothing and report no problem)."""
+    if names is None:
+        return specs
+    there = sorted({kernel_name(s) for s in specs})
+    unknown = [n for n in names if n not in there]
+    if unknown:
+        raise SystemExit(f"--kernels: no kernel named {', '.join(unknown)}; the matrix has {', '.join(there)}")
+    return [s for s in specs if kernel_name(s) in names]
+
+
 def run_matrix(args) -> int:
     matrix = aot.cases(args.dtypes, args.methods, args.experts, args.ranks, args.dropouts)
-    _SPECS[:] = aot.specialisations(matrix)
+    _SPECS[:] = only_kernels(aot.specialisations(matrix), args.kernels)
     jobs = [(i, arch) for i in range(len(_SPECS)) for arch in args.archs]
     print(f"{len(matrix)} op configurations -> {len(_SPECS)} kernel specialisations x {len(args.archs)} archs "
           f"= {len(jobs)} builds")
@@ -89,7 +110,7 @@ def run_matrix(args) -> int:
         "device": bc.device_name("cpu"), "builds": len(jobs), "specialisations": len(_SPECS),
         "dtypes": " ".join(args.dtypes), "methods": " ".join(args.methods),
         "experts": " ".join(map(str, args.experts)), "ranks": " ".join(map(str, args.ranks)),
-        "archs": " ".join(map(str, args.archs)), "problems": bad,
+        "archs": " ".join(map(str, args.archs)), "kernels": " ".join(args.kernels or ("all",)), "problems": bad,
         "max registers": max(w[0] for w in worst.values()) if worst else 0,
         "max shared bytes": max(w[1] for w in worst.values()) if worst else 0,
         "spilling builds": sum(w[2] for w in worst.values()), "seconds": round(secs)})
@@ -125,8 +146,8 @@ def run_search(args) -> int:
     by_kp = defaultdict(list)
     for case in matrix:
         by_kp[(blocks.padded_columns(case.e, case.r), case.dtype)].append(case)
-    groups = [(k, kp, dt, args.archs, cases) for k in args.kernels for (kp, dt), cases in sorted(by_kp.items())
-              if not args.k_p or kp in args.k_p]
+    groups = [(k, kp, dt, args.archs, cases) for k in args.kernels or blocks.KERNEL_NAMES
+              for (kp, dt), cases in sorted(by_kp.items()) if not args.k_p or kp in args.k_p]
     with mp.Pool(args.jobs) as pool:
         for kernel, k_p, dt, cand, n in pool.imap_unordered(_search_group, groups):
             print(f"{kernel:<10} K_P={k_p:<5} {dt:<9} -> {cand} ({n} specialisations)", flush=True)
@@ -141,7 +162,8 @@ def main() -> None:
     ap.add_argument("--ranks", type=lambda s: _csv_list(s, int), default=aot.RANKS)
     ap.add_argument("--dropouts", type=lambda s: _csv_list(s, lambda v: v == "1"), default=(False, True))
     ap.add_argument("--archs", type=lambda s: _csv_list(s, int), default=aot.ARCHS)
-    ap.add_argument("--kernels", type=_csv_list, default=blocks.KERNEL_NAMES)
+    ap.add_argument("--kernels", type=_csv_list, default=None,
+                    help="only these kernels (fwd, bwd_route, ...; default: all, --search: the four tiled ones)")
     ap.add_argument("--k-p", type=lambda s: _csv_list(s, int), default=(), help="--search: only these K_P")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--all-rows", action="store_true", help="print every build, not only the failing ones")
