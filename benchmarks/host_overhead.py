@@ -13,10 +13,12 @@ kernels run in the interpreter so that the overwrite check can look at their out
 Host-time ratio: a Llama (hidden 64, 4 layers, seq 8, batch 2, bf16) training step, AdaMoLE (`transform`) over
 PEFT LoRA r=32, Triton launches stubbed, process CPU time on one torch thread, alternating (which runs first
 alternates too), the median of the per-pair ratios; and the same without AdamW (forward, backward, zero_grad).
-A stubbed launch costs nothing there. Then the step again in a subprocess with the kernels compiled for sm_90 and
-Triton's own host path run up to its C launcher (`_triton_host.py`: the driver stood in for), launched through
-`JITFunction.run` every time, and through `kernels/direct.py`'s kept builds (issue 21: "compiled kernels launched
-without Triton's Python dispatch").
+A stubbed launch costs nothing there. Both again in float32: this CPU has no bf16 arithmetic, so each small bf16
+GEMM costs it 10-130 us of compute (a GPU's host enqueues one in a few), which dilutes the bf16 ratio with time
+both sides spend alike; float32's GEMMs cost 6-9 us, near the host's own cost per op. Then the step again in a
+subprocess with the kernels compiled for sm_90 and Triton's own host path run up to its C launcher
+(`_triton_host.py`: the driver stood in for), launched through `JITFunction.run` every time, and through
+`kernels/direct.py`'s kept builds (issue 21: "compiled kernels launched without Triton's Python dispatch").
 """
 
 from __future__ import annotations
@@ -210,13 +212,17 @@ def host_ratio(steps: int, warmup: int = 3) -> dict:
     """Median process CPU time per step of each contender (one thread, launches stubbed), and of the step without
     AdamW (`passes`: on a CPU each foreach op loops over its tensors, 5 per AdaMoLE site against PEFT's 2, where a
     GPU's multi-tensor kernels take them in a few launches); the launches and syncs of its forward + backward
-    (AdamW's `.item()`s read CPU step counters, no device sync on a GPU)."""
+    (AdamW's `.item()`s read CPU step counters, no device sync on a GPU). Then the same two ratios in float32
+    ("float32"): a CPU without bf16 arithmetic computes each small bf16 GEMM in 10-130 us (a GPU's host enqueues
+    it in a few), so in bf16 the step's shared GEMMs dilute the ratio; float32's cost 6-9 us, near the host's own
+    cost per op (benchmarks/README.md, "Twelfth look")."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     torch.set_flush_denormal(True)  # stubbed kernels leave garbage, which must not hit slow denormal paths
     try:
         with cpu_triton():
             fns, _ = step_models()
+            fns32, _ = step_models(torch.float32)
         counts = {}
         with cpu_triton(), triton_hooked(None):
             for k, (step, fwd_bwd, _) in fns.items():
@@ -227,11 +233,13 @@ def host_ratio(steps: int, warmup: int = 3) -> dict:
                 counts[k] = c.summary()
             times, ratio = paired(fns["amole"][0], fns["peft lora"][0], steps, warmup)
             pass_times, pass_ratio = paired(fns["amole"][2], fns["peft lora"][2], steps, warmup)
+            fp32 = {"step": paired(fns32["amole"][0], fns32["peft lora"][0], steps, warmup),
+                    "passes": paired(fns32["amole"][2], fns32["peft lora"][2], steps, warmup)}
     finally:
         torch.set_num_threads(threads)
     return {"times": {"amole": times[0], "peft lora": times[1]}, "ratio": ratio, "counts": counts,
             "passes": {"amole": pass_times[0], "peft lora": pass_times[1]}, "passes ratio": pass_ratio,
-            "triton host path": triton_host_path(steps, warmup)}
+            "float32": fp32, "triton host path": triton_host_path(steps, warmup)}
 
 
 def triton_host_path(steps: int, warmup: int = 3) -> dict:
@@ -334,6 +342,8 @@ def main() -> None:
     passes = host["passes"]
     print(f"the same without AdamW (forward, backward, zero_grad): amole {passes['amole'] * 1e3:.2f} ms, "
           f"peft lora {passes['peft lora'] * 1e3:.2f} ms, median ratio {host['passes ratio']:.2f}x")
+    for name, ((amole, peft), r) in host["float32"].items():
+        print(f"float32, {name}: amole {amole * 1e3:.2f} ms, peft lora {peft * 1e3:.2f} ms, median ratio {r:.2f}x")
     triton_path = host["triton host path"]
     for name in ("JITFunction.run", "direct"):
         (amole, peft), r = triton_path[name]
@@ -353,6 +363,8 @@ def main() -> None:
     row.update({"step amole ms": round(times["amole"] * 1e3, 3), "step peft ms": round(times["peft lora"] * 1e3, 3),
                 "step ratio": round(ratio, 3), "passes amole ms": round(passes["amole"] * 1e3, 3),
                 "passes peft ms": round(passes["peft lora"] * 1e3, 3), "passes ratio": round(host["passes ratio"], 3)})
+    for name, ((amole, _), r) in host["float32"].items():
+        row.update({f"{name} float32 amole ms": round(amole * 1e3, 3), f"{name} float32 ratio": round(r, 3)})
     for name in ("JITFunction.run", "direct"):
         (amole, _), r = triton_path[name]
         row.update({f"step triton path {name} amole ms": round(amole * 1e3, 3),
