@@ -32,6 +32,8 @@ os.environ.pop("TRITON_INTERPRET", None)  # compile the kernels as JIT functions
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, without its warning
 
 sys.path.insert(0, str(Path(__file__).parent))
+import torch
+
 from amole_compile.kernels import _aot as aot
 from amole_compile.kernels import blocks
 
@@ -47,7 +49,7 @@ def _measure(job: tuple[int, int]):
         usage = aot.measure(spec, arch)
     except Exception as exc:  # a compile error is a finding too
         return i, arch, None, f"compile error: {str(exc).splitlines()[0][:120]}"
-    return i, arch, usage, "; ".join(aot.problems(usage, arch))
+    return i, arch, usage, "; ".join(aot.problems(usage, arch, spec))
 
 
 def _csv_list(text: str, kind=str) -> tuple:
@@ -89,13 +91,15 @@ def run_matrix(args) -> int:
     jobs = [(i, arch) for i in range(len(_SPECS)) for arch in args.archs]
     print(f"{len(matrix)} op configurations -> {len(_SPECS)} kernel specialisations x {len(args.archs)} archs "
           f"= {len(jobs)} builds")
-    start, bad, worst = time.time(), 0, defaultdict(lambda: [0, 0, 0])
+    start, bad, worst, shared = time.time(), 0, defaultdict(lambda: [0, 0, 0]), defaultdict(int)
     with mp.Pool(args.jobs) as pool:
         for i, arch, usage, problem in pool.imap_unordered(_measure, jobs):
             spec = _SPECS[i]
             if usage is not None:
                 w = worst[(spec.name, arch)]
                 w[0], w[1], w[2] = max(w[0], usage.registers), max(w[1], usage.shared), w[2] + usage.spills
+                row = (blocks.dtype_class(aot.DTYPES[spec.case.dtype]), blocks.padded_columns(spec.case.e, spec.case.r))
+                shared[row] = max(shared[row], usage.shared)
             bad += bool(problem)
             if problem or args.all_rows:
                 reg = "-" if usage is None else f"REG {usage.registers:3d} SHARED {usage.shared:6d} " \
@@ -105,6 +109,10 @@ def run_matrix(args) -> int:
     rows = [[name, f"sm_{arch}", str(w[0]), f"{w[1] / 1024:.1f}", str(w[2])]
             for (name, arch), w in sorted(worst.items())]
     print(bc.table(rows, ["kernel", "arch", "max REG", "max shared KB", "builds spilling"]))
+    print("most shared memory per block by the op's K_P (what blocks.SHARED_BYTES lists; a build above its row is a "
+          "problem above)")
+    print(bc.table([[cls, k_p, n, blocks.shared_bytes(k_p, torch.float32 if cls == "fp32" else torch.bfloat16)]
+                    for (cls, k_p), n in sorted(shared.items())], ["dtype class", "K_P", "measured B", "listed B"]))
     print(f"{len(jobs)} builds in {secs:.0f} s, {bad} with a problem")
     bc.append_row("kernel_resources", {
         "device": bc.device_name("cpu"), "builds": len(jobs), "specialisations": len(_SPECS),

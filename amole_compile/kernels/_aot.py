@@ -31,7 +31,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import create_function_from_signature
 
-from . import adapter_triton, triton_common
+from . import adapter_triton, blocks, triton_common
 from .methods import method_spec
 
 # Per-block opt-in shared memory (bytes): A100 (sm_80) 163 KB, H100 (sm_90) 227 KB (CUDA programming guide).
@@ -229,11 +229,18 @@ def measure(spec: Spec, arch: int) -> Usage:
     return Usage(usage.registers, max(usage.shared, compiled.metadata.shared), usage.local, usage.stack)
 
 
-def problems(usage: Usage, arch: int) -> list[str]:
-    """Why a build would not run well on sm_<arch>: spills or more shared memory than a block may opt into."""
+def problems(usage: Usage, arch: int, spec: Spec | None = None) -> list[str]:
+    """Why a build would not run well on sm_<arch>: spills or more shared memory than a block may opt into; with
+    its `spec`, also more shared memory than `blocks.shared_bytes` says its case's builds take (what
+    `backend.device_unfit` holds a GPU's opt-in against)."""
     out = []
     if usage.spills:
         out.append(f"spills (local {usage.local} B, stack {usage.stack} B)")
     if usage.shared > SHARED_LIMIT[arch]:
         out.append(f"shared memory {usage.shared} B > {SHARED_LIMIT[arch]} B")
+    if spec is not None:
+        k_p = blocks.padded_columns(spec.case.e, spec.case.r)
+        listed = blocks.shared_bytes(k_p, DTYPES[spec.case.dtype])
+        if usage.shared > listed:
+            out.append(f"shared memory {usage.shared} B > blocks.SHARED_BYTES's {listed} B at K_P {k_p}")
     return out

@@ -2,9 +2,11 @@
 variable `AMOLE_KERNELS`), resolved per call to "torch" or "triton". Imports no triton.
 
 Bad input never reaches a Triton compile: what the kernels cannot take (a dtype, more experts or padded columns
-than the compile matrix covers, see `blocks.unsupported`) takes the torch path, with a one-time warning naming
-why when the tensor is on a CUDA device (where 'auto' would have picked Triton), or raises naming the limit when
-`kernels='triton'` was asked for.
+than the compile matrix covers, see `blocks.unsupported`; a GPU they are not built for, or whose blocks may not
+opt into the shared memory their builds need, see `device_unfit`) takes the torch path, with a one-time warning
+naming why when the tensor is on a CUDA device (where 'auto' would have picked Triton), or raises naming the
+limit when `kernels='triton'` was asked for. Triton itself would raise `OutOfResources` at the first launch,
+inside a training step.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import warnings
 
 import torch
 
-from .blocks import unsupported
+from .blocks import padded_columns, shared_bytes, unsupported
 
 KERNELS = ("auto", "torch", "triton")
 # The path a traced (torch.compile) 'auto' call takes on a GPU: "triton" (the op's kernels, as user-defined Triton
@@ -26,6 +28,9 @@ KERNELS = ("auto", "torch", "triton")
 COMPILED_AUTO = "triton"
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 ENV_VAR = "AMOLE_KERNELS"
+# The lowest compute capability the kernels are built and checked for: the AOT matrix compiles sm_80 and sm_90
+# (benchmarks/kernel_resources.py); below it Triton's support differs (no bf16 dots before sm_80).
+MIN_CAPABILITY = (8, 0)
 
 
 @functools.cache
@@ -75,7 +80,7 @@ def resolve_kernels(requested: str, x: torch.Tensor, num_experts: int = 1, rank:
         return "torch"
     ok, why = triton_usable(x, explicit=choice == "triton")
     if ok:
-        why = unsupported(num_experts, rank)
+        why = unsupported(num_experts, rank) or device_unfit(x.device, x.dtype, num_experts, rank)
         ok = not why
     if ok:
         return "triton"
@@ -85,6 +90,37 @@ def resolve_kernels(requested: str, x: torch.Tensor, num_experts: int = 1, rank:
         _warned.add(why)
         warnings.warn(f"amole: the Triton kernels cannot run this call, using the torch path: {why}", stacklevel=2)
     return "torch"
+
+
+@functools.cache
+def _device_facts(index: int | None) -> tuple[tuple[int, int], int] | None:
+    """CUDA device `index`'s (compute capability, shared memory a block may opt into, in bytes), asked once; None
+    without a CUDA device here (fake CUDA tensors traced on a CPU: the GPU is elsewhere, its limits unknown)."""
+    if not torch.cuda.is_available():
+        return None
+    props = torch.cuda.get_device_properties(torch.cuda.current_device() if index is None else index)
+    return (props.major, props.minor), props.shared_memory_per_block_optin
+
+
+def device_unfit(device: torch.device, dtype: torch.dtype, num_experts: int, rank: int) -> str:
+    """Why the kernels' builds for E experts of rank R in `dtype` cannot run on `device` ('' when they can, and for
+    any device but a CUDA one): a compute capability below MIN_CAPABILITY, or a block shared-memory opt-in below
+    what the builds take (`blocks.shared_bytes`: 99 KB GPUs such as sm_86 / sm_89 / sm_120 cannot take K_P >= 512).
+    Nothing to hold against without a CUDA device here (tracing fake CUDA tensors on a CPU)."""
+    facts = _device_facts(device.index) if device.type == "cuda" else None
+    if facts is None:
+        return ""
+    (major, minor), optin = facts
+    if (major, minor) < MIN_CAPABILITY:
+        return (f"the GPU ({device}) has compute capability {major}.{minor}; the Triton kernels are built and "
+                f"checked for {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]} and newer")
+    k_p = padded_columns(num_experts, rank)
+    need = shared_bytes(k_p, dtype)
+    if need > optin:
+        return (f"at E = {num_experts}, rank {rank} (E_P * R_P = {k_p} padded columns) the kernels' {dtype} builds "
+                f"need {need} B of shared memory per block; the GPU ({device}, compute capability "
+                f"{major}.{minor}) lets a block opt into {optin} B")
+    return ""
 
 
 def traced(x: torch.Tensor) -> bool:

@@ -145,6 +145,26 @@ def padded_columns(num_experts: int, rank: int) -> int:
     return e_p * r_p
 
 
+# dtype class -> ((largest K_P of the row, bytes), ...) in increasing K_P: the most shared memory per block that any
+# build of the kernels takes for an op at that K_P (the AOT matrix over `TABLE`'s tiles, methods, E, R, dropout,
+# one site and a group; the larger of sm_80's and sm_90's; sm_86 / sm_89 build as sm_80, or smaller). What
+# `backend.device_unfit` holds a GPU's per-block opt-in against: a 99 KB GPU (sm_86 / sm_89 / sm_120) cannot run
+# K_P 512 (fp32 and 16-bit) or 1024, where Triton would raise `OutOfResources` at the first launch. The AOT checks
+# (`_aot.problems` with the build's spec) fail when a build takes more than its row says.
+# Measured 2026-12-07 (triton 3.9; adamole E 1-16, R 1-64, with and without dropout): the largest are the
+# input-gradient kernel's at K_P 512 and 1024, and the forward's or the route kernel's below.
+SHARED_BYTES: dict[str, tuple[tuple[int, int], ...]] = {
+    "fp32": ((16, 26624), (32, 53248), (64, 24576), (128, 40960), (256, 88064), (512, 139264), (1024, 135168)),
+    "16bit": ((16, 20480), (32, 28672), (64, 65536), (128, 49152), (256, 81920), (512, 139264), (1024, 135168)),
+}
+
+
+def shared_bytes(k_p: int, dtype: torch.dtype) -> int:
+    """The most shared memory per block the kernels' builds take at K_P padded columns in `dtype` (`SHARED_BYTES`)."""
+    rows = SHARED_BYTES[dtype_class(dtype)]
+    return next((n for limit, n in rows if k_p <= limit), rows[-1][1])
+
+
 def unsupported(num_experts: int, rank: int) -> str:
     """Why the kernels cannot take E experts of rank R ('' when they can): outside the compile matrix."""
     if num_experts > MAX_EXPERTS:

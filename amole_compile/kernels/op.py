@@ -180,15 +180,16 @@ def register() -> SimpleNamespace:
     return _registered
 
 
-_EAGER_CHOICE: dict = {}  # (kernels, AMOLE_KERNELS, TRITON_INTERPRET, device type, dtype, E, K) -> Triton?
+_EAGER_CHOICE: dict = {}  # (kernels, AMOLE_KERNELS, TRITON_INTERPRET, device, dtype, E, K) -> Triton?
 
 
 def eager_triton(kernels: str, x: Tensor, num_experts: int, k: int) -> bool:
-    """`_use_triton` for an eager call (no fake tensors), remembered per setting, environment, device type, dtype,
-    E and K: `resolve_kernels` costs ~10 us, twice per site and step. A miss asks it (its one-time warning, or
-    its error for an impossible `kernels='triton'`, which is not remembered)."""
+    """`_use_triton` for an eager call (no fake tensors), remembered per setting, environment, device (GPUs of one
+    machine may differ: `backend.device_unfit`), dtype, E and K: `resolve_kernels` costs ~10 us, twice per site
+    and step. A miss asks it (its one-time warning, or its error for an impossible `kernels='triton'`, which is not
+    remembered)."""
     env = os.environ
-    key = (kernels, env.get(ENV_VAR), env.get("TRITON_INTERPRET"), x.device.type, x.dtype, num_experts, k)
+    key = (kernels, env.get(ENV_VAR), env.get("TRITON_INTERPRET"), x.device, x.dtype, num_experts, k)
     choice = _EAGER_CHOICE.get(key)
     if choice is None:
         choice = _EAGER_CHOICE[key] = resolve_kernels(kernels, x, num_experts, k // max(num_experts, 1)) == "triton"

@@ -130,14 +130,14 @@ class _Plan(NamedTuple):
     runs: tuple[_Run, ...]
 
 
-_PLANS: dict = {}  # (meta, AMOLE_KERNELS, TRITON_INTERPRET, device type, dtype) -> _Plan
+_PLANS: dict = {}  # (meta, AMOLE_KERNELS, TRITON_INTERPRET, device, dtype) -> _Plan
 
 
 def _plan(meta: tuple, x: Tensor) -> _Plan:
     """The node's `_Plan`, worked out once per meta and the kernel choice's inputs (`op.eager_triton`'s: a node
     runs the same way call after call)."""
     env = os.environ
-    key = (meta, env.get(ENV_VAR), env.get("TRITON_INTERPRET"), x.device.type, x.dtype)
+    key = (meta, env.get(ENV_VAR), env.get("TRITON_INTERPRET"), x.device, x.dtype)  # the device: GPUs differ
     plan = _PLANS.get(key)
     if plan is None:
         if len(_PLANS) > 1024:

@@ -12,12 +12,12 @@ import json
 import os
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import pytest
 import torch
 from test_adapter_kernels import check, make
+from test_device_limits import falls_back_once
 
 from amole_compile.kernels import blocks, register, triton_common
 
@@ -47,7 +47,7 @@ for dtype, method, e, r, dropout, arch in json.loads(sys.argv[1]):
     for spec in aot.specialisations([aot.Case(dtype, method, e, r, dropout)]):
         usage = aot.measure(spec, arch)
         out.append([spec.name, spec.label(), arch, usage.registers, usage.shared, usage.local, usage.stack,
-                    aot.problems(usage, arch)])
+                    aot.problems(usage, arch, spec)])
 print(json.dumps(out))
 """
 
@@ -109,11 +109,7 @@ def test_shapes_beyond_the_limits_fall_back_or_raise(monkeypatch):
     monkeypatch.setattr(backend, "triton_usable", lambda x, explicit=False: (True, ""))
     monkeypatch.setattr(backend, "_on_gpu", lambda x: True)
     monkeypatch.setattr(backend, "_warned", set())
-    with pytest.warns(UserWarning, match="limit of 16"):
-        assert backend.resolve_kernels("auto", x, num_experts=32, rank=4) == "torch"
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        assert backend.resolve_kernels("auto", x, num_experts=32, rank=4) == "torch"  # warned once already
+    falls_back_once(x, 32, 4, "limit of 16")
     assert backend.resolve_kernels("auto", x, num_experts=8, rank=4) == "triton"
 
 
