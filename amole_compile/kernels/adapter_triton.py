@@ -184,6 +184,7 @@ def adapter_triton_group(x, drop_masks, lora_as, lora_bs, gate_ws, thr_ws, thr_b
     keep, has_keep = keep_arg(drop_masks, x)
     p = forward_plan(t, d, num_experts, lora_as[0].shape[0], method, top_k, x.dtype, has_keep,
                      wants_aux(with_aux, gate_ws[0], t), upcast(x.dtype), blocks.choose, n)
+    blocks.check_index(t, d, max(b.shape[0] for b in lora_bs), n, p.k_p)
     f32 = torch.float32
     wsa = x.new_empty(n, p.splits, t, p.k_p, dtype=f32)  # [G, S, T, K_P] partial sums over D
     wsr = x.new_empty(n, p.splits, t, p.g_p, dtype=f32)  # [G, S, T, G_P]

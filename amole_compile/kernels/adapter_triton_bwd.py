@@ -240,6 +240,7 @@ def adapter_backward_triton_group(grad_outs, grad_scores, x, drop_masks, lora_as
     p = backward_plan(t, d, max(g.shape[1] for g in grad_outs), num_experts, lora_as[0].shape[0], method, top_k,
                       x.dtype, has_keep, grad_scores is not None, has_aux, 0 if gate_w is None else gate_w.shape[0],
                       need_grad_x, upcast(x.dtype), blocks.choose, n)
+    blocks.check_index(t, d, max(max(g.stride(0), g.shape[1]) for g in grad_outs), n, p.route.constexprs["K_P"])
     gza, h, gzr, gtb = _route(p, grad_outs, grad_scores, lora_bs, za, zr, thr_bs, grad_aux if has_aux else None,
                               aux_sums, num_experts, scale, max_threshold, wrap)
     grad_bs = [as_dtype(go.t() @ h[i], b.dtype) for i, (go, b) in enumerate(zip(grad_outs, lora_bs, strict=True))]

@@ -3,10 +3,11 @@ variable `AMOLE_KERNELS`), resolved per call to "torch" or "triton". Imports no 
 
 Bad input never reaches a Triton compile: what the kernels cannot take (a dtype, more experts or padded columns
 than the compile matrix covers, see `blocks.unsupported`; a GPU they are not built for, or whose blocks may not
-opt into the shared memory their builds need, see `device_unfit`) takes the torch path, with a one-time warning
-naming why when the tensor is on a CUDA device (where 'auto' would have picked Triton), or raises naming the
-limit when `kernels='triton'` was asked for. Triton itself would raise `OutOfResources` at the first launch,
-inside a training step.
+opt into the shared memory their builds need, see `device_unfit`, where Triton would raise `OutOfResources` at
+the first launch, inside a training step; a call with more tokens than their 32-bit indexing reaches, see
+`blocks.index_unfit`, where offsets would wrap and read or write the wrong rows) takes the torch path, with a
+one-time warning naming why when the tensor is on a CUDA device (where 'auto' would have picked Triton), or
+raises naming the limit when `kernels='triton'` was asked for.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import warnings
 
 import torch
 
-from .blocks import padded_columns, shared_bytes, unsupported
+from .blocks import index_unfit, padded_columns, shared_bytes, unsupported
 
 KERNELS = ("auto", "torch", "triton")
 # The path a traced (torch.compile) 'auto' call takes on a GPU: "triton" (the op's kernels, as user-defined Triton
@@ -70,9 +71,11 @@ def requested_kernels(requested: str) -> str:
     return os.environ.get(ENV_VAR, requested) or "auto"
 
 
-def resolve_kernels(requested: str, x: torch.Tensor, num_experts: int = 1, rank: int = 1) -> str:
+def resolve_kernels(requested: str, x: torch.Tensor, num_experts: int = 1, rank: int = 1,
+                    out_features: int | None = None, groups: int = 1) -> str:
     """The `kernels` setting ('auto' | 'torch' | 'triton'; AMOLE_KERNELS overrides) -> 'torch' or 'triton' for a
-    call on x [T, D] with E experts of rank R."""
+    call on x [..., D] with E experts of rank R; with `out_features` (the widest output or gradient row), also
+    whether this call's tokens, for `groups` sites, stay within the kernels' 32-bit indexing (`index_unfit`)."""
     choice = requested_kernels(requested)
     if choice not in KERNELS:
         raise ValueError(f"{ENV_VAR} must be one of {', '.join(KERNELS)}; got {choice!r}")
@@ -81,6 +84,9 @@ def resolve_kernels(requested: str, x: torch.Tensor, num_experts: int = 1, rank:
     ok, why = triton_usable(x, explicit=choice == "triton")
     if ok:
         why = unsupported(num_experts, rank) or device_unfit(x.device, x.dtype, num_experts, rank)
+        if not why and out_features is not None:
+            d = x.shape[-1]
+            why = index_unfit(x.numel() // max(d, 1), d, out_features, groups, padded_columns(num_experts, rank))
         ok = not why
     if ok:
         return "triton"

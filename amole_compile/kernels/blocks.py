@@ -165,6 +165,39 @@ def shared_bytes(k_p: int, dtype: torch.dtype) -> int:
     return next((n for limit, n in rows if k_p <= limit), rows[-1][1])
 
 
+# The kernels index their tensors in 32 bits (64-bit offsets left 8-32 B stacks in the AOT builds). What they index
+# grows with the tokens T: G·T·W elements for G sites, W the widest row a launch reads or writes (D, a projection's O
+# or its gradient's row stride, K_P); and G·S·T·K_P for the partial sums of S splits over D or O, which exist only
+# while cdiv(T, BT)·G < 264 programs (`triton_common.split_tiles`), so S·T < SPLIT_ROWS = 2·264·64 when S > 1.
+INDEX_LIMIT = 2**31
+SPLIT_ROWS = 2 * 264 * 64
+
+
+def max_tokens(width: int, groups: int) -> int:
+    """The most tokens one call of `groups` sites whose widest row is `width` may take in 32-bit indexing."""
+    return (INDEX_LIMIT - 1) // (groups * max(width, 32))
+
+
+def index_unfit(t, d: int, o: int, groups: int, k_p: int) -> str:
+    """Why a call of T tokens, D in and O out features (O: the widest output or gradient row) for `groups` sites at
+    K_P padded columns is past the kernels' 32-bit indexing ('' when it is not). The reason names the limit, not
+    T, so that it warns once whatever T each call has."""
+    limit = max_tokens(max(d, o, k_p), groups)
+    if t <= limit and groups * SPLIT_ROWS * max(k_p, 32) < INDEX_LIMIT:
+        return ""
+    return (f"{groups} site(s) at {max(d, o, k_p, 32)} columns (the widest of D, O and K_P) and K_P {k_p} take at "
+            f"most {limit} tokens per call in the kernels' 32-bit indexing (2^31 elements per tensor)")
+
+
+def check_index(t, d: int, o: int, groups: int, k_p: int) -> None:
+    """Raise where a launch would index past 32 bits (`index_unfit`): the op's choice of path
+    (`backend.resolve_kernels` with the call's widest row) keeps such calls off the kernels, so this only stops a
+    caller that skipped it, before offsets wrap into other rows."""
+    why = index_unfit(t, d, o, groups, k_p)
+    if why:
+        raise RuntimeError(f"amole: the Triton kernels cannot take this call: {why}")
+
+
 def unsupported(num_experts: int, rank: int) -> str:
     """Why the kernels cannot take E experts of rank R ('' when they can): outside the compile matrix."""
     if num_experts > MAX_EXPERTS:

@@ -29,6 +29,7 @@ from torch import Tensor
 from . import backend
 from .adapter_torch import adapter_backward_torch, adapter_torch, as_dtype
 from .backend import ENV_VAR, requested_kernels, resolve_kernels, traced
+from .blocks import MAX_K_P, max_tokens
 
 _LIB = "amole"
 _registered: SimpleNamespace | None = None
@@ -56,12 +57,14 @@ class AdapterArgs(NamedTuple):
     with_aux: bool = False  # compute the aux loss (training forwards of a method with a gate)
 
 
-def _use_triton(kernels: str, x: Tensor, num_experts: int, lora_a: Tensor) -> bool:
+def _use_triton(kernels: str, x: Tensor, num_experts: int, lora_a: Tensor, lora_b: Tensor) -> bool:
     """Triton for this call? Decided before any launch (`resolve_kernels`: dtype, device, E and rank within the
-    kernels' limits). Under TRITON_INTERPRET=1 kernels run eagerly and cannot be traced, so a traced call (fake
-    tensors: torch.compile, opcheck's fake checks) takes the torch path, which computes the same. A traced 'auto'
-    call takes the path `backend.COMPILED_AUTO` names (the measured faster one under inductor)."""
-    if resolve_kernels(kernels, x, num_experts, lora_a.shape[0] // max(num_experts, 1)) != "triton":
+    kernels' limits, and the call's tokens within their 32-bit indexing). Under TRITON_INTERPRET=1 kernels run
+    eagerly and cannot be traced, so a traced call (fake tensors: torch.compile, opcheck's fake checks) takes the
+    torch path, which computes the same. A traced 'auto' call takes the path `backend.COMPILED_AUTO` names (the
+    measured faster one under inductor)."""
+    rank = lora_a.shape[0] // max(num_experts, 1)
+    if resolve_kernels(kernels, x, num_experts, rank, out_features=lora_b.shape[0]) != "triton":
         return False
     if not traced(x):
         return True
@@ -82,7 +85,7 @@ def _adapter_impl(
     doc."""
     args = (x, drop_mask, lora_a, lora_b, gate_w, thr_w, thr_b, base, method, num_experts, top_k, scale,
             max_threshold, drop_scale, with_aux)
-    return forward_on(_use_triton(kernels, x, num_experts, lora_a), args)
+    return forward_on(_use_triton(kernels, x, num_experts, lora_a, lora_b), args)
 
 
 def _adapter_backward_impl(
@@ -96,7 +99,7 @@ def _adapter_backward_impl(
     (the aux loss's gradient, []) with the forward's `aux_sums` adds the aux loss's share to the scores'."""
     args = (grad_out, grad_scores, x, drop_mask, lora_a, lora_b, gate_w, thr_w, thr_b, za, zr, method,
             num_experts, top_k, scale, max_threshold, drop_scale, need_grad_x, grad_aux, aux_sums)
-    return _backward_on(_use_triton(kernels, x, num_experts, lora_a), args)
+    return _backward_on(_use_triton(kernels, x, num_experts, lora_a, lora_b), args)
 
 
 def forward_on(triton: bool, args: tuple, wrap: bool | None = None, own_base: bool = False):
@@ -183,16 +186,27 @@ def register() -> SimpleNamespace:
 _EAGER_CHOICE: dict = {}  # (kernels, AMOLE_KERNELS, TRITON_INTERPRET, device, dtype, E, K) -> Triton?
 
 
-def eager_triton(kernels: str, x: Tensor, num_experts: int, k: int) -> bool:
-    """`_use_triton` for an eager call (no fake tensors), remembered per setting, environment, device (GPUs of one
-    machine may differ: `backend.device_unfit`), dtype, E and K: `resolve_kernels` costs ~10 us, twice per site
-    and step. A miss asks it (its one-time warning, or its error for an impossible `kernels='triton'`, which is not
-    remembered)."""
+def eager_choice(kernels: str, x: Tensor, num_experts: int, k: int) -> bool:
+    """What `_use_triton` says of an eager call (no fake tensors) but for its tokens, remembered per setting,
+    environment, device (GPUs of one machine may differ: `backend.device_unfit`), dtype, E and K:
+    `resolve_kernels` costs ~10 us, twice per site and step. A miss asks it (its one-time warning, or its error for
+    an impossible `kernels='triton'`, which is not remembered)."""
     env = os.environ
     key = (kernels, env.get(ENV_VAR), env.get("TRITON_INTERPRET"), x.device, x.dtype, num_experts, k)
     choice = _EAGER_CHOICE.get(key)
     if choice is None:
         choice = _EAGER_CHOICE[key] = resolve_kernels(kernels, x, num_experts, k // max(num_experts, 1)) == "triton"
+    return choice
+
+
+def eager_triton(kernels: str, x: Tensor, num_experts: int, k: int, out_features: int, groups: int = 1) -> bool:
+    """`_use_triton` for an eager call: `eager_choice`, then, asked every call, whether its tokens stay within the
+    kernels' 32-bit indexing for `groups` sites whose widest output or gradient row is `out_features` (past it,
+    `resolve_kernels` with them: the torch path with one warning, or an error for `kernels='triton'`)."""
+    choice = eager_choice(kernels, x, num_experts, k)
+    d = x.shape[-1]
+    if choice and x.numel() > max_tokens(max(d, out_features, MAX_K_P), groups) * d:  # then exactly (K_P <= MAX)
+        choice = resolve_kernels(kernels, x, num_experts, k // max(num_experts, 1), out_features, groups) == "triton"
     return choice
 
 
@@ -211,7 +225,7 @@ class _EagerAdapter(torch.autograd.Function):
         if ctx.x_shape is not None:
             inputs = _flat(inputs)
         a = AdapterArgs(*inputs)
-        ctx.triton = eager_triton(a.kernels, a.x, a.num_experts, a.lora_a.shape[0])  # the backward's too
+        ctx.triton = eager_triton(a.kernels, a.x, a.num_experts, a.lora_a.shape[0], a.lora_b.shape[0])  # backward too
         out = forward_on(ctx.triton, (*inputs[:_KERNELS], a.with_aux), wrap=False)
         _setup_context(ctx, inputs, out)
         if ctx.x_shape is not None:

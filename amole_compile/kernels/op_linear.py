@@ -26,8 +26,9 @@ import torch
 from torch import Tensor
 
 from .adapter_torch import as_dtype
-from .backend import ENV_VAR
-from .op import EAGER_BACKWARD, AdapterArgs, eager_triton, forward_on, grad_out_of, site_grads
+from .backend import ENV_VAR, resolve_kernels
+from .blocks import index_unfit, max_tokens, padded_columns
+from .op import EAGER_BACKWARD, AdapterArgs, eager_choice, forward_on, grad_out_of, site_grads
 
 Projection = tuple[Sequence[AdapterArgs], Tensor, "Tensor | None"]  # (its sites in column order, W, b)
 
@@ -122,20 +123,22 @@ _SCALARS = 8  # a `_key` starts with the op scalars (method ... with_aux)
 
 
 class _Plan(NamedTuple):
-    """How a node runs: per site (its projection, first column, columns, whether it owns all of them), and the
-    sites in runs."""
+    """How a node runs: per site (its projection, first column, columns, whether it owns all of them), the sites
+    in runs, and the most tokens its Triton runs take in the kernels' 32-bit indexing (`blocks.max_tokens`)."""
 
     n_projections: int
     columns: tuple[tuple[int, int, int, bool], ...]
     runs: tuple[_Run, ...]
+    max_tokens: int
 
 
 _PLANS: dict = {}  # (meta, AMOLE_KERNELS, TRITON_INTERPRET, device, dtype) -> _Plan
 
 
 def _plan(meta: tuple, x: Tensor) -> _Plan:
-    """The node's `_Plan`, worked out once per meta and the kernel choice's inputs (`op.eager_triton`'s: a node
-    runs the same way call after call)."""
+    """The node's `_Plan`, worked out once per meta and the kernel choice's inputs (`op.eager_choice`'s: a node
+    runs the same way call after call); a call with more tokens than one of its Triton runs takes gets a plan of
+    its own, uncached (`_make_plan` with its tokens)."""
     env = os.environ
     key = (meta, env.get(ENV_VAR), env.get("TRITON_INTERPRET"), x.device, x.dtype)  # the device: GPUs differ
     plan = _PLANS.get(key)
@@ -143,13 +146,17 @@ def _plan(meta: tuple, x: Tensor) -> _Plan:
         if len(_PLANS) > 1024:
             _PLANS.clear()
         plan = _PLANS[key] = _make_plan(meta, x)
+    if x.numel() > plan.max_tokens * x.shape[-1]:
+        return _make_plan(meta, x, long=True)
     return plan
 
 
-def _make_plan(meta: tuple, x: Tensor) -> _Plan:
+def _make_plan(meta: tuple, x: Tensor, long: bool = False) -> _Plan:
     """Sites on the Triton path with the same `_key` in one run of G sites (the kernels take them in one set of
-    launches); each site on the torch path alone. An impossible `kernels='triton'` raises here, uncached."""
-    columns, runs = [], {}
+    launches); each site on the torch path alone. An impossible `kernels='triton'` raises here, uncached. `long`:
+    for this call's tokens, a Triton run past the kernels' 32-bit indexing (`blocks.index_unfit`) is asked again
+    (`resolve_kernels`: one warning, or an error for `kernels='triton'`) and its sites run on the torch path."""
+    columns, runs, d = [], {}, x.shape[-1]
     for p, (sizes, keys) in enumerate(meta):
         c0 = 0
         for n, key in zip(sizes, keys, strict=True):
@@ -157,10 +164,25 @@ def _make_plan(meta: tuple, x: Tensor) -> _Plan:
             columns.append((p, c0, n, c0 == 0 and n == sum(sizes)))
             c0 += n
             _, e, _, _, _, _, kernels, _, k = key[:_SCALARS + 1]  # (the op scalars, then the rank K)
-            triton = eager_triton(kernels, x, e, k)
+            triton = eager_choice(kernels, x, e, k)
             runs.setdefault(key if triton else s, (triton, key, []))[2].append(s)
-    return _Plan(len(meta), tuple(columns),
-                 tuple(_Run(triton, tuple(sites), key[:_SCALARS]) for triton, key, sites in runs.values()))
+    out, most = [], INDEX_TOKENS
+    for triton, key, sites in runs.values():
+        e, k, kernels = max(key[1], 1), key[_SCALARS], key[6]
+        k_p = padded_columns(e, k // e)
+        wide = max(sum(meta[columns[s][0]][0]) for s in sites)  # the widest projection: its gradient's row stride
+        if triton and long and index_unfit(x.numel() // d, d, wide, len(sites), k_p):
+            triton = resolve_kernels(kernels, x, e, k // e, wide, len(sites)) == "triton"  # (warns, or raises)
+        if triton:  # (past the split partials' limit, no call fits: every call asks)
+            fits = not index_unfit(0, d, wide, len(sites), k_p)
+            most = min(most, max_tokens(max(d, wide, k_p), len(sites)) if fits else 0)
+            out.append(_Run(True, tuple(sites), key[:_SCALARS]))
+        else:
+            out += [_Run(False, (s,), key[:_SCALARS]) for s in sites]
+    return _Plan(len(meta), tuple(columns), tuple(out), most)
+
+
+INDEX_TOKENS = 1 << 62  # a plan with no Triton run takes any number of tokens
 
 
 def _blocks(columns: tuple, y2s: list) -> list:

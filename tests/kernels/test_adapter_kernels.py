@@ -217,15 +217,15 @@ def test_a_compiled_auto_call_takes_the_measured_path(monkeypatch, measured):
     from amole_compile.kernels import backend, op
 
     monkeypatch.setattr(backend, "COMPILED_AUTO", measured)
-    monkeypatch.setattr(op, "resolve_kernels", lambda *a: "triton")  # as on a GPU
+    monkeypatch.setattr(op, "resolve_kernels", lambda *a, **k: "triton")  # as on a GPU
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.delenv("AMOLE_KERNELS", raising=False)
     x, a = torch.zeros(3, 8), torch.zeros(8, 8)
 
     def picks(kernels: str) -> tuple[bool, bool]:
         seen = []
-        make_fx(lambda t: seen.append(op._use_triton(kernels, t, 4, a)) or t + 1)(x)
-        return seen[0], op._use_triton(kernels, x, 4, a)  # (traced, eager)
+        make_fx(lambda t: seen.append(op._use_triton(kernels, t, 4, a, a)) or t + 1)(x)
+        return seen[0], op._use_triton(kernels, x, 4, a, a)  # (traced, eager)
 
     assert picks("auto") == (measured == "triton", True)
     assert picks("triton") == (True, True)

@@ -75,9 +75,9 @@ def test_auto_takes_the_torch_path_with_one_warning_and_triton_raises(gpus):
 def test_the_eager_choice_is_remembered_per_device(gpus):
     """Two GPUs of one machine may differ: the choice for one is not reused for the other."""
     with pytest.warns(UserWarning, match="shared memory"):
-        assert op.eager_triton("auto", cuda(0), 16, 16 * 64) is False
-    assert op.eager_triton("auto", cuda(1), 16, 16 * 64) is True
-    assert op.eager_triton("auto", cuda(0), 16, 16 * 64) is False
+        assert op.eager_triton("auto", cuda(0), 16, 16 * 64, 64) is False
+    assert op.eager_triton("auto", cuda(1), 16, 16 * 64, 64) is True
+    assert op.eager_triton("auto", cuda(0), 16, 16 * 64, 64) is False
 
 
 def test_shared_bytes_rows():

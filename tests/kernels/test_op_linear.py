@@ -26,9 +26,9 @@ def made(monkeypatch):
     calls = []
     make = op_linear._make_plan
 
-    def counted(meta, x):
+    def counted(meta, x, **kw):
         calls.append(meta)
-        return make(meta, x)
+        return make(meta, x, **kw)
 
     monkeypatch.setattr(op_linear, "_PLANS", {})
     monkeypatch.setattr(op_linear, "_make_plan", counted)
