@@ -99,13 +99,14 @@ def resolve_kernels(requested: str, x: torch.Tensor, num_experts: int = 1, rank:
 
 
 @functools.cache
-def _device_facts(index: int | None) -> tuple[tuple[int, int], int] | None:
-    """CUDA device `index`'s (compute capability, shared memory a block may opt into, in bytes), asked once; None
-    without a CUDA device here (fake CUDA tensors traced on a CPU: the GPU is elsewhere, its limits unknown)."""
+def _device_facts(index: int | None) -> tuple[tuple[int, int], int | None] | None:
+    """CUDA device `index`'s (compute capability, shared memory a block may opt into in bytes, None where torch
+    does not say), asked once; None without a CUDA device here (fake CUDA tensors traced on a CPU: the GPU is
+    elsewhere, its limits unknown)."""
     if not torch.cuda.is_available():
         return None
     props = torch.cuda.get_device_properties(torch.cuda.current_device() if index is None else index)
-    return (props.major, props.minor), props.shared_memory_per_block_optin
+    return (props.major, props.minor), getattr(props, "shared_memory_per_block_optin", None)
 
 
 def device_unfit(device: torch.device, dtype: torch.dtype, num_experts: int, rank: int) -> str:
@@ -122,7 +123,7 @@ def device_unfit(device: torch.device, dtype: torch.dtype, num_experts: int, ran
                 f"checked for {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]} and newer")
     k_p = padded_columns(num_experts, rank)
     need = shared_bytes(k_p, dtype)
-    if need > optin:
+    if optin is not None and need > optin:
         return (f"at E = {num_experts}, rank {rank} (E_P * R_P = {k_p} padded columns) the kernels' {dtype} builds "
                 f"need {need} B of shared memory per block; the GPU ({device}, compute capability "
                 f"{major}.{minor}) lets a block opt into {optin} B")

@@ -101,3 +101,26 @@ def test_without_a_cuda_device_here_nothing_is_held_against():
         assert backend._device_facts(0) is None
     finally:
         backend._device_facts.cache_clear()
+
+
+def test_facts_are_read_once_per_device_and_a_missing_limit_is_not_held_against(monkeypatch):
+    """A torch that reports no per-block opt-in (an older or non-NVIDIA build) leaves the shared-memory check out
+    rather than failing; the capability check stays."""
+    from types import SimpleNamespace
+
+    asked = []
+
+    def props(index):
+        asked.append(index)
+        return SimpleNamespace(major=8, minor=6) if index == 0 else SimpleNamespace(major=7, minor=0)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", props)
+    backend._device_facts.cache_clear()
+    try:
+        assert backend.device_unfit(torch.device("cuda", 0), torch.bfloat16, 16, 64) == ""
+        assert backend.device_unfit(torch.device("cuda", 0), torch.float32, 8, 4) == ""
+        assert "compute capability 7.0" in backend.device_unfit(torch.device("cuda", 1), torch.float16, 8, 4)
+        assert asked == [0, 1]
+    finally:
+        backend._device_facts.cache_clear()
