@@ -32,8 +32,6 @@ os.environ.pop("TRITON_INTERPRET", None)  # compile the kernels as JIT functions
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, without its warning
 
 sys.path.insert(0, str(Path(__file__).parent))
-import torch
-
 from amole_compile.kernels import _aot as aot
 from amole_compile.kernels import blocks
 
@@ -98,8 +96,8 @@ def run_matrix(args) -> int:
             if usage is not None:
                 w = worst[(spec.name, arch)]
                 w[0], w[1], w[2] = max(w[0], usage.registers), max(w[1], usage.shared), w[2] + usage.spills
-                row = (blocks.dtype_class(aot.DTYPES[spec.case.dtype]), blocks.padded_columns(spec.case.e, spec.case.r))
-                shared[row] = max(shared[row], usage.shared)
+                cls, k_p, listed = aot.shared_row(spec)
+                shared[(cls, k_p, listed)] = max(shared[(cls, k_p, listed)], usage.shared)
             bad += bool(problem)
             if problem or args.all_rows:
                 reg = "-" if usage is None else f"REG {usage.registers:3d} SHARED {usage.shared:6d} " \
@@ -111,8 +109,8 @@ def run_matrix(args) -> int:
     print(bc.table(rows, ["kernel", "arch", "max REG", "max shared KB", "builds spilling"]))
     print("most shared memory per block by the op's K_P (what blocks.SHARED_BYTES lists; a build above its row is a "
           "problem above)")
-    print(bc.table([[cls, k_p, n, blocks.shared_bytes(k_p, torch.float32 if cls == "fp32" else torch.bfloat16)]
-                    for (cls, k_p), n in sorted(shared.items())], ["dtype class", "K_P", "measured B", "listed B"]))
+    print(bc.table([[cls, k_p, n, listed] for (cls, k_p, listed), n in sorted(shared.items())],
+                   ["dtype class", "K_P", "measured B", "listed B"]))
     print(f"{len(jobs)} builds in {secs:.0f} s, {bad} with a problem")
     bc.append_row("kernel_resources", {
         "device": bc.device_name("cpu"), "builds": len(jobs), "specialisations": len(_SPECS),

@@ -239,8 +239,13 @@ def problems(usage: Usage, arch: int, spec: Spec | None = None) -> list[str]:
     if usage.shared > SHARED_LIMIT[arch]:
         out.append(f"shared memory {usage.shared} B > {SHARED_LIMIT[arch]} B")
     if spec is not None:
-        k_p = blocks.padded_columns(spec.case.e, spec.case.r)
-        listed = blocks.shared_bytes(k_p, DTYPES[spec.case.dtype])
+        _, k_p, listed = shared_row(spec)
         if usage.shared > listed:
             out.append(f"shared memory {usage.shared} B > blocks.SHARED_BYTES's {listed} B at K_P {k_p}")
     return out
+
+
+def shared_row(spec: Spec) -> tuple[str, int, int]:
+    """The `blocks.SHARED_BYTES` row a build is held to: (dtype class, its case's K_P, the bytes listed)."""
+    dtype, k_p = DTYPES[spec.case.dtype], blocks.padded_columns(spec.case.e, spec.case.r)
+    return blocks.dtype_class(dtype), k_p, blocks.shared_bytes(k_p, dtype)

@@ -173,17 +173,20 @@ INDEX_LIMIT = 2**31
 SPLIT_ROWS = 2 * 264 * 64
 
 
-def max_tokens(width: int, groups: int) -> int:
-    """The most tokens one call of `groups` sites whose widest row is `width` may take in 32-bit indexing."""
-    return (INDEX_LIMIT - 1) // (groups * max(width, 32))
+def max_tokens(width: int, groups: int, k_p: int) -> int:
+    """The most tokens one call of `groups` sites at K_P padded columns whose widest row is `width` may take in
+    32-bit indexing (0 where even the split partials G·SPLIT_ROWS·K_P reach it)."""
+    if groups * SPLIT_ROWS * max(k_p, 32) >= INDEX_LIMIT:
+        return 0
+    return (INDEX_LIMIT - 1) // (groups * max(width, k_p, 32))
 
 
 def index_unfit(t, d: int, o: int, groups: int, k_p: int) -> str:
     """Why a call of T tokens, D in and O out features (O: the widest output or gradient row) for `groups` sites at
     K_P padded columns is past the kernels' 32-bit indexing ('' when it is not). The reason names the limit, not
     T, so that it warns once whatever T each call has."""
-    limit = max_tokens(max(d, o, k_p), groups)
-    if t <= limit and groups * SPLIT_ROWS * max(k_p, 32) < INDEX_LIMIT:
+    limit = max_tokens(max(d, o), groups, k_p)
+    if t <= limit:
         return ""
     return (f"{groups} site(s) at {max(d, o, k_p, 32)} columns (the widest of D, O and K_P) and K_P {k_p} take at "
             f"most {limit} tokens per call in the kernels' 32-bit indexing (2^31 elements per tensor)")

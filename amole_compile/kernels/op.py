@@ -205,7 +205,7 @@ def eager_triton(kernels: str, x: Tensor, num_experts: int, k: int, out_features
     `resolve_kernels` with them: the torch path with one warning, or an error for `kernels='triton'`)."""
     choice = eager_choice(kernels, x, num_experts, k)
     d = x.shape[-1]
-    if choice and x.numel() > max_tokens(max(d, out_features, MAX_K_P), groups) * d:  # then exactly (K_P <= MAX)
+    if choice and x.numel() > max_tokens(max(d, out_features), groups, MAX_K_P) * d:  # then exactly (K_P <= MAX)
         choice = resolve_kernels(kernels, x, num_experts, k // max(num_experts, 1), out_features, groups) == "triton"
     return choice
 

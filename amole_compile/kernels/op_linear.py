@@ -133,6 +133,7 @@ class _Plan(NamedTuple):
 
 
 _PLANS: dict = {}  # (meta, AMOLE_KERNELS, TRITON_INTERPRET, device, dtype) -> _Plan
+INDEX_TOKENS = 1 << 62  # a plan with no Triton run takes any number of tokens
 
 
 def _plan(meta: tuple, x: Tensor) -> _Plan:
@@ -168,21 +169,17 @@ def _make_plan(meta: tuple, x: Tensor, long: bool = False) -> _Plan:
             runs.setdefault(key if triton else s, (triton, key, []))[2].append(s)
     out, most = [], INDEX_TOKENS
     for triton, key, sites in runs.values():
-        e, k, kernels = max(key[1], 1), key[_SCALARS], key[6]
-        k_p = padded_columns(e, k // e)
+        _, e, _, _, _, _, kernels, _, k = key[:_SCALARS + 1]
+        rank = k // max(e, 1)
         wide = max(sum(meta[columns[s][0]][0]) for s in sites)  # the widest projection: its gradient's row stride
-        if triton and long and index_unfit(x.numel() // d, d, wide, len(sites), k_p):
-            triton = resolve_kernels(kernels, x, e, k // e, wide, len(sites)) == "triton"  # (warns, or raises)
-        if triton:  # (past the split partials' limit, no call fits: every call asks)
-            fits = not index_unfit(0, d, wide, len(sites), k_p)
-            most = min(most, max_tokens(max(d, wide, k_p), len(sites)) if fits else 0)
+        if triton and long and index_unfit(x.numel() // d, d, wide, len(sites), padded_columns(e, rank)):
+            triton = resolve_kernels(kernels, x, e, rank, wide, len(sites)) == "triton"  # (warns, or raises)
+        if triton:
+            most = min(most, max_tokens(max(d, wide), len(sites), padded_columns(e, rank)))
             out.append(_Run(True, tuple(sites), key[:_SCALARS]))
         else:
             out += [_Run(False, (s,), key[:_SCALARS]) for s in sites]
     return _Plan(len(meta), tuple(columns), tuple(out), most)
-
-
-INDEX_TOKENS = 1 << 62  # a plan with no Triton run takes any number of tokens
 
 
 def _blocks(columns: tuple, y2s: list) -> list:

@@ -34,7 +34,7 @@ needs_triton = pytest.mark.skipif(not TRITON, reason="Triton is not usable here"
 
 
 def test_the_limit_names_no_tokens():
-    assert blocks.max_tokens(8192, 3) == 87381  # q, k, v at D = O = 8192 (a 70B model)
+    assert blocks.max_tokens(8192, 3, 32) == 87381  # q, k, v at D = O = 8192 (a 70B model)
     assert blocks.index_unfit(65536, 8192, 8192, 3, 32) == ""
     why = blocks.index_unfit(131072, 8192, 8192, 3, 32)
     assert "at most 87381 tokens" in why and why == blocks.index_unfit(10**6, 8192, 8192, 3, 32)
@@ -115,7 +115,7 @@ def test_a_long_call_takes_the_torch_path_once_warned(small_limit, n, folded):
     """One site or linked q, k, v in one folded node; and one site unfolded (a hook on its projection: the op
     runs apart from it)."""
     d = 64
-    limit = blocks.max_tokens(d, n)  # 65535 for one site, 21845 for three
+    limit = blocks.max_tokens(d, n, 16)  # 65535 for one site, 21845 for three
     mine, ref = _sites(n, d, "auto"), copy.deepcopy(_sites(n, d, "torch"))
     if not folded:
         mine[0].base_layer.register_forward_hook(lambda mod, args, out: None)
