@@ -228,8 +228,9 @@ class _EagerAdapter(torch.autograd.Function):
         ctx.triton = eager_triton(a.kernels, a.x, a.num_experts, a.lora_a.shape[0], a.lora_b.shape[0])  # backward too
         out = forward_on(ctx.triton, (*inputs[:_KERNELS], a.with_aux), wrap=False)
         _setup_context(ctx, inputs, out)
-        if ctx.x_shape is not None:
-            out = _unflat(out, ctx.x_shape)
+        if ctx.x_shape is not None:  # out [..., O] as an alias, not a view: the model may add into it in place
+            out = _unflat(out, ctx.x_shape)  # (Falcon's MLP: `+=`), which autograd forbids on a view output
+            out = (out[0].detach(), *out[1:])  # of a multi-output Function (nothing saved reads out)
         ctx.mark_non_differentiable(out[2], out[3], out[4], out[6])
         ctx.set_materialize_grads(False)
         return out

@@ -97,3 +97,28 @@ def test_a_site_records_one_autograd_node(dropout):
     x = torch.randn(3, 5, 24, requires_grad=True)
     extra = _node_types(site(x)) - _node_types(lin(x))
     assert extra == {"_EagerAdapterBackward": 1, "AccumulateGrad": 5}
+
+
+@pytest.mark.parametrize("kernels", KERNELS)
+@pytest.mark.parametrize("lead", [(3, 5), ()])
+def test_the_output_takes_an_in_place_add(kernels, lead):
+    """The model may add into a projection's output in place (Falcon's MLP: `mlp_output += attention_output`).
+    An eager call's output [..., O] is no view autograd would refuse that on (a view output of a multi-output
+    Function), and the in-place add gives the values and every gradient of the out-of-place one."""
+    args = make("adamole", e=4, r=4, t=math.prod(lead), dropout=True, base=True)
+    g = torch.Generator().manual_seed(5)
+    extra = torch.randn(*lead, args["base"].shape[-1], generator=g).to(DEVICE, args["x"].dtype)
+    results = []
+    for in_place in (True, False):
+        shaped = _leaves(args, lead or None)
+        out = adapter(*shaped.values(), kernels, True)[0]
+        if in_place:
+            out += extra
+        else:
+            out = out + extra
+        ps = [shaped[k] for k in LEAVES if shaped[k] is not None]
+        results.append((out, torch.autograd.grad(out.square().sum(), ps)))
+    (got, got_grads), (want, want_grads) = results
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    for name, a, b in zip([k for k in LEAVES if args[k] is not None], got_grads, want_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=lambda m, n=name: f"{n}: {m}")
