@@ -34,8 +34,10 @@ from triton.runtime.jit import create_function_from_signature
 from . import adapter_triton, blocks, triton_common
 from .methods import method_spec
 
-# Per-block opt-in shared memory (bytes): A100 (sm_80) 163 KB, H100 (sm_90) 227 KB (CUDA programming guide).
-SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+# Per-block opt-in shared memory (bytes): A100 (sm_80) 163 KB, H100 (sm_90) 227 KB, the 99 KB GPUs (sm_86 / sm_89 /
+# sm_120: RTX 30 / 40 / 50, A10, L4, L40S) 99 KB (CUDA programming guide). The matrix builds sm_80 and sm_90 by
+# default; `kernel_resources.py --archs 86,89,120` the others.
+SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024, 120: 99 * 1024}
 ARCHS = (80, 90)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 EXPERTS = (1, 2, 4, 8, 16)

@@ -130,3 +130,15 @@ def test_table_rows_come_from_the_candidates_in_increasing_k_p():
         assert limits == sorted(limits) and limits[-1] == blocks.MAX_K_P, (kernel, cls, limits)
         for k_p, blk in rows:
             assert blk in blocks.CANDIDATES[(kernel, cls)], (kernel, cls, k_p, blk)
+
+
+def test_the_99_kb_gpus_are_held_to_their_own_opt_in():
+    """`kernel_resources.py --archs 86,89,120` holds those builds to 99 KB a block (RTX 30 / 40 / 50, A10, L4,
+    L40S), not to an A100's 163 KB."""
+    from amole_compile.kernels import _aot as aot
+
+    for arch in (86, 89, 120):
+        assert aot.problems(aot.Usage(128, 99 * 1024, 0, 0), arch) == []
+        assert aot.problems(aot.Usage(128, 99 * 1024 + 1, 0, 0), arch) == [
+            f"shared memory {99 * 1024 + 1} B > {99 * 1024} B"]
+    assert aot.problems(aot.Usage(128, 99 * 1024 + 1, 0, 0), 80) == []
