@@ -95,7 +95,9 @@ class _EagerLinearAdapter(torch.autograd.Function):
         ctx.save_for_backward(*saved)
         ctx.set_materialize_grads(False)
         routing[:] = [o[:2] for o in outs]
-        return (*ys, *(o[2] for o in outs))
+        # y [..., O] is F.linear's view of its [T, O] product: returned as an alias, not a view, since the model
+        # may write into it in place (`q *= scale`), which autograd refuses on a view output of this node
+        return (*(y.detach() if y._base is not None else y for y in ys), *(o[2] for o in outs))
 
     @staticmethod
     def backward(ctx, *grads):
