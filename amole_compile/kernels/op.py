@@ -237,6 +237,10 @@ class _EagerAdapter(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, *grads):
+        if torch.is_grad_enabled():  # create_graph=True: these gradients must not be differentiated again
+            with torch.no_grad():
+                out = _EagerAdapter.backward(ctx, grad_out, *grads)
+            return no_higher_order(out, ctx.saved_tensors)
         shape, op = ctx.x_shape, EAGER_BACKWARD[ctx.triton]
         if shape is None:
             return _backward(ctx, grad_out, *grads, backward_op=op)
@@ -247,6 +251,37 @@ class _EagerAdapter(torch.autograd.Function):
         out[0] = None if gx is None else gx.reshape(shape)
         out[_BASE] = None if gbase is None else gbase.reshape(*shape[:-1], gbase.shape[-1])
         return tuple(out)
+
+
+class _NoHigherOrder(torch.autograd.Function):
+    """The op's gradients, unchanged, under create_graph=True; differentiating them raises. The eager backward is
+    the kernels' or a hand-written formula over intermediates the forward saved (za, zr): its own derivative
+    would leave out what flows through them, a wrong second derivative with no error. Inputs: how many
+    gradients, the gradients, then the tensors the forward saved (x, the parameters): the node hangs on them, so
+    that any derivative of a gradient with respect to them (`.backward()` or `torch.autograd.grad`) reaches it."""
+
+    @staticmethod
+    def forward(ctx, n, *tensors):
+        return tuple(g.detach() for g in tensors[:n])
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            "amole_compile: a second derivative through the AdaMoLE op is not supported (a gradient penalty, a "
+            "Hessian-vector product): its backward is the Triton kernels' or the torch path's own formula, not "
+            "differentiable. Gradients taken with create_graph=True are right; they cannot be differentiated again")
+
+
+def no_higher_order(grads: tuple, saved: tuple) -> tuple:
+    """A backward's results (tensors or None) behind `_NoHigherOrder`, hung on the forward's `saved` tensors
+    (torch's `once_differentiable` hangs its error on fresh leaves, which `torch.autograd.grad(..., params)`
+    never reaches: it returns None for them, or says they were unused)."""
+    tensors = [g for g in grads if g is not None]
+    anchors = [t for t in saved if t is not None and t.requires_grad]
+    if not tensors or not anchors:
+        return grads
+    guarded = iter(_NoHigherOrder.apply(len(tensors), *tensors, *anchors))
+    return tuple(None if g is None else next(guarded) for g in grads)
 
 
 def _flat(inputs: tuple) -> tuple:

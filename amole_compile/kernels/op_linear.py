@@ -28,7 +28,7 @@ from torch import Tensor
 from .adapter_torch import as_dtype
 from .backend import ENV_VAR, resolve_kernels
 from .blocks import index_unfit, max_tokens, padded_columns
-from .op import EAGER_BACKWARD, AdapterArgs, eager_choice, forward_on, grad_out_of, site_grads
+from .op import EAGER_BACKWARD, AdapterArgs, eager_choice, forward_on, grad_out_of, no_higher_order, site_grads
 
 Projection = tuple[Sequence[AdapterArgs], Tensor, "Tensor | None"]  # (its sites in column order, W, b)
 
@@ -101,6 +101,10 @@ class _EagerLinearAdapter(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
+        if torch.is_grad_enabled():  # create_graph=True: these gradients must not be differentiated again
+            with torch.no_grad():
+                out = _EagerLinearAdapter.backward(ctx, *grads)
+            return no_higher_order(out, ctx.saved_tensors)
         saved, plan = ctx.saved_tensors, ctx.plan
         n_p, n_s = plan.n_projections, len(plan.columns)
         x2, ws = saved[0], saved[1:1 + n_p]
