@@ -18,6 +18,7 @@ reaches the scores inside the backward, with no [T, E] tensor of its own. Legend
 
 from __future__ import annotations
 
+import functools
 import inspect
 import os
 from types import SimpleNamespace
@@ -210,49 +211,6 @@ def eager_triton(kernels: str, x: Tensor, num_experts: int, k: int, out_features
     return choice
 
 
-class _EagerAdapter(torch.autograd.Function):
-    """The op's forward and backward without the `torch.library` dispatch, for plain eager calls.
-
-    Same implementation and the same autograd formula as the registered op; measured on an H100, the custom-op
-    dispatch cost about 1.1 ms of host time per call, more than the adapter's kernels take on the GPU. The
-    call is known not to be traced, so neither direction asks again.
-    """
-
-    @staticmethod
-    def forward(ctx, *inputs):
-        x = inputs[0]
-        ctx.x_shape = None if x.dim() == 2 else x.shape  # x [..., D]: flattened here, where no view is recorded
-        if ctx.x_shape is not None:
-            inputs = _flat(inputs)
-        a = AdapterArgs(*inputs)
-        ctx.triton = eager_triton(a.kernels, a.x, a.num_experts, a.lora_a.shape[0], a.lora_b.shape[0])  # backward too
-        out = forward_on(ctx.triton, (*inputs[:_KERNELS], a.with_aux), wrap=False)
-        _setup_context(ctx, inputs, out)
-        if ctx.x_shape is not None:  # out [..., O] as an alias, not a view: the model may add into it in place
-            out = _unflat(out, ctx.x_shape)  # (Falcon's MLP: `+=`), which autograd forbids on a view output
-            out = (out[0].detach(), *out[1:])  # of a multi-output Function (nothing saved reads out)
-        ctx.mark_non_differentiable(out[2], out[3], out[4], out[6])
-        ctx.set_materialize_grads(False)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out, *grads):
-        if torch.is_grad_enabled():  # create_graph=True: these gradients must not be differentiated again
-            with torch.no_grad():
-                out = _EagerAdapter.backward(ctx, grad_out, *grads)
-            return no_higher_order(out, ctx.saved_tensors)
-        shape, op = ctx.x_shape, EAGER_BACKWARD[ctx.triton]
-        if shape is None:
-            return _backward(ctx, grad_out, *grads, backward_op=op)
-        if grad_out is not None:
-            grad_out = grad_out.reshape(-1, grad_out.shape[-1])  # [T, O]
-        out = list(_backward(ctx, grad_out, *grads, backward_op=op))  # in the op's argument order
-        gx, gbase = out[0], out[_BASE]
-        out[0] = None if gx is None else gx.reshape(shape)
-        out[_BASE] = None if gbase is None else gbase.reshape(*shape[:-1], gbase.shape[-1])
-        return tuple(out)
-
-
 class _NoHigherOrder(torch.autograd.Function):
     """The op's gradients, unchanged, under create_graph=True; differentiating them raises. The eager backward is
     the kernels' or a hand-written formula over intermediates the forward saved (za, zr): its own derivative
@@ -272,16 +230,73 @@ class _NoHigherOrder(torch.autograd.Function):
             "differentiable. Gradients taken with create_graph=True are right; they cannot be differentiated again")
 
 
-def no_higher_order(grads: tuple, saved: tuple) -> tuple:
-    """A backward's results (tensors or None) behind `_NoHigherOrder`, hung on the forward's `saved` tensors
-    (torch's `once_differentiable` hangs its error on fresh leaves, which `torch.autograd.grad(..., params)`
-    never reaches: it returns None for them, or says they were unused)."""
-    tensors = [g for g in grads if g is not None]
-    anchors = [t for t in saved if t is not None and t.requires_grad]
-    if not tensors or not anchors:
-        return grads
-    guarded = iter(_NoHigherOrder.apply(len(tensors), *tensors, *anchors))
-    return tuple(None if g is None else next(guarded) for g in grads)
+def first_order_only(backward):
+    """An eager node's `backward`, whose gradients are right but not differentiable (the kernels', or a
+    hand-written formula over intermediates the forward saved): under create_graph=True (grad mode on in a
+    backward) it runs without a graph and its results come back behind `_NoHigherOrder`, hung on the forward's
+    saved tensors. torch's `once_differentiable` hangs its error on fresh leaves, which
+    `torch.autograd.grad(..., params)` never reaches: it returns None for them, or says they were unused."""
+    @functools.wraps(backward)
+    def wrapper(ctx, *grads):
+        if not torch.is_grad_enabled():
+            return backward(ctx, *grads)
+        with torch.no_grad():
+            out = backward(ctx, *grads)
+        tensors = [g for g in out if g is not None]
+        anchors = [t for t in ctx.saved_tensors if t is not None and t.requires_grad]
+        if not tensors or not anchors:
+            return out
+        guarded = iter(_NoHigherOrder.apply(len(tensors), *tensors, *anchors))
+        return tuple(None if g is None else next(guarded) for g in out)
+
+    return wrapper
+
+
+def not_a_view(out: Tensor) -> Tensor:
+    """An eager node's output as an alias of its storage, not a view: the model may write into it in place (`q *=
+    scale`, Falcon's MLP `+=`), which autograd refuses on a view output of a multi-output Function. (Nothing the
+    nodes save reads their outputs.)"""
+    return out.detach() if out._base is not None else out
+
+
+class _EagerAdapter(torch.autograd.Function):
+    """The op's forward and backward without the `torch.library` dispatch, for plain eager calls.
+
+    Same implementation and the same autograd formula as the registered op; measured on an H100, the custom-op
+    dispatch cost about 1.1 ms of host time per call, more than the adapter's kernels take on the GPU. The
+    call is known not to be traced, so neither direction asks again.
+    """
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        x = inputs[0]
+        ctx.x_shape = None if x.dim() == 2 else x.shape  # x [..., D]: flattened here, where no view is recorded
+        if ctx.x_shape is not None:
+            inputs = _flat(inputs)
+        a = AdapterArgs(*inputs)
+        ctx.triton = eager_triton(a.kernels, a.x, a.num_experts, a.lora_a.shape[0], a.lora_b.shape[0])  # backward too
+        out = forward_on(ctx.triton, (*inputs[:_KERNELS], a.with_aux), wrap=False)
+        _setup_context(ctx, inputs, out)
+        if ctx.x_shape is not None:
+            out = _unflat(out, ctx.x_shape)
+            out = (not_a_view(out[0]), *out[1:])
+        ctx.mark_non_differentiable(out[2], out[3], out[4], out[6])
+        ctx.set_materialize_grads(False)
+        return out
+
+    @staticmethod
+    @first_order_only
+    def backward(ctx, grad_out, *grads):
+        shape, op = ctx.x_shape, EAGER_BACKWARD[ctx.triton]
+        if shape is None:
+            return _backward(ctx, grad_out, *grads, backward_op=op)
+        if grad_out is not None:
+            grad_out = grad_out.reshape(-1, grad_out.shape[-1])  # [T, O]
+        out = list(_backward(ctx, grad_out, *grads, backward_op=op))  # in the op's argument order
+        gx, gbase = out[0], out[_BASE]
+        out[0] = None if gx is None else gx.reshape(shape)
+        out[_BASE] = None if gbase is None else gbase.reshape(*shape[:-1], gbase.shape[-1])
+        return tuple(out)
 
 
 def _flat(inputs: tuple) -> tuple:

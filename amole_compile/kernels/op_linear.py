@@ -28,7 +28,16 @@ from torch import Tensor
 from .adapter_torch import as_dtype
 from .backend import ENV_VAR, resolve_kernels
 from .blocks import index_unfit, max_tokens, padded_columns
-from .op import EAGER_BACKWARD, AdapterArgs, eager_choice, forward_on, grad_out_of, no_higher_order, site_grads
+from .op import (
+    EAGER_BACKWARD,
+    AdapterArgs,
+    eager_choice,
+    first_order_only,
+    forward_on,
+    grad_out_of,
+    not_a_view,
+    site_grads,
+)
 
 Projection = tuple[Sequence[AdapterArgs], Tensor, "Tensor | None"]  # (its sites in column order, W, b)
 
@@ -95,16 +104,11 @@ class _EagerLinearAdapter(torch.autograd.Function):
         ctx.save_for_backward(*saved)
         ctx.set_materialize_grads(False)
         routing[:] = [o[:2] for o in outs]
-        # y [..., O] is F.linear's view of its [T, O] product: returned as an alias, not a view, since the model
-        # may write into it in place (`q *= scale`), which autograd refuses on a view output of this node
-        return (*(y.detach() if y._base is not None else y for y in ys), *(o[2] for o in outs))
+        return (*map(not_a_view, ys), *(o[2] for o in outs))  # (F.linear on [..., D] returns a view)
 
     @staticmethod
+    @first_order_only
     def backward(ctx, *grads):
-        if torch.is_grad_enabled():  # create_graph=True: these gradients must not be differentiated again
-            with torch.no_grad():
-                out = _EagerLinearAdapter.backward(ctx, *grads)
-            return no_higher_order(out, ctx.saved_tensors)
         saved, plan = ctx.saved_tensors, ctx.plan
         n_p, n_s = plan.n_projections, len(plan.columns)
         x2, ws = saved[0], saved[1:1 + n_p]
@@ -177,11 +181,12 @@ def _make_plan(meta: tuple, x: Tensor, long: bool = False) -> _Plan:
     for triton, key, sites in runs.values():
         _, e, _, _, _, _, kernels, _, k = key[:_SCALARS + 1]
         rank = k // max(e, 1)
+        k_p = padded_columns(e, rank)
         wide = max(sum(meta[columns[s][0]][0]) for s in sites)  # the widest projection: its gradient's row stride
-        if triton and long and index_unfit(x.numel() // d, d, wide, len(sites), padded_columns(e, rank)):
+        if triton and long and index_unfit(x.numel() // d, d, wide, len(sites), k_p):
             triton = resolve_kernels(kernels, x, e, rank, wide, len(sites)) == "triton"  # (warns, or raises)
         if triton:
-            most = min(most, max_tokens(max(d, wide), len(sites), padded_columns(e, rank)))
+            most = min(most, max_tokens(max(d, wide), len(sites), k_p))
             out.append(_Run(True, tuple(sites), key[:_SCALARS]))
         else:
             out += [_Run(False, (s,), key[:_SCALARS]) for s in sites]

@@ -42,7 +42,6 @@ class Block(nn.Module):
             q = q * d ** -0.5
         a = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), is_causal=True, scale=1.0)
         o = self.o(a.transpose(1, 2).reshape(b, s, d))
-        u = None
         if self.in_place:
             o += x
             u = self.up(o)

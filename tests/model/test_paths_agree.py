@@ -23,7 +23,7 @@ import torch
 import amole_compile as ac
 from amole_compile.kernels import triton_usable
 
-from models import VOCAB, build, build_matrix
+from models import CONFIGS, VOCAB, build, build_matrix
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not triton_usable(torch.zeros(1), explicit=True)[0],
                                 reason="needs triton and TRITON_INTERPRET=1 (CI sets both)")]
@@ -46,7 +46,7 @@ CASES = {  # id -> (architecture, config, dtype, batch, tokens, padded)
 def _model(arch: str, config: dict, dtype: torch.dtype):
     """`arch` transformed, its adapters' parameters drawn (B is zero at init, which would hide most of the op)."""
     torch.manual_seed(0)
-    base = build(arch) if arch in ("llama", "phi3", "gpt2", "gpt_neox", "qwen2") else build_matrix(arch)
+    base = build(arch) if arch in CONFIGS else build_matrix(arch)
     model = ac.transform(base.to(dtype), ac.AdaMoLEConfig(dropout=0.0, **config))
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
