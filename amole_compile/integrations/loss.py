@@ -63,7 +63,7 @@ def pre_forward(module: nn.Module, args, kwargs) -> None:
     `model/tokens.py`)."""
     tokens.enter(kwargs.get("attention_mask") if len(args) < 2 else _argument(module, "attention_mask", args, kwargs))
     # a forward with gradients off keeps the aux of the last one with gradients on
-    ExpertSet.forget_aux(_entering(module), torch.is_grad_enabled())
+    ExpertSet.forget_aux(_entering(module), torch.is_grad_enabled(), summing=True)
 
 
 def post_forward(module: nn.Module, args, kwargs, output):
