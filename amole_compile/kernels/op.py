@@ -180,8 +180,38 @@ def register() -> SimpleNamespace:
         fwd = torch.library.triton_op(f"{_LIB}::adapter", mutates_args=())(_adapter_impl)
         bwd = torch.library.triton_op(f"{_LIB}::adapter_backward", mutates_args=())(_adapter_backward_impl)
         fwd.register_autograd(_backward, setup_context=_setup_context)
+        for device_type in AUTOCAST_DEVICES:
+            key = "Autocast" + torch._C._dispatch_key_for_device(device_type)
+            torch.library.impl(f"{_LIB}::adapter", key, functools.partial(_adapter_autocast, device_type))
+            torch.library.impl(f"{_LIB}::adapter_backward", key, functools.partial(_backward_autocast, device_type))
         _registered = SimpleNamespace(adapter=fwd, adapter_backward=bwd)
     return _registered
+
+
+AUTOCAST_DEVICES = ("cpu", "cuda")  # where the ops take autocast's dispatch key (`_adapter_autocast`)
+
+
+def _adapter_autocast(device_type: str, *args):
+    """The op under autocast (as a graph's inserted node runs in a bf16 / fp16 autocast region): the adapter
+    computes in its parameters' dtype, as on the module path (`AdapterGroup.add_to`), not autocast's: x and the base
+    are cast to lora_a's dtype, nothing inside is autocast (its saved za / h would otherwise be in the autocast dtype
+    and meet gradients of the parameters' in the backward), and the output takes the base's dtype back."""
+    a = AdapterArgs(*args)
+    dtype = a.lora_a.dtype
+    base = a.base
+    with torch.autocast(device_type, enabled=False):
+        res = torch.ops.amole.adapter.default(*a._replace(
+            x=as_dtype(a.x, dtype), base=None if base is None else as_dtype(base, dtype)))
+    if base is not None and base.dtype != dtype:
+        return (res[0].to(base.dtype), *res[1:])
+    return res
+
+
+def _backward_autocast(device_type: str, *args):
+    """The backward op under autocast (`backward()` called inside an autocast region): nothing inside is autocast,
+    the gradients come in the dtypes of the forward's inputs."""
+    with torch.autocast(device_type, enabled=False):
+        return torch.ops.amole.adapter_backward.default(*args)
 
 
 _EAGER_CHOICE: dict = {}  # (kernels, AMOLE_KERNELS, TRITON_INTERPRET, device, dtype, E, K) -> Triton?

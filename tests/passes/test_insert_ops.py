@@ -6,13 +6,14 @@ weights, and leave the GraphModule as it was when the pass fails.
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
 from torch import fx
 
 import amole_compile as ac
-from amole_compile.kernels import register
+from amole_compile.kernels import register, triton_usable
 from amole_compile.model.state import adapter_state
 from amole_compile.passes import insert_ops as insert_ops_mod
 
@@ -20,6 +21,7 @@ from models import build, ids
 
 ADAPTER = register().adapter._opoverload  # torch.ops.amole.adapter.default
 CFG = ac.AdaMoLEConfig(num_experts=4, rank=2, dropout=0.0)  # exported modules cannot be put in eval mode
+KERNELS = ["torch"] + (["triton"] if triton_usable(torch.zeros(1), explicit=True)[0] else [])
 
 
 @pytest.fixture(scope="module", params=["llama", "gpt2"])
@@ -89,6 +91,34 @@ def test_graph_path_aux_loss_and_grads(exported):
     assert aux.shape == () and aux.item() > 0
     state = adapter_state(gm)
     assert all(p.grad is not None for k, p in state.items() if k.endswith("lora_B"))
+
+
+@pytest.mark.parametrize("kernels", KERNELS)
+def test_graph_path_trains_under_autocast_as_the_module_path(exported, kernels):
+    """A bf16 autocast training step (HF Trainer's bf16=True): the inserted op computes in the adapters' float32 as
+    the module path does (before, the torch path's backward raised on mixed dtypes, and the kernels' output came
+    back in bf16): the same logits and adapter gradients, in float32, up to bf16 noise of the base graph."""
+    _, model, ep = exported
+    config = dataclasses.replace(CFG, kernels=kernels)
+    gm = ac.transform(copy.deepcopy(ep), config)
+    nn_model = ac.transform(copy.deepcopy(model), config).eval()  # as exported: no base dropout
+    randomise(nn_model)
+    ours, theirs = adapter_state(gm), adapter_state(nn_model)
+    with torch.no_grad():
+        for k, v in theirs.items():
+            ours[k].copy_(v)
+    x = ids(2, 8, seed=4)
+    results = []
+    for m in (gm, nn_model):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = run(m, x)
+        logits.float().square().mean().backward()
+        results.append(logits.detach().float())
+    torch.testing.assert_close(results[0], results[1], rtol=2e-2, atol=2e-2)
+    for k, p in theirs.items():
+        g = ours[k].grad
+        assert g is not None and g.dtype == torch.float32, k
+        assert (g - p.grad).norm() <= 0.05 * p.grad.norm() + 1e-6, k
 
 
 def test_untransform_graph_module(exported):
