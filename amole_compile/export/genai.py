@@ -7,7 +7,8 @@
                            graph's input/output names, `search` defaults (`past_present_share_buffer: false`: the
                            graph's Concat cannot write into a preallocated present buffer)
     <name>.onnx_adapter    one per adapter, onnxruntime's adapter format (`og.Adapters(model).load(file, name)`,
-                           `generator.set_active_adapter(adapters, name)`)
+                           `generator.set_active_adapter(adapters, name)`); the graph's per-site settings are
+                           the first adapter's, which every other must share but for its scale (`_settings.py`)
     tokenizer files        copied from the tokenizer directory (or saved from a tokenizer object) when given
 
 The steps: check the folder (`check_out_dir`) and snapshot the adapters to serve; then, in a temporary folder
@@ -39,6 +40,7 @@ from ..files import atomic_write, mount_point, staging_of
 from ..folders import atomic_folder
 from ._graphs import GraphSpec, decoder_spec
 from ._pipeline import GraphOptions, export_graph
+from ._settings import fit, read_settings, site_settings, write_settings
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -71,6 +73,11 @@ def export_genai(model: nn.Module, out_dir: str | os.PathLike, options: GraphOpt
     dest = check_out_dir(out_dir)
     options = GraphOptions() if options is None else options
     weights = adapter_weights(model, adapters) if adapters is not None else {}
+    settings = site_settings(model, next(iter(weights)), input_name) if weights else {}
+
+    def edit(onnx_model) -> None:  # the adapter inputs' zero defaults, and the settings the graph bakes in
+        _zero_defaults(onnx_model)
+        write_settings(onnx_model, settings)
 
     def make_spec() -> GraphSpec:
         spec = decoder_spec(model, dynamic=True)
@@ -78,7 +85,7 @@ def export_genai(model: nn.Module, out_dir: str | os.PathLike, options: GraphOpt
 
     with atomic_folder(dest) as tmp:
         with _active(model, next(iter(weights))) if weights else contextlib.nullcontext():
-            spec = export_graph(model, make_spec, tmp / MODEL_FILE, options, _zero_defaults if weights else None)
+            spec = export_graph(model, make_spec, tmp / MODEL_FILE, options, edit if weights else None)
         (tmp / CONFIG_FILE).write_text(json.dumps(genai_config(model, spec), indent=2) + "\n")
         for name, tensors in weights.items():
             write_adapter(tensors, tmp / f"{name}{ADAPTER_SUFFIX}")
@@ -91,20 +98,27 @@ def add_adapter(model: nn.Module, out_dir: str | os.PathLike, name: str) -> Path
     `<out_dir>/<name>.onnx_adapter` for a folder exported earlier with `adapters=[...]`, without exporting the
     graph again: e.g. an adapter trained later on the same sites.
 
-    The adapter's tensors must match the graph's adapter inputs (names, shapes, element types)."""
+    The adapter's tensors must match the graph's adapter inputs (names, shapes, element types), and its settings
+    the graph's (`_settings.py`: the same method, E, top-k and cap per site; a scale of its own is folded into B)."""
     folder = Path(out_dir)
     _check_names([name])
     want = graph_adapter_inputs(folder / MODEL_FILE)
     if not want:
         raise ValueError(f"{folder / MODEL_FILE} takes no adapter inputs: export it with adapters=[...]")
-    from ..model.state import adapter_names
+    graph = read_settings(folder / MODEL_FILE)
+    if graph is None:
+        raise ValueError(f"{folder / MODEL_FILE} does not say which adapter settings it bakes in (exported by an "
+                         "earlier version): export the folder again with every adapter in adapters=[...]")
+    from ..model.state import active_adapter, adapter_names
 
-    tensors = _snapshot(model, name if name in adapter_names(model) else None)
+    own = name if name in adapter_names(model) else active_adapter(model)
+    tensors = _snapshot(model, own)
     have = {input_name(k): (tuple(v.shape), _onnx_type(v.dtype)) for k, v in tensors.items()}
     if have != want:
         diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
         raise ValueError(f"adapter {name!r} does not fit {folder / MODEL_FILE}: {diff[0]} is {have.get(diff[0])} "
                          f"here and {want.get(diff[0])} in the graph ({len(diff)} difference(s))")
+    tensors = fit(tensors, site_settings(model, own, input_name), graph, name, str(folder / MODEL_FILE), input_name)
     return atomic_write(folder / f"{name}{ADAPTER_SUFFIX}", lambda tmp: write_adapter(tensors, Path(tmp)))
 
 
@@ -147,8 +161,9 @@ def _adapter_inputs(model: nn.Module, name: str | None = None) -> dict[str, torc
 
 
 def adapter_weights(model: nn.Module, names: Sequence[str]) -> dict[str, dict[str, torch.Tensor]]:
-    """adapter name -> {parameter name in the model: a detached copy}, for each of `names`. All adapters must
-    have the same graph inputs (roles, shapes, dtypes: one graph serves them all)."""
+    """adapter name -> {parameter name in the model: a detached copy}, for each of `names`, as the graph traced
+    from the first serves them. All adapters must have the same graph inputs (roles, shapes, dtypes) and the
+    first's settings (`_settings.fit`: a scale of their own is folded into their B)."""
     from ..model.state import adapter_names
 
     names = [names] if isinstance(names, str) else list(names)
@@ -161,6 +176,11 @@ def adapter_weights(model: nn.Module, names: Sequence[str]) -> dict[str, dict[st
         raise ValueError(f"unknown adapter(s) {unknown}; the model has {known}")
     found = {name: _snapshot(model, name) for name in names}
     _same_shapes(found)
+    first, *rest = names
+    graph = site_settings(model, first, input_name)
+    for name in rest:
+        found[name] = fit(found[name], site_settings(model, name, input_name), graph, name,
+                          f"the graph traced from adapter {first!r}", input_name)
     return found
 
 

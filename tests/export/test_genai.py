@@ -60,16 +60,18 @@ def _with(model, name):
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    """A llama with adapters "a" and "b" (same sites and shapes, own weights) exported for genai in one call with
-    a tokenizer object, then adapter "c", added to the model later, added to the folder with `add_adapter`."""
+    """A llama with adapters "a" and "b" (same sites and shapes, own weights; b's alpha 4x a's) exported for genai
+    in one call with a tokenizer object, then adapter "c" (alpha a quarter of a's), added to the model later, added
+    to the folder with `add_adapter`. The graph bakes in a's scale: b's and c's are folded into their B."""
     tok = bpe_tokenizer()
     base = _base(tok)
-    model = _named(_named(copy.deepcopy(base), "a", 0), "b", 1)
+    model = _named(_named(copy.deepcopy(base), "a", 0), "b", 1, ac.AdaMoLEConfig(alpha=64.0))
     out = tmp_path_factory.mktemp("genai") / "served"
     path = ac.export_onnx(model, out, genai=True, adapters=["a", "b"], tokenizer=tok)
-    genai.add_adapter(_named(model, "c", 2), out, "c")
+    genai.add_adapter(_named(model, "c", 2, ac.AdaMoLEConfig(alpha=4.0)), out, "c")
     weights = {name: _weights(model, name) for name in "abc"}
-    return types.SimpleNamespace(tok=tok, base=base, model=model, out=out, path=path, weights=weights)
+    return types.SimpleNamespace(tok=tok, base=base, model=model, out=out, path=path, weights=weights,
+                                 folds={"a": 1.0, "b": 4.0, "c": 0.25})
 
 
 def _og_greedy(out, ids: np.ndarray, adapter: str | None = None) -> list[list[int]]:
@@ -129,10 +131,41 @@ def test_adapter_tensors_are_named_inputs_with_zero_defaults(served):
     defaults = {t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer if t.name in inputs}
     assert set(defaults) == inputs and all(not d.any() for d in defaults.values())
     for name, weights in served.weights.items():
-        stored = ort.AdapterFormat.read_adapter(str(served.out / f"{name}.onnx_adapter")).get_parameters()
+        stored = _stored(served, name)
         assert set(stored) == inputs
-        for key, w in weights.items():
-            np.testing.assert_array_equal(stored[genai.input_name(key)].numpy(), w.numpy())
+        for key, w in weights.items():  # B carries the adapter's scale over the graph's
+            want = w * served.folds[name] if key.endswith("lora_B") else w
+            np.testing.assert_array_equal(stored[genai.input_name(key)], want.numpy())
+
+
+def _stored(served, name: str) -> dict[str, np.ndarray]:
+    """Adapter `name`'s tensors as its `.onnx_adapter` file holds them, by graph input name."""
+    fmt = ort.AdapterFormat.read_adapter(str(served.out / f"{name}.onnx_adapter"))
+    params = fmt.get_parameters()
+    return {k: v.numpy().copy() for k, v in params.items()}  # (the arrays view memory the format object owns)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("adapter", ["a", "b", "c", None])
+def test_logits_equal_pytorch_for_every_adapter(served, adapter):
+    """model.onnx fed each adapter's file (b and c with scales other than the graph's) gives PyTorch's logits with
+    that adapter active, and fed nothing the base model's: to float noise, far below the adapters' effect."""
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    session = ort.InferenceSession(str(served.out / "model.onnx"), so, providers=["CPUExecutionProvider"])
+    ids = torch.randint(3, len(served.tok), (2, 7), generator=torch.Generator().manual_seed(5))
+    feed = {"input_ids": ids.numpy(), "attention_mask": np.ones((2, 7), np.int64),
+            "position_ids": np.tile(np.arange(7), (2, 1))}
+    for i in session.get_inputs():
+        if i.name.startswith("past_key_values"):
+            feed[i.name] = np.zeros((2, i.shape[1], 0, i.shape[3]), np.float32)
+    feed.update(_stored(served, adapter) if adapter else {})
+    got = torch.from_numpy(session.run(["logits"], feed)[0])
+    with torch.no_grad():
+        want = (_with(served.model, adapter) if adapter else served.base)(input_ids=ids).logits
+        effect = (want - served.base(input_ids=ids).logits).abs().max()
+    assert adapter is None or effect > 0.05
+    torch.testing.assert_close(got, want, rtol=0, atol=2e-5)
 
 
 @pytest.mark.slow
@@ -151,11 +184,27 @@ def test_adapters_change_the_tokens(served):
 
 
 @pytest.mark.slow
-def test_add_adapter_refuses_other_shapes(served):
+def test_add_adapter_refuses_other_shapes_and_settings(served):
     other = ac.transform(copy.deepcopy(served.base), ac.AdaMoLEConfig(rank=2))
     with pytest.raises(ValueError, match=r"adapter 'd' does not fit .*amole\.model\.layers"):
         genai.add_adapter(other, served.out, "d")
+    capped = ac.transform(copy.deepcopy(served.base), ac.AdaMoLEConfig(max_threshold=0.5))
+    with pytest.raises(ValueError, match=r"adapter 'd' cannot be served by .*model\.onnx: its max_threshold at "
+                                         r"amole\.model\.layers\.0\.self_attn\.q_proj\.q is 0\.5, the graph's"):
+        genai.add_adapter(capped, served.out, "d")
     assert not (served.out / "d.onnx_adapter").exists()
+
+
+def test_add_adapter_refuses_a_graph_that_keeps_no_settings(tmp_path):
+    """A folder exported before graphs kept their adapter settings: add_adapter cannot check them, and refuses."""
+    x = onnx.helper.make_tensor_value_info("amole.m.q.lora_A", onnx.TensorProto.FLOAT, [2, 4])
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 4])
+    graph = onnx.helper.make_graph([onnx.helper.make_node("Identity", ["amole.m.q.lora_A"], ["y"])], "g", [x], [y])
+    onnx.save(onnx.helper.make_model(graph), tmp_path / "model.onnx")
+    model = ac.transform(build("llama", num_hidden_layers=1), ac.AdaMoLEConfig())
+    with pytest.raises(ValueError, match="does not say which adapter settings it bakes in"):
+        genai.add_adapter(model, tmp_path, "d")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
 
 
 def test_bad_genai_arguments(tmp_path):
@@ -215,6 +264,27 @@ def test_adapter_weights_of_named_adapters():
     ac.transform(model, ac.AdaMoLEConfig(rank=2), adapter_name="small")
     with pytest.raises(ValueError, match=r"'a' and 'small' cannot share one graph: amole\.model\.layers\.0"):
         genai.adapter_weights(model, ["a", "small"])
+
+
+def test_adapter_weights_fold_the_scale_and_refuse_other_settings():
+    """One graph bakes in the first adapter's settings: another adapter's scale (alpha / rank) is folded into its
+    B (and only its B); a threshold cap, top-k or method of its own is refused, naming the site and the setting."""
+    model = _named(_named(build("llama", num_hidden_layers=1), "a", 0), "b", 1, ac.AdaMoLEConfig(alpha=40.0))
+    found = genai.adapter_weights(model, ["a", "b"])
+    raw = _weights(model, "b")
+    assert [k for k in raw if k.endswith("lora_B")]
+    for key, w in raw.items():
+        torch.testing.assert_close(found["b"][key], w * 2.5 if key.endswith("lora_B") else w, rtol=0, atol=0)
+    assert all(torch.equal(v, _weights(model, "a")[k]) for k, v in found["a"].items())
+    assert torch.equal(genai.adapter_weights(model, ["b"])["b"][next(iter(raw))], next(iter(raw.values())))
+    ac.transform(model, ac.AdaMoLEConfig(max_threshold=0.5), adapter_name="capped")
+    with pytest.raises(ValueError, match=r"adapter 'capped' cannot be served by the graph traced from adapter 'a': "
+                                         r"its max_threshold at amole\.model\.layers\.0\.self_attn\.q_proj\.q is 0\.5"):
+        genai.adapter_weights(model, ["a", "capped"])
+    for name, k in (("m1", 1), ("m2", 2)):
+        ac.transform(model, ac.AdaMoLEConfig(method="mole", top_k=k), adapter_name=name)
+    with pytest.raises(ValueError, match=r"adapter 'm2' .*: its top_k at .* is 2, the graph's is 1"):
+        genai.adapter_weights(model, ["m1", "m2"])
 
 
 def test_input_names_leave_out_the_adapter_name():
