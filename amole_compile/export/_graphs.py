@@ -143,6 +143,7 @@ def with_adapter_ids(spec: GraphSpec, adapters: tuple[str, ...] | None) -> Graph
 
 def scoring_spec(model: nn.Module, dynamic: bool) -> GraphSpec:
     """The prefill / scoring graph of a causal LM or an encoder."""
+    _check_scorable(model)
     causal = is_causal_lm(model)
     positions = causal and accepts(model, "position_ids")
     b, s = (_EXAMPLE["batch"], _EXAMPLE["seq"]) if dynamic else (1, _EXAMPLE["seq"])
@@ -155,6 +156,26 @@ def scoring_spec(model: nn.Module, dynamic: bool) -> GraphSpec:
     names = ["input_ids", "attention_mask"] + (["position_ids"] if positions else [])
     dims = tuple({0: BATCH, 1: SEQ} for _ in names) if dynamic else None
     return GraphSpec(wrapper, args, dims, names, [out_name])
+
+
+def _check_scorable(model: nn.Module) -> None:
+    """A TypeError naming what is missing where the model is not a causal LM or an encoder over token ids (the
+    scoring graph's inputs: input_ids and attention_mask)."""
+    name = type(model).__name__
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        raise TypeError(f"export_onnx writes the graph of a causal LM or an encoder over input_ids; {name} is an "
+                        "encoder-decoder, whose decoder needs inputs of its own: not supported")
+    main = getattr(model, "main_input_name", "input_ids")  # an HF model's first input: pixel_values for a ViT
+    if main != "input_ids":
+        raise TypeError(f"export_onnx writes the graph of a causal LM or an encoder over input_ids; {name} reads "
+                        f"{main}: not supported")
+    params = inspect.signature(model.forward).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    missing = [n for n in ("input_ids", "attention_mask") if n not in params]
+    if missing:
+        raise TypeError(f"export_onnx writes the graph of a causal LM or an encoder over input_ids and "
+                        f"attention_mask; {name}.forward takes no {' and no '.join(missing)}")
 
 
 def cache_layout(model: nn.Module) -> list[tuple[int, int, torch.dtype]]:

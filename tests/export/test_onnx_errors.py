@@ -14,7 +14,7 @@ from amole_compile.cli.load import export_from_dirs
 from amole_compile.export import onnx as export_mod
 from amole_compile.export.onnx import OnnxExportError
 
-from models import build
+from models import build, build_matrix
 
 
 @torch.library.custom_op("amole_test::mystery", mutates_args=())
@@ -118,3 +118,30 @@ def test_uncapturable_module_is_named(tmp_path):
     with pytest.raises(OnnxExportError, match=r"torch.export failed in module model.layers.0.mlp.act_fn \(Branchy\)"):
         ac.export_onnx(model, tmp_path / "m.onnx")
     assert export_mod.DEFAULT_OPSET == 20
+
+
+class ByIds(torch.nn.Module):
+    """A hand-written model whose forward reads token ids under a name of its own, and no attention mask."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.q = torch.nn.Embedding(20, 8), torch.nn.Linear(8, 8)
+
+    def forward(self, ids):
+        return self.q(self.emb(ids))
+
+
+@pytest.mark.parametrize("name, message", [
+    ("vit", r"ViTModel reads pixel_values: not supported"),
+    ("t5", r"T5Model is an encoder-decoder, whose decoder needs inputs of its own: not supported"),
+    (None, r"ByIds.forward takes no input_ids and no attention_mask"),
+])
+def test_a_model_without_token_ids_is_refused_by_name(tmp_path, name, message):
+    """The scoring graph reads input_ids and attention_mask: a model that reads other inputs is refused with a
+    TypeError saying what it reads (before, the example forward failed inside the model: an AttributeError on
+    None, or T5's "specify exactly one of input_ids or inputs_embeds"), and nothing is written."""
+    model = ByIds() if name is None else build_matrix(name)
+    with pytest.raises(TypeError, match=r"export_onnx writes the graph of a causal LM or an encoder over input_ids.*"
+                                        + message):
+        ac.export_onnx(model, tmp_path / "m.onnx")
+    assert list(tmp_path.iterdir()) == []
