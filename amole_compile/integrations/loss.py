@@ -86,6 +86,7 @@ def post_forward(module: nn.Module, args, kwargs, output):
         return output
     loss = output.get("loss")
     if loss is not None:
+        _check_trains(module, loss, aux)
         output["loss"] = loss + coef * _micro_batch_share(module, kwargs) * aux.to(loss.device)
     log_probs, mask = output.get("log_probs"), output.get("label_mask")
     if log_probs is not None and mask is not None and aux.requires_grad:  # TRL's fused LM head
@@ -137,8 +138,27 @@ def _post_forward_tuple(module: nn.Module, args, kwargs, output: tuple, aux: tor
                       "return_dict=True, or add `aux_loss_coef * amole_compile.aux_loss(model)` yourself",
                       RuntimeWarning, stacklevel=2)
         return None
+    _check_trains(module, loss, aux)
     loss = loss + coef * _micro_batch_share(module, kwargs) * aux.to(loss.device)
     return (loss, *output[1:])
+
+
+class AuxWithoutGradientWarning(UserWarning):
+    """A training forward's loss takes gradients but its aux loss has none: the routers get no load-balancing
+    gradient (reentrant activation checkpointing runs the layers without gradients)."""
+
+
+def _check_trains(module: nn.Module, loss: torch.Tensor, aux: torch.Tensor) -> None:
+    """Warn where the aux term joins a loss that takes gradients but carries none itself, while some router
+    trains (eager only)."""
+    if torch.compiler.is_compiling() or not loss.requires_grad or aux.requires_grad:
+        return
+    routers = [p for site in expert_sets(module) for p in (site.gate, site.threshold_weight, site.threshold_bias)]
+    if any(p is not None and p.requires_grad for p in routers):
+        warnings.warn(f"amole_compile: {type(module).__name__}'s AdaMoLE aux loss has no gradient in this training "
+                      "forward although its loss has one (reentrant activation checkpointing runs the layers without "
+                      "gradients), so the routers get no load-balancing gradient: use gradient_checkpointing_kwargs="
+                      "{'use_reentrant': False}", AuxWithoutGradientWarning, stacklevel=3)
 
 
 def _labels_given(module: nn.Module, args, kwargs) -> bool:

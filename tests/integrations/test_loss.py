@@ -102,3 +102,39 @@ def test_nested_forwards_each_sum_their_own_sites(walks):
     assert [id(m) for m in walks] == [id(a), id(b)] and loss._WALKED.get() == before
     torch.testing.assert_close(inner["aux_loss"], summed_aux(b), rtol=0, atol=0)
     torch.testing.assert_close(outer["aux_loss"], summed_aux(a), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("return_dict", [True, False])
+def test_an_aux_loss_without_gradient_warns(recwarn, return_dict):
+    """Reentrant activation checkpointing runs the layers without gradients: the loss takes gradients, the aux
+    term none, and the routers would train without load balancing; that warns, naming the fix. Non-reentrant
+    checkpointing, none at all, and a training-mode forward under no_grad do not warn."""
+    torch.manual_seed(0)
+    x = ids(2, 6)
+
+    def step(reentrant: bool | None, grad: bool = True) -> list:
+        model = ac.transform(build("llama"), CFG).train()
+        if reentrant is not None:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        recwarn.clear()
+        with torch.set_grad_enabled(grad):
+            model(input_ids=x, labels=x, return_dict=return_dict)
+        return [w for w in recwarn if issubclass(w.category, loss.AuxWithoutGradientWarning)]
+
+    warned = step(reentrant=True)
+    assert len(warned) == 1 and "use_reentrant': False" in str(warned[0].message)
+    assert not step(reentrant=False) and not step(reentrant=None) and not step(reentrant=True, grad=False)
+
+
+def test_frozen_routers_need_no_aux_gradient(recwarn):
+    """Routers frozen by the user: an aux term without gradient takes nothing from them, and does not warn."""
+    model = ac.transform(build("llama"), CFG).train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    for site in model.modules():
+        if isinstance(site, ExpertSet):
+            site.gate.requires_grad_(False)
+            site.threshold_weight.requires_grad_(False)
+            site.threshold_bias.requires_grad_(False)
+    x = ids(2, 6)
+    model(input_ids=x, labels=x).loss.backward()
+    assert not [w for w in recwarn if issubclass(w.category, loss.AuxWithoutGradientWarning)]
