@@ -9,7 +9,9 @@ Pattern:        an attention core — `scaled_dot_product_attention(q, k, v, ...
                 arguments such as `type_as`'s second or `new_empty`'s template excluded) through any op that
                 is not a projection, to the nearest projections; the role is the operand's (query or key side
                 of the score product, value side of the value product). o is the first projection reached
-                forward from the attention output through any ops (gates, reshapes, casts). A projection is any
+                forward from the attention output through any ops (gates, reshapes, casts) before it rejoins
+                the stream the attention read (`_stream`: a residual add; past it, the projection would be the
+                next block's: an attention without o has none). A projection is any
                 node multiplying its input by a 2-D parameter (`as_linear`: linear, addmm, mm / matmul / bmm
                 with the weight read directly or through a transpose, Conv1D).
 Replacement:    none; the pass returns a plan, a list of `Target(module, roles, slices, in, out)` in graph order.
@@ -219,6 +221,7 @@ def find_attention(g: GraphView) -> tuple[list[Target], PassReport]:
 
     seen_routers: set[fx.Node] = set()
     for anchor in anchors:
+        sources: list[fx.Node] = []  # the projections' inputs: the stream the attention reads
         for role, tensors in anchor.inputs.items():
             hits, blocked = [], []
             for tensor in tensors:
@@ -228,9 +231,10 @@ def find_attention(g: GraphView) -> tuple[list[Target], PassReport]:
                     add(g.projection(p), role, tensor, cone)
                 hits += procs
                 blocked += [p for p in reached if p in wide]
+                sources += [g.projection(p).input for p in procs]
             if not hits:
                 report.skipped.append(_none_found(anchor, role, blocked, wide))
-        reached, _ = walk(anchor.out, ahead, stop)
+        reached = _forward_to_o(anchor.out, _stream(sources, back, stop), g, ahead, stop)
         procs = not_routers([p for p in reached if is_proj(p) and g.projection(p).node is not anchor.out])
         if not procs:
             report.skipped.append(_none_found(anchor, "o", [p for p in reached if p in wide], wide))
@@ -244,6 +248,29 @@ def find_attention(g: GraphView) -> tuple[list[Target], PassReport]:
             targets.append(Target(module, roles, slices, *entry.features))
     report.targets = targets
     return targets, report
+
+
+def _stream(sources: list[fx.Node], back, stop) -> set[fx.Node]:
+    """The stream the attention read: its projections' inputs and everything they come from through ops that are
+    not projections (the block's input before its norm, the residual stream before it). o is reached from the
+    attention output before the output rejoins this stream: past a residual add it would be the next block's
+    first projection (an attention without o, a hand-written block that merges heads straight into the
+    residual)."""
+    stream: set[fx.Node] = set()
+
+    def known(n: fx.Node) -> bool:
+        return n in stream or stop(n)
+
+    for node in sources:
+        if node not in stream:
+            stream.update(walk(node, back, known)[1])
+    return stream
+
+
+def _forward_to_o(out: fx.Node, stream: set[fx.Node], g: GraphView, ahead, stop) -> list[fx.Node]:
+    """The nodes the walk forward from the attention output `out` stops at: projections, and the nodes where it
+    rejoins `stream` (which read a node of it)."""
+    return walk(out, ahead, lambda n: stop(n) or any(a in stream for a in g.flow.inputs(n)))[0]
 
 
 def _none_found(anchor: Anchor, role: str, blocked: list[fx.Node], wide: dict) -> Skip:

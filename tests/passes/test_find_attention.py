@@ -321,3 +321,37 @@ def test_banded_sliding_window_attention():
     ref = model(**inputs).logits
     ac.transform(model, ac.AdaMoLEConfig(num_experts=2, rank=2), example_inputs=inputs)
     torch.testing.assert_close(model(**inputs).logits, ref, rtol=0, atol=1e-5)
+
+
+class NoOutputProjection(nn.Module):
+    """Pre-norm layers whose attention merges its heads straight into the residual (no o), then an MLP: the
+    first projection forward of the attention output is past the residual add, in the next block."""
+
+    def __init__(self, d: int = 16, heads: int = 2, layers: int = 2) -> None:
+        super().__init__()
+        self.heads = heads
+        self.blocks = nn.ModuleList(nn.ModuleDict({
+            "n1": nn.LayerNorm(d), "q": nn.Linear(d, d), "k": nn.Linear(d, d), "v": nn.Linear(d, d),
+            "n2": nn.LayerNorm(d), "fc1": nn.Linear(d, 2 * d), "fc2": nn.Linear(2 * d, d)}) for _ in range(layers))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [B, S, D]
+        b, s, d = x.shape
+        for blk in self.blocks:
+            h = blk["n1"](x)
+            q, k, v = (blk[r](h).view(b, s, self.heads, -1).transpose(1, 2) for r in "qkv")
+            x = x + F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, s, d)
+            x = x + blk["fc2"](F.gelu(blk["fc1"](blk["n2"](x))))
+        return x
+
+
+def test_an_attention_without_o_has_none():
+    """The walk to o stops where the attention output rejoins the stream it read (the residual add): no o, and
+    fc1 / fc2 are the MLP's up / down (before, fc1 was called o, and roles 'all' found no MLP)."""
+    model, x = NoOutputProjection(), torch.randn(2, 5, 16)
+    plan = ac.plan(model, ac.AdaMoLEConfig(roles=("q", "k", "v", "up", "down")), example_inputs=(x,))
+    got = {(t.module, t.roles) for t in plan.targets}
+    assert got == {(f"blocks.{i}.{m}", (r,)) for i in range(2) for m, r in
+                   (("q", "q"), ("k", "k"), ("v", "v"), ("fc1", "up"), ("fc2", "down"))}
+    assert "no projection found for role o" in plan.describe()
+    with pytest.raises(ValueError, match=r"roles \('o',\) were asked for, but only \('q', 'k', 'v'"):
+        ac.plan(model, ac.AdaMoLEConfig(), example_inputs=(x,))
