@@ -48,7 +48,7 @@ from .passes.find_siblings import link_siblings
 from .passes.insert_ops import insert_ops, remove_ops
 from .passes.reach import DeadAdapterError
 from .passes.select_targets import NoAttentionFound
-from .passes.swap_modules import swap_modules, unswap_modules
+from .passes.swap_modules import UnsupportedLayerError, swap_modules, unswap_modules
 from .passes.targets import PassReport, Plan, Target
 
 __all__ = ["DeadAdapterError", "NoAttentionFound", "active_adapter", "adapter_groups", "adapter_names", "aux_loss",
@@ -146,7 +146,7 @@ def rewrite(model: nn.Module, selected: list[Target], config: AdaMoLEConfig, nam
         calls: list = []
         try:
             check_adapters_run(model, [t.module for t in selected], example_inputs, calls)
-        except DeadAdapterError:
+        except (DeadAdapterError, UnsupportedLayerError):  # (a projection whose forward returns no tensor)
             if first:
                 untransform(model)
             else:
@@ -155,7 +155,7 @@ def rewrite(model: nn.Module, selected: list[Target], config: AdaMoLEConfig, nam
             raise
         link_siblings(model, calls)
         log.info(find_rows(model, example_inputs).summary())
-    activate(model, name)
+    activate(model, name, freeze_base=True)
     return report
 
 
@@ -195,8 +195,9 @@ def aux_loss(model: nn.Module) -> torch.Tensor:
 
 # ---- named adapters -----------------------------------------------------------------------------------------
 def set_active_adapter(model: nn.Module, name: str | None) -> nn.Module:
-    """Run adapter `name` (None: no adapter, the base model). Only the active adapter's parameters train, and
-    the model adds its config's `aux_loss_coef` times the aux loss to its loss. Returns the model."""
+    """Run adapter `name` (None: no adapter, the base model). Only the active adapter's parameters train (the
+    model's own parameters keep their flags), and the model adds its config's `aux_loss_coef` times the aux loss
+    to its loss. Returns the model."""
     if not is_transformed(model):
         raise ValueError(f"{type(model).__name__} holds no AdaMoLE adapters; transform it first")
     if name is not None:

@@ -35,14 +35,15 @@ from ..model.projection import ProjectionAdapters
 from ..model.state import projections
 from .capture import CaptureError, _first_line, example_args, probe_forward
 from .reach import DeadAdapterError
+from .swap_modules import UnsupportedLayerError
 
 
 @contextlib.contextmanager
-def marked(holders: dict[str, ProjectionAdapters], note: Callable[[str, Tensor], object]) -> Iterator[None]:
-    """For the block, each holder's `add_to` / `add_role` calls `note(its name, x)` and returns y unchanged."""
+def marked(holders: dict[str, ProjectionAdapters], note: Callable[[str, Tensor, object], object]) -> Iterator[None]:
+    """For the block, each holder's `add_to` / `add_role` calls `note(its name, x, y)` and returns y unchanged."""
     for name, holder in holders.items():
-        holder.__dict__["add_to"] = lambda x, y, _n=name: (note(_n, x), y)[1]
-        holder.__dict__["add_role"] = lambda role, x, y, _n=name: (note(_n, x), y)[1]
+        holder.__dict__["add_to"] = lambda x, y, _n=name: (note(_n, x, y), y)[1]
+        holder.__dict__["add_role"] = lambda role, x, y, _n=name: (note(_n, x, y), y)[1]
     try:
         yield
     finally:
@@ -115,9 +116,12 @@ def _ran(model: nn.Module, holders: dict[str, ProjectionAdapters], args: tuple, 
     """The holders whose adapters ran in one forward (None, with a warning, when the forward failed); `calls` (a
     list) gets (name, x) for each call."""
     ran: set[str] = set()
+    not_tensors: dict[str, str] = {}
 
-    def note(name: str, x: Tensor) -> None:
+    def note(name: str, x: Tensor, y: object) -> None:
         ran.add(name)
+        if not isinstance(y, Tensor):
+            not_tensors.setdefault(name, type(y).__name__)
         if calls is not None:
             calls.append((name, x))
 
@@ -131,6 +135,12 @@ def _ran(model: nn.Module, holders: dict[str, ProjectionAdapters], args: tuple, 
         warnings.warn(f"amole_compile could not check that the adapters of {type(model).__name__} run: {mode} "
                       f"forward of the example inputs failed ({_first_line(exc)})", stacklevel=5)
         return None
+    if not_tensors:
+        name, kind = next(iter(not_tensors.items()))
+        raise UnsupportedLayerError(
+            f"cannot adapt {name}: its forward returns a {kind}, not a tensor (an adapter adds its delta to the "
+            f"projection's output; {len(not_tensors)} such projection(s)). Leave it out with "
+            "AdaMoLEConfig(exclude=...); nothing was changed")
     return ran
 
 

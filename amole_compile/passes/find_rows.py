@@ -188,7 +188,7 @@ def _run(model: nn.Module, holders: dict[str, ProjectionAdapters], inputs,
     """One forward (tried `prefer`'s way first: "real", "fake" or "" as `probe_forward` picks) -> each holder's
     inputs, call by call, whether they hold values (not fake, not meta), and how it ran."""
     seen: dict[str, list[Tensor]] = {}
-    with marked(holders, lambda name, x: seen.setdefault(name, []).append(x.detach())):
+    with marked(holders, lambda name, x, _y: seen.setdefault(name, []).append(x.detach())):
         how = probe_forward(model, *inputs, prefer=prefer)
     return seen, _real(how, seen), how
 

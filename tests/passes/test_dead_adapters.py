@@ -180,6 +180,39 @@ def test_the_probe_refuses_a_module_the_model_skips_at_run_time():
     assert_unchanged(model, snap)
 
 
+class SkipBiasLinear(nn.Linear):
+    """Megatron's skip_bias_add: the forward returns (x Wᵀ, bias), the caller adds the bias."""
+
+    def forward(self, x):
+        return F.linear(x, self.weight), self.bias
+
+
+class SkipBiasAttention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v, self.o = (SkipBiasLinear(D, D) for _ in range(4))
+
+    def forward(self, x):
+        q, k, v = (sum(m(x)) for m in (self.q, self.k, self.v))
+        y, b = self.o(merge(F.scaled_dot_product_attention(heads(q), heads(k), heads(v))))
+        return y + b
+
+
+def test_a_projection_whose_forward_returns_no_tensor_is_refused_at_transform():
+    """The plan finds q, k, v and o (their weights multiply x); the check forward sees their forward return a
+    tuple, which an adapter cannot add to: transform refuses by name, the model as it was (before, transform
+    succeeded and the first forward raised 'tuple' object has no attribute 'dtype')."""
+    model, x = Outer(SkipBiasAttention()).eval(), _x()
+    assert [t.module for t in ac.plan(model, CFG, example_inputs=(x,)).targets] == ["attn.q", "attn.k", "attn.v",
+                                                                                    "attn.o"]
+    snap, want = snapshot(model), model(x)
+    with pytest.raises(ac.UnsupportedLayerError, match=r"cannot adapt attn\.q: its forward returns a tuple, not a "
+                                                       r"tensor .*4 such projection\(s\)"):
+        ac.transform(model, CFG, example_inputs=(x,))
+    assert_unchanged(model, snap)
+    torch.testing.assert_close(model(x), want, rtol=0, atol=0)
+
+
 def test_a_second_adapter_that_would_not_run_is_taken_back_alone():
     model, x = Outer(FastPath()).eval(), _x()
     ac.transform(model, ac.AdaMoLEConfig(exclude="q_proj", **_small()), example_inputs=(x,))
