@@ -39,6 +39,7 @@ from .format import (
     same_math,
     same_targets,
     saved_active,
+    saved_none_active,
     write_adapters,
 )
 from .format import reread as _reread
@@ -80,12 +81,13 @@ def load_adapters(model: nn.Module, path: str | os.PathLike, *, adapter_name: st
     An adapter the model holds already gets the saved values (same targets and math, or an error). Another is
     added: a base model is transformed with its saved config, a transformed one gets it beside its adapters
     (its discovered projections must be the saved ones). A base model then runs the adapter that was active
-    when saved; a transformed model keeps its active adapter. Returns the model. On any error the model is
-    exactly as before.
+    when saved (none, if none was); a transformed model keeps its active adapter. A load changes values, not
+    which parameters train. Returns the model. On any error the model is exactly as before.
     """
     path = Path(path)
     saved, tensors, was_active, saved_type = _reread(lambda: _read(path, adapter_name))
     fresh, before = not is_transformed(model), active_adapter(model)
+    flags = {} if fresh else {id(p): p.requires_grad for p in model.parameters()}  # (a fresh transform freezes)
     added: list[str] = []
     try:
         for name, (config, want, upstream) in saved.items():
@@ -107,13 +109,18 @@ def load_adapters(model: nn.Module, path: str | os.PathLike, *, adapter_name: st
         check_values(expected, tensors, str(path))
         check_model_type(model, saved_type, path)
     except BaseException:
-        _undo(model, fresh, added, before)
+        _undo(model, fresh, added, before, flags)
         raise
     with torch.no_grad():
         for key, p in expected.items():
             p.copy_(tensors[key].to(device=p.device, dtype=p.dtype))
-    activate(model, (was_active if was_active in saved else next(iter(saved))) if fresh else before)
+    runs = None if was_active is NONE_ACTIVE else was_active if was_active in saved else next(iter(saved))
+    activate(model, runs if fresh else before)
+    _restore_flags(model, flags)
     return model
+
+
+NONE_ACTIVE = object()  # `_read`'s answer for a save of a model that ran no adapter (`"active": null`)
 
 
 def _check_materialised(model: nn.Module, expected: dict[str, torch.Tensor]) -> None:
@@ -144,7 +151,7 @@ def _read(path: Path, adapter_name: str | None):
         check_adapter_name(name)
     saved = {n: (c, t, False) for n, (c, t) in entries.items()}
     if adapter_name is None:
-        return saved, tensors, saved_active(data), kind
+        return saved, tensors, NONE_ACTIVE if saved_none_active(data) else saved_active(data), kind
     if adapter_name in saved:
         return {adapter_name: saved[adapter_name]}, rename(tensors, adapter_name, adapter_name), adapter_name, kind
     if len(saved) == 1:
@@ -159,8 +166,8 @@ def _plan_bare(model: nn.Module, config, example_inputs) -> list:
         return list(plan(model, config, example_inputs=example_inputs).targets)
 
 
-def _undo(model: nn.Module, fresh: bool, added: list[str], before: str | None) -> None:
-    """Take back what a failed load added."""
+def _undo(model: nn.Module, fresh: bool, added: list[str], before: str | None, flags: dict) -> None:
+    """Take back what a failed load added (and the `requires_grad` flags it changed)."""
     if fresh:
         if is_transformed(model):
             untransform(model)
@@ -168,3 +175,13 @@ def _undo(model: nn.Module, fresh: bool, added: list[str], before: str | None) -
     for name in added:
         drop(model, name)
     activate(model, before)
+    _restore_flags(model, flags)
+
+
+def _restore_flags(model: nn.Module, flags: dict) -> None:
+    """Give the parameters the load found their `requires_grad` back (`flags`: id -> flag; the parameters of an
+    adapter it added keep theirs): a load changes values, not what trains."""
+    for p in model.parameters():
+        flag = flags.get(id(p))
+        if flag is not None and p.requires_grad != flag:
+            p.requires_grad_(flag)

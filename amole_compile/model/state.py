@@ -187,15 +187,19 @@ def adapter_state(model: nn.Module, names: list[str] | None = None) -> dict[str,
 
 
 # ---- changes --------------------------------------------------------------------------------------------------
-def activate(model: nn.Module, name: str | None) -> None:
-    """Adapter `name` runs on every projection it adapts (None: none runs) and is the only one whose parameters
-    train; the record's aux-loss coefficient becomes its config's."""
+def activate(model: nn.Module, name: str | None, freeze_base: bool = False) -> None:
+    """Adapter `name` runs on every projection it adapts (None: none runs) and is the only adapter whose
+    parameters train; the model's own parameters keep their flags (a head the user trains stays trainable), or,
+    with `freeze_base` (transform), all freeze. The record's aux-loss coefficient becomes its config's."""
+    adapters: set[int] = set()
     for _, proj in projections(model):
         proj.active = name if name is not None and name in proj.adapters else None
+        adapters.update(id(p) for group in proj.adapters.values() for p in group.parameters())
     groups = adapter_groups(model, name) if name is not None else []
     trainable = {id(p) for _, g in groups for p in g.parameters()}
     for p in model.parameters():
-        p.requires_grad_(id(p) in trainable)
+        if freeze_base or id(p) in adapters:
+            p.requires_grad_(id(p) in trainable)
     record = state_of(model)
     if record is not None:
         record.active = name

@@ -141,3 +141,34 @@ def test_weights_of_another_save_are_refused(saved, tmp_path):
     edit_config(saved, lambda m: m.pop("weights"))  # as written before the manifest: read as it is
     model = ac.load_adapters(build("llama"), saved)
     assert torch.equal(model.get_parameter(KEY), torch.full_like(model.get_parameter(KEY), 0.5))
+
+
+def _flags(model) -> dict[str, bool]:
+    return {n: p.requires_grad for n, p in model.named_parameters()}
+
+
+def test_a_load_changes_values_not_what_trains(saved):
+    """The user trains the LM head too and froze one gate: a failed load (another rank), a load of values into
+    the existing adapter, and switching adapters leave those flags alone (before, each froze the head and thawed
+    the gate); a second transform freezes every parameter but its adapter's, as documented."""
+    model = ac.transform(build("llama"), CFG)
+    model.lm_head.weight.requires_grad_(True)
+    gate = model.model.layers[0].self_attn.q_proj.adapters["default"]["q"].gate
+    gate.requires_grad_(False)
+    want = _flags(model)
+    other = ac.transform(build("llama"), ac.AdaMoLEConfig(num_experts=2, rank=3))
+    ac.save_adapters(other, saved.parent / "rank3")
+    with pytest.raises(ValueError, match="rank"):
+        ac.load_adapters(model, saved.parent / "rank3")
+    assert _flags(model) == want
+    ac.load_adapters(model, saved)
+    assert _flags(model) == want
+    ac.transform(model, CFG, adapter_name="b")
+    assert not model.lm_head.weight.requires_grad  # a transform freezes the base
+    model.lm_head.weight.requires_grad_(True)
+    ac.set_active_adapter(model, "default")
+    assert model.lm_head.weight.requires_grad and gate.requires_grad
+    assert not any(p.requires_grad for n, p in model.named_parameters() if ".adapters.b." in n)
+    ac.set_active_adapter(model, None)
+    assert model.lm_head.weight.requires_grad
+    assert not any(p.requires_grad for n, p in model.named_parameters() if ".adapters." in n)
