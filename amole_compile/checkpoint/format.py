@@ -1,7 +1,7 @@
 """Our adapter files, written as one transaction and read with strict checks of fields, targets, method, keys,
 shapes and values:
 
-    amole_config.json     {"format": "amole_compile", "format_version": 2, "active": name, "model_type": str,
+    amole_config.json     {"format": "amole_compile", "format_version": 2, "active": name or null, "model_type": str,
                            "weights": {"file": "adapters.safetensors", "size": bytes, "sha256": hex},
                            "adapters": {name: {"config": AdaMoLEConfig.to_dict(), "targets": [...]}},
                            "base": {...}}  (Trainer checkpoints only: the base they reference, base_ref.py)
@@ -106,7 +106,7 @@ def write_adapters(model: nn.Module, path: str | os.PathLike, state: dict[str, t
         entries.update(kept)
         tensors.update(kept_tensors)
         meta = {"format": FORMAT, "format_version": FORMAT_VERSION,
-                "active": next(a for a in (active, kept_active, names[0]) if a in entries)}
+                "active": None if active is None else next(a for a in (active, kept_active, names[0]) if a in entries)}
         if model_type(model):
             meta["model_type"] = model_type(model)
         if base is not None:
@@ -316,6 +316,11 @@ def _read_weights(path: Path, manifest: dict | None, file: Path) -> dict[str, to
 def saved_active(data: dict) -> str | None:
     """The adapter that was active when the directory was written (version 2), else None."""
     return data.get("active") if data.get("format_version", 1) >= 2 else None
+
+
+def saved_none_active(data: dict) -> bool:
+    """Did the model written run no adapter (`"active": null`, version 2; an absent entry says nothing)?"""
+    return data.get("format_version", 1) >= 2 and "active" in data and data["active"] is None
 
 
 def rename(tensors: dict[str, torch.Tensor], old: str, new: str) -> dict[str, torch.Tensor]:

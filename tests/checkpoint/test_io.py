@@ -73,6 +73,29 @@ def test_round_trip_is_bit_exact(arch, method, tmp_path):
     assert sorted(os.listdir(out)) == FILES
 
 
+def test_a_model_that_ran_no_adapter_loads_running_none(tmp_path):
+    """Saved with no adapter active (set_active_adapter(None)): the manifest says `"active": null`, and a base
+    model loading it holds the adapter but runs none, as the saved model did (before, it ran the adapter: logits
+    off by its whole effect). Activated afterwards, it is the saved adapter."""
+    base = build("llama")
+    fresh = copy.deepcopy(base)
+    model = ac.transform(base, METHOD_CFGS["adamole"])
+    randomise(model)
+    model.eval()
+    x = ids(2, 8, seed=2)
+    with_adapter = logits(model, x)
+    ac.set_active_adapter(model, None)
+    want = logits(model, x)
+    out = ac.save_adapters(model, tmp_path / "none")
+    assert json.loads((out / "amole_config.json").read_text())["active"] is None
+    ac.load_adapters(fresh, out)
+    fresh.eval()
+    assert ac.active_adapter(fresh) is None and ac.adapter_names(fresh) == ["default"]
+    assert torch.equal(logits(fresh, x), want) and not torch.allclose(want, with_adapter, atol=1e-3)
+    ac.set_active_adapter(fresh, "default")
+    assert torch.equal(logits(fresh, x), with_adapter)
+
+
 def test_failed_write_leaves_no_temp_files_and_old_files_intact(tmp_path, monkeypatch):
     import safetensors.torch as st
 
