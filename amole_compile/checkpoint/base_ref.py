@@ -8,8 +8,9 @@ weights file by that name). The base is named in the manifest under `base`:
     {"name_or_path": str, "config": {field: value}, "samples": [{"key", "shape", "dtype", "values"}]}
 
 `config` is the base's config without the fields that do not change the weights (`IGNORED`); `samples` are
-`SAMPLES` evenly spaced values of up to three floating base tensors (first, middle and last key): a fingerprint
-that costs microseconds where hashing a 7B base would cost seconds per checkpoint. A resume compares both with
+`SAMPLES` evenly spaced values of every floating base weight and bias: a fingerprint that costs milliseconds where
+hashing a 7B base would cost seconds per checkpoint, and that sees a base whose every q projection differs (an
+earlier LoRA merged into it), which three sampled tensors did not. A resume compares both with
 the model it resumes into and refuses another base, naming the field or the tensor. A base loaded in a lower
 precision than the one saved is the same base: the saved values are cast to its dtype before the comparison.
 """
@@ -23,8 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-SAMPLES = 64
-PICKS = 3
+SAMPLES = 16  # values per tensor (a 7B Llama's ~290 tensors: ~4.6k values in the manifest)
 # Config fields that describe how the base is loaded or run, not which weights it holds.
 IGNORED = frozenset({"_name_or_path", "transformers_version", "torch_dtype", "dtype", "quantization_config",
                      "use_cache", "architectures", "output_hidden_states", "output_attentions", "return_dict",
@@ -82,10 +82,7 @@ def _plain(t) -> bool:
 
 
 def _picks(base: Mapping[str, torch.Tensor]) -> list[str]:
-    keys = sorted(k for k, t in base.items() if k.endswith((".weight", ".bias")) and _plain(t))
-    if not keys:
-        return []
-    return list(dict.fromkeys(keys[i] for i in (0, len(keys) // 2, len(keys) - 1)))[:PICKS]
+    return sorted(k for k, t in base.items() if k.endswith((".weight", ".bias")) and _plain(t))
 
 
 def _values(t: torch.Tensor) -> torch.Tensor:

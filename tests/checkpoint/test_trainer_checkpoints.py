@@ -67,22 +67,36 @@ def test_a_checkpoint_holds_what_peft_holds_and_no_base(tmp_path):
     saved = set(load_file(ckpt / "adapters.safetensors"))
     assert saved and all(".adapters." in k for k in saved)
     ref = json.loads((ckpt / "amole_config.json").read_text())["base"]
-    assert ref["config"]["hidden_size"] == 32 and len(ref["samples"]) == 3
+    plain = [k for k, t in base_state_dict(model).items() if k.endswith((".weight", ".bias"))]
+    assert ref["config"]["hidden_size"] == 32 and [e["key"] for e in ref["samples"]] == sorted(plain)
     adapter_bytes = sum(v.numel() * v.element_size() for k, v in model.state_dict().items() if ".adapters." in k)
     ours_bytes = sum((ckpt / n).stat().st_size for n in ("amole_config.json", "adapters.safetensors",
                                                         "model.safetensors"))
     assert ours_bytes < adapter_bytes + 32 * 1024, (ours_bytes, adapter_bytes)  # the adapters + JSON headers
 
 
-@pytest.mark.parametrize("other", ["config", "weights"])
+def _merged_q() -> torch.nn.Module:
+    """The base with an earlier low-rank update merged into every q projection (and nothing else changed)."""
+    model = base()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("q_proj.weight"):
+                p += 0.05 * torch.ones(p.shape[0], 1) @ torch.ones(1, p.shape[1])
+    return model
+
+
+@pytest.mark.parametrize("other", ["config", "weights", "merged_q"])
 def test_resume_into_another_base_is_refused_by_name(tmp_path, other):
-    """Another config (rms_norm_eps) or other weights (another seed) under the same architecture: the resume
-    raises naming the field or the tensor, and the model is left as it was."""
+    """Another config (rms_norm_eps), other weights (another seed), or a LoRA merged into every q projection,
+    under the same architecture: the resume raises naming the field or the tensor, and the model is left as it
+    was."""
     _, ckpt = checkpoint(tmp_path)
-    model = adapted(seed=1, model=base(rms_norm_eps=1e-3) if other == "config" else base(seed=1))
+    model = adapted(seed=1, model={"config": lambda: base(rms_norm_eps=1e-3), "weights": lambda: base(seed=1),
+                                   "merged_q": _merged_q}[other]())
     before = state(model)
     trainer = tf.Trainer(model=model, args=args(tmp_path / "again", max_steps=4), train_dataset=LMData(8))
-    want = "rms_norm_eps: 1e-06 there, 0.001 here" if other == "config" else r"\S+\.weight holds other values"
+    want = {"config": "rms_norm_eps: 1e-06 there, 0.001 here", "weights": r"\S+\.weight holds other values",
+            "merged_q": r"model\.layers\.0\.self_attn\.q_proj\.weight holds other values"}[other]
     with pytest.raises(ac.DifferentBaseError, match=f"resume refused: {ckpt} was trained on .*{want}"):
         trainer.train(resume_from_checkpoint=str(ckpt))
     after = state(model)
@@ -172,3 +186,27 @@ def test_trl_checkpoints_reference_the_base(tmp_path):
     ckpt = tmp_path / "checkpoint-1"
     assert load_file(ckpt / "model.safetensors") == {}
     assert json.loads((ckpt / "amole_config.json").read_text())["base"]["samples"]
+
+
+def test_resume_with_another_adapter_active_is_refused_by_name(tmp_path):
+    """A checkpoint of adapter 'default' resumed into the model with 'other' active: refused, naming both and the
+    fix (before, 'other' went on training with 'default''s optimizer state, silently); with 'default' active the
+    resume goes on as the uninterrupted run does."""
+    def two(active):
+        model = adapted()
+        ac.transform(model, ac.AdaMoLEConfig(dropout=0.0, num_experts=4, rank=2), adapter_name="other")
+        return ac.set_active_adapter(model, active)
+
+    straight = two("default")
+    tf.Trainer(model=straight, args=args(tmp_path / "a", max_steps=4), train_dataset=LMData(16)).train()
+    resumed = two("other")
+    trainer = tf.Trainer(model=resumed, args=args(tmp_path / "b", max_steps=4), train_dataset=LMData(16))
+    with pytest.raises(ValueError, match=r"trained adapter 'default', but the model being loaded runs 'other'.*"
+                                         r"set_active_adapter\(model, 'default'\)"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-2"))
+    ac.set_active_adapter(resumed, "default")
+    trainer = tf.Trainer(model=resumed, args=args(tmp_path / "c", max_steps=4), train_dataset=LMData(16))
+    trainer.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-2"))
+    want, got = state(straight), state(resumed)
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=0, atol=0, msg=key)
