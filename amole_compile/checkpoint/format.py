@@ -227,9 +227,15 @@ def read_saved(path: Path) -> tuple[dict, dict[str, tuple[AdaMoLEConfig, list[Ta
 
 def read_adapter_tensors(model: nn.Module, path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The adapter tensors in `path` (our format) for every adapter the transformed `model` holds, checked
-    against it (targets, method, keys, shapes): canonical key -> tensor."""
+    against it (targets, method, keys, shapes, and the adapter that trained: a resume into the model running
+    another would train that one with the other's optimizer state): canonical key -> tensor."""
     path = Path(path)
-    _, saved, tensors = reread(lambda: read_saved(path))
+    data, saved, tensors = reread(lambda: read_saved(path))
+    trained, runs = saved_active(data), active_adapter(model)
+    if trained is not None and trained != runs:
+        raise ValueError(f"the checkpoint {path} trained adapter {trained!r}, but the model being loaded runs "
+                         f"{runs!r}: resuming would go on training {runs!r} with {trained!r}'s optimizer state. "
+                         f"Call amole_compile.set_active_adapter(model, {trained!r}) first")
     names = adapter_names(model)
     for name in names:
         if name not in saved:

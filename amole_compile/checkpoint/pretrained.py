@@ -32,7 +32,7 @@ from torch import nn
 from ..files import atomic_write, folder_lock
 from ..integrations.distributed import full_tensor, unwrap
 from ..model.projection import ProjectionAdapters
-from ..model.state import GRAPH_PREFIX, active_adapter, adapter_state, key_prefixes, state_of, swapped
+from ..model.state import GRAPH_PREFIX, adapter_state, key_prefixes, state_of, swapped
 from .base_ref import check_same_base, reference
 from .folder import save_staged
 from .format import (
@@ -41,7 +41,6 @@ from .format import (
     read_adapter_tensors,
     read_config_json,
     refuse_foreign,
-    saved_active,
     write_adapters,
 )
 
@@ -223,14 +222,8 @@ def load_pre_hook(module: nn.Module, state_dict, prefix, local_metadata, strict,
 
 
 def _put_adapters(module: nn.Module, state_dict, prefix: str, directory: Path) -> None:
-    """The adapters of `directory` into the state dict being loaded, under the model's own keys; refused where
-    the checkpoint trained another adapter than the one the model runs (a resume would train that one, with the
-    optimizer state of the other)."""
-    trained, runs = saved_active(read_config_json(directory)[0]), active_adapter(module)
-    if trained is not None and trained != runs:
-        raise ValueError(f"the checkpoint {directory} trained adapter {trained!r}, but the model being loaded runs "
-                         f"{runs!r}: resuming would go on training {runs!r} with {trained!r}'s optimizer state. "
-                         f"Call amole_compile.set_active_adapter(model, {trained!r}) first")
+    """The adapters of `directory` into the state dict being loaded, under the model's own keys (checked against
+    the model by `read_adapter_tensors`, the adapter that trained included)."""
     tensors = read_adapter_tensors(module, directory)
     real = {canon: key for key, canon in _adapter_names(module).items()}
     for key, value in tensors.items():

@@ -12,15 +12,23 @@ The graph keeps its settings in the ONNX model's metadata (`SETTINGS_KEY`), for 
 from __future__ import annotations
 
 import json
+import re
 
 import torch
 from torch import nn
 
+INPUT_PREFIX = "amole."
 SETTINGS_KEY = "amole.adapter_settings"
 FIXED = ("method", "num_experts", "top_k", "max_threshold")  # constants of the graph an adapter must share
 
 
-def site_settings(model: nn.Module, name: str, input_name) -> dict[str, dict]:
+def input_name(param: str) -> str:
+    """`<module>.adapters.<name>.<role>.<param>` -> the graph input `amole.<module>.<role>.<param>` (no adapter
+    name: every adapter feeds the same inputs)."""
+    return INPUT_PREFIX + re.sub(r"\.adapters\.[^.]+\.", ".", param, count=1)
+
+
+def site_settings(model: nn.Module, name: str) -> dict[str, dict]:
     """Adapter `name`'s settings per site, keyed by the site's graph input prefix (`input_name` of a parameter,
     less the parameter: `amole.<module>.<role>`): method, num_experts, top_k, max_threshold and scale."""
     from ..model.state import adapter_state
@@ -35,7 +43,7 @@ def site_settings(model: nn.Module, name: str, input_name) -> dict[str, dict]:
 
 
 def fit(tensors: dict[str, torch.Tensor], settings: dict[str, dict], graph: dict[str, dict], name: str,
-        where: str, input_name) -> dict[str, torch.Tensor]:
+        where: str) -> dict[str, torch.Tensor]:
     """Adapter `name`'s `tensors` ({parameter name: tensor}, its per-site `settings`) for a graph traced with
     `graph`'s settings (`where` names the graph in errors): a ValueError at the first site whose fixed settings
     differ; lora_B scaled by the adapter's scale over the graph's where they differ (a new tensor)."""
@@ -58,9 +66,8 @@ def write_settings(onnx_model, graph: dict[str, dict]) -> None:
     onnx_model.metadata_props[SETTINGS_KEY] = json.dumps(graph)  # (in the model's order: errors name its first site)
 
 
-def read_settings(path) -> dict[str, dict] | None:
-    """The settings an exported graph keeps (None: a graph exported before they were kept)."""
-    import onnx
-
-    props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+def read_settings(proto) -> dict[str, dict] | None:
+    """The settings an exported graph (an `onnx.ModelProto`) keeps (None: a graph exported before they were
+    kept)."""
+    props = {p.key: p.value for p in proto.metadata_props}
     return json.loads(props[SETTINGS_KEY]) if SETTINGS_KEY in props else None

@@ -40,7 +40,7 @@ from ..files import atomic_write, mount_point, staging_of
 from ..folders import atomic_folder
 from ._graphs import GraphSpec, decoder_spec
 from ._pipeline import GraphOptions, export_graph
-from ._settings import fit, read_settings, site_settings, write_settings
+from ._settings import INPUT_PREFIX, fit, input_name, read_settings, site_settings, write_settings
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -48,7 +48,6 @@ if TYPE_CHECKING:
 MODEL_FILE = "model.onnx"
 CONFIG_FILE = "genai_config.json"
 ADAPTER_SUFFIX = ".onnx_adapter"
-INPUT_PREFIX = "amole."
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "tokenizer.model", "vocab.json", "merges.txt", "chat_template.jinja")
 GENAI_TYPES = ("llama", "mistral", "qwen2")  # HF model_type values genai 0.18 names; others run as "decoder"
@@ -73,7 +72,7 @@ def export_genai(model: nn.Module, out_dir: str | os.PathLike, options: GraphOpt
     dest = check_out_dir(out_dir)
     options = GraphOptions() if options is None else options
     weights = adapter_weights(model, adapters) if adapters is not None else {}
-    settings = site_settings(model, next(iter(weights)), input_name) if weights else {}
+    settings = site_settings(model, next(iter(weights))) if weights else {}
 
     def edit(onnx_model) -> None:  # the adapter inputs' zero defaults, and the settings the graph bakes in
         _zero_defaults(onnx_model)
@@ -102,10 +101,13 @@ def add_adapter(model: nn.Module, out_dir: str | os.PathLike, name: str) -> Path
     the graph's (`_settings.py`: the same method, E, top-k and cap per site; a scale of its own is folded into B)."""
     folder = Path(out_dir)
     _check_names([name])
-    want = graph_adapter_inputs(folder / MODEL_FILE)
+    import onnx
+
+    proto = onnx.load(str(folder / MODEL_FILE), load_external_data=False)
+    want = graph_adapter_inputs(proto)
     if not want:
         raise ValueError(f"{folder / MODEL_FILE} takes no adapter inputs: export it with adapters=[...]")
-    graph = read_settings(folder / MODEL_FILE)
+    graph = read_settings(proto)
     if graph is None:
         raise ValueError(f"{folder / MODEL_FILE} does not say which adapter settings it bakes in (exported by an "
                          "earlier version): export the folder again with every adapter in adapters=[...]")
@@ -118,19 +120,16 @@ def add_adapter(model: nn.Module, out_dir: str | os.PathLike, name: str) -> Path
         diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
         raise ValueError(f"adapter {name!r} does not fit {folder / MODEL_FILE}: {diff[0]} is {have.get(diff[0])} "
                          f"here and {want.get(diff[0])} in the graph ({len(diff)} difference(s))")
-    tensors = fit(tensors, site_settings(model, own, input_name), graph, name, str(folder / MODEL_FILE), input_name)
+    tensors = fit(tensors, site_settings(model, own), graph, name, str(folder / MODEL_FILE))
     return atomic_write(folder / f"{name}{ADAPTER_SUFFIX}", lambda tmp: write_adapter(tensors, Path(tmp)))
 
 
 # ---- adapters as graph inputs ---------------------------------------------------------------------
 
-def graph_adapter_inputs(path: Path) -> dict[str, tuple[tuple[int, ...], int]]:
-    """The adapter inputs of an exported graph: name -> (shape, ONNX element type)."""
-    import onnx
-
-    graph = onnx.load(str(path), load_external_data=False).graph
+def graph_adapter_inputs(proto) -> dict[str, tuple[tuple[int, ...], int]]:
+    """The adapter inputs of an exported graph (an `onnx.ModelProto`): name -> (shape, ONNX element type)."""
     return {i.name: (tuple(d.dim_value for d in i.type.tensor_type.shape.dim), i.type.tensor_type.elem_type)
-            for i in graph.input if i.name.startswith(INPUT_PREFIX)}
+            for i in proto.graph.input if i.name.startswith(INPUT_PREFIX)}
 
 
 def _onnx_type(dtype: torch.dtype) -> int:
@@ -144,12 +143,6 @@ def _check_names(names: list) -> None:
     if not names or len(set(names)) != len(names) or \
             not all(isinstance(n, str) and n and Path(n).name == n for n in names):
         raise ValueError(f"adapters must be distinct non-empty names usable as file names, got {names!r}")
-
-
-def input_name(param: str) -> str:
-    """`<module>.adapters.<name>.<role>.<param>` -> the graph input `amole.<module>.<role>.<param>` (no adapter
-    name: every adapter feeds the same inputs)."""
-    return INPUT_PREFIX + re.sub(r"\.adapters\.[^.]+\.", ".", param, count=1)
 
 
 def _adapter_inputs(model: nn.Module, name: str | None = None) -> dict[str, torch.Tensor]:
@@ -177,10 +170,10 @@ def adapter_weights(model: nn.Module, names: Sequence[str]) -> dict[str, dict[st
     found = {name: _snapshot(model, name) for name in names}
     _same_shapes(found)
     first, *rest = names
-    graph = site_settings(model, first, input_name)
+    graph = site_settings(model, first)
     for name in rest:
-        found[name] = fit(found[name], site_settings(model, name, input_name), graph, name,
-                          f"the graph traced from adapter {first!r}", input_name)
+        found[name] = fit(found[name], site_settings(model, name), graph, name,
+                          f"the graph traced from adapter {first!r}")
     return found
 
 

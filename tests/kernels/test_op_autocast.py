@@ -10,11 +10,10 @@ from __future__ import annotations
 import pytest
 import torch
 from test_adapter_kernels import DEVICE, make
+from test_op_shapes import KERNELS, LEAVES
 
-from amole_compile.kernels import register, triton_usable
+from amole_compile.kernels import register
 
-KERNELS = ["torch"] + (["triton"] if triton_usable(torch.zeros(1, device=DEVICE), explicit=True)[0] else [])
-LEAVES = ("x", "lora_a", "lora_b", "gate_w", "thr_w", "thr_b", "base")
 OP = register().adapter
 
 
