@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow  # each export takes 10-30 s on 2 cores
 
 @pytest.fixture(scope="module")
 def stacked(tmp_path_factory):
-    model = adapted()
+    model = adapted(layers=1)  # (stacking is per site; one layer halves the two exports' 2-4 minutes)
     out = tmp_path_factory.mktemp("multi")
     scoring = ac.export_onnx(model, out / "model.onnx", adapters=["a", "b", "c", "d"])
     decoder = ac.export_onnx(model, out / "decoder.onnx", kv_cache=True, adapters=["c", "a", "d", "b"])
@@ -90,7 +90,7 @@ def test_cli_stacks_the_named_adapters_of_a_saved_model(tmp_path, capsys):
     exported as one stacked graph; an unknown name fails in one line and writes nothing."""
     from amole_compile import cli
 
-    model = adapted(names=("a", "b"))
+    model = adapted(names=("a", "b"), layers=1)
     model.save_pretrained(tmp_path / "m")
     out = tmp_path / "out" / "multi.onnx"
     out.parent.mkdir()
