@@ -7,7 +7,9 @@ opt into the shared memory their builds need, see `device_unfit`, where Triton w
 the first launch, inside a training step; a call with more tokens than their 32-bit indexing reaches, see
 `blocks.index_unfit`, where offsets would wrap and read or write the wrong rows) takes the torch path, with a
 one-time warning naming why when the tensor is on a CUDA device (where 'auto' would have picked Triton), or
-raises naming the limit when `kernels='triton'` was asked for.
+raises naming the limit when `kernels='triton'` was asked for. A build that fails anyway in an eager call (a GPU or
+Triton version the AOT matrix does not cover) is caught by the op, which re-runs the call on the torch path and
+sends calls like it there from then on, warned once (`unbuildable`; `kernels='triton'` raises).
 """
 
 from __future__ import annotations
@@ -59,6 +61,10 @@ def triton_usable(x: torch.Tensor, explicit: bool = False) -> tuple[bool, str]:
 
 
 _warned: set[str] = set()
+# (device, dtype, E, R) -> why: a Triton build failed there, inside an eager call (`unbuildable`); those calls take
+# the torch path from then on. `generation` counts the failures: the op's memos of its choice key on it.
+_unbuildable: dict[tuple, str] = {}
+generation = 0
 
 
 def _on_gpu(x: torch.Tensor) -> bool:
@@ -83,7 +89,8 @@ def resolve_kernels(requested: str, x: torch.Tensor, num_experts: int = 1, rank:
         return "torch"
     ok, why = triton_usable(x, explicit=choice == "triton")
     if ok:
-        why = unsupported(num_experts, rank) or device_unfit(x.device, x.dtype, num_experts, rank)
+        why = (unsupported(num_experts, rank) or device_unfit(x.device, x.dtype, num_experts, rank)
+               or _unbuilt(x, num_experts, rank))
         if not why and out_features is not None:
             d = x.shape[-1]
             why = index_unfit(x.numel() // max(d, 1), d, out_features, groups, padded_columns(num_experts, rank))
@@ -96,6 +103,52 @@ def resolve_kernels(requested: str, x: torch.Tensor, num_experts: int = 1, rank:
         _warned.add(why)
         warnings.warn(f"amole: the Triton kernels cannot run this call, using the torch path: {why}", stacklevel=2)
     return "torch"
+
+
+@functools.cache
+def build_errors() -> tuple[type[BaseException], ...]:
+    """What Triton raises when a kernel fails to build (compile error, ptxas failure, more shared memory or
+    registers than the GPU has) as opposed to a failure of the kernel it launches, which must surface."""
+    found = []
+    for module, names in (("triton.compiler.errors", ("CompilationError",)),
+                          ("triton.runtime.errors", ("OutOfResources", "PTXASError"))):
+        try:
+            mod = importlib.import_module(module)
+        except ImportError:
+            continue
+        found += [getattr(mod, n) for n in names if isinstance(getattr(mod, n, None), type)]
+    return tuple(found)
+
+
+def unbuildable(exc: BaseException, requested: str, x: torch.Tensor, num_experts: int, rank: int) -> None:
+    """A kernel failed to build (`build_errors`) for an eager call on x with E experts of rank R: such calls take
+    the torch path from now on (this one too: the caller re-runs it), with one warning naming the error; raises
+    instead, naming it, where `kernels='triton'` was asked for. The issue's contract: a Triton compile error never
+    comes out of a training step; the AOT matrix (sm_80, sm_90) and `device_unfit` keep the known ones away."""
+    global generation
+    first = (str(exc).strip().splitlines() or [""])[0][:300]
+    why = f"a Triton kernel failed to build for {x.device} ({x.dtype}, E = {num_experts}, rank {rank}): " \
+          f"{type(exc).__name__}: {first}"
+    _unbuildable[(x.device, x.dtype, num_experts, rank)] = why
+    generation += 1
+    if requested_kernels(requested) == "triton":
+        raise RuntimeError(f"amole kernels='triton' was asked for but cannot run: {why}") from exc
+    if why not in _warned:
+        _warned.add(why)
+        warnings.warn(f"amole: using the torch path: {why}", stacklevel=3)
+
+
+def builds(x: torch.Tensor, num_experts: int, rank: int) -> bool:
+    """Has no kernel failed to build for calls like this one (`unbuildable`)?"""
+    return not _unbuilt(x, num_experts, rank)
+
+
+def _unbuilt(x: torch.Tensor, num_experts: int, rank: int) -> str:
+    """Why a kernel did not build for calls like this one ('' if none failed; sizes traced symbolically, as
+    under torch.compile(dynamic=True), are not looked up: eager calls record plain ints)."""
+    if not _unbuildable or type(num_experts) is not int or type(rank) is not int:
+        return ""
+    return _unbuildable.get((x.device, x.dtype, num_experts, rank), "")
 
 
 @functools.cache

@@ -223,7 +223,8 @@ def eager_choice(kernels: str, x: Tensor, num_experts: int, k: int) -> bool:
     `resolve_kernels` costs ~10 us, twice per site and step. A miss asks it (its one-time warning, or its error for
     an impossible `kernels='triton'`, which is not remembered)."""
     env = os.environ
-    key = (kernels, env.get(ENV_VAR), env.get("TRITON_INTERPRET"), x.device, x.dtype, num_experts, k)
+    key = (kernels, env.get(ENV_VAR), env.get("TRITON_INTERPRET"), x.device, x.dtype, num_experts, k,
+           backend.generation)
     choice = _EAGER_CHOICE.get(key)
     if choice is None:
         choice = _EAGER_CHOICE[key] = resolve_kernels(kernels, x, num_experts, k // max(num_experts, 1)) == "triton"
@@ -305,7 +306,12 @@ class _EagerAdapter(torch.autograd.Function):
             inputs = _flat(inputs)
         a = AdapterArgs(*inputs)
         ctx.triton = eager_triton(a.kernels, a.x, a.num_experts, a.lora_a.shape[0], a.lora_b.shape[0])  # backward too
-        out = forward_on(ctx.triton, (*inputs[:_KERNELS], a.with_aux), wrap=False)
+        try:
+            out = forward_on(ctx.triton, (*inputs[:_KERNELS], a.with_aux), wrap=False)
+        except backend.build_errors() as exc:  # (a compile error of the kernels: the torch path, from now on)
+            backend.unbuildable(exc, a.kernels, a.x, a.num_experts, a.lora_a.shape[0] // max(a.num_experts, 1))
+            ctx.triton = False
+            out = forward_on(False, (*inputs[:_KERNELS], a.with_aux))
         _setup_context(ctx, inputs, out)
         if ctx.x_shape is not None:
             out = _unflat(out, ctx.x_shape)
@@ -346,12 +352,21 @@ def _unflat(out: tuple, x_shape: torch.Size) -> tuple:
 def _eager_backward(triton: bool):
     """`_adapter_backward_impl` for an eager call whose forward chose `triton` (or the torch path)."""
     def backward(*args):  # amole.adapter_backward's arguments; `kernels` (decided already) is dropped
-        return _backward_on(triton, args[:_BWD_KERNELS] + args[_BWD_KERNELS + 1:], wrap=False)
+        rest = args[:_BWD_KERNELS] + args[_BWD_KERNELS + 1:]
+        x, e = args[_BWD_X], args[_BWD_E]
+        rank = args[_BWD_A].shape[0] // max(e, 1)
+        if triton and backend.builds(x, e, rank):
+            try:
+                return _backward_on(True, rest, wrap=False)
+            except backend.build_errors() as exc:  # the torch path takes the forward's za / zr alike
+                backend.unbuildable(exc, args[_BWD_KERNELS], x, e, rank)
+        return _backward_on(False, rest)
 
     return backward
 
 
-_BWD_KERNELS = list(inspect.signature(_adapter_backward_impl).parameters).index("kernels")
+_BWD_ARGS = list(inspect.signature(_adapter_backward_impl).parameters)
+_BWD_KERNELS, _BWD_X, _BWD_A, _BWD_E = map(_BWD_ARGS.index, ("kernels", "x", "lora_a", "num_experts"))
 EAGER_BACKWARD = {True: _eager_backward(True), False: _eager_backward(False)}  # the forward chose Triton?
 
 

@@ -25,6 +25,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from . import backend
 from .adapter_torch import as_dtype
 from .backend import ENV_VAR, resolve_kernels
 from .blocks import index_unfit, max_tokens, padded_columns
@@ -142,7 +143,7 @@ class _Plan(NamedTuple):
     max_tokens: int
 
 
-_PLANS: dict = {}  # (meta, AMOLE_KERNELS, TRITON_INTERPRET, device, dtype) -> _Plan
+_PLANS: dict = {}  # (meta, AMOLE_KERNELS, TRITON_INTERPRET, device, dtype, backend.generation) -> _Plan
 INDEX_TOKENS = 1 << 62  # a plan with no Triton run takes any number of tokens
 
 
@@ -151,7 +152,8 @@ def _plan(meta: tuple, x: Tensor) -> _Plan:
     runs the same way call after call); a call with more tokens than one of its Triton runs takes gets a plan of
     its own, uncached (`_make_plan` with its tokens)."""
     env = os.environ
-    key = (meta, env.get(ENV_VAR), env.get("TRITON_INTERPRET"), x.device, x.dtype)  # the device: GPUs differ
+    key = (meta, env.get(ENV_VAR), env.get("TRITON_INTERPRET"), x.device, x.dtype,  # the device: GPUs differ
+           backend.generation)  # (a failed build sends calls like it to the torch path)
     plan = _PLANS.get(key)
     if plan is None:
         if len(_PLANS) > 1024:
@@ -221,13 +223,32 @@ class _Run(NamedTuple):
             return [mask, out[3], out[4], out[6]]
         stacked = _stack([masks[s] for s in self.sites], x2)  # [G, T, D] or None
         per = [[params[_PARAMS * s + j] for s in self.sites] for j in range(_PARAMS)]  # per parameter, G
-        ys, scores, sel, za, zr, aux, sums = _triton()[0](
-            x2, stacked, *per, [blocks[s] for s in self.sites], method, e, k, scale, cap, drop_scale, with_aux,
-            wrap=False, own_base=True)
+        try:
+            ys, scores, sel, za, zr, aux, sums = _triton()[0](
+                x2, stacked, *per, [blocks[s] for s in self.sites], method, e, k, scale, cap, drop_scale, with_aux,
+                wrap=False, own_base=True)
+        except backend.build_errors() as exc:  # a kernel does not build: this run and the next on the torch path
+            backend.unbuildable(exc, self.scalars[6], x2, e, per[0][0].shape[0] // max(e, 1))
+            return self._forward_torch(x2, stacked, params, blocks, outs)
         auxes = aux.unbind(0) if aux.numel() else (aux,) * len(self.sites)
         for s, y, sc, m, a in zip(self.sites, ys, scores.unbind(0), sel.unbind(0), auxes, strict=True):
             _into(blocks[s], y)
             outs[s] = (sc, m, a)
+        return [stacked, za, zr, sums]
+
+    def _forward_torch(self, x2: Tensor, stacked: Tensor | None, params: tuple, blocks: list, outs: list) -> list:
+        """`forward` of a Triton run on the torch path, site by site (a kernel failed to build), saving what the
+        Triton run saves: each site's za, zr and aux sums stacked [G, ...]."""
+        method, e, k, scale, cap, drop_scale, _, with_aux = self.scalars
+        saved = []
+        for j, s in enumerate(self.sites):
+            mask = None if stacked is None else stacked[j]  # [T, D]
+            out = forward_on(False, (x2, mask, *params[_PARAMS * s:_PARAMS * (s + 1)], blocks[s], method, e, k, scale,
+                                     cap, drop_scale, with_aux), own_base=True)
+            _into(blocks[s], out[0])
+            outs[s] = (out[1], out[2], out[5])
+            saved.append((out[3], out[4], out[6]))
+        za, zr, sums = (torch.stack(v) for v in zip(*saved, strict=True))
         return [stacked, za, zr, sums]
 
     def backward(self, x2: Tensor, params: list, saved: tuple, blocks: list, aux_grads: tuple, need_x: bool,
@@ -243,19 +264,42 @@ class _Run(NamedTuple):
                                  EAGER_BACKWARD[False])
             flat[_PARAMS * s: _PARAMS * (s + 1)] = ps
             return gx
-        method, e, k, scale, cap, drop_scale, _, _ = self.scalars
+        method, e, k, scale, cap, drop_scale, kernels, _ = self.scalars
         mine = [params[s] for s in self.sites]
+        rank = mine[0][0].shape[0] // max(e, 1)
+        if not backend.builds(x2, e, rank):  # (the forward, or another node, found a kernel that does not build)
+            return self._backward_torch(x2, params, saved, blocks, aux_grads, need_x, flat)
         grad_outs = [grad_out_of(blocks[s], (x2, None, *params[s])) for s in self.sites]  # [T, O_s], maybe strided
         grad_aux = _stack_grads([aux_grads[s] for s in self.sites], ()) if sums.numel() else None  # [G]
-        gx, *ps = _triton()[1](
-            grad_outs, None, x2, masks, *zip(*mine, strict=True), za, zr, method, e, k, scale, cap,
-            drop_scale, need_x, grad_aux, None if grad_aux is None else sums, wrap=False)
+        try:
+            gx, *ps = _triton()[1](
+                grad_outs, None, x2, masks, *zip(*mine, strict=True), za, zr, method, e, k, scale, cap,
+                drop_scale, need_x, grad_aux, None if grad_aux is None else sums, wrap=False)
+        except backend.build_errors() as exc:  # the torch path takes the forward's za / zr alike
+            backend.unbuildable(exc, kernels, x2, e, rank)
+            return self._backward_torch(x2, params, saved, blocks, aux_grads, need_x, flat)
         for j, s in enumerate(self.sites):
             a, b, g, tw, tb = mine[j]
             flat[_PARAMS * s: _PARAMS * (s + 1)] = [
                 ps[0][j], ps[1][j], None if g is None else ps[2][j], None if tw is None else ps[3][j],
                 None if tb is None else ps[4][j]]
         return gx if need_x else None
+
+
+    def _backward_torch(self, x2: Tensor, params: list, saved: tuple, blocks: list, aux_grads: tuple, need_x: bool,
+                        flat: list) -> Tensor | None:
+        """`backward` of a Triton run on the torch path, site by site, from the Triton run's saved tensors (the
+        same contract per site: `op.site_grads`)."""
+        masks, za, zr, sums = saved
+        gx = None
+        for j, s in enumerate(self.sites):
+            site = (x2, None if masks is None else masks[j], *params[s], za[j], zr[j],
+                    sums[j] if sums.numel() else sums)
+            g, *ps = site_grads(site, self.scalars, need_x, grad_out_of(blocks[s], site), None, aux_grads[s],
+                                EAGER_BACKWARD[False])
+            flat[_PARAMS * s: _PARAMS * (s + 1)] = ps
+            gx = g if gx is None else gx.add_(g)  # [T, D] (None without need_x)
+        return gx
 
 
 _TRITON: tuple = ()

@@ -83,13 +83,13 @@ def small_limit(monkeypatch):
     return calls
 
 
-def _sites(n: int, d: int, kernels: str) -> list[AdaMoLELinear]:
+def _sites(n: int, d: int, kernels: str, dropout: float = 0.0, bias: bool = False) -> list[AdaMoLELinear]:
     """n adapted D x D projections (B nonzero); n > 1: linked as q, k and v (one node)."""
     torch.manual_seed(0)
-    cfg = ac.AdaMoLEConfig(num_experts=4, rank=4, dropout=0.0, kernels=kernels)
+    cfg = ac.AdaMoLEConfig(num_experts=4, rank=4, dropout=dropout, kernels=kernels)
     layers = []
     for _ in range(n):
-        layer = AdaMoLELinear(nn.Linear(d, d, bias=False).requires_grad_(False), ("q",), (tuple(range(d)),), cfg)
+        layer = AdaMoLELinear(nn.Linear(d, d, bias=bias).requires_grad_(False), ("q",), (tuple(range(d)),), cfg)
         nn.init.normal_(layer.group["q"].lora_B, std=0.1)
         layers.append(layer.train())
     if n > 1:
