@@ -197,12 +197,15 @@ def test_bnb_cpu_repack_reason_state_dict_scrambles_the_scales(tmp_path_factory)
 
 def test_scoped_save_patches(tmp_path_factory, tmp_path):
     """peft_flag_during_save and quantizer_state_dict: a quantized transformed base saved by the inherited method
-    with the Trainer's flag on raises, and with the flag off writes the adapted names; ours writes the base."""
+    with the Trainer's flag on writes no base (it takes the save for a PEFT adapter's: under peft 0.21 transformers
+    refuses that peft's version, under 0.22 it looks for PEFT's tuner layers and finds none), and with the flag off
+    writes the adapted names; ours writes the base."""
     model = _four_bit(tmp_path_factory)
     ac.transform(model, CFG)
     base, _ = split_state(model, model.state_dict())
-    with pytest.raises(ValueError, match="PEFT"):
+    with pytest.raises((ValueError, UnboundLocalError)):
         type(model).save_pretrained(model, tmp_path / "flag_on", state_dict=base)
+    assert not (tmp_path / "flag_on" / "model.safetensors").exists()
     with SCOPED["peft_flag_during_save"](model):
         type(model).save_pretrained(model, tmp_path / "no_rename", state_dict=base)
     assert any(".base_layer." in k for k in load_file(tmp_path / "no_rename" / "model.safetensors"))
