@@ -98,11 +98,24 @@ def resolve_kernels(requested: str, x: torch.Tensor, num_experts: int = 1, rank:
     if ok:
         return "triton"
     if choice == "triton":
-        raise RuntimeError(f"amole kernels='triton' was asked for but cannot run: {why}")
-    if _on_gpu(x) and why not in _warned:
-        _warned.add(why)
-        warnings.warn(f"amole: the Triton kernels cannot run this call, using the torch path: {why}", stacklevel=2)
+        raise _refusal(why)
+    if _on_gpu(x):
+        _warn_once(why, stacklevel=2)
     return "torch"
+
+
+def _refusal(why: str) -> RuntimeError:
+    """The error for `kernels='triton'` asked for where the kernels cannot run, `why`."""
+    return RuntimeError(f"amole kernels='triton' was asked for but cannot run: {why}")
+
+
+def _warn_once(why: str, stacklevel: int) -> None:
+    """The one warning per reason that a call takes the torch path (`stacklevel` as `warnings.warn`'s, from the
+    caller)."""
+    if why not in _warned:
+        _warned.add(why)
+        warnings.warn(f"amole: the Triton kernels cannot run this call, using the torch path: {why}",
+                      stacklevel=stacklevel + 1)
 
 
 @functools.cache
@@ -132,10 +145,8 @@ def unbuildable(exc: BaseException, requested: str, x: torch.Tensor, num_experts
     _unbuildable[(x.device, x.dtype, num_experts, rank)] = why
     generation += 1
     if requested_kernels(requested) == "triton":
-        raise RuntimeError(f"amole kernels='triton' was asked for but cannot run: {why}") from exc
-    if why not in _warned:
-        _warned.add(why)
-        warnings.warn(f"amole: using the torch path: {why}", stacklevel=3)
+        raise _refusal(why) from exc
+    _warn_once(why, stacklevel=3)
 
 
 def builds(x: torch.Tensor, num_experts: int, rank: int) -> bool:

@@ -353,13 +353,14 @@ def _eager_backward(triton: bool):
     """`_adapter_backward_impl` for an eager call whose forward chose `triton` (or the torch path)."""
     def backward(*args):  # amole.adapter_backward's arguments; `kernels` (decided already) is dropped
         rest = args[:_BWD_KERNELS] + args[_BWD_KERNELS + 1:]
-        x, e = args[_BWD_X], args[_BWD_E]
-        rank = args[_BWD_A].shape[0] // max(e, 1)
-        if triton and backend.builds(x, e, rank):
-            try:
-                return _backward_on(True, rest, wrap=False)
-            except backend.build_errors() as exc:  # the torch path takes the forward's za / zr alike
-                backend.unbuildable(exc, args[_BWD_KERNELS], x, e, rank)
+        if triton:
+            x, e = args[_BWD_X], args[_BWD_E]
+            rank = args[_BWD_A].shape[0] // max(e, 1)
+            if backend.builds(x, e, rank):
+                try:
+                    return _backward_on(True, rest, wrap=False)
+                except backend.build_errors() as exc:  # the torch path takes the forward's za / zr alike
+                    backend.unbuildable(exc, args[_BWD_KERNELS], x, e, rank)
         return _backward_on(False, rest)
 
     return backward

@@ -212,15 +212,11 @@ class _Run(NamedTuple):
     def forward(self, x2: Tensor, masks: list, params: tuple, blocks: list, outs: list) -> list:
         """Add each site's up-projection into its block, put its (scores, mask, aux) in `outs` -> the four tensors
         to save. `masks`: each site's keep-mask (or None); `params`: each site's five parameters, in turn."""
-        method, e, k, scale, cap, drop_scale, _, with_aux = self.scalars
+        method, e, k, scale, cap, drop_scale, kernels, with_aux = self.scalars
         if not self.triton:
             s = self.sites[0]
             mask = None if masks[s] is None else masks[s].reshape(x2.shape)  # [T, D]
-            out = forward_on(False, (x2, mask, *params[_PARAMS * s:_PARAMS * (s + 1)], blocks[s], method, e, k,
-                                     scale, cap, drop_scale, with_aux), own_base=True)
-            _into(blocks[s], out[0])
-            outs[s] = (out[1], out[2], out[5])
-            return [mask, out[3], out[4], out[6]]
+            return [mask, *self._site_forward(s, x2, mask, params, blocks, outs)]
         stacked = _stack([masks[s] for s in self.sites], x2)  # [G, T, D] or None
         per = [[params[_PARAMS * s + j] for s in self.sites] for j in range(_PARAMS)]  # per parameter, G
         try:
@@ -228,7 +224,7 @@ class _Run(NamedTuple):
                 x2, stacked, *per, [blocks[s] for s in self.sites], method, e, k, scale, cap, drop_scale, with_aux,
                 wrap=False, own_base=True)
         except backend.build_errors() as exc:  # a kernel does not build: this run and the next on the torch path
-            backend.unbuildable(exc, self.scalars[6], x2, e, per[0][0].shape[0] // max(e, 1))
+            backend.unbuildable(exc, kernels, x2, e, per[0][0].shape[0] // max(e, 1))
             return self._forward_torch(x2, stacked, params, blocks, outs)
         auxes = aux.unbind(0) if aux.numel() else (aux,) * len(self.sites)
         for s, y, sc, m, a in zip(self.sites, ys, scores.unbind(0), sel.unbind(0), auxes, strict=True):
@@ -239,17 +235,20 @@ class _Run(NamedTuple):
     def _forward_torch(self, x2: Tensor, stacked: Tensor | None, params: tuple, blocks: list, outs: list) -> list:
         """`forward` of a Triton run on the torch path, site by site (a kernel failed to build), saving what the
         Triton run saves: each site's za, zr and aux sums stacked [G, ...]."""
-        method, e, k, scale, cap, drop_scale, _, with_aux = self.scalars
-        saved = []
-        for j, s in enumerate(self.sites):
-            mask = None if stacked is None else stacked[j]  # [T, D]
-            out = forward_on(False, (x2, mask, *params[_PARAMS * s:_PARAMS * (s + 1)], blocks[s], method, e, k, scale,
-                                     cap, drop_scale, with_aux), own_base=True)
-            _into(blocks[s], out[0])
-            outs[s] = (out[1], out[2], out[5])
-            saved.append((out[3], out[4], out[6]))
+        saved = [self._site_forward(s, x2, None if stacked is None else stacked[j], params, blocks, outs)
+                 for j, s in enumerate(self.sites)]
         za, zr, sums = (torch.stack(v) for v in zip(*saved, strict=True))
         return [stacked, za, zr, sums]
+
+    def _site_forward(self, s: int, x2: Tensor, mask: Tensor | None, params: tuple, blocks: list, outs: list) -> tuple:
+        """Site s on the torch path with its keep-mask [T, D] (or None): its up-projection added into its block,
+        its (scores, mask, aux) put in `outs` -> what it saves (za, zr, aux sums)."""
+        method, e, k, scale, cap, drop_scale, _, with_aux = self.scalars
+        out = forward_on(False, (x2, mask, *params[_PARAMS * s:_PARAMS * (s + 1)], blocks[s], method, e, k, scale,
+                                 cap, drop_scale, with_aux), own_base=True)
+        _into(blocks[s], out[0])
+        outs[s] = (out[1], out[2], out[5])
+        return out[3], out[4], out[6]
 
     def backward(self, x2: Tensor, params: list, saved: tuple, blocks: list, aux_grads: tuple, need_x: bool,
                  flat: list) -> Tensor | None:
@@ -259,11 +258,7 @@ class _Run(NamedTuple):
         masks, za, zr, sums = saved
         if not self.triton:
             s = self.sites[0]
-            site = (x2, masks, *params[s], za, zr, sums)
-            gx, *ps = site_grads(site, self.scalars, need_x, grad_out_of(blocks[s], site), None, aux_grads[s],
-                                 EAGER_BACKWARD[False])
-            flat[_PARAMS * s: _PARAMS * (s + 1)] = ps
-            return gx
+            return self._site_grads(s, (x2, masks, *params[s], za, zr, sums), blocks, aux_grads, need_x, flat)
         method, e, k, scale, cap, drop_scale, kernels, _ = self.scalars
         mine = [params[s] for s in self.sites]
         rank = mine[0][0].shape[0] // max(e, 1)
@@ -285,7 +280,6 @@ class _Run(NamedTuple):
                 None if tb is None else ps[4][j]]
         return gx if need_x else None
 
-
     def _backward_torch(self, x2: Tensor, params: list, saved: tuple, blocks: list, aux_grads: tuple, need_x: bool,
                         flat: list) -> Tensor | None:
         """`backward` of a Triton run on the torch path, site by site, from the Triton run's saved tensors (the
@@ -295,10 +289,17 @@ class _Run(NamedTuple):
         for j, s in enumerate(self.sites):
             site = (x2, None if masks is None else masks[j], *params[s], za[j], zr[j],
                     sums[j] if sums.numel() else sums)
-            g, *ps = site_grads(site, self.scalars, need_x, grad_out_of(blocks[s], site), None, aux_grads[s],
-                                EAGER_BACKWARD[False])
-            flat[_PARAMS * s: _PARAMS * (s + 1)] = ps
+            g = self._site_grads(s, site, blocks, aux_grads, need_x, flat)
             gx = g if gx is None else gx.add_(g)  # [T, D] (None without need_x)
+        return gx
+
+    def _site_grads(self, s: int, site: tuple, blocks: list, aux_grads: tuple, need_x: bool,
+                    flat: list) -> Tensor | None:
+        """Site s's gradients on the torch path from its ten saved tensors (`op.site_grads`): its parameters'
+        into `flat` -> its x gradient [T, D] (None without `need_x`)."""
+        gx, *ps = site_grads(site, self.scalars, need_x, grad_out_of(blocks[s], site), None, aux_grads[s],
+                             EAGER_BACKWARD[False])
+        flat[_PARAMS * s: _PARAMS * (s + 1)] = ps
         return gx
 
 
