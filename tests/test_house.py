@@ -7,6 +7,7 @@ from __future__ import annotations
 import ast
 import inspect
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -277,3 +278,29 @@ def test_bench_without_a_checkout_says_so_in_one_line(monkeypatch, tmp_path, cap
     assert cli.main(["bench", "layer"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "source checkout" in err[0], err
+
+
+def _session_scoped(decorator: ast.expr) -> bool:
+    return isinstance(decorator, ast.Call) and any(
+        k.arg == "scope" and isinstance(k.value, ast.Constant) and k.value.value == "session"
+        for k in decorator.keywords)
+
+
+def test_each_session_fixture_is_built_on_one_worker():
+    """The test files using a conftest's session-scoped fixture are one file or one group of tests/conftest.py's
+    SHARED_FIXTURE_GROUPS (pytest-xdist runs a group on one worker): else each worker running one of them builds
+    the fixture again (an ONNX export pair: 20-45 s)."""
+    tests = Path(__file__).resolve().parent
+    root_conftest = ast.parse((tests / "conftest.py").read_text())
+    groups = next(ast.literal_eval(n.value) for n in root_conftest.body if isinstance(n, ast.Assign)
+                  and any(getattr(t, "id", None) == "SHARED_FIXTURE_GROUPS" for t in n.targets))
+    files = {str(f.relative_to(tests.parent)): f.read_text() for f in tests.rglob("test_*.py")
+             if f != Path(__file__).resolve()}
+    fixtures = [fn.name for cf in tests.rglob("conftest.py") for fn in ast.parse(cf.read_text()).body
+                if isinstance(fn, ast.FunctionDef) and any(map(_session_scoped, fn.decorator_list))]
+    assert "llama_adamole" in fixtures  # the check sees them
+    for name in fixtures:
+        users = sorted(path for path, text in files.items() if re.search(rf"\b{name}\b", text))
+        assert len({groups.get(u, u) for u in users}) <= 1, (
+            f"session fixture {name!r} is used by {users} on different workers: put them in one group of "
+            "SHARED_FIXTURE_GROUPS (tests/conftest.py)")

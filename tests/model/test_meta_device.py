@@ -5,6 +5,7 @@ on every call (`modules.autocast_on` answers False for a device type without aut
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -76,6 +77,9 @@ def test_autocast_helpers():
     with no_autocast("meta"):  # a null context: torch.autocast("meta") raises
         pass
     assert autocast_on("cpu") is False
+    # off already: a null context, no autocast region (torch.export traced one into a wrap_with_autocast subgraph
+    # in a mixed batch's graph, which every later pass of an ONNX export traced again)
+    assert isinstance(no_autocast("cpu"), contextlib.nullcontext)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert autocast_on("cpu") is True
         with no_autocast("cpu"):
