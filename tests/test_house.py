@@ -294,7 +294,7 @@ def test_each_session_fixture_is_built_on_one_worker():
     root_conftest = ast.parse((tests / "conftest.py").read_text())
     groups = next(ast.literal_eval(n.value) for n in root_conftest.body if isinstance(n, ast.Assign)
                   and any(getattr(t, "id", None) == "SHARED_FIXTURE_GROUPS" for t in n.targets))
-    files = {str(f.relative_to(tests.parent)): f.read_text() for f in tests.rglob("test_*.py")
+    files = {f.relative_to(tests.parent).as_posix(): f.read_text() for f in tests.rglob("test_*.py")  # as node ids
              if f != Path(__file__).resolve()}
     fixtures = [fn.name for cf in tests.rglob("conftest.py") for fn in ast.parse(cf.read_text()).body
                 if isinstance(fn, ast.FunctionDef) and any(map(_session_scoped, fn.decorator_list))]

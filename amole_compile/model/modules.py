@@ -53,7 +53,7 @@ def autocast_on(device_type: str) -> bool:
 def no_autocast(device_type: str):
     """A context that turns autocast off for `device_type`: a null context where it is off already, or where
     there is none (meta). (An unneeded `torch.autocast` region is a `wrap_with_autocast` subgraph in
-    torch.export's graph, which every later pass of an ONNX export traces again: it doubled an export's time.)"""
+    torch.export's graph: a 4-adapter, 1-layer export's capture took 10.1 s with it, 8.8 s without.)"""
     if autocast_on(device_type):
         return torch.autocast(device_type, enabled=False)
     return contextlib.nullcontext()

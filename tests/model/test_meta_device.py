@@ -78,7 +78,7 @@ def test_autocast_helpers():
         pass
     assert autocast_on("cpu") is False
     # off already: a null context, no autocast region (torch.export traced one into a wrap_with_autocast subgraph
-    # in a mixed batch's graph, which every later pass of an ONNX export traced again)
+    # in a mixed batch's graph)
     assert isinstance(no_autocast("cpu"), contextlib.nullcontext)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert autocast_on("cpu") is True
