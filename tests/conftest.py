@@ -1,5 +1,5 @@
-"""Shared test setup: Triton's interpreter on machines without CUDA, quiet logs, deterministic seeds, and
-tiny Hugging Face models built from config (no downloads)."""
+"""Shared test setup: Triton's interpreter on machines without CUDA (sped up: `triton_interpreter.py`), quiet
+logs, deterministic seeds, and tiny Hugging Face models built from config (no downloads)."""
 
 from __future__ import annotations
 
@@ -13,9 +13,14 @@ if os.environ.get("CUDA_VISIBLE_DEVICES", None) != "" and not os.path.exists("/d
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))  # tests/upstream_loop.py, tests/models.py
+sys.path.insert(0, os.path.dirname(__file__))  # tests/upstream_loop.py, tests/models.py, ...
 
 from models import ARCHS, build
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    import triton_interpreter
+
+    triton_interpreter.install()  # device-function calls scan triton.language once, not per call (see its doc)
 
 # Test files that share a session-scoped fixture, by group: pytest-xdist runs a group's files on one worker, so
 # that fixture is built once, not on each worker (an ONNX export pair: 20-45 s). `test_house.py` checks that the
