@@ -139,26 +139,27 @@ def top_kernels(events, n: int = 8) -> str:
     return " ".join(f"{name[:40].replace(' ', '_')}={us:.0f}" for name, us in top)
 
 
-def layer_section(sizes, device: str, dtype, budget: bc.Budget, steps: int) -> list[dict]:
+def layer_section(sizes, device: str, dtype, budget: bc.Budget, steps: int, warmup: int = 3) -> list[dict]:
     rows = []
     for d, t in sizes:
         if not budget.allows(15, f"layer {d}x{t}"):
             continue
         try:
-            rows += layer_size(d, t, device, dtype, steps)
+            rows += layer_size(d, t, device, dtype, steps, warmup)
         except Exception as e:  # one size failing (a kernel compile) must not lose the rest
             budget.notes.append(f"layer {d}x{t} failed: {type(e).__name__}: {e}"[:500])
             traceback.print_exc()
     return rows
 
 
-def layer_size(d: int, t: int, device: str, dtype, steps: int) -> list[dict]:
-    """The layer contenders at D x T, side by side: wall / host / profiled CUDA ms, kernels."""
+def layer_size(d: int, t: int, device: str, dtype, steps: int, warmup: int = 3) -> list[dict]:
+    """The layer contenders at D x T, side by side (`warmup` untimed calls each first): wall / host / profiled
+    CUDA ms, kernels."""
     torch.manual_seed(0)
     x = torch.randn(t, d, device=device, dtype=dtype, requires_grad=True)  # [T, D]
     grad = torch.randn(t, d, device=device, dtype=dtype)  # [T, O]
     fns = {k: bc.site_fwd_bwd(v, x, grad) for k, v in layer_contenders(d, device, dtype).items()}
-    wall = bc.interleaved(fns, steps, 3, device)
+    wall = bc.interleaved(fns, steps, warmup, device)
     rows = []
     for name, fn in fns.items():
         cuda_ms, kernels, top = profiled(fn, device)
@@ -369,7 +370,8 @@ def main() -> None:
         rows += launch_section(device, budget, 20 if args.cpu_smoke else 500)
     if "layer" in sections:
         t0 = time.perf_counter()
-        rows += layer_section(shapes["layer"], device, dtype, budget, args.steps or (2 if args.cpu_smoke else 20))
+        rows += layer_section(shapes["layer"], device, dtype, budget, args.steps or (2 if args.cpu_smoke else 20),
+                              1 if args.cpu_smoke else 3)  # (CPU: each interpreted AdaMoLE call takes ~2 s)
         spent["layer"] = time.perf_counter() - t0
     if "train" in sections:
         t0, steps = time.perf_counter(), args.steps or (2 if args.cpu_smoke else 5)
