@@ -41,7 +41,7 @@ def _changes(fn, pkgs) -> list[tuple[int, str]]:
     return out
 
 
-PKGS = (tl, tl.core, tl.tensor, tl.math, tl.core.tensor_descriptor_base)
+PKGS = triton_interpreter.packages()
 
 
 def test_patches_what_tritons_own_function_patches(theirs):

@@ -23,8 +23,16 @@ import inspect
 
 CHECKED = ("3.9.0",)  # the triton versions whose interpreter this was checked against
 
-_names: dict[int, tuple[object, tuple[str, ...]]] = {}  # id(pkg) -> (pkg, the names of its builtins, sorted)
+_names: dict = {}  # package -> the names of its builtins, sorted (found at install)
 _triton_patch_builtin = None  # triton's own function, kept while ours is installed
+_is_builtin = _patch_attr = None  # triton's own helpers, bound at install (`patch_builtin` runs per device call)
+
+
+def packages() -> tuple:
+    """The packages the interpreter's `_patch_lang` passes to `_patch_builtin`."""
+    import triton.language as tl
+
+    return tl, tl.core, tl.tensor, tl.math, tl.core.tensor_descriptor_base
 
 
 def install() -> bool:
@@ -34,39 +42,27 @@ def install() -> bool:
     import triton.language as tl
     from triton.runtime import interpreter
 
-    global _triton_patch_builtin
+    global _triton_patch_builtin, _is_builtin, _patch_attr
     if triton.__version__ not in CHECKED:
         return False
     if _triton_patch_builtin is not None:
         return True
     if not tl.core.is_builtin(tl.load):
         raise RuntimeError("tests/triton_interpreter.py: installed while a launch had patched triton.language")
-    for pkg in (tl, tl.core, tl.tensor, tl.math, tl.core.tensor_descriptor_base):
-        _names[id(pkg)] = (pkg, tuple(name for name, member in inspect.getmembers(pkg) if tl.core.is_builtin(member)))
+    _is_builtin, _patch_attr = tl.core.is_builtin, interpreter._patch_attr
+    for pkg in packages():
+        _names[pkg] = tuple(name for name, member in inspect.getmembers(pkg) if _is_builtin(member))
     _triton_patch_builtin = interpreter._patch_builtin
     interpreter._patch_builtin = patch_builtin
     return True
 
 
-def uninstall() -> None:
-    """Put Triton's own function back (tests)."""
-    from triton.runtime import interpreter
-
-    global _triton_patch_builtin
-    if _triton_patch_builtin is not None:
-        interpreter._patch_builtin = _triton_patch_builtin
-        _triton_patch_builtin = None
-
-
 def patch_builtin(pkg, builder, scope) -> None:
     """`interpreter._patch_builtin` over the builtin names found at install."""
-    from triton.language.core import is_builtin
-    from triton.runtime.interpreter import _patch_attr
-
-    entry = _names.get(id(pkg))
-    if entry is None or entry[0] is not pkg:
+    names = _names.get(pkg)
+    if names is None:
         return _triton_patch_builtin(pkg, builder, scope)
-    for name in entry[1]:
+    for name in names:
         member = getattr(pkg, name)
-        if is_builtin(member):
+        if _is_builtin(member):
             _patch_attr(pkg, name, member, builder, scope)
